@@ -1,0 +1,1 @@
+"""The ``d2r`` command line: argument parsing and lazy subcommand dispatch."""

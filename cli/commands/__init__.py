@@ -1,0 +1,1 @@
+"""Subcommands of ``d2r``; each module has ``add_arguments`` and ``run``."""

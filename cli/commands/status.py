@@ -1,0 +1,78 @@
+"""``d2r status``: recent studies and their states, or one study's timeline."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("study_uid", nargs="?", help="show one study with its events")
+    parser.add_argument("--limit", type=int, default=20, help="number of studies (default 20)")
+    parser.add_argument("--state", help="only studies in this state (e.g. failed)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _ts(value: float | None) -> str:
+    from datetime import UTC, datetime
+
+    if not value:
+        return "-"
+    return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+    import sys
+
+    from cli.runtime import environment
+    from dicom_node.settings import NodeSettings
+    from dicom_node.studies import StudyStore
+
+    settings = NodeSettings.from_env(environment(args))
+    store = StudyStore(settings.database_url)
+    try:
+        if args.study_uid:
+            view = store.get(args.study_uid)
+            if view is None:
+                print(f"d2r status: no study {args.study_uid}", file=sys.stderr)
+                return 1
+            events = store.events(args.study_uid)
+            if args.json:
+                out = dataclasses.asdict(view)
+                out["events"] = [dataclasses.asdict(e) for e in events]
+                print(json.dumps(out, indent=2))
+                return 0
+            print(f"Study     {view.study_instance_uid}")
+            print(f"State     {view.state}" + (f" ({view.reason})" if view.reason else ""))
+            print(f"Instances {view.instance_count}")
+            if view.model_name:
+                print(f"Model     {view.model_name} {view.model_version}")
+                print(f"Lesions   {view.lesion_count}")
+                print(f"Findings  {view.findings}")
+                print(f"Impression {view.impression}")
+            for d in view.deliveries:
+                print(
+                    f"Delivery  {d.destination}: {d.state}, {d.attempts} attempt(s)"
+                    + (f", last error: {d.last_error}" if d.last_error else "")
+                )
+            print("Events:")
+            for e in events:
+                print(f"  {_ts(e.at)}  {e.kind:<14} {e.detail}")
+            return 0
+        views = store.recent(args.limit, state=args.state)
+        if args.json:
+            print(json.dumps([dataclasses.asdict(v) for v in views], indent=2))
+            return 0
+        counts = store.count_by_state()
+        print("  ".join(f"{k}={v}" for k, v in counts.items()))
+        print(f"{'LAST RECEIVED':<20} {'STATE':<10} {'INST':>4} {'LES':>3}  STUDY / REASON")
+        for v in views:
+            lesions = "-" if v.lesion_count is None else str(v.lesion_count)
+            print(
+                f"{_ts(v.last_received_at):<20} {v.state:<10} {v.instance_count:>4} {lesions:>3}  "
+                f"{v.study_instance_uid}" + (f"  ({v.reason})" if v.reason else "")
+            )
+        return 0
+    finally:
+        store.close()

@@ -1,0 +1,246 @@
+"""The study database: state machine, idempotency, reconciler queries, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from dicom_node.assembler import Assembler, AssemblerConfig
+from dicom_node.studies import InstanceRecord, StudyStore
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "D2R_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def _record(study: str, sop: str, *, view: str = "PA", modality: str = "CR", t: float = 1000.0):
+    return InstanceRecord(
+        study_instance_uid=study,
+        series_instance_uid=study + ".1",
+        sop_instance_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        modality=modality,
+        body_part_examined="CHEST",
+        view_position=view,
+        series_description="",
+        path=f"/spool/{sop}.dcm",
+        size=10,
+        sha256="0" * 64,
+        calling_ae_title="PACS",
+        received_at=datetime.fromtimestamp(t, UTC),
+    )
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StudyStore]:
+    if request.param == "sqlite":
+        s = StudyStore(f"sqlite:///{tmp_path / 'd2r.db'}")
+        yield s
+        s.close()
+        return
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"d2r_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {name}"))
+    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    s = StudyStore(url)
+    try:
+        yield s
+    finally:
+        s.close()
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"DROP DATABASE {name}"))
+        admin.dispose()
+
+
+def test_first_instance_opens_a_receiving_study(store: StudyStore) -> None:
+    store.record_instance(_record("1.2.3", "1.2.3.4"), outcome="stored")
+    view = store.get("1.2.3")
+    assert view is not None
+    assert view.state == "receiving" and view.instance_count == 1
+    assert [i.sop_instance_uid for i in store.instances("1.2.3")] == ["1.2.3.4"]
+
+
+def test_quiet_period_and_force_timeout(store: StudyStore) -> None:
+    store.record_instance(_record("1.2.3", "1.2.3.4", t=1000), outcome="stored")
+    store.record_instance(_record("1.2.3", "1.2.3.5", t=1008), outcome="stored")
+    assert store.due_for_completion(quiet_seconds=10, force_seconds=60, now=1015) == []
+    assert store.due_for_completion(quiet_seconds=10, force_seconds=60, now=1018) == ["1.2.3"]
+    # a study that never goes quiet still completes at the force timeout
+    assert store.due_for_completion(quiet_seconds=100, force_seconds=12, now=1013) == ["1.2.3"]
+
+
+def test_duplicate_and_conflict_are_recorded_not_double_counted(store: StudyStore) -> None:
+    store.record_instance(_record("1.2.3", "1.2.3.4"), outcome="stored")
+    store.record_instance(_record("1.2.3", "1.2.3.4"), outcome="duplicate")
+    store.record_instance(_record("1.2.3", "1.2.3.4"), outcome="conflict")
+    view = store.get("1.2.3")
+    assert view is not None and view.instance_count == 1
+    kinds = [e.kind for e in store.events("1.2.3")]
+    assert kinds.count("duplicate") == 1 and kinds.count("conflict") == 1
+
+
+def test_claim_is_exclusive_and_generation_checked(store: StudyStore) -> None:
+    store.record_instance(_record("1.2.3", "1.2.3.4"), outcome="stored")
+    gen = store.mark_queued("1.2.3")
+    assert gen == 1
+    assert not store.claim("1.2.3", generation=2, owner="a", lease_seconds=60)
+    assert store.claim("1.2.3", generation=1, owner="a", lease_seconds=60)
+    assert not store.claim("1.2.3", generation=1, owner="b", lease_seconds=60)
+    # the same task id (a redelivered message) may take it again
+    assert store.claim("1.2.3", generation=1, owner="a", lease_seconds=60)
+    # an expired lease may be taken over
+    assert store.claim("1.2.3", generation=1, owner="a", lease_seconds=-1)
+    assert store.claim("1.2.3", generation=1, owner="b", lease_seconds=60)
+    assert not store.claim("1.2.3", generation=1, owner="c", lease_seconds=60)
+
+
+def test_concurrent_claims_only_one_wins(store: StudyStore) -> None:
+    store.record_instance(_record("1.2.3", "1.2.3.4"), outcome="stored")
+    store.mark_queued("1.2.3")
+    wins: list[str] = []
+    barrier = threading.Barrier(4)
+
+    def claim(owner: str) -> None:
+        barrier.wait()
+        if store.claim("1.2.3", generation=1, owner=owner, lease_seconds=60):
+            wins.append(owner)
+
+    threads = [threading.Thread(target=claim, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+
+
+def test_late_instance_reopens_a_queued_study_and_invalidates_its_job(store: StudyStore) -> None:
+    store.record_instance(_record("1.2.3", "1.2.3.4"), outcome="stored")
+    assert store.mark_queued("1.2.3") == 1
+    store.record_instance(_record("1.2.3", "1.2.3.5", t=2000), outcome="stored")
+    view = store.get("1.2.3")
+    assert view is not None and view.state == "receiving"
+    assert not store.claim("1.2.3", generation=1, owner="a", lease_seconds=60)
+    assert store.mark_queued("1.2.3") == 2
+
+
+def test_late_instance_after_claim_does_not_restart_the_report(store: StudyStore) -> None:
+    store.record_instance(_record("1.2.3", "1.2.3.4"), outcome="stored")
+    store.mark_queued("1.2.3")
+    assert store.claim("1.2.3", generation=1, owner="a", lease_seconds=60)
+    store.record_instance(_record("1.2.3", "1.2.3.5", t=2000), outcome="stored")
+    view = store.get("1.2.3")
+    assert view is not None and view.state == "processing"
+    assert "late-instance" in [e.kind for e in store.events("1.2.3")]
+
+
+def _reported(store: StudyStore, destinations: list[str]) -> None:
+    store.record_instance(_record("1.2.3", "1.2.3.4"), outcome="stored")
+    store.mark_queued("1.2.3")
+    assert store.claim("1.2.3", generation=1, owner="a", lease_seconds=60)
+    assert store.mark_reported(
+        "1.2.3",
+        owner="a",
+        result_paths=["/r/1.dcm", "/r/2.dcm"],
+        model_name="m",
+        model_version="1",
+        findings="f",
+        impression="i",
+        lesion_count=2,
+        destinations=destinations,
+    )
+
+
+def test_delivery_retries_with_backoff_then_fails_and_retry_resends(store: StudyStore) -> None:
+    _reported(store, ["PACS@127.0.0.1:104", "RIS@127.0.0.1:105"])
+    view = store.get("1.2.3")
+    assert view is not None and view.state == "sending"
+    kw = {"max_attempts": 3, "retry_delay": 10.0}
+    assert (
+        store.record_delivery_attempt("1.2.3", "RIS@127.0.0.1:105", ok=True, error=None, **kw)
+        == "sent"
+    )
+    for attempt in (1, 2):
+        state = store.record_delivery_attempt(
+            "1.2.3", "PACS@127.0.0.1:104", ok=False, error="refused", **kw
+        )
+        assert state == "pending"
+        d = store.delivery("1.2.3", "PACS@127.0.0.1:104")
+        assert d is not None and d.attempts == attempt and d.next_attempt_at is not None
+    assert store.due_deliveries(requeue_after=60) == []  # backing off
+    assert (
+        store.record_delivery_attempt(
+            "1.2.3", "PACS@127.0.0.1:104", ok=False, error="refused", **kw
+        )
+        == "failed"
+    )
+    view = store.get("1.2.3")
+    assert view is not None and view.state == "failed" and "1 destination" in (view.reason or "")
+
+    assert store.reset_for_retry("1.2.3") == "sending"
+    assert store.due_deliveries(requeue_after=60) == [("1.2.3", "PACS@127.0.0.1:104")]
+    assert (
+        store.record_delivery_attempt("1.2.3", "PACS@127.0.0.1:104", ok=True, error=None, **kw)
+        == "sent"
+    )
+    view = store.get("1.2.3")
+    assert view is not None and view.state == "done"
+    # a done study is not retried unless asked to reprocess
+    assert store.reset_for_retry("1.2.3") == "done"
+    assert store.reset_for_retry("1.2.3", reprocess=True) == "receiving"
+
+
+def test_no_destinations_means_done(store: StudyStore) -> None:
+    _reported(store, [])
+    view = store.get("1.2.3")
+    assert view is not None and view.state == "done"
+
+
+def test_reconciler_requeues_lost_jobs_and_expired_leases(store: StudyStore) -> None:
+    store.record_instance(_record("1.2.3", "1.2.3.4"), outcome="stored")
+    store.mark_queued("1.2.3")
+    store.record_instance(_record("1.2.4", "1.2.4.5"), outcome="stored")
+    store.mark_queued("1.2.4")
+    assert store.claim("1.2.4", generation=1, owner="dead", lease_seconds=5)
+    import time
+
+    now = time.time()
+    assert store.requeue_candidates(requeue_after=60, now=now) == []
+    later = sorted(store.requeue_candidates(requeue_after=60, now=now + 120))
+    assert later == [("1.2.3", 1), ("1.2.4", 1)]
+
+
+def test_assembler_queues_skips_and_reconciles(store: StudyStore) -> None:
+    reports: list[tuple[str, int, list[str]]] = []
+    sends: list[tuple[str, str]] = []
+    asm = Assembler(
+        store,
+        AssemblerConfig(quiet_seconds=5, force_seconds=60, requeue_after=30),
+        enqueue_report=lambda uid, gen, imgs: reports.append(
+            (uid, gen, [i.sop_instance_uid for i in imgs])
+        ),
+        enqueue_send=lambda uid, dest: sends.append((uid, dest)),
+    )
+    store.record_instance(_record("1.1", "1.1.1", view="AP", t=1000), outcome="stored")
+    store.record_instance(_record("1.1", "1.1.2", view="PA", t=1000), outcome="stored")
+    store.record_instance(_record("1.1", "1.1.3", view="LL", t=1000), outcome="stored")
+    store.record_instance(_record("2.2", "2.2.1", view="LL", t=1000), outcome="stored")
+    store.record_instance(_record("3.3", "3.3.1", modality="CT", t=1000), outcome="stored")
+    assert asm.complete_due(now=1010) == ["1.1"]
+    assert reports[0][0] == "1.1" and reports[0][2][0] == "1.1.2"  # PA first
+    assert "1.1.3" not in reports[0][2]
+    skipped = {v.study_instance_uid: v.reason for v in store.recent(state="skipped")}
+    assert set(skipped) == {"2.2", "3.3"} and all(skipped.values())
+    # the job message is lost: the reconciler re-sends it
+    import time
+
+    assert asm.reconcile(now=time.time() + 31) == ["1.1"]
+    assert [r[0] for r in reports] == ["1.1", "1.1"]

@@ -1,0 +1,86 @@
+"""The Celery application: late acknowledgement, prefetch 1, JSON only, no result backend.
+
+:func:`create_app` builds it from :class:`~worker.settings.WorkerSettings`. The node uses the same
+app only to *send* tasks by name, so importing this module never imports torch or the model;
+``include_tasks=True`` (the worker) registers :mod:`worker.tasks`.
+
+``celery -A worker.celery_app worker`` also works: the module attribute ``app`` is built on first
+access from the environment (``D2R_CONFIG`` names an optional config file).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from celery import Celery
+
+from dicom_node.settings import merged_environment
+from worker.messages import REPORT_QUEUE, REPORT_TASK, SEND_QUEUE, SEND_TASK
+from worker.settings import FILESYSTEM_BROKER, WorkerSettings
+
+
+def celery_config(settings: WorkerSettings) -> dict[str, Any]:
+    """The Celery configuration for ``settings`` (pure)."""
+    transport: dict[str, Any]
+    if settings.broker_url.startswith(FILESYSTEM_BROKER):
+        messages = settings.queue_dir / "messages"
+        transport = {
+            "data_folder_in": str(messages),
+            "data_folder_out": str(messages),
+            "processed_folder": str(settings.queue_dir / "processed"),
+            "store_processed": False,
+            "polling_interval": 0.05,
+        }
+    else:
+        transport = {
+            # Must exceed the longest task, or a healthy task is delivered twice.
+            "visibility_timeout": settings.visibility_timeout,
+            # Restore messages of a killed worker promptly (kombu's default sweep is ~100 s).
+            "unacked_restore_interval": 5,
+            "unacked_restore_throttle": 1,
+        }
+    return {
+        "broker_url": settings.broker_url,
+        "broker_transport_options": transport,
+        "broker_connection_retry_on_startup": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+        "task_time_limit": settings.task_time_limit,
+        "task_soft_time_limit": max(
+            settings.task_time_limit - 30.0, settings.task_time_limit * 0.9
+        ),
+        "task_default_queue": REPORT_QUEUE,
+        "task_routes": {REPORT_TASK: {"queue": REPORT_QUEUE}, SEND_TASK: {"queue": SEND_QUEUE}},
+    }
+
+
+def create_app(settings: WorkerSettings, *, include_tasks: bool = False) -> Celery:
+    """A configured Celery app; ``include_tasks`` registers the tasks (worker side)."""
+    if settings.broker_url.startswith(FILESYSTEM_BROKER):
+        for sub in ("messages", "processed"):
+            (settings.queue_dir / sub).mkdir(parents=True, exist_ok=True)
+    app = Celery("d2r", set_as_current=False)
+    app.conf.update(celery_config(settings))
+    if include_tasks:
+        from worker.tasks import register_tasks
+
+        register_tasks(app, settings)
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("app", "celery"):
+        env = merged_environment(os.environ.get("D2R_CONFIG"), os.environ)
+        value = create_app(WorkerSettings.from_env(env), include_tasks=True)
+        globals()["app"] = globals()["celery"] = value
+        return value
+    raise AttributeError(name)

@@ -1,0 +1,23 @@
+"""Exceptions of the worker, mapped by :mod:`worker.tasks` to give-up or retry::
+
+    WorkerError
+    ├── InputRejected   the study's images cannot be used (unreadable, undecodable): study failed
+    └── ModelError      the model could not be loaded or failed on the input: study failed
+
+Send failures come from :mod:`dicom_node.errors` (``TransientSendError`` is retried with backoff,
+``PermanentSendError`` fails the delivery at once).
+"""
+
+from __future__ import annotations
+
+
+class WorkerError(Exception):
+    """Base class of the worker's own errors."""
+
+
+class InputRejected(WorkerError):
+    """A study's images cannot be processed; the reason is recorded without PHI."""
+
+
+class ModelError(WorkerError):
+    """The model could not be loaded or raised on the input."""

@@ -1,0 +1,90 @@
+"""The only place the stages meet: frontal image(s) -> D2R-Net -> Structured Reports.
+
+Pure orchestration: every collaborator comes in as a parameter, nothing here touches the
+broker, the database or the network.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from model.predict import StudyPrediction
+from pydicom import Dataset
+from report.build import LesionFinding, ReportContent
+
+from model.errors import PreprocessError
+from worker.errors import InputRejected, ModelError
+from worker.messages import ReportJob
+
+logger = logging.getLogger(__name__)
+
+ReadImage = Callable[[str], Dataset]
+Predict = Callable[[Sequence[Dataset]], StudyPrediction]
+BuildReports = Callable[[ReportContent], list[Dataset]]
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    """The SR objects of one study (TID 1500 first) and the prediction they carry."""
+
+    reports: list[Dataset]
+    prediction: StudyPrediction
+
+
+def report_content(prediction: StudyPrediction, images: Sequence[Dataset]) -> ReportContent:
+    """Map a model prediction onto the report builder's input."""
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in images}
+    try:
+        image = by_uid[prediction.sop_instance_uid]
+    except KeyError:
+        raise ModelError(
+            f"prediction refers to {prediction.sop_instance_uid}, not one of the study's images"
+        ) from None
+    return ReportContent(
+        findings=prediction.findings,
+        impression=prediction.impression,
+        lesions=[
+            LesionFinding(class_name=les.class_name, score=les.score, box=les.box)
+            for les in prediction.lesions
+        ],
+        image=image,
+        evidence=list(images),
+    )
+
+
+def run(
+    job: ReportJob, *, read_image: ReadImage, predict: Predict, build_reports: BuildReports
+) -> ReportResult:
+    """Produce the SRs for ``job``.
+
+    Raises
+    ------
+    InputRejected
+        An image cannot be read or decoded.
+    ModelError
+        The model failed on readable input.
+    """
+    images: list[Dataset] = []
+    for inst in job.instances:
+        try:
+            images.append(read_image(inst.path))
+        except Exception as exc:  # unreadable file: the input, not the worker, is at fault
+            raise InputRejected(
+                f"cannot read instance {inst.sop_instance_uid}: {type(exc).__name__}"
+            ) from exc
+    try:
+        prediction = predict(images)
+    except PreprocessError as exc:
+        raise InputRejected(f"cannot decode the image: {exc}") from exc
+    except Exception as exc:
+        raise ModelError(f"model failed: {type(exc).__name__}: {exc}") from exc
+    reports = build_reports(report_content(prediction, images))
+    logger.info(
+        "study %s: %d lesion(s), %d SR object(s)",
+        job.study_instance_uid,
+        len(prediction.lesions),
+        len(reports),
+    )
+    return ReportResult(reports=reports, prediction=prediction)
