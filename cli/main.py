@@ -1,57 +1,59 @@
-"""``d2r``: one entry point, subcommands dispatched with lazy imports.
+"""``d2r``: the reporting node's command line.
 
-Each subcommand lives in its own module under :mod:`cli.commands` exposing
-``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported only
-when their subcommand runs, so ``d2r node`` never loads torch and
-``d2r status`` never loads the model.
+Each subcommand is a module of :mod:`cli.commands` (``init_model`` is ``d2r init-model``) with a
+docstring whose first line is its help, ``add_arguments(parser)`` and ``run(args) -> int``. Command
+modules import only the standard library at module level; everything heavy is imported inside
+``run()``, so ``d2r node`` never loads torch and ``d2r status`` never loads the model.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import pkgutil
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 
-#: subcommand -> (module under cli.commands, one-line help)
-SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("serve", "listener + worker in one command on embedded defaults (no Redis)"),
-    "node": ("node", "run the DICOM listener (production split, Redis broker)"),
-    "worker": ("worker", "run a D2R-Net Celery worker (production split, Redis broker)"),
-    "status": ("status", "show recent studies and their states"),
-    "retry": ("retry", "re-send the reports of a failed study"),
-    "predict": ("predict", "run D2R-Net on DICOM files and print the report and lesions"),
-    "init-model": (
-        "init_model",
-        "write a randomly initialised checkpoint (smoke tests, deployment checks)",
-    ),
-}
+import cli.commands
+
+
+def _commands() -> dict[str, ModuleType]:
+    found = {}
+    for info in sorted(pkgutil.iter_modules(cli.commands.__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        found[info.name.replace("_", "-")] = importlib.import_module(f"cli.commands.{info.name}")
+    return found
+
+
+def _help(module: ModuleType) -> str:
+    first = (module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else ""
+    return first.split(":", 1)[1].strip() if first.startswith("``") and ":" in first else first
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="d2r", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="d2r", description="d2r: AI reporting node for chest radiographs (D2R-Net)."
+    )
     parser.add_argument(
         "--config", metavar="FILE", help="configuration file (KEY=VALUE lines, D2R_* names)"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (module, help_text) in SUBCOMMANDS.items():
+    for name, module in _commands().items():
+        help_text = _help(module)
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module)
-        _load(module).add_arguments(p)
+        p.set_defaults(_run=module.run)
+        module.add_arguments(p)
     return parser
 
 
-def _load(module: str):  # type: ignore[no-untyped-def]
-    return importlib.import_module(f"cli.commands.{module}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     from dicom_node.settings import ConfigError
 
     try:
-        return int(_load(args._module).run(args))
+        return int(args._run(args))
     except ConfigError as exc:  # invalid configuration: one line naming the setting
         print(f"d2r {args.command}: configuration error: {exc}", file=sys.stderr)
         return 2
