@@ -1,0 +1,1 @@
+"""Harnesses that run real peers for integration tests: Orthanc and the OHIF viewer."""
