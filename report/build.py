@@ -98,7 +98,7 @@ NO_IMPRESSION_TEXT: Final = "No impression generated."
 OHIF_RECTANGLE_ROI_TRACKING_IDENTIFIER: Final = "Cornerstone3DTools@^0.1.0:RectangleROI"
 
 #: Words in an algorithm name that mark a model not fit for clinical use.
-_NOT_FOR_DIAGNOSTIC_USE_MARKERS: Final = ("demo", "synthetic", "untrained")
+_NOT_FOR_DIAGNOSTIC_USE_MARKERS: Final = ("demo", "synthetic", "phantom", "random", "untrained")
 _LO_MAX: Final = 64  # Long String (LO) value length
 
 #: Source image SOP classes the report may reference, with their coded modality (CID 29).

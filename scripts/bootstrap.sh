@@ -11,7 +11,7 @@ want_test=0
 
 apt_pkgs=(python3-venv dcmtk)
 if (( want_test )); then
-  apt_pkgs+=(orthanc orthanc-dicomweb dicom3tools redis-server chromium default-jre-headless nodejs npm)
+  apt_pkgs+=(orthanc orthanc-dicomweb dicom3tools redis-server postgresql chromium default-jre-headless nodejs npm systemd)
 fi
 missing=()
 for p in "${apt_pkgs[@]}"; do

@@ -89,7 +89,7 @@ def _check_reports(orthanc: OrthancServer, study_uid: str, status: dict[str, Any
             if item.ValueType == "TEXT"
         }
         assert texts["121070"] == (status["findings"] or "No findings generated.")
-        assert texts["121073"] == (status["impression"] or "No findings generated.")
+        assert texts["121073"] == (status["impression"] or "No impression generated.")
 
 
 def _walk(ds: pydicom.Dataset):  # type: ignore[no-untyped-def]
@@ -110,6 +110,7 @@ def model_env(model_dir: Path, tmp_path: Path) -> dict[str, str]:
         D2R_SEND_RETRY_DELAY="0.5",
         D2R_MIN_FREE_BYTES="0",
         D2R_LOG_LEVEL="INFO",
+        D2R_HTTP_PORT="0",
     )
 
 

@@ -155,6 +155,8 @@ class OrthancServer:
         Load the Debian DICOMweb plugin (``/dicom-web/`` and ``/wado``).
     max_pdu
         Maximum PDU length, or None for Orthanc's default (16384).
+    dicom_port
+        A fixed DICOM port (e.g. to bring a "PACS" back where it was); free port otherwise.
     """
 
     def __init__(
@@ -165,6 +167,7 @@ class OrthancServer:
         modalities: dict[str, tuple[str, str, int]] | None = None,
         dicomweb: bool = False,
         max_pdu: int | None = None,
+        dicom_port: int | None = None,
     ) -> None:
         if not aet or len(aet) > 16:
             raise ValueError(f"aet must be 1 to 16 characters, got {aet!r}")
@@ -175,6 +178,7 @@ class OrthancServer:
         self.max_pdu = max_pdu
         self.http_port = 0
         self.dicom_port = 0
+        self._fixed_dicom_port = dicom_port
         self.log_path = self.workdir / "orthanc.log"
         self.config_path = self.workdir / "orthanc.json"
         self._process: subprocess.Popen[bytes] | None = None
@@ -212,7 +216,7 @@ class OrthancServer:
                 raise OrthancError("DICOMweb plugin missing (Debian package 'orthanc-dicomweb')")
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.http_port = free_port()
-        self.dicom_port = free_port()
+        self.dicom_port = self._fixed_dicom_port or free_port()
         while self.dicom_port == self.http_port:
             self.dicom_port = free_port()
         config = build_config(

@@ -1,0 +1,204 @@
+"""systemd units, sysusers.d and tmpfiles.d snippets, and the example environment file.
+
+``systemd-analyze verify`` runs on every unit with ``ExecStart`` pointed at a stub executable
+(the product's path, ``/opt/d2r/venv/bin/d2r``, does not exist on a build machine); the
+sysusers and tmpfiles snippets are applied by the real systemd tools to a scratch root.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dicom_node.settings import NodeSettings, read_config_file
+from worker.settings import WorkerSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+SYSTEMD = ROOT / "deploy" / "systemd"
+UNITS = sorted(SYSTEMD.glob("*.service"))
+INSTALLED_D2R = "/opt/d2r/venv/bin/d2r"
+SANDBOX = {
+    "NoNewPrivileges": "yes",
+    "ProtectSystem": "strict",
+    "ProtectHome": "yes",
+    "PrivateTmp": "yes",
+    "ReadWritePaths": "/var/lib/d2r",
+    "CapabilityBoundingSet": "",
+    "User": "d2r",
+    "EnvironmentFile": "/etc/d2r/d2r.env",
+    "Restart": "on-failure",
+    "KillSignal": "SIGTERM",
+}
+
+
+def parse_unit(path: Path) -> dict[str, list[str]]:
+    """``Key -> [values]`` of a unit file, repeated keys kept in order (sections merged)."""
+    values: dict[str, list[str]] = {}
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#;[":
+            continue
+        key, _, value = line.partition("=")
+        values.setdefault(key.strip(), []).append(value.strip())
+    return values
+
+
+def _duration_seconds(text: str) -> float:
+    units = {"s": 1, "min": 60}
+    for suffix, factor in sorted(units.items(), key=lambda i: -len(i[0])):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * factor
+    return float(text)
+
+
+@pytest.fixture
+def rendered(tmp_path: Path) -> Path:
+    """The units with ExecStart pointed at a stub ``d2r`` executable in ``tmp_path``."""
+    stub = tmp_path / "bin" / "d2r"
+    stub.parent.mkdir()
+    stub.write_text("#!/bin/sh\nexit 0\n", encoding="utf-8")
+    stub.chmod(0o755)
+    for unit in UNITS:
+        text = unit.read_text(encoding="utf-8")
+        assert INSTALLED_D2R in text, unit.name
+        (tmp_path / unit.name).write_text(text.replace(INSTALLED_D2R, str(stub)), encoding="utf-8")
+    return tmp_path
+
+
+def _verify(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=path.parent,
+    )
+
+
+def test_the_three_units_exist() -> None:
+    assert [u.name for u in UNITS] == [
+        "d2r-node.service",
+        "d2r-serve.service",
+        "d2r-worker@.service",
+    ]
+
+
+@pytest.mark.parametrize(
+    "unit",
+    ["d2r-node.service", "d2r-serve.service", "d2r-worker@0.service", "d2r-worker@3.service"],
+)
+def test_systemd_analyze_verify_reports_nothing(rendered: Path, unit: str) -> None:
+    result = _verify(rendered / unit)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout + result.stderr == ""
+
+
+def test_systemd_analyze_verify_catches_a_broken_unit(rendered: Path) -> None:
+    unit = rendered / "d2r-node.service"
+    unit.write_text(unit.read_text().replace("ProtectHome=yes", "ProtectHomes=yes"))
+    result = _verify(unit)
+    assert "Unknown key 'ProtectHomes'" in result.stderr
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
+def test_units_run_sandboxed_as_the_d2r_user(unit: Path) -> None:
+    values = parse_unit(unit)
+    for key, expected in SANDBOX.items():
+        assert expected in values.get(key, []), f"{unit.name}: {key}={expected}"
+    assert values["ReadWritePaths"] == ["/var/lib/d2r"]
+    assert values["RestrictAddressFamilies"]
+    assert values["KillMode"] == ["mixed"]
+
+
+def test_gpu_units_keep_device_access_and_wait_for_a_study() -> None:
+    for name in ("d2r-worker@.service", "d2r-serve.service"):
+        values = parse_unit(SYSTEMD / name)
+        assert "PrivateDevices" not in values, name
+        assert "char-nvidia-frontend rw" in values["DeviceAllow"]
+        env = read_config_file(SYSTEMD / "d2r.env.example")
+        assert _duration_seconds(values["TimeoutStopSec"][0]) > float(env["D2R_TASK_TIME_LIMIT"])
+    worker = parse_unit(SYSTEMD / "d2r-worker@.service")
+    assert "CUDA_VISIBLE_DEVICES=%i" in worker["Environment"]
+    node = parse_unit(SYSTEMD / "d2r-node.service")
+    assert node["PrivateDevices"] == ["yes"]
+
+
+def test_example_env_file_builds_valid_settings() -> None:
+    env = read_config_file(SYSTEMD / "d2r.env.example")
+    node = NodeSettings.from_env(env)
+    worker = WorkerSettings.from_env(env)
+    assert node.spool_dir == Path("/var/lib/d2r/spool")
+    assert node.destinations and node.port == 11112
+    assert worker.broker_url.startswith("redis://")
+    assert worker.visibility_timeout > worker.task_time_limit
+    # Every documented D2R_* setting appears in the example.
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    documented = {
+        word.strip("`")
+        for line in readme.splitlines()
+        if line.startswith("| `D2R_")
+        for word in line.split("|")[1].replace("/", " ").split()
+    }
+    text = (SYSTEMD / "d2r.env.example").read_text(encoding="utf-8")
+    assert {name for name in documented if name not in text} - {"D2R_CONFIG"} == set()
+
+
+def test_example_env_file_leaves_per_gpu_settings_to_the_worker_unit() -> None:
+    # EnvironmentFile= overrides Environment=: a value here would override every instance's own.
+    env = read_config_file(SYSTEMD / "d2r.env.example")
+    unit = parse_unit(SYSTEMD / "d2r-worker@.service")
+    per_instance = {line.partition("=")[0] for line in unit["Environment"]}
+    assert {"CUDA_VISIBLE_DEVICES", "D2R_HTTP_PORT", "D2R_DEVICE"} <= per_instance
+    assert per_instance & set(env) == set()
+
+
+def test_sysusers_and_tmpfiles_create_the_user_and_state_dirs(tmp_path: Path) -> None:
+    """Needs root (as scripts/test.sh runs): systemd-tmpfiles chowns to the new user."""
+    for tool in ("sysusers", "tmpfiles"):
+        target = tmp_path / "usr" / "lib" / f"{tool}.d" / "d2r.conf"
+        target.parent.mkdir(parents=True)
+        shutil.copy(SYSTEMD / f"d2r.{tool}.conf", target)
+    (tmp_path / "etc" / "d2r").mkdir(parents=True)
+    (tmp_path / "etc" / "group").write_text("video:x:44:\n")
+    (tmp_path / "etc" / "d2r" / "d2r.env").write_text("D2R_AE_TITLE=D2R\n")
+    for cmd in (["systemd-sysusers"], ["systemd-tmpfiles", "--create"]):
+        res = subprocess.run(
+            [*cmd, f"--root={tmp_path}"], capture_output=True, text=True, timeout=60
+        )
+        assert res.returncode == 0, res.stderr
+    passwd = {
+        f[0]: f
+        for f in (line.split(":") for line in (tmp_path / "etc/passwd").read_text().splitlines())
+    }
+    uid = int(passwd["d2r"][2])
+    assert passwd["d2r"][5] == "/var/lib/d2r"
+    assert "d2r" in (tmp_path / "etc/group").read_text().splitlines()[0]  # member of video
+    for path, mode in (("var/lib/d2r", 0o750), ("var/lib/d2r/spool", 0o750)):
+        st = (tmp_path / path).stat()
+        assert (st.st_uid, st.st_mode & 0o777) == (uid, mode), path
+    assert (tmp_path / "etc/d2r/d2r.env").stat().st_mode & 0o777 == 0o640
+
+
+def test_prometheus_scrape_jobs_match_the_http_ports() -> None:
+    config = yaml.safe_load((ROOT / "deploy/prometheus/scrape-configs.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    env_text = (SYSTEMD / "d2r.env.example").read_text(encoding="utf-8")
+
+    def ports(job: str) -> list[str]:
+        return [t.rpartition(":")[2] for t in jobs[job]["static_configs"][0]["targets"]]
+
+    assert jobs["d2r-node"]["metrics_path"] == "/metrics"
+    node_port = re.search(r"^# D2R_HTTP_PORT=(\d+)$", env_text, flags=re.M)
+    assert node_port
+    assert ports("d2r-node") == [node_port.group(1)]
+    worker_port = next(
+        v for v in parse_unit(SYSTEMD / "d2r-worker@.service")["Environment"] if "HTTP_PORT" in v
+    )
+    pattern = worker_port.partition("=")[2]
+    assert ports("d2r-worker") == [pattern.replace("%i", str(i)) for i in range(2)]
+    assert jobs["d2r-kubernetes-pods"]["kubernetes_sd_configs"][0]["role"] == "pod"
