@@ -14,10 +14,7 @@ import sqlalchemy as sa
 
 from dicom_node.assembler import Assembler, AssemblerConfig
 from dicom_node.studies import InstanceRecord, StudyStore
-
-POSTGRES_ADMIN_URL = os.environ.get(
-    "D2R_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
+from tests.support.postgres import private_postgres
 
 
 def _record(study: str, sop: str, *, view: str = "PA", modality: str = "CR", t: float = 1000.0):
@@ -39,6 +36,16 @@ def _record(study: str, sop: str, *, view: str = "PA", modality: str = "CR", t: 
     )
 
 
+@pytest.fixture(scope="module")
+def postgres_admin_url() -> Iterator[str]:
+    """A private PostgreSQL cluster, or the one named by D2R_TEST_POSTGRES_URL."""
+    if url := os.environ.get("D2R_TEST_POSTGRES_URL"):
+        yield url
+        return
+    with private_postgres() as url:
+        yield url
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StudyStore]:
     if request.param == "sqlite":
@@ -46,11 +53,12 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StudyStore
         yield s
         s.close()
         return
-    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    admin_url = request.getfixturevalue("postgres_admin_url")
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
     name = f"d2r_test_{uuid.uuid4().hex[:12]}"
     with admin.connect() as conn:
         conn.execute(sa.text(f"CREATE DATABASE {name}"))
-    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    url = admin_url.rsplit("/", 1)[0] + f"/{name}"
     s = StudyStore(url)
     try:
         yield s

@@ -46,7 +46,15 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
 class Process:
     """A child process with its output in a log file; stopped gracefully, then killed."""
 
-    def __init__(self, cmd: list[str], *, env: Mapping[str, str], log: Path, cwd: Path = REPO):
+    def __init__(
+        self,
+        cmd: list[str],
+        *,
+        env: Mapping[str, str],
+        log: Path,
+        cwd: Path = REPO,
+        preexec_fn: Callable[[], None] | None = None,
+    ):
         self.cmd = cmd
         self.log_path = log
         self._log = open(log, "ab")  # noqa: SIM115 - closed in stop()
@@ -57,6 +65,7 @@ class Process:
             stderr=subprocess.STDOUT,
             cwd=cwd,
             start_new_session=True,
+            preexec_fn=preexec_fn,
         )
 
     @property
