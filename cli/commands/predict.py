@@ -1,0 +1,100 @@
+"""``d2r predict``: run D2R-Net on DICOM files and print the report and lesions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "files",
+        nargs="+",
+        metavar="FILE.dcm",
+        help="frontal image(s) of one study; lesions refer to the first",
+    )
+    parser.add_argument(
+        "--model",
+        metavar="DIR",
+        help="checkpoint directory (default: environment variable D2R_MODEL)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument(
+        "--min-score",
+        type=float,
+        default=None,
+        metavar="P",
+        help="lesion score threshold (default: the checkpoint's)",
+    )
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"d2r predict: {message}", file=sys.stderr)
+    return code
+
+
+def run(args: argparse.Namespace) -> int:
+    model_dir = args.model or os.environ.get("D2R_MODEL")
+    if not model_dir:
+        return _fail("no model: pass --model DIR or set D2R_MODEL", EXIT_USAGE)
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from model.errors import CheckpointError, ModelError
+    from model.predict import Predictor
+
+    datasets = []
+    for name in args.files:
+        path = Path(name)
+        if not path.is_file():
+            return _fail(f"{name}: no such file", EXIT_USAGE)
+        try:
+            datasets.append(pydicom.dcmread(path))
+        except (InvalidDicomError, OSError, ValueError) as e:
+            return _fail(f"{name}: not a readable DICOM file ({e})", EXIT_USAGE)
+    try:
+        predictor = Predictor.from_checkpoint(
+            Path(model_dir), device=args.device, lesion_score_threshold=args.min_score
+        )
+    except CheckpointError as e:
+        return _fail(f"bad checkpoint {model_dir}: {e}", EXIT_FAILURE)
+    try:
+        result = predictor.predict(datasets)
+    except ModelError as e:
+        return _fail(f"{args.files[0]}: {e}", EXIT_FAILURE)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "findings": result.findings,
+                    "impression": result.impression,
+                    "lesions": [
+                        {
+                            "class_name": x.class_name,
+                            "score": round(x.score, 4),
+                            "box": [round(v, 2) for v in x.box],
+                        }
+                        for x in result.lesions
+                    ],
+                    "model": {"name": result.model_name, "version": result.model_version},
+                    "sop_instance_uid": result.sop_instance_uid,
+                },
+                indent=1,
+            )
+        )
+        return 0
+    print(f"Model: {result.model_name} {result.model_version}")
+    print(f"Image: {result.sop_instance_uid}")
+    print(f"\nFINDINGS: {result.findings}\n\nIMPRESSION: {result.impression}\n")
+    print(f"Lesions ({len(result.lesions)}):")
+    for x in result.lesions:
+        box = ", ".join(f"{v:.1f}" for v in x.box)
+        print(f"  {x.class_name:<20} {x.score:.3f}  [{box}]")
+    return 0

@@ -1,0 +1,35 @@
+"""Exceptions raised by the :mod:`model` package.
+
+::
+
+    ModelError
+    ├── ConfigError          invalid ModelConfig field (names the field)
+    ├── CheckpointError      missing/corrupt checkpoint file or field (names it)
+    ├── TokenizerError       invalid vocabulary file or token ids
+    └── PreprocessError      pixel data that cannot be decoded or is unsupported
+"""
+
+from __future__ import annotations
+
+
+class ModelError(Exception):
+    """Base class of every error raised by :mod:`model`."""
+
+
+class ConfigError(ModelError, ValueError):
+    """A :class:`model.config.ModelConfig` field has a wrong type or value."""
+
+
+class CheckpointError(ModelError):
+    """A checkpoint directory is missing a file or holds an invalid value."""
+
+
+class TokenizerError(ModelError):
+    """A vocabulary is invalid or token ids cannot be decoded."""
+
+
+class PreprocessError(ModelError):
+    """Pixel data cannot be decoded or its format is unsupported."""
+
+
+__all__ = ["CheckpointError", "ConfigError", "ModelError", "PreprocessError", "TokenizerError"]

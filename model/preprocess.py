@@ -1,0 +1,245 @@
+"""DICOM pixels -> model input, the one preprocessing path of training and serving.
+
+Small callable transforms compose into :class:`Preprocessor`::
+
+    Dataset --DicomToFloat--> ImageSample --ScaleToUnit--> --Letterbox(size)--> ImageSample
+
+Every :class:`ImageSample` carries a :class:`BoxMapping` from source pixels to
+its current frame, so detector boxes map back to source columns/rows exactly
+(and training boxes forward). Coordinates are continuous: ``(0, 0)`` is the
+top-left corner of the first pixel, ``(Columns, Rows)`` the bottom-right
+corner of the last one. The model itself applies the mean/std normalisation
+(first layer of the graph), so its input is the ``[0, 1]`` letterboxed image.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+import pydicom
+import torch
+import torch.nn.functional as F
+from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
+
+from model.errors import PreprocessError
+
+logger = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class BoxMapping:
+    """Affine map ``frame = source * scale + offset`` per axis, plus the source size.
+
+    Parameters
+    ----------
+    source_rows, source_columns : int
+        Size of the source image (pixels).
+    scale_x, scale_y : float
+        Frame pixels per source pixel along columns (x) and rows (y).
+    offset_x, offset_y : float
+        Position of the source origin in the frame (letterbox padding).
+    """
+
+    source_rows: int
+    source_columns: int
+    scale_x: float = 1.0
+    scale_y: float = 1.0
+    offset_x: float = 0.0
+    offset_y: float = 0.0
+
+    def then(self, scale_x: float, scale_y: float, offset_x: float, offset_y: float) -> BoxMapping:
+        """Compose with a further affine step applied in the current frame."""
+        return replace(
+            self,
+            scale_x=self.scale_x * scale_x,
+            scale_y=self.scale_y * scale_y,
+            offset_x=self.offset_x * scale_x + offset_x,
+            offset_y=self.offset_y * scale_y + offset_y,
+        )
+
+    def _coeffs(self) -> tuple[FloatArray, FloatArray]:
+        scale = np.array([self.scale_x, self.scale_y] * 2, dtype=np.float64)
+        offset = np.array([self.offset_x, self.offset_y] * 2, dtype=np.float64)
+        return scale, offset  # type: ignore[return-value]
+
+    def to_frame(self, boxes: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        """Source ``(N, 4)`` xyxy boxes -> frame coordinates."""
+        scale, offset = self._coeffs()
+        return np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * scale + offset
+
+    def to_source(self, boxes: npt.ArrayLike, *, clip: bool = False) -> npt.NDArray[np.float64]:
+        """Frame ``(N, 4)`` xyxy boxes -> source pixels, optionally clipped to the image."""
+        scale, offset = self._coeffs()
+        out = (np.asarray(boxes, dtype=np.float64).reshape(-1, 4) - offset) / scale
+        if clip:
+            out[:, 0::2] = out[:, 0::2].clip(0.0, float(self.source_columns))
+            out[:, 1::2] = out[:, 1::2].clip(0.0, float(self.source_rows))
+        return out
+
+
+@dataclass(frozen=True)
+class ImageSample:
+    """A single-channel float image and the mapping from its source frame."""
+
+    pixels: FloatArray  # (rows, columns) float32
+    mapping: BoxMapping
+    sop_instance_uid: str = ""
+
+
+class Transform(Protocol):
+    """A preprocessing step: pure ``__call__`` plus the box mapping it applies."""
+
+    def __call__(self, sample: ImageSample) -> ImageSample: ...
+
+
+@dataclass(frozen=True)
+class DicomToFloat:
+    """Decode pixels; apply the modality LUT, VOI LUT/window, MONOCHROME1 inversion.
+
+    Parameters
+    ----------
+    apply_voi : bool
+        Apply the dataset's VOI LUT or first window (default ``True``).
+    frame : int
+        Frame of a multi-frame image to use.
+    """
+
+    apply_voi: bool = True
+    frame: int = 0
+
+    def __call__(self, ds: pydicom.Dataset) -> ImageSample:
+        uid = str(ds.get("SOPInstanceUID", ""))
+        photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+        if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+            raise PreprocessError(
+                f"PhotometricInterpretation {photometric or '(missing)'!r} is unsupported "
+                f"(SOP Instance UID {uid}): expected MONOCHROME1 or MONOCHROME2"
+            )
+        if "PixelData" not in ds:
+            raise PreprocessError(f"no Pixel Data (SOP Instance UID {uid})")
+        try:
+            arr = ds.pixel_array
+        except Exception as e:  # decoder plugins raise many types
+            tsuid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
+            raise PreprocessError(
+                f"cannot decode pixel data (transfer syntax {tsuid}, SOP Instance UID {uid}): {e}"
+            ) from e
+        if arr.ndim == 3:
+            if not 0 <= self.frame < arr.shape[0]:
+                raise PreprocessError(f"frame {self.frame} out of range ({arr.shape[0]} frames)")
+            arr = arr[self.frame]
+        if arr.ndim != 2 or min(arr.shape) < 2:
+            raise PreprocessError(
+                f"unsupported pixel array shape {arr.shape} (SOP Instance UID {uid})"
+            )
+        values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+        if self.apply_voi and ("VOILUTSequence" in ds or "WindowCenter" in ds):
+            values = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float64)
+        if photometric == "MONOCHROME1":
+            values = values.max() + values.min() - values
+        rows, columns = values.shape
+        return ImageSample(values.astype(np.float32), BoxMapping(int(rows), int(columns)), uid)
+
+
+@dataclass(frozen=True)
+class ScaleToUnit:
+    """Linear intensity scaling to ``[0, 1]`` between two percentiles (identity box map).
+
+    Parameters
+    ----------
+    low_percentile, high_percentile : float
+        Percentiles mapped to 0 and 1; values outside are clipped.
+    """
+
+    low_percentile: float = 0.0
+    high_percentile: float = 100.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.low_percentile < self.high_percentile <= 100.0:
+            raise ValueError("low_percentile/high_percentile: need 0 <= low < high <= 100")
+
+    def __call__(self, sample: ImageSample) -> ImageSample:
+        px = sample.pixels
+        lo, hi = (float(v) for v in np.percentile(px, [self.low_percentile, self.high_percentile]))
+        if not np.isfinite([lo, hi]).all():
+            raise PreprocessError("pixel values are not finite")
+        out = np.zeros_like(px) if hi <= lo else np.clip((px - lo) / (hi - lo), 0.0, 1.0)
+        return replace(sample, pixels=out.astype(np.float32))
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Aspect-preserving resize (antialiased bilinear) and centred zero padding to a square.
+
+    Parameters
+    ----------
+    size : int
+        Side of the output square.
+    """
+
+    size: int
+
+    def __post_init__(self) -> None:
+        if self.size <= 0:
+            raise ValueError(f"size: must be > 0, got {self.size}")
+
+    def geometry(self, rows: int, columns: int) -> tuple[int, int, int, int]:
+        """``(new_rows, new_columns, pad_top, pad_left)`` for a source of that size."""
+        factor = self.size / max(rows, columns)
+        new_rows = min(self.size, max(1, round(rows * factor)))
+        new_columns = min(self.size, max(1, round(columns * factor)))
+        return new_rows, new_columns, (self.size - new_rows) // 2, (self.size - new_columns) // 2
+
+    def __call__(self, sample: ImageSample) -> ImageSample:
+        rows, columns = sample.pixels.shape
+        new_rows, new_columns, top, left = self.geometry(rows, columns)
+        src = torch.from_numpy(np.ascontiguousarray(sample.pixels))[None, None]
+        resized = F.interpolate(
+            src, size=(new_rows, new_columns), mode="bilinear", align_corners=False, antialias=True
+        )[0, 0]
+        out = np.zeros((self.size, self.size), dtype=np.float32)
+        out[top : top + new_rows, left : left + new_columns] = resized.numpy()
+        mapping = sample.mapping.then(
+            new_columns / columns, new_rows / rows, float(left), float(top)
+        )
+        return replace(sample, pixels=out, mapping=mapping)
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """DICOM dataset -> ``(1, size, size)`` float tensor in ``[0, 1]`` and its box mapping.
+
+    Parameters
+    ----------
+    size : int
+        Model input size (``ModelConfig.image_size``).
+    """
+
+    size: int
+    decode: DicomToFloat = DicomToFloat()
+    intensity: ScaleToUnit = ScaleToUnit()
+
+    def sample(self, ds: pydicom.Dataset) -> ImageSample:
+        """Run every step and return the letterboxed sample."""
+        return Letterbox(self.size)(self.intensity(self.decode(ds)))
+
+    def __call__(self, ds: pydicom.Dataset) -> tuple[torch.Tensor, BoxMapping]:
+        s = self.sample(ds)
+        return torch.from_numpy(s.pixels)[None], s.mapping
+
+
+__all__ = [
+    "BoxMapping",
+    "DicomToFloat",
+    "ImageSample",
+    "Letterbox",
+    "Preprocessor",
+    "ScaleToUnit",
+    "Transform",
+]

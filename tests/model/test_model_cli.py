@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from model.classes import VINDR_CLASSES
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _d2r(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if k != "D2R_MODEL"}
+    return subprocess.run(
+        [sys.executable, "-m", "cli.main", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**base, **(env or {})},
+        timeout=300,
+    )
+
+
+def test_init_model_then_predict_json_on_rg1(tmp_path: Path, rg1_path: Path) -> None:
+    out = tmp_path / "model"
+    res = _d2r("init-model", "--out", str(out), "--preset", "small", "--seed", "3")
+    assert res.returncode == 0, res.stderr
+    assert "not trained" in res.stdout
+    res = _d2r(
+        "predict", str(rg1_path), "--json", "--min-score", "0.0", env={"D2R_MODEL": str(out)}
+    )
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert {"findings", "impression", "lesions", "model"} <= set(data)
+    assert data["model"] == {"name": "d2r-net-random", "version": "0.0.0"}
+    ds = pydicom.dcmread(rg1_path, stop_before_pixels=True)
+    assert data["lesions"]
+    for lesion in data["lesions"]:
+        assert set(lesion) == {"class_name", "score", "box"}
+        assert lesion["class_name"] in VINDR_CLASSES
+        x0, y0, x1, y1 = lesion["box"]
+        assert 0 <= x0 < x1 <= ds.Columns and 0 <= y0 < y1 <= ds.Rows
+    text = _d2r("predict", str(rg1_path), "--model", str(out))
+    assert text.returncode == 0 and "FINDINGS:" in text.stdout and "IMPRESSION:" in text.stdout
+
+
+def test_predict_errors(
+    tmp_path: Path,
+    small_checkpoint: Path,
+    rg1_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cli.main import main
+
+    monkeypatch.delenv("D2R_MODEL", raising=False)
+
+    def run(*args: str) -> tuple[int, str]:
+        code = main(["predict", *args])
+        return code, capsys.readouterr().err
+
+    code, err = run(str(rg1_path))
+    assert code == 2 and "D2R_MODEL" in err and len(err.strip().splitlines()) == 1
+    code, err = run(str(tmp_path / "absent.dcm"), "--model", str(small_checkpoint))
+    assert code == 2 and "no such file" in err
+    not_dicom = tmp_path / "x.dcm"
+    not_dicom.write_text("hello")
+    code, err = run(str(not_dicom), "--model", str(small_checkpoint))
+    assert code == 2 and "not a readable DICOM" in err
+    code, err = run(str(rg1_path), "--model", str(tmp_path))
+    assert code == 1 and "bad checkpoint" in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.config import SMALL
+from model.export import example_inputs, export_onnx
+from model.modeling import D2RNet
+
+ort = pytest.importorskip("onnxruntime")
+
+
+@pytest.mark.slow
+def test_onnx_export_matches_torch(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = D2RNet(SMALL.replace(vocab_size=40)).eval()
+    ex = example_inputs(model, batch=3, tokens=7, seed=1)  # other batch/length than the export
+    with torch.no_grad():
+        ref = {
+            "detector": model.detector.dense(model.stem(ex.image)),
+            "visual": model.encode(ex.image, ex.boxes, ex.box_mask),
+            "decoder_step": model.decoder.step(ex.tokens, ex.memory_in, ex.enc, ex.enc_mask),
+        }
+    paths = export_onnx(model, tmp_path)
+    feeds = {
+        "detector": {"image": ex.image},
+        "visual": {"image": ex.image, "boxes": ex.boxes, "box_mask": ex.box_mask},
+        "decoder_step": {
+            "tokens": ex.tokens,
+            "memory_in": ex.memory_in,
+            "enc": ex.enc,
+            "enc_mask": ex.enc_mask,
+        },
+    }
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.intra_op_num_threads = 2
+    for part, path in paths.items():
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        got = session.run(None, {k: v.numpy() for k, v in feeds[part].items()})
+        assert len(got) == len(ref[part])
+        for g, r in zip(got, ref[part], strict=True):
+            assert g.shape == tuple(r.shape)
+            if r.dtype == torch.bool:
+                assert np.array_equal(g, r.numpy())
+            else:
+                np.testing.assert_allclose(g, r.numpy(), atol=1e-4, rtol=1e-3)

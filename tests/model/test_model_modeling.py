@@ -1,0 +1,231 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.config import PAPER, SMALL, ModelConfig
+from model.modeling import (
+    AlignmentLosses,
+    D2RNet,
+    beam_search,
+    count_parameters,
+    crop_boxes,
+    lm_loss,
+    select_boxes,
+)
+from model.tokenizer import BOS_ID, EOS_ID, Tokenizer
+
+REPORTS = [
+    ("The heart is normal. The lungs are clear.", "No acute disease."),
+    ("There is a small left pleural effusion.", "Small left effusion."),
+    ("Right lower lobe consolidation is seen.", "Right lower lobe pneumonia."),
+]
+
+
+def _batch(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Three distinct synthetic images with 1, 2 and 3 real boxes."""
+    s = size / 128
+    img = torch.zeros(3, 1, size, size)
+    img[0, :, int(10 * s) : int(60 * s), int(10 * s) : int(60 * s)] = 1.0
+    img[1, :, int(60 * s) : int(120 * s), int(20 * s) : int(50 * s)] = 0.7
+    img[2, :, int(30 * s) : int(90 * s), int(70 * s) : int(120 * s)] = 0.4
+    boxes = (
+        torch.tensor(
+            [[[10, 10, 60, 60]] * 4, [[20, 60, 50, 120]] * 4, [[70, 30, 120, 90]] * 4],
+            dtype=torch.float32,
+        )
+        * s
+    )
+    mask = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    return img, boxes, mask
+
+
+def _tokens(tok: Tokenizer) -> torch.Tensor:
+    ids = [tok.encode(*r) for r in REPORTS]
+    out = torch.zeros(len(ids), max(map(len, ids)), dtype=torch.long)
+    for i, x in enumerate(ids):
+        out[i, : len(x)] = torch.tensor(x)
+    return out
+
+
+@pytest.mark.slow
+def test_paper_preset_forward_and_generate() -> None:
+    tok = Tokenizer.build(REPORTS, min_frequency=1)
+    torch.manual_seed(0)
+    model = D2RNet(PAPER.replace(vocab_size=tok.vocab_size)).eval()
+    assert 120e6 < count_parameters(model) < 140e6
+    image = torch.rand(1, 1, 384, 384)
+    with torch.no_grad():
+        boxes, mask = model.generator_boxes(image)
+        assert boxes.shape == (1, PAPER.num_boxes, 4)
+        feats = model.visual_features(image, boxes, mask)
+        assert feats.patches.shape == (1, 144, 1024)  # 12 x 12 patches of ResNet-101 at 384 px
+        assert feats.regions.shape == (1, PAPER.num_boxes, 1024)
+        logp = model(image, boxes, mask, _tokens(tok)[:1])
+        assert logp.shape[-1] == tok.vocab_size
+        assert torch.allclose(logp.exp().sum(-1), torch.ones(1), atol=1e-4)
+        ids = model.generate(image, boxes, mask, max_tokens=6)
+    assert len(ids) == 1 and len(ids[0]) <= 5
+    assert all(0 <= i < tok.vocab_size and i != BOS_ID for i in ids[0])
+
+
+def test_small_preset_builds() -> None:
+    model = D2RNet(SMALL.replace(vocab_size=20))
+    assert 20e6 < count_parameters(model) < 30e6
+    with pytest.raises(Exception, match="vocab_size"):
+        D2RNet(SMALL)  # no vocabulary attached
+
+
+def test_small_model_overfits_and_beam_reproduces_reports() -> None:
+    tok = Tokenizer.build(REPORTS, min_frequency=1)
+    # the small architecture at a 128 px input keeps the test fast on CPU
+    cfg = SMALL.replace(vocab_size=tok.vocab_size, image_size=128, crop_size=32)
+    torch.manual_seed(0)
+    model = D2RNet(cfg)
+    image, boxes, mask = _batch(cfg.image_size)
+    tokens = _tokens(tok)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    model.train()
+    for _ in range(150):
+        loss = lm_loss(model(image, boxes, mask, tokens), tokens)
+        opt.zero_grad()
+        loss.backward()  # type: ignore[no-untyped-call]
+        opt.step()
+        losses.append(loss.item())
+        if losses[-1] < 0.02:
+            break
+    assert losses[-1] < 0.1 * losses[0]
+    model.eval()
+    for beam in (3, 1):
+        out = model.generate(image, boxes, mask, beam_size=beam)
+        assert [tok.decode(ids) for ids in out] == REPORTS
+
+
+def test_decoder_step_matches_teacher_forcing() -> None:
+    torch.manual_seed(0)
+    cfg = SMALL.replace(vocab_size=30, image_size=128, crop_size=32)
+    model = D2RNet(cfg).eval()
+    image, boxes, mask = _batch(cfg.image_size)
+    tokens = torch.tensor([[BOS_ID, 7, 9, 11, 5]] * 3)
+    with torch.no_grad():
+        enc, enc_mask = model.encode(image, boxes, mask)
+        full = model.decoder(enc, enc_mask, tokens)  # (3,5,V)
+        memory = model.decoder.memory.initial(3)[:, None]
+        for t in range(1, tokens.shape[1] + 1):
+            logp, mem = model.decoder.step(tokens[:, :t], memory, enc, enc_mask)
+            torch.testing.assert_close(logp, full[:, t - 1], atol=1e-5, rtol=1e-4)
+            memory = torch.cat([memory, mem[:, None]], dim=1)
+
+
+def test_padding_boxes_are_masked_out() -> None:
+    torch.manual_seed(0)
+    cfg = SMALL.replace(vocab_size=30, image_size=128, crop_size=32)
+    model = D2RNet(cfg).eval()
+    image, boxes, mask = _batch(cfg.image_size)
+    moved = boxes.clone()
+    moved[~mask] = torch.tensor([0.0, 0.0, 5.0, 5.0])
+    with torch.no_grad():
+        a, ma = model.encode(image, boxes, mask)
+        b, _ = model.encode(image, moved, mask)
+        c, _ = model.encode(image, moved, torch.ones_like(mask))
+    assert ma.shape == (3, 16 + 4) and not ma[0, -1]
+    torch.testing.assert_close(a[ma], b[ma])
+    assert not torch.allclose(b[0, :16], c[0, :16])  # unmasked boxes do change the patches
+
+
+def test_crop_boxes_zero_pads_and_normalises() -> None:
+    image = torch.zeros(1, 1, 64, 64)
+    image[0, 0, 10:20, 30:50] = torch.linspace(0, 1, 20)  # 10 rows x 20 columns ramp
+    crops = crop_boxes(image, torch.tensor([[[30.0, 10.0, 50.0, 20.0]]]), 16)
+    assert crops.shape == (1, 1, 16, 16)
+    assert crops[0, 0, :3].abs().max() == 0 and crops[0, 0, -3:].abs().max() == 0  # pad rows
+    inside = crops[0, 0, 5:11]
+    assert abs(float(inside.mean())) < 0.1 and 0.8 < float(inside.std()) < 1.2
+    assert bool((inside[:, 1:] > inside[:, :-1]).all())  # ramp direction kept
+
+
+def test_select_boxes_pads_and_orders() -> None:
+    from model.modeling import Detections
+
+    det = Detections(
+        torch.tensor([[0.0, 0, 5, 5], [1, 1, 9, 9]]), torch.tensor([0.2, 0.9]), torch.tensor([0, 1])
+    )
+    boxes, mask = select_boxes([det], 3)
+    assert mask.tolist() == [[True, True, False]]
+    assert boxes[0, 0].tolist() == [1, 1, 9, 9]
+
+
+def test_beam_search_no_repeat_trigram() -> None:
+    torch.manual_seed(0)
+    cfg = SMALL.replace(vocab_size=12, image_size=128, crop_size=32)
+    model = D2RNet(cfg).eval()
+    with torch.no_grad():  # bias the output towards a loop of 6 7 8
+        model.decoder.out.bias.zero_()
+        model.decoder.out.bias[6:9] = 8.0
+        model.decoder.out.bias[EOS_ID] = -20.0
+    image, boxes, mask = _batch(cfg.image_size)
+    enc, enc_mask = model.encode(image[:1], boxes[:1], mask[:1])
+    plain = beam_search(model.decoder, enc, enc_mask, beam_size=3, max_tokens=20)[0]
+    blocked = beam_search(
+        model.decoder, enc, enc_mask, beam_size=3, max_tokens=20, no_repeat_trigram=True
+    )[0]
+    trigrams = [tuple(blocked[i : i + 3]) for i in range(len(blocked) - 2)]
+    assert len(trigrams) == len(set(trigrams))
+    plain_trigrams = [tuple(plain[i : i + 3]) for i in range(len(plain) - 2)]
+    assert len(plain_trigrams) > len(set(plain_trigrams))
+
+
+def test_alignment_losses_with_tiny_text_encoder() -> None:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg: ModelConfig = SMALL.replace(vocab_size=30, image_size=128, crop_size=32)
+    model = D2RNet(cfg)
+    bert = BertModel(
+        BertConfig(
+            vocab_size=50,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+        )
+    )
+    align = AlignmentLosses(cfg, bert)
+    image, boxes, mask = _batch(cfg.image_size)
+    feats = model.visual_features(image, boxes, mask)
+    report = torch.randint(1, 50, (3, 12))
+    report_mask = torch.ones(3, 12, dtype=torch.long)
+    sentences = torch.randint(1, 50, (3, 2, 6))
+    sentence_mask = torch.ones(3, 2, 6, dtype=torch.long)
+    sentence_mask[0, 1] = 0  # a padding sentence
+    out = align(feats, report, report_mask, sentences, sentence_mask)
+    assert out["lab_similarity"].shape == (3, 3) and out["gab_similarity"].shape == (3, 3)
+    total = cfg.lab_weight * out["lab"] + cfg.gab_weight * out["gab"]
+    assert float(total.detach()) > 0
+    total.backward()
+    first = model.visual.local_branch.cnn.body[0]
+    assert isinstance(first, torch.nn.Conv2d)
+    grad = first.weight.grad
+    assert grad is not None and float(grad.abs().sum()) > 0
+
+
+def test_inference_path_never_loads_transformers(small_checkpoint: Path, rg1_path: Path) -> None:
+    code = (
+        "import sys, pydicom; from pathlib import Path; from model.predict import Predictor;"
+        f"p = Predictor.from_checkpoint(Path({str(small_checkpoint)!r}));"
+        f"p.predict([pydicom.dcmread({str(rg1_path)!r})]);"
+        "assert 'transformers' not in sys.modules, 'transformers imported'"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr

@@ -1,0 +1,126 @@
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from model.errors import PreprocessError
+from model.preprocess import BoxMapping, DicomToFloat, Letterbox, Preprocessor
+
+
+def _data(name: str) -> str:
+    path = get_testdata_file(name)
+    assert isinstance(path, str)
+    return path
+
+
+def _found_box(pixels: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Continuous xyxy box of the pixels above ``threshold``."""
+    rows, cols = np.nonzero(pixels > threshold)
+    return np.array([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], dtype=np.float64)
+
+
+def _with_pixels(ds: pydicom.Dataset, arr: np.ndarray) -> pydicom.Dataset:
+    out = copy.deepcopy(ds)
+    out.PixelData = arr.astype(np.uint16).tobytes()
+    return out
+
+
+def _mono1_windowed(rows: int = 300, cols: int = 500) -> pydicom.Dataset:
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPInstanceUID = generate_uid()
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME1"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleSlope, ds.RescaleIntercept = 2, -100
+    ds.WindowCenter, ds.WindowWidth = 2000, 1000
+    arr = np.full((rows, cols), 3000, dtype=np.uint16)  # 5900 after rescale: above window -> black
+    arr[57:201, 123:377] = 100  # 100: below window -> white after MONOCHROME1 inversion
+    arr[230:280, 20:80] = 1050  # 2000 = window centre -> mid grey
+    ds.PixelData = arr.tobytes()
+    return ds
+
+
+def test_box_mapping_inverse_is_exact() -> None:
+    m = BoxMapping(1955, 1841).then(0.13, 0.131, 7.0, 0.0)
+    boxes = np.array([[0.0, 0.0, 1841.0, 1955.0], [100.5, 200.25, 300.0, 400.0]])
+    np.testing.assert_allclose(m.to_source(m.to_frame(boxes)), boxes, atol=1e-9)
+    clipped = m.to_source([[-50.0, -5.0, 400.0, 300.0]], clip=True)
+    assert clipped.min() >= 0 and clipped[0, 2] <= 1841 and clipped[0, 3] <= 1955
+
+
+def test_letterbox_geometry_centres_content() -> None:
+    assert Letterbox(256).geometry(1955, 1841) == (256, 241, 0, 7)
+    assert Letterbox(256).geometry(300, 500) == (154, 256, 51, 0)
+
+
+def test_mono1_windowed_round_trip() -> None:
+    ds = _mono1_windowed()
+    sample = Preprocessor(256).sample(ds)
+    px, mapping = sample.pixels, sample.mapping
+    assert px.shape == (256, 256) and px.min() == 0.0 and px.max() == pytest.approx(1.0)
+    source_box = np.array([[123.0, 57.0, 377.0, 201.0]])
+    expected = mapping.to_frame(source_box)[0]
+    np.testing.assert_allclose(_found_box(px), expected, atol=1.0)
+    np.testing.assert_allclose(
+        mapping.to_source(_found_box(px)), source_box, atol=1.0 / mapping.scale_x
+    )
+    # window centre maps to mid grey (VOI applied), padding rows stay zero
+    grey = mapping.to_frame([[20, 230, 80, 280]])[0].round().astype(int)
+    assert px[grey[1] + 2 : grey[3] - 2, grey[0] + 2 : grey[2] - 2].mean() == pytest.approx(
+        0.5, abs=0.05
+    )
+    assert px[:50].max() == 0.0 and px[-50:].max() == 0.0
+
+
+def test_rg1_header_round_trip(rg1: pydicom.Dataset) -> None:
+    assert (rg1.Rows, rg1.Columns, rg1.PhotometricInterpretation) == (1955, 1841, "MONOCHROME1")
+    arr = np.full((rg1.Rows, rg1.Columns), 20000, dtype=np.uint16)
+    arr[700:1100, 300:650] = 0
+    ds = _with_pixels(rg1, arr)
+    sample = Preprocessor(256).sample(ds)
+    source_box = np.array([[300.0, 700.0, 650.0, 1100.0]])
+    found = _found_box(sample.pixels)
+    np.testing.assert_allclose(found, sample.mapping.to_frame(source_box)[0], atol=1.0)
+    back = sample.mapping.to_source(found)
+    assert np.abs(back - source_box).max() <= 1.0 / sample.mapping.scale_x
+
+
+def test_rg1_real_pixels(rg1: pydicom.Dataset) -> None:
+    image, mapping = Preprocessor(384)(rg1)
+    assert tuple(image.shape) == (1, 384, 384)
+    assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0
+    assert float(image[0, :, 12:370].std()) > 0.1
+    assert float(image[0, :, :5].abs().max()) == 0.0  # left padding (10 columns)
+    assert (mapping.source_rows, mapping.source_columns) == (1955, 1841)
+
+
+@pytest.mark.parametrize("name", ["RG1_J2KR.dcm", "JPEG-LL.dcm"])
+def test_compressed_transfer_syntaxes(rg1: pydicom.Dataset, name: str) -> None:
+    ds = pydicom.dcmread(_data(name))
+    assert ds.file_meta.TransferSyntaxUID.is_compressed
+    image, _ = Preprocessor(128)(ds)
+    assert float(image.max()) > 0.5
+    if name == "RG1_J2KR.dcm":  # lossless: identical to the uncompressed original
+        assert np.array_equal(image.numpy(), Preprocessor(128)(rg1)[0].numpy())
+
+
+def test_unsupported_pixels_raise_preprocess_error() -> None:
+    rgb = pydicom.dcmread(_data("SC_rgb.dcm"))
+    with pytest.raises(PreprocessError, match="PhotometricInterpretation 'RGB'"):
+        DicomToFloat()(rgb)
+    ds = _mono1_windowed()
+    del ds.PixelData
+    with pytest.raises(PreprocessError, match="no Pixel Data"):
+        DicomToFloat()(ds)
+    broken = _mono1_windowed()
+    broken.PixelData = b"\x00\x01" * 10
+    with pytest.raises(PreprocessError, match="cannot decode"):
+        DicomToFloat()(broken)
