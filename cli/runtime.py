@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from dicom_node.settings import merged_environment
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 logger = logging.getLogger("d2r")
 
@@ -22,13 +26,68 @@ def environment(args: argparse.Namespace) -> dict[str, str]:
 
 
 def configure_logging(env: dict[str, str]) -> None:
-    level = env.get("D2R_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
-        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
+    """Root logging: ``D2R_LOG_LEVEL`` and ``D2R_LOG_FORMAT`` (text or JSON lines)."""
+    from dicom_node import logs
+    from dicom_node.observability_settings import ObservabilitySettings
+
+    obs = ObservabilitySettings.from_env(env)
+    logs.configure_logging(env.get("D2R_LOG_LEVEL", "INFO"), obs.log_format)
+
+
+def use_multiprocess_metrics(path: Path, *, clean: bool) -> Path:
+    """Make this process (and its children) write metrics to ``path`` (multiprocess mode).
+
+    Must run before ``prometheus_client`` is first imported. ``clean`` removes the files of an
+    earlier run (``d2r serve`` at start).
+    """
+    path = path.resolve()
+    if clean and path.is_dir():
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ[MULTIPROC_ENV] = str(path)
+    return path
+
+
+def multiprocess_dir() -> Path | None:
+    """The metrics folder this process was started with, if any."""
+    value = os.environ.get(MULTIPROC_ENV)
+    return Path(value) if value else None
+
+
+def start_http(
+    env: Mapping[str, str],
+    *,
+    collectors: Sequence[Any] = (),
+    health: Mapping[str, Callable[[], None]],
+    ready: Mapping[str, Callable[[], None]],
+    store: Any = None,
+) -> Any:
+    """Start the HTTP endpoint of ``D2R_HTTP_HOST:D2R_HTTP_PORT``; None when the port is 0."""
+    from dicom_node.http import ObservabilityServer, StatusPages
+    from dicom_node.metrics import build_registry
+    from dicom_node.observability_settings import ObservabilitySettings
+
+    obs = ObservabilitySettings.from_env(env)
+    if obs.http_port == 0:
+        return None
+    server = ObservabilityServer(
+        obs.http_host,
+        obs.http_port,
+        registry=build_registry(multiprocess_dir(), collectors),
+        health=health,
+        ready=ready,
+        pages=None if store is None else StatusPages(store, show_phi=obs.status_page_phi),
     )
-    # pynetdicom logs every PDU at DEBUG and full dataset summaries at INFO: keep it quiet.
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    try:
+        return server.start()
+    except OSError as exc:  # the DICOM node keeps working; probes and scrapes will notice
+        logger.error(
+            "HTTP endpoint not started: cannot bind %s:%d (%s); set D2R_HTTP_PORT",
+            obs.http_host,
+            obs.http_port,
+            exc,
+        )
+        return None
 
 
 def stop_event_on_signals() -> threading.Event:
@@ -44,17 +103,34 @@ def stop_event_on_signals() -> threading.Event:
     return stop
 
 
-def run_node(env: dict[str, str], stop: threading.Event, *, default_broker: str | None) -> None:
-    """Run the listener and the assembler until ``stop`` is set."""
+def run_node(
+    env: dict[str, str],
+    stop: threading.Event,
+    *,
+    default_broker: str | None,
+    extra_ready: Mapping[str, Callable[[], None]] | None = None,
+) -> None:
+    """Run the listener, the assembler and the HTTP endpoint until ``stop`` is set."""
     from dicom_node.assembler import Assembler, AssemblerConfig
+    from dicom_node.audit import AuditLog, ListenerAudit
+    from dicom_node.metrics import QueueDepthCollector, StudiesByStateCollector
+    from dicom_node.observability_settings import ObservabilitySettings
     from dicom_node.scp import start_server
     from dicom_node.spool import Spool
     from dicom_node.studies import InstanceRecord, StudyStore
     from worker.celery_app import create_app
-    from worker.messages import REPORT_TASK, SEND_TASK, JobInstance, ReportJob
+    from worker.messages import (
+        REPORT_QUEUE,
+        REPORT_TASK,
+        SEND_QUEUE,
+        SEND_TASK,
+        JobInstance,
+        ReportJob,
+    )
     from worker.settings import WorkerSettings
 
     settings = WorkerSettings.from_env(env, default_broker=default_broker)
+    obs = ObservabilitySettings.from_env(env)
     node = settings.node
     node.spool_dir.mkdir(parents=True, exist_ok=True)
     store = StudyStore(node.database_url)
@@ -88,8 +164,39 @@ def run_node(env: dict[str, str], stop: threading.Event, *, default_broker: str 
         enqueue_report=enqueue_report,
         enqueue_send=enqueue_send,
     )
-    server = start_server(node, spool, store, block=False)
+    audit = AuditLog(obs.audit_log, fsync=obs.audit_fsync)
+    listener_audit = ListenerAudit(audit)
+    server = start_server(
+        node,
+        spool,
+        listener_audit.recorder(store),
+        block=False,
+        extra_handlers=listener_audit.handlers(),
+    )
     assert server is not None
+    queues = QueueDepthCollector(
+        settings.broker_url, settings.queue_dir, (REPORT_QUEUE, SEND_QUEUE)
+    )
+
+    def listener_bound() -> None:
+        if server.socket is None or server.socket.fileno() < 0:
+            raise OSError("the DICOM listener is closed")
+
+    def database() -> None:
+        store.count_by_state()
+
+    http = start_http(
+        env,
+        collectors=[StudiesByStateCollector(store.count_by_state), queues],
+        health={"database": database},
+        ready={
+            "listener": listener_bound,
+            "database": database,
+            "broker": queues.ping,
+            **(extra_ready or {}),
+        },
+        store=store,
+    )
     logger.info(
         "listening as %s on %s:%d; spool %s; broker %s",
         node.ae_title,
@@ -102,7 +209,10 @@ def run_node(env: dict[str, str], stop: threading.Event, *, default_broker: str 
     try:
         stop.wait()
     finally:
+        if http is not None:
+            http.stop()
         server.shutdown()
         assembler.stop()
         store.close()
+        audit.close()
         logger.info("node stopped")

@@ -11,13 +11,16 @@ access from the environment (``D2R_CONFIG`` names an optional config file).
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 
 from dicom_node.settings import merged_environment
 from worker.messages import REPORT_QUEUE, REPORT_TASK, SEND_QUEUE, SEND_TASK
 from worker.settings import FILESYSTEM_BROKER, WorkerSettings
+
+if TYPE_CHECKING:
+    from dicom_node.audit import AuditLog
 
 
 def celery_config(settings: WorkerSettings) -> dict[str, Any]:
@@ -29,6 +32,7 @@ def celery_config(settings: WorkerSettings) -> dict[str, Any]:
             "data_folder_in": str(messages),
             "data_folder_out": str(messages),
             "processed_folder": str(settings.queue_dir / "processed"),
+            "control_folder": str(settings.queue_dir / "control"),
             "store_processed": False,
             "polling_interval": 0.05,
         }
@@ -63,24 +67,37 @@ def celery_config(settings: WorkerSettings) -> dict[str, Any]:
     }
 
 
-def create_app(settings: WorkerSettings, *, include_tasks: bool = False) -> Celery:
-    """A configured Celery app; ``include_tasks`` registers the tasks (worker side)."""
+def create_app(
+    settings: WorkerSettings, *, include_tasks: bool = False, audit: AuditLog | None = None
+) -> Celery:
+    """A configured Celery app; ``include_tasks`` registers the tasks (worker side).
+
+    ``audit`` receives one line per SR object sent.
+    """
     if settings.broker_url.startswith(FILESYSTEM_BROKER):
-        for sub in ("messages", "processed"):
+        for sub in ("messages", "processed", "control"):
             (settings.queue_dir / sub).mkdir(parents=True, exist_ok=True)
     app = Celery("d2r", set_as_current=False)
     app.conf.update(celery_config(settings))
     if include_tasks:
         from worker.tasks import register_tasks
 
-        register_tasks(app, settings)
+        register_tasks(app, settings, audit=audit)
     return app
 
 
 def __getattr__(name: str) -> Any:
     if name in ("app", "celery"):
+        from dicom_node.audit import AuditLog
+        from dicom_node.observability_settings import ObservabilitySettings
+
         env = merged_environment(os.environ.get("D2R_CONFIG"), os.environ)
-        value = create_app(WorkerSettings.from_env(env), include_tasks=True)
+        obs = ObservabilitySettings.from_env(env)
+        value = create_app(
+            WorkerSettings.from_env(env),
+            include_tasks=True,
+            audit=AuditLog(obs.audit_log, fsync=obs.audit_fsync),
+        )
         globals()["app"] = globals()["celery"] = value
         return value
     raise AttributeError(name)

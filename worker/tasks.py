@@ -15,15 +15,19 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
+from collections.abc import Callable, Sequence
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import pydicom
 from celery import Celery, Task
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_process_shutdown
 from pydicom import Dataset
 
+from dicom_node import logs, metrics, statuses
+from dicom_node.audit import SENT, AuditLog
 from dicom_node.errors import PermanentSendError, TransientSendError
 from dicom_node.scu import SendOptions, send_datasets
 from dicom_node.settings import parse_destinations
@@ -39,8 +43,9 @@ logger = logging.getLogger(__name__)
 class WorkerContext:
     """Per-process resources: the model (loaded once) and the study database."""
 
-    def __init__(self, settings: WorkerSettings) -> None:
+    def __init__(self, settings: WorkerSettings, *, audit: AuditLog | None = None) -> None:
         self.settings = settings
+        self.audit = audit
         self._lock = threading.Lock()
         self._pid = -1
         self._predictor: Any = None
@@ -78,6 +83,7 @@ class WorkerContext:
                     self._predictor.version,
                     self._predictor.checkpoint_sha256[:12],
                 )
+                metrics.set_model_info(self._predictor.name, self._predictor.version)
             return self._predictor
 
 
@@ -85,19 +91,27 @@ def _read_image(path: str) -> Dataset:
     return pydicom.dcmread(path)
 
 
-def _series_description(name: str, version: str, description: str) -> str:
-    text = f"{name} {version} AI draft report (unverified)"
-    lowered = f"{name} {description}".lower()
-    if any(word in lowered for word in ("synthetic", "phantom", "random", "untrained", "demo")):
-        text += " - not for diagnostic use"
-    return text[:64]
+def _timed(predict: Callable[[Sequence[Dataset]], Any]) -> Callable[[Sequence[Dataset]], Any]:
+    def timed(datasets: Sequence[Dataset]) -> Any:
+        started = time.perf_counter()
+        try:
+            return predict(datasets)
+        finally:
+            metrics.observe_inference(time.perf_counter() - started)
+
+    return timed
 
 
 def report_study(ctx: WorkerContext, app: Celery, job_data: dict[str, Any], task_id: str) -> str:
     """Body of ``d2r.report_study``; returns what happened (for logs and tests)."""
+    job = ReportJob.from_dict(job_data)
+    with logs.bind(study_instance_uid=job.study_instance_uid, task_id=task_id):
+        return _report_study(ctx, app, job, task_id)
+
+
+def _report_study(ctx: WorkerContext, app: Celery, job: ReportJob, task_id: str) -> str:
     from report.build import AlgorithmInfo, build_reports
 
-    job = ReportJob.from_dict(job_data)
     settings = ctx.settings
     store = ctx.store
     uid = job.study_instance_uid
@@ -111,9 +125,6 @@ def report_study(ctx: WorkerContext, app: Celery, job_data: dict[str, Any], task
     try:
         predictor = ctx.predictor
         algorithm = AlgorithmInfo(name=predictor.name, version=predictor.version)
-        series_description = _series_description(
-            predictor.name, predictor.version, getattr(predictor, "description", "")
-        )
 
         def build(content: Any) -> list[Dataset]:
             return build_reports(
@@ -121,15 +132,15 @@ def report_study(ctx: WorkerContext, app: Celery, job_data: dict[str, Any], task
                 algorithm,
                 text_sr=settings.text_sr,
                 tracking_identifier_prefix=settings.tracking_identifier_prefix,
-                series_description=series_description,
             )
 
         result = pipeline.run(
-            job, read_image=_read_image, predict=predictor.predict, build_reports=build
+            job, read_image=_read_image, predict=_timed(predictor.predict), build_reports=build
         )
     except (InputRejected, ModelError) as exc:
         logger.warning("study %s failed: %s", uid, exc)
         store.mark_failed(uid, str(exc), owner=task_id)
+        metrics.observe_report("failed")
         return "failed"
     paths = []
     for ds in result.reports:
@@ -150,6 +161,9 @@ def report_study(ctx: WorkerContext, app: Celery, job_data: dict[str, Any], task
         destinations=destinations,
     ):
         return "stale"
+    metrics.observe_report("reported")
+    if not destinations and (view := store.get(uid)) is not None:
+        metrics.observe_study_done(view, None)
     for dest in destinations:
         app.send_task(SEND_TASK, args=[uid, dest])
     return "reported"
@@ -177,8 +191,38 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def send_reports(ctx: WorkerContext, study_uid: str, destination: str) -> str:
+def send_reports(
+    ctx: WorkerContext, study_uid: str, destination: str, task_id: str | None = None
+) -> str:
     """Body of ``d2r.send_reports``: one attempt to one destination; returns the new state."""
+    with logs.bind(study_instance_uid=study_uid, task_id=task_id):
+        return _send_reports(ctx, study_uid, destination)
+
+
+def _audit_sent(
+    ctx: WorkerContext,
+    datasets: Sequence[Dataset],
+    destination: str,
+    results: Sequence[int],
+    error: str | None,
+) -> None:
+    if ctx.audit is None:
+        return
+    for index, ds in enumerate(datasets):
+        status = results[index] if index < len(results) else None
+        ctx.audit.try_record(
+            SENT,
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            study_instance_uid=str(ds.StudyInstanceUID),
+            sop_class_uid=str(ds.SOPClassUID),
+            destination=destination,
+            status=None if status is None else f"0x{status:04X}",
+            status_name=None if status is None else statuses.status_name(status),
+            error=error,
+        )
+
+
+def _send_reports(ctx: WorkerContext, study_uid: str, destination: str) -> str:
     settings = ctx.settings
     store = ctx.store
     delivery = store.delivery(study_uid, destination)
@@ -190,9 +234,11 @@ def send_reports(ctx: WorkerContext, study_uid: str, destination: str) -> str:
     (dest,) = parse_destinations(destination)
     error: str | None = None
     ok = False
+    datasets: list[Dataset] = []
+    results: list[int] = []
     try:
         datasets = [pydicom.dcmread(p) for p in view.result_paths]
-        send_datasets(
+        results = send_datasets(
             datasets,
             dest,
             ae_title=settings.node.ae_title,
@@ -216,14 +262,25 @@ def send_reports(ctx: WorkerContext, study_uid: str, destination: str) -> str:
         max_attempts=max_attempts,
         retry_delay=settings.node.send_retry_delay,
     )
+    _audit_sent(ctx, datasets, destination, results, error)
+    metrics.observe_send_attempt(
+        destination,
+        ok=ok,
+        failure=None if error is None else error.partition(":")[0],
+        retry=not ok and state == "pending",
+    )
+    if ok and (done := store.get(study_uid)) is not None:
+        metrics.observe_study_done(done, destination)
     log = logger.info if ok else logger.warning
     log("study %s -> %s: %s%s", study_uid, destination, state, f" ({error})" if error else "")
     return state
 
 
-def register_tasks(app: Celery, settings: WorkerSettings) -> WorkerContext:
+def register_tasks(
+    app: Celery, settings: WorkerSettings, *, audit: AuditLog | None = None
+) -> WorkerContext:
     """Register the tasks on ``app``; the model loads once per worker process."""
-    ctx = WorkerContext(settings)
+    ctx = WorkerContext(settings, audit=audit)
 
     @app.task(name="d2r.report_study", bind=True)  # type: ignore[untyped-decorator]
     def report_study_task(self: Task, job: dict[str, Any]) -> str:
@@ -231,7 +288,7 @@ def register_tasks(app: Celery, settings: WorkerSettings) -> WorkerContext:
 
     @app.task(name=SEND_TASK, bind=True)  # type: ignore[untyped-decorator]
     def send_reports_task(self: Task, study_uid: str, destination: str) -> str:
-        return send_reports(ctx, study_uid, destination)
+        return send_reports(ctx, study_uid, destination, self.request.id)
 
     @worker_process_init.connect(weak=False)  # type: ignore[untyped-decorator]
     def _load_model(**_: Any) -> None:
@@ -239,6 +296,12 @@ def register_tasks(app: Celery, settings: WorkerSettings) -> WorkerContext:
             ctx.predictor  # noqa: B018 - warm up: load the model before the first study
         except Exception:
             logger.exception("model not loaded at start-up; the first study will retry")
+
+    @worker_process_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
+    def _process_gone(**_: Any) -> None:
+        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if directory:  # this process's live gauges (the loaded model) leave the endpoint
+            metrics.mark_process_dead(os.getpid(), directory)
 
     _ = (report_study_task, send_reports_task)
     return ctx

@@ -25,11 +25,13 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from cli.runtime import (
+        MULTIPROC_ENV,
         configure_logging,
         environment,
         logger,
         run_node,
         stop_event_on_signals,
+        use_multiprocess_metrics,
     )
     from worker.settings import FILESYSTEM_BROKER, WorkerSettings
 
@@ -38,10 +40,16 @@ def run(args: argparse.Namespace) -> int:
     settings = WorkerSettings.from_env(env, default_broker=FILESYSTEM_BROKER)
     settings.require_model()
     stop = stop_event_on_signals()
+    # One /metrics for the node and the worker child: both write to this folder.
+    metrics_dir = use_multiprocess_metrics(settings.node.spool_dir.parent / "metrics", clean=True)
+    from dicom_node.metrics import build_registry, mark_process_dead, model_loaded
 
     child_env = dict(os.environ)
     child_env.update(env)
     child_env["D2R_DEFAULT_BROKER"] = FILESYSTEM_BROKER
+    child_env[MULTIPROC_ENV] = str(metrics_dir)
+    child_env["D2R_HTTP_PORT"] = "0"  # the node serves the one endpoint
+    current: list[subprocess.Popen[bytes]] = []
     cmd = [sys.executable, "-m", "cli.main", "worker", "--pool=solo"]
 
     def supervise() -> None:
@@ -49,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         while not stop.is_set():
             started = time.monotonic()
             proc = subprocess.Popen(cmd, env=child_env)
+            current[:] = [proc]
             while proc.poll() is None:
                 if stop.wait(0.5):
                     proc.terminate()
@@ -56,15 +65,32 @@ def run(args: argparse.Namespace) -> int:
                         proc.wait(timeout=60)
                     except subprocess.TimeoutExpired:
                         proc.kill()
+                    mark_process_dead(proc.pid, str(metrics_dir))
                     return
+            mark_process_dead(proc.pid, str(metrics_dir))
             logger.error("worker exited with %s; restarting in %.0f s", proc.returncode, delay)
             delay = 1.0 if time.monotonic() - started > 60 else min(delay * 2, 60.0)
             stop.wait(delay)
 
+    def worker_running() -> None:
+        if not current or current[0].poll() is not None:
+            raise RuntimeError("the worker process is not running")
+
+    worker_metrics = build_registry(metrics_dir)
+
+    def model() -> None:
+        if not model_loaded(worker_metrics):
+            raise RuntimeError("the worker has not loaded the model yet")
+
     supervisor = threading.Thread(target=supervise, name="d2r-worker-supervisor")
     supervisor.start()
     try:
-        run_node(env, stop, default_broker=FILESYSTEM_BROKER)
+        run_node(
+            env,
+            stop,
+            default_broker=FILESYSTEM_BROKER,
+            extra_ready={"worker": worker_running, "model": model},
+        )
     finally:
         stop.set()
         supervisor.join()

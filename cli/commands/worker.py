@@ -21,19 +21,61 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+    import shutil
     import socket
+    import tempfile
+    from pathlib import Path
 
-    from cli.runtime import configure_logging, environment
-    from worker.celery_app import create_app
+    from cli.runtime import (
+        configure_logging,
+        environment,
+        multiprocess_dir,
+        start_http,
+        use_multiprocess_metrics,
+    )
+    from dicom_node.observability_settings import ObservabilitySettings
     from worker.settings import WorkerSettings
 
     env = environment(args)
     configure_logging(env)
     default_broker = env.get("D2R_DEFAULT_BROKER") or None
     settings = WorkerSettings.from_env(env, default_broker=default_broker)
+    obs = ObservabilitySettings.from_env(env)
     settings.require_model()
     settings.node.spool_dir.mkdir(parents=True, exist_ok=True)
-    app = create_app(settings, include_tasks=True)
+    own_metrics_dir = None
+    if multiprocess_dir() is None:  # pool processes report through files in a private folder
+        own_metrics_dir = Path(tempfile.mkdtemp(prefix=f"d2r-worker-metrics-{os.getpid()}-"))
+        use_multiprocess_metrics(own_metrics_dir, clean=False)
+
+    from dicom_node.audit import AuditLog
+    from dicom_node.metrics import QueueDepthCollector, build_registry, model_loaded
+    from dicom_node.studies import StudyStore
+    from worker.celery_app import create_app
+    from worker.messages import REPORT_QUEUE, SEND_QUEUE
+
+    audit = AuditLog(obs.audit_log, fsync=obs.audit_fsync)
+    app = create_app(settings, include_tasks=True, audit=audit)
+    queues = QueueDepthCollector(
+        settings.broker_url, settings.queue_dir, (REPORT_QUEUE, SEND_QUEUE)
+    )
+    store = StudyStore(settings.node.database_url)
+    loaded = build_registry(multiprocess_dir())
+
+    def database() -> None:
+        store.count_by_state()
+
+    def model() -> None:
+        if not model_loaded(loaded):
+            raise RuntimeError("no worker process has loaded the model yet")
+
+    http = start_http(
+        env,
+        collectors=[queues],
+        health={"database": database},
+        ready={"model": model, "broker": queues.ping},
+    )
     argv = [
         "worker",
         f"--pool={args.pool}",
@@ -45,5 +87,13 @@ def run(args: argparse.Namespace) -> int:
         "--without-mingle",
         "--without-heartbeat",
     ]
-    app.worker_main(argv)
+    try:
+        app.worker_main(argv)
+    finally:
+        if http is not None:
+            http.stop()
+        store.close()
+        audit.close()
+        if own_metrics_dir is not None:
+            shutil.rmtree(own_metrics_dir, ignore_errors=True)
     return 0

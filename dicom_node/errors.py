@@ -1,0 +1,92 @@
+"""Exceptions raised by the DICOM node.
+
+Every exception the node raises on purpose derives from :class:`NodeError`; the
+receive side translates them into DIMSE statuses, the send side into retry
+(transient) or give-up (permanent) decisions::
+
+    NodeError
+    ├── ConfigError              (dicom_node.settings) an invalid setting
+    ├── SpoolError               the spool could not persist an instance
+    │   ├── SpoolFullError       out of disk space / quota  -> 0xA700
+    │   └── SpoolWriteError      any other write failure    -> 0x0110
+    ├── InstanceRejected         the header cannot be used  -> 0xC000 range
+    │   └── MissingUIDError      no Study / SOP Instance / SOP Class UID
+    └── SendError                an outbound C-STORE failed
+        ├── TransientSendError   refused/aborted association, connection error, timeout
+        └── PermanentSendError   SOP class not accepted, failure status from the peer
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "InstanceRejected",
+    "MissingUIDError",
+    "NodeError",
+    "PermanentSendError",
+    "SendError",
+    "SpoolError",
+    "SpoolFullError",
+    "SpoolWriteError",
+    "TransientSendError",
+]
+
+
+class NodeError(Exception):
+    """Base class of every error raised on purpose by :mod:`dicom_node`."""
+
+
+class SpoolError(NodeError):
+    """The spool could not persist a received instance."""
+
+
+class SpoolFullError(SpoolError):
+    """The spool filesystem is (nearly) full or the quota is exhausted."""
+
+
+class SpoolWriteError(SpoolError):
+    """Writing, syncing or renaming a spool file failed for another reason."""
+
+
+class InstanceRejected(NodeError):
+    """A received data set cannot be used (unreadable header, missing UIDs).
+
+    Parameters
+    ----------
+    reason : str
+        Short, PHI-free reason recorded with the rejection.
+    study_instance_uid : str or None
+        The Study Instance UID, when it could be read.
+    """
+
+    def __init__(self, reason: str, *, study_instance_uid: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.study_instance_uid = study_instance_uid
+
+
+class MissingUIDError(InstanceRejected):
+    """The data set lacks a UID the node needs to file it (Study, SOP Instance or SOP Class)."""
+
+
+class SendError(NodeError):
+    """An outbound C-STORE did not complete successfully."""
+
+
+class TransientSendError(SendError):
+    """The send may succeed later: association refused or aborted, no connection, timeout."""
+
+
+class PermanentSendError(SendError):
+    """Retrying will not help: the peer refused the SOP class or returned a failure status.
+
+    Parameters
+    ----------
+    message : str
+        What failed.
+    status : int or None
+        The DIMSE status returned by the peer, when there was one.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status

@@ -1,0 +1,155 @@
+"""Read the header elements the node routes on, without decoding pixel data.
+
+The receive path calls :func:`parse_header` on the C-STORE data set exactly as it
+arrived (any transfer syntax, Deflated included); parsing stops before the first
+element after Series Instance UID (0020,000E), so pixel data is never read.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import zlib
+from dataclasses import dataclass
+from os import PathLike
+from typing import Any, BinaryIO
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+from dicom_node.errors import InstanceRejected, MissingUIDError
+
+__all__ = ["InstanceHeader", "header_from_dataset", "parse_header", "read_header_file"]
+
+logger = logging.getLogger(__name__)
+
+_LAST_TAG = 0x0020000E  # Series Instance UID: every element we need sorts at or before it
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """Routing attributes of one instance (no PHI).
+
+    Empty strings stand for absent or empty elements, except the three UIDs that
+    :func:`header_from_dataset` requires.
+    """
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    modality: str
+    body_part_examined: str
+    view_position: str
+    series_description: str
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value: Any = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value).strip()
+    return str(value).strip()
+
+
+def header_from_dataset(ds: Dataset) -> InstanceHeader:
+    """Extract an :class:`InstanceHeader` from a (possibly partial) data set.
+
+    Raises
+    ------
+    MissingUIDError
+        When SOP Class, SOP Instance or Study Instance UID is absent or empty.
+    """
+    study_uid = _text(ds, "StudyInstanceUID")
+    for keyword, tag in (
+        ("SOPClassUID", "(0008,0016)"),
+        ("SOPInstanceUID", "(0008,0018)"),
+        ("StudyInstanceUID", "(0020,000D)"),
+    ):
+        if not _text(ds, keyword):
+            raise MissingUIDError(f"missing {keyword} {tag}", study_instance_uid=study_uid or None)
+    return InstanceHeader(
+        sop_class_uid=_text(ds, "SOPClassUID"),
+        sop_instance_uid=_text(ds, "SOPInstanceUID"),
+        study_instance_uid=study_uid,
+        series_instance_uid=_text(ds, "SeriesInstanceUID"),
+        modality=_text(ds, "Modality").upper(),
+        body_part_examined=_text(ds, "BodyPartExamined"),
+        view_position=_text(ds, "ViewPosition"),
+        series_description=_text(ds, "SeriesDescription"),
+    )
+
+
+def _stop(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return int(tag) > _LAST_TAG
+
+
+def parse_header(data: bytes | memoryview | BinaryIO, transfer_syntax_uid: str) -> InstanceHeader:
+    """Parse the routing header of a data set encoded in ``transfer_syntax_uid``.
+
+    Parameters
+    ----------
+    data : bytes, memoryview or binary file-like
+        The encoded data set without File Meta Information, as received in a
+        C-STORE request. A file-like object is read from its start and left
+        positioned at its start.
+    transfer_syntax_uid : str
+        The transfer syntax of the presentation context the data set arrived on.
+
+    Raises
+    ------
+    InstanceRejected
+        When the data set cannot be parsed; :class:`MissingUIDError` when a
+        required UID is missing.
+    """
+    ts = UID(transfer_syntax_uid)
+    source: BinaryIO | None = None
+    fp: BinaryIO
+    if isinstance(data, (bytes, memoryview)):
+        fp = io.BytesIO(data)
+    else:
+        fp = source = data
+        fp.seek(0)
+    try:
+        if ts == DeflatedExplicitVRLittleEndian:
+            fp = io.BytesIO(zlib.decompressobj(-zlib.MAX_WBITS).decompress(fp.read()))
+        if not ts.is_transfer_syntax:
+            raise ValueError(f"unknown transfer syntax {ts}")
+        ds = pydicom.filereader.read_dataset(
+            fp,
+            is_implicit_VR=ts.is_implicit_VR,
+            is_little_endian=ts.is_little_endian,
+            stop_when=_stop,
+            defer_size=1024,
+        )
+        # reading values of the elements we use may raise on malformed data
+        header = header_from_dataset(ds)
+    except InstanceRejected:
+        raise
+    except Exception as exc:  # any parse failure means the header is unusable
+        logger.debug("header parse failed: %s", type(exc).__name__)
+        raise InstanceRejected(f"unreadable header ({type(exc).__name__})") from exc
+    finally:
+        if source is not None:
+            source.seek(0)
+    return header
+
+
+def read_header_file(path: str | PathLike[str]) -> InstanceHeader:
+    """Read the routing header of a DICOM Part 10 file, without its pixel data.
+
+    Raises
+    ------
+    InstanceRejected
+        When the file cannot be parsed or lacks a required UID.
+    """
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        return header_from_dataset(ds)
+    except InstanceRejected:
+        raise
+    except Exception as exc:
+        raise InstanceRejected(f"unreadable file ({type(exc).__name__})") from exc

@@ -1,0 +1,324 @@
+"""Prometheus metrics of the node and the workers.
+
+Counters and histograms are module-level metrics moved by small hook functions
+(:func:`observe_association`, :func:`observe_store_response`, :func:`observe_send_attempt` ...).
+Gauges that describe shared state are read at scrape time by custom collectors, so the database
+and the broker stay the truth: :class:`StudiesByStateCollector` (``d2r_studies{state}`` from
+``StudyStore.count_by_state()``) and :class:`QueueDepthCollector` (``d2r_queue_depth{queue}``:
+Redis ``LLEN`` or the file count of the embedded ``filesystem://`` queue).
+
+Several processes (``d2r serve``: node and worker child; a prefork worker: pool children) share one
+endpoint through prometheus_client's multiprocess mode: the entry point sets
+``PROMETHEUS_MULTIPROC_DIR`` *before* this module is first imported, and
+:func:`build_registry` aggregates every process's files.
+
+=====================================  =========  ============================================
+metric                                 type       labels
+=====================================  =========  ============================================
+``d2r_associations_total``             counter    ``result`` (accepted/rejected), ``reason``
+``d2r_instances_received_total``       counter    ``outcome`` (stored/duplicate/conflict)
+``d2r_instances_rejected_total``       counter    ``reason`` (a DIMSE status name)
+``d2r_studies``                        gauge      ``state`` (collector, from the database)
+``d2r_queue_depth``                    gauge      ``queue`` (collector, from the broker)
+``d2r_study_end_to_end_seconds``       histogram  first instance received -> SRs acknowledged
+``d2r_inference_seconds``              histogram  one model prediction
+``d2r_reports_total``                  counter    ``result`` (reported/failed)
+``d2r_send_attempts_total``            counter    ``destination``
+``d2r_send_failures_total``            counter    ``destination``, ``kind`` (transient/permanent)
+``d2r_send_retries_total``             counter    ``destination`` (a failed attempt to retry)
+``d2r_model_info``                     gauge      ``name``, ``version`` (1 while loaded)
+=====================================  =========  ============================================
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import REGISTRY, Collector
+
+from dicom_node import statuses
+from dicom_node.studies import DONE, STUDY_STATES, StudyView
+
+__all__ = [
+    "QueueDepthCollector",
+    "StudiesByStateCollector",
+    "build_registry",
+    "mark_process_dead",
+    "model_loaded",
+    "observe_association",
+    "observe_inference",
+    "observe_instance",
+    "observe_report",
+    "observe_send_attempt",
+    "observe_store_response",
+    "observe_study_done",
+    "rejection_reason",
+    "set_model_info",
+    "study_done_latency",
+]
+
+logger = logging.getLogger(__name__)
+
+ACCEPTED: Final = "accepted"
+REJECTED: Final = "rejected"
+INSTANCE_OUTCOMES: Final = ("stored", "duplicate", "conflict")
+
+ASSOCIATIONS = Counter(
+    "d2r_associations", "Associations requested of the listener", ["result", "reason"]
+)
+INSTANCES_RECEIVED = Counter(
+    "d2r_instances_received", "Instances received and answered Success", ["outcome"]
+)
+INSTANCES_REJECTED = Counter(
+    "d2r_instances_rejected", "Instances answered with a failure status", ["reason"]
+)
+STUDY_END_TO_END = Histogram(
+    "d2r_study_end_to_end_seconds",
+    "From a study's first instance received to its SRs acknowledged by every destination",
+    buckets=(5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1200, 3600),
+)
+INFERENCE = Histogram(
+    "d2r_inference_seconds",
+    "Duration of one model prediction (decode, preprocess, detector, report generator)",
+    buckets=(0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120),
+)
+REPORTS = Counter("d2r_reports", "Report jobs finished by a worker", ["result"])
+SEND_ATTEMPTS = Counter("d2r_send_attempts", "Attempts to send a study's SRs", ["destination"])
+SEND_FAILURES = Counter(
+    "d2r_send_failures", "Failed attempts to send a study's SRs", ["destination", "kind"]
+)
+SEND_RETRIES = Counter(
+    "d2r_send_retries", "Failed send attempts that will be retried", ["destination"]
+)
+MODEL_INFO = Gauge(
+    "d2r_model_info",
+    "The model a worker process has loaded (1 while loaded)",
+    ["name", "version"],
+    multiprocess_mode="livemax",
+)
+
+#: failure status -> the ``reason`` label of ``d2r_instances_rejected_total``
+_REJECTION_REASONS: Final = {
+    statuses.OUT_OF_RESOURCES: "out_of_resources",
+    statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS: "dataset_does_not_match_sop_class",
+    statuses.CANNOT_UNDERSTAND: "cannot_understand",
+    statuses.PROCESSING_FAILURE: "processing_failure",
+    statuses.SOP_CLASS_NOT_SUPPORTED: "sop_class_not_supported",
+    statuses.NOT_AUTHORIZED: "not_authorized",
+}
+
+
+# ------------------------------------------------------------------------------------- hooks
+def observe_association(accepted: bool, reason: str = "") -> None:
+    """Count one association request (``reason``: a short, fixed token for a rejection)."""
+    ASSOCIATIONS.labels(ACCEPTED if accepted else REJECTED, reason).inc()
+
+
+def observe_instance(outcome: str) -> None:
+    """Count one instance answered Success (``stored``, ``duplicate`` or ``conflict``)."""
+    if outcome not in INSTANCE_OUTCOMES:
+        raise ValueError(f"outcome must be one of {', '.join(INSTANCE_OUTCOMES)}, not {outcome!r}")
+    INSTANCES_RECEIVED.labels(outcome).inc()
+
+
+def rejection_reason(status: int) -> str:
+    """The ``reason`` label for a failure ``status`` (its range's first code decides)."""
+    for code in (status, status & 0xFF00, status & 0xF000):
+        if code in _REJECTION_REASONS:
+            return _REJECTION_REASONS[code]
+    return f"status_0x{status:04x}"
+
+
+def observe_store_response(status: int, outcome: str | None) -> None:
+    """Count one C-STORE response sent by the listener.
+
+    Success and warnings count as received with ``outcome`` (default ``stored``); failures as
+    rejected with a reason derived from the status.
+    """
+    if statuses.is_failure(status):
+        INSTANCES_REJECTED.labels(rejection_reason(status)).inc()
+    else:
+        observe_instance(outcome or "stored")
+
+
+def observe_inference(seconds: float) -> None:
+    INFERENCE.observe(seconds)
+
+
+def observe_report(result: str) -> None:
+    """Count a finished report job (``reported`` or ``failed``)."""
+    REPORTS.labels(result).inc()
+
+
+def observe_send_attempt(destination: str, *, ok: bool, failure: str | None, retry: bool) -> None:
+    """Count one send attempt; ``failure`` is ``transient`` or ``permanent`` when it failed."""
+    SEND_ATTEMPTS.labels(destination).inc()
+    if not ok:
+        SEND_FAILURES.labels(destination, failure or "unknown").inc()
+        if retry:
+            SEND_RETRIES.labels(destination).inc()
+
+
+def study_done_latency(view: StudyView, destination: str | None) -> float | None:
+    """End-to-end seconds of a ``done`` study, for the caller that completed it; else None.
+
+    ``destination`` is the delivery just recorded as sent. Several deliveries of one study each
+    finish in their own transaction, and the study becomes done in the one that sent last, so
+    only the caller whose delivery has the latest ``sent_at`` gets a value: each study is
+    observed once. A study without destinations (``destination`` None) is done when reported.
+    """
+    if view.state != DONE or view.finished_at is None:
+        return None
+    if destination is not None:
+        sent = {d.destination: d.sent_at for d in view.deliveries if d.sent_at is not None}
+        mine = sent.get(destination)
+        if mine is None or mine < max(sent.values()):
+            return None
+    elif view.deliveries:
+        return None
+    return max(0.0, view.finished_at - view.first_received_at)
+
+
+def observe_study_done(view: StudyView, destination: str | None) -> float | None:
+    """Observe :func:`study_done_latency` when it applies; returns it."""
+    seconds = study_done_latency(view, destination)
+    if seconds is not None:
+        STUDY_END_TO_END.observe(seconds)
+    return seconds
+
+
+def mark_process_dead(pid: int, multiprocess_dir: str) -> None:
+    """Drop the live gauges of process ``pid`` from a multiprocess folder (it has exited)."""
+    multiprocess.mark_process_dead(pid, multiprocess_dir)  # type: ignore[no-untyped-call]
+
+
+def set_model_info(name: str, version: str) -> None:
+    """Record that this process has loaded model ``name`` ``version``."""
+    MODEL_INFO.labels(name, version).set(1)
+
+
+def model_loaded(registry: CollectorRegistry) -> bool:
+    """Whether any process feeding ``registry`` reports a loaded model."""
+    for family in registry.collect():
+        if family.name == "d2r_model_info":
+            return any(s.value >= 1 for s in family.samples)
+    return False
+
+
+# -------------------------------------------------------------------------------- collectors
+class StudiesByStateCollector(Collector):
+    """``d2r_studies{state}``: the number of studies in each state, read from the database."""
+
+    def __init__(self, count_by_state: Callable[[], dict[str, int]]) -> None:
+        self._count = count_by_state
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "d2r_studies", "Studies in each state (from the study database)", labels=["state"]
+        )
+        try:
+            counts = self._count()
+        except Exception as exc:  # a scrape must still answer while the database is down
+            logger.warning("cannot count studies by state: %s", exc)
+            return
+        for state in STUDY_STATES:
+            family.add_metric([state], counts.get(state, 0))
+        yield family
+
+
+class QueueDepthCollector(Collector):
+    """``d2r_queue_depth{queue}``: messages waiting in each broker queue.
+
+    Parameters
+    ----------
+    broker_url : str
+        ``redis://`` / ``rediss://`` (``LLEN`` of each queue and its priority lists) or
+        ``filesystem://`` (files named ``*.<queue>.msg`` in ``queue_dir / "messages"``).
+    queue_dir : Path
+        Folder of the embedded queue.
+    queues : iterable of str
+        Queue names.
+    """
+
+    def __init__(self, broker_url: str, queue_dir: Path, queues: Iterable[str]) -> None:
+        self.broker_url = broker_url
+        self.messages_dir = Path(queue_dir) / "messages"
+        self.queues = tuple(queues)
+        self._redis: Any = None
+
+    def depths(self) -> dict[str, int]:
+        """The current depth of each queue; raises when the broker cannot be read."""
+        if self.broker_url.startswith("filesystem://"):
+            counts = dict.fromkeys(self.queues, 0)
+            suffixes = {f"{q}.msg": q for q in self.queues}
+            for name in os.listdir(self.messages_dir):
+                queue = suffixes.get(name.partition(".")[2])
+                if queue is not None:
+                    counts[queue] += 1
+            return counts
+        if self.broker_url.startswith(("redis://", "rediss://")):
+            client = self.redis()
+            # kombu keeps priority levels in lists named "<queue>\x06\x16<n>"
+            return {
+                q: sum(
+                    int(client.llen(key)) for key in (q, *(f"{q}\x06\x16{n}" for n in range(1, 10)))
+                )
+                for q in self.queues
+            }
+        return {}
+
+    def redis(self) -> Any:
+        if self._redis is None:
+            import redis
+
+            self._redis = redis.Redis.from_url(
+                self.broker_url, socket_timeout=2.0, socket_connect_timeout=2.0
+            )
+        return self._redis
+
+    def ping(self) -> None:
+        """Raise unless the broker is reachable."""
+        if self.broker_url.startswith(("redis://", "rediss://")):
+            self.redis().ping()
+        elif self.broker_url.startswith("filesystem://") and not os.access(
+            self.messages_dir, os.W_OK
+        ):
+            raise OSError(f"queue folder {self.messages_dir} is not writable")
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "d2r_queue_depth", "Messages waiting in each broker queue", labels=["queue"]
+        )
+        try:
+            depths = self.depths()
+        except Exception as exc:
+            logger.warning("cannot read the queue depth: %s", exc)
+            return
+        for queue, depth in depths.items():
+            family.add_metric([queue], depth)
+        yield family
+
+
+def build_registry(
+    multiprocess_dir: Path | None, collectors: Iterable[Collector] = ()
+) -> CollectorRegistry:
+    """The registry the HTTP endpoint serves.
+
+    With ``multiprocess_dir`` (the ``PROMETHEUS_MULTIPROC_DIR`` this process was started with)
+    a fresh registry aggregating every process's metric files; otherwise this process's default
+    registry. ``collectors`` (the scrape-time gauges) are registered on it.
+    """
+    if multiprocess_dir is not None:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=str(multiprocess_dir))  # type: ignore[no-untyped-call]
+    else:
+        registry = REGISTRY
+    for collector in collectors:
+        registry.register(collector)
+    return registry

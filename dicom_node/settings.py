@@ -1,0 +1,299 @@
+"""Node configuration: :class:`NodeSettings`, built once by an entry point.
+
+Values come from ``D2R_*`` variables: a config file in systemd ``EnvironmentFile``
+syntax (:func:`read_config_file`) overridden by the process environment
+(:func:`merged_environment`). Core code receives a :class:`NodeSettings` and never
+reads ``os.environ``. Every invalid value raises :class:`ConfigError`, whose
+one-line message names the setting.
+
+>>> s = NodeSettings.from_env({"D2R_AE_TITLE": "CXR_AI", "D2R_DESTINATIONS": "PACS@10.0.0.5:104"})
+>>> s.ae_title, s.destinations[0].name
+('CXR_AI', 'PACS@10.0.0.5:104')
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from dicom_node.errors import NodeError
+
+__all__ = [
+    "ConfigError",
+    "Destination",
+    "NodeSettings",
+    "merged_environment",
+    "parse_destinations",
+    "read_config_file",
+    "validate_ae_title",
+]
+
+_T = TypeVar("_T")
+
+GIB = 1024**3
+
+
+class ConfigError(NodeError, ValueError):
+    """An invalid setting; ``str()`` is one line naming the setting.
+
+    Parameters
+    ----------
+    setting : str
+        The variable name, e.g. ``D2R_PORT``.
+    message : str
+        What is wrong with its value.
+    """
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(f"{setting}: {message}")
+        self.setting = setting
+        self.message = message
+
+
+def validate_ae_title(value: str, setting: str = "D2R_AE_TITLE") -> str:
+    """Return ``value`` stripped if it is a valid AE title, else raise :class:`ConfigError`.
+
+    An AE title is 1-16 characters of the default repertoire, without backslash
+    or control characters (PS3.5 Table 6.2-1, VR AE).
+    """
+    title = value.strip()
+    if not 1 <= len(title) <= 16:
+        raise ConfigError(setting, f"AE title must be 1-16 characters, got {len(title)}")
+    if any(c == "\\" or ord(c) < 0x20 or ord(c) > 0x7E for c in title):
+        raise ConfigError(setting, "AE title must not contain backslash or control characters")
+    return title
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A C-STORE peer that receives the reports.
+
+    Parameters
+    ----------
+    ae_title : str
+        Called AE title of the peer.
+    host : str
+        Host name or IP address.
+    port : int
+        TCP port.
+    """
+
+    ae_title: str
+    host: str
+    port: int
+
+    @property
+    def name(self) -> str:
+        """``AET@host:port``, the form used in configuration and logs."""
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def _parse_port(text: str, setting: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise ConfigError(setting, f"port must be an integer, got {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise ConfigError(setting, f"port must be in 1..65535, got {port}")
+    return port
+
+
+def parse_destinations(text: str, setting: str = "D2R_DESTINATIONS") -> tuple[Destination, ...]:
+    """Parse a comma-separated list of ``AET@host:port`` into destinations."""
+    result: list[Destination] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        aet, at, hostport = item.partition("@")
+        host, colon, port = hostport.rpartition(":")
+        if not at or not colon or not host:
+            raise ConfigError(setting, f"expected AET@host:port, got {item!r}")
+        host = host.strip("[]")  # allow [::1]:104
+        result.append(
+            Destination(validate_ae_title(aet, setting), host, _parse_port(port, setting))
+        )
+    names = [d.name for d in result]
+    if len(set(names)) != len(names):
+        raise ConfigError(setting, "duplicate destination")
+    return tuple(result)
+
+
+def _unquote(value: str) -> str:
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        return value[1:-1]
+    return value
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Read ``KEY=VALUE`` lines as in a systemd ``EnvironmentFile``.
+
+    Blank lines and lines starting with ``#`` or ``;`` are ignored, an optional
+    ``export`` prefix is dropped, and values may be wrapped in single or double quotes.
+
+    Raises
+    ------
+    ConfigError
+        When the file cannot be read or a line has no ``=``.
+    """
+    setting = "D2R_CONFIG"
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(setting, f"cannot read {path}: {exc.strerror}") from exc
+    values: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :].lstrip()
+        key, eq, value = line.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ConfigError(setting, f"{path} line {number}: expected KEY=VALUE")
+        values[key] = _unquote(value)
+    return values
+
+
+def merged_environment(
+    config_path: str | os.PathLike[str] | None, environ: Mapping[str, str]
+) -> dict[str, str]:
+    """Return the config file's values overridden by ``environ`` (the process environment)."""
+    merged = read_config_file(config_path) if config_path else {}
+    merged.update(environ)
+    return merged
+
+
+def _get(env: Mapping[str, str], setting: str, default: _T, parse: Callable[[str], _T]) -> _T:
+    raw = env.get(setting)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return parse(raw.strip())
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(setting, str(exc)) from None
+
+
+def _number(
+    kind: type[int] | type[float], minimum: float, *, exclusive: bool = False
+) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise ValueError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"expected a finite number, got {text!r}")
+        if value < minimum or (exclusive and value == minimum):
+            op = ">" if exclusive else ">="
+            raise ValueError(f"must be {op} {minimum:g}, got {text}")
+        return value
+
+    return parse
+
+
+def _int(minimum: int) -> Callable[[str], int]:
+    parse = _number(int, minimum)
+    return lambda text: int(parse(text))
+
+
+def _positive_float(text: str) -> float:
+    return float(_number(float, 0.0, exclusive=True)(text))
+
+
+def _non_negative_float(text: str) -> float:
+    return float(_number(float, 0.0)(text))
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """Settings of the DICOM node (listener, spool, study timers, sender).
+
+    Build with :meth:`from_env`; the defaults below are those of an unset variable.
+    """
+
+    ae_title: str = "D2R"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    spool_dir: Path = Path("d2r-data/spool")
+    database_url: str = "sqlite:///d2r-data/d2r.db"
+    destinations: tuple[Destination, ...] = ()
+    study_quiet_seconds: float = 10.0
+    study_force_seconds: float = 600.0
+    reconcile_seconds: float = 30.0
+    max_pdu: int = 131072
+    max_associations: int = 10
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    send_retries: int = 5
+    send_retry_delay: float = 30.0
+    min_free_bytes: int = GIB
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> NodeSettings:
+        """Build settings from ``D2R_*`` variables in ``env``.
+
+        Raises
+        ------
+        ConfigError
+            Naming the first invalid setting.
+        """
+        d = cls()
+        spool_dir = _get(env, "D2R_SPOOL_DIR", d.spool_dir, Path)
+        default_db = f"sqlite:///{spool_dir.parent / 'd2r.db'}"
+        database_url = _get(env, "D2R_DATABASE_URL", default_db, _database_url)
+        quiet = _get(env, "D2R_STUDY_QUIET_SECONDS", d.study_quiet_seconds, _positive_float)
+        force = _get(env, "D2R_STUDY_FORCE_SECONDS", d.study_force_seconds, _positive_float)
+        if force < quiet:
+            raise ConfigError(
+                "D2R_STUDY_FORCE_SECONDS",
+                f"must be >= D2R_STUDY_QUIET_SECONDS ({quiet:g}), got {force:g}",
+            )
+        max_pdu = _get(env, "D2R_MAX_PDU", d.max_pdu, _int(0))
+        if max_pdu != 0 and max_pdu < 4096:
+            raise ConfigError("D2R_MAX_PDU", f"must be 0 (unlimited) or >= 4096, got {max_pdu}")
+        return cls(
+            ae_title=_get(env, "D2R_AE_TITLE", d.ae_title, validate_ae_title),
+            host=_get(env, "D2R_HOST", d.host, str),
+            port=_get(env, "D2R_PORT", d.port, lambda t: _parse_port(t, "D2R_PORT")),
+            spool_dir=spool_dir,
+            database_url=database_url,
+            destinations=_get(env, "D2R_DESTINATIONS", d.destinations, parse_destinations),
+            study_quiet_seconds=quiet,
+            study_force_seconds=force,
+            reconcile_seconds=_get(
+                env, "D2R_RECONCILE_SECONDS", d.reconcile_seconds, _positive_float
+            ),
+            max_pdu=max_pdu,
+            max_associations=_get(env, "D2R_MAX_ASSOCIATIONS", d.max_associations, _int(1)),
+            acse_timeout=_get(env, "D2R_ACSE_TIMEOUT", d.acse_timeout, _positive_float),
+            dimse_timeout=_get(env, "D2R_DIMSE_TIMEOUT", d.dimse_timeout, _positive_float),
+            network_timeout=_get(env, "D2R_NETWORK_TIMEOUT", d.network_timeout, _positive_float),
+            send_retries=_get(env, "D2R_SEND_RETRIES", d.send_retries, _int(0)),
+            send_retry_delay=_get(
+                env, "D2R_SEND_RETRY_DELAY", d.send_retry_delay, _non_negative_float
+            ),
+            min_free_bytes=_get(env, "D2R_MIN_FREE_BYTES", d.min_free_bytes, _int(0)),
+        )
+
+    def retry_delay(self, attempt: int) -> float:
+        """Seconds before retry ``attempt`` (1-based): the base delay doubled per attempt."""
+        if attempt < 1:
+            raise ValueError(f"attempt must be >= 1, got {attempt}")
+        return float(self.send_retry_delay * 2.0 ** (attempt - 1))
+
+
+def _database_url(text: str) -> str:
+    scheme, sep, _ = text.partition("://")
+    if not sep or not scheme:
+        raise ValueError("expected a database URL such as sqlite:///path")  # may hold a password
+    return text

@@ -1,0 +1,290 @@
+"""The real listener on loopback, fed by dcmtk's echoscu/storescu, in every transfer syntax."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+)
+
+from dicom_node import statuses
+from dicom_node.spool import dataset_offset
+from dicom_node.studies import InstanceRecord
+from tests.dicom_node.node_harness import Node, NodeFactory, Recorder
+from tests.support.dicom_files import chest_pixels, make_dx, rg1_path
+
+pytestmark = pytest.mark.integration
+
+DCMTK = Path("/usr/bin")
+if not (DCMTK / "storescu").exists():  # pragma: no cover - dcmtk missing
+    pytest.skip("dcmtk is not installed", allow_module_level=True)
+
+ROWS, COLS = 192, 160
+
+
+def dcmtk(tool: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(
+        [str(DCMTK / tool), *map(str, args)], capture_output=True, text=True, timeout=60
+    )
+    return res
+
+
+def storescu(
+    node: Node, *files: Path, flags: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    aec = node.settings.ae_title
+    return dcmtk("storescu", "-d", "-aec", aec, *flags, "127.0.0.1", str(node.port), *files)
+
+
+def store_statuses(res: subprocess.CompletedProcess[str]) -> list[int]:
+    """The DIMSE statuses of the C-STORE responses storescu received (from its ``-d`` log)."""
+    out = res.stdout + res.stderr
+    blocks = out.split("Received Store Response")[1:]
+    found = [re.search(r"DIMSE Status\s*:\s*0x([0-9a-fA-F]{4})", b) for b in blocks]
+    return [int(m.group(1), 16) for m in found if m]
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    transfer_syntax: str
+    propose: str  # storescu proposal flag
+    lossless: bool
+
+
+VARIANTS = [
+    Variant("implicit", ImplicitVRLittleEndian, "-xi", True),
+    Variant("explicit", ExplicitVRLittleEndian, "-xe", True),
+    Variant("deflated", DeflatedExplicitVRLittleEndian, "-xd", True),
+    Variant("jpeg-baseline", JPEGBaseline8Bit, "-xy", False),
+    Variant("jpeg-extended", JPEGExtended12Bit, "-xx", False),
+    Variant("jpeg-lossless-sv1", JPEGLosslessSV1, "-xs", True),
+    Variant("jpeg-ls-lossless", JPEGLSLossless, "-xt", True),
+    Variant("jpeg2000-lossless", JPEG2000Lossless, "-xv", True),
+    Variant("rle", RLELossless, "-xr", True),
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One source file per variant, encoded by dcmtk (pydicom for JPEG 2000)."""
+    d = tmp_path_factory.mktemp("corpus")
+    src12 = d / "src12.dcm"
+    src8 = d / "src8.dcm"
+    make_dx(src12, rows=ROWS, cols=COLS, bits_stored=12, seed=1)
+    make_dx(src8, rows=ROWS, cols=COLS, bits_stored=8, seed=1)
+    commands = {
+        "implicit": ("dcmconv", "+ti", src12),
+        "explicit": None,
+        "deflated": ("dcmconv", "+td", src12),
+        "jpeg-baseline": ("dcmcjpeg", "+eb", src8),
+        "jpeg-extended": ("dcmcjpeg", "+ee", src12),
+        "jpeg-lossless-sv1": ("dcmcjpeg", src12),
+        "jpeg-ls-lossless": ("dcmcjpls", src12),
+        "rle": ("dcmcrle", src12),
+    }
+    files: dict[str, Path] = {"explicit": src12}
+    for name, cmd in commands.items():
+        if cmd is None:
+            continue
+        out = d / f"{name}.dcm"
+        res = dcmtk(cmd[0], *cmd[1:], out)
+        assert res.returncode == 0, res.stderr
+        files[name] = out
+    ds = pydicom.dcmread(src12)
+    ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg", generate_instance_uid=False)
+    files["jpeg2000-lossless"] = d / "jpeg2000-lossless.dcm"
+    ds.save_as(files["jpeg2000-lossless"], enforce_file_format=True)
+    return files
+
+
+def _inflate(data: bytes) -> bytes:
+    return zlib.decompressobj(-zlib.MAX_WBITS).decompress(data)
+
+
+def dataset_bytes(path: Path) -> bytes:
+    raw = path.read_bytes()
+    return raw[dataset_offset(raw) :]
+
+
+def test_echo(node: Node) -> None:
+    res = dcmtk("echoscu", "-v", "-aec", node.settings.ae_title, "127.0.0.1", str(node.port))
+    assert res.returncode == 0, res.stderr
+    assert "Received Echo Response (Success)" in res.stdout + res.stderr
+
+
+def test_wrong_called_ae_is_rejected(node: Node) -> None:
+    res = dcmtk("echoscu", "-aec", "SOMEONEELSE", "127.0.0.1", str(node.port))
+    assert res.returncode != 0
+    assert "Association Rejected" in res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=[v.name for v in VARIANTS])
+def test_every_transfer_syntax_arrives_byte_identical(
+    node: Node, corpus: dict[str, Path], variant: Variant
+) -> None:
+    sent = corpus[variant.name]
+    sent_ds = pydicom.dcmread(sent)
+    assert sent_ds.file_meta.TransferSyntaxUID == variant.transfer_syntax
+    res = storescu(node, sent, flags=(variant.propose,))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert store_statuses(res) == [statuses.SUCCESS]
+
+    [(record, outcome)] = node.store.instances
+    assert outcome == "stored"
+    assert record.sop_instance_uid == sent_ds.SOPInstanceUID
+    assert record.transfer_syntax_uid == variant.transfer_syntax
+    assert (record.modality, record.body_part_examined, record.view_position) == (
+        "DX",
+        "CHEST",
+        "PA",
+    )
+    assert record.calling_ae_title == "STORESCU"
+    assert record.received_at.tzinfo is not None
+    received = Path(record.path)
+    assert received.is_relative_to(node.spool.instances_dir)
+    assert received.stat().st_size == record.size
+
+    got, expected = dataset_bytes(received), dataset_bytes(sent)
+    if variant.transfer_syntax == DeflatedExplicitVRLittleEndian:
+        # storescu inflates the file and deflates again for the network: compare the content
+        assert _inflate(got) == _inflate(expected)
+    else:
+        assert got == expected
+
+    ds = pydicom.dcmread(received)
+    assert ds.file_meta.TransferSyntaxUID == variant.transfer_syntax
+    pixels = ds.pixel_array
+    bits = 8 if variant.name == "jpeg-baseline" else 12
+    source = chest_pixels(ROWS, COLS, bits_stored=bits, seed=1)
+    assert pixels.shape == source.shape
+    if variant.lossless:
+        np.testing.assert_array_equal(pixels, source)
+    else:
+        diff = np.abs(pixels.astype(np.int32) - source.astype(np.int32))
+        assert diff.mean() < 0.02 * (1 << bits)
+        assert not np.array_equal(pixels, source)  # really lossy, really decoded
+
+
+def test_real_cr_rg1(node: Node) -> None:
+    src = rg1_path()
+    res = storescu(node, src)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert store_statuses(res) == [statuses.SUCCESS]
+    [(record, outcome)] = node.store.instances
+    assert outcome == "stored"
+    assert (record.modality, record.body_part_examined, record.view_position) == (
+        "CR",
+        "CHEST",
+        "PA",
+    )
+    got, source = dataset_bytes(Path(record.path)), dataset_bytes(src)
+    # storescu does not transmit the file's Data Set Trailing Padding (FFFC,FFFC):
+    # everything it did send is stored unchanged
+    assert source.startswith(got)
+    assert source[len(got) : len(got) + 4] == b"\xfc\xff\xfc\xff"
+    assert len(source) - len(got) == 12 + 126
+    np.testing.assert_array_equal(
+        pydicom.dcmread(record.path).pixel_array, pydicom.dcmread(src).pixel_array
+    )
+
+
+def test_resend_is_a_duplicate_and_changed_content_a_conflict(node: Node, tmp_path: Path) -> None:
+    first = make_dx(tmp_path / "a.dcm", rows=32, cols=32, seed=3)
+    assert store_statuses(storescu(node, tmp_path / "a.dcm")) == [statuses.SUCCESS]
+    assert store_statuses(storescu(node, tmp_path / "a.dcm")) == [statuses.SUCCESS]
+    make_dx(
+        tmp_path / "b.dcm",
+        rows=32,
+        cols=32,
+        seed=4,
+        sop_uid=first.SOPInstanceUID,
+        study_uid=first.StudyInstanceUID,
+    )
+    assert store_statuses(storescu(node, tmp_path / "b.dcm")) == [statuses.SUCCESS]
+    assert node.store.outcomes(first.SOPInstanceUID) == ["stored", "duplicate", "conflict"]
+    assert len(list(node.spool.instances_dir.rglob("*.dcm"))) == 1
+    assert len(list(node.spool.conflicts_dir.rglob("*.dcm"))) == 1
+    assert node.spool.conflicts == 1
+
+
+def test_non_image_sop_class_is_refused(node: Node, tmp_path: Path) -> None:
+    ds = make_dx(None, rows=16, cols=16)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.88.11")
+    ds.Modality = "SR"
+    ds.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    res = storescu(node, tmp_path / "sr.dcm")
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 or "No presentation context" in out, out
+    assert store_statuses(res) == []
+    assert node.store.instances == []
+    assert list(node.spool.instances_dir.rglob("*.dcm")) == []
+
+
+def test_missing_study_uid_cannot_be_understood(node: Node, tmp_path: Path) -> None:
+    ds = make_dx(None, rows=16, cols=16)
+    del ds.StudyInstanceUID
+    ds.save_as(tmp_path / "nostudy.dcm", enforce_file_format=True)
+    res = storescu(node, tmp_path / "nostudy.dcm")
+    assert store_statuses(res) == [statuses.CANNOT_UNDERSTAND]
+    assert node.store.instances == []
+    [rejection] = node.store.rejections
+    assert rejection["sop_instance_uid"] == ds.SOPInstanceUID
+    assert "StudyInstanceUID" in rejection["reason"]
+    assert list(node.spool.instances_dir.rglob("*.dcm")) == []
+
+
+def test_full_spool_refuses_with_out_of_resources(
+    node_factory: NodeFactory, tmp_path: Path
+) -> None:
+    free = shutil.disk_usage(tmp_path).free
+    node = node_factory(min_free_bytes=free + (1 << 30))
+    ds = make_dx(tmp_path / "a.dcm", rows=32, cols=32)
+    res = storescu(node, tmp_path / "a.dcm")
+    assert store_statuses(res) == [statuses.OUT_OF_RESOURCES]
+    assert "Out of resources" in res.stdout + res.stderr
+    assert node.store.instances == []
+    assert [r["sop_instance_uid"] for r in node.store.rejections] == [ds.SOPInstanceUID]
+    assert list(node.spool.instances_dir.rglob("*")) == []
+    assert list(node.spool.tmp_dir.iterdir()) == []
+
+
+class BrokenDatabase(Recorder):
+    def record_instance(self, record: InstanceRecord, *, outcome: str) -> None:
+        raise RuntimeError("database is locked")
+
+
+def test_database_failure_is_never_success(node_factory: NodeFactory, tmp_path: Path) -> None:
+    node = node_factory(store=BrokenDatabase())
+    ds = make_dx(tmp_path / "a.dcm", rows=16, cols=16)
+    res = storescu(node, tmp_path / "a.dcm")
+    assert store_statuses(res) == [statuses.PROCESSING_FAILURE]
+    # the bytes are durable; a re-send is answered from the spool as a duplicate
+    assert node.spool.path_for(ds.StudyInstanceUID, ds.SOPInstanceUID).exists()
+
+
+def test_unwritable_spool_is_processing_failure(node_factory: NodeFactory, tmp_path: Path) -> None:
+    node = node_factory()
+    node.spool.tmp_dir.rmdir()  # the temp directory vanished: an I/O error, not a full disk
+    make_dx(tmp_path / "a.dcm", rows=16, cols=16)
+    res = storescu(node, tmp_path / "a.dcm")
+    assert store_statuses(res) == [statuses.PROCESSING_FAILURE]
+    assert node.store.instances == []

@@ -1,0 +1,139 @@
+"""NodeSettings: defaults, parsing and one named error per invalid setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dicom_node.errors import NodeError
+from dicom_node.settings import (
+    ConfigError,
+    Destination,
+    NodeSettings,
+    merged_environment,
+    read_config_file,
+)
+
+
+def test_defaults() -> None:
+    s = NodeSettings.from_env({})
+    assert (s.ae_title, s.host, s.port) == ("D2R", "0.0.0.0", 11112)
+    assert s.spool_dir == Path("d2r-data/spool")
+    assert s.database_url == "sqlite:///d2r-data/d2r.db"
+    assert s.destinations == ()
+    assert (s.study_quiet_seconds, s.study_force_seconds, s.reconcile_seconds) == (10, 600, 30)
+    assert (s.max_pdu, s.max_associations) == (131072, 10)
+    assert (s.acse_timeout, s.dimse_timeout, s.network_timeout) == (30, 60, 60)
+    assert (s.send_retries, s.send_retry_delay, s.min_free_bytes) == (5, 30, 1024**3)
+
+
+def test_values_are_parsed() -> None:
+    s = NodeSettings.from_env(
+        {
+            "D2R_AE_TITLE": " CXR_AI ",
+            "D2R_PORT": "104",
+            "D2R_SPOOL_DIR": "/srv/d2r/spool",
+            "D2R_DESTINATIONS": "PACS@10.0.0.5:104, ARCH@[::1]:11113",
+            "D2R_STUDY_QUIET_SECONDS": "2.5",
+            "D2R_MAX_PDU": "0",
+            "D2R_SEND_RETRY_DELAY": "3",
+            "D2R_MIN_FREE_BYTES": "0",
+        }
+    )
+    assert s.ae_title == "CXR_AI"
+    assert s.port == 104
+    assert s.database_url == "sqlite:////srv/d2r/d2r.db"
+    assert s.destinations == (
+        Destination("PACS", "10.0.0.5", 104),
+        Destination("ARCH", "::1", 11113),
+    )
+    assert s.destinations[0].name == "PACS@10.0.0.5:104"
+    assert s.study_quiet_seconds == 2.5
+    assert s.max_pdu == 0
+    assert [s.retry_delay(n) for n in (1, 2, 3)] == [3, 6, 12]
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("D2R_AE_TITLE", "A" * 17),
+        ("D2R_AE_TITLE", "BAD\\AE"),
+        ("D2R_AE_TITLE", "BAD\tAE"),
+        ("D2R_PORT", "http"),
+        ("D2R_PORT", "70000"),
+        ("D2R_DATABASE_URL", "d2r.db"),
+        ("D2R_DESTINATIONS", "PACS@host"),
+        ("D2R_DESTINATIONS", "host:104"),
+        ("D2R_DESTINATIONS", "PACS@host:0"),
+        ("D2R_DESTINATIONS", "WAY_TOO_LONG_AE_TITLE@host:104"),
+        ("D2R_DESTINATIONS", "P@h:1,P@h:1"),
+        ("D2R_STUDY_QUIET_SECONDS", "0"),
+        ("D2R_STUDY_FORCE_SECONDS", "nan"),
+        ("D2R_STUDY_FORCE_SECONDS", "5"),  # below the quiet period
+        ("D2R_RECONCILE_SECONDS", "-1"),
+        ("D2R_MAX_PDU", "100"),
+        ("D2R_MAX_ASSOCIATIONS", "0"),
+        ("D2R_ACSE_TIMEOUT", "x"),
+        ("D2R_DIMSE_TIMEOUT", "0"),
+        ("D2R_NETWORK_TIMEOUT", "inf"),
+        ("D2R_SEND_RETRIES", "-1"),
+        ("D2R_SEND_RETRIES", "1.5"),
+        ("D2R_SEND_RETRY_DELAY", "-3"),
+        ("D2R_MIN_FREE_BYTES", "1GB"),
+    ],
+)
+def test_invalid_value_names_the_setting(setting: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        NodeSettings.from_env({setting: value})
+    assert info.value.setting == setting
+    message = str(info.value)
+    assert message.startswith(f"{setting}: ")
+    assert "\n" not in message
+    assert isinstance(info.value, NodeError)
+
+
+def test_database_url_password_not_echoed() -> None:
+    with pytest.raises(ConfigError) as info:
+        NodeSettings.from_env({"D2R_DATABASE_URL": "user:secret@db/d2r"})
+    assert "secret" not in str(info.value)
+
+
+def test_read_config_file_and_environment_override(tmp_path: Path) -> None:
+    cfg = tmp_path / "d2r.env"
+    cfg.write_text(
+        "# node settings\n"
+        "\n"
+        "D2R_AE_TITLE=FROMFILE\n"
+        'D2R_PORT="11113"\n'
+        "export D2R_HOST='127.0.0.1'\n"
+        "  ; another comment\n"
+        "D2R_DESTINATIONS = PACS@pacs:104\n",
+        encoding="utf-8",
+    )
+    values = read_config_file(cfg)
+    assert values == {
+        "D2R_AE_TITLE": "FROMFILE",
+        "D2R_PORT": "11113",
+        "D2R_HOST": "127.0.0.1",
+        "D2R_DESTINATIONS": "PACS@pacs:104",
+    }
+    merged = merged_environment(cfg, {"D2R_PORT": "4242", "PATH": "/bin"})
+    s = NodeSettings.from_env(merged)
+    assert (s.ae_title, s.host, s.port) == ("FROMFILE", "127.0.0.1", 4242)
+    assert merged_environment(None, {"D2R_PORT": "1"}) == {"D2R_PORT": "1"}
+
+
+def test_config_file_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.env"
+    bad.write_text("D2R_PORT 104\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="line 1"):
+        read_config_file(bad)
+    with pytest.raises(ConfigError, match="cannot read"):
+        read_config_file(tmp_path / "missing.env")
+
+
+def test_settings_are_frozen() -> None:
+    s = NodeSettings.from_env({})
+    with pytest.raises(AttributeError):
+        s.port = 1  # type: ignore[misc]

@@ -1,0 +1,221 @@
+"""Spool: atomic, byte-preserving writes; duplicate and conflict policy; full disk."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.uid import UID, ExplicitVRLittleEndian
+from pynetdicom.dsutils import create_file_meta
+
+from dicom_node.errors import SpoolFullError, SpoolWriteError
+from dicom_node.spool import Spool, dataset_offset, safe_name
+
+SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"
+
+
+def meta(sop_uid: str) -> pydicom.dataset.FileMetaDataset:
+    return create_file_meta(
+        sop_class_uid=UID(SOP_CLASS),
+        sop_instance_uid=UID(sop_uid),
+        transfer_syntax=ExplicitVRLittleEndian,
+    )
+
+
+def payload(n: int = 4096, fill: int = 7) -> bytes:
+    # a minimal, valid Explicit VR LE data set followed by filler in an OB element
+    body = bytes([fill]) * n
+    return (
+        b"\x08\x00\x16\x00UI\x1c\x00"
+        + SOP_CLASS.encode().ljust(28, b"\x00")
+        + (b"\x09\x00\x10\x00OB\x00\x00" + len(body).to_bytes(4, "little") + body)
+    )
+
+
+def test_store_writes_bytes_as_received(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    data = payload()
+    got = spool.store(
+        study_instance_uid="1.2.3",
+        sop_instance_uid="1.2.3.4",
+        file_meta=meta("1.2.3.4"),
+        dataset=memoryview(data),
+    )
+    assert got.outcome == "stored"
+    assert got.path == tmp_path / "spool" / "instances" / "1.2.3" / "1.2.3.4.dcm"
+    raw = got.path.read_bytes()
+    assert raw[:132] == b"\x00" * 128 + b"DICM"
+    assert raw[dataset_offset(raw) :] == data
+    assert got.size == len(raw)
+    assert got.sha256 == hashlib.sha256(data).hexdigest()
+    ds = pydicom.dcmread(got.path)
+    assert ds.file_meta.MediaStorageSOPInstanceUID == "1.2.3.4"
+    assert ds.SOPClassUID == SOP_CLASS
+    assert list((tmp_path / "spool" / "tmp").iterdir()) == []
+
+
+def test_duplicate_same_bytes_keeps_one_copy(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    first = spool.store(
+        study_instance_uid="1.2",
+        sop_instance_uid="1.2.9",
+        file_meta=meta("1.2.9"),
+        dataset=payload(),
+    )
+    mtime = first.path.stat().st_mtime_ns
+    again = spool.store(
+        study_instance_uid="1.2",
+        sop_instance_uid="1.2.9",
+        file_meta=meta("1.2.9"),
+        dataset=payload(),
+    )
+    assert again.outcome == "duplicate"
+    assert again.path == first.path and again.sha256 == first.sha256
+    assert first.path.stat().st_mtime_ns == mtime
+    assert list(spool.conflicts_dir.rglob("*.dcm")) == []
+    assert spool.conflicts == 0
+
+
+def test_conflict_keeps_first_and_quarantines_new(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    first = spool.store(
+        study_instance_uid="1.2",
+        sop_instance_uid="1.2.9",
+        file_meta=meta("1.2.9"),
+        dataset=payload(fill=1),
+    )
+    before = first.path.read_bytes()
+    other = spool.store(
+        study_instance_uid="1.2",
+        sop_instance_uid="1.2.9",
+        file_meta=meta("1.2.9"),
+        dataset=payload(fill=2),
+    )
+    assert other.outcome == "conflict"
+    assert first.path.read_bytes() == before
+    assert other.path.parent == spool.conflicts_dir / "1.2"
+    raw = other.path.read_bytes()
+    assert raw[dataset_offset(raw) :] == payload(fill=2)
+    assert spool.conflicts == 1
+    # the same conflicting copy again: no third file, still a conflict
+    again = spool.store(
+        study_instance_uid="1.2",
+        sop_instance_uid="1.2.9",
+        file_meta=meta("1.2.9"),
+        dataset=payload(fill=2),
+    )
+    assert again.outcome == "conflict" and again.path == other.path
+    assert len(list(spool.conflicts_dir.rglob("*.dcm"))) == 1
+
+
+def test_unsafe_uids_stay_inside_the_spool(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s")
+    got = spool.store(
+        study_instance_uid="../../etc",
+        sop_instance_uid="a/b",
+        file_meta=meta("1.2"),
+        dataset=payload(),
+    )
+    assert got.path.resolve().is_relative_to((tmp_path / "s" / "instances").resolve())
+    assert safe_name("../x") != safe_name("._x") and "/" not in safe_name("a/b")
+    assert safe_name("1.2.840") == "1.2.840"
+
+
+def test_free_space_guard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = Spool(tmp_path, min_free_bytes=10_000)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(
+        shutil, "disk_usage", lambda p: usage._replace(free=10_000 + len(payload()) - 1)
+    )
+    with pytest.raises(SpoolFullError):
+        spool.store(
+            study_instance_uid="1", sop_instance_uid="1.1", file_meta=meta("1.1"), dataset=payload()
+        )
+    assert list(spool.instances_dir.rglob("*")) == []
+    monkeypatch.setattr(
+        shutil, "disk_usage", lambda p: usage._replace(free=10_000 + len(payload()))
+    )
+    assert (
+        spool.store(
+            study_instance_uid="1", sop_instance_uid="1.1", file_meta=meta("1.1"), dataset=payload()
+        ).outcome
+        == "stored"
+    )
+
+
+@pytest.mark.parametrize(
+    ("err", "exc_type"),
+    [(errno.ENOSPC, SpoolFullError), (errno.EDQUOT, SpoolFullError), (errno.EIO, SpoolWriteError)],
+)
+def test_fsync_errors_are_translated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int, exc_type: type[Exception]
+) -> None:
+    spool = Spool(tmp_path)
+
+    def failing_fsync(fd: int) -> Any:
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(exc_type):
+        spool.store(
+            study_instance_uid="1", sop_instance_uid="1.1", file_meta=meta("1.1"), dataset=payload()
+        )
+    assert list(spool.tmp_dir.iterdir()) == []
+    assert not spool.path_for("1", "1.1").exists()
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+        capture_output=True,
+        check=False,
+    )
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_real_full_filesystem(tiny_fs: Path) -> None:
+    spool = Spool(tiny_fs / "spool", min_free_bytes=0)
+    small = spool.store(
+        study_instance_uid="1",
+        sop_instance_uid="1.1",
+        file_meta=meta("1.1"),
+        dataset=payload(8 * 1024),
+    )
+    assert small.outcome == "stored"
+    # passes the free-space check (nothing reserved), then hits ENOSPC while writing:
+    # the file meta and block rounding need more than the data set's own bytes
+    free = shutil.disk_usage(tiny_fs).free
+    big = payload(free - 48 - 16)
+    assert len(big) < free
+    with pytest.raises(SpoolFullError, match="No space left"):
+        spool.store(
+            study_instance_uid="1", sop_instance_uid="1.2", file_meta=meta("1.2"), dataset=big
+        )
+    assert list(spool.tmp_dir.iterdir()) == []
+    assert not spool.path_for("1", "1.2").exists()
+    assert spool.path_for("1", "1.1").read_bytes()[-16:] == payload(8 * 1024)[-16:]
+    # the guard refuses before writing anything
+    guarded = Spool(tiny_fs / "spool", min_free_bytes=free)
+    with pytest.raises(SpoolFullError, match="guard"):
+        guarded.store(
+            study_instance_uid="1",
+            sop_instance_uid="1.3",
+            file_meta=meta("1.3"),
+            dataset=payload(16),
+        )
