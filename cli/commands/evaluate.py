@@ -1,0 +1,104 @@
+"""``d2r evaluate``: score generated reports (NLG, rule-based CE) and lesion boxes (mAP@0.5).
+
+Input: JSON Lines with ``id``, ``reference``, ``generated`` (+ ``gt_lesions``/``pred_lesions``),
+or ``--model DIR --data DIR`` to run a checkpoint on a ``d2r synth`` output's DICOM files.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--predictions", metavar="FILE.jsonl", help="records to score")
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="metrics.json",
+        help="metrics file; metrics.md and per_report.jsonl go beside it",
+    )
+    parser.add_argument(
+        "--nlg-mode",
+        choices=("r2gen", "coco"),
+        default="r2gen",
+        help="text normalisation (default r2gen)",
+    )
+    parser.add_argument(
+        "--r2gen-truncate-refs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="cut references to N tokens, as R2Gen does with 99",
+    )
+    parser.add_argument("--model", metavar="DIR", help="checkpoint to run (with --data)")
+    parser.add_argument("--data", metavar="DIR", help="a d2r synth output folder (with --model)")
+    parser.add_argument("--split", default="test", help="split of --data to score (default test)")
+
+
+def _predict_records(model: str, data: str, split: str) -> list[Any]:
+    import json
+    from pathlib import Path
+
+    import pydicom
+
+    from model.predict import Predictor
+    from training.evaluation.records import record_from_dict
+
+    predictor = Predictor.from_checkpoint(Path(model))
+    root = Path(data)
+    records = []
+    for line in (root / "studies.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        if entry.get("split") != split or not entry.get("dicom"):
+            continue
+        datasets = [pydicom.dcmread(root / p) for p in entry["dicom"]]
+        pred = predictor.predict(datasets)
+        records.append(
+            record_from_dict(
+                {
+                    "id": entry["id"],
+                    "reference": entry["reference"],
+                    "generated": pred.findings,
+                    "gt_lesions": entry["gt_lesions"],
+                    "pred_lesions": [
+                        {"class_name": le.class_name, "score": le.score, "box": list(le.box)}
+                        for le in pred.lesions
+                    ],
+                }
+            )
+        )
+    return records
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+    from pathlib import Path
+
+    from training.errors import TrainingError
+    from training.evaluation import evaluate_records, read_records, write_outputs
+
+    if bool(args.model) != bool(args.data):
+        print("d2r evaluate: --model and --data go together", file=sys.stderr)
+        return 2
+    if bool(args.predictions) == bool(args.model):
+        print("d2r evaluate: give either --predictions or --model/--data", file=sys.stderr)
+        return 2
+    try:
+        if args.predictions:
+            records = read_records(Path(args.predictions))
+        else:
+            records = _predict_records(args.model, args.data, args.split)
+        metrics = evaluate_records(
+            records,
+            nlg_mode=args.nlg_mode,
+            truncate_refs=args.r2gen_truncate_refs,
+        )
+    except (TrainingError, OSError) as exc:
+        print(f"d2r evaluate: {exc}", file=sys.stderr)
+        return 1
+    for path in write_outputs(metrics, Path(args.out)):
+        print(path)
+    keys = ("bleu_4", "meteor", "rouge_l", "cider", "ce_f1", "map50")
+    print(" ".join(f"{k}={metrics[k]:.4f}" if metrics[k] is not None else f"{k}=n/a" for k in keys))
+    return 0
