@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,4 +20,19 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "init-model", "--out", str(out), "--preset", "small", "--seed", "0", env=base_env()
     )
     assert res.returncode == 0, res.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def eager_model(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The random checkpoint with its lesion score thresholds at 0, so that it reports boxes.
+
+    A randomly initialised detector scores about 0.07, below any useful threshold; this copy
+    reports its three best boxes, so tests can follow boxes from the model to the viewer.
+    """
+    out = tmp_path_factory.mktemp("model") / "d2r-small-random-eager"
+    shutil.copytree(model_dir, out)
+    config = json.loads((out / "config.json").read_text())
+    config.update(lesion_score_threshold=0.0, box_score_threshold=0.0, max_lesions=3)
+    (out / "config.json").write_text(json.dumps(config))
     return out

@@ -17,8 +17,8 @@ from typing import Any
 import highdicom as hd
 import pydicom
 import pytest
-from tests.support.dicom_files import rg1_path
 
+from tests.support.dicom_files import rg1_path
 from tests.support.orthanc import OrthancServer
 from tests.support.processes import (
     Process,
@@ -80,7 +80,7 @@ def _check_reports(orthanc: OrthancServer, study_uid: str, status: dict[str, Any
             assert (points[0] == points[-1]).all() and len(points) == 5
             assert (points[:, 0] >= 0).all() and (points[:, 0] <= source.Columns).all()
             assert (points[:, 1] >= 0).all() and (points[:, 1] <= source.Rows).all()
-            refs = region.ReferencedSOPSequence[0]
+            refs = region.ContentSequence[0].ReferencedSOPSequence[0]
             assert refs.ReferencedSOPInstanceUID == source.SOPInstanceUID
             assert refs.ReferencedSOPClassUID == source.SOPClassUID
         texts = {
@@ -111,6 +111,9 @@ def model_env(model_dir: Path, tmp_path: Path) -> dict[str, str]:
         D2R_MIN_FREE_BYTES="0",
         D2R_LOG_LEVEL="INFO",
         D2R_HTTP_PORT="0",
+        # a randomly initialised model scores about 0.07: report its top boxes anyway,
+        # so the lesion path (boxes -> SR -> PACS) is exercised end to end
+        D2R_LESION_MIN_SCORE="0",
     )
 
 
@@ -154,6 +157,7 @@ def test_production_split_round_trip_through_orthanc(
         assert status["instance_count"] == 1
         assert [d["state"] for d in status["deliveries"]] == ["sent"]
         assert status["model_name"]
+        assert status["lesion_count"] > 0
         _check_reports(orthanc, study_uid, status, tmp_path)
 
         # The same study again changes nothing: same bytes, no second copy, no second report.

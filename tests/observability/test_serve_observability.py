@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import subprocess
 import urllib.error
 import urllib.request
@@ -75,17 +74,6 @@ def _chromium(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[by
         capture_output=True,
         timeout=timeout,
     )
-
-
-@pytest.fixture
-def eager_model(model_dir: Path, tmp_path: Path) -> Path:
-    """The random checkpoint with its lesion score thresholds at 0, so that it reports boxes."""
-    out = tmp_path / "model-eager"
-    shutil.copytree(model_dir, out)
-    config = json.loads((out / "config.json").read_text())
-    config.update(lesion_score_threshold=0.0, box_score_threshold=0.0, max_lesions=3)
-    (out / "config.json").write_text(json.dumps(config))
-    return out
 
 
 def test_serve_metrics_probes_audit_and_status_page(eager_model: Path, tmp_path: Path) -> None:
