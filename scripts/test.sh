@@ -9,6 +9,7 @@ bash tests/support/install-viewer.sh
 ruff check .
 ruff format --check .
 mypy
+lint-imports
 mkdir -p test-artifacts
 set +e
 python -m pytest -m "not gpu" --junitxml=test-artifacts/junit.xml "$@"

@@ -1,0 +1,18 @@
+"""The detector's classes and the SR's finding table are one list, kept in two leaf packages.
+
+``model`` and ``report`` may not import each other (see the import-linter contracts), so each
+holds the 22 VinDr-CXR strings; this test keeps them identical, order included.
+"""
+
+from model.classes import VINDR_CLASSES as MODEL_CLASSES
+from report.codes import FINDING_CODES
+from report.codes import VINDR_CLASSES as REPORT_CLASSES
+
+
+def test_model_and_report_share_the_class_list() -> None:
+    assert tuple(MODEL_CLASSES) == tuple(REPORT_CLASSES)
+    assert len(MODEL_CLASSES) == 22
+
+
+def test_every_detector_class_has_a_finding_code() -> None:
+    assert set(FINDING_CODES) == set(MODEL_CLASSES)
