@@ -9,6 +9,7 @@ import shutil
 import signal
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,31 @@ def stop_event_on_signals() -> threading.Event:
     return stop
 
 
+def association_rejected(audit: Any) -> Callable[[Any, str], None]:
+    """Count and audit an association the listener refused itself (e.g. by peer address)."""
+    from dicom_node import metrics
+    from dicom_node.audit import ASSOCIATION
+
+    def record(assoc: Any, reason: str) -> None:
+        metrics.observe_association(False, reason)
+        primitive = getattr(assoc.requestor, "primitive", None)
+        now = datetime.now(UTC).isoformat(timespec="milliseconds")
+        audit.try_record(
+            ASSOCIATION,
+            calling_ae_title=str(getattr(primitive, "calling_ae_title", "") or "").strip(),
+            called_ae_title=str(getattr(primitive, "called_ae_title", "") or "").strip(),
+            peer_address=assoc.requestor.address,
+            peer_port=assoc.requestor.port,
+            result="rejected",
+            reason=reason,
+            start=now,
+            end=now,
+            instances=0,
+        )
+
+    return record
+
+
 def run_node(
     env: dict[str, str],
     stop: threading.Event,
@@ -160,9 +186,11 @@ def run_node(
             force_seconds=node.study_force_seconds,
             reconcile_seconds=node.reconcile_seconds,
             requeue_after=max(settings.visibility_timeout, node.study_force_seconds),
+            retention_seconds=node.spool_retention_hours * 3600.0,
         ),
         enqueue_report=enqueue_report,
         enqueue_send=enqueue_send,
+        spool=spool,
     )
     audit = AuditLog(obs.audit_log, fsync=obs.audit_fsync)
     listener_audit = ListenerAudit(audit)
@@ -172,6 +200,7 @@ def run_node(
         listener_audit.recorder(store),
         block=False,
         extra_handlers=listener_audit.handlers(),
+        on_rejected=association_rejected(audit),
     )
     assert server is not None
     queues = QueueDepthCollector(

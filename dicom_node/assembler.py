@@ -8,7 +8,11 @@ Every tick it
    expired) — at start and every ``reconcile_seconds`` — so a restart or a lost broker message
    never loses a study;
 3. hands due deliveries (first attempts whose message was lost, and retries after their backoff)
-   to ``enqueue_send``.
+   to ``enqueue_send``;
+4. with a retention period (``D2R_SPOOL_RETENTION_HOURS``), removes the spooled instances and
+   SRs of studies that are ``done`` or ``skipped`` and finished longer ago than that, recording a
+   ``spool-purged`` event (:meth:`Assembler.purge_expired`, on the reconciler's cadence). Any
+   other state keeps its files; so do instances received after the study finished.
 
 The queue itself is injected (``enqueue_report``, ``enqueue_send``): this module never imports
 Celery.
@@ -22,13 +26,51 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import sqlalchemy as sa
+
 from dicom_node.selection import select_images
-from dicom_node.studies import InstanceRecord, StudyStore
+from dicom_node.spool import Spool
+from dicom_node.studies import (
+    DONE,
+    SKIPPED,
+    InstanceRecord,
+    StudyStore,
+    events_table,
+    studies_table,
+)
 
 logger = logging.getLogger(__name__)
 
 EnqueueReport = Callable[[str, int, Sequence[InstanceRecord]], None]
 EnqueueSend = Callable[[str, str], None]
+
+#: event kind recorded when a study's files leave the spool
+SPOOL_PURGED = "spool-purged"
+_RETAINED_STATES = (DONE, SKIPPED)
+
+
+def retention_candidates(store: StudyStore, cutoff: float, *, limit: int = 100) -> list[str]:
+    """``done``/``skipped`` studies finished before ``cutoff`` and not purged since."""
+    s = studies_table.c
+    e = events_table.c
+    purged_since = sa.select(e.id).where(
+        e.study_instance_uid == s.study_instance_uid,
+        e.kind == SPOOL_PURGED,
+        e.at >= s.finished_at,
+    )
+    query = (
+        sa.select(s.study_instance_uid)
+        .where(
+            s.state.in_(_RETAINED_STATES),
+            s.finished_at.is_not(None),
+            s.finished_at < cutoff,
+            ~sa.exists(purged_since),
+        )
+        .order_by(s.finished_at)
+        .limit(limit)
+    )
+    with store.engine.connect() as conn:
+        return [str(r[0]) for r in conn.execute(query).all()]
 
 
 @dataclass(frozen=True)
@@ -39,6 +81,8 @@ class AssemblerConfig:
     #: a queued study whose job has not been claimed for this long is queued again
     requeue_after: float = 300.0
     tick_seconds: float = 0.5
+    #: remove a finished study's spooled files this long after it finished (0: never)
+    retention_seconds: float = 0.0
 
 
 class Assembler:
@@ -51,11 +95,13 @@ class Assembler:
         *,
         enqueue_report: EnqueueReport,
         enqueue_send: EnqueueSend,
+        spool: Spool | None = None,
     ) -> None:
         self.store = store
         self.config = config
         self.enqueue_report = enqueue_report
         self.enqueue_send = enqueue_send
+        self.spool = spool
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_reconcile = float("-inf")
@@ -100,6 +146,34 @@ class Assembler:
             self.enqueue_send(uid, dest)
         return due
 
+    def purge_expired(self, now: float | None = None) -> list[str]:
+        """Apply the retention period; returns the studies whose files were removed."""
+        if self.spool is None or self.config.retention_seconds <= 0:
+            return []
+        now = time.time() if now is None else now
+        cutoff = now - self.config.retention_seconds
+        purged = []
+        for uid in retention_candidates(self.store, cutoff):
+            view = self.store.get(uid)  # re-read: a late instance may have re-opened it
+            if view is None or view.state not in _RETAINED_STATES:
+                continue
+            if view.finished_at is None or view.finished_at >= cutoff:
+                continue
+            finished = view.finished_at
+            paths = [
+                i.path for i in self.store.instances(uid) if i.received_at.timestamp() <= finished
+            ]
+            files, size = self.spool.remove_study_files(uid, [*paths, *view.result_paths])
+            hours = self.config.retention_seconds / 3600
+            self.store.add_event(
+                uid,
+                SPOOL_PURGED,
+                f"retention {hours:g} h: removed {files} file(s), {size} bytes from the spool",
+            )
+            logger.info("study %s: %d spooled file(s) removed after retention", uid, files)
+            purged.append(uid)
+        return purged
+
     def _enqueue(self, uid: str, generation: int, images: Sequence[InstanceRecord]) -> None:
         self.enqueue_report(uid, generation, images)
         logger.info("study %s queued (generation %d, %d image(s))", uid, generation, len(images))
@@ -112,6 +186,7 @@ class Assembler:
             requeued = self.reconcile(now)
             if requeued:
                 logger.warning("reconciler re-queued %d study(ies)", len(requeued))
+            self.purge_expired(now)
         self.send_due(now)
 
     def run(self) -> None:

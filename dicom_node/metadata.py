@@ -26,6 +26,14 @@ __all__ = ["InstanceHeader", "header_from_dataset", "parse_header", "read_header
 logger = logging.getLogger(__name__)
 
 _LAST_TAG = 0x0020000E  # Series Instance UID: every element we need sorts at or before it
+#: The header we route on sits in the first few kilobytes; a Deflated data set is inflated only
+#: this far, so a deflate bomb cannot exhaust memory in the listener.
+_MAX_INFLATED_HEADER = 4 * 1024 * 1024
+_UID_KEYWORDS = (
+    ("SOPClassUID", "(0008,0016)"),
+    ("SOPInstanceUID", "(0008,0018)"),
+    ("StudyInstanceUID", "(0020,000D)"),
+)
 
 
 @dataclass(frozen=True)
@@ -47,12 +55,19 @@ class InstanceHeader:
 
 
 def _text(ds: Dataset, keyword: str) -> str:
+    """The element's value as one line of printable text (control characters become spaces).
+
+    Header text reaches the study database, ``d2r status`` and the logs: an ESC, NUL or line
+    break from a hostile or broken sender must not travel with it.
+    """
     value: Any = ds.get(keyword)
     if value is None:
         return ""
     if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return "\\".join(str(v) for v in value).strip()
-    return str(value).strip()
+        text = "\\".join(str(v) for v in value)
+    else:
+        text = str(value)
+    return "".join(" " if ord(c) < 0x20 or ord(c) == 0x7F else c for c in text).strip()
 
 
 def header_from_dataset(ds: Dataset) -> InstanceHeader:
@@ -64,13 +79,16 @@ def header_from_dataset(ds: Dataset) -> InstanceHeader:
         When SOP Class, SOP Instance or Study Instance UID is absent or empty.
     """
     study_uid = _text(ds, "StudyInstanceUID")
-    for keyword, tag in (
-        ("SOPClassUID", "(0008,0016)"),
-        ("SOPInstanceUID", "(0008,0018)"),
-        ("StudyInstanceUID", "(0020,000D)"),
-    ):
+    for keyword, tag in _UID_KEYWORDS:
         if not _text(ds, keyword):
             raise MissingUIDError(f"missing {keyword} {tag}", study_instance_uid=study_uid or None)
+    for keyword, tag in (*_UID_KEYWORDS, ("SeriesInstanceUID", "(0020,000E)")):
+        value = _text(ds, keyword)
+        if value and not UID(value).is_valid:  # e.g. cut off mid-value: "1.2."
+            raise InstanceRejected(
+                f"invalid {keyword} {tag}",
+                study_instance_uid=study_uid if UID(study_uid).is_valid else None,
+            )
     return InstanceHeader(
         sop_class_uid=_text(ds, "SOPClassUID"),
         sop_instance_uid=_text(ds, "SOPInstanceUID"),
@@ -115,7 +133,8 @@ def parse_header(data: bytes | memoryview | BinaryIO, transfer_syntax_uid: str) 
         fp.seek(0)
     try:
         if ts == DeflatedExplicitVRLittleEndian:
-            fp = io.BytesIO(zlib.decompressobj(-zlib.MAX_WBITS).decompress(fp.read()))
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            fp = io.BytesIO(inflater.decompress(fp.read(), _MAX_INFLATED_HEADER))
         if not ts.is_transfer_syntax:
             raise ValueError(f"unknown transfer syntax {ts}")
         ds = pydicom.filereader.read_dataset(

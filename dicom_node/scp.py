@@ -24,19 +24,43 @@ body part is chest-like. A non-chest SC is therefore stored and its study later
 skipped with a recorded reason, rather than refused: a PACS forwarding a whole study
 would otherwise see failures and retry forever for objects the node simply ignores.
 
+Other storage SOP classes (a CT, a lateral, the SRs of a study the PACS forwards whole,
+our own reports included) are accepted, stored and recorded too; the study is then skipped
+or the object ignored by :mod:`dicom_node.selection`, with the reason on the study's
+timeline. Refusing them would fail the PACS's whole transfer job.
+
 A re-sent instance with identical content is answered Success (outcome
 ``duplicate``); one with different content is quarantined by the spool and also
 answered Success (outcome ``conflict``), since it is persisted and recorded.
+
+Association control, before any data is accepted (each rejection is logged with its reason
+and reported to ``on_rejected``, which counts and audits it):
+
+=========================================  =====================================================
+condition                                  A-ASSOCIATE-RJ (result, source, diagnostic)
+=========================================  =====================================================
+peer address outside ``allowed_networks``  permanent, service user, no reason given (checked in
+                                           ``EVT_REQUESTED``, before negotiation)
+calling AE not in ``allowed_calling_aets`` permanent, service user, calling AE not recognised
+called AE is not ours                      permanent, service user, called AE not recognised
+``max_associations`` already open          transient, service provider, local limit exceeded
+=========================================  =====================================================
+
+With ``settings.tls`` carrying a certificate and key the listener speaks DICOM TLS only
+(:func:`server_ssl_context`); ``require_client_cert`` makes the TLS handshake itself refuse
+a client without a certificate signed by the configured CA.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
-from collections.abc import Sequence
+import ssl
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 
 from dicom_node import statuses
 from dicom_node.errors import InstanceRejected, SpoolFullError, SpoolWriteError
@@ -48,7 +72,7 @@ from dicom_node.selection import (
     SECONDARY_CAPTURE,
     is_chest_body_part,
 )
-from dicom_node.settings import NodeSettings
+from dicom_node.settings import IPNetwork, NodeSettings
 from dicom_node.spool import Spool
 from dicom_node.studies import InstanceRecord
 
@@ -56,25 +80,44 @@ if TYPE_CHECKING:
     from pynetdicom.transport import ThreadedAssociationServer
 
 __all__ = [
+    "PEER_NOT_ALLOWED",
     "STORAGE_SOP_CLASSES",
+    "AssociationRejected",
     "StudyRecorder",
     "build_ae",
     "event_handlers",
+    "handle_association_request",
     "handle_echo",
     "handle_store",
+    "peer_allowed",
+    "server_ssl_context",
     "start_server",
 ]
 
 logger = logging.getLogger(__name__)
 
 VERIFICATION: Final = "1.2.840.10008.1.1"
-#: Storage SOP classes the listener negotiates, each with every transfer syntax.
-STORAGE_SOP_CLASSES: Final = (
-    CR_IMAGE_STORAGE,
-    DX_FOR_PRESENTATION,
-    DX_FOR_PROCESSING,
-    SECONDARY_CAPTURE,
+#: Storage SOP classes the listener negotiates, each with every transfer syntax: the chest
+#: radiograph classes first, then every other storage class, stored and skipped (see above).
+STORAGE_SOP_CLASSES: Final = tuple(
+    dict.fromkeys(
+        [CR_IMAGE_STORAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING, SECONDARY_CAPTURE]
+        + [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
+    )
 )
+
+
+#: A-ASSOCIATE-RJ result "rejected (permanent)" (PS3.8 Table 9-21).
+REJECTED_PERMANENT: Final = 0x01
+#: A-ASSOCIATE-RJ source "DICOM UL service-user".
+SOURCE_SERVICE_USER: Final = 0x01
+#: A-ASSOCIATE-RJ diagnostic "no-reason-given" (service-user source).
+DIAGNOSTIC_NO_REASON_GIVEN: Final = 0x01
+#: reason token of an association refused for its peer address
+PEER_NOT_ALLOWED: Final = "peer_address_not_allowed"
+
+#: Called with the association and a reason token for a rejection made by this module.
+AssociationRejected = Callable[[Any, str], None]
 
 
 class StudyRecorder(Protocol):
@@ -105,10 +148,83 @@ def build_ae(settings: NodeSettings) -> AE:
     ae.dimse_timeout = settings.dimse_timeout
     ae.network_timeout = settings.network_timeout
     ae.require_called_aet = True
+    ae.require_calling_aet = list(settings.allowed_calling_aets)
     ae.add_supported_context(VERIFICATION)
     for sop_class in STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
     return ae
+
+
+def server_ssl_context(settings: NodeSettings) -> ssl.SSLContext | None:
+    """The listener's TLS context, or None when no certificate and key are configured.
+
+    TLS 1.2 or newer. With a CA the client certificate is verified when presented, and
+    required with ``require_client_cert``.
+
+    Raises
+    ------
+    ssl.SSLError, OSError
+        When the certificate, key or CA cannot be loaded.
+    """
+    tls = settings.tls
+    if tls.cert is None or tls.key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile=tls.cert, keyfile=tls.key)
+    if tls.ca is not None:
+        context.load_verify_locations(cafile=tls.ca)
+        context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+    else:
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def peer_allowed(address: str, networks: Sequence[IPNetwork]) -> bool:
+    """Whether ``address`` lies in one of ``networks`` (an empty list allows every address).
+
+    >>> from dicom_node.settings import parse_networks
+    >>> peer_allowed("10.1.2.3", parse_networks("10.1.0.0/16")), peer_allowed("10.2.0.1", [])
+    (True, True)
+    >>> peer_allowed("::ffff:10.9.9.9", parse_networks("10.1.0.0/16"))
+    False
+    """
+    if not networks:
+        return True
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip.version == net.version and ip in net for net in networks)
+
+
+def handle_association_request(
+    event: evt.Event,
+    networks: Sequence[IPNetwork],
+    on_rejected: AssociationRejected | None = None,
+) -> None:
+    """``EVT_REQUESTED``: refuse a peer outside ``networks`` before any negotiation.
+
+    Sends A-ASSOCIATE-RJ (permanent, service user, no reason given: the peer learns nothing
+    about the policy), logs the address and calls ``on_rejected(assoc, PEER_NOT_ALLOWED)``.
+    """
+    assoc: Any = event.assoc
+    address = str(assoc.requestor.address)
+    if peer_allowed(address, networks):
+        return
+    calling = str(getattr(assoc.requestor.primitive, "calling_ae_title", "") or "").strip()
+    logger.warning(
+        "association from %s (calling AE %r) rejected: %s", address, calling, PEER_NOT_ALLOWED
+    )
+    if on_rejected is not None:  # recorded before the peer learns of it
+        try:
+            on_rejected(assoc, PEER_NOT_ALLOWED)
+        except Exception:
+            logger.exception("could not record the rejected association from %s", address)
+    assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, DIAGNOSTIC_NO_REASON_GIVEN)
+    assoc.kill()  # as pynetdicom does after its own rejections: the DUL waits for the close
 
 
 def handle_echo(event: evt.Event) -> int:
@@ -243,12 +359,21 @@ def handle_store(event: evt.Event, spool: Spool, store: StudyRecorder) -> int:
         return statuses.PROCESSING_FAILURE
 
 
-def event_handlers(spool: Spool, store: StudyRecorder) -> list[Any]:
+def event_handlers(
+    spool: Spool,
+    store: StudyRecorder,
+    *,
+    networks: Sequence[IPNetwork] = (),
+    on_rejected: AssociationRejected | None = None,
+) -> list[Any]:
     """Return the handler bindings for ``start_server`` (3-tuple form, no globals)."""
-    return [
+    handlers: list[Any] = [
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [spool, store]),
     ]
+    if networks:
+        handlers.append((evt.EVT_REQUESTED, handle_association_request, [networks, on_rejected]))
+    return handlers
 
 
 def start_server(
@@ -258,24 +383,34 @@ def start_server(
     *,
     block: bool,
     extra_handlers: Sequence[Any] = (),
+    on_rejected: AssociationRejected | None = None,
 ) -> ThreadedAssociationServer | None:
     """Start the listener on ``settings.host:settings.port``.
 
     Returns the running server when ``block`` is False (stop it with
     ``server.shutdown()``); with ``block=True`` it serves until interrupted and
-    returns None.
+    returns None. ``on_rejected`` receives the associations refused for their peer
+    address (rejections made by pynetdicom itself raise ``EVT_REJECTED``).
     """
     ae = build_ae(settings)
+    context = server_ssl_context(settings)
     logger.info(
-        "listening as %s on %s:%d (max PDU %d)",
+        "listening as %s on %s:%d (max PDU %d, %s, calling AEs %s, networks %s)",
         settings.ae_title,
         settings.host,
         settings.port,
         settings.max_pdu,
+        "TLS" if context is not None else "no TLS",
+        ",".join(settings.allowed_calling_aets) or "any",
+        ",".join(str(n) for n in settings.allowed_networks) or "any",
+    )
+    handlers = event_handlers(
+        spool, store, networks=settings.allowed_networks, on_rejected=on_rejected
     )
     server: ThreadedAssociationServer | None = ae.start_server(
         (settings.host, settings.port),
         block=block,
-        evt_handlers=[*event_handlers(spool, store), *extra_handlers],
+        evt_handlers=[*handlers, *extra_handlers],
+        ssl_context=context,
     )
     return server

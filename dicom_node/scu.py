@@ -11,13 +11,20 @@ every response. Errors are classified for the caller's retry policy:
   class, the data set cannot be encoded, or any other failure status.
 
 Warning statuses (0xB000 range, 0x0001, ...) count as delivered and are logged.
+
+A destination marked ``tls`` (``tls://AET@host:port``) is reached over DICOM TLS
+(:func:`client_ssl_context`): TLS 1.2 or newer, the server certificate verified against
+``D2R_TLS_CA`` (else the system trust store) and its name checked against the destination
+host; our certificate and key, when configured, are presented as the client certificate.
+A failed handshake is a transient error (retried, then ``failed`` with the reason).
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -27,9 +34,9 @@ from pynetdicom.association import Association
 
 from dicom_node import statuses
 from dicom_node.errors import PermanentSendError, TransientSendError
-from dicom_node.settings import Destination, NodeSettings
+from dicom_node.settings import Destination, NodeSettings, TlsSettings
 
-__all__ = ["SendOptions", "echo", "send_datasets"]
+__all__ = ["SendOptions", "client_ssl_context", "echo", "send_datasets"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,16 +52,36 @@ class SendOptions:
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
     max_pdu: int = 131072
+    #: certificate, key and CA for destinations reached over TLS
+    tls: TlsSettings = field(default_factory=TlsSettings)
 
     @classmethod
     def from_settings(cls, settings: NodeSettings) -> SendOptions:
-        """Take the timeouts and PDU size from the node settings."""
+        """Take the timeouts, PDU size and TLS files from the node settings."""
         return cls(
             acse_timeout=settings.acse_timeout,
             dimse_timeout=settings.dimse_timeout,
             network_timeout=settings.network_timeout,
             max_pdu=settings.max_pdu,
+            tls=settings.tls,
         )
+
+
+def client_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
+    """The sender's TLS context: verify the server (``tls.ca`` or the system store).
+
+    Raises
+    ------
+    ssl.SSLError, OSError
+        When a configured file cannot be loaded.
+    """
+    context = ssl.create_default_context(
+        ssl.Purpose.SERVER_AUTH, cafile=None if tls.ca is None else str(tls.ca)
+    )
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.cert is not None and tls.key is not None:
+        context.load_cert_chain(certfile=tls.cert, keyfile=tls.key)
+    return context
 
 
 def _ae(ae_title: str, options: SendOptions) -> AE:
@@ -66,10 +93,15 @@ def _ae(ae_title: str, options: SendOptions) -> AE:
     return ae
 
 
-def _associate(ae: AE, destination: Destination) -> Association:
+def _associate(ae: AE, destination: Destination, options: SendOptions) -> Association:
     try:
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
-    except OSError as exc:  # e.g. name resolution
+        tls_args = None
+        if destination.tls:
+            tls_args = (client_ssl_context(options.tls), destination.host)
+        assoc = ae.associate(
+            destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
+        )
+    except OSError as exc:  # e.g. name resolution, unreadable TLS files (ssl.SSLError)
         raise TransientSendError(f"{destination.name}: {exc}") from exc
     if assoc.is_established:
         return assoc
@@ -124,7 +156,7 @@ def send_datasets(
     sop_classes = list(dict.fromkeys(str(ds.SOPClassUID) for ds in datasets))
     for sop_class in sop_classes:
         ae.add_requested_context(sop_class, _TRANSFER_SYNTAXES)
-    assoc = _associate(ae, destination)
+    assoc = _associate(ae, destination, opts)
     results: list[int] = []
     try:
         accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
@@ -187,9 +219,10 @@ def echo(destination: Destination, *, ae_title: str, options: SendOptions | None
     TransientSendError
         When no association can be made or no response arrives.
     """
-    ae = _ae(ae_title, options or SendOptions())
+    opts = options or SendOptions()
+    ae = _ae(ae_title, opts)
     ae.add_requested_context(_VERIFICATION)
-    assoc = _associate(ae, destination)
+    assoc = _associate(ae, destination, opts)
     try:
         response: Any = assoc.send_c_echo()
     finally:

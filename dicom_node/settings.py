@@ -9,10 +9,13 @@ one-line message names the setting.
 >>> s = NodeSettings.from_env({"D2R_AE_TITLE": "CXR_AI", "D2R_DESTINATIONS": "PACS@10.0.0.5:104"})
 >>> s.ae_title, s.destinations[0].name
 ('CXR_AI', 'PACS@10.0.0.5:104')
+>>> parse_destinations("tls://PACS@pacs.example.org:2762")[0].tls
+True
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -22,14 +25,24 @@ from typing import TypeVar
 from dicom_node.errors import NodeError
 
 __all__ = [
+    "TLS_SCHEME",
     "ConfigError",
     "Destination",
+    "IPNetwork",
     "NodeSettings",
+    "TlsSettings",
     "merged_environment",
+    "parse_ae_titles",
     "parse_destinations",
+    "parse_networks",
     "read_config_file",
     "validate_ae_title",
 ]
+
+#: Prefix of a destination reached over DICOM TLS: ``tls://AET@host:port``.
+TLS_SCHEME = "tls://"
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _T = TypeVar("_T")
 
@@ -79,16 +92,20 @@ class Destination:
         Host name or IP address.
     port : int
         TCP port.
+    tls : bool
+        Reach the peer over DICOM TLS (PS3.15 Annex B.1, usually port 2762).
     """
 
     ae_title: str
     host: str
     port: int
+    tls: bool = False
 
     @property
     def name(self) -> str:
-        """``AET@host:port``, the form used in configuration and logs."""
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        """``AET@host:port`` (``tls://AET@host:port`` over TLS): configuration and logs."""
+        plain = f"{self.ae_title}@{self.host}:{self.port}"
+        return f"{TLS_SCHEME}{plain}" if self.tls else plain
 
 
 def _parse_port(text: str, setting: str) -> int:
@@ -101,24 +118,102 @@ def _parse_port(text: str, setting: str) -> int:
     return port
 
 
-def parse_destinations(text: str, setting: str = "D2R_DESTINATIONS") -> tuple[Destination, ...]:
-    """Parse a comma-separated list of ``AET@host:port`` into destinations."""
+def parse_destinations(
+    text: str, setting: str = "D2R_DESTINATIONS", *, tls: bool = False
+) -> tuple[Destination, ...]:
+    """Parse a comma-separated list of ``[tls://]AET@host:port`` into destinations.
+
+    A ``tls://`` prefix, or ``tls=True`` (``D2R_DESTINATIONS_TLS``) for every item, sends
+    over DICOM TLS.
+    """
     result: list[Destination] = []
     for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
+        secure = tls
+        if item.lower().startswith(TLS_SCHEME):
+            item, secure = item[len(TLS_SCHEME) :], True
+        elif "://" in item:
+            raise ConfigError(setting, f"unknown scheme in {item!r}; only tls:// is known")
         aet, at, hostport = item.partition("@")
         host, colon, port = hostport.rpartition(":")
         if not at or not colon or not host:
             raise ConfigError(setting, f"expected AET@host:port, got {item!r}")
         host = host.strip("[]")  # allow [::1]:104
         result.append(
-            Destination(validate_ae_title(aet, setting), host, _parse_port(port, setting))
+            Destination(
+                validate_ae_title(aet, setting), host, _parse_port(port, setting), tls=secure
+            )
         )
     names = [d.name for d in result]
     if len(set(names)) != len(names):
         raise ConfigError(setting, "duplicate destination")
     return tuple(result)
+
+
+def parse_ae_titles(text: str, setting: str = "D2R_ALLOWED_CALLING_AETS") -> tuple[str, ...]:
+    """Parse a comma-separated list of AE titles (duplicates dropped, order kept)."""
+    titles = [validate_ae_title(t, setting) for t in text.split(",") if t.strip()]
+    return tuple(dict.fromkeys(titles))
+
+
+def parse_networks(text: str, setting: str = "D2R_ALLOWED_NETWORKS") -> tuple[IPNetwork, ...]:
+    """Parse a comma-separated list of IP addresses and CIDR networks.
+
+    >>> [str(n) for n in parse_networks("10.1.0.0/16, 192.168.5.7, ::1")]
+    ['10.1.0.0/16', '192.168.5.7/32', '::1/128']
+    """
+    networks: list[IPNetwork] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ConfigError(setting, f"expected an IP address or CIDR, got {item!r}") from None
+    return tuple(networks)
+
+
+def _bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _existing_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise ValueError(f"{text} is not a readable file")
+    return path
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """DICOM TLS files (PEM) of the listener and the sender.
+
+    Parameters
+    ----------
+    cert, key : Path or None
+        Our certificate (chain) and its private key, unencrypted. The listener uses TLS when
+        both are set; the sender presents them as its client certificate.
+    ca : Path or None
+        Trusted CA certificates: verify the destinations' server certificates (else the system
+        store) and the listener's clients.
+    require_client_cert : bool
+        The listener refuses a TLS client without a certificate signed by ``ca``.
+    """
+
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+    require_client_cert: bool = False
+
+    @property
+    def listener_enabled(self) -> bool:
+        return self.cert is not None and self.key is not None
 
 
 def _unquote(value: str) -> str:
@@ -237,6 +332,13 @@ class NodeSettings:
     send_retries: int = 5
     send_retry_delay: float = 30.0
     min_free_bytes: int = GIB
+    #: calling AE titles allowed to associate (empty: any)
+    allowed_calling_aets: tuple[str, ...] = ()
+    #: peer addresses allowed to associate (empty: any)
+    allowed_networks: tuple[IPNetwork, ...] = ()
+    tls: TlsSettings = TlsSettings()
+    #: delete a finished study's spooled files this long after it finished (0: keep forever)
+    spool_retention_hours: float = 72.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> NodeSettings:
@@ -258,6 +360,14 @@ class NodeSettings:
                 "D2R_STUDY_FORCE_SECONDS",
                 f"must be >= D2R_STUDY_QUIET_SECONDS ({quiet:g}), got {force:g}",
             )
+        tls = _tls_settings(env)
+        destinations_tls = _get(env, "D2R_DESTINATIONS_TLS", False, _bool)
+        destinations = _get(
+            env,
+            "D2R_DESTINATIONS",
+            d.destinations,
+            lambda t: parse_destinations(t, tls=destinations_tls),
+        )
         max_pdu = _get(env, "D2R_MAX_PDU", d.max_pdu, _int(0))
         if max_pdu != 0 and max_pdu < 4096:
             raise ConfigError("D2R_MAX_PDU", f"must be 0 (unlimited) or >= 4096, got {max_pdu}")
@@ -267,7 +377,7 @@ class NodeSettings:
             port=_get(env, "D2R_PORT", d.port, lambda t: _parse_port(t, "D2R_PORT")),
             spool_dir=spool_dir,
             database_url=database_url,
-            destinations=_get(env, "D2R_DESTINATIONS", d.destinations, parse_destinations),
+            destinations=destinations,
             study_quiet_seconds=quiet,
             study_force_seconds=force,
             reconcile_seconds=_get(
@@ -283,6 +393,12 @@ class NodeSettings:
                 env, "D2R_SEND_RETRY_DELAY", d.send_retry_delay, _non_negative_float
             ),
             min_free_bytes=_get(env, "D2R_MIN_FREE_BYTES", d.min_free_bytes, _int(0)),
+            allowed_calling_aets=_get(env, "D2R_ALLOWED_CALLING_AETS", (), parse_ae_titles),
+            allowed_networks=_get(env, "D2R_ALLOWED_NETWORKS", (), parse_networks),
+            tls=tls,
+            spool_retention_hours=_get(
+                env, "D2R_SPOOL_RETENTION_HOURS", d.spool_retention_hours, _non_negative_float
+            ),
         )
 
     def retry_delay(self, attempt: int) -> float:
@@ -290,6 +406,22 @@ class NodeSettings:
         if attempt < 1:
             raise ValueError(f"attempt must be >= 1, got {attempt}")
         return float(self.send_retry_delay * 2.0 ** (attempt - 1))
+
+
+def _tls_settings(env: Mapping[str, str]) -> TlsSettings:
+    cert = _get(env, "D2R_TLS_CERT", None, _existing_file)
+    key = _get(env, "D2R_TLS_KEY", None, _existing_file)
+    ca = _get(env, "D2R_TLS_CA", None, _existing_file)
+    require = _get(env, "D2R_TLS_REQUIRE_CLIENT_CERT", False, _bool)
+    if (cert is None) != (key is None):
+        missing = "D2R_TLS_KEY" if key is None else "D2R_TLS_CERT"
+        raise ConfigError(missing, "D2R_TLS_CERT and D2R_TLS_KEY must be set together")
+    if require and (cert is None or ca is None):
+        raise ConfigError(
+            "D2R_TLS_REQUIRE_CLIENT_CERT",
+            "needs D2R_TLS_CERT, D2R_TLS_KEY and D2R_TLS_CA (to verify the clients)",
+        )
+    return TlsSettings(cert=cert, key=key, ca=ca, require_client_cert=require)
 
 
 def _database_url(text: str) -> str:

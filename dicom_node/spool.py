@@ -26,10 +26,14 @@ One process owns a spool directory; stores of the same SOP Instance UID from
 concurrent associations are serialised by a per-UID lock.
 
 UIDs are sanitised before they become path parts (see :func:`safe_name`).
+
+Retention: :meth:`Spool.remove_study_files` deletes a finished study's files (the node's
+assembler decides which studies and when); it never touches anything outside the spool root.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -38,6 +42,7 @@ import re
 import shutil
 import struct
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -159,6 +164,47 @@ class Spool:
             / safe_name(study_instance_uid)
             / f"{safe_name(sop_instance_uid)}.dcm"
         )
+
+    def study_dirs(self, study_instance_uid: str) -> tuple[Path, Path]:
+        """The instance and conflict folders of one study."""
+        name = safe_name(study_instance_uid)
+        return self.instances_dir / name, self.conflicts_dir / name
+
+    def remove_study_files(
+        self, study_instance_uid: str, paths: Iterable[str | os.PathLike[str]]
+    ) -> tuple[int, int]:
+        """Delete ``paths`` and the study's quarantined copies; return (files, bytes) removed.
+
+        Only files under the spool root are deleted (anything else is logged and kept);
+        folders left empty are removed. Missing files are skipped.
+        """
+        root = self.root.resolve()
+        _, conflicts = self.study_dirs(study_instance_uid)
+        candidates = [Path(p) for p in paths]
+        if conflicts.is_dir():
+            candidates.extend(sorted(conflicts.iterdir()))
+        removed = freed = 0
+        parents: set[Path] = {conflicts}
+        for path in candidates:
+            resolved = path.resolve()
+            if not resolved.is_relative_to(root):
+                logger.warning("retention: %s is outside the spool; kept", path.name)
+                continue
+            try:
+                size = resolved.stat().st_size
+                resolved.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                logger.warning("retention: cannot remove %s: %s", path.name, exc.strerror)
+                continue
+            removed += 1
+            freed += size
+            parents.add(resolved.parent)
+        for parent in parents:
+            with contextlib.suppress(OSError):  # not empty, or already gone
+                parent.rmdir()
+        return removed, freed
 
     def check_free_space(self, incoming: int) -> None:
         """Raise :class:`SpoolFullError` if storing ``incoming`` bytes would cross the guard."""

@@ -108,10 +108,34 @@ class DicomToFloat:
         Apply the dataset's VOI LUT or first window (default ``True``).
     frame : int
         Frame of a multi-frame image to use.
+    max_pixels : int
+        Refuse, before decoding, a header whose Rows x Columns x frames exceeds this: a
+        hostile header (a "decompression bomb") must not make the decoder allocate gigabytes.
+        The default admits any real radiograph (e.g. 4300 x 3500 detectors) with a wide margin.
     """
 
     apply_voi: bool = True
     frame: int = 0
+    max_pixels: int = 64_000_000
+
+    def _check_size(self, ds: pydicom.Dataset, uid: str) -> None:
+        try:
+            rows = int(ds.get("Rows", 0))
+            columns = int(ds.get("Columns", 0))
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+            bits = int(ds.get("BitsAllocated", 16))
+        except (TypeError, ValueError) as e:
+            raise PreprocessError(f"unreadable image size (SOP Instance UID {uid})") from e
+        if rows < 2 or columns < 2 or frames < 1 or bits not in (1, 8, 16, 32):
+            raise PreprocessError(
+                f"implausible image header {rows}x{columns}, {frames} frame(s), "
+                f"{bits} bits allocated (SOP Instance UID {uid})"
+            )
+        if rows * columns * frames > self.max_pixels:
+            raise PreprocessError(
+                f"image of {rows}x{columns} x {frames} frame(s) exceeds the limit of "
+                f"{self.max_pixels} pixels (SOP Instance UID {uid})"
+            )
 
     def __call__(self, ds: pydicom.Dataset) -> ImageSample:
         uid = str(ds.get("SOPInstanceUID", ""))
@@ -123,6 +147,7 @@ class DicomToFloat:
             )
         if "PixelData" not in ds:
             raise PreprocessError(f"no Pixel Data (SOP Instance UID {uid})")
+        self._check_size(ds, uid)
         try:
             arr = ds.pixel_array
         except Exception as e:  # decoder plugins raise many types

@@ -14,7 +14,12 @@ from pathlib import Path
 from dicom_node.settings import ConfigError, NodeSettings, _get, _int, _positive_float
 
 FILESYSTEM_BROKER = "filesystem://"
-BACKENDS = ("torch",)
+#: the checkpoint shipped in the repository: trained on the synthetic phantom only, every SR it
+#: produces is labelled "not for diagnostic use"; ``D2R_MODEL`` replaces it
+BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "models" / "d2r-demo-phantom"
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+#: the Python package each backend needs (checked before the worker starts)
+_BACKEND_PACKAGES = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}
 
 
 def _broker_url(text: str) -> str:
@@ -33,6 +38,23 @@ def _bool(text: str) -> bool:
     raise ValueError(f"expected true or false, got {text!r}")
 
 
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def _sha256(text: str) -> str:
+    value = text.lower()
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise ValueError("expected 64 hexadecimal digits (d2r init-model prints the hash)")
+    return value
+
+
 def _device(text: str) -> str:
     if text == "cpu" or text == "cuda" or text.startswith("cuda:"):
         return text
@@ -45,6 +67,24 @@ def _backend(text: str) -> str:
     return text
 
 
+def _check_backend_settings(
+    backend: str, device: str, engine_dir: Path | None, torch_compile: bool
+) -> None:
+    """Consistency of ``D2R_BACKEND`` with the device, engine directory and compile flag."""
+    if backend in ("onnxruntime", "tensorrt") and engine_dir is None:
+        what = "an ONNX export (d2r export-onnx)" if backend == "onnxruntime" else "an engine"
+        raise ConfigError("D2R_ENGINE_DIR", f"D2R_BACKEND={backend} needs {what} directory")
+    if backend == "tensorrt" and not device.startswith("cuda"):
+        raise ConfigError("D2R_DEVICE", f"D2R_BACKEND=tensorrt needs cuda, got {device!r}")
+    if torch_compile and backend != "torch":
+        raise ConfigError("D2R_TORCH_COMPILE", f"applies only to D2R_BACKEND=torch, not {backend}")
+
+
+def default_model_path() -> Path | None:
+    """The bundled demo checkpoint (:data:`BUNDLED_MODEL`) when present, else ``None``."""
+    return BUNDLED_MODEL if (BUNDLED_MODEL / "model.json").is_file() else None
+
+
 @dataclass(frozen=True)
 class WorkerSettings:
     """Settings of a worker process (and of the node's view of the queue)."""
@@ -54,11 +94,19 @@ class WorkerSettings:
     model_path: Path | None = None
     device: str = "cpu"
     backend: str = "torch"
+    #: ONNX export (onnxruntime) or TensorRT engine (tensorrt) directory, ``D2R_ENGINE_DIR``
+    engine_dir: Path | None = None
+    #: wrap the torch backend's graphs in ``torch.compile`` (``D2R_TORCH_COMPILE``)
+    torch_compile: bool = False
     task_time_limit: float = 600.0
     visibility_timeout: float = 720.0
     concurrency: int = 1
     text_sr: bool = True
     tracking_identifier_prefix: str = "lesion"
+    #: lesions below this score are not reported (None: the checkpoint's own threshold)
+    lesion_min_score: float | None = None
+    #: the checkpoint hash the worker must load (None: any checkpoint at ``model_path``)
+    model_sha256: str | None = None
 
     @property
     def queue_dir(self) -> Path:
@@ -91,13 +139,20 @@ class WorkerSettings:
                 "D2R_VISIBILITY_TIMEOUT",
                 f"must exceed D2R_TASK_TIME_LIMIT ({time_limit:g} s) or a healthy task runs twice",
             )
-        model = _get(env, "D2R_MODEL", None, Path)
+        model = _get(env, "D2R_MODEL", default_model_path(), Path)
+        backend = _get(env, "D2R_BACKEND", d.backend, _backend)
+        device = _get(env, "D2R_DEVICE", d.device, _device)
+        engine_dir = _get(env, "D2R_ENGINE_DIR", None, Path)
+        torch_compile = _get(env, "D2R_TORCH_COMPILE", d.torch_compile, _bool)
+        _check_backend_settings(backend, device, engine_dir, torch_compile)
         return cls(
             node=NodeSettings.from_env(env),
             broker_url=_get(env, "D2R_BROKER_URL", default_broker or d.broker_url, _broker_url),
             model_path=model,
-            device=_get(env, "D2R_DEVICE", d.device, _device),
-            backend=_get(env, "D2R_BACKEND", d.backend, _backend),
+            device=device,
+            backend=backend,
+            engine_dir=engine_dir,
+            torch_compile=torch_compile,
             task_time_limit=time_limit,
             visibility_timeout=visibility,
             concurrency=_get(env, "D2R_WORKER_CONCURRENCY", d.concurrency, _int(1)),
@@ -105,6 +160,8 @@ class WorkerSettings:
             tracking_identifier_prefix=_get(
                 env, "D2R_SR_TRACKING_IDENTIFIER", d.tracking_identifier_prefix, str
             ),
+            lesion_min_score=_get(env, "D2R_LESION_MIN_SCORE", None, _unit_interval),
+            model_sha256=_get(env, "D2R_MODEL_SHA256", None, _sha256),
         )
 
     def require_model(self) -> Path:
@@ -115,4 +172,77 @@ class WorkerSettings:
             )
         if not self.model_path.is_dir():
             raise ConfigError("D2R_MODEL", f"{self.model_path} is not a checkpoint directory")
+        if self.model_sha256 is not None:  # refuse to start on an unexpected checkpoint
+            from model.checkpoint import checkpoint_sha256
+
+            try:
+                actual = checkpoint_sha256(self.model_path)
+            except Exception as e:  # a bad checkpoint is reported by the model loader
+                raise ConfigError("D2R_MODEL", f"{self.model_path}: {e}") from e
+            self.verify_model_sha256(actual)
+        self.require_backend(self.model_path)
         return self.model_path
+
+    def require_backend(self, model_path: Path) -> None:
+        """Refuse a backend that cannot start, before any worker process starts.
+
+        Checks that the backend's package is installed and that ``D2R_ENGINE_DIR`` holds
+        an export (``export.json``) or engine (``manifest.json``) of the checkpoint at
+        ``model_path``. GPU and TensorRT version checks happen when the engine loads.
+
+        Raises
+        ------
+        ConfigError
+            Naming ``D2R_BACKEND`` or ``D2R_ENGINE_DIR``.
+        """
+        if self.backend == "torch":
+            return
+        import importlib.util
+        import json
+
+        package = _BACKEND_PACKAGES[self.backend]
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(
+                "D2R_BACKEND", f"{self.backend}: the {package} package is not installed"
+            )
+        assert self.engine_dir is not None  # from_env guarantees it
+        if not self.engine_dir.is_dir():
+            raise ConfigError("D2R_ENGINE_DIR", f"{self.engine_dir} is not a directory")
+        name = "export.json" if self.backend == "onnxruntime" else "manifest.json"
+        try:
+            recorded = json.loads((self.engine_dir / name).read_text())["checkpoint_sha256"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(
+                "D2R_ENGINE_DIR", f"{self.engine_dir}: no readable {name} ({e})"
+            ) from None
+        from model.checkpoint import checkpoint_sha256
+
+        try:
+            actual = checkpoint_sha256(model_path)
+        except Exception as e:  # a bad checkpoint is reported by the model loader
+            raise ConfigError("D2R_MODEL", f"{model_path}: {e}") from e
+        if recorded != actual:
+            raise ConfigError(
+                "D2R_ENGINE_DIR",
+                f"{self.engine_dir} was made from checkpoint {str(recorded)[:12]}, "
+                f"D2R_MODEL is {actual[:12]}; rebuild it for this checkpoint",
+            )
+
+    def verify_model_sha256(self, actual: str) -> None:
+        """Refuse a loaded checkpoint whose hash differs from ``D2R_MODEL_SHA256``.
+
+        ``actual`` is ``model.checkpoint.checkpoint_sha256`` of the loaded checkpoint (the
+        predictor's ``checkpoint_sha256``). Nothing is checked when no hash is pinned.
+
+        Raises
+        ------
+        ConfigError
+            Naming ``D2R_MODEL_SHA256``, with both hashes' first 12 digits.
+        """
+        if self.model_sha256 is None or actual.lower() == self.model_sha256:
+            return
+        raise ConfigError(
+            "D2R_MODEL_SHA256",
+            f"checkpoint {self.model_path} has sha256 {actual[:12]}..., "
+            f"expected {self.model_sha256[:12]}...; refusing to load it",
+        )

@@ -74,8 +74,18 @@ class WorkerContext:
 
                 path = self.settings.require_model()
                 try:
-                    self._predictor = Predictor.from_checkpoint(path, device=self.settings.device)
+                    self._predictor = Predictor.from_checkpoint(
+                        path,
+                        device=self.settings.device,
+                        lesion_score_threshold=self.settings.lesion_min_score,
+                        backend=self.settings.backend,
+                        engine_dir=self.settings.engine_dir,
+                        torch_compile=self.settings.torch_compile,
+                    )
+                    # a pinned hash must match what was actually loaded
+                    self.settings.verify_model_sha256(self._predictor.checkpoint_sha256)
                 except Exception as exc:
+                    self._predictor = None
                     raise ModelError(f"cannot load the model from {path}: {exc}") from exc
                 logger.info(
                     "model %s %s loaded (sha256 %s)",

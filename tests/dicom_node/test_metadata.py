@@ -92,3 +92,30 @@ def test_read_header_file(tmp_path: Path) -> None:
     (tmp_path / "b.dcm").write_bytes(b"not dicom")
     with pytest.raises(InstanceRejected):
         read_header_file(tmp_path / "b.dcm")
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI:UserWarning")
+def test_uid_cut_off_mid_value_is_rejected() -> None:
+    ds = make_dx(None, rows=8, cols=8)
+    ds.StudyInstanceUID = "1.2."  # what a data set truncated inside the UID leaves behind
+    with pytest.raises(InstanceRejected, match="invalid StudyInstanceUID"):
+        parse_header(_dataset_bytes(ds, ExplicitVRLittleEndian), ExplicitVRLittleEndian)
+
+
+@pytest.mark.filterwarnings("ignore:Found unknown escape sequence:UserWarning")
+def test_control_characters_in_text_fields_become_spaces() -> None:
+    ds = make_dx(None, rows=8, cols=8)
+    ds.SeriesDescription = "chest\x1b[31m PA\x00"
+    h = parse_header(_dataset_bytes(ds, ExplicitVRLittleEndian), ExplicitVRLittleEndian)
+    assert h.series_description == "chest [31m PA"
+
+
+def test_deflated_header_is_inflated_only_as_far_as_needed() -> None:
+    ds = make_dx(None, rows=8, cols=8)
+    body = _dataset_bytes(ds, ExplicitVRLittleEndian)
+    # a deflate stream that would expand to 512 MiB after the real header
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    bomb = packer.compress(body) + packer.compress(b"\0" * (512 * 2**20)) + packer.flush()
+    assert len(bomb) < 2 * 2**20
+    h = parse_header(bomb, DeflatedExplicitVRLittleEndian)
+    assert h.sop_instance_uid == ds.SOPInstanceUID

@@ -26,6 +26,7 @@ from pydicom.uid import (
 )
 
 from dicom_node import statuses
+from dicom_node.selection import select_images
 from dicom_node.spool import dataset_offset
 from dicom_node.studies import InstanceRecord
 from tests.dicom_node.node_harness import Node, NodeFactory, Recorder
@@ -226,17 +227,19 @@ def test_resend_is_a_duplicate_and_changed_content_a_conflict(node: Node, tmp_pa
     assert node.spool.conflicts == 1
 
 
-def test_non_image_sop_class_is_refused(node: Node, tmp_path: Path) -> None:
+def test_non_image_sop_class_is_stored_and_not_used(node: Node, tmp_path: Path) -> None:
+    """A PACS forwarding a whole study sends SRs too: stored, recorded, never selected."""
     ds = make_dx(None, rows=16, cols=16)
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.88.11")
     ds.Modality = "SR"
     ds.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
-    res = storescu(node, tmp_path / "sr.dcm")
-    out = res.stdout + res.stderr
-    assert res.returncode != 0 or "No presentation context" in out, out
-    assert store_statuses(res) == []
-    assert node.store.instances == []
-    assert list(node.spool.instances_dir.rglob("*.dcm")) == []
+    res = storescu(node, tmp_path / "sr.dcm", flags=("-R",))
+    assert store_statuses(res) == [statuses.SUCCESS], res.stdout + res.stderr
+    [(record, outcome)] = node.store.instances
+    assert outcome == "stored"
+    assert record.sop_class_uid == "1.2.840.10008.5.1.4.1.1.88.11"
+    selection = select_images([record])
+    assert selection.images == () and selection.skip_reason
 
 
 def test_missing_study_uid_cannot_be_understood(node: Node, tmp_path: Path) -> None:

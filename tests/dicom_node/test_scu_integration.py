@@ -112,13 +112,22 @@ def test_closed_port_is_transient() -> None:
         echo(closed, ae_title="D2R", options=FAST)
 
 
-def test_sop_class_not_accepted_is_permanent(node: Node) -> None:
-    # our own listener accepts images only, so it refuses the SR presentation context
-    destination = Destination(node.settings.ae_title, "127.0.0.1", node.port)
-    with pytest.raises(PermanentSendError) as info:
-        send_datasets([basic_text_sr()], destination, ae_title="D2R", options=FAST)
-    assert info.value.status == statuses.SOP_CLASS_NOT_SUPPORTED
-    assert node.store.instances == []
+def test_sop_class_not_accepted_is_permanent() -> None:
+    """A peer that negotiates no SR storage (here: a CT-only SCP) refuses the context."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    peer = AE(ae_title="CTONLY")
+    peer.add_supported_context(CTImageStorage)
+    server = peer.start_server(("127.0.0.1", 0), block=False)
+    try:
+        port = server.server_address[1]
+        destination = Destination("CTONLY", "127.0.0.1", port)
+        with pytest.raises(PermanentSendError) as info:
+            send_datasets([basic_text_sr()], destination, ae_title="D2R", options=FAST)
+        assert info.value.status == statuses.SOP_CLASS_NOT_SUPPORTED
+    finally:
+        server.shutdown()
 
 
 def test_rejected_association_is_transient(node: Node) -> None:

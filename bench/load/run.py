@@ -1,0 +1,179 @@
+"""End-to-end load: concurrent senders -> ``d2r node`` + ``d2r worker`` on Redis -> Orthanc.
+
+``--senders`` threads each send ``--studies`` one-image studies (small synthetic DX files, one
+association per study) to the node; every study must come back to Orthanc as exactly one SR pair.
+Reports p50/p95/max end-to-end latency (first instance received -> SRs acknowledged, from the
+study database), the wall time, and the peak RSS (VmHWM) of the node and of the worker (main
+process plus its pool child), sampled while the run lasts.
+
+Usage::
+
+    python bench/load/run.py [--senders 4] [--studies 50] [--model DIR] [--work DIR]
+
+Without ``--model`` a small randomly initialised checkpoint is written first (``d2r init-model``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from tests.reliability.stack import (  # noqa: E402
+    BASIC_TEXT_SR,
+    COMPREHENSIVE_SR,
+    Stack,
+    make_stack,
+    peak_rss_kib,
+    send_datasets,
+)
+from tests.support.dicom_files import make_dx  # noqa: E402
+from tests.support.orthanc import OrthancServer  # noqa: E402
+from tests.support.processes import base_env, run_d2r  # noqa: E402
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    senders: int
+    studies: int
+    acknowledged: int
+    done: int
+    exactly_once: int
+    wall_seconds: float
+    p50_seconds: float
+    p95_seconds: float
+    max_seconds: float
+    node_peak_rss_mib: float
+    worker_peak_rss_mib: float
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (``q`` in 0..100)."""
+    ordered = sorted(values)
+    rank = max(1, round(q / 100 * len(ordered) + 0.5 - 1e-9))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def run_load(stack: Stack, *, senders: int, studies: int, timeout: float) -> LoadResult:
+    """Drive ``stack`` (node and worker already started) and measure."""
+    per_sender = [
+        [make_dx(None, rows=256, cols=208, seed=s * 1000 + n) for n in range(studies)]
+        for s in range(senders)
+    ]
+    acknowledged: list[str] = []
+    lock = threading.Lock()
+    peaks = {"node": 0, "worker": 0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.5):
+            assert stack.node is not None
+            peaks["node"] = max(peaks["node"], peak_rss_kib(stack.node.pid))
+            peaks["worker"] = max(
+                peaks["worker"], sum(peak_rss_kib(w.pid) for w in stack.workers if w.alive())
+            )
+
+    def send(batch: list) -> None:  # type: ignore[type-arg]
+        ok = send_datasets(stack.node_port, batch)
+        with lock:
+            acknowledged.extend(ok)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    started = time.monotonic()
+    threads = [threading.Thread(target=send, args=(batch,)) for batch in per_sender]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    uids = [str(ds.StudyInstanceUID) for batch in per_sender for ds in batch]
+    stack.wait_states(uids, {"done", "failed", "skipped"}, timeout=timeout)
+    wall = time.monotonic() - started
+    stop.set()
+    sampler.join()
+    latencies = []
+    done = 0
+    for uid in uids:
+        view = stack.view(uid)
+        if view is not None and view.state == "done" and view.finished_at is not None:
+            done += 1
+            latencies.append(view.finished_at - view.first_received_at)
+    exactly_once = sum(
+        stack.sr_classes(uid) == sorted([COMPREHENSIVE_SR, BASIC_TEXT_SR])
+        and sum(e.kind == "reported" for e in stack.store.events(uid)) == 1
+        for uid in uids
+    )
+    return LoadResult(
+        senders=senders,
+        studies=len(uids),
+        acknowledged=len(acknowledged),
+        done=done,
+        exactly_once=exactly_once,
+        wall_seconds=round(wall, 1),
+        p50_seconds=round(percentile(latencies, 50), 2) if latencies else float("nan"),
+        p95_seconds=round(percentile(latencies, 95), 2) if latencies else float("nan"),
+        max_seconds=round(max(latencies), 2) if latencies else float("nan"),
+        node_peak_rss_mib=round(peaks["node"] / 1024, 1),
+        worker_peak_rss_mib=round(peaks["worker"] / 1024, 1),
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--senders", type=int, default=4)
+    parser.add_argument("--studies", type=int, default=50, help="studies per sender")
+    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--timeout", type=float, default=1800)
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="d2r-load-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model = args.model
+    if model is None:
+        model = work / "model"
+        res = run_d2r("init-model", "--out", str(model), "--preset", "small", env=base_env())
+        if res.returncode != 0:
+            print(res.stderr, file=sys.stderr)
+            return 1
+    servers: list[OrthancServer] = []
+
+    def orthanc_factory(**kwargs: object) -> OrthancServer:
+        server = OrthancServer(work / f"orthanc{len(servers)}", **kwargs)  # type: ignore[arg-type]
+        servers.append(server)
+        server.start()
+        return server
+
+    stack = make_stack(orthanc_factory, model, work, D2R_STUDY_QUIET_SECONDS="1")
+    try:
+        stack.start_node()
+        stack.start_worker()
+        result = run_load(stack, senders=args.senders, studies=args.studies, timeout=args.timeout)
+    finally:
+        stack.stop()
+        for server in servers:
+            server.stop(graceful=False)
+    print(json.dumps(asdict(result), indent=2))
+    print(
+        "| senders x studies | done | exactly once | wall s | p50 s | p95 s | max s "
+        "| node peak RSS MiB | worker peak RSS MiB |\n|---|---|---|---|---|---|---|---|---|\n"
+        f"| {result.senders} x {result.studies // result.senders} | {result.done} "
+        f"| {result.exactly_once} | {result.wall_seconds} | {result.p50_seconds} "
+        f"| {result.p95_seconds} | {result.max_seconds} | {result.node_peak_rss_mib} "
+        f"| {result.worker_peak_rss_mib} |"
+    )
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if result.exactly_once == result.studies else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
