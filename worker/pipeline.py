@@ -10,11 +10,11 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from model.predict import StudyPrediction
 from pydicom import Dataset
-from report.build import LesionFinding, ReportContent
 
 from model.errors import PreprocessError
+from model.predict import StudyPrediction
+from report.build import LesionFinding, ReportContent
 from worker.errors import InputRejected, ModelError
 from worker.messages import ReportJob
 
