@@ -8,19 +8,39 @@
 
 Exported with ``torch.onnx.export(..., dynamo=True)`` from batch-2 examples so
 the batch (and token) dimensions stay dynamic. Needs ``onnx`` and ``onnxscript``.
+
+:func:`export_checkpoint` is the offline entry point (``d2r export-onnx``): it exports a
+checkpoint directory, checks every graph with ``onnx.checker``, keeps the weights in
+``<part>.onnx.data`` beside each graph and writes ``export.json``, which names the
+checkpoint (sha256) the graphs came from. Serving backends refuse a directory whose
+``export.json`` names another checkpoint.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
+import json
+import logging
+import time
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from model.errors import ModelError
 from model.modeling import D2RNet
 
+logger = logging.getLogger(__name__)
+
 OPSET = 18
+#: the three graphs, in inference order
+PARTS = ("detector", "visual", "decoder_step")
+EXPORT_FORMAT = "d2r-onnx-export/1"
+EXPORT_FILE = "export.json"
 
 
 class DetectorGraph(nn.Module):
@@ -148,17 +168,175 @@ def export_onnx(
             input_names=inputs,
             output_names=outputs,
             dynamic_shapes=dyn,
+            external_data=True,
             verbose=False,
         )
         written[part] = path
     return written
 
 
+class ExportError(ModelError):
+    """An export directory is missing a file, fails ``onnx.checker`` or names another model."""
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _value_info(value: Any) -> dict[str, Any]:
+    import onnx
+
+    tensor = value.type.tensor_type
+    shape: list[int | str] = [d.dim_param or int(d.dim_value) for d in tensor.shape.dim]
+    return {
+        "name": value.name,
+        "dtype": onnx.TensorProto.DataType.Name(tensor.elem_type).lower(),
+        "shape": shape,
+    }
+
+
+def describe_graph(path: Path) -> dict[str, Any]:
+    """Check one exported graph with ``onnx.checker`` and describe its interface.
+
+    Returns ``{"file", "data", "inputs", "outputs", "dynamic_axes"}``; ``dynamic_axes``
+    maps each input/output name to ``{axis: symbolic name}``.
+    """
+    import onnx
+
+    data = path.with_name(path.name + ".data")
+    if not data.is_file():
+        raise ExportError(f"{path.name}: weights file {data.name} is missing")
+    try:
+        onnx.checker.check_model(str(path))  # a path, so external data is checked too
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"{path.name}: onnx.checker failed: {e}") from e
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inputs = [_value_info(v) for v in graph.input]
+    outputs = [_value_info(v) for v in graph.output]
+    dynamic = {
+        v["name"]: {str(i): d for i, d in enumerate(v["shape"]) if isinstance(d, str)}
+        for v in inputs + outputs
+    }
+    return {
+        "file": path.name,
+        "data": data.name,
+        "sha256": _file_sha256(path),
+        "inputs": inputs,
+        "outputs": outputs,
+        "dynamic_axes": {k: v for k, v in dynamic.items() if v},
+    }
+
+
+def export_checkpoint(checkpoint_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Export a checkpoint directory to ``out_dir`` and write ``export.json``.
+
+    Parameters
+    ----------
+    checkpoint_dir : Path
+        A D2R-Net checkpoint (``model.checkpoint`` format).
+    out_dir : Path
+        Receives ``<part>.onnx`` + ``<part>.onnx.data`` for each of :data:`PARTS`
+        and ``export.json``.
+
+    Returns
+    -------
+    dict
+        The ``export.json`` content.
+    """
+    from model.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(Path(checkpoint_dir))
+    started = time.perf_counter()
+    paths = export_onnx(ckpt.model, Path(out_dir))
+    seconds = time.perf_counter() - started
+    cfg = ckpt.config
+    manifest: dict[str, Any] = {
+        "format": EXPORT_FORMAT,
+        "checkpoint_sha256": ckpt.sha256,
+        "model": {"name": ckpt.info.name, "version": ckpt.info.version},
+        "config": {
+            "image_size": cfg.image_size,
+            "num_boxes": cfg.num_boxes,
+            "max_tokens": cfg.max_tokens,
+            "vocab_size": cfg.vocab_size,
+            "memory_slots": cfg.memory_slots,
+            "d_model": cfg.d_model,
+        },
+        "opset": OPSET,
+        "exporter": "torch.onnx.export(dynamo=True)",
+        "example_batch": 2,
+        "graphs": {part: describe_graph(path) for part, path in paths.items()},
+        "versions": {
+            "torch": torch.__version__,
+            "onnx": _version("onnx"),
+            "onnxscript": _version("onnxscript"),
+        },
+        "export_seconds": round(seconds, 1),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    (Path(out_dir) / EXPORT_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
+    logger.info("exported checkpoint %s to ONNX in %.1f s", ckpt.sha256[:12], seconds)
+    return manifest
+
+
+def read_export(export_dir: Path, *, checkpoint_sha256: str | None = None) -> dict[str, Any]:
+    """Read and validate ``export.json``; refuse graphs of another checkpoint.
+
+    Raises
+    ------
+    ExportError
+        Missing or malformed ``export.json``, a missing graph or weights file, or
+        (when ``checkpoint_sha256`` is given) a checkpoint hash that differs.
+    """
+    path = Path(export_dir) / EXPORT_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ExportError(f"{path}: missing (not an ONNX export directory)") from None
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{path}: unreadable ({e})") from e
+    if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
+        raise ExportError(f"{path}: format must be {EXPORT_FORMAT!r}")
+    graphs = data.get("graphs")
+    if not isinstance(graphs, dict) or set(graphs) != set(PARTS):
+        raise ExportError(f"{path}: graphs must be {', '.join(PARTS)}")
+    for part in PARTS:
+        for key in ("file", "data"):
+            name = graphs[part].get(key) if isinstance(graphs[part], dict) else None
+            if not isinstance(name, str) or not (path.parent / name).is_file():
+                raise ExportError(f"{path}: graphs.{part}.{key} file {name!r} is missing")
+    found = data.get("checkpoint_sha256")
+    if checkpoint_sha256 is not None and found != checkpoint_sha256:
+        raise ExportError(
+            f"{path}: exported from checkpoint {str(found)[:12]}, "
+            f"but the loaded checkpoint is {checkpoint_sha256[:12]}"
+        )
+    return data
+
+
 __all__ = [
+    "EXPORT_FILE",
+    "OPSET",
+    "PARTS",
     "DecoderStepGraph",
     "DetectorGraph",
     "ExampleInputs",
+    "ExportError",
     "VisualGraph",
+    "describe_graph",
     "example_inputs",
+    "export_checkpoint",
     "export_onnx",
+    "read_export",
 ]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pydicom
 import torch
 
+from model.backends import TORCH, InferenceBackend, create_backend, run_graphs
 from model.checkpoint import LoadedCheckpoint, load_checkpoint
 from model.classes import VINDR_CLASSES
 from model.errors import ModelError, PreprocessError
@@ -43,6 +44,8 @@ class Predictor:
     """D2R-Net inference on one study's frontal image(s).
 
     Build with :meth:`from_checkpoint`; :meth:`predict` is safe to call repeatedly.
+    The dense graphs run on ``backend`` (default: eager PyTorch on ``device``);
+    preprocessing, NMS, box mapping and beam search run here, the same for every backend.
     """
 
     def __init__(
@@ -51,9 +54,15 @@ class Predictor:
         *,
         device: str = "cpu",
         lesion_score_threshold: float | None = None,
+        backend: InferenceBackend | None = None,
+        beam_size: int | None = None,
     ) -> None:
         self._ckpt = checkpoint
         self.device = device
+        self.backend: InferenceBackend = backend or create_backend(
+            TORCH, checkpoint.model, checkpoint_sha256=checkpoint.sha256, device=device
+        )
+        self.beam_size = beam_size
         self.name: str = checkpoint.info.name
         self.version: str = checkpoint.info.version
         self.checkpoint_sha256: str = checkpoint.sha256
@@ -67,13 +76,41 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(
-        cls, path: Path, *, device: str = "cpu", lesion_score_threshold: float | None = None
+        cls,
+        path: Path,
+        *,
+        device: str = "cpu",
+        lesion_score_threshold: float | None = None,
+        backend: str = TORCH,
+        engine_dir: Path | None = None,
+        torch_compile: bool = False,
+        beam_size: int | None = None,
+        setting: str = "D2R_BACKEND",
+        engine_setting: str = "D2R_ENGINE_DIR",
     ) -> Predictor:
-        """Load and validate a checkpoint directory (raises ``CheckpointError``)."""
+        """Load and validate a checkpoint directory and start the named backend.
+
+        Raises ``CheckpointError`` for a bad checkpoint and
+        :class:`model.backends.BackendError` (naming ``setting``) for a backend that
+        cannot start; there is no fallback to another backend.
+        """
+        ckpt = load_checkpoint(Path(path), device=device)
+        graphs = create_backend(
+            backend,
+            ckpt.model,
+            checkpoint_sha256=ckpt.sha256,
+            device=device,
+            engine_dir=engine_dir,
+            torch_compile=torch_compile,
+            setting=setting,
+            engine_setting=engine_setting,
+        )
         return cls(
-            load_checkpoint(Path(path), device=device),
+            ckpt,
             device=device,
             lesion_score_threshold=lesion_score_threshold,
+            backend=graphs,
+            beam_size=beam_size,
         )
 
     def predict(self, datasets: Sequence[pydicom.Dataset]) -> StudyPrediction:
@@ -83,27 +120,15 @@ class Predictor:
         ds = datasets[0]
         pixels, mapping = self._preprocess(ds)
         image = pixels[None].to(self.device)  # (1,1,S,S)
-        model, cfg = self._ckpt.model, self.config
         with torch.inference_mode():
-            dense = model.detector.dense(model.stem(image))
-            lesion_dets = model.detector.postprocess(
-                *dense,
-                score_threshold=self.lesion_score_threshold,
-                iou_threshold=cfg.lesion_nms_iou,
-                max_detections=cfg.max_lesions,
-                class_agnostic=False,
-            )[0]
-            box_dets = model.detector.postprocess(
-                *dense,
-                score_threshold=cfg.box_score_threshold,
-                iou_threshold=cfg.box_nms_iou,
-                max_detections=cfg.num_boxes,
-                class_agnostic=True,
+            dets, all_ids = run_graphs(
+                self.backend,
+                self._ckpt.model,
+                image,
+                lesion_score_threshold=self.lesion_score_threshold,
+                beam_size=self.beam_size,
             )
-            from model.modeling import select_boxes
-
-            boxes, box_mask = select_boxes(box_dets, cfg.num_boxes, image.device)
-            ids = model.generate(image, boxes, box_mask)[0]
+        lesion_dets, ids = dets[0], all_ids[0]
         findings, impression = self._ckpt.tokenizer.decode(ids)
         lesions = []
         source = mapping.to_source(lesion_dets.boxes.cpu().numpy(), clip=True)

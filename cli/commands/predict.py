@@ -27,6 +27,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument(
+        "--backend",
+        default=None,
+        choices=("torch", "onnxruntime", "tensorrt"),
+        help="inference backend (default: environment D2R_BACKEND, else torch)",
+    )
+    parser.add_argument(
+        "--engine-dir",
+        metavar="DIR",
+        default=None,
+        help="ONNX export (onnxruntime) or engine (tensorrt) directory "
+        "(default: environment D2R_ENGINE_DIR)",
+    )
+    parser.add_argument(
         "--min-score",
         type=float,
         default=None,
@@ -47,8 +60,16 @@ def run(args: argparse.Namespace) -> int:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    from model.backends import BackendError
     from model.errors import CheckpointError, ModelError
     from model.predict import Predictor
+
+    backend = args.backend or os.environ.get("D2R_BACKEND") or "torch"
+    backend_setting = "--backend" if args.backend else "D2R_BACKEND"
+    engine_dir = args.engine_dir or os.environ.get("D2R_ENGINE_DIR") or None
+    engine_setting = (
+        "--engine-dir" if args.engine_dir else "D2R_ENGINE_DIR" if engine_dir else "--engine-dir"
+    )
 
     datasets = []
     for name in args.files:
@@ -61,10 +82,18 @@ def run(args: argparse.Namespace) -> int:
             return _fail(f"{name}: not a readable DICOM file ({e})", EXIT_USAGE)
     try:
         predictor = Predictor.from_checkpoint(
-            Path(model_dir), device=args.device, lesion_score_threshold=args.min_score
+            Path(model_dir),
+            device=args.device,
+            lesion_score_threshold=args.min_score,
+            backend=backend,
+            engine_dir=Path(engine_dir) if engine_dir else None,
+            setting=backend_setting,
+            engine_setting=engine_setting,
         )
     except CheckpointError as e:
         return _fail(f"bad checkpoint {model_dir}: {e}", EXIT_FAILURE)
+    except BackendError as e:
+        return _fail(str(e), EXIT_USAGE)
     try:
         result = predictor.predict(datasets)
     except ModelError as e:

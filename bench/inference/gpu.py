@@ -1,0 +1,310 @@
+"""GPU check of the D2R-Net inference backends (``paper`` preset); prints one Markdown table.
+
+Runs from a copy of the repository with ``PYTHONPATH`` set (``bench/gpu_check.sh``) on a
+machine with PyTorch and CUDA; needs no pydicom and installs nothing. The model is a
+randomly initialised ``paper`` checkpoint and the input a synthetic letterboxed image, so
+beam search usually runs to the full 100 tokens (the worst case for latency).
+
+Stages, each skipped (and said so) when the time budget (``--budget`` s) runs short:
+torch CUDA fp32 eager, fp16 autocast, ONNX export (+ onnxruntime parity of the detector),
+TensorRT fp16 engines (when ``tensorrt`` imports), torch.compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+START = time.perf_counter()
+
+
+def elapsed() -> float:
+    return time.perf_counter() - START
+
+
+def log(msg: str) -> None:
+    print(f"[{elapsed():6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def synthetic_images(batch: int, size: int, device: torch.device) -> torch.Tensor:
+    """Smooth chest-like phantoms in [0, 1], letterboxed square (no pydicom needed)."""
+    g = torch.Generator().manual_seed(7)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    images = []
+    for _ in range(batch):
+        body = torch.exp(-(((xx / 0.8) ** 2 + (yy / 0.9) ** 2) ** 2))
+        lungs = sum(
+            torch.exp(-((((xx - cx) / 0.28) ** 2 + ((yy + 0.05) / 0.5) ** 2) ** 2))
+            for cx in (-0.38, 0.38)
+        )
+        img = 0.3 + 0.6 * body - 0.35 * lungs + 0.03 * torch.randn(size, size, generator=g)
+        images.append(img.clamp(0, 1))
+    return torch.stack(images)[:, None].to(device)
+
+
+def failure(e: BaseException) -> str:
+    """One line: the exception and its innermost cause (the part that says what broke)."""
+    root = e
+    while root.__cause__ is not None:
+        root = root.__cause__
+    text = f"{type(e).__name__}" + (f" <- {type(root).__name__}: {root}" if root is not e else "")
+    text = text if root is not e else f"{text}: {e}"
+    return "FAILED: " + " ".join(text.split())[:400].replace("|", "/")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], iters: int, device: torch.device) -> tuple[float, Any]:
+    out = fn()  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        out = fn()
+    sync(device)
+    return (time.perf_counter() - t0) / iters, out
+
+
+def summary(dets: Any, ids: Any) -> dict[str, Any]:
+    d = dets[0]
+    return {
+        "ids": ids[0],
+        "labels": d.labels.tolist(),
+        "boxes": d.boxes.float().cpu(),
+        "tokens": len(ids[0]),
+    }
+
+
+def parity(ref: dict[str, Any], got: dict[str, Any]) -> str:
+    same_text = ref["ids"] == got["ids"]
+    same_cls = ref["labels"] == got["labels"]
+    if same_cls and ref["boxes"].shape == got["boxes"].shape and ref["boxes"].numel():
+        diff = f"{(ref['boxes'] - got['boxes']).abs().max().item():.3f} px"
+    else:
+        diff = "n/a"
+    text = "same" if same_text else "differs"
+    classes = "same" if same_cls else "differ"
+    return f"text {text}, classes {classes}, max box diff {diff}"
+
+
+class OutOfTime(Exception):
+    """The stage ran past the check's time budget."""
+
+
+def _alarm(signum: int, frame: Any) -> None:
+    raise OutOfTime("time budget spent")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--preset", default="paper")
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=8, help="batch for throughput")
+    parser.add_argument("--budget", type=float, default=420.0, help="seconds for all stages")
+    parser.add_argument("--out", default=os.environ.get("OUT") or None)
+    parser.add_argument("--device", default="cuda", help="cpu only to dry-run the logic")
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+    from model.backends import TorchBackend, run_graphs
+    from model.checkpoint import init_checkpoint, load_checkpoint
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("CUDA is not available: nothing to check", file=sys.stderr)
+        return 2
+    if device.type == "cuda":
+        gpu = torch.cuda.get_device_name(device)
+        cc = "{}.{}".format(*torch.cuda.get_device_capability(device))
+    else:
+        gpu, cc = "CPU (dry run)", "n/a"
+    try:
+        import tensorrt as trt
+
+        trt_version: str | None = str(trt.__version__)
+    except ImportError as e:
+        trt_version = None
+        trt_reason = str(e)
+    work = Path(tempfile.mkdtemp(prefix="d2r-gpu-"))
+    ckpt_dir = init_checkpoint(work / "ckpt", args.preset, seed=0)
+    ckpt = load_checkpoint(ckpt_dir, device=str(device))
+    host, cfg = ckpt.model.eval(), ckpt.config
+    log(f"{gpu} (cc {cc}), torch {torch.__version__}, CUDA {torch.version.cuda}, {args.preset}")
+    one = synthetic_images(1, cfg.image_size, device)
+    many = synthetic_images(args.batch, cfg.image_size, device)
+    rows: list[list[str]] = []
+    results: dict[str, Any] = {}
+
+    def render() -> str:
+        head = (
+            f"GPU check, `{args.preset}` preset: {gpu} (compute capability {cc}), torch "
+            f"{torch.__version__}, CUDA {torch.version.cuda}, TensorRT {trt_version or 'absent'}; "
+            f"batch 1 latency over {args.iters} runs after a warm-up, "
+            f"throughput at batch {args.batch}; "
+            f"beam {cfg.beam_size}, up to {cfg.max_tokens} tokens; random weights, synthetic image."
+        )
+        table = [
+            head,
+            "",
+            f"| Mode | ms / study (batch 1) | studies/s (batch {args.batch}) | tokens "
+            "| parity vs torch fp32 / notes |",
+            "|---|---|---|---|---|",
+        ] + ["| " + " | ".join(r) + " |" for r in rows]
+        text = "\n".join(table)
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "gpu_check.md").write_text(text + "\n")
+            (Path(args.out) / "gpu_check.json").write_text(json.dumps(rows, indent=1))
+        return text
+
+    def bench(
+        label: str,
+        backend: Any,
+        ctx: Callable[[], AbstractContextManager[Any]] = nullcontext,
+        note: str = "",
+    ) -> None:
+        def run(images: torch.Tensor) -> Callable[[], Any]:
+            def go() -> Any:
+                with ctx():
+                    return run_graphs(backend, host, images, lesion_score_threshold=0.0)
+
+            return go
+
+        lat, out = timed(run(one), args.iters, device)
+        thr_t, _ = timed(run(many), max(1, args.iters // 2), device)
+        s = summary(*out)
+        ref = results.get("torch fp32")
+        check = parity(ref, s) if ref is not None else "reference"
+        results[label] = s
+        rows.append(
+            [
+                label,
+                f"{lat * 1000:.0f}",
+                f"{args.batch / thr_t:.2f}",
+                f"{s['tokens']}",
+                f"{check}{note}",
+            ]
+        )
+        render()
+        log(f"{label}: {lat * 1000:.0f} ms/study, {args.batch / thr_t:.2f} studies/s ({check})")
+
+    fp32 = TorchBackend(host, device=str(device))
+    bench("torch fp32", fp32)
+    bench(
+        "torch fp16 (autocast)",
+        fp32,
+        lambda: torch.autocast(device.type, dtype=torch.float16),
+    )
+
+    onnx_dir = work / "onnx"
+    export_ok = False
+    if elapsed() < args.budget - 150:
+        from model.export import export_checkpoint
+
+        t0 = time.perf_counter()
+        try:
+            info = export_checkpoint(ckpt_dir, onnx_dir)
+            export_ok = True
+            secs = time.perf_counter() - t0
+            size = sum(p.stat().st_size for p in onnx_dir.iterdir()) / 1e6
+            note = f"3 graphs, opset {info['opset']}, {size:.0f} MB (.onnx + .onnx.data)"
+            try:
+                import numpy as np
+                import onnxruntime as ort
+
+                opts = ort.SessionOptions()
+                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                sess = ort.InferenceSession(
+                    str(onnx_dir / "detector.onnx"), opts, providers=["CPUExecutionProvider"]
+                )
+                x = synthetic_images(2, cfg.image_size, torch.device("cpu"))
+                got = sess.run(None, {"image": x.numpy()})[0]
+                cpu_model = load_checkpoint(ckpt_dir).model.eval()
+                with torch.no_grad():
+                    ref = cpu_model.detector.dense(cpu_model.stem(x))[0].numpy()
+                note += f"; ORT-CPU detector max diff {float(np.abs(got - ref).max()):.1e}"
+            except Exception as e:  # report, do not stop the check
+                note += f"; ORT parity not run ({type(e).__name__}: {e})"
+            rows.append(["ONNX export", f"{secs * 1000:.0f} (export)", "", "", f"ok: {note}"])
+        except Exception as e:
+            rows.append(["ONNX export", "", "", "", failure(e)])
+        log(rows[-1][-1])
+    else:
+        rows.append(["ONNX export", "", "", "", "skipped (time budget)"])
+
+    if trt_version is None:
+        rows.append(
+            ["TensorRT fp16", "", "", "", f"not run: tensorrt not importable ({trt_reason})"]
+        )
+    elif not export_ok:
+        rows.append(["TensorRT fp16", "", "", "", "not run: no ONNX export"])
+    elif elapsed() > args.budget - 120:
+        rows.append(["TensorRT fp16", "", "", "", "skipped (time budget)"])
+    else:
+        from model.backends import TensorRTBackend
+        from trt_build.build import BuildOptions, build_engines
+
+        t0 = time.perf_counter()
+        try:
+            manifest = build_engines(
+                ckpt_dir,
+                work / "engine",
+                BuildOptions(fp16=True, max_batch=args.batch),
+                onnx_dir=onnx_dir,
+            )
+            build_s = time.perf_counter() - t0
+            rows.append(
+                [
+                    "TensorRT engine build",
+                    f"{build_s * 1000:.0f} (build)",
+                    "",
+                    "",
+                    f"TensorRT {trt_version}, fp16",
+                ]
+            )
+            backend = TensorRTBackend(work / "engine", checkpoint_sha256=manifest.checkpoint_sha256)
+            bench("TensorRT fp16", backend)
+        except Exception as e:
+            rows.append(["TensorRT fp16", "", "", "", failure(e)])
+
+    render()
+    if elapsed() < args.budget - 90:
+        signal.signal(signal.SIGALRM, _alarm)
+        signal.alarm(max(1, int(args.budget - elapsed())))
+        try:
+            t0 = time.perf_counter()
+            compiled = TorchBackend(host, device=str(device), compile=True)
+            run_graphs(compiled, host, one, lesion_score_threshold=0.0)
+            note = f" (compile + first study {time.perf_counter() - t0:.0f} s)"
+            bench("torch.compile fp32", compiled, note=note)
+        except OutOfTime:
+            rows.append(["torch.compile fp32", "", "", "", "stopped: compile ran past the budget"])
+        except Exception as e:
+            rows.append(["torch.compile fp32", "", "", "", failure(e)])
+        finally:
+            signal.alarm(0)
+    else:
+        rows.append(["torch.compile fp32", "", "", "", "skipped (time budget)"])
+
+    signal.alarm(0)
+    print(render(), flush=True)
+    log("done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

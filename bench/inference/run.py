@@ -1,0 +1,126 @@
+"""CPU benchmark: per-study latency and studies/s of torch eager vs onnxruntime.
+
+Each (preset, backend) runs in its own process (``--child``), so peak RSS and thread pools
+do not mix; the parent prepares a random checkpoint and its ONNX export per preset, then
+prints one Markdown table. Input: the real RG1 chest CR (pydicom-data), end to end through
+``Predictor.predict`` (preprocessing, dense graphs, NMS, beam search).
+
+    .venv/bin/python bench/inference/run.py [--presets small paper] [--iters 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def child(args: argparse.Namespace) -> None:
+    import pydicom
+    import torch
+    from pydicom.data import get_testdata_file
+
+    torch.set_num_threads(args.threads)
+    from model.predict import Predictor
+
+    ds = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+    t0 = time.perf_counter()
+    predictor = Predictor.from_checkpoint(
+        Path(args.model),
+        backend=args.child,
+        engine_dir=Path(args.onnx) if args.child == "onnxruntime" else None,
+    )
+    load_s = time.perf_counter() - t0
+    first = predictor.predict([ds])  # warm-up
+    times = []
+    for _ in range(args.iters):
+        t = time.perf_counter()
+        out = predictor.predict([ds])
+        times.append(time.perf_counter() - t)
+    assert out.findings == first.findings
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    mean = sum(times) / len(times)
+    print(
+        json.dumps(
+            {
+                "load_s": load_s,
+                "latency_s": mean,
+                "min_s": min(times),
+                "studies_per_s": 1 / mean,
+                "peak_rss_mb": rss_mb,
+                "tokens": len(first.findings.split()) + len(first.impression.split()),
+                "text": first.findings + " / " + first.impression,
+            }
+        )
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--presets", nargs="+", default=["small", "paper"])
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--child", choices=("torch", "onnxruntime"))
+    parser.add_argument("--model")
+    parser.add_argument("--onnx")
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return 0
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(REPO))
+    work = Path(tempfile.mkdtemp(prefix="d2r-bench-"))
+    rows = []
+    for preset in args.presets:
+        model, onnx = work / preset / "model", work / preset / "onnx"
+        d2r = [sys.executable, "-m", "cli.main"]
+        subprocess.run([*d2r, "init-model", "--out", str(model), "--preset", preset], env=env,
+                       check=True, capture_output=True, cwd=REPO)  # fmt: skip
+        t = time.perf_counter()
+        res = subprocess.run([*d2r, "export-onnx", "--model", str(model), "--out", str(onnx)],
+                             env=env, capture_output=True, text=True, cwd=REPO)  # fmt: skip
+        export_s = time.perf_counter() - t
+        print(f"{preset}: export {'ok' if res.returncode == 0 else 'FAILED'} in {export_s:.0f} s",
+              file=sys.stderr, flush=True)  # fmt: skip
+        results = {}
+        for backend in ("torch", "onnxruntime"):
+            if backend == "onnxruntime" and res.returncode != 0:
+                continue
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", backend, "--model", str(model),
+                 "--onnx", str(onnx), "--iters", str(args.iters), "--threads", str(args.threads)],
+                env=env, capture_output=True, text=True, cwd=REPO,
+            )  # fmt: skip
+            if out.returncode != 0:
+                print(out.stderr[-2000:], file=sys.stderr)
+                continue
+            results[backend] = json.loads(out.stdout.strip().splitlines()[-1])
+            r = results[backend]
+            print(f"{preset} {backend}: {r}", file=sys.stderr, flush=True)
+        base = results.get("torch")
+        for backend, r in results.items():
+            speed = f"{base['latency_s'] / r['latency_s']:.2f}x" if base else "n/a"
+            same = "same" if base and r["text"] == base["text"] else "differs"
+            rows.append(
+                f"| {preset} | {backend} | {r['latency_s'] * 1000:.0f} | {r['studies_per_s']:.2f} "
+                f"| {speed} | {r['peak_rss_mb']:.0f} | {r['load_s']:.1f} | {same} |"
+            )
+    print(
+        f"CPU benchmark: RG1 chest CR end to end, {args.iters} runs after a warm-up, "
+        f"{args.threads} threads per process, one process per row, random weights.\n"
+    )
+    print("| preset | backend | ms / study | studies/s | vs torch | peak RSS MB | load s | text |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

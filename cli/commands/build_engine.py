@@ -1,0 +1,75 @@
+"""``d2r build-engine``: build TensorRT engines + manifest.json on this GPU (offline)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", metavar="DIR", help="checkpoint directory (default: environment D2R_MODEL)"
+    )
+    parser.add_argument("--out", metavar="DIR", required=True, help="engine directory")
+    parser.add_argument(
+        "--onnx", metavar="DIR", default=None, help="existing d2r export-onnx directory"
+    )
+    parser.add_argument("--fp16", action="store_true", help="allow FP16 kernels")
+    parser.add_argument(
+        "--int8", action="store_true", help="INT8 (detector, visual) with entropy calibration"
+    )
+    parser.add_argument("--calib", metavar="DIR", default=None, help="DICOM files for --int8")
+    parser.add_argument(
+        "--max-batch", type=int, default=4, metavar="N", help="largest batch (default 4)"
+    )
+    parser.add_argument(
+        "--workspace-gib", type=float, default=4.0, metavar="G", help="builder workspace"
+    )
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"d2r build-engine: {message}", file=sys.stderr)
+    return code
+
+
+def run(args: argparse.Namespace) -> int:
+    model_dir = args.model or os.environ.get("D2R_MODEL")
+    if not model_dir:
+        return _fail("no model: pass --model DIR or set D2R_MODEL", EXIT_USAGE)
+    if not Path(model_dir).is_dir():
+        return _fail(f"{model_dir}: not a checkpoint directory", EXIT_USAGE)
+    from trt_build.build import BuildOptions, build_engines
+    from trt_build.errors import TrtBuildError
+
+    try:
+        options = BuildOptions(
+            fp16=args.fp16,
+            int8=args.int8,
+            calib_dir=Path(args.calib) if args.calib else None,
+            max_batch=args.max_batch,
+            workspace_gib=args.workspace_gib,
+        )
+    except ValueError as e:
+        return _fail(str(e), EXIT_USAGE)
+    from model.errors import ModelError
+
+    try:
+        manifest = build_engines(
+            Path(model_dir),
+            Path(args.out),
+            options,
+            onnx_dir=Path(args.onnx) if args.onnx else None,
+        )
+    except (TrtBuildError, ModelError) as e:
+        return _fail(str(e), EXIT_FAILURE)
+    print(
+        f"built {', '.join(manifest.engines.values())} ({manifest.precision}, "
+        f"{manifest.gpu_name}, TensorRT {manifest.tensorrt_version}) in "
+        f"{manifest.build_seconds:.1f} s to {args.out}"
+    )
+    return 0
