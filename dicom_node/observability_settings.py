@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicom_node.settings import ConfigError, NodeSettings, _get
+from dicom_node.settings import ConfigError, NodeSettings, env_setting, parse_bool
 
 __all__ = ["LOG_FORMATS", "ObservabilitySettings"]
 
@@ -50,15 +50,6 @@ def _log_format(text: str) -> str:
     return value
 
 
-def _bool(text: str) -> bool:
-    low = text.lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true or false, got {text!r}")
-
-
 @dataclass(frozen=True)
 class ObservabilitySettings:
     """Settings of the HTTP endpoint, the audit log and the log format."""
@@ -80,15 +71,15 @@ class ObservabilitySettings:
             Naming the first invalid setting.
         """
         d = cls()
-        spool_dir = _get(env, "D2R_SPOOL_DIR", NodeSettings().spool_dir, Path)
-        audit_log = _get(env, "D2R_AUDIT_LOG", spool_dir.parent / "audit.jsonl", Path)
+        spool_dir = env_setting(env, "D2R_SPOOL_DIR", NodeSettings().spool_dir, Path)
+        audit_log = env_setting(env, "D2R_AUDIT_LOG", spool_dir.parent / "audit.jsonl", Path)
         if audit_log.exists() and audit_log.is_dir():
             raise ConfigError("D2R_AUDIT_LOG", f"{audit_log} is a directory, expected a file")
         return cls(
-            http_host=_get(env, "D2R_HTTP_HOST", d.http_host, str),
-            http_port=_get(env, "D2R_HTTP_PORT", d.http_port, _http_port),
+            http_host=env_setting(env, "D2R_HTTP_HOST", d.http_host, str),
+            http_port=env_setting(env, "D2R_HTTP_PORT", d.http_port, _http_port),
             audit_log=audit_log,
-            audit_fsync=_get(env, "D2R_AUDIT_FSYNC", d.audit_fsync, _bool),
-            log_format=_get(env, "D2R_LOG_FORMAT", d.log_format, _log_format),
-            status_page_phi=_get(env, "D2R_STATUS_PAGE_PHI", d.status_page_phi, _bool),
+            audit_fsync=env_setting(env, "D2R_AUDIT_FSYNC", d.audit_fsync, parse_bool),
+            log_format=env_setting(env, "D2R_LOG_FORMAT", d.log_format, _log_format),
+            status_page_phi=env_setting(env, "D2R_STATUS_PAGE_PHI", d.status_page_phi, parse_bool),
         )

@@ -174,7 +174,8 @@ def parse_networks(text: str, setting: str = "D2R_ALLOWED_NETWORKS") -> tuple[IP
     return tuple(networks)
 
 
-def _bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
+    """``true/yes/on/1`` or ``false/no/off/0`` (case-insensitive); ``ValueError`` otherwise."""
     low = text.lower()
     if low in ("1", "true", "yes", "on"):
         return True
@@ -263,7 +264,9 @@ def merged_environment(
     return merged
 
 
-def _get(env: Mapping[str, str], setting: str, default: _T, parse: Callable[[str], _T]) -> _T:
+def env_setting(
+    env: Mapping[str, str], setting: str, default: _T, parse: Callable[[str], _T]
+) -> _T:
     raw = env.get(setting)
     if raw is None or raw.strip() == "":
         return default
@@ -295,16 +298,16 @@ def _number(
     return parse
 
 
-def _int(minimum: int) -> Callable[[str], int]:
+def int_at_least(minimum: int) -> Callable[[str], int]:
     parse = _number(int, minimum)
     return lambda text: int(parse(text))
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     return float(_number(float, 0.0, exclusive=True)(text))
 
 
-def _non_negative_float(text: str) -> float:
+def non_negative_float(text: str) -> float:
     return float(_number(float, 0.0)(text))
 
 
@@ -350,54 +353,60 @@ class NodeSettings:
             Naming the first invalid setting.
         """
         d = cls()
-        spool_dir = _get(env, "D2R_SPOOL_DIR", d.spool_dir, Path)
+        spool_dir = env_setting(env, "D2R_SPOOL_DIR", d.spool_dir, Path)
         default_db = f"sqlite:///{spool_dir.parent / 'd2r.db'}"
-        database_url = _get(env, "D2R_DATABASE_URL", default_db, _database_url)
-        quiet = _get(env, "D2R_STUDY_QUIET_SECONDS", d.study_quiet_seconds, _positive_float)
-        force = _get(env, "D2R_STUDY_FORCE_SECONDS", d.study_force_seconds, _positive_float)
+        database_url = env_setting(env, "D2R_DATABASE_URL", default_db, _database_url)
+        quiet = env_setting(env, "D2R_STUDY_QUIET_SECONDS", d.study_quiet_seconds, positive_float)
+        force = env_setting(env, "D2R_STUDY_FORCE_SECONDS", d.study_force_seconds, positive_float)
         if force < quiet:
             raise ConfigError(
                 "D2R_STUDY_FORCE_SECONDS",
                 f"must be >= D2R_STUDY_QUIET_SECONDS ({quiet:g}), got {force:g}",
             )
         tls = _tls_settings(env)
-        destinations_tls = _get(env, "D2R_DESTINATIONS_TLS", False, _bool)
-        destinations = _get(
+        destinations_tls = env_setting(env, "D2R_DESTINATIONS_TLS", False, parse_bool)
+        destinations = env_setting(
             env,
             "D2R_DESTINATIONS",
             d.destinations,
             lambda t: parse_destinations(t, tls=destinations_tls),
         )
-        max_pdu = _get(env, "D2R_MAX_PDU", d.max_pdu, _int(0))
+        max_pdu = env_setting(env, "D2R_MAX_PDU", d.max_pdu, int_at_least(0))
         if max_pdu != 0 and max_pdu < 4096:
             raise ConfigError("D2R_MAX_PDU", f"must be 0 (unlimited) or >= 4096, got {max_pdu}")
         return cls(
-            ae_title=_get(env, "D2R_AE_TITLE", d.ae_title, validate_ae_title),
-            host=_get(env, "D2R_HOST", d.host, str),
-            port=_get(env, "D2R_PORT", d.port, lambda t: _parse_port(t, "D2R_PORT")),
+            ae_title=env_setting(env, "D2R_AE_TITLE", d.ae_title, validate_ae_title),
+            host=env_setting(env, "D2R_HOST", d.host, str),
+            port=env_setting(env, "D2R_PORT", d.port, lambda t: _parse_port(t, "D2R_PORT")),
             spool_dir=spool_dir,
             database_url=database_url,
             destinations=destinations,
             study_quiet_seconds=quiet,
             study_force_seconds=force,
-            reconcile_seconds=_get(
-                env, "D2R_RECONCILE_SECONDS", d.reconcile_seconds, _positive_float
+            reconcile_seconds=env_setting(
+                env, "D2R_RECONCILE_SECONDS", d.reconcile_seconds, positive_float
             ),
             max_pdu=max_pdu,
-            max_associations=_get(env, "D2R_MAX_ASSOCIATIONS", d.max_associations, _int(1)),
-            acse_timeout=_get(env, "D2R_ACSE_TIMEOUT", d.acse_timeout, _positive_float),
-            dimse_timeout=_get(env, "D2R_DIMSE_TIMEOUT", d.dimse_timeout, _positive_float),
-            network_timeout=_get(env, "D2R_NETWORK_TIMEOUT", d.network_timeout, _positive_float),
-            send_retries=_get(env, "D2R_SEND_RETRIES", d.send_retries, _int(0)),
-            send_retry_delay=_get(
-                env, "D2R_SEND_RETRY_DELAY", d.send_retry_delay, _non_negative_float
+            max_associations=env_setting(
+                env, "D2R_MAX_ASSOCIATIONS", d.max_associations, int_at_least(1)
             ),
-            min_free_bytes=_get(env, "D2R_MIN_FREE_BYTES", d.min_free_bytes, _int(0)),
-            allowed_calling_aets=_get(env, "D2R_ALLOWED_CALLING_AETS", (), parse_ae_titles),
-            allowed_networks=_get(env, "D2R_ALLOWED_NETWORKS", (), parse_networks),
+            acse_timeout=env_setting(env, "D2R_ACSE_TIMEOUT", d.acse_timeout, positive_float),
+            dimse_timeout=env_setting(env, "D2R_DIMSE_TIMEOUT", d.dimse_timeout, positive_float),
+            network_timeout=env_setting(
+                env, "D2R_NETWORK_TIMEOUT", d.network_timeout, positive_float
+            ),
+            send_retries=env_setting(env, "D2R_SEND_RETRIES", d.send_retries, int_at_least(0)),
+            send_retry_delay=env_setting(
+                env, "D2R_SEND_RETRY_DELAY", d.send_retry_delay, non_negative_float
+            ),
+            min_free_bytes=env_setting(
+                env, "D2R_MIN_FREE_BYTES", d.min_free_bytes, int_at_least(0)
+            ),
+            allowed_calling_aets=env_setting(env, "D2R_ALLOWED_CALLING_AETS", (), parse_ae_titles),
+            allowed_networks=env_setting(env, "D2R_ALLOWED_NETWORKS", (), parse_networks),
             tls=tls,
-            spool_retention_hours=_get(
-                env, "D2R_SPOOL_RETENTION_HOURS", d.spool_retention_hours, _non_negative_float
+            spool_retention_hours=env_setting(
+                env, "D2R_SPOOL_RETENTION_HOURS", d.spool_retention_hours, non_negative_float
             ),
         )
 
@@ -409,10 +418,10 @@ class NodeSettings:
 
 
 def _tls_settings(env: Mapping[str, str]) -> TlsSettings:
-    cert = _get(env, "D2R_TLS_CERT", None, _existing_file)
-    key = _get(env, "D2R_TLS_KEY", None, _existing_file)
-    ca = _get(env, "D2R_TLS_CA", None, _existing_file)
-    require = _get(env, "D2R_TLS_REQUIRE_CLIENT_CERT", False, _bool)
+    cert = env_setting(env, "D2R_TLS_CERT", None, _existing_file)
+    key = env_setting(env, "D2R_TLS_KEY", None, _existing_file)
+    ca = env_setting(env, "D2R_TLS_CA", None, _existing_file)
+    require = env_setting(env, "D2R_TLS_REQUIRE_CLIENT_CERT", False, parse_bool)
     if (cert is None) != (key is None):
         missing = "D2R_TLS_KEY" if key is None else "D2R_TLS_CERT"
         raise ConfigError(missing, "D2R_TLS_CERT and D2R_TLS_KEY must be set together")

@@ -11,7 +11,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicom_node.settings import ConfigError, NodeSettings, _get, _int, _positive_float
+from dicom_node.settings import (
+    ConfigError,
+    NodeSettings,
+    env_setting,
+    int_at_least,
+    parse_bool,
+    positive_float,
+)
 
 FILESYSTEM_BROKER = "filesystem://"
 #: the checkpoint shipped in the repository: trained on the synthetic phantom only, every SR it
@@ -27,15 +34,6 @@ def _broker_url(text: str) -> str:
     if not sep or scheme not in ("redis", "rediss", "filesystem", "amqp", "amqps", "memory"):
         raise ValueError("expected redis://host:port/db (production) or filesystem:// (embedded)")
     return text
-
-
-def _bool(text: str) -> bool:
-    low = text.lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true or false, got {text!r}")
 
 
 def _unit_interval(text: str) -> float:
@@ -132,22 +130,24 @@ class WorkerSettings:
         (``d2r serve`` passes ``filesystem://``).
         """
         d = cls(node=NodeSettings())
-        time_limit = _get(env, "D2R_TASK_TIME_LIMIT", d.task_time_limit, _positive_float)
-        visibility = _get(env, "D2R_VISIBILITY_TIMEOUT", time_limit + 120.0, _positive_float)
+        time_limit = env_setting(env, "D2R_TASK_TIME_LIMIT", d.task_time_limit, positive_float)
+        visibility = env_setting(env, "D2R_VISIBILITY_TIMEOUT", time_limit + 120.0, positive_float)
         if visibility <= time_limit:
             raise ConfigError(
                 "D2R_VISIBILITY_TIMEOUT",
                 f"must exceed D2R_TASK_TIME_LIMIT ({time_limit:g} s) or a healthy task runs twice",
             )
-        model = _get(env, "D2R_MODEL", default_model_path(), Path)
-        backend = _get(env, "D2R_BACKEND", d.backend, _backend)
-        device = _get(env, "D2R_DEVICE", d.device, _device)
-        engine_dir = _get(env, "D2R_ENGINE_DIR", None, Path)
-        torch_compile = _get(env, "D2R_TORCH_COMPILE", d.torch_compile, _bool)
+        model = env_setting(env, "D2R_MODEL", default_model_path(), Path)
+        backend = env_setting(env, "D2R_BACKEND", d.backend, _backend)
+        device = env_setting(env, "D2R_DEVICE", d.device, _device)
+        engine_dir = env_setting(env, "D2R_ENGINE_DIR", None, Path)
+        torch_compile = env_setting(env, "D2R_TORCH_COMPILE", d.torch_compile, parse_bool)
         _check_backend_settings(backend, device, engine_dir, torch_compile)
         return cls(
             node=NodeSettings.from_env(env),
-            broker_url=_get(env, "D2R_BROKER_URL", default_broker or d.broker_url, _broker_url),
+            broker_url=env_setting(
+                env, "D2R_BROKER_URL", default_broker or d.broker_url, _broker_url
+            ),
             model_path=model,
             device=device,
             backend=backend,
@@ -155,13 +155,13 @@ class WorkerSettings:
             torch_compile=torch_compile,
             task_time_limit=time_limit,
             visibility_timeout=visibility,
-            concurrency=_get(env, "D2R_WORKER_CONCURRENCY", d.concurrency, _int(1)),
-            text_sr=_get(env, "D2R_TEXT_SR", d.text_sr, _bool),
-            tracking_identifier_prefix=_get(
+            concurrency=env_setting(env, "D2R_WORKER_CONCURRENCY", d.concurrency, int_at_least(1)),
+            text_sr=env_setting(env, "D2R_TEXT_SR", d.text_sr, parse_bool),
+            tracking_identifier_prefix=env_setting(
                 env, "D2R_SR_TRACKING_IDENTIFIER", d.tracking_identifier_prefix, str
             ),
-            lesion_min_score=_get(env, "D2R_LESION_MIN_SCORE", None, _unit_interval),
-            model_sha256=_get(env, "D2R_MODEL_SHA256", None, _sha256),
+            lesion_min_score=env_setting(env, "D2R_LESION_MIN_SCORE", None, _unit_interval),
+            model_sha256=env_setting(env, "D2R_MODEL_SHA256", None, _sha256),
         )
 
     def require_model(self) -> Path:
