@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from model.errors import ModelError
+from model.errors import BackendError, EngineMismatchError, ModelError
 from model.modeling import D2RNet, Detections, ReportDecoder, beam_search, select_boxes
 
 logger = logging.getLogger(__name__)
@@ -51,14 +51,6 @@ BACKEND_NAMES = (TORCH, ONNXRUNTIME, TENSORRT)
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "d2r-trt-engine/1"
 PRECISIONS = ("fp32", "fp16", "int8")
-
-
-class BackendError(ModelError):
-    """A backend cannot start; the message begins with the setting that chose it."""
-
-
-class EngineMismatchError(BackendError):
-    """An export or engine directory was made for another checkpoint, GPU or TensorRT."""
 
 
 class InferenceBackend(Protocol):

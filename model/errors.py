@@ -6,7 +6,10 @@
     ├── ConfigError          invalid ModelConfig field (names the field)
     ├── CheckpointError      missing/corrupt checkpoint file or field (names it)
     ├── TokenizerError       invalid vocabulary file or token ids
-    └── PreprocessError      pixel data that cannot be decoded or is unsupported
+    ├── PreprocessError      pixel data that cannot be decoded or is unsupported
+    ├── ExportError          an ONNX export directory is incomplete, invalid or of another model
+    └── BackendError         an inference backend cannot start (names the setting)
+        └── EngineMismatchError  export/engine made for another checkpoint, GPU or TensorRT
 """
 
 from __future__ import annotations
@@ -32,4 +35,25 @@ class PreprocessError(ModelError):
     """Pixel data cannot be decoded or its format is unsupported."""
 
 
-__all__ = ["CheckpointError", "ConfigError", "ModelError", "PreprocessError", "TokenizerError"]
+class ExportError(ModelError):
+    """An export directory is missing a file, fails ``onnx.checker`` or names another model."""
+
+
+class BackendError(ModelError):
+    """A backend cannot start; the message begins with the setting that chose it."""
+
+
+class EngineMismatchError(BackendError):
+    """An export or engine directory was made for another checkpoint, GPU or TensorRT."""
+
+
+__all__ = [
+    "BackendError",
+    "CheckpointError",
+    "ConfigError",
+    "EngineMismatchError",
+    "ExportError",
+    "ModelError",
+    "PreprocessError",
+    "TokenizerError",
+]

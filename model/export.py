@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from model.errors import ModelError
+from model.errors import ExportError
 from model.modeling import D2RNet
 
 logger = logging.getLogger(__name__)
@@ -173,10 +173,6 @@ def export_onnx(
         )
         written[part] = path
     return written
-
-
-class ExportError(ModelError):
-    """An export directory is missing a file, fails ``onnx.checker`` or names another model."""
 
 
 def _version(dist: str) -> str:
