@@ -115,11 +115,11 @@ def test_closed_port_is_transient() -> None:
 def test_sop_class_not_accepted_is_permanent() -> None:
     """A peer that negotiates no SR storage (here: a CT-only SCP) refuses the context."""
     from pynetdicom import AE
-    from pynetdicom.sop_class import CTImageStorage
 
     peer = AE(ae_title="CTONLY")
-    peer.add_supported_context(CTImageStorage)
+    peer.add_supported_context("1.2.840.10008.5.1.4.1.1.2")  # CT Image Storage
     server = peer.start_server(("127.0.0.1", 0), block=False)
+    assert server is not None
     try:
         port = server.server_address[1]
         destination = Destination("CTONLY", "127.0.0.1", port)

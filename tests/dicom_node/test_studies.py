@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -17,7 +18,9 @@ from dicom_node.studies import InstanceRecord, StudyStore
 from tests.support.postgres import private_postgres
 
 
-def _record(study: str, sop: str, *, view: str = "PA", modality: str = "CR", t: float = 1000.0):
+def _record(
+    study: str, sop: str, *, view: str = "PA", modality: str = "CR", t: float = 1000.0
+) -> InstanceRecord:
     return InstanceRecord(
         study_instance_uid=study,
         series_instance_uid=study + ".1",
@@ -171,7 +174,7 @@ def test_delivery_retries_with_backoff_then_fails_and_retry_resends(store: Study
     _reported(store, ["PACS@127.0.0.1:104", "RIS@127.0.0.1:105"])
     view = store.get("1.2.3")
     assert view is not None and view.state == "sending"
-    kw = {"max_attempts": 3, "retry_delay": 10.0}
+    kw: dict[str, Any] = {"max_attempts": 3, "retry_delay": 10.0}
     assert (
         store.record_delivery_attempt("1.2.3", "RIS@127.0.0.1:105", ok=True, error=None, **kw)
         == "sent"

@@ -40,7 +40,8 @@ BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 def _status(env: dict[str, str], study_uid: str) -> dict[str, Any]:
     res = run_d2r("status", "--json", study_uid, env=env)
     assert res.returncode == 0, res.stderr
-    return json.loads(res.stdout)
+    status: dict[str, Any] = json.loads(res.stdout)
+    return status
 
 
 def _sr_instances(orthanc: OrthancServer, study_uid: str) -> list[dict[str, Any]]:
@@ -52,7 +53,9 @@ def _dciodvfy_errors(path: Path) -> list[str]:
     return [ln for ln in (res.stdout + res.stderr).splitlines() if ln.startswith("Error")]
 
 
-def _check_reports(orthanc: OrthancServer, study_uid: str, status: dict[str, Any], tmp: Path):
+def _check_reports(
+    orthanc: OrthancServer, study_uid: str, status: dict[str, Any], tmp: Path
+) -> None:
     """The SRs in the PACS: same study, valid, and carrying exactly what the worker recorded."""
     srs = _sr_instances(orthanc, study_uid)
     classes = sorted(i["SOPClassUID"] for i in srs)
@@ -71,7 +74,7 @@ def _check_reports(orthanc: OrthancServer, study_uid: str, status: dict[str, Any
         if inst["SOPClassUID"] != COMPREHENSIVE_SR:
             continue
         sr = hd.sr.ComprehensiveSR.from_dataset(ds)
-        groups = sr.content.get_planar_roi_measurement_groups()
+        groups = sr.content.get_planar_roi_measurement_groups()  # type: ignore[attr-defined]
         assert len(groups) == status["lesion_count"]
         for group in groups:
             region = group.roi

@@ -73,7 +73,8 @@ def test_model_sr_from_the_round_trip_drawn_in_ohif(
         serve.stop()
 
     sr = pydicom.dcmread(BytesIO(orthanc.instance_file(sr_instance["ID"])))
-    groups = hd.sr.ComprehensiveSR.from_dataset(sr).content.get_planar_roi_measurement_groups()
+    content: Any = hd.sr.ComprehensiveSR.from_dataset(sr).content  # a MeasurementReport
+    groups = content.get_planar_roi_measurement_groups()
     assert len(groups) == 3
     expected = []
     for group in groups:
