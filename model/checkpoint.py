@@ -119,8 +119,13 @@ def save_checkpoint(
     version: str,
     training_data: str,
     created: str | None = None,
+    half: bool = False,
 ) -> Path:
-    """Write ``model`` and its metadata as a checkpoint directory (created if needed)."""
+    """Write ``model`` and its metadata as a checkpoint directory (created if needed).
+
+    ``half`` stores floating-point tensors as fp16 (half the size); :func:`load_checkpoint`
+    upcasts them to the model's fp32.
+    """
     from safetensors.torch import save_file
 
     if model.config.vocab_size != tokenizer.vocab_size:
@@ -130,6 +135,8 @@ def save_checkpoint(
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if half:
+        state = {k: v.half() if v.dtype == torch.float32 else v for k, v in state.items()}
     save_file(state, str(out_dir / WEIGHTS), metadata={"format": "pt"})
     _write_json(out_dir / CONFIG, model.config.to_dict())
     tokenizer.save(out_dir / VOCAB)
@@ -200,6 +207,8 @@ def load_checkpoint(path: Path, *, device: str = "cpu") -> LoadedCheckpoint:
                 f"{WEIGHTS}: tensor {key!r} has shape {tuple(state[key].shape)}, "
                 f"expected {tuple(tensor.shape)}"
             )
+        if state[key].dtype == torch.float16 and tensor.dtype == torch.float32:
+            state[key] = state[key].float()  # fp16 storage (save_checkpoint(half=True))
         if state[key].dtype != tensor.dtype:
             raise CheckpointError(
                 f"{WEIGHTS}: tensor {key!r} has dtype {state[key].dtype}, expected {tensor.dtype}"

@@ -33,7 +33,7 @@ from torchvision.models.detection.fcos import FCOSHead
 from torchvision.ops import batched_nms, nms
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from model.config import DETECTOR_STRIDES, ModelConfig
+from model.config import DETECTOR_STRIDES, NARROW_RESNET, ModelConfig
 from model.errors import ModelError
 from model.tokenizer import BOS_ID, EOS_ID, PAD_ID, SEP_ID
 
@@ -41,8 +41,35 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _resnet(name: str) -> torchvision.models.ResNet:
-    model: torchvision.models.ResNet = getattr(torchvision.models, name)(weights=None)
+class _NarrowResNet(torchvision.models.ResNet):  # type: ignore[misc]
+    """torchvision ResNet with basic blocks and stage widths ``w, 2w, 4w, 8w``."""
+
+    def __init__(self, layers: list[int], width: int, **kwargs: Any) -> None:
+        self._width = width
+        super().__init__(torchvision.models.resnet.BasicBlock, layers, **kwargs)
+        self.fc = nn.Linear(8 * width, 1000)  # only ``fc.in_features`` is used
+
+    def _make_layer(
+        self,
+        block: type[torchvision.models.resnet.BasicBlock | torchvision.models.resnet.Bottleneck],
+        planes: int,
+        blocks: int,
+        stride: int = 1,
+        dilate: bool = False,
+    ) -> nn.Sequential:
+        layer: nn.Sequential = super()._make_layer(
+            block, planes * self._width // 64, blocks, stride, dilate
+        )
+        return layer
+
+
+def _resnet(name: str, **kwargs: Any) -> torchvision.models.ResNet:
+    """A randomly initialised ResNet: a torchvision name or ``resnet{10,18,34}_w{W}``."""
+    m = NARROW_RESNET.fullmatch(name)
+    if m is not None:
+        layers = {"10": [1, 1, 1, 1], "18": [2, 2, 2, 2], "34": [3, 4, 6, 3]}[m.group(1)]
+        return _NarrowResNet(layers, int(m.group(2)), **kwargs)
+    model: torchvision.models.ResNet = getattr(torchvision.models, name)(weights=None, **kwargs)
     return model
 
 
@@ -82,9 +109,7 @@ class LesionDetector(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        trunk = torchvision.models.resnet.__dict__[cfg.detector_backbone](
-            weights=None, norm_layer=nn.BatchNorm2d
-        )
+        trunk = _resnet(cfg.detector_backbone, norm_layer=nn.BatchNorm2d)
         widths = [trunk.layer2[-1], trunk.layer3[-1], trunk.layer4[-1]]
         in_channels = [_block_out_channels(b) for b in widths]
         ch = cfg.detector_fpn_channels
@@ -335,7 +360,7 @@ def crop_boxes(image: Tensor, boxes: Tensor, crop_size: int) -> Tensor:
     count = inside_f.sum(dim=(2, 3), keepdim=True).clamp(min=1.0)
     mean = (crops * inside_f).sum(dim=(2, 3), keepdim=True) / count
     var = (((crops - mean) * inside_f) ** 2).sum(dim=(2, 3), keepdim=True) / count
-    std = var.sqrt().clamp(min=0.01)
+    std = var.clamp(min=1e-4).sqrt()  # = max(sqrt(var), 0.01), finite gradient at var 0
     return (crops - mean) / std * inside_f
 
 
@@ -867,8 +892,12 @@ def cross_attention_similarity(
     img = F.normalize(img, dim=-1)
     txt = F.normalize(txt, dim=-1)
     cos = torch.einsum("ird,jud->ijur", img, txt)  # (Bi,Bt,U,R)
-    cos = cos.masked_fill(~img_mask[:, None, None, :], float("-inf"))
-    attn = torch.softmax(temperature * cos, dim=-1)
+    # finfo.min, not -inf: an image without any valid unit gets finite (ignored) similarities
+    # instead of NaNs whose gradients would poison the whole batch
+    logits = (temperature * cos).masked_fill(
+        ~img_mask[:, None, None, :], torch.finfo(cos.dtype).min
+    )
+    attn = torch.softmax(logits, dim=-1)
     attended = F.normalize(torch.einsum("ijur,ird->ijud", attn, img), dim=-1)  # (Bi,Bt,U,D)
     unit_sim = (attended * txt[None]).sum(-1)  # (Bi,Bt,U)
     weight = txt_mask[None].to(unit_sim.dtype)

@@ -33,7 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--model", metavar="DIR", help="checkpoint to run (with --data)")
     parser.add_argument("--data", metavar="DIR", help="a d2r synth output folder (with --model)")
-    parser.add_argument("--split", default="test", help="split of --data to score (default test)")
+    parser.add_argument(
+        "--split",
+        default="test",
+        help="split of --data to score: train, val, test or all (default test)",
+    )
 
 
 def _predict_records(model: str, data: str, split: str) -> list[Any]:
@@ -50,7 +54,7 @@ def _predict_records(model: str, data: str, split: str) -> list[Any]:
     records = []
     for line in (root / "studies.jsonl").read_text().splitlines():
         entry = json.loads(line)
-        if entry.get("split") != split or not entry.get("dicom"):
+        if (split != "all" and entry.get("split") != split) or not entry.get("dicom"):
             continue
         datasets = [pydicom.dcmread(root / p) for p in entry["dicom"]]
         pred = predictor.predict(datasets)

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         metavar="DIR",
-        help="checkpoint directory (default: environment variable D2R_MODEL)",
+        help="checkpoint directory (default: D2R_MODEL, else the bundled demo model)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -54,7 +54,9 @@ def _fail(message: str, code: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    model_dir = args.model or os.environ.get("D2R_MODEL")
+    from worker.settings import default_model_path
+
+    model_dir = args.model or os.environ.get("D2R_MODEL") or default_model_path()
     if not model_dir:
         return _fail("no model: pass --model DIR or set D2R_MODEL", EXIT_USAGE)
     import pydicom

@@ -230,8 +230,8 @@ def test_serve_round_trip_with_failed_delivery_and_retry(
         _stop_all(serve)
 
 
-def test_serve_without_model_names_the_setting(tmp_path: Path) -> None:
-    env = base_env(D2R_SPOOL_DIR=str(tmp_path / "spool"))
+def test_serve_with_a_missing_model_names_the_setting(tmp_path: Path) -> None:
+    env = base_env(D2R_SPOOL_DIR=str(tmp_path / "spool"), D2R_MODEL=str(tmp_path / "absent"))
     res = run_d2r("serve", env=env, timeout=60)
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()

@@ -58,7 +58,8 @@ def test_predict_errors(
 ) -> None:
     from cli.main import main
 
-    monkeypatch.delenv("D2R_MODEL", raising=False)
+    monkeypatch.setenv("D2R_MODEL", "")
+    monkeypatch.setattr("worker.settings.BUNDLED_MODEL", tmp_path / "no-bundled-model")
 
     def run(*args: str) -> tuple[int, str]:
         code = main(["predict", *args])

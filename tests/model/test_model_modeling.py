@@ -75,7 +75,7 @@ def test_paper_preset_forward_and_generate() -> None:
 
 def test_small_preset_builds() -> None:
     model = D2RNet(SMALL.replace(vocab_size=20))
-    assert 20e6 < count_parameters(model) < 30e6
+    assert 5e6 < count_parameters(model) < 8e6  # narrow ResNets: a demo checkpoint < 30 MB
     with pytest.raises(Exception, match="vocab_size"):
         D2RNet(SMALL)  # no vocabulary attached
 
@@ -91,13 +91,13 @@ def test_small_model_overfits_and_beam_reproduces_reports() -> None:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []
     model.train()
-    for _ in range(150):
+    for _ in range(300):
         loss = lm_loss(model(image, boxes, mask, tokens), tokens)
         opt.zero_grad()
         loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
         losses.append(loss.item())
-        if losses[-1] < 0.02:
+        if losses[-1] < 0.002:  # well past the point where every first token is decided
             break
     assert losses[-1] < 0.1 * losses[0]
     model.eval()

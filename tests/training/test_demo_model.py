@@ -1,0 +1,122 @@
+"""The bundled demo checkpoint: valid, small, meets its phantom targets, the default model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from model.checkpoint import load_checkpoint
+from worker.settings import BUNDLED_MODEL, WorkerSettings, default_model_path
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "models" / "d2r-demo-phantom"
+D2R = [sys.executable, "-m", "cli.main"]
+#: seed of the fresh held-out phantom: differs from the demo's training (7, 8) and card (20261127)
+FRESH_SEED = 424242
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "D2R_MODEL"}
+    env["PYTHONPATH"] = str(REPO)
+    env["OMP_NUM_THREADS"] = "2"
+    return env
+
+
+def test_demo_checkpoint_is_valid_small_and_labelled() -> None:
+    ckpt = load_checkpoint(DEMO)
+    assert "phantom" in ckpt.info.name and "demo" in ckpt.info.name
+    assert "phantom" in ckpt.info.training_data and "synthetic" in ckpt.info.training_data
+    assert ckpt.config.preset == "small"
+    size = sum(f.stat().st_size for f in DEMO.iterdir() if f.is_file())
+    assert size < 30e6, size
+    card = (DEMO / "MODEL_CARD.md").read_text()
+    assert "Not for clinical use" in card and "20261127" in card
+
+
+def test_serve_and_worker_default_to_the_demo_model() -> None:
+    assert BUNDLED_MODEL == DEMO and default_model_path() == DEMO
+    settings = WorkerSettings.from_env({})
+    assert settings.model_path == DEMO and settings.require_model() == DEMO
+    other = WorkerSettings.from_env({"D2R_MODEL": str(REPO)})
+    assert other.model_path == REPO
+
+
+def test_predict_defaults_to_the_demo_model(tmp_path: Path) -> None:
+    from training.phantom_output import PhantomConfig, generate
+
+    generate(PhantomConfig(studies=1, seed=FRESH_SEED, size=128, dicom_size=256), tmp_path / "p")
+    study = json.loads((tmp_path / "p" / "studies.jsonl").read_text().splitlines()[0])
+    done = subprocess.run(
+        [*D2R, "predict", str(tmp_path / "p" / study["dicom"][0]), "--json"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["model"]["name"] == "d2r-demo-phantom"
+
+
+@pytest.mark.slow
+def test_evaluate_fresh_phantom_meets_targets(tmp_path: Path) -> None:
+    data, out = tmp_path / "fresh", tmp_path / "eval" / "metrics.json"
+    done = subprocess.run(
+        [
+            *D2R,
+            "synth",
+            "--out",
+            str(data),
+            "--studies",
+            "30",
+            "--seed",
+            str(FRESH_SEED),
+            "--dicom-size",
+            "512",
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    done = subprocess.run(
+        [
+            *D2R,
+            "evaluate",
+            "--model",
+            str(DEMO),
+            "--data",
+            str(data),
+            "--split",
+            "all",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads(out.read_text())
+    assert metrics["meta"]["n"] == 30
+    # The headline ce_f1 is the macro F1 over all 14 CheXpert observations with zero_division 0:
+    # observations the phantom never draws (Lung Opacity, Edema, Pneumonia, Support Devices)
+    # count as F1 0 even for perfect reports, so it cannot reach 0.9 on phantom data. The
+    # target is checked on the observations present in the references; the headline must reach
+    # 0.9 of the perfect-report ceiling (present observations / 14).
+    per_label = metrics["ce"]["per_label"]  # pos_only, per observation
+    present = {k: v for k, v in per_label.items() if v["support"] > 0}
+    present_f1 = sum(v["f1"] for v in present.values()) / len(present)
+    assert present_f1 >= 0.9, (present_f1, present)
+    ceiling = len(present) / len(per_label)
+    assert metrics["ce_f1"] >= 0.9 * ceiling, (metrics["ce_f1"], ceiling)
+    assert metrics["map50"] >= 0.6, metrics["map50"]

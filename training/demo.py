@@ -1,0 +1,347 @@
+"""Reproduce the bundled demo model ``models/d2r-demo-phantom`` (synthetic phantom, CPU).
+
+::
+
+    python -m training.demo --out models/d2r-demo-phantom [--work DIR] [--threads 2]
+
+Stages (every seed fixed; the held-out seed is never used for training):
+
+0. ``d2r synth``-equivalent data: ``TRAIN_STUDIES`` labelled phantom studies (seed
+   ``TRAIN_SEED``, PNG only) and ``UNLABELED_STUDIES`` further studies (seed
+   ``UNLABELED_SEED``) whose boxes are ignored, as the unlabelled set of the semi-supervised
+   detector stage.
+1. ``detector``: supervised burn-in, then the EMA teacher-student stage
+   (:mod:`training.detector`).
+2. ``generator``: :func:`training.train.train` on the annotated boxes, with the stage-1 detector
+   copied (frozen) and its ResNet as the starting point of the global branch.
+3. ``finish``: ``EVAL_STUDIES`` new studies (seed ``EVAL_SEED``, DICOM) are scored with the same
+   code as ``d2r evaluate --model --data``; the checkpoint, its metrics and ``MODEL_CARD.md`` go
+   to ``--out``.
+
+Synthetic data, not for clinical use: the model reads phantoms only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+TRAIN_SEED, UNLABELED_SEED, EVAL_SEED = 7, 8, 20261127
+TRAIN_STUDIES, UNLABELED_STUDIES, EVAL_STUDIES = 600, 160, 60
+MODEL_NAME = "d2r-demo-phantom"
+MODEL_VERSION = "1.0.0"
+
+#: detector stage of the demo (see training.detector.DetectorTrainConfig)
+DETECTOR: dict[str, Any] = {
+    "burn_in_steps": 420,
+    "semi_steps": 30,
+    "batch_size": 8,
+    "unlabeled_batch_size": 8,
+    "lr": 1e-3,
+    "warmup_steps": 30,
+    "threshold": 0.89,
+    "keep_rate": 0.9996,
+    "seed": 456789,
+}
+
+#: report-generator stage of the demo (see training.train.TrainConfig)
+GENERATOR: dict[str, Any] = {
+    "preset": "small",
+    # the global branch takes the detector's ResNet and starts from its trained weights
+    "model": {"global_backbone": "resnet18_w32"},
+    "init_global_from_detector": True,
+    "half": True,
+    "epochs": 14,
+    "batch_size": 16,
+    "lr": 5e-4,
+    "min_frequency": 3,
+    "patience": 5,
+    "val_beam_size": 1,
+    "max_val": 20,
+    "seed": 456789,
+    "name": MODEL_NAME,
+    "version": MODEL_VERSION,
+    "progress": False,
+}
+
+STAGES = ("detector", "generator", "finish")
+
+logger = logging.getLogger(__name__)
+
+
+def _synth(out: Path, studies: int, seed: int, dicom_size: int) -> Path:
+    from training.phantom_output import PhantomConfig, generate
+
+    if not (out / "annotation.json").is_file():
+        generate(PhantomConfig(studies=studies, seed=seed, size=512, dicom_size=dicom_size), out)
+    return out
+
+
+def evaluate_checkpoint(model_dir: Path, data: Path, split: str | None = None) -> dict[str, Any]:
+    """Run the checkpoint on a phantom folder's DICOM files and score it (NLG, CE, mAP@0.5)."""
+    import pydicom
+
+    from model.predict import Predictor
+    from training.evaluation import evaluate_records
+    from training.evaluation.records import record_from_dict
+
+    predictor = Predictor.from_checkpoint(model_dir)
+    records = []
+    for line in (data / "studies.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        if split is not None and entry.get("split") != split:
+            continue
+        pred = predictor.predict([pydicom.dcmread(data / p) for p in entry["dicom"]])
+        records.append(
+            record_from_dict(
+                {
+                    "id": entry["id"],
+                    "reference": entry["reference"],
+                    "generated": pred.findings,
+                    "gt_lesions": entry["gt_lesions"],
+                    "pred_lesions": [
+                        {"class_name": le.class_name, "score": le.score, "box": list(le.box)}
+                        for le in pred.lesions
+                    ],
+                }
+            )
+        )
+    return evaluate_records(records)
+
+
+def run(
+    out: Path, work: Path, *, threads: int = 2, stages: tuple[str, ...] = STAGES
+) -> dict[str, Any] | None:
+    """Run ``stages`` (all by default, in order); returns the held-out metrics after ``finish``.
+
+    A finished stage is not run again (its output folder under ``work`` is kept); an
+    interrupted generator stage resumes from its last state.
+    """
+    import torch
+
+    from model.checkpoint import save_checkpoint
+    from model.config import get_preset
+    from model.modeling import D2RNet
+    from training.data import build_tokenizer, prepare_samples
+    from training.detector import DetectorTrainConfig, train_detector
+    from training.train import TrainConfig, describe_data, read_records, train
+
+    torch.set_num_threads(threads)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    train_dir = _synth(work / "phantom-train", TRAIN_STUDIES, TRAIN_SEED, 0)
+    unl_dir = _synth(work / "phantom-unlabeled", UNLABELED_STUDIES, UNLABELED_SEED, 0)
+    eval_dir = _synth(work / "phantom-heldout", EVAL_STUDIES, EVAL_SEED, 1024)
+    logger.info("data ready (%.0f s)", time.perf_counter() - t0)
+    records = read_records(train_dir)
+    det_dir, gen_dir = work / "detector", work / "generator"
+    unlabeled_note = f"unlabelled: {UNLABELED_STUDIES} phantom studies (seed {UNLABELED_SEED})"
+
+    if "detector" in stages and not (det_dir / "model.json").is_file():
+        tokenizer = build_tokenizer(records, min_frequency=int(GENERATOR["min_frequency"]))
+        cfg = get_preset(str(GENERATOR["preset"])).replace(vocab_size=tokenizer.vocab_size)
+        labeled = prepare_samples([r for r in records if r.split == "train"], cfg.image_size)
+        unlabeled = [
+            replace(s, boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long))
+            for s in prepare_samples(read_records(unl_dir), cfg.image_size)
+        ]
+        torch.manual_seed(int(DETECTOR["seed"]))
+        kept = train_detector(
+            D2RNet(cfg),
+            labeled,
+            unlabeled,
+            DetectorTrainConfig(**DETECTOR),
+            metrics_csv=work / "detector_metrics.csv",
+            log_every=25,
+        )
+        save_checkpoint(
+            kept,
+            tokenizer,
+            det_dir,
+            name=f"{MODEL_NAME}-detector",
+            version=MODEL_VERSION,
+            training_data=f"{describe_data(str(train_dir), records)}; {unlabeled_note}",
+        )
+        logger.info("detector ready (%.0f s)", time.perf_counter() - t0)
+
+    if "generator" in stages and not (gen_dir / "model" / "model.json").is_file():
+        config = TrainConfig(
+            data=str(train_dir), out=str(gen_dir), init_detector=str(det_dir), **GENERATOR
+        )
+        train(config, resume=(gen_dir / "state" / "last.pt").is_file())
+        logger.info("generator ready (%.0f s)", time.perf_counter() - t0)
+
+    if "finish" not in stages:
+        return None
+    return finish(out, work, eval_dir, records, unlabeled_note, t0)
+
+
+def finish(
+    out: Path,
+    work: Path,
+    eval_dir: Path,
+    records: list[Any],
+    unlabeled_note: str,
+    t0: float,
+) -> dict[str, Any]:
+    """Generator checkpoint -> ``out``; held-out evaluation, metrics and model card."""
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    from training.evaluation import write_outputs
+    from training.train import describe_data
+
+    generator = load_checkpoint(work / "generator" / "model")
+    if out.exists():
+        shutil.rmtree(out)
+    save_checkpoint(
+        generator.model,
+        generator.tokenizer,
+        out,
+        name=MODEL_NAME,
+        version=MODEL_VERSION,
+        training_data=(
+            f"{describe_data(str(work / 'phantom-train'), records)}; detector also saw "
+            f"{unlabeled_note}"
+        ),
+        half=bool(GENERATOR.get("half", False)),
+    )
+    metrics = evaluate_checkpoint(out, eval_dir)
+    write_outputs(metrics, work / "heldout" / "metrics.json")
+    summary = {
+        k: metrics[k] for k in ("bleu_1", "bleu_4", "meteor", "rouge_l", "cider", "ce_f1", "map50")
+    }
+    present = [v["f1"] for v in metrics["ce"]["per_label"].values() if v["support"] > 0]
+    summary.update(
+        ce_f1_present=sum(present) / len(present) if present else None,
+        ce_present_observations=len(present),
+        heldout_studies=EVAL_STUDIES,
+        heldout_seed=EVAL_SEED,
+        train_seed=TRAIN_SEED,
+        unlabeled_seed=UNLABELED_SEED,
+        wall_time_s=round(time.perf_counter() - t0),
+    )
+    (out / "heldout_metrics.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "MODEL_CARD.md").write_text(model_card(summary, metrics, out))
+    logger.info("held-out metrics: %s", summary)
+    return summary
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def model_card(summary: dict[str, Any], metrics: dict[str, Any], out: Path) -> str:
+    """``MODEL_CARD.md`` of the demo checkpoint, with the held-out phantom metrics."""
+    info = json.loads((out / "model.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    size_mb = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 1e6
+    per_class = (metrics.get("detection") or {}).get("per_class", {})
+    det_rows = "\n".join(
+        f"| {name} | {_fmt(v['ap'])} | {v['n_gt']} |" for name, v in per_class.items() if v["n_gt"]
+    )
+    arch = (
+        f"D2R-Net, `small` preset ({config['image_size']} px; detector FCOS "
+        f"`{config['detector_backbone']}`-FPN, global branch `{config['global_backbone']}` + "
+        f"CPCA, crop CNN with LERA, memory-driven decoder d {config['d_model']})"
+    )
+    vocab = (
+        f"{config['vocab_size']} ids (train split, minimum frequency {GENERATOR['min_frequency']})"
+    )
+    weights = "fp16 safetensors (upcast to fp32 on load)" if GENERATOR.get("half") else "fp32"
+    repro = "`python -m training.demo --out models/d2r-demo-phantom` (seeds in `training/demo.py`)"
+    keys = ("bleu_1", "bleu_4", "meteor", "rouge_l", "cider", "ce_f1", "ce_f1_present", "map50")
+    scores = " | ".join(_fmt(summary[k]) for k in keys)
+    n_present = summary["ce_present_observations"]
+    return f"""# Model card: {info["name"]} {info["version"]}
+
+**Synthetic phantom data only. Not for clinical use.** This model has never seen a real
+radiograph. It exists so that the reporting node works out of the box (demos, CI, integration
+tests); its name contains "demo" and "phantom", so every Structured Report it produces is
+labelled "not for diagnostic use".
+
+| | |
+|---|---|
+| Architecture | {arch} |
+| Vocabulary | {vocab} |
+| Checkpoint | `model.checkpoint` format 1, {weights}, {size_mb:.1f} MB |
+| Training data | {info["training_data"]} |
+| Hardware | CPU only (2 cores shared with other work) |
+| Reproduce | {repro} |
+
+## Training
+
+1. Detector: {DETECTOR["burn_in_steps"]} supervised burn-in steps (batch {DETECTOR["batch_size"]},
+   AdamW lr {DETECTOR["lr"]:g}, strong augmentation), then {DETECTOR["semi_steps"]} EMA
+   teacher-student steps on {UNLABELED_STUDIES} unlabelled phantom studies (seed
+   {UNLABELED_SEED}; pseudo-box threshold {DETECTOR["threshold"]}, keep rate
+   {DETECTOR["keep_rate"]}). The teacher is kept.
+2. Report generator: `d2r train` with the detector copied and frozen and the global branch's
+   ResNet (`{config["global_backbone"]}`, the detector's architecture) starting from the
+   detector's trained trunk; the local branch reads the annotated boxes (top
+   {config["num_boxes"]} per image). {GENERATOR["epochs"]} epochs at most, batch
+   {GENERATOR["batch_size"]}, Adam (amsgrad) lr {GENERATOR["lr"]:g} with a cosine schedule,
+   weight decay 5e-5, gradient clipping by value 0.1, LM + LAB + GAB (1:1:1, random 2-layer BERT
+   as the alignment text encoder), best epoch by validation BLEU-4. The learning rate is 5x the
+   paper's 1e-4 and the epoch count small so that the run fits a CPU budget.
+
+## Held-out evaluation
+
+{summary["heldout_studies"]} phantom studies from seed {summary["heldout_seed"]} (never used in
+training; training used seeds {summary["train_seed"]} and {summary["unlabeled_seed"]}), read from
+their DICOM files through the serving path (`model.predict.Predictor`) and scored by
+`training.evaluation.evaluate_records` (the code behind `d2r evaluate --model --data`). Phantom
+metrics are phantom metrics: they say nothing about clinical performance and must not be compared
+with MIMIC-CXR results.
+
+| BLEU-1 | BLEU-4 | METEOR | ROUGE-L | CIDEr | CE F1 (14 obs.) | CE F1 (present obs.) | mAP@0.5 |
+|---|---|---|---|---|---|---|---|
+| {scores} |
+
+CE is the rule-based CheXpert-style labeler of `d2r evaluate` (positive = label 1). The
+headline `ce_f1` averages F1 over all 14 observations with F1 = 0 for an observation that
+neither the references nor the reports contain; the phantom draws only {n_present} of them, so
+perfect reports would score {n_present}/14 = {n_present / 14:.3f}. The next column averages over
+the observations present in the references. mAP@0.5 is the lesion detection mean AP at IoU 0.5
+over the classes with ground truth.
+
+| Lesion class | AP@0.5 | boxes |
+|---|---|---|
+{det_rows}
+
+## Limits
+
+- Only the 11 lesion classes the phantom draws can be found; the other 11 VinDr-CXR classes
+  were never seen.
+- Reports follow the phantom's templates; wording, anatomy and noise of real radiographs are
+  out of distribution.
+- Laterality follows the phantom's geometry (the patient's right on the image's left).
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("models") / MODEL_NAME)
+    parser.add_argument("--work", type=Path, default=Path("var") / "demo-training")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--stage",
+        action="append",
+        choices=STAGES,
+        help="run only this stage (repeatable; default: all, in order)",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    stages = tuple(args.stage) if args.stage else STAGES
+    summary = run(args.out, args.work, threads=args.threads, stages=stages)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
