@@ -20,10 +20,16 @@ if (( rc == 0 )); then
   python - <<'PY'
 import sys, xml.etree.ElementTree as ET
 root = ET.parse("test-artifacts/junit.xml").getroot()
-suites = [root] if root.tag == "testsuite" else list(root)
-skipped = sum(int(s.get("skipped", 0)) for s in suites)
+skipped, xfailed = [], []
+for case in root.iter("testcase"):
+    for s in case.findall("skipped"):
+        name = f"{case.get('classname')}::{case.get('name')}"
+        (xfailed if s.get("type") == "pytest.xfail" else skipped).append(name)
+for name in xfailed:
+    print(f"expected failure (a known gap, not a pass): {name}")
 if skipped:
-    print(f"{skipped} test(s) skipped: a peer or tool is missing", file=sys.stderr)
+    print(f"{len(skipped)} test(s) skipped: a peer or tool is missing", file=sys.stderr)
+    print("\n".join(skipped), file=sys.stderr)
     sys.exit(1)
 PY
 fi

@@ -167,7 +167,9 @@ def run(
             det_dir,
             name=f"{MODEL_NAME}-detector",
             version=MODEL_VERSION,
-            training_data=f"{describe_data(str(train_dir), records)}; {unlabeled_note}",
+            training_data=(
+                f"{describe_data(f'd2r synth --seed {TRAIN_SEED}', records)}; {unlabeled_note}"
+            ),
         )
         logger.info("detector ready (%.0f s)", time.perf_counter() - t0)
 
@@ -206,7 +208,7 @@ def finish(
         name=MODEL_NAME,
         version=MODEL_VERSION,
         training_data=(
-            f"{describe_data(str(work / 'phantom-train'), records)}; detector also saw "
+            f"{describe_data(f'd2r synth --seed {TRAIN_SEED}', records)}; detector also saw "
             f"{unlabeled_note}"
         ),
         half=bool(GENERATOR.get("half", False)),
