@@ -70,7 +70,7 @@ class Stack:
     # -- processes ---------------------------------------------------------------------------
     def start_redis(self) -> None:
         if self.redis_port:
-            self.redis = _redis_on(self.tmp, self.redis_port)
+            self.redis, _ = start_redis(self.tmp, self.redis_port)
         else:
             self.redis, url = start_redis(self.tmp)
             self.redis_port = int(url.rsplit(":", 1)[1].split("/")[0])
@@ -147,28 +147,6 @@ class Stack:
         view = self.view(study_uid)
         assert view is not None
         assert len(reported) == view.generation, [(e.kind, e.detail) for e in events]
-
-
-def _redis_on(tmp: Path, port: int) -> Process:
-    proc = Process(
-        [
-            "/usr/bin/redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp),
-        ],  # fmt: skip
-        env=os.environ,
-        log=tmp / "redis.log",
-    )
-    wait_port(port)
-    return proc
 
 
 def make_stack(orthanc_factory: Any, model_dir: Path, tmp: Path, **env: str) -> Stack:

@@ -111,10 +111,13 @@ def run_d2r(
     )
 
 
-def start_redis(workdir: Path) -> tuple[Process, str]:
-    """A private redis-server on a free loopback port; returns it and its URL."""
+def start_redis(workdir: Path, port: int | None = None) -> tuple[Process, str]:
+    """A private redis-server on loopback (a free port unless given); returns it and its URL.
+
+    Nothing is persisted: a restart on the same port is an empty broker, as after a crash.
+    """
     exe = shutil.which("redis-server") or "/usr/bin/redis-server"
-    port = free_port()
+    port = port or free_port()
     proc = Process(
         [
             exe,
