@@ -86,33 +86,10 @@ def _synth(out: Path, studies: int, seed: int, dicom_size: int) -> Path:
 
 def evaluate_checkpoint(model_dir: Path, data: Path, split: str | None = None) -> dict[str, Any]:
     """Run the checkpoint on a phantom folder's DICOM files and score it (NLG, CE, mAP@0.5)."""
-    import pydicom
-
-    from model.predict import Predictor
     from training.evaluation import evaluate_records
-    from training.evaluation.records import record_from_dict
+    from training.evaluation.predictions import predict_phantom_records
 
-    predictor = Predictor.from_checkpoint(model_dir)
-    records = []
-    for line in (data / "studies.jsonl").read_text().splitlines():
-        entry = json.loads(line)
-        if split is not None and entry.get("split") != split:
-            continue
-        pred = predictor.predict([pydicom.dcmread(data / p) for p in entry["dicom"]])
-        records.append(
-            record_from_dict(
-                {
-                    "id": entry["id"],
-                    "reference": entry["reference"],
-                    "generated": pred.findings,
-                    "gt_lesions": entry["gt_lesions"],
-                    "pred_lesions": [
-                        {"class_name": le.class_name, "score": le.score, "box": list(le.box)}
-                        for le in pred.lesions
-                    ],
-                }
-            )
-        )
+    records = predict_phantom_records(model_dir, data, split)
     return evaluate_records(records)
 
 

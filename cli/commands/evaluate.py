@@ -41,38 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _predict_records(model: str, data: str, split: str) -> list[Any]:
-    import json
     from pathlib import Path
 
-    import pydicom
+    from training.evaluation.predictions import predict_phantom_records
 
-    from model.predict import Predictor
-    from training.evaluation.records import record_from_dict
-
-    predictor = Predictor.from_checkpoint(Path(model))
-    root = Path(data)
-    records = []
-    for line in (root / "studies.jsonl").read_text().splitlines():
-        entry = json.loads(line)
-        if (split != "all" and entry.get("split") != split) or not entry.get("dicom"):
-            continue
-        datasets = [pydicom.dcmread(root / p) for p in entry["dicom"]]
-        pred = predictor.predict(datasets)
-        records.append(
-            record_from_dict(
-                {
-                    "id": entry["id"],
-                    "reference": entry["reference"],
-                    "generated": pred.findings,
-                    "gt_lesions": entry["gt_lesions"],
-                    "pred_lesions": [
-                        {"class_name": le.class_name, "score": le.score, "box": list(le.box)}
-                        for le in pred.lesions
-                    ],
-                }
-            )
-        )
-    return records
+    return predict_phantom_records(Path(model), Path(data), None if split == "all" else split)
 
 
 def run(args: argparse.Namespace) -> int:

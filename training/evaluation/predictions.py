@@ -1,0 +1,42 @@
+"""Run a checkpoint over a ``d2r synth`` folder and turn its output into evaluation records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def predict_phantom_records(model_dir: Path, data: Path, split: str | None = None) -> list[Any]:
+    """One record per study of ``data/studies.jsonl`` (``split`` None: every study).
+
+    Studies written without DICOM files (``d2r synth --dicom-size 0``) cannot be run and are
+    left out; the records' count is reported in ``metrics.json`` (``meta.n``).
+    """
+    import pydicom
+
+    from model.predict import Predictor
+    from training.evaluation.records import record_from_dict
+
+    predictor = Predictor.from_checkpoint(model_dir)
+    records = []
+    for line in (data / "studies.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        if (split is not None and entry.get("split") != split) or not entry.get("dicom"):
+            continue
+        pred = predictor.predict([pydicom.dcmread(data / p) for p in entry["dicom"]])
+        records.append(
+            record_from_dict(
+                {
+                    "id": entry["id"],
+                    "reference": entry["reference"],
+                    "generated": pred.findings,
+                    "gt_lesions": entry["gt_lesions"],
+                    "pred_lesions": [
+                        {"class_name": le.class_name, "score": le.score, "box": list(le.box)}
+                        for le in pred.lesions
+                    ],
+                }
+            )
+        )
+    return records
