@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
-EXIT_USAGE = 2
-EXIT_FAILURE = 1
+from cli.offline import EXIT_FAILURE, EXIT_USAGE, checkpoint_problem, fail
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,17 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _fail(message: str, code: int) -> int:
-    print(f"d2r build-engine: {message}", file=sys.stderr)
-    return code
-
-
 def run(args: argparse.Namespace) -> int:
     model_dir = args.model or os.environ.get("D2R_MODEL")
-    if not model_dir:
-        return _fail("no model: pass --model DIR or set D2R_MODEL", EXIT_USAGE)
-    if not Path(model_dir).is_dir():
-        return _fail(f"{model_dir}: not a checkpoint directory", EXIT_USAGE)
+    if problem := checkpoint_problem(model_dir):
+        return fail("build-engine", problem, EXIT_USAGE)
+    assert model_dir is not None  # checked above
     from trt_build.build import BuildOptions, build_engines
     from trt_build.errors import TrtBuildError
 
@@ -55,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
             workspace_gib=args.workspace_gib,
         )
     except ValueError as e:
-        return _fail(str(e), EXIT_USAGE)
+        return fail("build-engine", str(e), EXIT_USAGE)
     from model.errors import ModelError
 
     try:
@@ -66,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
             onnx_dir=Path(args.onnx) if args.onnx else None,
         )
     except (TrtBuildError, ModelError) as e:
-        return _fail(str(e), EXIT_FAILURE)
+        return fail("build-engine", str(e), EXIT_FAILURE)
     print(
         f"built {', '.join(manifest.engines.values())} ({manifest.precision}, "
         f"{manifest.gpu_name}, TensorRT {manifest.tensorrt_version}) in "

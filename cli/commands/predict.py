@@ -5,11 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
-EXIT_USAGE = 2
-EXIT_FAILURE = 1
+from cli.offline import EXIT_FAILURE, EXIT_USAGE, fail
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,17 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _fail(message: str, code: int) -> int:
-    print(f"d2r predict: {message}", file=sys.stderr)
-    return code
-
-
 def run(args: argparse.Namespace) -> int:
     from worker.settings import default_model_path
 
     model_dir = args.model or os.environ.get("D2R_MODEL") or default_model_path()
     if not model_dir:
-        return _fail("no model: pass --model DIR or set D2R_MODEL", EXIT_USAGE)
+        return fail("predict", "no model: pass --model DIR or set D2R_MODEL", EXIT_USAGE)
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -77,11 +70,11 @@ def run(args: argparse.Namespace) -> int:
     for name in args.files:
         path = Path(name)
         if not path.is_file():
-            return _fail(f"{name}: no such file", EXIT_USAGE)
+            return fail("predict", f"{name}: no such file", EXIT_USAGE)
         try:
             datasets.append(pydicom.dcmread(path))
         except (InvalidDicomError, OSError, ValueError) as e:
-            return _fail(f"{name}: not a readable DICOM file ({e})", EXIT_USAGE)
+            return fail("predict", f"{name}: not a readable DICOM file ({e})", EXIT_USAGE)
     try:
         predictor = Predictor.from_checkpoint(
             Path(model_dir),
@@ -93,13 +86,13 @@ def run(args: argparse.Namespace) -> int:
             engine_setting=engine_setting,
         )
     except CheckpointError as e:
-        return _fail(f"bad checkpoint {model_dir}: {e}", EXIT_FAILURE)
+        return fail("predict", f"bad checkpoint {model_dir}: {e}", EXIT_FAILURE)
     except BackendError as e:
-        return _fail(str(e), EXIT_USAGE)
+        return fail("predict", str(e), EXIT_USAGE)
     try:
         result = predictor.predict(datasets)
     except ModelError as e:
-        return _fail(f"{args.files[0]}: {e}", EXIT_FAILURE)
+        return fail("predict", f"{args.files[0]}: {e}", EXIT_FAILURE)
     if args.json:
         print(
             json.dumps(
