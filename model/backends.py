@@ -64,8 +64,11 @@ class InferenceBackend(Protocol):
         ``bbox_ctrness (B,A,1)``."""
         ...
 
-    def visual(self, image: Tensor, boxes: Tensor, box_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Image, boxes ``(B,K,4)``, mask ``(B,K)`` -> ``enc (B,L,d)``, ``enc_mask (B,L)``."""
+    def visual(
+        self, image: Tensor, boxes: Tensor, box_mask: Tensor, box_scores: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Image, boxes ``(B,K,4)``, mask ``(B,K)``, class scores ``(B,K,C)`` -> ``enc (B,L,d)``,
+        ``enc_mask (B,L)``."""
         ...
 
     def decoder_step(
@@ -121,8 +124,10 @@ def run_graphs(
         max_detections=cfg.num_boxes,
         class_agnostic=True,
     )
-    boxes, box_mask = select_boxes(box_dets, cfg.num_boxes, image.device)
-    enc, enc_mask = backend.visual(image, boxes, box_mask)
+    boxes, box_mask, box_scores = select_boxes(
+        box_dets, cfg.num_boxes, cfg.num_classes, image.device
+    )
+    enc, enc_mask = backend.visual(image, boxes, box_mask, box_scores)
     decoder = _StepDecoder(backend, host.decoder.memory)
     ids = beam_search(
         cast(ReportDecoder, decoder),  # duck-typed: step() and memory.initial()
@@ -161,8 +166,10 @@ class TorchBackend:
     def detector(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return cast(tuple[Tensor, Tensor, Tensor], self._detector(image))
 
-    def visual(self, image: Tensor, boxes: Tensor, box_mask: Tensor) -> tuple[Tensor, Tensor]:
-        return cast(tuple[Tensor, Tensor], self._visual(image, boxes, box_mask))
+    def visual(
+        self, image: Tensor, boxes: Tensor, box_mask: Tensor, box_scores: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        return cast(tuple[Tensor, Tensor], self._visual(image, boxes, box_mask, box_scores))
 
     def decoder_step(
         self, tokens: Tensor, memory_in: Tensor, enc: Tensor, enc_mask: Tensor
@@ -267,8 +274,11 @@ class OnnxRuntimeBackend:
         cls, reg, ctr = self._run("detector", {"image": image})
         return cls, reg, ctr
 
-    def visual(self, image: Tensor, boxes: Tensor, box_mask: Tensor) -> tuple[Tensor, Tensor]:
-        enc, mask = self._run("visual", {"image": image, "boxes": boxes, "box_mask": box_mask})
+    def visual(
+        self, image: Tensor, boxes: Tensor, box_mask: Tensor, box_scores: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        feeds = {"image": image, "boxes": boxes, "box_mask": box_mask, "box_scores": box_scores}
+        enc, mask = self._run("visual", feeds)
         return enc, mask
 
     def decoder_step(
@@ -524,8 +534,10 @@ class TensorRTBackend:
         cls, reg, ctr = self._engines["detector"]({"image": image})
         return cls, reg, ctr
 
-    def visual(self, image: Tensor, boxes: Tensor, box_mask: Tensor) -> tuple[Tensor, Tensor]:
-        feeds = {"image": image, "boxes": boxes, "box_mask": box_mask}
+    def visual(
+        self, image: Tensor, boxes: Tensor, box_mask: Tensor, box_scores: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        feeds = {"image": image, "boxes": boxes, "box_mask": box_mask, "box_scores": box_scores}
         enc, mask = self._engines["visual"](feeds)
         return enc, mask
 

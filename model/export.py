@@ -2,7 +2,8 @@
 
 ``detector.onnx``       image (B,1,S,S) -> cls_logits (B,A,C), bbox_regression (B,A,4),
                         bbox_ctrness (B,A,1); decoding + NMS stay on the host
-``visual.onnx``         image, boxes (B,K,4), box_mask (B,K) -> enc (B,L,d), enc_mask (B,L)
+``visual.onnx``         image, boxes (B,K,4), box_mask (B,K), box_scores (B,K,C)
+                        -> enc (B,L,d), enc_mask (B,L)
 ``decoder_step.onnx``   tokens (B,T), memory_in (B,T,M,d), enc, enc_mask
                         -> logprobs (B,V), memory_out (B,M,d)
 
@@ -61,8 +62,10 @@ class VisualGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, image: Tensor, boxes: Tensor, box_mask: Tensor) -> tuple[Tensor, Tensor]:
-        return self.model.encode(image, boxes, box_mask)
+    def forward(
+        self, image: Tensor, boxes: Tensor, box_mask: Tensor, box_scores: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        return self.model.encode(image, boxes, box_mask, box_scores)
 
 
 class DecoderStepGraph(nn.Module):
@@ -85,6 +88,7 @@ class ExampleInputs:
     image: Tensor
     boxes: Tensor
     box_mask: Tensor
+    box_scores: Tensor
     tokens: Tensor
     memory_in: Tensor
     enc: Tensor
@@ -105,7 +109,10 @@ def example_inputs(
     boxes = torch.cat([xy, xy + wh], dim=-1)
     box_mask = torch.ones(batch, k, dtype=torch.bool)
     box_mask[0, -1] = False
-    enc, enc_mask = model.encode(image, boxes, box_mask)
+    labels = torch.randint(0, cfg.num_classes, (batch, k), generator=g)
+    box_scores = torch.nn.functional.one_hot(labels, cfg.num_classes).float()
+    box_scores = box_scores * torch.rand(batch, k, 1, generator=g) * box_mask[..., None]
+    enc, enc_mask = model.encode(image, boxes, box_mask, box_scores)
     ids = torch.randint(5, cfg.vocab_size, (batch, tokens), generator=g)
     ids[:, 0] = 1
     mem = model.decoder.memory.initial(batch)
@@ -114,7 +121,9 @@ def example_inputs(
     for i in range(tokens - 1):
         mem = model.decoder.memory(mem, emb[:, i])
         states.append(mem)
-    return ExampleInputs(image, boxes, box_mask, ids, torch.stack(states, dim=1), enc, enc_mask)
+    return ExampleInputs(
+        image, boxes, box_mask, box_scores, ids, torch.stack(states, dim=1), enc, enc_mask
+    )
 
 
 def export_onnx(
@@ -141,10 +150,10 @@ def export_onnx(
         ),
         "visual": (
             VisualGraph(model),
-            (ex.image, ex.boxes, ex.box_mask),
-            ["image", "boxes", "box_mask"],
+            (ex.image, ex.boxes, ex.box_mask, ex.box_scores),
+            ["image", "boxes", "box_mask", "box_scores"],
             ["enc", "enc_mask"],
-            {"image": {0: b}, "boxes": {0: b}, "box_mask": {0: b}},
+            {"image": {0: b}, "boxes": {0: b}, "box_mask": {0: b}, "box_scores": {0: b}},
         ),
         "decoder_step": (
             DecoderStepGraph(model),

@@ -8,7 +8,8 @@ Inference path (:class:`D2RNet`)::
 
     image (B,1,S,S) in [0,1] -> InputStem -> (B,3,S,S) ImageNet-normalised
       -> LesionDetector.dense  -> (B,A,C),(B,A,4),(B,A,1)  -> host: decode + NMS -> boxes
-      -> VisualEncoder(image, boxes (B,K,4), box_mask (B,K)) -> tokens (B,N+K,D), mask
+      -> VisualEncoder(image, boxes (B,K,4), box_mask (B,K), box_scores (B,K,C))
+           -> tokens (B,N+K,D), mask
       -> ReportDecoder.encode -> (B,N+K,d) -> generate()/step() -> token ids
 
 Training-time alignment losses (LAB, GAB and their text encoder) live in
@@ -218,17 +219,26 @@ def _block_out_channels(block: nn.Module) -> int:
 
 
 def select_boxes(
-    detections: list[Detections], num_boxes: int, device: torch.device | str = "cpu"
-) -> tuple[Tensor, Tensor]:
-    """Top-K boxes per image -> padded ``(B,K,4)`` boxes and ``(B,K)`` validity mask."""
-    boxes = torch.zeros(len(detections), num_boxes, 4, device=device)
-    mask = torch.zeros(len(detections), num_boxes, dtype=torch.bool, device=device)
+    detections: list[Detections],
+    num_boxes: int,
+    num_classes: int,
+    device: torch.device | str = "cpu",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-K boxes per image -> padded ``(B,K,4)`` boxes, ``(B,K)`` validity mask and
+    ``(B,K,C)`` box class scores (the detection's score at its class, 0 elsewhere)."""
+    b = len(detections)
+    boxes = torch.zeros(b, num_boxes, 4, device=device)
+    mask = torch.zeros(b, num_boxes, dtype=torch.bool, device=device)
+    scores = torch.zeros(b, num_boxes, num_classes, device=device)
     for i, det in enumerate(detections):
         n = min(num_boxes, det.boxes.shape[0])
         order = det.scores.argsort(descending=True)[:n]
         boxes[i, :n] = det.boxes[order]
         mask[i, :n] = True
-    return boxes, mask
+        scores[i, torch.arange(n, device=device), det.labels[order]] = det.scores[order].to(
+            scores.dtype
+        )
+    return boxes, mask, scores
 
 
 # --------------------------------------------------------------------------- global branch
@@ -263,8 +273,10 @@ class CPCA(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.inp(x)
-        avg = F.adaptive_avg_pool2d(x, 1)
-        mx = F.adaptive_max_pool2d(x, 1)
+        # plain reductions, not adaptive_{avg,max}_pool2d: the same values, and torch < 2.14's
+        # ONNX exporter has no conversion for adaptive_max_pool2d
+        avg = x.mean(dim=(2, 3), keepdim=True)
+        mx = x.amax(dim=(2, 3), keepdim=True)
         x = x * (torch.sigmoid(self.mlp(avg)) + torch.sigmoid(self.mlp(mx)))  # (B,C,H,W)
         base = self.dw5(x)
         spatial = base + sum((s(base) for s in self.strips), torch.zeros_like(base))
@@ -273,7 +285,11 @@ class CPCA(nn.Module):
 
 
 class GlobalBranch(nn.Module):
-    """ResNet trunk + CPCA + bias-free 1x1 projection -> patch tokens ``(B,N,D)``."""
+    """ResNet trunk + CPCA + bias-free 1x1 projection -> patch tokens ``(B,N,D)``.
+
+    Each patch token carries a learned embedding of its grid position (stride 32), so the
+    decoder can tell where a finding is (the patient's right from the left, apex from base).
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -284,6 +300,9 @@ class GlobalBranch(nn.Module):
         channels = int(r.fc.in_features)
         self.cpca = CPCA(channels, cfg.cpca_reduction)
         self.proj = nn.Conv2d(channels, cfg.visual_dim, 1, bias=False)
+        side = -(-cfg.image_size // 32)  # ResNet output stride
+        self.positions = nn.Parameter(torch.zeros(1, side * side, cfg.visual_dim))
+        nn.init.trunc_normal_(self.positions, std=0.02)
 
     def load_trunk_weights(self, path: Path) -> None:
         """Load ResNet weights (torchvision key names, ``fc.*`` ignored) from a local file."""
@@ -305,9 +324,12 @@ class GlobalBranch(nn.Module):
                 f"{path.name}: ResNet weights lack {len(missing)} keys, e.g. {missing[0]}"
             )
 
-    def forward(self, x: Tensor) -> Tensor:
-        f = self.proj(self.cpca(self.trunk(x)))  # (B,D,S/32,S/32)
-        return f.flatten(2).transpose(1, 2)  # type: ignore[no-any-return]  # (B,N,D)
+    def forward(self, x: Tensor, trunk_features: Tensor | None = None) -> Tensor:
+        """Normalised image -> ``(B,N,D)``; ``trunk_features`` (the trunk's output for ``x``,
+        computed earlier) skips the trunk, for training with a frozen trunk."""
+        f = self.trunk(x) if trunk_features is None else trunk_features
+        f = self.proj(self.cpca(f))  # (B,D,S/32,S/32)
+        return f.flatten(2).transpose(1, 2) + self.positions  # type: ignore[no-any-return]
 
 
 # --------------------------------------------------------------------------- local branch
@@ -413,22 +435,35 @@ class CropCNN(nn.Module):
 
 
 class LocalBranch(nn.Module):
-    """Lesion crops -> LERA -> crop CNN -> region tokens ``(B,K,D)``."""
+    """Lesion crops -> LERA -> crop CNN, plus what the detector says of each box -> region
+    tokens ``(B,K,D)``.
+
+    A region token is the sum of three parts: the crop's appearance (LERA + crop CNN), the
+    detector's class scores of the box (a bias-free linear map of the ``(C,)`` score vector,
+    so a low-confidence box says less), and the box geometry (centre, width and height as
+    fractions of the image, through a small MLP; it carries laterality and zone).
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.crop_size = cfg.crop_size
         self.lera = LERA(cfg.lera_hidden)
         self.cnn = CropCNN(cfg.crop_channels)
+        d = cfg.visual_dim
+        self.classes = nn.Linear(cfg.num_classes, d, bias=False)
+        self.geometry = nn.Sequential(nn.Linear(4, d), nn.ReLU(inplace=True), nn.Linear(d, d))
 
-    def forward(self, image: Tensor, boxes: Tensor, box_mask: Tensor) -> Tensor:
+    def forward(self, image: Tensor, boxes: Tensor, box_mask: Tensor, box_scores: Tensor) -> Tensor:
         b, k = boxes.shape[0], boxes.shape[1]
         size = float(image.shape[-1])
         full = torch.tensor([0.0, 0.0, size, size], dtype=boxes.dtype, device=boxes.device)
         safe = torch.where(box_mask[..., None], boxes, full)  # padding boxes never yield NaN
         crops = crop_boxes(image, safe, self.crop_size).expand(-1, 3, -1, -1)  # (BK,3,c,c)
-        tokens: Tensor = self.cnn(self.lera(crops))  # (BK,D)
-        return tokens.reshape(b, k, -1)  # (B,K,D)
+        appearance = self.cnn(self.lera(crops)).reshape(b, k, -1)  # (B,K,D)
+        x0, y0, x1, y1 = (safe / size).unbind(-1)
+        geometry = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+        tokens: Tensor = appearance + self.classes(box_scores) + self.geometry(geometry)
+        return tokens  # (B,K,D)
 
 
 @dataclass(frozen=True)
@@ -462,10 +497,18 @@ class VisualEncoder(nn.Module):
         self.local_branch = LocalBranch(cfg)
 
     def forward(
-        self, image: Tensor, normalised: Tensor, boxes: Tensor, box_mask: Tensor
+        self,
+        image: Tensor,
+        normalised: Tensor,
+        boxes: Tensor,
+        box_mask: Tensor,
+        box_scores: Tensor,
+        trunk_features: Tensor | None = None,
     ) -> VisualFeatures:
         return VisualFeatures(
-            self.global_branch(normalised), self.local_branch(image, boxes, box_mask), box_mask
+            self.global_branch(normalised, trunk_features),
+            self.local_branch(image, boxes, box_mask, box_scores),
+            box_mask,
         )
 
 
@@ -593,6 +636,20 @@ class DecoderLayer(nn.Module):
         out: Tensor = x + self.drop(self.ff(self.n3(x, memory)))
         return out
 
+    def forward_last(self, x: Tensor, memory: Tensor, enc: Tensor, enc_mask: Tensor) -> Tensor:
+        """:meth:`forward` of the last position only: ``(B,T,d)`` -> ``(B,1,d)``.
+
+        The last position attends to every earlier one (its causal-mask row is all True), so
+        only its keys/values need the whole prefix; its query, cross-attention and
+        feed-forward are computed for one position instead of ``T``.
+        """
+        h = self.n1(x, memory)  # (B,T,d): keys and values of the prefix
+        x = x[:, -1:] + self.drop(self.self_attn(h[:, -1:], h))
+        last = memory[:, -1:]
+        x = x + self.drop(self.cross_attn(self.n2(x, last), enc, enc_mask))
+        out: Tensor = x + self.drop(self.ff(self.n3(x, last)))
+        return out
+
 
 def sinusoid_positions(length: int, d: int) -> Tensor:
     """Standard sinusoidal position table ``(length, d)``."""
@@ -690,13 +747,24 @@ class ReportDecoder(nn.Module):
             Log-probs of the next token ``(B,V)`` and the memory after the last
             token ``(B,M,d)`` (append it to ``memory_in`` for the next step).
         """
-        b, t = tokens.shape
+        t = tokens.shape[1]
         emb = self.embed_tokens(tokens)  # (B,T,d)
-        after = self.memory(
-            memory_in.reshape(b * t, self.slots, self.d), emb.reshape(b * t, self.d)
-        ).reshape(b, t, self.slots, self.d)
-        logp = self._decode(emb, after.flatten(2), enc, enc_mask)
-        return logp[:, -1], after[:, -1]
+        # Only the last token updates the memory: the memory after token i < T-1 is the
+        # memory before token i+1, memory_in[:, i+1]. Only the last position's log-probs are
+        # needed, so the last decoder layer, the final norm and the vocabulary projection run
+        # for that position alone (the earlier layers still need every position).
+        new = self.memory(memory_in[:, -1], emb[:, -1])  # (B,M,d)
+        after = torch.cat([memory_in, new[:, None]], dim=1)[:, 1:].flatten(2)  # (B,T,M*d)
+        causal = torch.ones(t, t, dtype=torch.bool, device=emb.device).tril()[None, None]
+        m = enc_mask[:, None, None, :]
+        x = emb
+        for layer in self.layers[:-1]:
+            x = layer(x, after, causal, enc, m)
+        last = self.layers[-1]
+        assert isinstance(last, DecoderLayer)
+        x = last.forward_last(x, after, enc, m)  # (B,1,d)
+        logits = self.out(self.final_norm(x, after[:, -1:]))[:, 0]  # (B,V)
+        return torch.log_softmax(logits, dim=-1), new
 
 
 # --------------------------------------------------------------------------- generation
@@ -738,16 +806,15 @@ def beam_search(
         logp = logp.clone()
         logp[:, PAD_ID] = float("-inf")
         logp[:, BOS_ID] = float("-inf")
-        seqs = tokens.tolist()
-        for row, seq in enumerate(seqs):
-            if SEP_ID in seq:
-                logp[row, SEP_ID] = float("-inf")
-            if no_repeat_trigram:
+        # tensor ops, not a Python loop over rows: this runs once per generated token
+        logp[:, SEP_ID].masked_fill_((tokens == SEP_ID).any(dim=1), float("-inf"))
+        if no_repeat_trigram:
+            for row, seq in enumerate(tokens.tolist()):
                 for tok in _banned_trigram_tokens(seq):
                     logp[row, tok] = float("-inf")
         done = finished.flatten()
-        logp[done] = float("-inf")
-        logp[done, PAD_ID] = 0.0  # finished beams only extend with PAD at no cost
+        logp.masked_fill_(done[:, None], float("-inf"))
+        logp[:, PAD_ID].masked_fill_(done, 0.0)  # finished beams only extend with PAD at no cost
         vocab = logp.shape[-1]
         cand = (scores.flatten()[:, None] + logp).view(b, k * vocab)
         top, idx = cand.topk(k, dim=-1)  # (B,k)
@@ -785,19 +852,33 @@ class D2RNet(nn.Module):
         if global_weights is not None:
             self.visual.global_branch.load_trunk_weights(global_weights)
 
-    def encode(self, image: Tensor, boxes: Tensor, box_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Image ``(B,1,S,S)``, boxes ``(B,K,4)``, mask ``(B,K)`` -> encoder states and mask."""
-        feats = self.visual(image, self.stem(image), boxes, box_mask)
+    def encode(
+        self, image: Tensor, boxes: Tensor, box_mask: Tensor, box_scores: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Image ``(B,1,S,S)``, boxes ``(B,K,4)``, mask ``(B,K)``, class scores ``(B,K,C)``
+        -> encoder states and mask."""
+        feats = self.visual(image, self.stem(image), boxes, box_mask, box_scores)
         return self.decoder.encode(feats.tokens, feats.mask), feats.mask
 
-    def visual_features(self, image: Tensor, boxes: Tensor, box_mask: Tensor) -> VisualFeatures:
-        """Patch and region tokens (for training-time alignment losses)."""
-        feats: VisualFeatures = self.visual(image, self.stem(image), boxes, box_mask)
+    def visual_features(
+        self,
+        image: Tensor,
+        boxes: Tensor,
+        box_mask: Tensor,
+        box_scores: Tensor,
+        trunk_features: Tensor | None = None,
+    ) -> VisualFeatures:
+        """Patch and region tokens (training); ``trunk_features`` as in :class:`GlobalBranch`."""
+        feats: VisualFeatures = self.visual(
+            image, self.stem(image), boxes, box_mask, box_scores, trunk_features
+        )
         return feats
 
-    def forward(self, image: Tensor, boxes: Tensor, box_mask: Tensor, tokens: Tensor) -> Tensor:
+    def forward(
+        self, image: Tensor, boxes: Tensor, box_mask: Tensor, box_scores: Tensor, tokens: Tensor
+    ) -> Tensor:
         """Teacher forcing on ids ``(B,T)``: log-probs ``(B,T-1,V)`` of ``tokens[:, 1:]``."""
-        enc, mask = self.encode(image, boxes, box_mask)
+        enc, mask = self.encode(image, boxes, box_mask, box_scores)
         out: Tensor = self.decoder(enc, mask, tokens[:, :-1])
         return out
 
@@ -822,8 +903,9 @@ class D2RNet(nn.Module):
         )
 
     @torch.no_grad()
-    def generator_boxes(self, image: Tensor) -> tuple[Tensor, Tensor]:
-        """Top-K class-agnostic boxes above ``box_score_threshold`` -> ``(B,K,4)``, ``(B,K)``."""
+    def generator_boxes(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Top-K class-agnostic boxes above ``box_score_threshold`` -> ``(B,K,4)`` boxes,
+        ``(B,K)`` mask, ``(B,K,C)`` class scores (see :func:`select_boxes`)."""
         c = self.config
         dets = self.detect(
             image,
@@ -832,7 +914,7 @@ class D2RNet(nn.Module):
             max_detections=c.num_boxes,
             class_agnostic=True,
         )
-        return select_boxes(dets, c.num_boxes, image.device)
+        return select_boxes(dets, c.num_boxes, c.num_classes, image.device)
 
     @torch.no_grad()
     def generate(
@@ -840,6 +922,7 @@ class D2RNet(nn.Module):
         image: Tensor,
         boxes: Tensor,
         box_mask: Tensor,
+        box_scores: Tensor,
         *,
         beam_size: int | None = None,
         max_tokens: int | None = None,
@@ -847,7 +930,7 @@ class D2RNet(nn.Module):
     ) -> list[list[int]]:
         """Report ids per image (no BOS/EOS); defaults come from the config."""
         c = self.config
-        enc, mask = self.encode(image, boxes, box_mask)
+        enc, mask = self.encode(image, boxes, box_mask, box_scores)
         return beam_search(
             self.decoder,
             enc,

@@ -261,16 +261,20 @@ class SampleDataset(torch.utils.data.Dataset[tuple[int, Sample]]):
         return index, s
 
 
-def generator_boxes(sample: Sample, num_boxes: int) -> tuple[Tensor, Tensor]:
-    """The top ``num_boxes`` boxes by score -> ``(K,4)`` boxes and ``(K,)`` mask."""
+def generator_boxes(sample: Sample, num_boxes: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The top ``num_boxes`` boxes by score -> ``(K,4)`` boxes, ``(K,)`` mask and ``(K,C)``
+    class scores (the box's score at its class: 1 for an annotated box, the pseudo-label
+    score for a pseudo-box), as :func:`model.modeling.select_boxes` gives them at inference."""
     boxes = torch.zeros(num_boxes, 4)
     mask = torch.zeros(num_boxes, dtype=torch.bool)
+    scores = torch.zeros(num_boxes, len(VINDR_CLASSES))
     n = min(num_boxes, sample.boxes.shape[0])
     if n:
         order = sample.scores.argsort(descending=True, stable=True)[:n]
         boxes[:n] = sample.boxes[order]
         mask[:n] = True
-    return boxes, mask
+        scores[torch.arange(n), sample.labels[order]] = sample.scores[order]
+    return boxes, mask, scores
 
 
 def collate_reports(batch: Sequence[tuple[int, Sample]], num_boxes: int) -> dict[str, Any]:
@@ -288,8 +292,9 @@ def collate_reports(batch: Sequence[tuple[int, Sample]], num_boxes: int) -> dict
         "ids": [s.id for s in samples],
         "images": torch.stack([s.image for s in samples]),
         "tokens": tokens,
-        "boxes": torch.stack([b for b, _ in gb]),
-        "box_mask": torch.stack([m for _, m in gb]),
+        "boxes": torch.stack([g[0] for g in gb]),
+        "box_mask": torch.stack([g[1] for g in gb]),
+        "box_scores": torch.stack([g[2] for g in gb]),
         "targets": [{"boxes": s.boxes, "labels": s.labels} for s in samples],
         "findings": [s.findings for s in samples],
         "impressions": [s.impression for s in samples],

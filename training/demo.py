@@ -40,7 +40,7 @@ MODEL_VERSION = "1.0.0"
 
 #: detector stage of the demo (see training.detector.DetectorTrainConfig)
 DETECTOR: dict[str, Any] = {
-    "burn_in_steps": 420,
+    "burn_in_steps": 600,
     "semi_steps": 30,
     "batch_size": 8,
     "unlabeled_batch_size": 8,

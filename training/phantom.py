@@ -11,6 +11,14 @@ Geometry lives in normalised image coordinates ``(u, v)`` in ``[0, 1]`` (``u`` =
 is on the image's left (``u < 0.5``). Intensities are drawn as a MONOCHROME2 image in
 ``[0, 1]`` (air dark, bone bright).
 
+What is drawn: normal anatomy (body outline, lungs, trachea and main bronchi, mediastinum, heart,
+aortic knob, spine, ribs, clavicles), the VinDr-CXR local classes of :data:`PHANTOM_CLASSES`
+(each with a box: the bounding box of the pixels its drawing changes) and support devices
+(:class:`Device`: an endotracheal tube and a right internal jugular central venous catheter).
+Devices are a study attribute, not lesions: VinDr-CXR has no box class for them, so they change
+pixels but never add a box. Together with the report templates of
+:mod:`training.phantom_report`, the studies cover all 14 CheXpert observations.
+
 Synthetic data, not for clinical use.
 """
 
@@ -34,6 +42,8 @@ PHANTOM_CLASSES: tuple[str, ...] = (
     "Calcification",
     "Cardiomegaly",
     "Consolidation",
+    "Edema",
+    "Lung Opacity",
     "Lung cavity",
     "Nodule/Mass",
     "Pleural effusion",
@@ -44,6 +54,34 @@ PHANTOM_CLASSES: tuple[str, ...] = (
 
 #: Classes drawn in one hemithorax (laterality "R" or "L"); the others are midline ("U").
 LATERALISED: frozenset[str] = frozenset(PHANTOM_CLASSES) - {"Aortic enlargement", "Cardiomegaly"}
+
+#: Lateralised classes always drawn in both lungs: one lesion (and box) per side, "R" and "L";
+#: the report states them without a side ("Mild pulmonary edema.").
+BILATERAL: frozenset[str] = frozenset({"Edema"})
+
+#: Relative frequency of each class among the 1-3 classes of an abnormal study. Consolidation is
+#: drawn more often because a subset of it is reported as pneumonia (a CheXpert observation of
+#: its own); the Lung Lesion classes (Nodule/Mass, Lung cavity) share one observation.
+CLASS_WEIGHTS: dict[str, float] = {
+    "Aortic enlargement": 1.0,
+    "Atelectasis": 1.0,
+    "Calcification": 0.7,
+    "Cardiomegaly": 0.8,
+    "Consolidation": 1.6,
+    "Edema": 1.1,
+    "Lung Opacity": 1.1,
+    "Lung cavity": 0.7,
+    "Nodule/Mass": 0.8,
+    "Pleural effusion": 1.15,
+    "Pleural thickening": 1.0,
+    "Pneumothorax": 1.15,
+    "Rib fracture": 1.1,
+}
+
+#: Support devices the phantom draws (no VinDr-CXR box class; a study attribute, no box).
+DEVICE_KINDS: tuple[str, ...] = ("Endotracheal tube", "Central venous catheter")
+
+_CM = 1.0 / 43.0  # one centimetre in normalised units (43 cm field of view)
 
 _TEXTURE = 48  # side of the low-resolution random fields upsampled into lung markings
 _BOX_THRESHOLD = 0.04  # a lesion's support: pixels its drawing changes by more than this
@@ -79,6 +117,11 @@ class Anatomy:
         """u of the heart's centre (two thirds of the heart lie left of the midline)."""
         return self.cx + 0.33 * self.heart_half_width
 
+    @property
+    def carina(self) -> float:
+        """v of the tracheal carina (where the trachea divides into the main bronchi)."""
+        return self.apex + 0.36 * (self.dome - self.apex)
+
 
 @dataclass(frozen=True)
 class Lesion:
@@ -99,6 +142,23 @@ class Lesion:
 
 
 @dataclass(frozen=True)
+class Device:
+    """One support device (a study attribute: drawn, reported, never boxed)."""
+
+    kind: str  # one of DEVICE_KINDS
+    params: tuple[tuple[str, float], ...]
+    attributes: tuple[tuple[str, str], ...] = ()
+
+    def p(self, key: str) -> float:
+        """Return drawing parameter ``key``."""
+        return dict(self.params)[key]
+
+    def attr(self, key: str, default: str = "") -> str:
+        """Return descriptive attribute ``key`` (tip position, ...) used by the report."""
+        return dict(self.attributes).get(key, default)
+
+
+@dataclass(frozen=True)
 class PhantomStudy:
     """Everything random about one study, drawn once; rendering is deterministic from it."""
 
@@ -108,6 +168,7 @@ class PhantomStudy:
     lesions: tuple[Lesion, ...]
     texture: FloatArray = field(repr=False, compare=False)  # (2, T, T) marking fields
     noise_seed: int = 0
+    devices: tuple[Device, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -214,6 +275,10 @@ def _approx_box(lesion: Lesion, a: Anatomy) -> Box:
         s = _side_sign(lesion.laterality)
         lo, hi = sorted((a.cx + s * 0.06, a.cx + s * (a.lung_half_width + 0.01)))
         return lo, a.apex - 0.01, hi, lesion.p("stop")
+    if name == "Edema":  # most of one lung; other lesions may overlap it
+        s = _side_sign(lesion.laterality)
+        lo, hi = sorted((a.cx + s * a.mediastinum, a.cx + s * a.lung_half_width))
+        return lo, a.apex + 0.1, hi, a.costophrenic
     u, v, r = lesion.p("u"), lesion.p("v"), lesion.p("r")
     return u - r, v - r, u + r, v + r
 
@@ -265,6 +330,7 @@ def _sample_lesion(name: str, rng: np.random.Generator, a: Anatomy, laterality: 
     sizes = {
         "Nodule/Mass": (0.022, 0.05),
         "Consolidation": (0.06, 0.09),
+        "Lung Opacity": (0.055, 0.08),
         "Lung cavity": (0.04, 0.055),
         "Calcification": (0.022, 0.03),
         "Atelectasis": (0.07, 0.09),
@@ -282,7 +348,14 @@ def _sample_lesion(name: str, rng: np.random.Generator, a: Anatomy, laterality: 
         offsets = rng.uniform(-0.55, 0.55, size=(6, 2)) * r
         for i, (du, dv) in enumerate(offsets):
             params += [(f"bu{i}", float(du)), (f"bv{i}", float(dv))]
-        attrs.append(("pneumonia", str(rng.choice(["", "concerning", "compatible"]))))
+        # "positive": reported as pneumonia; "concerning"/"compatible": uncertain; "": not said
+        kinds = ["positive", "concerning", "compatible", ""]
+        attrs.append(("pneumonia", str(rng.choice(kinds, p=[0.6, 0.15, 0.1, 0.15]))))
+    if name == "Lung Opacity":
+        offsets = rng.uniform(-0.5, 0.5, size=(4, 2)) * r
+        for i, (du, dv) in enumerate(offsets):
+            params += [(f"bu{i}", float(du)), (f"bv{i}", float(dv))]
+        params.append(("density", float(rng.uniform(0.15, 0.19))))
     if name == "Calcification":
         dots = rng.uniform(-0.6, 0.6, size=(int(rng.integers(3, 6)), 2)) * r
         for i, (du, dv) in enumerate(dots):
@@ -292,7 +365,55 @@ def _sample_lesion(name: str, rng: np.random.Generator, a: Anatomy, laterality: 
     return Lesion(name, laterality, tuple(params), tuple(attrs))
 
 
-def sample_study(seed: int, index: int, *, normal_fraction: float = 0.3) -> PhantomStudy:
+def _sample_edema(rng: np.random.Generator) -> tuple[Lesion, Lesion]:
+    """Bilateral edema: one lesion per lung sharing severity and Kerley-line phase."""
+    severity = float(rng.uniform(0.85, 1.3))
+    params = (
+        ("severity", severity),
+        ("phase", float(rng.uniform(0.0, 1.0))),
+        ("hilum_spread", float(rng.uniform(0.11, 0.14))),
+    )
+    attrs = (("grade", "mild" if severity < 1.05 else "moderate"),)
+    return Lesion("Edema", "R", params, attrs), Lesion("Edema", "L", params, attrs)
+
+
+def _sample_devices(rng: np.random.Generator, a: Anatomy) -> tuple[Device, ...]:
+    """An endotracheal tube, a right internal jugular central venous catheter, or both."""
+    pick = float(rng.random())
+    devices: list[Device] = []
+    if pick < 0.65:
+        cm = int(rng.integers(3, 7))  # tip 3-6 cm above the carina
+        devices.append(
+            Device(
+                "Endotracheal tube",
+                (
+                    ("u", a.cx + float(rng.uniform(-0.005, 0.005))),
+                    ("tip", a.carina - cm * _CM),
+                    ("stripe", float(rng.choice([-1.0, 1.0]))),
+                ),
+                (("cm", str(cm)),),
+            )
+        )
+    if pick >= 0.4:
+        devices.append(
+            Device(
+                "Central venous catheter",
+                (
+                    ("u_top", a.cx - float(rng.uniform(0.075, 0.095))),
+                    ("v_top", float(rng.uniform(0.0, 0.03))),
+                    ("u_tip", a.cx - a.mediastinum + float(rng.uniform(0.012, 0.02))),
+                    ("tip", a.carina + float(rng.uniform(0.005, 0.045))),
+                    ("bend", float(rng.uniform(1.4, 2.2))),
+                ),
+                (("side", "right"), ("tip", "SVC")),
+            )
+        )
+    return tuple(devices)
+
+
+def sample_study(
+    seed: int, index: int, *, normal_fraction: float = 0.3, device_fraction: float = 0.13
+) -> PhantomStudy:
     """Draw study ``index`` of the phantom set with base ``seed``.
 
     Parameters
@@ -301,18 +422,31 @@ def sample_study(seed: int, index: int, *, normal_fraction: float = 0.3) -> Phan
         The study's random stream is ``numpy.random.default_rng([seed, index])``.
     normal_fraction : float
         Probability that the study has no lesion.
+    device_fraction : float
+        Probability that the study has support devices (doubled, up to 1, when it has
+        edema or consolidation); independent of ``normal_fraction``.
     """
     rng = np.random.default_rng([seed, index])
     normal = bool(rng.random() < normal_fraction)
     names: list[str] = []
     if not normal:
         count = int(rng.choice([1, 2, 3], p=[0.45, 0.35, 0.2]))
-        names = [str(n) for n in rng.choice(PHANTOM_CLASSES, size=count, replace=False)]
+        w = np.array([CLASS_WEIGHTS[c] for c in PHANTOM_CLASSES])
+        chosen = rng.choice(PHANTOM_CLASSES, size=count, replace=False, p=w / w.sum())
+        names = [str(n) for n in chosen]
+        # edema often comes with an enlarged heart (still at most 3 classes)
+        if "Edema" in names and "Cardiomegaly" not in names and rng.random() < 0.5:
+            if len(names) == 3:
+                names.remove(next(n for n in names if n != "Edema"))
+            names.append("Cardiomegaly")
     a = sample_anatomy(rng, cardiomegaly="Cardiomegaly" in names)
     lesions: list[Lesion] = []
     boxes: list[Box] = []
     pleural_sides: dict[str, str] = {}
     for name in sorted(names, key=PHANTOM_CLASSES.index):
+        if name == "Edema":  # both lungs; diffuse, so other lesions may overlap it
+            lesions.extend(_sample_edema(rng))
+            continue
         for _ in range(30):
             lat = str(rng.choice(["R", "L"])) if name in LATERALISED else "U"
             # an effusion and a pneumothorax on one side would be a hydropneumothorax
@@ -328,13 +462,17 @@ def sample_study(seed: int, index: int, *, normal_fraction: float = 0.3) -> Phan
             if name in ("Pleural effusion", "Pneumothorax"):
                 pleural_sides[name] = lat
     texture = rng.standard_normal((2, _TEXTURE, _TEXTURE)).astype(np.float32)
+    noise_seed = int(rng.integers(0, 2**31 - 1))
+    p_devices = device_fraction * (2.0 if {"Edema", "Consolidation"} & set(names) else 1.0)
+    devices = _sample_devices(rng, a) if rng.random() < p_devices else ()
     return PhantomStudy(
         index=index,
         seed=seed,
         anatomy=a,
         lesions=tuple(lesions),
         texture=texture,
-        noise_seed=int(rng.integers(0, 2**31 - 1)),
+        noise_seed=noise_seed,
+        devices=devices,
     )
 
 
@@ -456,8 +594,18 @@ def _lesion_delta(lesion: Lesion, cv: _Canvas, img: Arr, markings: Arr) -> Any:
     if name == "Rib fracture":
         callus = _disc(uu, vv, lesion.p("u"), lesion.p("v"), 0.017, 0.006)
         return 0.25 * callus
-    u, v, r = lesion.p("u"), lesion.p("v"), lesion.p("r")
     lung = np.maximum(cv.lung, 0.0)
+    if name == "Edema":
+        return _edema_delta(lesion, cv) * lung * side
+    u, v, r = lesion.p("u"), lesion.p("v"), lesion.p("r")
+    if name == "Lung Opacity":
+        # ground glass: faint, soft-edged, no air bronchograms; the markings stay visible
+        blob = np.zeros_like(img)
+        for i in range(4):
+            blob = np.maximum(
+                blob, _disc(uu, vv, u + lesion.p(f"bu{i}"), v + lesion.p(f"bv{i}"), 0.6 * r, 0.035)
+            )
+        return lesion.p("density") * blob * blob * (3.0 - 2.0 * blob) * lung
     if name == "Nodule/Mass":
         rho = np.hypot(uu - u, vv - v) / r
         dome = np.sqrt(np.clip(1 - rho**2, 0, 1))
@@ -493,6 +641,62 @@ def _lesion_delta(lesion: Lesion, cv: _Canvas, img: Arr, markings: Arr) -> Any:
         fluid = lumen * _smooth_step(vv - level, e)
         return 0.38 * wall + (0.04 - img) * lumen * (1 - fluid) + 0.25 * fluid
     raise ValueError(f"class_name: the phantom cannot draw {name!r}")
+
+
+def _edema_delta(lesion: Lesion, cv: _Canvas) -> Arr:
+    """Perihilar and basal interstitial haze plus Kerley B lines (both sides; caller masks)."""
+    a, vv, d = cv.a, cv.vv, cv.d
+    sev, spread = lesion.p("severity"), lesion.p("hilum_spread")
+    perihilar = np.exp(-(((d - 0.07) / spread) ** 2) - ((vv - 0.43) / 0.15) ** 2)
+    basal = np.clip((vv - (a.dome - 0.26)) / 0.2, 0.0, 1.0)
+    haze = 0.12 * sev * np.maximum(perihilar, 0.55 * basal)
+    # Kerley B: short horizontal lines running in from the lateral pleura at the bases
+    spacing = 0.016
+    phase = vv / spacing + lesion.p("phase")
+    k = np.floor(phase)
+    dist = np.abs(phase - k - 0.5) * spacing
+    line = _smooth_step(max(0.0022, 0.5 * cv.px) - dist, max(0.0012, 0.5 * cv.px))
+    length = 0.022 + 0.014 * (0.5 + 0.5 * np.sin(k * 2.39 + 7.0 * lesion.p("phase")))
+    lateral = _smooth_step(d - (_d_out(a, vv) - length), cv.edge)
+    lower = _smooth_step(vv - (a.dome - 0.15), 0.01)
+    out: Arr = haze + 0.13 * sev * line * lateral * lower
+    return out
+
+
+def _line_edge(cv: _Canvas) -> float:
+    return max(0.6 * cv.px, 0.001)
+
+
+def _device_delta(device: Device, cv: _Canvas) -> Arr:
+    """The (bright, radio-opaque) change a support device makes; it has no box."""
+    out = np.zeros_like(cv.uu)
+    # both devices run down from the top of the image to a tip above the heart
+    rows = slice(0, min(cv.size, int(np.ceil((device.p("tip") + 0.01) * cv.size))))
+    uu, vv = cv.uu[rows], cv.vv[rows]
+    le = _line_edge(cv)
+    if device.kind == "Endotracheal tube":
+        x = uu - device.p("u")
+        half = 0.011  # about 1 cm outer diameter
+        along = _smooth_step(device.p("tip") - vv, le)
+        lumen = _smooth_step(half - np.abs(x), le)
+        walls = _smooth_step(max(0.0015, 0.5 * cv.px) - np.abs(np.abs(x) - half), le)
+        off = device.p("stripe") * (half - 0.003)
+        stripe = _smooth_step(max(0.002, 0.6 * cv.px) - np.abs(x - off), le)
+        out[rows] = (0.05 * lumen + 0.1 * walls + 0.24 * stripe) * along
+        return out
+    if device.kind == "Central venous catheter":
+        top_u, top_v = device.p("u_top"), device.p("v_top")
+        tip_u, tip_v, bend = device.p("u_tip"), device.p("tip"), device.p("bend")
+        span = tip_v - top_v
+        t = np.clip((tip_v - vv) / span, 0.0, 1.0)  # 0 at the tip, 1 at the neck
+        centre = tip_u + (top_u - tip_u) * t**bend
+        slope = (top_u - tip_u) * bend * t ** (bend - 1.0) / span
+        dist = np.abs(uu - centre) / np.sqrt(1.0 + slope**2)
+        line = _smooth_step(max(0.0025, 0.6 * cv.px) - dist, le)
+        line *= _smooth_step(tip_v - vv, le) * _smooth_step(vv - top_v, le)
+        out[rows] = 0.3 * line
+        return out
+    raise ValueError(f"kind: the phantom cannot draw device {device.kind!r}")
 
 
 def render(study: PhantomStudy, size: int, *, noise: bool = True) -> Rendered:
@@ -534,6 +738,18 @@ def render(study: PhantomStudy, size: int, *, noise: bool = True) -> Rendered:
     spine = _smooth_step(0.032 - cv.d, 0.004) * (vv > 0.02)
     discs = (np.abs(((vv - a.apex) / 0.045) % 1.0 - 0.5) > 0.42) * spine
     img = img + 0.14 * spine - 0.06 * discs
+    # trachea and main bronchi: lucent air columns over the mediastinum (rows above the hila)
+    rows = slice(0, min(size, int(np.ceil((a.carina + 0.1) * size))))
+    d, vr = cv.d[rows], vv[rows]
+    airway = _smooth_step(0.02 - d, 0.004) * _smooth_step(vr - 0.035, 0.01)
+    airway = airway * _smooth_step(a.carina - vr, 0.004)
+    below = vr - a.carina
+    for s, slope, length in ((-1.0, 0.65, 0.07), (1.0, 1.25, 0.08)):
+        dist = np.abs(d - slope * below) / np.hypot(1.0, slope)
+        bronchus = _smooth_step(0.013 - dist, 0.004) * (cv.sign[rows] == s)
+        bronchus *= _smooth_step(below, 0.004) * _smooth_step(length - below, 0.01)
+        airway = np.maximum(airway, bronchus)
+    img[rows] -= 0.13 * airway * (1.0 - lung[rows])
     fracture = next((le for le in study.lesions if le.class_name == "Rib fracture"), None)
     img = img + _draw_ribs(cv, fracture) * body
     # clavicles
@@ -551,6 +767,9 @@ def render(study: PhantomStudy, size: int, *, noise: bool = True) -> Rendered:
     for le, delta in zip(study.lesions, deltas, strict=True):
         mask = cv.heart > 0.5 if le.class_name == "Cardiomegaly" else np.abs(delta) > _BOX_THRESHOLD
         boxes.append(_mask_box(mask, size))
+    # support devices lie over everything and get no box
+    for device in study.devices:
+        img = img + _device_delta(device, cv)
     if noise:
         rng = np.random.default_rng([study.noise_seed, size])
         grain = rng.standard_normal((size, size), dtype=np.float32)
@@ -568,9 +787,13 @@ def _mask_box(mask: npt.NDArray[np.bool_], size: int) -> Box:
 
 
 __all__ = [
+    "BILATERAL",
+    "CLASS_WEIGHTS",
+    "DEVICE_KINDS",
     "LATERALISED",
     "PHANTOM_CLASSES",
     "Anatomy",
+    "Device",
     "Lesion",
     "PhantomStudy",
     "Rendered",

@@ -7,6 +7,9 @@ Layout under the output folder::
     dicom/<study_id>/<image_id>.dcm CR or DX For Presentation, square, 12 bits in 16
     studies.jsonl                   per study: DICOM and PNG paths, lesions in DICOM pixels
 
+Support devices (endotracheal tube, central venous catheter) have no box: they are listed per
+study under ``devices`` (kinds), apart from the boxed ``labels`` / ``gt_lesions``.
+
 Everything is a function of the configuration: the same seed gives byte-identical files
 (UIDs derive from the seed, dates are fixed). Synthetic data, not for clinical use.
 """
@@ -198,13 +201,16 @@ def generate(config: PhantomConfig, out: Path) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``studies``, ``images``, ``lesions`` (count per class), ``splits`` (count per split).
+        ``studies``, ``lesions`` (count of boxed lesions per class; bilateral edema counts
+        one per lung), ``devices`` (count of studies per device kind), ``splits`` (count per
+        split).
     """
     out.mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(exist_ok=True)
     splits: dict[str, list[dict[str, Any]]] = {"train": [], "val": [], "test": []}
     manifest: list[str] = []
     counts: dict[str, int] = {}
+    device_counts: dict[str, int] = {}
     for index in range(config.studies):
         study = sample_study(config.seed, index, normal_fraction=config.normal_fraction)
         report = write_report(study)
@@ -217,6 +223,8 @@ def generate(config: PhantomConfig, out: Path) -> dict[str, Any]:
         names = [le.class_name for le in study.lesions]
         for name in names:
             counts[name] = counts.get(name, 0) + 1
+        for dev in study.devices:
+            device_counts[dev.kind] = device_counts.get(dev.kind, 0) + 1
         s = config.size
         boxes_px = [[b[0] * s, b[1] * s, b[2] * s, b[3] * s] for b in rendered.boxes]
         splits[split].append(
@@ -232,6 +240,7 @@ def generate(config: PhantomConfig, out: Path) -> dict[str, Any]:
                 "labels": names,
                 "scores": [1.0] * len(names),
                 "laterality": [le.laterality for le in study.lesions],
+                "devices": [dev.kind for dev in study.devices],
                 "height": s,
                 "width": s,
                 "cardiothoracic_ratio": study.anatomy.cardiothoracic_ratio,
@@ -248,6 +257,7 @@ def generate(config: PhantomConfig, out: Path) -> dict[str, Any]:
             "reference": report.findings,
             "dicom": [],
             "gt_lesions": [],
+            "devices": [dev.kind for dev in study.devices],
         }
         if config.dicom_size:
             big = render(study, config.dicom_size)
@@ -284,6 +294,7 @@ def generate(config: PhantomConfig, out: Path) -> dict[str, Any]:
     summary = {
         "studies": config.studies,
         "lesions": dict(sorted(counts.items())),
+        "devices": dict(sorted(device_counts.items())),
         "splits": {k: len(v) for k, v in splits.items()},
     }
     logger.info("phantom: %d studies written to %s", config.studies, out)

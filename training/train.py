@@ -11,8 +11,16 @@ stopping on validation BLEU-4, seed 456789.
   Only training uses it; it is not part of the checkpoint.
 * **Detector**: ``init_detector`` copies the detector from a checkpoint (e.g. the output of
   ``d2r train-detector``); it is frozen (eval mode) unless ``train_detector`` adds its FCOS loss.
-  Generator boxes during training are the annotated (or pseudo-) boxes, top ``num_boxes`` by
-  score; validation uses the detector's boxes when it is trained, as serving does.
+  ``generator_boxes`` chooses what the local branch reads during training: ``annotations``
+  (default: the annotated or pseudo-boxes, top ``num_boxes`` by score, class score 1 or the
+  pseudo-label score) or ``detector`` (the frozen detector's boxes and class scores on the
+  augmented image, exactly what serving feeds the generator, misses and false positives
+  included). Validation uses the detector's boxes when it is trained, as serving does.
+* **Frozen global trunk**: ``freeze_global_trunk`` keeps the global branch's ResNet fixed (eval
+  mode; typically started from the detector's trunk with ``init_global_from_detector``) and
+  trains CPCA, the projection and everything after it. Without augmentation, what is frozen
+  (the trunk's features and, with ``generator_boxes: detector``, the detector's boxes) is
+  computed once per image before the first step instead of at every step.
 * **Precision / parallelism**: autocast fp16 + ``GradScaler`` on CUDA (off on CPU);
   ``DistributedDataParallel`` under ``torchrun`` (NCCL on CUDA, gloo on CPU) with a
   ``DistributedSampler``; rank 0 validates, logs and writes checkpoints.
@@ -54,6 +62,8 @@ from training.errors import DatasetError, TrainingError
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "last.pt"
+#: where the local branch's boxes come from during training (see the module docstring)
+GENERATOR_BOXES = ("annotations", "detector")
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,8 @@ class TrainConfig:
     init_detector: str | None = None
     init_global_from_detector: bool = False
     train_detector: bool = False
+    generator_boxes: str = "annotations"
+    freeze_global_trunk: bool = False
     text_encoder: str | None = None
     freeze_text_encoder: bool = False
     text_hidden: int = 64
@@ -118,6 +130,16 @@ class TrainConfig:
             raise ValueError(f"grad_clip_value: must be >= 0, got {self.grad_clip_value}")
         if self.text_hidden % 2:
             raise ValueError(f"text_hidden: must be even, got {self.text_hidden}")
+        if self.generator_boxes not in GENERATOR_BOXES:
+            raise ValueError(
+                f"generator_boxes: expected one of {', '.join(GENERATOR_BOXES)}, "
+                f"got {self.generator_boxes!r}"
+            )
+        if self.generator_boxes == "detector" and (not self.init_detector or self.train_detector):
+            raise ValueError(
+                "generator_boxes: 'detector' needs a trained, frozen detector "
+                "(init_detector set, train_detector off)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable mapping of every field."""
@@ -299,7 +321,9 @@ class TrainModule(nn.Module):
     def forward(self, batch: dict[str, Any], text: tuple[Tensor, ...] | None) -> dict[str, Tensor]:
         m, cfg = self.model, self.model.config
         images, tokens = batch["images"], batch["tokens"]
-        feats = m.visual_features(images, batch["boxes"], batch["box_mask"])
+        feats = m.visual_features(
+            images, batch["boxes"], batch["box_mask"], batch["box_scores"], batch.get("trunk")
+        )
         enc = m.decoder.encode(feats.tokens, feats.mask)
         logp = m.decoder(enc, feats.mask, tokens[:, :-1])
         out = {"lm": lm_loss(logp.float(), tokens)}
@@ -314,6 +338,55 @@ class TrainModule(nn.Module):
             total = total + out["det"]
         out["loss"] = total
         return out
+
+
+@dataclass(frozen=True)
+class FrozenInputs:
+    """What a frozen part of the model gives each training image, computed once."""
+
+    boxes: tuple[Tensor, Tensor, Tensor] | None = None  # (N,K,4), (N,K), (N,K,C)
+    trunk: Tensor | None = None  # (N,C,h,w) global-trunk features
+
+
+@torch.no_grad()
+def precompute_frozen(
+    model: D2RNet,
+    samples: Sequence[Sample],
+    *,
+    boxes: bool,
+    trunk: bool,
+    device: torch.device,
+    batch_size: int = 32,
+) -> FrozenInputs:
+    """Detector boxes and/or global-trunk features of every (unaugmented) training image."""
+    if not (boxes or trunk):
+        return FrozenInputs()
+    model.detector.eval()
+    branch = model.visual.global_branch.trunk
+    was_training = branch.training
+    branch.eval()
+    parts: list[tuple[Tensor, ...]] = []
+    started = time.perf_counter()
+    for start in range(0, len(samples), batch_size):
+        images = torch.stack([s.image for s in samples[start : start + batch_size]]).to(device)
+        row: tuple[Tensor, ...] = ()
+        if boxes:
+            row += tuple(t.cpu() for t in model.generator_boxes(images))
+        if trunk:
+            row += (branch(model.stem(images)).cpu(),)
+        parts.append(row)
+    branch.train(was_training)
+    columns = [torch.cat(c) for c in zip(*parts, strict=True)]
+    logger.info(
+        "precomputed %s for %d images (%.0f s)",
+        " and ".join(n for n, on in (("detector boxes", boxes), ("trunk features", trunk)) if on),
+        len(samples),
+        time.perf_counter() - started,
+    )
+    return FrozenInputs(
+        boxes=(columns[0], columns[1], columns[2]) if boxes else None,
+        trunk=columns[-1] if trunk else None,
+    )
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -354,12 +427,13 @@ def generate_reports(
         chunk = samples[start : start + batch_size]
         images = torch.stack([s.image for s in chunk]).to(device)
         if detector_boxes:
-            boxes, mask = model.generator_boxes(images)
+            boxes, mask, scores = model.generator_boxes(images)
         else:
             gb = [generator_boxes(s, model.config.num_boxes) for s in chunk]
-            boxes = torch.stack([b for b, _ in gb]).to(device)
-            mask = torch.stack([m for _, m in gb]).to(device)
-        for ids in model.generate(images, boxes, mask, beam_size=beam_size):
+            boxes = torch.stack([g[0] for g in gb]).to(device)
+            mask = torch.stack([g[1] for g in gb]).to(device)
+            scores = torch.stack([g[2] for g in gb]).to(device)
+        for ids in model.generate(images, boxes, mask, scores, beam_size=beam_size):
             out.append(tokenizer.decode(ids))
     model.train(was_training)
     return out
@@ -580,6 +654,20 @@ def _train(
     detector_trained = bool(config.init_detector) or config.train_detector
     if not config.train_detector:
         model.detector.requires_grad_(False)
+    trunk = model.visual.global_branch.trunk
+    if config.freeze_global_trunk:
+        trunk.requires_grad_(False)
+    frozen = (
+        precompute_frozen(
+            model.to(device),
+            train_samples,
+            boxes=config.generator_boxes == "detector",
+            trunk=config.freeze_global_trunk,
+            device=device,
+        )
+        if not config.augment
+        else FrozenInputs()
+    )
     module = TrainModule(model, align, train_detector=config.train_detector).to(device)
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.Adam(
@@ -650,6 +738,8 @@ def _train(
         module.train()
         if not config.train_detector:
             model.detector.eval()
+        if config.freeze_global_trunk:
+            trunk.eval()
 
     history: list[dict[str, Any]] = progress["history"]
     data_desc = describe_data(config.data, records)
@@ -677,8 +767,22 @@ def _train(
                     t.to(device)
                     for t in text_enc(batch["tokens"], batch["findings"], batch["impressions"])
                 )
-            for key in ("images", "tokens", "boxes", "box_mask"):
+            for key in ("images", "tokens", "boxes", "box_mask", "box_scores"):
                 batch[key] = batch[key].to(device)
+            index = batch["index"]
+            if frozen.boxes is not None:
+                batch["boxes"], batch["box_mask"], batch["box_scores"] = (
+                    t[index].to(device) for t in frozen.boxes
+                )
+            elif config.generator_boxes == "detector":
+                batch["boxes"], batch["box_mask"], batch["box_scores"] = model.generator_boxes(
+                    batch["images"]
+                )
+            if frozen.trunk is not None:
+                batch["trunk"] = frozen.trunk[index].to(device)
+            elif config.freeze_global_trunk:
+                with torch.no_grad():
+                    batch["trunk"] = trunk(model.stem(batch["images"]))
             batch["targets"] = [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
                 losses = net(batch, text)

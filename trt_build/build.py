@@ -167,10 +167,10 @@ def build_engines(
             raise CalibrationError(f"{options.calib_dir}: no DICOM files")
         batches = calibration_batches(load_images(files, cfg.image_size), options.calib_batch)
 
-    def boxes_fn(batch: Any) -> tuple[Any, Any]:
+    def boxes_fn(batch: Any) -> tuple[Any, Any, Any]:
         with torch.inference_mode():
-            boxes, mask = host.generator_boxes(torch.from_numpy(batch).to(device))
-        return boxes.cpu().numpy(), mask.cpu().numpy()
+            boxes, mask, scores = host.generator_boxes(torch.from_numpy(batch).to(device))
+        return boxes.cpu().numpy(), mask.cpu().numpy(), scores.cpu().numpy()
 
     def to_device(array: Any) -> Any:
         return torch.from_numpy(np.ascontiguousarray(array)).to(device)

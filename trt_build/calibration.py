@@ -69,7 +69,7 @@ def calibration_batches(images: Sequence[Array], batch_size: int) -> list[Array]
     return [np.stack(images[i : i + batch_size]) for i in range(0, full, batch_size)]
 
 
-BoxesFn = Callable[[Array], tuple[Array, Array]]
+BoxesFn = Callable[[Array], tuple[Array, Array, Array]]
 
 
 def part_feeds(part: str, batch: Array, boxes_fn: BoxesFn | None = None) -> dict[str, Array]:
@@ -79,8 +79,13 @@ def part_feeds(part: str, batch: Array, boxes_fn: BoxesFn | None = None) -> dict
     if part == "visual":
         if boxes_fn is None:
             raise CalibrationError("visual calibration needs the generator boxes")
-        boxes, mask = boxes_fn(batch)
-        return {"image": batch, "boxes": boxes.astype(np.float32), "box_mask": mask.astype(bool)}
+        boxes, mask, scores = boxes_fn(batch)
+        return {
+            "image": batch,
+            "boxes": boxes.astype(np.float32),
+            "box_mask": mask.astype(bool),
+            "box_scores": scores.astype(np.float32),
+        }
     raise CalibrationError(f"{part}: not calibrated (only {', '.join(CALIBRATED_PARTS)})")
 
 

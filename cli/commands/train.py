@@ -15,6 +15,7 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "out": (str, "output folder (checkpoints, metrics, resolved config)"),
     "preset": (str, "model preset: small or paper"),
     "init_detector": (str, "checkpoint whose detector is copied (and frozen)"),
+    "generator_boxes": (str, "local-branch boxes in training: annotations (default) or detector"),
     "text_encoder": (str, "local transformers BERT directory for LAB/GAB"),
     "text_hidden": (int, "width of the random BERT used without --text-encoder"),
     "epochs": (int, "epochs (default 50)"),
@@ -37,6 +38,7 @@ _FLAGS: dict[str, tuple[type, str]] = {
 _SWITCHES = {
     "train_detector": "also train the detector (FCOS loss added)",
     "init_global_from_detector": "start the global ResNet from the detector's (same backbone)",
+    "freeze_global_trunk": "keep the global branch's ResNet fixed (computed once per image)",
     "half": "store checkpoint weights as fp16",
     "freeze_text_encoder": "freeze the alignment text encoder",
     "augment": "photometric + small affine augmentation (boxes moved, never flipped)",

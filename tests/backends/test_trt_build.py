@@ -33,6 +33,7 @@ GRAPHS = {
             {"name": "image", "shape": ["batch", 1, 256, 256]},
             {"name": "boxes", "shape": ["batch", 4, 4]},
             {"name": "box_mask", "shape": ["batch", 4]},
+            {"name": "box_scores", "shape": ["batch", 4, 22]},
         ]
     },
     "decoder_step": {
@@ -101,20 +102,21 @@ def test_calibrator_serves_batches_then_stops(tmp_path: Path) -> None:
     batches = [np.full((2, 1, 4, 4), i, np.float32) for i in range(3)]
     seen: list[np.ndarray] = []
 
-    def boxes_fn(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def boxes_fn(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         seen.append(batch)
-        return np.zeros((2, 4, 4)), np.ones((2, 4))
+        return np.zeros((2, 4, 4)), np.ones((2, 4)), np.zeros((2, 4, 22))
 
     stream = CalibrationStream("visual", batches, torch.from_numpy, boxes_fn)
     cal = make_calibrator(_fake_trt(), stream, tmp_path / "visual.calib")
     assert cal.base_initialised and cal.get_batch_size() == 2
     assert cal.read_calibration_cache() is None
-    names = ["image", "boxes", "box_mask"]
+    names = ["image", "boxes", "box_mask", "box_scores"]
     pointers = [cal.get_batch(names) for _ in range(3)]
     assert all(
-        p is not None and len(p) == 3 and all(isinstance(x, int) for x in p) for p in pointers
+        p is not None and len(p) == 4 and all(isinstance(x, int) for x in p) for p in pointers
     )
     assert stream._held["box_mask"].dtype == torch.bool
+    assert stream._held["box_scores"].dtype == torch.float32
     assert float(stream._held["image"][0, 0, 0, 0]) == 2.0  # the last batch is held
     assert cal.get_batch(names) is None and stream.served == 3 and len(seen) == 3
     cal.write_calibration_cache(b"table")

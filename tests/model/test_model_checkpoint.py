@@ -58,14 +58,14 @@ def test_save_load_gives_identical_outputs(small_checkpoint: Path, tmp_path: Pat
     second = load_checkpoint(resaved)
     image = torch.rand(2, 1, 256, 256, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        b1, m1 = first.model.generator_boxes(image)
-        b2, m2 = second.model.generator_boxes(image)
-        assert torch.equal(b1, b2) and torch.equal(m1, m2)
-        e1, _ = first.model.encode(image, b1, m1)
-        e2, _ = second.model.encode(image, b2, m2)
+        b1, m1, s1 = first.model.generator_boxes(image)
+        b2, m2, s2 = second.model.generator_boxes(image)
+        assert torch.equal(b1, b2) and torch.equal(m1, m2) and torch.equal(s1, s2)
+        e1, _ = first.model.encode(image, b1, m1, s1)
+        e2, _ = second.model.encode(image, b2, m2, s2)
         assert torch.equal(e1, e2)
-        assert first.model.generate(image, b1, m1, max_tokens=12) == second.model.generate(
-            image, b2, m2, max_tokens=12
+        assert first.model.generate(image, b1, m1, s1, max_tokens=12) == second.model.generate(
+            image, b2, m2, s2, max_tokens=12
         )
     assert second.info.name == "x" and second.config == first.config
 

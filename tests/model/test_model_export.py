@@ -21,13 +21,18 @@ def test_onnx_export_matches_torch(tmp_path: Path) -> None:
     with torch.no_grad():
         ref = {
             "detector": model.detector.dense(model.stem(ex.image)),
-            "visual": model.encode(ex.image, ex.boxes, ex.box_mask),
+            "visual": model.encode(ex.image, ex.boxes, ex.box_mask, ex.box_scores),
             "decoder_step": model.decoder.step(ex.tokens, ex.memory_in, ex.enc, ex.enc_mask),
         }
     paths = export_onnx(model, tmp_path)
     feeds = {
         "detector": {"image": ex.image},
-        "visual": {"image": ex.image, "boxes": ex.boxes, "box_mask": ex.box_mask},
+        "visual": {
+            "image": ex.image,
+            "boxes": ex.boxes,
+            "box_mask": ex.box_mask,
+            "box_scores": ex.box_scores,
+        },
         "decoder_step": {
             "tokens": ex.tokens,
             "memory_in": ex.memory_in,

@@ -26,8 +26,8 @@ REPORTS = [
 ]
 
 
-def _batch(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Three distinct synthetic images with 1, 2 and 3 real boxes."""
+def _batch(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Three distinct synthetic images with 1, 2 and 3 real boxes (one class each)."""
     s = size / 128
     img = torch.zeros(3, 1, size, size)
     img[0, :, int(10 * s) : int(60 * s), int(10 * s) : int(60 * s)] = 1.0
@@ -41,7 +41,10 @@ def _batch(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         * s
     )
     mask = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
-    return img, boxes, mask
+    scores = torch.zeros(3, 4, 22)
+    for i, cls in enumerate((3, 16, 5)):
+        scores[i, :, cls] = 0.9
+    return img, boxes, mask, scores * mask[..., None]
 
 
 def _tokens(tok: Tokenizer) -> torch.Tensor:
@@ -60,15 +63,16 @@ def test_paper_preset_forward_and_generate() -> None:
     assert 120e6 < count_parameters(model) < 140e6
     image = torch.rand(1, 1, 384, 384)
     with torch.no_grad():
-        boxes, mask = model.generator_boxes(image)
+        boxes, mask, scores = model.generator_boxes(image)
         assert boxes.shape == (1, PAPER.num_boxes, 4)
-        feats = model.visual_features(image, boxes, mask)
+        assert scores.shape == (1, PAPER.num_boxes, PAPER.num_classes)
+        feats = model.visual_features(image, boxes, mask, scores)
         assert feats.patches.shape == (1, 144, 1024)  # 12 x 12 patches of ResNet-101 at 384 px
         assert feats.regions.shape == (1, PAPER.num_boxes, 1024)
-        logp = model(image, boxes, mask, _tokens(tok)[:1])
+        logp = model(image, boxes, mask, scores, _tokens(tok)[:1])
         assert logp.shape[-1] == tok.vocab_size
         assert torch.allclose(logp.exp().sum(-1), torch.ones(1), atol=1e-4)
-        ids = model.generate(image, boxes, mask, max_tokens=6)
+        ids = model.generate(image, boxes, mask, scores, max_tokens=6)
     assert len(ids) == 1 and len(ids[0]) <= 5
     assert all(0 <= i < tok.vocab_size and i != BOS_ID for i in ids[0])
 
@@ -86,13 +90,13 @@ def test_small_model_overfits_and_beam_reproduces_reports() -> None:
     cfg = SMALL.replace(vocab_size=tok.vocab_size, image_size=128, crop_size=32)
     torch.manual_seed(0)
     model = D2RNet(cfg)
-    image, boxes, mask = _batch(cfg.image_size)
+    image, boxes, mask, scores = _batch(cfg.image_size)
     tokens = _tokens(tok)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []
     model.train()
     for _ in range(300):
-        loss = lm_loss(model(image, boxes, mask, tokens), tokens)
+        loss = lm_loss(model(image, boxes, mask, scores, tokens), tokens)
         opt.zero_grad()
         loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
@@ -102,7 +106,7 @@ def test_small_model_overfits_and_beam_reproduces_reports() -> None:
     assert losses[-1] < 0.1 * losses[0]
     model.eval()
     for beam in (3, 1):
-        out = model.generate(image, boxes, mask, beam_size=beam)
+        out = model.generate(image, boxes, mask, scores, beam_size=beam)
         assert [tok.decode(ids) for ids in out] == REPORTS
 
 
@@ -110,10 +114,10 @@ def test_decoder_step_matches_teacher_forcing() -> None:
     torch.manual_seed(0)
     cfg = SMALL.replace(vocab_size=30, image_size=128, crop_size=32)
     model = D2RNet(cfg).eval()
-    image, boxes, mask = _batch(cfg.image_size)
+    image, boxes, mask, scores = _batch(cfg.image_size)
     tokens = torch.tensor([[BOS_ID, 7, 9, 11, 5]] * 3)
     with torch.no_grad():
-        enc, enc_mask = model.encode(image, boxes, mask)
+        enc, enc_mask = model.encode(image, boxes, mask, scores)
         full = model.decoder(enc, enc_mask, tokens)  # (3,5,V)
         memory = model.decoder.memory.initial(3)[:, None]
         for t in range(1, tokens.shape[1] + 1):
@@ -126,16 +130,45 @@ def test_padding_boxes_are_masked_out() -> None:
     torch.manual_seed(0)
     cfg = SMALL.replace(vocab_size=30, image_size=128, crop_size=32)
     model = D2RNet(cfg).eval()
-    image, boxes, mask = _batch(cfg.image_size)
+    image, boxes, mask, scores = _batch(cfg.image_size)
     moved = boxes.clone()
     moved[~mask] = torch.tensor([0.0, 0.0, 5.0, 5.0])
     with torch.no_grad():
-        a, ma = model.encode(image, boxes, mask)
-        b, _ = model.encode(image, moved, mask)
-        c, _ = model.encode(image, moved, torch.ones_like(mask))
+        a, ma = model.encode(image, boxes, mask, scores)
+        b, _ = model.encode(image, moved, mask, scores)
+        c, _ = model.encode(image, moved, torch.ones_like(mask), scores)
     assert ma.shape == (3, 16 + 4) and not ma[0, -1]
     torch.testing.assert_close(a[ma], b[ma])
     assert not torch.allclose(b[0, :16], c[0, :16])  # unmasked boxes do change the patches
+
+
+def test_region_tokens_carry_class_scores_and_geometry() -> None:
+    torch.manual_seed(0)
+    cfg = SMALL.replace(vocab_size=30, image_size=128, crop_size=32)
+    model = D2RNet(cfg).eval()
+    image, boxes, mask, scores = _batch(cfg.image_size)
+    other = torch.zeros_like(scores)
+    other[..., 7] = 0.9
+    shifted = boxes.clone()
+    shifted[2, 0] = torch.tensor([8.0, 30.0, 58.0, 90.0])  # same size, other side of the image
+    shifted_image = image.clone()
+    shifted_image[2] = 0.0
+    shifted_image[2, :, 30:90, 8:58] = 0.4  # the same content under the moved box
+    with torch.no_grad():
+        base = model.visual_features(image, boxes, mask, scores).regions
+        relabelled = model.visual_features(image, boxes, mask, other).regions
+        moved = model.visual_features(shifted_image, shifted, mask, scores).regions
+        weaker = model.visual_features(image, boxes, mask, scores * 0.5).regions
+    assert not torch.allclose(base[0, 0], relabelled[0, 0])  # the class changes the token
+    assert not torch.allclose(base[0, 0], weaker[0, 0])  # so does the detector's confidence
+    crop = model.visual.local_branch
+    with torch.no_grad():  # identical crops at two places differ only by the geometry term
+        a = crop.cnn(crop.lera(crop_boxes(image[2:], boxes[2:, :1], 32).expand(-1, 3, -1, -1)))
+        b = crop.cnn(
+            crop.lera(crop_boxes(shifted_image[2:], shifted[2:, :1], 32).expand(-1, 3, -1, -1))
+        )
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(base[2, 0], moved[2, 0], atol=1e-4)
 
 
 def test_crop_boxes_zero_pads_and_normalises() -> None:
@@ -155,9 +188,12 @@ def test_select_boxes_pads_and_orders() -> None:
     det = Detections(
         torch.tensor([[0.0, 0, 5, 5], [1, 1, 9, 9]]), torch.tensor([0.2, 0.9]), torch.tensor([0, 1])
     )
-    boxes, mask = select_boxes([det], 3)
+    boxes, mask, scores = select_boxes([det], 3, 4)
     assert mask.tolist() == [[True, True, False]]
     assert boxes[0, 0].tolist() == [1, 1, 9, 9]
+    # each box carries its detection score at its class, nothing elsewhere
+    expected = torch.tensor([[[0.0, 0.9, 0, 0], [0.2, 0, 0, 0], [0, 0, 0, 0]]])
+    torch.testing.assert_close(scores, expected)
 
 
 def test_beam_search_no_repeat_trigram() -> None:
@@ -168,8 +204,8 @@ def test_beam_search_no_repeat_trigram() -> None:
         model.decoder.out.bias.zero_()
         model.decoder.out.bias[6:9] = 8.0
         model.decoder.out.bias[EOS_ID] = -20.0
-    image, boxes, mask = _batch(cfg.image_size)
-    enc, enc_mask = model.encode(image[:1], boxes[:1], mask[:1])
+    image, boxes, mask, scores = _batch(cfg.image_size)
+    enc, enc_mask = model.encode(image[:1], boxes[:1], mask[:1], scores[:1])
     plain = beam_search(model.decoder, enc, enc_mask, beam_size=3, max_tokens=20)[0]
     blocked = beam_search(
         model.decoder, enc, enc_mask, beam_size=3, max_tokens=20, no_repeat_trigram=True
@@ -196,8 +232,8 @@ def test_alignment_losses_with_tiny_text_encoder() -> None:
         )
     )
     align = AlignmentLosses(cfg, bert)
-    image, boxes, mask = _batch(cfg.image_size)
-    feats = model.visual_features(image, boxes, mask)
+    image, boxes, mask, scores = _batch(cfg.image_size)
+    feats = model.visual_features(image, boxes, mask, scores)
     report = torch.randint(1, 50, (3, 12))
     report_mask = torch.ones(3, 12, dtype=torch.long)
     sentences = torch.randint(1, 50, (3, 2, 6))

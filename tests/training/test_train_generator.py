@@ -288,3 +288,55 @@ def test_global_branch_starts_from_the_detector_and_half_checkpoint(
 
     with pytest.raises(TrainingError, match="init_global_from_detector"):
         build_model(mismatch, tok)
+
+
+def test_detector_boxes_and_frozen_trunk(phantom: Path, tmp_path: Path) -> None:
+    from model.checkpoint import save_checkpoint
+    from training.train import precompute_frozen
+
+    records = read_records(phantom)
+    tok = Tokenizer.build([(r.findings, r.impression) for r in records], min_frequency=1)
+    tiny = {**TINY, "global_backbone": "resnet10_w32", "detector_backbone": "resnet10_w32"}
+    torch.manual_seed(4)
+    source = build_model(_config(phantom, tmp_path, model=tiny), tok)
+    with torch.no_grad():  # a detector that fires everywhere: every image gets K boxes
+        source.detector.fcos.head.classification_head.cls_logits.bias.fill_(4.0)
+    det_dir = save_checkpoint(
+        source, tok, tmp_path / "det", name="d", version="0", training_data="test"
+    )
+    with pytest.raises(ValueError, match="^generator_boxes"):
+        _config(phantom, tmp_path, generator_boxes="detector")  # no detector to read boxes from
+    with pytest.raises(ValueError, match="^generator_boxes"):
+        _config(phantom, tmp_path, generator_boxes="somewhere")
+    config = _config(
+        phantom,
+        tmp_path / "run",
+        model=tiny,
+        init_detector=str(det_dir),
+        init_global_from_detector=True,
+        generator_boxes="detector",
+        freeze_global_trunk=True,
+        epochs=1,
+    )
+    model = build_model(config, tok)
+    samples = prepare_samples([r for r in records if r.split == "train"][:3], 128, tok)
+    frozen = precompute_frozen(
+        model, samples, boxes=True, trunk=True, device=torch.device("cpu"), batch_size=2
+    )
+    assert frozen.boxes is not None and frozen.trunk is not None
+    boxes, mask, scores = frozen.boxes
+    with torch.no_grad():
+        images = torch.stack([s.image for s in samples])
+        expected = model.generator_boxes(images)
+        trunk = model.visual.global_branch.trunk.eval()(model.stem(images))
+    assert bool(mask.all())
+    torch.testing.assert_close(boxes, expected[0])  # batched in twos: float-level differences
+    torch.testing.assert_close(scores, expected[2])
+    assert scores.shape == (3, model.config.num_boxes, 22) and bool((scores.sum(-1) > 0).all())
+    torch.testing.assert_close(frozen.trunk, trunk)
+    before = {k: v.clone() for k, v in model.visual.global_branch.trunk.state_dict().items()}
+    final = train(config)
+    after = load_checkpoint(final).model.visual.global_branch.trunk.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # running stats included
+    trained = load_checkpoint(final).model.visual.global_branch.proj.weight
+    assert not torch.equal(trained, model.visual.global_branch.proj.weight)
