@@ -196,7 +196,15 @@ class OnnxRuntimeBackend:
     device : str
         ``cpu`` (CPU execution provider, no spin-waiting) or ``cuda[:N]`` (CUDA provider).
     threads : int or None
-        Intra-op threads of the CPU provider (None: ONNX Runtime's default).
+        Intra-op threads of the CPU provider for the detector and visual graphs (None: as
+        many as torch is set to use when the backend starts). The decoder step, a few
+        hundred small ops per call on a handful of rows, always runs on one thread: handing
+        such ops to a pool costs more than it saves.
+    host_threads : int or None
+        torch intra-op threads for the host side (preprocessing, NMS, beam search) once this
+        backend runs the graphs, set process-wide (None: leave torch's setting alone). Default
+        1: the host side then works on small tensors, and torch's spinning OpenMP pool beside
+        ONNX Runtime's pools made it several times slower on a 2-core machine.
     setting : str
         The setting that chose this backend, named in errors.
     """
@@ -210,6 +218,7 @@ class OnnxRuntimeBackend:
         checkpoint_sha256: str,
         device: str = "cpu",
         threads: int | None = None,
+        host_threads: int | None = 1,
         setting: str = "D2R_BACKEND",
     ) -> None:
         from model.export import PARTS, ExportError, read_export
@@ -230,13 +239,19 @@ class OnnxRuntimeBackend:
                 f"{found[:12]}, the loaded checkpoint is {checkpoint_sha256[:12]}; "
                 "re-export it with d2r export-onnx"
             )
-        options = ort.SessionOptions()
+        options: dict[str, Any] = {}
         providers: list[Any]
         if self.device.type == "cpu":
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-            if threads is not None:
-                options.intra_op_num_threads = threads
+            dense_threads = threads if threads is not None else torch.get_num_threads()
+            for part in PARTS:
+                opts = ort.SessionOptions()
+                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+                opts.intra_op_num_threads = 1 if part == "decoder_step" else dense_threads
+                opts.inter_op_num_threads = 1
+                options[part] = opts
             providers = ["CPUExecutionProvider"]
         elif self.device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -245,12 +260,13 @@ class OnnxRuntimeBackend:
                     "CUDAExecutionProvider (install onnxruntime-gpu)"
                 )
             providers = [("CUDAExecutionProvider", {"device_id": _cuda_index(self.device)})]
+            options = {part: ort.SessionOptions() for part in PARTS}
         else:
             raise BackendError(f"{setting}=onnxruntime: unsupported device {device!r}")
         self._sessions: dict[str, Any] = {}
         for part in PARTS:
             path = Path(export_dir) / info["graphs"][part]["file"]
-            session = ort.InferenceSession(str(path), options, providers=providers)
+            session = ort.InferenceSession(str(path), options[part], providers=providers)
             wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
             if session.get_providers()[0] != wanted:
                 raise BackendError(
@@ -259,6 +275,8 @@ class OnnxRuntimeBackend:
                 )
             self._sessions[part] = session
         self.export_info = info
+        if self.device.type == "cpu" and host_threads is not None:
+            torch.set_num_threads(host_threads)
         logger.info(
             "onnxruntime %s backend ready (export of checkpoint %s)",
             providers[0] if isinstance(providers[0], str) else providers[0][0],

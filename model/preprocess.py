@@ -163,13 +163,40 @@ class DicomToFloat:
             raise PreprocessError(
                 f"unsupported pixel array shape {arr.shape} (SOP Instance UID {uid})"
             )
+        rows, columns = arr.shape
+        if arr.dtype.kind in "ui" and arr.dtype.itemsize <= 2:
+            pixels = self._integer_pixels(arr, ds, photometric)
+        else:
+            values = self._pointwise(arr, ds)
+            if photometric == "MONOCHROME1":
+                values = values.max() + values.min() - values
+            pixels = values.astype(np.float32)
+        return ImageSample(pixels, BoxMapping(int(rows), int(columns)), uid)
+
+    def _pointwise(self, arr: npt.NDArray[np.generic], ds: pydicom.Dataset) -> FloatArray:
+        """Modality LUT, then VOI LUT/window: a per-value map, in float64."""
         values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
         if self.apply_voi and ("VOILUTSequence" in ds or "WindowCenter" in ds):
             values = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float64)
+        return values  # type: ignore[return-value]
+
+    def _integer_pixels(
+        self, arr: npt.NDArray[np.generic], ds: pydicom.Dataset, photometric: str
+    ) -> FloatArray:
+        """The same values as the float64 path, computed once per stored value.
+
+        Every step is a function of the stored value alone, so it runs on the (at most
+        65536) values between the image's minimum and maximum and the pixels look the result
+        up, instead of several float64 passes over a multi-megapixel radiograph.
+        """
+        lo, hi = int(arr.min()), int(arr.max())
+        index = np.subtract(arr, lo, dtype=arr.dtype if lo >= 0 else np.int32)
+        table = self._pointwise(np.arange(lo, hi + 1).astype(arr.dtype), ds)
         if photometric == "MONOCHROME1":
-            values = values.max() + values.min() - values
-        rows, columns = values.shape
-        return ImageSample(values.astype(np.float32), BoxMapping(int(rows), int(columns)), uid)
+            present = table[np.bincount(index.ravel(), minlength=table.size) > 0]
+            table = present.max() + present.min() - table
+        pixels: FloatArray = table.astype(np.float32)[index]
+        return pixels
 
 
 @dataclass(frozen=True)
@@ -191,7 +218,11 @@ class ScaleToUnit:
 
     def __call__(self, sample: ImageSample) -> ImageSample:
         px = sample.pixels
-        lo, hi = (float(v) for v in np.percentile(px, [self.low_percentile, self.high_percentile]))
+        if self.low_percentile == 0.0 and self.high_percentile == 100.0:
+            lo, hi = float(px.min()), float(px.max())  # what those percentiles are, no sort
+        else:
+            qs = [self.low_percentile, self.high_percentile]
+            lo, hi = (float(v) for v in np.percentile(px, qs))
         if not np.isfinite([lo, hi]).all():
             raise PreprocessError("pixel values are not finite")
         out = np.zeros_like(px) if hi <= lo else np.clip((px - lo) / (hi - lo), 0.0, 1.0)
