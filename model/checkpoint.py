@@ -218,6 +218,34 @@ def load_checkpoint(path: Path, *, device: str = "cpu") -> LoadedCheckpoint:
     return LoadedCheckpoint(model, config, tokenizer, info, checkpoint_sha256(path))
 
 
+def load_detector_state(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The config and the detector's tensors (``detector.`` prefix removed, fp32) of a
+    checkpoint directory.
+
+    Only the detector is read, so a checkpoint whose other parts come from an earlier version
+    of the architecture can still start a new model's detector (``d2r train --init-detector``).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    try:
+        config = ModelConfig.from_dict(_read_json(path / CONFIG))
+    except ConfigError as e:
+        raise CheckpointError(f"{CONFIG}: {e}") from e
+    try:
+        state = load_file(str(path / WEIGHTS), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{WEIGHTS}: cannot read tensors: {e}") from e
+    prefix = "detector."
+    detector = {k[len(prefix) :]: v.float() for k, v in state.items() if k.startswith(prefix)}
+    if not detector:
+        raise CheckpointError(f"{WEIGHTS}: no detector tensors in {path}")
+    return config, detector
+
+
 def checkpoint_sha256(path: Path) -> str:
     """Stable SHA-256 over the checkpoint files (names and contents, fixed order)."""
     digest = hashlib.sha256()

@@ -117,7 +117,7 @@ def example_inputs(
     ids[:, 0] = 1
     mem = model.decoder.memory.initial(batch)
     states = [mem]
-    emb = model.decoder.embed_tokens(ids)
+    emb = model.decoder.embed_tokens(ids, model.decoder.visual_context(enc, enc_mask))
     for i in range(tokens - 1):
         mem = model.decoder.memory(mem, emb[:, i])
         states.append(mem)

@@ -451,6 +451,9 @@ class LocalBranch(nn.Module):
         self.cnn = CropCNN(cfg.crop_channels)
         d = cfg.visual_dim
         self.classes = nn.Linear(cfg.num_classes, d, bias=False)
+        # one embedding per class at unit scale (as nn.Embedding starts), so that a confident
+        # detection stands out of the crop features from the first step
+        nn.init.normal_(self.classes.weight, std=1.0)
         self.geometry = nn.Sequential(nn.Linear(4, d), nn.ReLU(inplace=True), nn.Linear(d, d))
 
     def forward(self, image: Tensor, boxes: Tensor, box_mask: Tensor, box_scores: Tensor) -> Tensor:
@@ -685,6 +688,7 @@ class ReportDecoder(nn.Module):
             "positions", sinusoid_positions(cfg.max_tokens + 1, d), persistent=False
         )
         self.embed_drop = nn.Dropout(cfg.dropout)
+        self.context = nn.Linear(d, d)
         self.memory = RelationalMemory(d, cfg.memory_slots, cfg.num_heads)
         mem_dim = d * cfg.memory_slots
         self.layers = nn.ModuleList(
@@ -703,10 +707,23 @@ class ReportDecoder(nn.Module):
         out: Tensor = self.encoder_norm(x)
         return out
 
-    def embed_tokens(self, tokens: Tensor) -> Tensor:
-        """Token ids ``(B,T)`` -> scaled embeddings + positions ``(B,T,d)``."""
+    def visual_context(self, enc: Tensor, enc_mask: Tensor) -> Tensor:
+        """Encoder states ``(B,L,d)`` -> one context vector per image ``(B,1,d)``.
+
+        A masked max over the visual tokens (what is present anywhere: a region token with a
+        confident class dominates its features) through a linear map. It is added to every
+        token embedding, so the image reaches the relational memory and every MCLN directly,
+        not only through cross-attention.
+        """
+        pooled = enc.masked_fill(~enc_mask[..., None], torch.finfo(enc.dtype).min).amax(dim=1)
+        out: Tensor = self.context(pooled)[:, None, :]
+        return out
+
+    def embed_tokens(self, tokens: Tensor, context: Tensor) -> Tensor:
+        """Token ids ``(B,T)`` -> scaled embeddings + positions + visual context ``(B,T,d)``."""
         t = tokens.shape[1]
-        out: Tensor = self.embed_drop(self.embed(tokens) * math.sqrt(self.d) + self.positions[:t])
+        emb = self.embed(tokens) * math.sqrt(self.d) + self.positions[:t] + context
+        out: Tensor = self.embed_drop(emb)
         return out
 
     def _decode(self, emb: Tensor, memory: Tensor, enc: Tensor, enc_mask: Tensor) -> Tensor:
@@ -720,7 +737,7 @@ class ReportDecoder(nn.Module):
 
     def forward(self, enc: Tensor, enc_mask: Tensor, tokens: Tensor) -> Tensor:
         """Teacher forcing: input ids ``(B,T)`` -> next-token log-probs ``(B,T,V)``."""
-        emb = self.embed_tokens(tokens)
+        emb = self.embed_tokens(tokens, self.visual_context(enc, enc_mask))
         mem = self.memory.initial(tokens.shape[0], tokens.device)
         states = []
         for i in range(tokens.shape[1]):  # relational memory is sequential by design
@@ -748,7 +765,7 @@ class ReportDecoder(nn.Module):
             token ``(B,M,d)`` (append it to ``memory_in`` for the next step).
         """
         t = tokens.shape[1]
-        emb = self.embed_tokens(tokens)  # (B,T,d)
+        emb = self.embed_tokens(tokens, self.visual_context(enc, enc_mask))  # (B,T,d)
         # Only the last token updates the memory: the memory after token i < T-1 is the
         # memory before token i+1, memory_in[:, i+1]. Only the last position's log-probs are
         # needed, so the last decoder layer, the final norm and the vocabulary projection run

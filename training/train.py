@@ -3,7 +3,8 @@
 Defaults follow D2R-Net (shared reference, section 4.6): Adam with amsgrad, lr 1e-4, weight
 decay 5e-5, cosine annealing per epoch (``t_max`` = epochs, ``eta_min`` 0), gradient clipping by
 value 0.1, loss weights LM:LAB:GAB 1:1:1 (from the model config), model selection and early
-stopping on validation BLEU-4, seed 456789.
+stopping on validation BLEU-4, seed 456789. ``select_metric: ce_f1`` selects and stops on the
+validation CE F1 (rule-based labeler on the findings) instead; both are logged every epoch.
 
 * **Alignment text encoder**: a ``transformers.BertModel`` read from a local directory
   (``text_encoder``; its own tokenizer encodes the cleaned report) or, when none is given, a
@@ -51,7 +52,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from model.checkpoint import load_checkpoint, save_checkpoint
+from model.checkpoint import load_detector_state, save_checkpoint
 from model.config import ModelConfig, get_preset
 from model.modeling import AlignmentLosses, D2RNet, lm_loss
 from model.tokenizer import BOS_ID, EOS_ID, PAD_ID, SEP_ID, Tokenizer, clean_report
@@ -64,6 +65,8 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "last.pt"
 #: where the local branch's boxes come from during training (see the module docstring)
 GENERATOR_BOXES = ("annotations", "detector")
+#: validation metrics that can choose the best epoch and stop early (on the findings)
+SELECT_METRICS = ("bleu4", "ce_f1")
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ class TrainConfig:
     train_detector: bool = False
     generator_boxes: str = "annotations"
     freeze_global_trunk: bool = False
+    select_metric: str = "bleu4"
     text_encoder: str | None = None
     freeze_text_encoder: bool = False
     text_hidden: int = 64
@@ -130,6 +134,11 @@ class TrainConfig:
             raise ValueError(f"grad_clip_value: must be >= 0, got {self.grad_clip_value}")
         if self.text_hidden % 2:
             raise ValueError(f"text_hidden: must be even, got {self.text_hidden}")
+        if self.select_metric not in SELECT_METRICS:
+            raise ValueError(
+                f"select_metric: expected one of {', '.join(SELECT_METRICS)}, "
+                f"got {self.select_metric!r}"
+            )
         if self.generator_boxes not in GENERATOR_BOXES:
             raise ValueError(
                 f"generator_boxes: expected one of {', '.join(GENERATOR_BOXES)}, "
@@ -392,6 +401,18 @@ def precompute_frozen(
 # --------------------------------------------------------------------------- evaluation
 
 
+def ce_f1(references: Sequence[str], generated: Sequence[str]) -> float:
+    """Headline CE F1 (rule-based CheXpert-style labeler, positive = 1, macro over the 14
+    observations, zero_division 0), as ``d2r evaluate`` scores it."""
+    from training.evaluation.ce import compute_ce
+    from training.evaluation.labeler import label_report
+
+    if not references:
+        return 0.0
+    ce = compute_ce([label_report(r) for r in references], [label_report(g) for g in generated])
+    return float(ce["pos_only"]["macro"]["f1"])
+
+
 def bleu4(references: Sequence[str], generated: Sequence[str]) -> float:
     """Corpus BLEU-4 (pycocoevalcap) on R2Gen-normalised text, as ``d2r evaluate`` scores it."""
     from pycocoevalcap.bleu.bleu import Bleu
@@ -572,13 +593,15 @@ def build_model(config: TrainConfig, tokenizer: Tokenizer) -> D2RNet:
     torch.manual_seed(config.seed)
     model = D2RNet(cfg)
     if config.init_detector:
-        source = load_checkpoint(Path(config.init_detector)).model
-        if source.config.image_size != cfg.image_size:
+        source, detector = load_detector_state(Path(config.init_detector))
+        if source.image_size != cfg.image_size:
             raise TrainingError(
-                f"init_detector: image_size {source.config.image_size} "
-                f"differs from {cfg.image_size}"
+                f"init_detector: image_size {source.image_size} differs from {cfg.image_size}"
             )
-        model.detector.load_state_dict(source.detector.state_dict())
+        try:
+            model.detector.load_state_dict(detector)
+        except RuntimeError as e:
+            raise TrainingError(f"init_detector: {config.init_detector}: {e}") from e
     if config.init_global_from_detector:
         body = model.detector.fcos.backbone.body
         trunk = model.visual.global_branch.trunk  # conv1, bn1, relu, maxpool, layer1..4
@@ -685,7 +708,7 @@ def _train(
         "epoch": 0,
         "step_in_epoch": 0,
         "global_step": 0,
-        "best_bleu4": -1.0,
+        "best_score": -1.0,
         "best_epoch": -1,
         "bad_epochs": 0,
         "history": [],
@@ -829,6 +852,7 @@ def _train(
             "train_loss": sums.get("loss", 0.0) / max(1, seen),
             **{f"train_{k}": v / max(1, seen) for k, v in sums.items() if k != "loss"},
             "val_bleu4": None,
+            "val_ce_f1": None,
             "elapsed_s": round(time.perf_counter() - started, 1),
         }
         improved = False
@@ -842,12 +866,15 @@ def _train(
                     beam_size=config.val_beam_size,
                     device=device,
                 )
-                row["val_bleu4"] = bleu4([s.findings for s in val_samples], [g[0] for g in gen])
-                improved = row["val_bleu4"] > progress["best_bleu4"]
+                refs, found = [s.findings for s in val_samples], [g[0] for g in gen]
+                row["val_bleu4"] = bleu4(refs, found)
+                row["val_ce_f1"] = ce_f1(refs, found)
+                improved = row[f"val_{config.select_metric}"] > progress["best_score"]
             else:
                 improved = True
             if improved:
-                progress["best_bleu4"] = row["val_bleu4"] if row["val_bleu4"] is not None else -1.0
+                score = row[f"val_{config.select_metric}"]
+                progress["best_score"] = score if score is not None else -1.0
                 progress["best_epoch"] = epoch + 1
                 progress["bad_epochs"] = 0
                 save_checkpoint(
@@ -868,11 +895,13 @@ def _train(
                     if isinstance(v, float) and k != "elapsed_s":
                         tb.add_scalar(f"epoch/{k}", v, epoch + 1)
             logger.info(
-                "epoch %d: train loss %.4f, val BLEU-4 %s (best %.4f at %d)",
+                "epoch %d: train loss %.4f, val BLEU-4 %s, val CE F1 %s (best %s %.4f at %d)",
                 epoch + 1,
                 row["train_loss"],
                 "n/a" if row["val_bleu4"] is None else f"{row['val_bleu4']:.4f}",
-                progress["best_bleu4"],
+                "n/a" if row["val_ce_f1"] is None else f"{row['val_ce_f1']:.4f}",
+                config.select_metric,
+                progress["best_score"],
                 progress["best_epoch"],
             )
         progress["epoch"] = epoch + 1
@@ -884,7 +913,9 @@ def _train(
             early = bool(flag.item())
         save_state()
         if early:
-            logger.info("early stop: no BLEU-4 gain for %d epochs", config.patience)
+            logger.info(
+                "early stop: no %s gain for %d epochs", config.select_metric, config.patience
+            )
             break
     final = out / "model"
     if main:

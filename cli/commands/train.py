@@ -16,6 +16,7 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "preset": (str, "model preset: small or paper"),
     "init_detector": (str, "checkpoint whose detector is copied (and frozen)"),
     "generator_boxes": (str, "local-branch boxes in training: annotations (default) or detector"),
+    "select_metric": (str, "validation metric for best epoch and early stop: bleu4 or ce_f1"),
     "text_encoder": (str, "local transformers BERT directory for LAB/GAB"),
     "text_hidden": (int, "width of the random BERT used without --text-encoder"),
     "epochs": (int, "epochs (default 50)"),

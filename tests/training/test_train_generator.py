@@ -117,6 +117,7 @@ def test_run_writes_outputs_and_checkpoint(phantom: Path, tmp_path: Path) -> Non
     rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert all(0.0 <= float(r["val_bleu4"]) <= 1.0 for r in rows)
+    assert all(0.0 <= float(r["val_ce_f1"]) <= 1.0 for r in rows)
     resolved = json.loads((tmp_path / "run" / "config.resolved.json").read_text())
     assert resolved["train"]["lr"] == 5e-4 and resolved["model"]["image_size"] == 128
     assert resolved["train"]["grad_clip_value"] == 0.1 and resolved["train"]["amsgrad"] is True
@@ -340,3 +341,21 @@ def test_detector_boxes_and_frozen_trunk(phantom: Path, tmp_path: Path) -> None:
     assert all(torch.equal(before[k], after[k]) for k in before)  # running stats included
     trained = load_checkpoint(final).model.visual.global_branch.proj.weight
     assert not torch.equal(trained, model.visual.global_branch.proj.weight)
+
+
+def test_validation_ce_f1_selects_on_findings() -> None:
+    from training.train import ce_f1
+
+    refs = [
+        "There is a small left pleural effusion.",
+        "The heart is enlarged.",
+        "Small right pneumothorax.",
+        "The lungs are clear.",
+    ]
+    perfect = ce_f1(refs, refs)
+    normal = ce_f1(refs, ["The lungs are clear."] * len(refs))
+    # macro over the 14 observations: the 4 present (incl. No Finding) score 1, the rest 0
+    assert perfect == pytest.approx(4 / 14)
+    assert normal < perfect
+    with pytest.raises(ValueError, match="^select_metric"):
+        TrainConfig.from_dict({"data": "d", "out": "o", "select_metric": "rouge"})
