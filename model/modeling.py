@@ -324,10 +324,20 @@ class GlobalBranch(nn.Module):
                 f"{path.name}: ResNet weights lack {len(missing)} keys, e.g. {missing[0]}"
             )
 
-    def forward(self, x: Tensor, trunk_features: Tensor | None = None) -> Tensor:
-        """Normalised image -> ``(B,N,D)``; ``trunk_features`` (the trunk's output for ``x``,
-        computed earlier) skips the trunk, for training with a frozen trunk."""
-        f = self.trunk(x) if trunk_features is None else trunk_features
+    def trunk_prefix(self, stages: int) -> nn.Sequential:
+        """The stem and the first ``stages`` (0-4) ResNet stages of the trunk."""
+        return self.trunk[: 4 + stages]
+
+    def forward(
+        self, x: Tensor, trunk_features: Tensor | None = None, trunk_stages: int = 4
+    ) -> Tensor:
+        """Normalised image -> ``(B,N,D)``. ``trunk_features``, the output of
+        :meth:`trunk_prefix` (``trunk_stages``) for ``x`` computed earlier, replaces that part
+        of the trunk (training with a partly frozen trunk)."""
+        if trunk_features is None:
+            f = self.trunk(x)
+        else:
+            f = self.trunk[4 + trunk_stages :](trunk_features)
         f = self.proj(self.cpca(f))  # (B,D,S/32,S/32)
         return f.flatten(2).transpose(1, 2) + self.positions  # type: ignore[no-any-return]
 
@@ -507,9 +517,10 @@ class VisualEncoder(nn.Module):
         box_mask: Tensor,
         box_scores: Tensor,
         trunk_features: Tensor | None = None,
+        trunk_stages: int = 4,
     ) -> VisualFeatures:
         return VisualFeatures(
-            self.global_branch(normalised, trunk_features),
+            self.global_branch(normalised, trunk_features, trunk_stages),
             self.local_branch(image, boxes, box_mask, box_scores),
             box_mask,
         )
@@ -884,10 +895,11 @@ class D2RNet(nn.Module):
         box_mask: Tensor,
         box_scores: Tensor,
         trunk_features: Tensor | None = None,
+        trunk_stages: int = 4,
     ) -> VisualFeatures:
         """Patch and region tokens (training); ``trunk_features`` as in :class:`GlobalBranch`."""
         feats: VisualFeatures = self.visual(
-            image, self.stem(image), boxes, box_mask, box_scores, trunk_features
+            image, self.stem(image), boxes, box_mask, box_scores, trunk_features, trunk_stages
         )
         return feats
 

@@ -65,7 +65,7 @@ GENERATOR: dict[str, Any] = {
         "gab_weight": 0.0,
     },
     "init_global_from_detector": True,
-    "freeze_global_trunk": True,
+    "freeze_global_trunk": 3,
     "generator_boxes": "detector",
     "half": True,
     "epochs": 40,

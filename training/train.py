@@ -17,11 +17,11 @@ validation CE F1 (rule-based labeler on the findings) instead; both are logged e
   pseudo-label score) or ``detector`` (the frozen detector's boxes and class scores on the
   augmented image, exactly what serving feeds the generator, misses and false positives
   included). Validation uses the detector's boxes when it is trained, as serving does.
-* **Frozen global trunk**: ``freeze_global_trunk`` keeps the global branch's ResNet fixed (eval
-  mode; typically started from the detector's trunk with ``init_global_from_detector``) and
-  trains CPCA, the projection and everything after it. Without augmentation, what is frozen
-  (the trunk's features and, with ``generator_boxes: detector``, the detector's boxes) is
-  computed once per image before the first step instead of at every step.
+* **Frozen global trunk**: ``freeze_global_trunk`` = n (1-4) keeps the stem and the first n
+  ResNet stages of the global branch fixed (eval mode; typically started from the detector's
+  trunk with ``init_global_from_detector``) and trains the rest. Without augmentation, what is
+  frozen (those stages' features and, with ``generator_boxes: detector``, the detector's boxes)
+  is computed once per image before the first step instead of at every step.
 * **Precision / parallelism**: autocast fp16 + ``GradScaler`` on CUDA (off on CPU);
   ``DistributedDataParallel`` under ``torchrun`` (NCCL on CUDA, gloo on CPU) with a
   ``DistributedSampler``; rank 0 validates, logs and writes checkpoints.
@@ -93,7 +93,7 @@ class TrainConfig:
     init_global_from_detector: bool = False
     train_detector: bool = False
     generator_boxes: str = "annotations"
-    freeze_global_trunk: bool = False
+    freeze_global_trunk: int = 0
     select_metric: str = "bleu4"
     text_encoder: str | None = None
     freeze_text_encoder: bool = False
@@ -134,6 +134,10 @@ class TrainConfig:
             raise ValueError(f"grad_clip_value: must be >= 0, got {self.grad_clip_value}")
         if self.text_hidden % 2:
             raise ValueError(f"text_hidden: must be even, got {self.text_hidden}")
+        if not 0 <= self.freeze_global_trunk <= 4:
+            raise ValueError(
+                f"freeze_global_trunk: ResNet stages 0-4, got {self.freeze_global_trunk}"
+            )
         if self.select_metric not in SELECT_METRICS:
             raise ValueError(
                 f"select_metric: expected one of {', '.join(SELECT_METRICS)}, "
@@ -331,7 +335,12 @@ class TrainModule(nn.Module):
         m, cfg = self.model, self.model.config
         images, tokens = batch["images"], batch["tokens"]
         feats = m.visual_features(
-            images, batch["boxes"], batch["box_mask"], batch["box_scores"], batch.get("trunk")
+            images,
+            batch["boxes"],
+            batch["box_mask"],
+            batch["box_scores"],
+            batch.get("trunk"),
+            int(batch.get("trunk_stages", 4)),
         )
         enc = m.decoder.encode(feats.tokens, feats.mask)
         logp = m.decoder(enc, feats.mask, tokens[:, :-1])
@@ -363,15 +372,17 @@ def precompute_frozen(
     samples: Sequence[Sample],
     *,
     boxes: bool,
-    trunk: bool,
+    trunk_stages: int,
     device: torch.device,
     batch_size: int = 32,
 ) -> FrozenInputs:
-    """Detector boxes and/or global-trunk features of every (unaugmented) training image."""
+    """Detector boxes and/or the features of the first ``trunk_stages`` global-trunk stages
+    of every (unaugmented) training image."""
+    trunk = trunk_stages > 0
     if not (boxes or trunk):
         return FrozenInputs()
     model.detector.eval()
-    branch = model.visual.global_branch.trunk
+    branch = model.visual.global_branch.trunk_prefix(trunk_stages)
     was_training = branch.training
     branch.eval()
     parts: list[tuple[Tensor, ...]] = []
@@ -677,15 +688,16 @@ def _train(
     detector_trained = bool(config.init_detector) or config.train_detector
     if not config.train_detector:
         model.detector.requires_grad_(False)
-    trunk = model.visual.global_branch.trunk
-    if config.freeze_global_trunk:
+    stages = config.freeze_global_trunk
+    trunk = model.visual.global_branch.trunk_prefix(stages)
+    if stages:
         trunk.requires_grad_(False)
     frozen = (
         precompute_frozen(
             model.to(device),
             train_samples,
             boxes=config.generator_boxes == "detector",
-            trunk=config.freeze_global_trunk,
+            trunk_stages=stages,
             device=device,
         )
         if not config.augment
@@ -761,7 +773,7 @@ def _train(
         module.train()
         if not config.train_detector:
             model.detector.eval()
-        if config.freeze_global_trunk:
+        if stages:
             trunk.eval()
 
     history: list[dict[str, Any]] = progress["history"]
@@ -801,9 +813,10 @@ def _train(
                 batch["boxes"], batch["box_mask"], batch["box_scores"] = model.generator_boxes(
                     batch["images"]
                 )
+            batch["trunk_stages"] = stages
             if frozen.trunk is not None:
                 batch["trunk"] = frozen.trunk[index].to(device)
-            elif config.freeze_global_trunk:
+            elif stages:
                 with torch.no_grad():
                     batch["trunk"] = trunk(model.stem(batch["images"]))
             batch["targets"] = [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]

@@ -17,6 +17,7 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "init_detector": (str, "checkpoint whose detector is copied (and frozen)"),
     "generator_boxes": (str, "local-branch boxes in training: annotations (default) or detector"),
     "select_metric": (str, "validation metric for best epoch and early stop: bleu4 or ce_f1"),
+    "freeze_global_trunk": (int, "keep the global ResNet's stem + first N stages fixed (0-4)"),
     "text_encoder": (str, "local transformers BERT directory for LAB/GAB"),
     "text_hidden": (int, "width of the random BERT used without --text-encoder"),
     "epochs": (int, "epochs (default 50)"),
@@ -39,7 +40,6 @@ _FLAGS: dict[str, tuple[type, str]] = {
 _SWITCHES = {
     "train_detector": "also train the detector (FCOS loss added)",
     "init_global_from_detector": "start the global ResNet from the detector's (same backbone)",
-    "freeze_global_trunk": "keep the global branch's ResNet fixed (computed once per image)",
     "half": "store checkpoint weights as fp16",
     "freeze_text_encoder": "freeze the alignment text encoder",
     "augment": "photometric + small affine augmentation (boxes moved, never flipped)",

@@ -316,13 +316,13 @@ def test_detector_boxes_and_frozen_trunk(phantom: Path, tmp_path: Path) -> None:
         init_detector=str(det_dir),
         init_global_from_detector=True,
         generator_boxes="detector",
-        freeze_global_trunk=True,
+        freeze_global_trunk=4,
         epochs=1,
     )
     model = build_model(config, tok)
     samples = prepare_samples([r for r in records if r.split == "train"][:3], 128, tok)
     frozen = precompute_frozen(
-        model, samples, boxes=True, trunk=True, device=torch.device("cpu"), batch_size=2
+        model, samples, boxes=True, trunk_stages=4, device=torch.device("cpu"), batch_size=2
     )
     assert frozen.boxes is not None and frozen.trunk is not None
     boxes, mask, scores = frozen.boxes
