@@ -37,7 +37,7 @@ from typing import Any
 TRAIN_SEED, UNLABELED_SEED, EVAL_SEED = 7, 8, 20261127
 TRAIN_STUDIES, UNLABELED_STUDIES, EVAL_STUDIES = 600, 160, 60
 MODEL_NAME = "d2r-demo-phantom"
-MODEL_VERSION = "1.0.0"
+MODEL_VERSION = "2.0.0"
 
 #: detector stage of the demo (see training.detector.DetectorTrainConfig)
 DETECTOR: dict[str, Any] = {
@@ -65,7 +65,7 @@ GENERATOR: dict[str, Any] = {
         "gab_weight": 0.0,
     },
     "init_global_from_detector": True,
-    "freeze_global_trunk": 3,
+    "freeze_global_trunk": 4,
     "generator_boxes": "detector",
     "half": True,
     "epochs": 40,
@@ -233,6 +233,12 @@ def model_card(summary: dict[str, Any], metrics: dict[str, Any], out: Path) -> s
     size_mb = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 1e6
     from training.phantom import PHANTOM_CLASSES
 
+    weak = ", ".join(
+        f"{name} ({v['f1']:.3f})"
+        for name, v in sorted(metrics["ce"]["per_label"].items(), key=lambda kv: kv[1]["f1"])
+        if v["support"] and v["f1"] < 0.9
+    )
+
     per_class = (metrics.get("detection") or {}).get("per_class", {})
     ce_rows = "\n".join(
         f"| {name} | {_fmt(v['precision'])} | {_fmt(v['recall'])} | {_fmt(v['f1'])} "
@@ -323,6 +329,12 @@ mAP@0.5 is the lesion detection mean AP at IoU 0.5 over the classes with ground 
 
 - Only the {len(PHANTOM_CLASSES)} lesion classes the phantom draws can be found; the other
   {22 - len(PHANTOM_CLASSES)} VinDr-CXR classes were never seen.
+- Observations below F1 0.9 on the held-out set: {weak}.
+- Support devices are drawn without a box (they are not VinDr-CXR lesion classes), so only the
+  global branch can see them, and its trunk is the frozen detector's, which never learned them.
+- The phantom words a consolidation as pneumonia (positive), "concerning for"/"compatible with"
+  pneumonia (uncertain) or not at all at random, so no model can tell the Pneumonia label from
+  the image.
 - Reports follow the phantom's templates; wording, anatomy and noise of real radiographs are
   out of distribution.
 - Laterality follows the phantom's geometry (the patient's right on the image's left).

@@ -83,9 +83,6 @@ DEVICE_KINDS: tuple[str, ...] = ("Endotracheal tube", "Central venous catheter")
 
 _CM = 1.0 / 43.0  # one centimetre in normalised units (43 cm field of view)
 
-#: consolidations at least this large (radius, image fractions) are reported as pneumonia
-LOBAR_CONSOLIDATION = 0.075
-
 _TEXTURE = 48  # side of the low-resolution random fields upsampled into lung markings
 _BOX_THRESHOLD = 0.04  # a lesion's support: pixels its drawing changes by more than this
 
@@ -351,13 +348,9 @@ def _sample_lesion(name: str, rng: np.random.Generator, a: Anatomy, laterality: 
         offsets = rng.uniform(-0.55, 0.55, size=(6, 2)) * r
         for i, (du, dv) in enumerate(offsets):
             params += [(f"bu{i}", float(du)), (f"bv{i}", float(dv))]
-        # how the report names it follows what the image shows: a large (lobar-size)
-        # consolidation is reported as pneumonia ("positive"); a smaller one as consolidation,
-        # at most "concerning"/"compatible" with pneumonia (uncertain) or without a word of it
+        # "positive": reported as pneumonia; "concerning"/"compatible": uncertain; "": not said
         kinds = ["positive", "concerning", "compatible", ""]
-        drawn = str(rng.choice(kinds, p=[0.6, 0.15, 0.1, 0.15]))
-        lobar = r >= LOBAR_CONSOLIDATION
-        attrs.append(("pneumonia", "positive" if lobar else drawn if drawn != "positive" else ""))
+        attrs.append(("pneumonia", str(rng.choice(kinds, p=[0.6, 0.15, 0.1, 0.15]))))
     if name == "Lung Opacity":
         offsets = rng.uniform(-0.5, 0.5, size=(4, 2)) * r
         for i, (du, dv) in enumerate(offsets):

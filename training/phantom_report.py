@@ -4,10 +4,10 @@ Every drawn lesion is stated positively, with its laterality ("right" = the pati
 the image's left) and zone; classes that are not drawn are either not mentioned or negated
 ("No pleural effusion."). Uncertainty appears only about an interpretation that is not itself a
 drawn class ("consolidation, concerning for pneumonia"), so the drawn findings stay
-unambiguous; large (lobar-size) consolidations are reported as pneumonia outright ("Right
-lower lung pneumonia with consolidation."). Support devices (an endotracheal tube, a right
-internal jugular catheter) are described first in the findings and left out of the
-impression. Normal studies get normal reports. Phrasing varies with the study's random stream.
+unambiguous; a subset of consolidations is reported as pneumonia outright ("Right lower lung
+pneumonia with consolidation."). Support devices (an endotracheal tube, a right internal jugular
+catheter) are described first in the findings and left out of the impression. Normal studies get
+normal reports. Phrasing varies with the study's random stream.
 
 With the drawn classes and devices the reports cover all 14 CheXpert observations of the
 rule-based labeler (:mod:`training.evaluation.labeler`); calcified granulomas map to none.
