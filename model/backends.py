@@ -196,10 +196,8 @@ class OnnxRuntimeBackend:
     device : str
         ``cpu`` (CPU execution provider, no spin-waiting) or ``cuda[:N]`` (CUDA provider).
     threads : int or None
-        Intra-op threads of the CPU provider for the detector and visual graphs (None: as
-        many as torch is set to use when the backend starts). The decoder step, a few
-        hundred small ops per call on a handful of rows, always runs on one thread: handing
-        such ops to a pool costs more than it saves.
+        Intra-op threads of the CPU provider for every graph (None: as many as torch is set
+        to use when the backend starts).
     host_threads : int or None
         torch intra-op threads for the host side (preprocessing, NMS, beam search) once this
         backend runs the graphs, set process-wide (None: leave torch's setting alone). Default
@@ -249,7 +247,7 @@ class OnnxRuntimeBackend:
                 opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
                 opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
                 opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-                opts.intra_op_num_threads = 1 if part == "decoder_step" else dense_threads
+                opts.intra_op_num_threads = dense_threads
                 opts.inter_op_num_threads = 1
                 options[part] = opts
             providers = ["CPUExecutionProvider"]

@@ -123,8 +123,23 @@ class Anatomy:
         return self.apex + 0.36 * (self.dome - self.apex)
 
 
+class _Drawn:
+    """Lookup of the drawing parameters and report attributes of a lesion or device."""
+
+    params: tuple[tuple[str, float], ...]
+    attributes: tuple[tuple[str, str], ...]
+
+    def p(self, key: str) -> float:
+        """Return drawing parameter ``key``."""
+        return dict(self.params)[key]
+
+    def attr(self, key: str, default: str = "") -> str:
+        """Return descriptive attribute ``key`` (size word, zone, tip, ...) used by the report."""
+        return dict(self.attributes).get(key, default)
+
+
 @dataclass(frozen=True)
-class Lesion:
+class Lesion(_Drawn):
     """One drawn lesion: class, laterality, and drawing parameters (normalised units)."""
 
     class_name: str
@@ -132,30 +147,14 @@ class Lesion:
     params: tuple[tuple[str, float], ...]
     attributes: tuple[tuple[str, str], ...] = ()
 
-    def p(self, key: str) -> float:
-        """Return drawing parameter ``key``."""
-        return dict(self.params)[key]
-
-    def attr(self, key: str, default: str = "") -> str:
-        """Return descriptive attribute ``key`` (size word, zone, ...) used by the report."""
-        return dict(self.attributes).get(key, default)
-
 
 @dataclass(frozen=True)
-class Device:
+class Device(_Drawn):
     """One support device (a study attribute: drawn, reported, never boxed)."""
 
     kind: str  # one of DEVICE_KINDS
     params: tuple[tuple[str, float], ...]
     attributes: tuple[tuple[str, str], ...] = ()
-
-    def p(self, key: str) -> float:
-        """Return drawing parameter ``key``."""
-        return dict(self.params)[key]
-
-    def attr(self, key: str, default: str = "") -> str:
-        """Return descriptive attribute ``key`` (tip position, ...) used by the report."""
-        return dict(self.attributes).get(key, default)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ prints one Markdown table. Input: the real RG1 chest CR (pydicom-data), end to e
 ``Predictor.predict`` (preprocessing, dense graphs, NMS, beam search).
 
     .venv/bin/python bench/inference/run.py [--presets small paper] [--iters 3] [--threads 2]
+    .venv/bin/python bench/inference/run.py --checkpoint models/d2r-demo-phantom
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--child", choices=("torch", "onnxruntime"))
     parser.add_argument("--model")
+    parser.add_argument(
+        "--checkpoint", type=Path, help="benchmark this trained checkpoint instead of presets"
+    )
     parser.add_argument("--onnx")
     args = parser.parse_args()
     if args.child:
@@ -78,11 +82,14 @@ def main() -> int:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(REPO))
     work = Path(tempfile.mkdtemp(prefix="d2r-bench-"))
     rows = []
-    for preset in args.presets:
+    d2r = [sys.executable, "-m", "cli.main"]
+    for preset in [args.checkpoint.name] if args.checkpoint else args.presets:
         model, onnx = work / preset / "model", work / preset / "onnx"
-        d2r = [sys.executable, "-m", "cli.main"]
-        subprocess.run([*d2r, "init-model", "--out", str(model), "--preset", preset], env=env,
-                       check=True, capture_output=True, cwd=REPO)  # fmt: skip
+        if args.checkpoint:
+            model = args.checkpoint.resolve()
+        else:
+            subprocess.run([*d2r, "init-model", "--out", str(model), "--preset", preset],
+                           env=env, check=True, capture_output=True, cwd=REPO)  # fmt: skip
         t = time.perf_counter()
         res = subprocess.run([*d2r, "export-onnx", "--model", str(model), "--out", str(onnx)],
                              env=env, capture_output=True, text=True, cwd=REPO)  # fmt: skip
@@ -114,7 +121,8 @@ def main() -> int:
             )
     print(
         f"CPU benchmark: RG1 chest CR end to end, {args.iters} runs after a warm-up, "
-        f"{args.threads} threads per process, one process per row, random weights.\n"
+        f"{args.threads} threads per process, one process per row, "
+        f"{'weights of ' + str(args.checkpoint) if args.checkpoint else 'random weights'}.\n"
     )
     print("| preset | backend | ms / study | studies/s | vs torch | peak RSS MB | load s | text |")
     print("|---|---|---|---|---|---|---|---|")
