@@ -100,19 +100,13 @@ def test_fresh_phantom_lesion_detection_meets_target(fresh_metrics: dict[str, An
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="the demo generator reaches CE F1 0.85 on the held-out phantom studies, short of 0.9: "
-    "it never reports support devices (drawn without a box; the frozen global trunk comes from "
-    "a detector that never saw them) and the phantom words a consolidation as pneumonia at "
-    "random (see MODEL_CARD.md)",
-)
 def test_fresh_phantom_reports_meet_ce_target(fresh_metrics: dict[str, Any]) -> None:
     # The headline ce_f1 is the macro F1 over all 14 CheXpert observations with zero_division 0.
     # The phantom produces all 14, but a 30-study set can miss one, which then counts as F1 0
     # even for perfect reports: the target is checked on the observations present in the
     # references, and the headline against 0.9 of the perfect-report ceiling (present / 14).
+    # The margin is thin and seed-dependent (MODEL_CARD.md: 0.849 on the card's 60 studies):
+    # support devices are never reported and the phantom words pneumonia at random.
     per_label = fresh_metrics["ce"]["per_label"]  # pos_only, per observation
     present = {k: v for k, v in per_label.items() if v["support"] > 0}
     present_f1 = sum(v["f1"] for v in present.values()) / len(present)
