@@ -232,7 +232,7 @@ def select_boxes(
     scores = torch.zeros(b, num_boxes, num_classes, device=device)
     for i, det in enumerate(detections):
         n = min(num_boxes, det.boxes.shape[0])
-        order = det.scores.argsort(descending=True)[:n]
+        order = det.scores.argsort(descending=True, stable=True)[:n]
         boxes[i, :n] = det.boxes[order]
         mask[i, :n] = True
         scores[i, torch.arange(n, device=device), det.labels[order]] = det.scores[order].to(
@@ -284,6 +284,10 @@ class CPCA(nn.Module):
         return out
 
 
+#: modules of the global trunk before its first ResNet stage (conv1, bn1, relu, maxpool)
+_STEM_MODULES = 4
+
+
 class GlobalBranch(nn.Module):
     """ResNet trunk + CPCA + bias-free 1x1 projection -> patch tokens ``(B,N,D)``.
 
@@ -326,7 +330,7 @@ class GlobalBranch(nn.Module):
 
     def trunk_prefix(self, stages: int) -> nn.Sequential:
         """The stem and the first ``stages`` (0-4) ResNet stages of the trunk."""
-        return self.trunk[: 4 + stages]
+        return self.trunk[: _STEM_MODULES + stages]
 
     def forward(
         self, x: Tensor, trunk_features: Tensor | None = None, trunk_stages: int = 4
@@ -337,7 +341,7 @@ class GlobalBranch(nn.Module):
         if trunk_features is None:
             f = self.trunk(x)
         else:
-            f = self.trunk[4 + trunk_stages :](trunk_features)
+            f = self.trunk[_STEM_MODULES + trunk_stages :](trunk_features)
         f = self.proj(self.cpca(f))  # (B,D,S/32,S/32)
         return f.flatten(2).transpose(1, 2) + self.positions  # type: ignore[no-any-return]
 
@@ -885,7 +889,7 @@ class D2RNet(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """Image ``(B,1,S,S)``, boxes ``(B,K,4)``, mask ``(B,K)``, class scores ``(B,K,C)``
         -> encoder states and mask."""
-        feats = self.visual(image, self.stem(image), boxes, box_mask, box_scores)
+        feats = self.visual_features(image, boxes, box_mask, box_scores)
         return self.decoder.encode(feats.tokens, feats.mask), feats.mask
 
     def visual_features(

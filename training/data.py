@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from model.classes import VINDR_CLASSES
+from model.modeling import Detections, select_boxes
 from model.preprocess import BoxMapping, ImageSample, Letterbox, Preprocessor, ScaleToUnit
 from model.tokenizer import EOS_ID, PAD_ID, Tokenizer
 from training.datasets import StudyRecord
@@ -264,17 +265,10 @@ class SampleDataset(torch.utils.data.Dataset[tuple[int, Sample]]):
 def generator_boxes(sample: Sample, num_boxes: int) -> tuple[Tensor, Tensor, Tensor]:
     """The top ``num_boxes`` boxes by score -> ``(K,4)`` boxes, ``(K,)`` mask and ``(K,C)``
     class scores (the box's score at its class: 1 for an annotated box, the pseudo-label
-    score for a pseudo-box), as :func:`model.modeling.select_boxes` gives them at inference."""
-    boxes = torch.zeros(num_boxes, 4)
-    mask = torch.zeros(num_boxes, dtype=torch.bool)
-    scores = torch.zeros(num_boxes, len(VINDR_CLASSES))
-    n = min(num_boxes, sample.boxes.shape[0])
-    if n:
-        order = sample.scores.argsort(descending=True, stable=True)[:n]
-        boxes[:n] = sample.boxes[order]
-        mask[:n] = True
-        scores[torch.arange(n), sample.labels[order]] = sample.scores[order]
-    return boxes, mask, scores
+    score for a pseudo-box), built by :func:`model.modeling.select_boxes` as at inference."""
+    found = Detections(sample.boxes, sample.scores, sample.labels)
+    boxes, mask, scores = select_boxes([found], num_boxes, len(VINDR_CLASSES))
+    return boxes[0], mask[0], scores[0]
 
 
 def collate_reports(batch: Sequence[tuple[int, Sample]], num_boxes: int) -> dict[str, Any]:

@@ -21,11 +21,16 @@ D2R = [sys.executable, "-m", "cli.main"]
 FRESH_SEED = 424242
 
 
-def _env() -> dict[str, str]:
+def _d2r(*args: str, cwd: Path, timeout: int) -> str:
+    """Run ``d2r ARGS`` (bundled model: D2R_MODEL unset); its stdout, after checking the exit."""
     env = {k: v for k, v in os.environ.items() if k != "D2R_MODEL"}
     env["PYTHONPATH"] = str(REPO)
     env["OMP_NUM_THREADS"] = "2"
-    return env
+    done = subprocess.run(
+        [*D2R, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 def test_demo_checkpoint_is_valid_small_and_labelled() -> None:
@@ -52,16 +57,9 @@ def test_predict_defaults_to_the_demo_model(tmp_path: Path) -> None:
 
     generate(PhantomConfig(studies=1, seed=FRESH_SEED, size=128, dicom_size=256), tmp_path / "p")
     study = json.loads((tmp_path / "p" / "studies.jsonl").read_text().splitlines()[0])
-    done = subprocess.run(
-        [*D2R, "predict", str(tmp_path / "p" / study["dicom"][0]), "--json"],
-        cwd=tmp_path,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["model"]["name"] == "d2r-demo-phantom"
+    image = str(tmp_path / "p" / study["dicom"][0])
+    out = _d2r("predict", image, "--json", cwd=tmp_path, timeout=120)
+    assert json.loads(out)["model"]["name"] == "d2r-demo-phantom"
 
 
 @pytest.fixture(scope="module")
@@ -69,26 +67,10 @@ def fresh_metrics(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """``d2r evaluate`` of the demo model on 30 phantom studies from a seed never trained on."""
     tmp = tmp_path_factory.mktemp("fresh-phantom")
     data, out = tmp / "fresh", tmp / "eval" / "metrics.json"
-    done = subprocess.run(
-        [*D2R, "synth", "--out", str(data), "--studies", "30", "--seed", str(FRESH_SEED)]
-        + ["--dicom-size", "512"],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
-    done = subprocess.run(
-        [*D2R, "evaluate", "--model", str(DEMO), "--data", str(data), "--split", "all"]
-        + ["--out", str(out)],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr
+    synth = ("synth", "--out", str(data), "--studies", "30", "--seed", str(FRESH_SEED))
+    _d2r(*synth, "--dicom-size", "512", cwd=REPO, timeout=300)
+    evaluate = ("evaluate", "--model", str(DEMO), "--data", str(data), "--split", "all")
+    _d2r(*evaluate, "--out", str(out), cwd=REPO, timeout=600)
     metrics: dict[str, Any] = json.loads(out.read_text())
     assert metrics["meta"]["n"] == 30
     return metrics
