@@ -2,9 +2,11 @@
 # GPU check of the inference backends on the `paper` preset; prints one Markdown table.
 #
 # Usage (from a copy of this repository on a machine with PyTorch + CUDA, no network):
-#   bench/gpu_check.sh [--iters N] [--batch N] [--budget SECONDS]
+#   bench/gpu_check.sh [--iters N] [--batch N] [--checkpoint DIR]
 # Uses the python3 that holds torch (PYTHON overrides it); imports the repository through
-# PYTHONPATH and installs nothing. Stops after 8 minutes at the latest.
+# PYTHONPATH and installs nothing. Two tables: inference (bench/inference/gpu.py, the options
+# above) and a short mixed-precision training run (bench/training/gpu_train.py). Stops after
+# 8 minutes at the latest. Tables and tracebacks of failed stages go to $OUT (or a temp dir).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -17,7 +19,22 @@ need = ["torch", "torchvision", "safetensors", "numpy"]
 missing = [m for m in need if u.find_spec(m) is None]
 if missing:
     raise SystemExit(f"gpu_check: missing Python packages: {', '.join(missing)}")
-for m in ["onnx", "onnxscript", "onnxruntime", "tensorrt", "pydicom"]:
+for m in ["onnx", "onnxscript", "onnxruntime", "tensorrt", "pydicom", "transformers"]:
     print(f"gpu_check: {m} {'present' if u.find_spec(m) else 'absent'}", flush=True)
 PY
-exec timeout --signal=TERM --kill-after=10 470 "$py" bench/inference/gpu.py "$@"
+out="${OUT:-$(mktemp -d -t d2r-gpu-check.XXXXXX)}"
+status=0
+# torch.compile runs in its own process under its own limit: inductor can outlast an in-process alarm
+timeout --signal=TERM --kill-after=10 300 "$py" bench/inference/gpu.py --budget 270 \
+  --stages eager,export,tensorrt --out "$out" "$@" || status=$?
+timeout --signal=TERM --kill-after=10 110 "$py" bench/inference/gpu.py --budget 100 \
+  --stages compile --append --out "$out" "$@" || status=$?
+echo
+cat "$out/gpu_check.md"
+echo
+if "$py" -c "import pydicom" 2>/dev/null; then
+  timeout --signal=TERM --kill-after=10 60 "$py" bench/training/gpu_train.py --out "$out" || status=$?
+else
+  echo "gpu_check: training check not run (it writes phantom data with pydicom, absent)"
+fi
+exit "$status"

@@ -19,6 +19,7 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -53,8 +54,15 @@ def synthetic_images(batch: int, size: int, device: torch.device) -> torch.Tenso
     return torch.stack(images)[:, None].to(device)
 
 
-def failure(e: BaseException) -> str:
-    """One line: the exception and its innermost cause (the part that says what broke)."""
+def failure(e: BaseException, out: str | None = None, stage: str = "") -> str:
+    """One line: the exception and its innermost cause (the part that says what broke).
+
+    With ``out``, the whole traceback also goes to ``out/<stage>.traceback.txt``.
+    """
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        name = "".join(c if c.isalnum() else "_" for c in stage) or "stage"
+        Path(out, f"{name}.traceback.txt").write_text("".join(traceback.format_exception(e)))
     root = e
     while root.__cause__ is not None:
         root = root.__cause__
@@ -111,10 +119,21 @@ def _alarm(signum: int, frame: Any) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--preset", default="paper")
+    parser.add_argument(
+        "--checkpoint", default=None, help="a trained checkpoint dir instead of random weights"
+    )
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--batch", type=int, default=8, help="batch for throughput")
     parser.add_argument("--budget", type=float, default=420.0, help="seconds for all stages")
     parser.add_argument("--out", default=os.environ.get("OUT") or None)
+    parser.add_argument(
+        "--stages",
+        default="eager,export,tensorrt,compile",
+        help="comma-separated subset of eager (fp32 + fp16), export, tensorrt, compile",
+    )
+    parser.add_argument(
+        "--append", action="store_true", help="add to the rows already in OUT/gpu_check.json"
+    )
     parser.add_argument("--device", default="cuda", help="cpu only to dry-run the logic")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -140,22 +159,30 @@ def main() -> int:
         trt_version = None
         trt_reason = str(e)
     work = Path(tempfile.mkdtemp(prefix="d2r-gpu-"))
-    ckpt_dir = init_checkpoint(work / "ckpt", args.preset, seed=0)
+    if args.checkpoint:
+        ckpt_dir = Path(args.checkpoint)
+        weights = f"checkpoint {ckpt_dir.name}"
+    else:
+        ckpt_dir = init_checkpoint(work / "ckpt", args.preset, seed=0)
+        weights = f"`{args.preset}` preset, random weights"
     ckpt = load_checkpoint(ckpt_dir, device=str(device))
     host, cfg = ckpt.model.eval(), ckpt.config
-    log(f"{gpu} (cc {cc}), torch {torch.__version__}, CUDA {torch.version.cuda}, {args.preset}")
+    log(f"{gpu} (cc {cc}), torch {torch.__version__}, CUDA {torch.version.cuda}, {weights}")
     one = synthetic_images(1, cfg.image_size, device)
     many = synthetic_images(args.batch, cfg.image_size, device)
+    stages = set(args.stages.split(","))
     rows: list[list[str]] = []
+    if args.append and args.out and Path(args.out, "gpu_check.json").is_file():
+        rows = json.loads(Path(args.out, "gpu_check.json").read_text())
     results: dict[str, Any] = {}
 
     def render() -> str:
         head = (
-            f"GPU check, `{args.preset}` preset: {gpu} (compute capability {cc}), torch "
+            f"GPU check, {weights}: {gpu} (compute capability {cc}), torch "
             f"{torch.__version__}, CUDA {torch.version.cuda}, TensorRT {trt_version or 'absent'}; "
             f"batch 1 latency over {args.iters} runs after a warm-up, "
             f"throughput at batch {args.batch}; "
-            f"beam {cfg.beam_size}, up to {cfg.max_tokens} tokens; random weights, synthetic image."
+            f"beam {cfg.beam_size}, up to {cfg.max_tokens} tokens; synthetic image."
         )
         table = [
             head,
@@ -176,6 +203,7 @@ def main() -> int:
         backend: Any,
         ctx: Callable[[], AbstractContextManager[Any]] = nullcontext,
         note: str = "",
+        row: bool = True,
     ) -> None:
         def run(images: torch.Tensor) -> Callable[[], Any]:
             def go() -> Any:
@@ -190,6 +218,8 @@ def main() -> int:
         ref = results.get("torch fp32")
         check = parity(ref, s) if ref is not None else "reference"
         results[label] = s
+        if not row:
+            return
         rows.append(
             [
                 label,
@@ -203,16 +233,19 @@ def main() -> int:
         log(f"{label}: {lat * 1000:.0f} ms/study, {args.batch / thr_t:.2f} studies/s ({check})")
 
     fp32 = TorchBackend(host, device=str(device))
-    bench("torch fp32", fp32)
-    bench(
-        "torch fp16 (autocast)",
-        fp32,
-        lambda: torch.autocast(device.type, dtype=torch.float16),
-    )
+    bench("torch fp32", fp32, row="eager" in stages)  # the reference of every parity column
+    if "eager" in stages:
+        bench(
+            "torch fp16 (autocast)",
+            fp32,
+            lambda: torch.autocast(device.type, dtype=torch.float16),
+        )
 
     onnx_dir = work / "onnx"
     export_ok = False
-    if elapsed() < args.budget - 150:
+    if not stages & {"export", "tensorrt"}:
+        pass
+    elif elapsed() < args.budget * 0.5:
         from model.export import export_checkpoint
 
         t0 = time.perf_counter()
@@ -241,12 +274,14 @@ def main() -> int:
                 note += f"; ORT parity not run ({type(e).__name__}: {e})"
             rows.append(["ONNX export", f"{secs * 1000:.0f} (export)", "", "", f"ok: {note}"])
         except Exception as e:
-            rows.append(["ONNX export", "", "", "", failure(e)])
+            rows.append(["ONNX export", "", "", "", failure(e, args.out, "onnx_export")])
         log(rows[-1][-1])
     else:
         rows.append(["ONNX export", "", "", "", "skipped (time budget)"])
 
-    if trt_version is None:
+    if "tensorrt" not in stages:
+        pass
+    elif trt_version is None:
         rows.append(
             ["TensorRT fp16", "", "", "", f"not run: tensorrt not importable ({trt_reason})"]
         )
@@ -279,10 +314,16 @@ def main() -> int:
             backend = TensorRTBackend(work / "engine", checkpoint_sha256=manifest.checkpoint_sha256)
             bench("TensorRT fp16", backend)
         except Exception as e:
-            rows.append(["TensorRT fp16", "", "", "", failure(e)])
+            rows.append(["TensorRT fp16", "", "", "", failure(e, args.out, "tensorrt")])
 
     render()
-    if elapsed() < args.budget - 90:
+    if "compile" not in stages:
+        pass
+    elif elapsed() < args.budget - 60:
+        # stands until the stage ends: a compile stopped from outside leaves it in the table
+        rows.append(["torch.compile fp32", "", "", "", "stopped: did not finish in time"])
+        render()
+        rows.pop()
         signal.signal(signal.SIGALRM, _alarm)
         signal.alarm(max(1, int(args.budget - elapsed())))
         try:
@@ -291,10 +332,15 @@ def main() -> int:
             run_graphs(compiled, host, one, lesion_score_threshold=0.0)
             note = f" (compile + first study {time.perf_counter() - t0:.0f} s)"
             bench("torch.compile fp32", compiled, note=note)
-        except OutOfTime:
-            rows.append(["torch.compile fp32", "", "", "", "stopped: compile ran past the budget"])
-        except Exception as e:
-            rows.append(["torch.compile fp32", "", "", "", failure(e)])
+        except Exception as e:  # the budget alarm may arrive wrapped in a compiler error
+            chain = [e]
+            while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+                chain.append(chain[-1].__cause__ or chain[-1].__context__)  # type: ignore[arg-type]
+            if any(isinstance(c, OutOfTime) or "OutOfTime" in str(c) for c in chain):
+                note = "stopped: compile ran past the budget"
+            else:
+                note = failure(e, args.out, "torch_compile")
+            rows.append(["torch.compile fp32", "", "", "", note])
         finally:
             signal.alarm(0)
     else:
