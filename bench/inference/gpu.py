@@ -2,13 +2,15 @@
 
 Runs from a copy of the repository with ``PYTHONPATH`` set (``bench/gpu_check.sh``) on a
 machine with PyTorch and CUDA; needs no pydicom and installs nothing. The model is a
-randomly initialised ``paper`` checkpoint and the input a synthetic letterboxed image, so
-beam search usually runs to the full 100 tokens (the worst case for latency).
+randomly initialised ``paper`` checkpoint (or ``--checkpoint``) and the input a synthetic
+letterboxed image, so with random weights beam search usually runs to the full 100 tokens (the
+worst case for latency).
 
-Stages, each skipped (and said so) when the time budget (``--budget`` s) runs short:
-torch CUDA fp32 eager, fp16 autocast, ONNX export (+ onnxruntime parity of the detector),
-TensorRT fp16 engines (when ``tensorrt`` imports), torch.compile.
-"""
+Stages (``--stages``), each skipped (and said so) when the time budget (``--budget`` s) runs
+short: torch CUDA fp32 eager and fp16 autocast (``eager``), ONNX export with onnxruntime parity
+of the detector (``export``), TensorRT fp16 engines when ``tensorrt`` imports (``tensorrt``),
+torch.compile (``compile``). ``--append`` adds rows to an earlier run's table in ``--out``, so
+``bench/gpu_check.sh`` can run torch.compile in a process of its own."""
 
 from __future__ import annotations
 
