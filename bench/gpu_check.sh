@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of the inference backends on the `paper` preset; prints one Markdown table.
+# GPU check of D2R-Net: inference backends on the `paper` preset, then mixed-precision training.
 #
 # Usage (from a copy of this repository on a machine with PyTorch + CUDA, no network):
 #   bench/gpu_check.sh [--iters N] [--batch N] [--checkpoint DIR]
