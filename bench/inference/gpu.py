@@ -56,6 +56,18 @@ def synthetic_images(batch: int, size: int, device: torch.device) -> torch.Tenso
     return torch.stack(images)[:, None].to(device)
 
 
+def causes(e: BaseException, *, implicit: bool = False) -> list[BaseException]:
+    """``e`` and the exceptions behind it, outermost first: its ``__cause__`` chain, and with
+    ``implicit`` also ``__context__`` where no cause is set."""
+    chain = [e]
+    while True:
+        last = chain[-1]
+        nxt = last.__cause__ or (last.__context__ if implicit else None)
+        if nxt is None or nxt in chain:
+            return chain
+        chain.append(nxt)
+
+
 def failure(e: BaseException, out: str | None = None, stage: str = "") -> str:
     """One line: the exception and its innermost cause (the part that says what broke).
 
@@ -65,9 +77,7 @@ def failure(e: BaseException, out: str | None = None, stage: str = "") -> str:
         Path(out).mkdir(parents=True, exist_ok=True)
         name = "".join(c if c.isalnum() else "_" for c in stage) or "stage"
         Path(out, f"{name}.traceback.txt").write_text("".join(traceback.format_exception(e)))
-    root = e
-    while root.__cause__ is not None:
-        root = root.__cause__
+    root = causes(e)[-1]
     text = f"{type(e).__name__}" + (f" <- {type(root).__name__}: {root}" if root is not e else "")
     text = text if root is not e else f"{text}: {e}"
     return "FAILED: " + " ".join(text.split())[:400].replace("|", "/")
@@ -335,9 +345,7 @@ def main() -> int:
             note = f" (compile + first study {time.perf_counter() - t0:.0f} s)"
             bench("torch.compile fp32", compiled, note=note)
         except Exception as e:  # the budget alarm may arrive wrapped in a compiler error
-            chain = [e]
-            while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
-                chain.append(chain[-1].__cause__ or chain[-1].__context__)  # type: ignore[arg-type]
+            chain = causes(e, implicit=True)
             if any(isinstance(c, OutOfTime) or "OutOfTime" in str(c) for c in chain):
                 note = "stopped: compile ran past the budget"
             else:

@@ -55,6 +55,7 @@ def main() -> int:
     )
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)"
     rows: list[str] = []
+    ok = True
     for preset in args.presets:
         out = work / preset
         if device.type == "cuda":
@@ -82,6 +83,7 @@ def main() -> int:
             if args.out:
                 Path(args.out, f"gpu_train_{preset}.traceback.txt").write_text(tb)
             rows.append(f"| {preset} | | | | | FAILED: {type(e).__name__}: {str(e)[:200]} |")
+            ok = False
             continue
         wall = time.perf_counter() - t0
         with open(out / "metrics.csv", newline="") as f:
@@ -90,6 +92,7 @@ def main() -> int:
         step_s = float(epochs[-1]["elapsed_s"]) / max(1, steps)
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
         first, last = float(epochs[0]["train_loss"]), float(epochs[-1]["train_loss"])
+        ok = ok and last < first
         verdict = "falls" if last < first else "does NOT fall"
         rows.append(
             f"| {preset} | {steps} | {step_s * 1000:.0f} | {peak:.0f} | "
@@ -111,7 +114,7 @@ def main() -> int:
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         Path(args.out, "gpu_train.md").write_text(text + "\n")
-    return 0 if all("FAILED" not in r and "NOT" not in r for r in rows) else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
