@@ -49,7 +49,7 @@ TENSORRT = "tensorrt"
 #: backend names accepted by ``D2R_BACKEND`` and ``d2r predict --backend``
 BACKEND_NAMES = (TORCH, ONNXRUNTIME, TENSORRT)
 MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT = "d2r-trt-engine/1"
+MANIFEST_FORMAT = "d2r-trt-engine/2"
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -66,15 +66,24 @@ class InferenceBackend(Protocol):
 
     def visual(
         self, image: Tensor, boxes: Tensor, box_mask: Tensor, box_scores: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Image, boxes ``(B,K,4)``, mask ``(B,K)``, class scores ``(B,K,C)`` -> ``enc (B,L,d)``,
-        ``enc_mask (B,L)``."""
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Image, boxes ``(B,K,4)``, mask ``(B,K)``, class scores ``(B,K,C)`` -> ``context
+        (B,1,d)``, ``cross (B,2N,L,d)``, ``enc_mask (B,L)`` (see
+        :meth:`model.modeling.D2RNet.decoding_inputs`)."""
         ...
 
     def decoder_step(
-        self, tokens: Tensor, memory_in: Tensor, enc: Tensor, enc_mask: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Ids ``(B,T)``, memory ``(B,T,M,d)`` -> ``logprobs (B,V)``, ``memory_out (B,M,d)``."""
+        self,
+        tokens: Tensor,
+        memory: Tensor,
+        cache: Tensor,
+        context: Tensor,
+        cross: Tensor,
+        enc_mask: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Newest ids ``(B,1)``, memory ``(B,M,d)``, cache ``(B,2N,P,d)`` and the image ->
+        ``logprobs (B,V)``, ``memory_out (B,M,d)``, ``cache_out (B,2N,1,d)`` (see
+        :meth:`model.modeling.ReportDecoder.step`)."""
         ...
 
 
@@ -84,14 +93,23 @@ class InferenceBackend(Protocol):
 class _StepDecoder:
     """What :func:`model.modeling.beam_search` needs of a decoder, over a backend."""
 
-    def __init__(self, backend: InferenceBackend, memory: nn.Module) -> None:
+    def __init__(self, backend: InferenceBackend, host: ReportDecoder) -> None:
         self.backend = backend
-        self.memory = memory  # only its parameter-free ``initial()`` is used
+        self.host = host  # only its parameter-free ``initial_state()`` is used
+
+    def initial_state(self, batch: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
+        return self.host.initial_state(batch, device)
 
     def step(
-        self, tokens: Tensor, memory_in: Tensor, enc: Tensor, enc_mask: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        return self.backend.decoder_step(tokens, memory_in, enc, enc_mask)
+        self,
+        tokens: Tensor,
+        memory: Tensor,
+        cache: Tensor,
+        context: Tensor,
+        cross: Tensor,
+        enc_mask: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return self.backend.decoder_step(tokens, memory, cache, context, cross, enc_mask)
 
 
 @torch.inference_mode()
@@ -127,11 +145,12 @@ def run_graphs(
     boxes, box_mask, box_scores = select_boxes(
         box_dets, cfg.num_boxes, cfg.num_classes, image.device
     )
-    enc, enc_mask = backend.visual(image, boxes, box_mask, box_scores)
-    decoder = _StepDecoder(backend, host.decoder.memory)
+    context, cross, enc_mask = backend.visual(image, boxes, box_mask, box_scores)
+    decoder = _StepDecoder(backend, host.decoder)
     ids = beam_search(
-        cast(ReportDecoder, decoder),  # duck-typed: step() and memory.initial()
-        enc,
+        cast(ReportDecoder, decoder),  # duck-typed: step() and initial_state()
+        context,
+        cross,
         enc_mask,
         beam_size=beam_size or cfg.beam_size,
         max_tokens=cfg.max_tokens,
@@ -168,13 +187,21 @@ class TorchBackend:
 
     def visual(
         self, image: Tensor, boxes: Tensor, box_mask: Tensor, box_scores: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        return cast(tuple[Tensor, Tensor], self._visual(image, boxes, box_mask, box_scores))
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        out = self._visual(image, boxes, box_mask, box_scores)
+        return cast(tuple[Tensor, Tensor, Tensor], out)
 
     def decoder_step(
-        self, tokens: Tensor, memory_in: Tensor, enc: Tensor, enc_mask: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        return cast(tuple[Tensor, Tensor], self._step(tokens, memory_in, enc, enc_mask))
+        self,
+        tokens: Tensor,
+        memory: Tensor,
+        cache: Tensor,
+        context: Tensor,
+        cross: Tensor,
+        enc_mask: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        out = self._step(tokens, memory, cache, context, cross, enc_mask)
+        return cast(tuple[Tensor, Tensor, Tensor], out)
 
 
 # --------------------------------------------------------------------------- onnxruntime
@@ -292,17 +319,30 @@ class OnnxRuntimeBackend:
 
     def visual(
         self, image: Tensor, boxes: Tensor, box_mask: Tensor, box_scores: Tensor
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor]:
         feeds = {"image": image, "boxes": boxes, "box_mask": box_mask, "box_scores": box_scores}
-        enc, mask = self._run("visual", feeds)
-        return enc, mask
+        context, cross, mask = self._run("visual", feeds)
+        return context, cross, mask
 
     def decoder_step(
-        self, tokens: Tensor, memory_in: Tensor, enc: Tensor, enc_mask: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        feeds = {"tokens": tokens, "memory_in": memory_in, "enc": enc, "enc_mask": enc_mask}
-        logp, mem = self._run("decoder_step", feeds)
-        return logp, mem
+        self,
+        tokens: Tensor,
+        memory: Tensor,
+        cache: Tensor,
+        context: Tensor,
+        cross: Tensor,
+        enc_mask: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        feeds = {
+            "tokens": tokens,
+            "memory": memory,
+            "cache": cache,
+            "context": context,
+            "cross": cross,
+            "enc_mask": enc_mask,
+        }
+        logp, mem, entries = self._run("decoder_step", feeds)
+        return logp, mem, entries
 
 
 # --------------------------------------------------------------------------- TensorRT manifest
@@ -552,17 +592,30 @@ class TensorRTBackend:
 
     def visual(
         self, image: Tensor, boxes: Tensor, box_mask: Tensor, box_scores: Tensor
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor]:
         feeds = {"image": image, "boxes": boxes, "box_mask": box_mask, "box_scores": box_scores}
-        enc, mask = self._engines["visual"](feeds)
-        return enc, mask
+        context, cross, mask = self._engines["visual"](feeds)
+        return context, cross, mask
 
     def decoder_step(
-        self, tokens: Tensor, memory_in: Tensor, enc: Tensor, enc_mask: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        feeds = {"tokens": tokens, "memory_in": memory_in, "enc": enc, "enc_mask": enc_mask}
-        logp, mem = self._engines["decoder_step"](feeds)
-        return logp, mem
+        self,
+        tokens: Tensor,
+        memory: Tensor,
+        cache: Tensor,
+        context: Tensor,
+        cross: Tensor,
+        enc_mask: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        feeds = {
+            "tokens": tokens,
+            "memory": memory,
+            "cache": cache,
+            "context": context,
+            "cross": cross,
+            "enc_mask": enc_mask,
+        }
+        logp, mem, entries = self._engines["decoder_step"](feeds)
+        return logp, mem, entries
 
 
 # --------------------------------------------------------------------------- selection

@@ -3,12 +3,18 @@
 ``detector.onnx``       image (B,1,S,S) -> cls_logits (B,A,C), bbox_regression (B,A,4),
                         bbox_ctrness (B,A,1); decoding + NMS stay on the host
 ``visual.onnx``         image, boxes (B,K,4), box_mask (B,K), box_scores (B,K,C)
-                        -> enc (B,L,d), enc_mask (B,L)
-``decoder_step.onnx``   tokens (B,T), memory_in (B,T,M,d), enc, enc_mask
-                        -> logprobs (B,V), memory_out (B,M,d)
+                        -> context (B,1,d), cross (B,2N,L,d), enc_mask (B,L)
+``decoder_step.onnx``   tokens (B,1), memory (B,M,d), cache (B,2N,P,d), context, cross,
+                        enc_mask -> logprobs (B,V), memory_out (B,M,d), cache_out (B,2N,1,d)
 
-Exported with ``torch.onnx.export(..., dynamo=True)`` from batch-2 examples so
-the batch (and token) dimensions stay dynamic. Needs ``onnx`` and ``onnxscript``.
+The visual graph ends with what every decoding step reads of the image: the visual context
+and the cross-attention keys/values of the encoder states in each of the ``N`` decoder
+layers. The decoder step takes the newest token and the state left by the earlier steps:
+the relational memory and the self-attention keys/values of the ``P`` earlier positions
+(``P`` = 0 at the first step), so each step costs the same whatever the length so far.
+
+Exported with ``torch.onnx.export(..., dynamo=True)`` from batch-2 examples so the batch
+(and ``past``) dimensions stay dynamic. Needs ``onnx`` and ``onnxscript``.
 
 :func:`export_checkpoint` is the offline entry point (``d2r export-onnx``): it exports a
 checkpoint directory, checks every graph with ``onnx.checker``, keeps the weights in
@@ -40,7 +46,7 @@ logger = logging.getLogger(__name__)
 OPSET = 18
 #: the three graphs, in inference order
 PARTS = ("detector", "visual", "decoder_step")
-EXPORT_FORMAT = "d2r-onnx-export/1"
+EXPORT_FORMAT = "d2r-onnx-export/2"
 EXPORT_FILE = "export.json"
 
 
@@ -56,7 +62,7 @@ class DetectorGraph(nn.Module):
 
 
 class VisualGraph(nn.Module):
-    """Global + local branches and the transformer encoder."""
+    """Global + local branches, the transformer encoder and what the decoder reads of them."""
 
     def __init__(self, model: D2RNet) -> None:
         super().__init__()
@@ -64,21 +70,28 @@ class VisualGraph(nn.Module):
 
     def forward(
         self, image: Tensor, boxes: Tensor, box_mask: Tensor, box_scores: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        return self.model.encode(image, boxes, box_mask, box_scores)
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return self.model.decoding_inputs(image, boxes, box_mask, box_scores)
 
 
 class DecoderStepGraph(nn.Module):
-    """One decoder step with the relational memory state as explicit input/output."""
+    """One decoder step with its state (relational memory, key/value cache) as explicit
+    input/output."""
 
     def __init__(self, model: D2RNet) -> None:
         super().__init__()
         self.decoder = model.decoder
 
     def forward(
-        self, tokens: Tensor, memory_in: Tensor, enc: Tensor, enc_mask: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        return self.decoder.step(tokens, memory_in, enc, enc_mask)
+        self,
+        tokens: Tensor,
+        memory: Tensor,
+        cache: Tensor,
+        context: Tensor,
+        cross: Tensor,
+        enc_mask: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return self.decoder.step(tokens, memory, cache, context, cross, enc_mask)
 
 
 @dataclass(frozen=True)
@@ -89,9 +102,11 @@ class ExampleInputs:
     boxes: Tensor
     box_mask: Tensor
     box_scores: Tensor
-    tokens: Tensor
-    memory_in: Tensor
-    enc: Tensor
+    tokens: Tensor  # (B,1) the newest id
+    memory: Tensor
+    cache: Tensor
+    context: Tensor
+    cross: Tensor
     enc_mask: Tensor
 
 
@@ -112,17 +127,16 @@ def example_inputs(
     labels = torch.randint(0, cfg.num_classes, (batch, k), generator=g)
     box_scores = torch.nn.functional.one_hot(labels, cfg.num_classes).float()
     box_scores = box_scores * torch.rand(batch, k, 1, generator=g) * box_mask[..., None]
-    enc, enc_mask = model.encode(image, boxes, box_mask, box_scores)
+    context, cross, enc_mask = model.decoding_inputs(image, boxes, box_mask, box_scores)
     ids = torch.randint(5, cfg.vocab_size, (batch, tokens), generator=g)
     ids[:, 0] = 1
-    mem = model.decoder.memory.initial(batch)
-    states = [mem]
-    emb = model.decoder.embed_tokens(ids, model.decoder.visual_context(enc, enc_mask))
-    for i in range(tokens - 1):
-        mem = model.decoder.memory(mem, emb[:, i])
-        states.append(mem)
+    memory, cache = model.decoder.initial_state(batch)
+    for i in range(tokens - 1):  # the state after all but the last token
+        step = (ids[:, i : i + 1], memory, cache, context, cross, enc_mask)
+        _, memory, entries = model.decoder.step(*step)
+        cache = torch.cat([cache, entries], dim=2)
     return ExampleInputs(
-        image, boxes, box_mask, box_scores, ids, torch.stack(states, dim=1), enc, enc_mask
+        image, boxes, box_mask, box_scores, ids[:, -1:], memory, cache, context, cross, enc_mask
     )
 
 
@@ -137,7 +151,7 @@ def export_onnx(
     out_dir.mkdir(parents=True, exist_ok=True)
     ex = example_inputs(model)
     b = torch.export.Dim("batch", min=1, max=64)
-    t = torch.export.Dim("tokens", min=1, max=model.config.max_tokens)
+    past = torch.export.Dim("past", min=0, max=model.config.max_tokens)
     specs: dict[
         str, tuple[nn.Module, tuple[Tensor, ...], list[str], list[str], dict[str, object]]
     ] = {
@@ -152,15 +166,22 @@ def export_onnx(
             VisualGraph(model),
             (ex.image, ex.boxes, ex.box_mask, ex.box_scores),
             ["image", "boxes", "box_mask", "box_scores"],
-            ["enc", "enc_mask"],
+            ["context", "cross", "enc_mask"],
             {"image": {0: b}, "boxes": {0: b}, "box_mask": {0: b}, "box_scores": {0: b}},
         ),
         "decoder_step": (
             DecoderStepGraph(model),
-            (ex.tokens, ex.memory_in, ex.enc, ex.enc_mask),
-            ["tokens", "memory_in", "enc", "enc_mask"],
-            ["logprobs", "memory_out"],
-            {"tokens": {0: b, 1: t}, "memory_in": {0: b, 1: t}, "enc": {0: b}, "enc_mask": {0: b}},
+            (ex.tokens, ex.memory, ex.cache, ex.context, ex.cross, ex.enc_mask),
+            ["tokens", "memory", "cache", "context", "cross", "enc_mask"],
+            ["logprobs", "memory_out", "cache_out"],
+            {
+                "tokens": {0: b},
+                "memory": {0: b},
+                "cache": {0: b, 2: past},
+                "context": {0: b},
+                "cross": {0: b},
+                "enc_mask": {0: b},
+            },
         ),
     }
     written: dict[str, Path] = {}

@@ -543,11 +543,18 @@ class Attention(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, query: Tensor, kv: Tensor, mask: Tensor | None = None) -> Tensor:
+        return self.attend(query, self.k(kv), self.v(kv), mask)
+
+    def attend(
+        self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None = None
+    ) -> Tensor:
+        """:meth:`forward` with the key and value projections ``(B,Tk,d)`` already applied
+        (a decoder's cache holds them)."""
         b, tq, _ = query.shape
-        tk = kv.shape[1]
+        tk = keys.shape[1]
         q = self.q(query).view(b, tq, self.heads, self.dk).transpose(1, 2)  # (B,h,Tq,dk)
-        k = self.k(kv).view(b, tk, self.heads, self.dk).transpose(1, 2)
-        v = self.v(kv).view(b, tk, self.heads, self.dk).transpose(1, 2)
+        k = keys.view(b, tk, self.heads, self.dk).transpose(1, 2)
+        v = values.view(b, tk, self.heads, self.dk).transpose(1, 2)
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.dk)  # (B,h,Tq,Tk)
         if mask is not None:
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
@@ -654,19 +661,33 @@ class DecoderLayer(nn.Module):
         out: Tensor = x + self.drop(self.ff(self.n3(x, memory)))
         return out
 
-    def forward_last(self, x: Tensor, memory: Tensor, enc: Tensor, enc_mask: Tensor) -> Tensor:
-        """:meth:`forward` of the last position only: ``(B,T,d)`` -> ``(B,1,d)``.
+    def step(
+        self,
+        x: Tensor,
+        memory: Tensor,
+        past_keys: Tensor,
+        past_values: Tensor,
+        cross_keys: Tensor,
+        cross_values: Tensor,
+        enc_mask: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`forward` of one new position ``(B,1,d)`` given the self-attention keys and
+        values of the earlier ones ``(B,P,d)`` and the cross-attention keys and values of the
+        encoder states ``(B,L,d)``; returns its output and its own key and value.
 
-        The last position attends to every earlier one (its causal-mask row is all True), so
-        only its keys/values need the whole prefix; its query, cross-attention and
-        feed-forward are computed for one position instead of ``T``.
+        Earlier positions never attend to later ones, so their keys and values do not change
+        once computed: each step projects only the new position.
         """
-        h = self.n1(x, memory)  # (B,T,d): keys and values of the prefix
-        x = x[:, -1:] + self.drop(self.self_attn(h[:, -1:], h))
-        last = memory[:, -1:]
-        x = x + self.drop(self.cross_attn(self.n2(x, last), enc, enc_mask))
-        out: Tensor = x + self.drop(self.ff(self.n3(x, last)))
-        return out
+        h = self.n1(x, memory)
+        key, value = self.self_attn.k(h), self.self_attn.v(h)  # (B,1,d)
+        keys = torch.cat([past_keys, key], dim=1)
+        values = torch.cat([past_values, value], dim=1)
+        x = x + self.drop(self.self_attn.attend(h, keys, values))
+        x = x + self.drop(
+            self.cross_attn.attend(self.n2(x, memory), cross_keys, cross_values, enc_mask)
+        )
+        out: Tensor = x + self.drop(self.ff(self.n3(x, memory)))
+        return out, key, value
 
 
 def sinusoid_positions(length: int, d: int) -> Tensor:
@@ -760,43 +781,77 @@ class ReportDecoder(nn.Module):
             states.append(mem.flatten(1))
         return self._decode(emb, torch.stack(states, dim=1), enc, enc_mask)
 
-    def step(
-        self, tokens: Tensor, memory_in: Tensor, enc: Tensor, enc_mask: Tensor
+    def prepare(self, enc: Tensor, enc_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """What every decoding step reads of the image, computed once per image: the visual
+        context ``(B,1,d)`` and the cross-attention keys and values of the encoder states in
+        each decoder layer ``(B,2N,L,d)`` (layer ``i``: keys at ``2i``, values at ``2i+1``)."""
+        projections = []
+        for layer in self.layers:
+            assert isinstance(layer, DecoderLayer)
+            projections += [layer.cross_attn.k(enc), layer.cross_attn.v(enc)]
+        return self.visual_context(enc, enc_mask), torch.stack(projections, dim=1)
+
+    def initial_state(
+        self, batch: int, device: torch.device | str = "cpu"
     ) -> tuple[Tensor, Tensor]:
-        """One decoding step with the memory state explicit (exportable).
+        """Decoder state before the first token: the initial relational memory ``(B,M,d)``
+        and an empty cache ``(B,2N,0,d)`` (see :meth:`step`)."""
+        cache = torch.zeros(batch, 2 * len(self.layers), 0, self.d, device=device)
+        return self.memory.initial(batch, device), cache
+
+    def step(
+        self,
+        tokens: Tensor,
+        memory: Tensor,
+        cache: Tensor,
+        context: Tensor,
+        cross: Tensor,
+        enc_mask: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One decoding step with the decoder state explicit (exportable).
 
         Parameters
         ----------
         tokens : Tensor
-            ``(B,T)`` ids so far (BOS first).
-        memory_in : Tensor
-            ``(B,T,M,d)``: the memory *before* consuming each of the ``T`` tokens;
-            ``memory_in[:, 0]`` is :meth:`RelationalMemory.initial`.
+            ``(B,1)``: the newest id (BOS at the first step).
+        memory : Tensor
+            ``(B,M,d)``: the relational memory before consuming it.
+        cache : Tensor
+            ``(B,2N,P,d)``: the self-attention keys and values of the ``P`` earlier positions
+            in each of the ``N`` decoder layers (layer ``i``: keys at ``2i``, values at
+            ``2i+1``); ``P`` = 0 at the first step (:meth:`initial_state`).
+        context, cross, enc_mask : Tensor
+            The image, from :meth:`prepare`, and the encoder mask ``(B,L)``.
 
         Returns
         -------
         tuple of Tensor
-            Log-probs of the next token ``(B,V)`` and the memory after the last
-            token ``(B,M,d)`` (append it to ``memory_in`` for the next step).
+            Log-probs of the next token ``(B,V)``, the memory after the token ``(B,M,d)``
+            and the new position's keys and values ``(B,2N,1,d)`` (append them to
+            ``cache`` along dimension 2 for the next step).
         """
-        t = tokens.shape[1]
-        emb = self.embed_tokens(tokens, self.visual_context(enc, enc_mask))  # (B,T,d)
-        # Only the last token updates the memory: the memory after token i < T-1 is the
-        # memory before token i+1, memory_in[:, i+1]. Only the last position's log-probs are
-        # needed, so the last decoder layer, the final norm and the vocabulary projection run
-        # for that position alone (the earlier layers still need every position).
-        new = self.memory(memory_in[:, -1], emb[:, -1])  # (B,M,d)
-        after = torch.cat([memory_in, new[:, None]], dim=1)[:, 1:].flatten(2)  # (B,T,M*d)
-        causal = torch.ones(t, t, dtype=torch.bool, device=emb.device).tril()[None, None]
+        past = cache.shape[2]
+        emb = self.embed(tokens) * math.sqrt(self.d) + self.positions[past : past + 1] + context
+        emb = self.embed_drop(emb)  # (B,1,d)
+        new = self.memory(memory, emb[:, 0])  # (B,M,d)
+        after = new.flatten(1)[:, None]  # (B,1,M*d): MCLN conditions on the memory after it
         m = enc_mask[:, None, None, :]
         x = emb
-        for layer in self.layers[:-1]:
-            x = layer(x, after, causal, enc, m)
-        last = self.layers[-1]
-        assert isinstance(last, DecoderLayer)
-        x = last.forward_last(x, after, enc, m)  # (B,1,d)
-        logits = self.out(self.final_norm(x, after[:, -1:]))[:, 0]  # (B,V)
-        return torch.log_softmax(logits, dim=-1), new
+        entries = []
+        for i, layer in enumerate(self.layers):
+            assert isinstance(layer, DecoderLayer)
+            x, key, value = layer.step(
+                x,
+                after,
+                cache[:, 2 * i],
+                cache[:, 2 * i + 1],
+                cross[:, 2 * i],
+                cross[:, 2 * i + 1],
+                m,
+            )
+            entries += [key, value]
+        logits = self.out(self.final_norm(x, after))[:, 0]  # (B,V)
+        return torch.log_softmax(logits, dim=-1), new, torch.stack(entries, dim=1)
 
 
 # --------------------------------------------------------------------------- generation
@@ -812,7 +867,8 @@ def _banned_trigram_tokens(seq: list[int]) -> set[int]:
 @torch.no_grad()
 def beam_search(
     decoder: ReportDecoder,
-    enc: Tensor,
+    context: Tensor,
+    cross: Tensor,
     enc_mask: Tensor,
     *,
     beam_size: int,
@@ -821,20 +877,25 @@ def beam_search(
 ) -> list[list[int]]:
     """Beam search (``beam_size`` 1 = greedy); returns ids without BOS, cut before EOS.
 
-    Scores are summed log-probs (no length penalty). PAD and BOS are never
-    generated and ``<sep>`` at most once.
+    ``context``, ``cross`` and ``enc_mask`` describe each image (:meth:`ReportDecoder.prepare`).
+    Scores are summed log-probs (no length penalty). PAD and BOS are never generated and
+    ``<sep>`` at most once.
     """
-    b, device = enc.shape[0], enc.device
+    b, device = context.shape[0], context.device
     k = beam_size
-    enc = enc.repeat_interleave(k, dim=0)  # (B*k,L,d)
+    context = context.repeat_interleave(k, dim=0)  # (B*k,1,d)
+    cross = cross.repeat_interleave(k, dim=0)  # (B*k,2N,L,d)
     enc_mask = enc_mask.repeat_interleave(k, dim=0)
     tokens = torch.full((b * k, 1), BOS_ID, dtype=torch.long, device=device)
-    memory = decoder.memory.initial(b * k, device)[:, None]  # (B*k,1,M,d)
+    memory, cache = decoder.initial_state(b * k, device)  # (B*k,M,d), (B*k,2N,0,d)
     scores = torch.full((b, k), float("-inf"), device=device)
     scores[:, 0] = 0.0
     finished = torch.zeros(b, k, dtype=torch.bool, device=device)
     for _ in range(max_tokens - 1):
-        logp, mem_out = decoder.step(tokens, memory, enc, enc_mask)  # (B*k,V), (B*k,M,d)
+        # (B*k,V), (B*k,M,d), (B*k,2N,1,d)
+        logp, mem_out, entries = decoder.step(
+            tokens[:, -1:], memory, cache, context, cross, enc_mask
+        )
         logp = logp.clone()
         logp[:, PAD_ID] = float("-inf")
         logp[:, BOS_ID] = float("-inf")
@@ -854,7 +915,8 @@ def beam_search(
         nxt = (idx % vocab).flatten()
         origin = origin.flatten()
         tokens = torch.cat([tokens[origin], nxt[:, None]], dim=1)
-        memory = torch.cat([memory[origin], mem_out[origin][:, None]], dim=1)
+        memory = mem_out[origin]
+        cache = torch.cat([cache, entries], dim=2)[origin]
         finished = (finished.flatten()[origin] | (nxt == EOS_ID)).view(b, k)
         scores = top
         if bool(finished.all()):
@@ -891,6 +953,15 @@ class D2RNet(nn.Module):
         -> encoder states and mask."""
         feats = self.visual_features(image, boxes, box_mask, box_scores)
         return self.decoder.encode(feats.tokens, feats.mask), feats.mask
+
+    def decoding_inputs(
+        self, image: Tensor, boxes: Tensor, box_mask: Tensor, box_scores: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`encode` then :meth:`ReportDecoder.prepare`: the visual context ``(B,1,d)``,
+        cross-attention keys/values ``(B,2N,L,d)`` and encoder mask ``(B,L)``."""
+        enc, mask = self.encode(image, boxes, box_mask, box_scores)
+        context, cross = self.decoder.prepare(enc, mask)
+        return context, cross, mask
 
     def visual_features(
         self,
@@ -963,10 +1034,11 @@ class D2RNet(nn.Module):
     ) -> list[list[int]]:
         """Report ids per image (no BOS/EOS); defaults come from the config."""
         c = self.config
-        enc, mask = self.encode(image, boxes, box_mask, box_scores)
+        context, cross, mask = self.decoding_inputs(image, boxes, box_mask, box_scores)
         return beam_search(
             self.decoder,
-            enc,
+            context,
+            cross,
             mask,
             beam_size=beam_size or c.beam_size,
             max_tokens=max_tokens or c.max_tokens,

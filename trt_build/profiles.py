@@ -1,8 +1,9 @@
 """Optimisation profiles for the dynamic dimensions of the exported graphs (pure).
 
 The exported graphs (``export.json``) have two symbolic dimensions: ``batch`` and, in the
-decoder step, ``tokens``. The detector and visual graphs see one row per image; the decoder
-step sees one row per beam, so its batch range is ``beam_size`` times larger.
+decoder step's cache, ``past`` (positions decoded so far, 0 at the first step). The detector
+and visual graphs see one row per image; the decoder step sees one row per beam, so its batch
+range is ``beam_size`` times larger.
 
 >>> graphs = {"detector": {"inputs": [{"name": "image", "shape": ["batch", 1, 256, 256]}]}}
 >>> compute_profiles(graphs, max_batch=4, beam_size=3, max_tokens=60)["detector"]["image"]
@@ -38,9 +39,11 @@ def dimension_ranges(
                 f"max_batch: {max_batch} x beam {beam_size} = {rows} decoder rows exceeds "
                 f"the exported limit {EXPORT_MAX_BATCH}"
             )
+        # ``past``: positions already in the decoder's cache, none at the first step and
+        # max_tokens - 2 at the last (BOS and max_tokens - 2 generated ids before it)
         return {
             "batch": (1, beam_size, rows),
-            "tokens": (1, max(1, max_tokens // 2), max_tokens),
+            "past": (0, max_tokens // 2, max_tokens - 2),
         }
     if max_batch > EXPORT_MAX_BATCH:
         raise ProfileError(f"max_batch: {max_batch} exceeds the exported limit {EXPORT_MAX_BATCH}")

@@ -75,9 +75,9 @@ def test_export_json_describes_the_graphs(model_dir: Path, onnx_dir: Path) -> No
         for value in graph["inputs"]:
             assert graph["dynamic_axes"][value["name"]]["0"] == "batch"
     step = info["graphs"]["decoder_step"]
-    assert step["dynamic_axes"]["tokens"] == {"0": "batch", "1": "tokens"}
-    assert step["dynamic_axes"]["memory_in"] == {"0": "batch", "1": "tokens"}
-    assert [v["name"] for v in step["outputs"]] == ["logprobs", "memory_out"]
+    assert step["dynamic_axes"]["tokens"] == {"0": "batch"}
+    assert step["dynamic_axes"]["cache"] == {"0": "batch", "2": "past"}
+    assert [v["name"] for v in step["outputs"]] == ["logprobs", "memory_out", "cache_out"]
 
 
 def _copy_with_hash(onnx_dir: Path, dest: Path, sha: str) -> Path:

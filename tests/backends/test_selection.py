@@ -94,7 +94,7 @@ def test_manifest_round_trip(tmp_path: Path) -> None:
     m = _manifest()
     m.write(tmp_path)
     assert EngineManifest.read(tmp_path) == m
-    assert json.loads((tmp_path / "manifest.json").read_text())["format"] == "d2r-trt-engine/1"
+    assert json.loads((tmp_path / "manifest.json").read_text())["format"] == "d2r-trt-engine/2"
 
 
 @pytest.mark.parametrize(

@@ -38,9 +38,11 @@ GRAPHS = {
     },
     "decoder_step": {
         "inputs": [
-            {"name": "tokens", "shape": ["batch", "tokens"]},
-            {"name": "memory_in", "shape": ["batch", "tokens", 3, 128]},
-            {"name": "enc", "shape": ["batch", 68, 128]},
+            {"name": "tokens", "shape": ["batch", 1]},
+            {"name": "memory", "shape": ["batch", 3, 128]},
+            {"name": "cache", "shape": ["batch", 2, "past", 128]},
+            {"name": "context", "shape": ["batch", 1, 128]},
+            {"name": "cross", "shape": ["batch", 2, 68, 128]},
             {"name": "enc_mask", "shape": ["batch", 68]},
         ]
     },
@@ -50,12 +52,13 @@ GRAPHS = {
 def test_profiles_cover_images_and_beams() -> None:
     p = compute_profiles(GRAPHS, max_batch=4, beam_size=3, max_tokens=60)
     assert p["visual"]["boxes"] == {"min": [1, 4, 4], "opt": [1, 4, 4], "max": [4, 4, 4]}
-    assert p["decoder_step"]["memory_in"] == {
-        "min": [1, 1, 3, 128],
-        "opt": [3, 30, 3, 128],
-        "max": [12, 60, 3, 128],
+    assert p["decoder_step"]["cache"] == {
+        "min": [1, 2, 0, 128],  # the first step: nothing cached yet
+        "opt": [3, 2, 30, 128],
+        "max": [12, 2, 58, 128],  # the last step of a max_tokens-long sequence
     }
-    assert p["decoder_step"]["enc"]["max"] == [12, 68, 128]
+    assert p["decoder_step"]["tokens"]["max"] == [12, 1]
+    assert p["decoder_step"]["cross"]["max"] == [12, 2, 68, 128]
 
 
 def test_profile_errors() -> None:

@@ -18,11 +18,14 @@ def test_onnx_export_matches_torch(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = D2RNet(SMALL.replace(vocab_size=40)).eval()
     ex = example_inputs(model, batch=3, tokens=7, seed=1)  # other batch/length than the export
+    first_state = model.decoder.initial_state(3)  # an empty cache: the first step
+    image = (ex.context, ex.cross, ex.enc_mask)
     with torch.no_grad():
         ref = {
             "detector": model.detector.dense(model.stem(ex.image)),
-            "visual": model.encode(ex.image, ex.boxes, ex.box_mask, ex.box_scores),
-            "decoder_step": model.decoder.step(ex.tokens, ex.memory_in, ex.enc, ex.enc_mask),
+            "visual": model.decoding_inputs(ex.image, ex.boxes, ex.box_mask, ex.box_scores),
+            "decoder_step": model.decoder.step(ex.tokens, ex.memory, ex.cache, *image),
+            "first_step": model.decoder.step(ex.tokens, *first_state, *image),
         }
     paths = export_onnx(model, tmp_path)
     feeds = {
@@ -35,15 +38,26 @@ def test_onnx_export_matches_torch(tmp_path: Path) -> None:
         },
         "decoder_step": {
             "tokens": ex.tokens,
-            "memory_in": ex.memory_in,
-            "enc": ex.enc,
+            "memory": ex.memory,
+            "cache": ex.cache,
+            "context": ex.context,
+            "cross": ex.cross,
+            "enc_mask": ex.enc_mask,
+        },
+        "first_step": {
+            "tokens": ex.tokens,
+            "memory": first_state[0],
+            "cache": first_state[1],
+            "context": ex.context,
+            "cross": ex.cross,
             "enc_mask": ex.enc_mask,
         },
     }
     options = ort.SessionOptions()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.intra_op_num_threads = 2
-    for part, path in paths.items():
+    assert ex.cache.shape[2] == 6 and first_state[1].shape[2] == 0
+    for part, path in [*paths.items(), ("first_step", paths["decoder_step"])]:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         got = session.run(None, {k: v.numpy() for k, v in feeds[part].items()})
         assert len(got) == len(ref[part])

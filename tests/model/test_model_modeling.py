@@ -110,20 +110,26 @@ def test_small_model_overfits_and_beam_reproduces_reports() -> None:
         assert [tok.decode(ids) for ids in out] == REPORTS
 
 
-def test_decoder_step_matches_teacher_forcing() -> None:
+@pytest.mark.parametrize("layers", [1, 2])
+def test_decoder_step_matches_teacher_forcing(layers: int) -> None:
     torch.manual_seed(0)
-    cfg = SMALL.replace(vocab_size=30, image_size=128, crop_size=32)
+    cfg = SMALL.replace(vocab_size=30, image_size=128, crop_size=32, num_decoder_layers=layers)
     model = D2RNet(cfg).eval()
     image, boxes, mask, scores = _batch(cfg.image_size)
     tokens = torch.tensor([[BOS_ID, 7, 9, 11, 5]] * 3)
     with torch.no_grad():
         enc, enc_mask = model.encode(image, boxes, mask, scores)
         full = model.decoder(enc, enc_mask, tokens)  # (3,5,V)
-        memory = model.decoder.memory.initial(3)[:, None]
-        for t in range(1, tokens.shape[1] + 1):
-            logp, mem = model.decoder.step(tokens[:, :t], memory, enc, enc_mask)
-            torch.testing.assert_close(logp, full[:, t - 1], atol=1e-5, rtol=1e-4)
-            memory = torch.cat([memory, mem[:, None]], dim=1)
+        context, cross = model.decoder.prepare(enc, enc_mask)
+        assert cross.shape == (3, 2 * layers, enc.shape[1], cfg.d_model)
+        memory, cache = model.decoder.initial_state(3)
+        assert cache.shape == (3, 2 * layers, 0, cfg.d_model)
+        for t in range(tokens.shape[1]):
+            logp, memory, entries = model.decoder.step(
+                tokens[:, t : t + 1], memory, cache, context, cross, enc_mask
+            )
+            torch.testing.assert_close(logp, full[:, t], atol=1e-5, rtol=1e-4)
+            cache = torch.cat([cache, entries], dim=2)
 
 
 def test_padding_boxes_are_masked_out() -> None:
@@ -205,10 +211,10 @@ def test_beam_search_no_repeat_trigram() -> None:
         model.decoder.out.bias[6:9] = 8.0
         model.decoder.out.bias[EOS_ID] = -20.0
     image, boxes, mask, scores = _batch(cfg.image_size)
-    enc, enc_mask = model.encode(image[:1], boxes[:1], mask[:1], scores[:1])
-    plain = beam_search(model.decoder, enc, enc_mask, beam_size=3, max_tokens=20)[0]
+    image_inputs = model.decoding_inputs(image[:1], boxes[:1], mask[:1], scores[:1])
+    plain = beam_search(model.decoder, *image_inputs, beam_size=3, max_tokens=20)[0]
     blocked = beam_search(
-        model.decoder, enc, enc_mask, beam_size=3, max_tokens=20, no_repeat_trigram=True
+        model.decoder, *image_inputs, beam_size=3, max_tokens=20, no_repeat_trigram=True
     )[0]
     trigrams = [tuple(blocked[i : i + 3]) for i in range(len(blocked) - 2)]
     assert len(trigrams) == len(set(trigrams))
