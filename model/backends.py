@@ -204,6 +204,50 @@ class TorchBackend:
         return cast(tuple[Tensor, Tensor, Tensor], out)
 
 
+# --------------------------------------------------------------------------- named graphs
+
+
+class _NamedGraphs:
+    """The three graphs over a runner of named graphs with named inputs (ONNX Runtime
+    sessions, TensorRT engines); subclasses provide :meth:`_run`."""
+
+    device: torch.device
+
+    def _run(self, part: str, feeds: Mapping[str, Tensor]) -> list[Tensor]:
+        raise NotImplementedError
+
+    def detector(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        cls, reg, ctr = self._run("detector", {"image": image})
+        return cls, reg, ctr
+
+    def visual(
+        self, image: Tensor, boxes: Tensor, box_mask: Tensor, box_scores: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        feeds = {"image": image, "boxes": boxes, "box_mask": box_mask, "box_scores": box_scores}
+        context, cross, mask = self._run("visual", feeds)
+        return context, cross, mask
+
+    def decoder_step(
+        self,
+        tokens: Tensor,
+        memory: Tensor,
+        cache: Tensor,
+        context: Tensor,
+        cross: Tensor,
+        enc_mask: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        feeds = {
+            "tokens": tokens,
+            "memory": memory,
+            "cache": cache,
+            "context": context,
+            "cross": cross,
+            "enc_mask": enc_mask,
+        }
+        logp, mem, entries = self._run("decoder_step", feeds)
+        return logp, mem, entries
+
+
 # --------------------------------------------------------------------------- onnxruntime
 
 
@@ -211,7 +255,7 @@ def _cuda_index(device: torch.device) -> int:
     return 0 if device.index is None else int(device.index)
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(_NamedGraphs):
     """The graphs of an ONNX export directory (``d2r export-onnx``) in ONNX Runtime.
 
     Parameters
@@ -312,37 +356,6 @@ class OnnxRuntimeBackend:
         arrays = {k: np.ascontiguousarray(v.detach().cpu().numpy()) for k, v in feeds.items()}
         outputs = self._sessions[part].run(None, arrays)
         return [torch.from_numpy(np.asarray(o)).to(self.device) for o in outputs]
-
-    def detector(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        cls, reg, ctr = self._run("detector", {"image": image})
-        return cls, reg, ctr
-
-    def visual(
-        self, image: Tensor, boxes: Tensor, box_mask: Tensor, box_scores: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        feeds = {"image": image, "boxes": boxes, "box_mask": box_mask, "box_scores": box_scores}
-        context, cross, mask = self._run("visual", feeds)
-        return context, cross, mask
-
-    def decoder_step(
-        self,
-        tokens: Tensor,
-        memory: Tensor,
-        cache: Tensor,
-        context: Tensor,
-        cross: Tensor,
-        enc_mask: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        feeds = {
-            "tokens": tokens,
-            "memory": memory,
-            "cache": cache,
-            "context": context,
-            "cross": cross,
-            "enc_mask": enc_mask,
-        }
-        logp, mem, entries = self._run("decoder_step", feeds)
-        return logp, mem, entries
 
 
 # --------------------------------------------------------------------------- TensorRT manifest
@@ -542,7 +555,7 @@ class _Engine:
         return [o.float() if o.dtype == torch.float16 else o for o in outs]
 
 
-class TensorRTBackend:
+class TensorRTBackend(_NamedGraphs):
     """Serialised TensorRT plans (``d2r build-engine``) checked against ``manifest.json``.
 
     Refuses to start unless the manifest names the loaded checkpoint, this GPU (name and
@@ -586,36 +599,8 @@ class TensorRTBackend:
             manifest.checkpoint_sha256[:12],
         )
 
-    def detector(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        cls, reg, ctr = self._engines["detector"]({"image": image})
-        return cls, reg, ctr
-
-    def visual(
-        self, image: Tensor, boxes: Tensor, box_mask: Tensor, box_scores: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        feeds = {"image": image, "boxes": boxes, "box_mask": box_mask, "box_scores": box_scores}
-        context, cross, mask = self._engines["visual"](feeds)
-        return context, cross, mask
-
-    def decoder_step(
-        self,
-        tokens: Tensor,
-        memory: Tensor,
-        cache: Tensor,
-        context: Tensor,
-        cross: Tensor,
-        enc_mask: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        feeds = {
-            "tokens": tokens,
-            "memory": memory,
-            "cache": cache,
-            "context": context,
-            "cross": cross,
-            "enc_mask": enc_mask,
-        }
-        logp, mem, entries = self._engines["decoder_step"](feeds)
-        return logp, mem, entries
+    def _run(self, part: str, feeds: Mapping[str, Tensor]) -> list[Tensor]:
+        return self._engines[part](feeds)
 
 
 # --------------------------------------------------------------------------- selection
