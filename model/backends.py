@@ -91,25 +91,12 @@ class InferenceBackend(Protocol):
 
 
 class _StepDecoder:
-    """What :func:`model.modeling.beam_search` needs of a decoder, over a backend."""
+    """What :func:`model.modeling.beam_search` needs of a decoder, over a backend: the
+    backend's dense step and the host decoder's parameter-free ``initial_state()``."""
 
     def __init__(self, backend: InferenceBackend, host: ReportDecoder) -> None:
-        self.backend = backend
-        self.host = host  # only its parameter-free ``initial_state()`` is used
-
-    def initial_state(self, batch: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
-        return self.host.initial_state(batch, device)
-
-    def step(
-        self,
-        tokens: Tensor,
-        memory: Tensor,
-        cache: Tensor,
-        context: Tensor,
-        cross: Tensor,
-        enc_mask: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        return self.backend.decoder_step(tokens, memory, cache, context, cross, enc_mask)
+        self.step = backend.decoder_step
+        self.initial_state = host.initial_state
 
 
 @torch.inference_mode()
@@ -159,57 +146,12 @@ def run_graphs(
     return lesions, ids
 
 
-# --------------------------------------------------------------------------- torch
-
-
-class TorchBackend:
-    """The graphs as PyTorch modules (eager, or ``torch.compile`` when ``compile``)."""
-
-    name = TORCH
-
-    def __init__(self, model: D2RNet, *, device: str = "cpu", compile: bool = False) -> None:
-        from model.export import DecoderStepGraph, DetectorGraph, VisualGraph
-
-        self.device = torch.device(device)
-        model = model.to(self.device).eval()
-        graphs: list[nn.Module] = [
-            DetectorGraph(model),
-            VisualGraph(model),
-            DecoderStepGraph(model),
-        ]
-        if compile:
-            graphs = [cast(nn.Module, torch.compile(g, dynamic=True)) for g in graphs]
-        self._detector, self._visual, self._step = graphs
-        self.compiled = compile
-
-    def detector(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return cast(tuple[Tensor, Tensor, Tensor], self._detector(image))
-
-    def visual(
-        self, image: Tensor, boxes: Tensor, box_mask: Tensor, box_scores: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        out = self._visual(image, boxes, box_mask, box_scores)
-        return cast(tuple[Tensor, Tensor, Tensor], out)
-
-    def decoder_step(
-        self,
-        tokens: Tensor,
-        memory: Tensor,
-        cache: Tensor,
-        context: Tensor,
-        cross: Tensor,
-        enc_mask: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        out = self._step(tokens, memory, cache, context, cross, enc_mask)
-        return cast(tuple[Tensor, Tensor, Tensor], out)
-
-
 # --------------------------------------------------------------------------- named graphs
 
 
 class _NamedGraphs:
-    """The three graphs over a runner of named graphs with named inputs (ONNX Runtime
-    sessions, TensorRT engines); subclasses provide :meth:`_run`."""
+    """The three graphs over a runner of named graphs with named inputs (torch modules,
+    ONNX Runtime sessions, TensorRT engines); subclasses provide :meth:`_run`."""
 
     device: torch.device
 
@@ -246,6 +188,34 @@ class _NamedGraphs:
         }
         logp, mem, entries = self._run("decoder_step", feeds)
         return logp, mem, entries
+
+
+# --------------------------------------------------------------------------- torch
+
+
+class TorchBackend(_NamedGraphs):
+    """The graphs as PyTorch modules (eager, or ``torch.compile`` when ``compile``)."""
+
+    name = TORCH
+
+    def __init__(self, model: D2RNet, *, device: str = "cpu", compile: bool = False) -> None:
+        from model.export import DecoderStepGraph, DetectorGraph, VisualGraph
+
+        self.device = torch.device(device)
+        model = model.to(self.device).eval()
+        graphs: dict[str, nn.Module] = {
+            "detector": DetectorGraph(model),
+            "visual": VisualGraph(model),
+            "decoder_step": DecoderStepGraph(model),
+        }
+        if compile:
+            graphs = {k: cast(nn.Module, torch.compile(g, dynamic=True)) for k, g in graphs.items()}
+        self._graphs = graphs
+        self.compiled = compile
+
+    def _run(self, part: str, feeds: Mapping[str, Tensor]) -> list[Tensor]:
+        # the graphs' forward arguments carry the exported input names
+        return list(self._graphs[part](**feeds))
 
 
 # --------------------------------------------------------------------------- onnxruntime

@@ -755,10 +755,11 @@ class ReportDecoder(nn.Module):
         out: Tensor = self.context(pooled)[:, None, :]
         return out
 
-    def embed_tokens(self, tokens: Tensor, context: Tensor) -> Tensor:
-        """Token ids ``(B,T)`` -> scaled embeddings + positions + visual context ``(B,T,d)``."""
+    def embed_tokens(self, tokens: Tensor, context: Tensor, start: int = 0) -> Tensor:
+        """Token ids ``(B,T)`` at positions ``start``.. -> scaled embeddings + positions +
+        visual context ``(B,T,d)``."""
         t = tokens.shape[1]
-        emb = self.embed(tokens) * math.sqrt(self.d) + self.positions[:t] + context
+        emb = self.embed(tokens) * math.sqrt(self.d) + self.positions[start : start + t] + context
         out: Tensor = self.embed_drop(emb)
         return out
 
@@ -830,9 +831,7 @@ class ReportDecoder(nn.Module):
             and the new position's keys and values ``(B,2N,1,d)`` (append them to
             ``cache`` along dimension 2 for the next step).
         """
-        past = cache.shape[2]
-        emb = self.embed(tokens) * math.sqrt(self.d) + self.positions[past : past + 1] + context
-        emb = self.embed_drop(emb)  # (B,1,d)
+        emb = self.embed_tokens(tokens, context, start=cache.shape[2])  # (B,1,d)
         new = self.memory(memory, emb[:, 0])  # (B,M,d)
         after = new.flatten(1)[:, None]  # (B,1,M*d): MCLN conditions on the memory after it
         m = enc_mask[:, None, None, :]
