@@ -1,7 +1,9 @@
-"""The 22 VinDr-CXR local (box-level) labels, the detector's classes.
+"""The 22 VinDr-CXR local (box-level) labels, the detector's classes, and the 14 CheXpert
+report observations.
 
-The order is the column order of the PhysioNet VinDr-CXR 1.0.0 label files;
-class index ``i`` of the detector is ``VINDR_CLASSES[i]``.
+The VinDr-CXR order is the column order of the PhysioNet VinDr-CXR 1.0.0 label files; class
+index ``i`` of the detector is ``VINDR_CLASSES[i]``. The CheXpert order is the CheXpert
+labeler's; output ``j`` of the global branch's observation head is ``CHEXPERT_OBSERVATIONS[j]``.
 """
 
 from __future__ import annotations
@@ -31,4 +33,21 @@ VINDR_CLASSES: tuple[str, ...] = (
     "Other lesion",
 )
 
-__all__ = ["VINDR_CLASSES"]
+CHEXPERT_OBSERVATIONS: tuple[str, ...] = (
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
+)
+
+__all__ = ["CHEXPERT_OBSERVATIONS", "VINDR_CLASSES"]

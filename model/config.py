@@ -51,6 +51,9 @@ class ModelConfig:
         Dimension of patch and region tokens.
     cpca_reduction : int
         Channel-attention MLP reduction of the CPCA block.
+    global_token : bool
+        Put one more token before the patch tokens: a linear map of the whole global-trunk
+        grid (reduced to a few channels per cell), for small findings at typical places.
     detector_backbone : str
         torchvision ResNet name of the FCOS detector backbone.
     detector_fpn_channels, detector_head_convs : int
@@ -67,6 +70,10 @@ class ModelConfig:
         Maximum reported lesions per image.
     crop_size : int
         Side of each lesion crop fed to LERA and the crop CNN.
+    geometry_frequencies : int
+        Sine/cosine frequencies (1, 2, 4, ... cycles per image side) added to each box's centre
+        and size in the region token's geometry input; 0 feeds the four raw values only (the
+        default of checkpoints that predate the option).
     crop_channels : tuple of int
         Output channels of the five crop-CNN stages; the last equals ``visual_dim``.
     lera_hidden : int
@@ -93,6 +100,7 @@ class ModelConfig:
     global_backbone: str = "resnet101"
     visual_dim: int = 1024
     cpca_reduction: int = 4
+    global_token: bool = False
     detector_backbone: str = "resnet50"
     detector_fpn_channels: int = 256
     detector_head_convs: int = 4
@@ -104,6 +112,7 @@ class ModelConfig:
     lesion_nms_iou: float = 0.5
     max_lesions: int = 20
     crop_size: int = 384
+    geometry_frequencies: int = 0
     crop_channels: tuple[int, ...] = (64, 128, 256, 512, 1024)
     lera_hidden: int = 16
     d_model: int = 512
@@ -195,6 +204,7 @@ class ModelConfig:
         )
         need(self.d_model % self.num_heads == 0, "num_heads", "must divide d_model")
         need(self.memory_slots <= self.d_model, "memory_slots", "must be <= d_model")
+        need(0 <= self.geometry_frequencies <= 12, "geometry_frequencies", "must be in 0..12")
         need(self.max_tokens >= 4, "max_tokens", "must be >= 4")
         for name in (
             "box_score_threshold",
@@ -246,7 +256,7 @@ class ModelConfig:
         return cls(**values)
 
 
-PAPER = ModelConfig(preset="paper", image_size=384)
+PAPER = ModelConfig(preset="paper", image_size=384, geometry_frequencies=6)
 
 #: ``small`` uses narrow ResNets (detector ResNet-18 at width 32, global branch ResNet-10 at
 #: width 32): about 6 M parameters, so a trained fp32 checkpoint stays under 30 MB and trains
@@ -261,6 +271,7 @@ SMALL = ModelConfig(
     detector_head_convs=2,
     num_boxes=4,
     crop_size=64,
+    geometry_frequencies=6,
     crop_channels=(16, 32, 64, 96, 128),
     lera_hidden=8,
     d_model=128,

@@ -34,6 +34,7 @@ from torchvision.models.detection.fcos import FCOSHead
 from torchvision.ops import batched_nms, nms
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
+from model.classes import CHEXPERT_OBSERVATIONS
 from model.config import DETECTOR_STRIDES, NARROW_RESNET, ModelConfig
 from model.errors import ModelError
 from model.tokenizer import BOS_ID, EOS_ID, PAD_ID, SEP_ID
@@ -287,12 +288,21 @@ class CPCA(nn.Module):
 #: modules of the global trunk before its first ResNet stage (conv1, bn1, relu, maxpool)
 _STEM_MODULES = 4
 
+#: channels per grid cell of the global token's input
+_SUMMARY_CHANNELS = 16
+
 
 class GlobalBranch(nn.Module):
     """ResNet trunk + CPCA + bias-free 1x1 projection -> patch tokens ``(B,N,D)``.
 
     Each patch token carries a learned embedding of its grid position (stride 32), so the
     decoder can tell where a finding is (the patient's right from the left, apex from base).
+    With ``global_token`` two tokens come first. The summary token maps the whole grid
+    linearly: the trunk output reduced to a few channels by a 1x1 convolution, flattened (every
+    cell at its place) and layer-normalised, so a finding with a typical place and little area,
+    such as a tube in the trachea, shows in one token. The observation token embeds the
+    probabilities of the 14 CheXpert observations that a linear head reads from the summary
+    (trained on the report labels, see ``training.train``), as region tokens embed class scores.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -307,6 +317,20 @@ class GlobalBranch(nn.Module):
         side = -(-cfg.image_size // 32)  # ResNet output stride
         self.positions = nn.Parameter(torch.zeros(1, side * side, cfg.visual_dim))
         nn.init.trunc_normal_(self.positions, std=0.02)
+        self.summary: nn.Sequential | None = None
+        if cfg.global_token:
+            self.summary = nn.Sequential(
+                nn.Conv2d(channels, _SUMMARY_CHANNELS, 1),
+                nn.Flatten(),
+                nn.LayerNorm(_SUMMARY_CHANNELS * side * side),
+                nn.Linear(_SUMMARY_CHANNELS * side * side, cfg.visual_dim),
+            )
+            n = len(CHEXPERT_OBSERVATIONS)
+            self.observations = nn.Linear(cfg.visual_dim, n)
+            # unit scale, like the region tokens' class embeddings: a confident observation
+            # stands out from the first step
+            self.observation_embed = nn.Linear(n, cfg.visual_dim, bias=False)
+            nn.init.normal_(self.observation_embed.weight, std=1.0)
 
     def load_trunk_weights(self, path: Path) -> None:
         """Load ResNet weights (torchvision key names, ``fc.*`` ignored) from a local file."""
@@ -342,8 +366,12 @@ class GlobalBranch(nn.Module):
             f = self.trunk(x)
         else:
             f = self.trunk[_STEM_MODULES + trunk_stages :](trunk_features)
-        f = self.proj(self.cpca(f))  # (B,D,S/32,S/32)
-        return f.flatten(2).transpose(1, 2) + self.positions  # type: ignore[no-any-return]
+        patches: Tensor = self.proj(self.cpca(f)).flatten(2).transpose(1, 2) + self.positions
+        if self.summary is None:
+            return patches
+        summary = self.summary(f)  # (B,D)
+        seen = self.observation_embed(torch.sigmoid(self.observations(summary)))
+        return torch.cat([summary[:, None], seen[:, None], patches], dim=1)
 
 
 # --------------------------------------------------------------------------- local branch
@@ -448,6 +476,20 @@ class CropCNN(nn.Module):
         return out.mean(dim=(2, 3))
 
 
+def box_geometry(values: Tensor, frequencies: int) -> Tensor:
+    """``(..., 4)`` box centre and size (image fractions) -> the values followed by
+    ``sin``/``cos`` of ``2 pi 2^k x`` for ``k < frequencies``: ``(..., 4 (1 + 2 frequencies))``.
+
+    A few pixels of size or position then move the features by a visible amount, so the
+    generator can tell a lobar consolidation from a smaller one, or the right from the left.
+    """
+    if frequencies == 0:
+        return values
+    scale = math.tau * 2.0 ** torch.arange(frequencies, dtype=values.dtype, device=values.device)
+    angles = (values[..., None] * scale).flatten(-2)  # (..., 4F)
+    return torch.cat([values, angles.sin(), angles.cos()], dim=-1)
+
+
 class LocalBranch(nn.Module):
     """Lesion crops -> LERA -> crop CNN, plus what the detector says of each box -> region
     tokens ``(B,K,D)``.
@@ -455,7 +497,8 @@ class LocalBranch(nn.Module):
     A region token is the sum of three parts: the crop's appearance (LERA + crop CNN), the
     detector's class scores of the box (a bias-free linear map of the ``(C,)`` score vector,
     so a low-confidence box says less), and the box geometry (centre, width and height as
-    fractions of the image, through a small MLP; it carries laterality and zone).
+    fractions of the image, with sines and cosines of them at ``geometry_frequencies``
+    octaves, through a small MLP; it carries laterality, zone and size).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -468,7 +511,9 @@ class LocalBranch(nn.Module):
         # one embedding per class at unit scale (as nn.Embedding starts), so that a confident
         # detection stands out of the crop features from the first step
         nn.init.normal_(self.classes.weight, std=1.0)
-        self.geometry = nn.Sequential(nn.Linear(4, d), nn.ReLU(inplace=True), nn.Linear(d, d))
+        self.frequencies = cfg.geometry_frequencies
+        width = 4 * (1 + 2 * self.frequencies)
+        self.geometry = nn.Sequential(nn.Linear(width, d), nn.ReLU(inplace=True), nn.Linear(d, d))
 
     def forward(self, image: Tensor, boxes: Tensor, box_mask: Tensor, box_scores: Tensor) -> Tensor:
         b, k = boxes.shape[0], boxes.shape[1]
@@ -478,7 +523,9 @@ class LocalBranch(nn.Module):
         crops = crop_boxes(image, safe, self.crop_size).expand(-1, 3, -1, -1)  # (BK,3,c,c)
         appearance = self.cnn(self.lera(crops)).reshape(b, k, -1)  # (B,K,D)
         x0, y0, x1, y1 = (safe / size).unbind(-1)
-        geometry = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+        geometry = box_geometry(
+            torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1), self.frequencies
+        )
         tokens: Tensor = appearance + self.classes(box_scores) + self.geometry(geometry)
         return tokens  # (B,K,D)
 

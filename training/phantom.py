@@ -81,6 +81,15 @@ CLASS_WEIGHTS: dict[str, float] = {
 #: Support devices the phantom draws (no VinDr-CXR box class; a study attribute, no box).
 DEVICE_KINDS: tuple[str, ...] = ("Endotracheal tube", "Central venous catheter")
 
+#: default probability of support devices in a study (doubled with edema or consolidation)
+DEVICE_FRACTION = 0.13
+
+#: radius (image fractions) from which a consolidation is lobar: drawn larger and reported as
+#: pneumonia; smaller ones are drawn smaller (a radius gap between the two) and never named
+#: pneumonia outright
+LOBAR_CONSOLIDATION = 0.075
+_LOBAR_GAP = 0.0075  # each kind moves this far from the threshold
+
 _CM = 1.0 / 43.0  # one centimetre in normalised units (43 cm field of view)
 
 _TEXTURE = 48  # side of the low-resolution random fields upsampled into lung markings
@@ -335,6 +344,9 @@ def _sample_lesion(name: str, rng: np.random.Generator, a: Anatomy, laterality: 
         "Atelectasis": (0.07, 0.09),
     }
     r = float(rng.uniform(*sizes[name]))
+    lobar = name == "Consolidation" and r >= LOBAR_CONSOLIDATION
+    if name == "Consolidation":
+        r += _LOBAR_GAP if lobar else -_LOBAR_GAP
     u, v = _point_in_lung(rng, a, s, r)
     attrs: list[tuple[str, str]] = [("zone", _lung_zone(a, v))]
     params: list[tuple[str, float]] = [("u", u), ("v", v), ("r", r)]
@@ -344,12 +356,15 @@ def _sample_lesion(name: str, rng: np.random.Generator, a: Anatomy, laterality: 
     if name == "Atelectasis":
         params.append(("angle", float(rng.uniform(-0.25, 0.25))))
     if name == "Consolidation":
+        # the report follows what the image shows: a lobar-size consolidation is reported as
+        # pneumonia ("positive"); a smaller, patchy one as consolidation, at most "concerning
+        # for"/"compatible with" pneumonia (uncertain) or without a word of it
         offsets = rng.uniform(-0.55, 0.55, size=(6, 2)) * r
         for i, (du, dv) in enumerate(offsets):
             params += [(f"bu{i}", float(du)), (f"bv{i}", float(dv))]
-        # "positive": reported as pneumonia; "concerning"/"compatible": uncertain; "": not said
-        kinds = ["positive", "concerning", "compatible", ""]
-        attrs.append(("pneumonia", str(rng.choice(kinds, p=[0.6, 0.15, 0.1, 0.15]))))
+        kinds = ["concerning", "compatible", ""]
+        said = str(rng.choice(kinds, p=[0.4, 0.25, 0.35]))
+        attrs.append(("pneumonia", "positive" if lobar else said))
     if name == "Lung Opacity":
         offsets = rng.uniform(-0.5, 0.5, size=(4, 2)) * r
         for i, (du, dv) in enumerate(offsets):
@@ -411,7 +426,11 @@ def _sample_devices(rng: np.random.Generator, a: Anatomy) -> tuple[Device, ...]:
 
 
 def sample_study(
-    seed: int, index: int, *, normal_fraction: float = 0.3, device_fraction: float = 0.13
+    seed: int,
+    index: int,
+    *,
+    normal_fraction: float = 0.3,
+    device_fraction: float = DEVICE_FRACTION,
 ) -> PhantomStudy:
     """Draw study ``index`` of the phantom set with base ``seed``.
 

@@ -33,7 +33,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from training.phantom import PhantomStudy, render, sample_study
+from training.phantom import DEVICE_FRACTION, PhantomStudy, render, sample_study
 from training.phantom_report import write_report
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,9 @@ class PhantomConfig:
         Side of the DICOM images (pixels); 0 writes no DICOM.
     normal_fraction : float
         Share of studies without lesions.
+    device_fraction : float
+        Probability of support devices in a study (doubled, up to 1, with edema or
+        consolidation); see :func:`training.phantom.sample_study`.
     val_fraction, test_fraction : float
         Shares of the ``val`` and ``test`` splits (assigned by study index).
     """
@@ -71,6 +74,7 @@ class PhantomConfig:
     size: int = 512
     dicom_size: int = 1024
     normal_fraction: float = 0.3
+    device_fraction: float = DEVICE_FRACTION
     val_fraction: float = 0.1
     test_fraction: float = 0.1
 
@@ -83,6 +87,8 @@ class PhantomConfig:
             raise ValueError(f"dicom_size: must be 0 or at least 64, got {self.dicom_size}")
         if not 0.0 <= self.normal_fraction <= 1.0:
             raise ValueError(f"normal_fraction: must be in [0, 1], got {self.normal_fraction}")
+        if not 0.0 <= self.device_fraction <= 1.0:
+            raise ValueError(f"device_fraction: must be in [0, 1], got {self.device_fraction}")
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError("val_fraction, test_fraction: must leave a training split")
 
@@ -212,7 +218,12 @@ def generate(config: PhantomConfig, out: Path) -> dict[str, Any]:
     counts: dict[str, int] = {}
     device_counts: dict[str, int] = {}
     for index in range(config.studies):
-        study = sample_study(config.seed, index, normal_fraction=config.normal_fraction)
+        study = sample_study(
+            config.seed,
+            index,
+            normal_fraction=config.normal_fraction,
+            device_fraction=config.device_fraction,
+        )
         report = write_report(study)
         study_id = f"s{config.seed}-{index:05d}"
         image_id = f"{study_id}-pa"

@@ -51,6 +51,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from model.checkpoint import load_detector_state, save_checkpoint
 from model.config import ModelConfig, get_preset
@@ -94,6 +95,7 @@ class TrainConfig:
     train_detector: bool = False
     generator_boxes: str = "annotations"
     freeze_global_trunk: int = 0
+    observation_weight: float = 0.0
     select_metric: str = "bleu4"
     text_encoder: str | None = None
     freeze_text_encoder: bool = False
@@ -130,6 +132,8 @@ class TrainConfig:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if self.observation_weight < 0:
+            raise ValueError(f"observation_weight: must be >= 0, got {self.observation_weight}")
         if self.grad_clip_value < 0:
             raise ValueError(f"grad_clip_value: must be >= 0, got {self.grad_clip_value}")
         if self.text_hidden % 2:
@@ -323,13 +327,29 @@ def build_alignment(
 
 
 class TrainModule(nn.Module):
-    """D2R-Net plus the training-only alignment losses; ``forward`` returns the loss terms."""
+    """D2R-Net plus the training-only losses; ``forward`` returns the loss terms.
 
-    def __init__(self, model: D2RNet, align: AlignmentLosses | None, *, train_detector: bool):
+    With ``observation_weight`` > 0 the global branch's observation head (``global_token``)
+    learns the 14 CheXpert-style labels of each training report (the rule-based labeler of
+    ``d2r evaluate``, positive = 1) with binary cross-entropy; the probabilities it reads from
+    the image then reach the decoder as the observation token.
+    """
+
+    def __init__(
+        self,
+        model: D2RNet,
+        align: AlignmentLosses | None,
+        *,
+        train_detector: bool,
+        observation_weight: float = 0.0,
+    ):
         super().__init__()
+        if observation_weight and not model.config.global_token:
+            raise TrainingError("observation_weight: needs the model's global_token")
         self.model = model
         self.align = align
         self.train_detector = train_detector
+        self.observation_weight = observation_weight
 
     def forward(self, batch: dict[str, Any], text: tuple[Tensor, ...] | None) -> dict[str, Tensor]:
         m, cfg = self.model, self.model.config
@@ -350,6 +370,20 @@ class TrainModule(nn.Module):
             al = self.align(feats, *text)
             out["lab"], out["gab"] = al["lab"].float(), al["gab"].float()
             total = total + cfg.lab_weight * out["lab"] + cfg.gab_weight * out["gab"]
+        if self.observation_weight:
+            from training.evaluation.labeler import CHEXPERT_OBSERVATIONS, label_report
+
+            labels = torch.tensor(
+                [
+                    [label_report(f)[o] == 1 for o in CHEXPERT_OBSERVATIONS]
+                    for f in batch["findings"]
+                ],
+                dtype=torch.float32,
+                device=images.device,
+            )
+            logits = m.visual.global_branch.observations(feats.patches[:, 0]).float()
+            out["obs"] = F.binary_cross_entropy_with_logits(logits, labels)
+            total = total + self.observation_weight * out["obs"]
         if self.train_detector:
             det = m.detector.loss(m.stem(images), batch["targets"])
             out["det"] = sum(det.values(), torch.zeros((), device=images.device)).float()
@@ -703,7 +737,12 @@ def _train(
         if not config.augment
         else FrozenInputs()
     )
-    module = TrainModule(model, align, train_detector=config.train_detector).to(device)
+    module = TrainModule(
+        model,
+        align,
+        train_detector=config.train_detector,
+        observation_weight=config.observation_weight,
+    ).to(device)
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.Adam(
         params, lr=config.lr, weight_decay=config.weight_decay, amsgrad=config.amsgrad

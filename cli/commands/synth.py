@@ -11,6 +11,8 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from training.phantom import DEVICE_FRACTION
+
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--studies", type=int, required=True, metavar="N", help="number of studies")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="base seed (default 0)")
@@ -23,6 +25,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--normal-fraction", type=float, default=0.3, help="share of normal studies (default 0.3)"
+    )
+    parser.add_argument(
+        "--device-fraction",
+        type=float,
+        default=DEVICE_FRACTION,
+        help=f"probability of support devices in a study, doubled with edema or consolidation "
+        f"(default {DEVICE_FRACTION})",
     )
 
 
@@ -40,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
             size=args.size,
             dicom_size=args.dicom_size,
             normal_fraction=args.normal_fraction,
+            device_fraction=args.device_fraction,
         )
     except ValueError as exc:
         print(f"d2r synth: {exc}", file=sys.stderr)

@@ -18,6 +18,10 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "generator_boxes": (str, "local-branch boxes in training: annotations (default) or detector"),
     "select_metric": (str, "validation metric for best epoch and early stop: bleu4 or ce_f1"),
     "freeze_global_trunk": (int, "keep the global ResNet's stem + first N stages fixed (0-4)"),
+    "observation_weight": (
+        float,
+        "weight of the report-label loss on the global token (needs global_token; default 0)",
+    ),
     "text_encoder": (str, "local transformers BERT directory for LAB/GAB"),
     "text_hidden": (int, "width of the random BERT used without --text-encoder"),
     "epochs": (int, "epochs (default 50)"),

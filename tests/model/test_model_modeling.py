@@ -12,6 +12,7 @@ from model.modeling import (
     AlignmentLosses,
     D2RNet,
     beam_search,
+    box_geometry,
     count_parameters,
     crop_boxes,
     lm_loss,
@@ -175,6 +176,43 @@ def test_region_tokens_carry_class_scores_and_geometry() -> None:
         )
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(base[2, 0], moved[2, 0], atol=1e-4)
+
+
+def test_global_token_summarises_the_whole_grid() -> None:
+    torch.manual_seed(0)
+    cfg = SMALL.replace(vocab_size=30, image_size=128, crop_size=32, global_token=True)
+    assert ModelConfig.from_dict(cfg.to_dict()).global_token
+    old = cfg.to_dict()
+    del old["global_token"]  # a checkpoint from before the option has no global token
+    assert not ModelConfig.from_dict(old).global_token
+    model = D2RNet(cfg).eval()
+    image, boxes, mask, scores = _batch(cfg.image_size)
+    branch = model.visual.global_branch
+    assert branch.summary is not None
+    with torch.no_grad():
+        feats = model.visual_features(image, boxes, mask, scores)
+        trunk = branch.trunk(model.stem(image))
+        summary = branch.summary(trunk)
+        seen = branch.observation_embed(torch.sigmoid(branch.observations(summary)))
+        enc, enc_mask = model.encode(image, boxes, mask, scores)
+    assert feats.patches.shape == (3, 2 + 16, cfg.visual_dim)
+    torch.testing.assert_close(feats.patches[:, 0], summary)
+    torch.testing.assert_close(feats.patches[:, 1], seen)
+    assert enc.shape[1] == enc_mask.shape[1] == 2 + 16 + 4 and enc_mask[:, :2].all()
+    with torch.no_grad():
+        other = model.visual_features(image.flip(-1), boxes, mask, scores).patches
+    assert not torch.allclose(other[:, 0], feats.patches[:, 0])  # it reads the image
+
+
+def test_box_geometry_spreads_small_differences() -> None:
+    values = torch.tensor([[0.3, 0.5, 0.16, 0.16], [0.3, 0.5, 0.20, 0.20]])
+    assert torch.equal(box_geometry(values, 0), values)
+    features = box_geometry(values, 6)
+    assert features.shape == (2, 4 * 13)
+    torch.testing.assert_close(features[:, :4], values)
+    assert torch.allclose(features[:, 4:].abs().amax(), torch.tensor(1.0), atol=1e-3)
+    # 0.04 of the image side apart: raw values differ by 0.04, the features by far more
+    assert (features[0] - features[1]).norm() > 10 * (values[0] - values[1]).norm()
 
 
 def test_crop_boxes_zero_pads_and_normalises() -> None:

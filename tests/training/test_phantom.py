@@ -17,7 +17,9 @@ from model.tokenizer import Tokenizer
 from training.evaluation.labeler import CHEXPERT_OBSERVATIONS, label_report
 from training.phantom import (
     BILATERAL,
+    DEVICE_FRACTION,
     DEVICE_KINDS,
+    LOBAR_CONSOLIDATION,
     PHANTOM_CLASSES,
     PhantomStudy,
     render,
@@ -220,6 +222,31 @@ def test_new_findings_are_labelled_positive_not_uncertain(name: str) -> None:
             assert labels["Pneumonia"] == want, report.findings
             if kind == "positive":
                 assert labels["Pneumonia"] == 1 == label_report(report.impression)["Pneumonia"]
+
+
+def test_pneumonia_is_named_for_lobar_consolidations_only() -> None:
+    # the image decides: radii of the two kinds lie on either side of a gap
+    radii: dict[bool, list[float]] = {True: [], False: []}
+    for study in _studies_with("Consolidation", 40):
+        for le in study.lesions:
+            if le.class_name == "Consolidation":
+                radii[le.attr("pneumonia") == "positive"].append(le.p("r"))
+    assert len(radii[True]) >= 5 and len(radii[False]) >= 5, radii
+    assert min(radii[True]) >= LOBAR_CONSOLIDATION + 0.007, radii
+    assert max(radii[False]) <= LOBAR_CONSOLIDATION - 0.007, radii
+
+
+def test_device_fraction_sets_how_many_studies_carry_devices() -> None:
+    def share(fraction: float) -> float:
+        studies = [sample_study(5, i, device_fraction=fraction) for i in range(200)]
+        return sum(bool(s.devices) for s in studies) / len(studies)
+
+    assert share(0.0) == 0.0
+    low, high = share(DEVICE_FRACTION), share(0.4)
+    assert 0.08 <= low <= 0.3 and high >= low + 0.2, (low, high)
+    # the other draws of a study do not depend on the fraction
+    a, b = sample_study(5, 7, device_fraction=0.0), sample_study(5, 7, device_fraction=1.0)
+    assert a.lesions == b.lesions and a.anatomy == b.anatomy and b.devices
 
 
 @pytest.mark.parametrize("name", ["Lung Opacity", "Edema"])

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from model.checkpoint import load_checkpoint
 from model.tokenizer import BOS_ID, PAD_ID, Tokenizer
 from training.data import collate_reports, prepare_samples
+from training.errors import TrainingError
 from training.phantom_output import PhantomConfig, generate
 from training.train import (
     TextEncoding,
@@ -92,6 +93,36 @@ def test_a_few_steps_lower_the_loss(phantom: Path, tmp_path: Path) -> None:
     assert all(torch.isfinite(torch.tensor(list(last.values()))))
     assert last["lm"] < first["lm"] - 0.2
     assert last["loss"] < first["loss"]
+
+
+def test_observation_loss_trains_the_observation_head(phantom: Path, tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match="^observation_weight"):
+        train(_config(phantom, tmp_path / "no-token", observation_weight=1.0))
+    with pytest.raises(ValueError, match="^observation_weight"):
+        _config(phantom, tmp_path, observation_weight=-1.0)
+    config = _config(
+        phantom, tmp_path / "run", model={**TINY, "global_token": True}, observation_weight=1.0
+    )
+    records = [r for r in read_records(phantom) if r.split == "train"][:4]
+    tok = Tokenizer.build([(r.findings, r.impression) for r in records], min_frequency=1)
+    model = build_model(config, tok)
+    module = TrainModule(model, None, train_detector=False, observation_weight=1.0)
+    samples = prepare_samples(records, 128, tok, max_tokens=model.config.max_tokens)
+    batch = collate_reports(list(enumerate(samples)), 4)
+    losses = module(batch, None)
+    assert set(losses) == {"lm", "obs", "loss"}
+    torch.testing.assert_close(losses["loss"], losses["lm"] + losses["obs"])
+    losses["obs"].backward()
+    summary = model.visual.global_branch.summary
+    assert summary is not None and summary[-1].weight.grad is not None
+    assert float(summary[-1].weight.grad.abs().sum()) > 0  # the labels reach the image side
+    head = model.visual.global_branch.observations.weight.clone()
+    final = train(config)
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    assert all(float(r["train_obs"]) > 0 for r in rows)
+    saved = load_checkpoint(final).model.visual.global_branch.observations.weight
+    assert saved.shape == head.shape == (14, model.config.visual_dim)
+    assert not torch.equal(saved, head)
 
 
 def test_text_encoding_splits_sentences() -> None:

@@ -22,26 +22,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from model.classes import CHEXPERT_OBSERVATIONS
+
 POSITIVE, NEGATIVE, UNCERTAIN = 1, 0, -1
 Label = int | None
-
-#: The 14 CheXpert observations in CheXpert order.
-CHEXPERT_OBSERVATIONS: tuple[str, ...] = (
-    "No Finding",
-    "Enlarged Cardiomediastinum",
-    "Cardiomegaly",
-    "Lung Opacity",
-    "Lung Lesion",
-    "Edema",
-    "Consolidation",
-    "Pneumonia",
-    "Atelectasis",
-    "Pneumothorax",
-    "Pleural Effusion",
-    "Pleural Other",
-    "Fracture",
-    "Support Devices",
-)
 
 DATA_DIR = Path(__file__).parent / "data"
 PHRASES_DIR = DATA_DIR / "chexpert_phrases"
