@@ -114,8 +114,10 @@ def test_observation_loss_trains_the_observation_head(phantom: Path, tmp_path: P
     torch.testing.assert_close(losses["loss"], losses["lm"] + losses["obs"])
     losses["obs"].backward()
     summary = model.visual.global_branch.summary
-    assert summary is not None and summary[-1].weight.grad is not None
-    assert float(summary[-1].weight.grad.abs().sum()) > 0  # the labels reach the image side
+    assert summary is not None
+    last = summary[-1]
+    assert isinstance(last, torch.nn.Linear) and last.weight.grad is not None
+    assert float(last.weight.grad.abs().sum()) > 0  # the labels reach the image side
     head = model.visual.global_branch.observations.weight.clone()
     final = train(config)
     rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
