@@ -243,12 +243,6 @@ def finish(
     return summary
 
 
-def _default_device_fraction() -> float:
-    from training.phantom import DEVICE_FRACTION
-
-    return DEVICE_FRACTION
-
-
 def _fmt(value: Any) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
@@ -258,7 +252,7 @@ def model_card(summary: dict[str, Any], metrics: dict[str, Any], out: Path) -> s
     info = json.loads((out / "model.json").read_text())
     config = json.loads((out / "config.json").read_text())
     size_mb = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 1e6
-    from training.phantom import PHANTOM_CLASSES
+    from training.phantom import DEVICE_FRACTION, PHANTOM_CLASSES
 
     weak = ", ".join(
         f"{name} ({v['f1']:.3f})"
@@ -320,7 +314,7 @@ labelled "not for diagnostic use".
    the 14 CheXpert labels of each training report (weight {GENERATOR["observation_weight"]:g}),
    and the decoder reads its probabilities. The training studies draw support devices with
    probability {TRAIN_DEVICE_FRACTION:g} (doubled with edema or consolidation; the phantom's
-   default, which the held-out set keeps, is {_default_device_fraction():g}).
+   default, which the held-out set keeps, is {DEVICE_FRACTION:g}).
    {GENERATOR["epochs"]} epochs
    at most (early stop after {GENERATOR["patience"]} without a gain), batch
    {GENERATOR["batch_size"]}, Adam (amsgrad) lr {GENERATOR["lr"]:g} with a cosine schedule,

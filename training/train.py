@@ -326,12 +326,23 @@ def build_alignment(
     return AlignmentLosses(cfg, text), TextEncoding(tokenizer)
 
 
+def observation_labels(findings: Sequence[str]) -> Tensor:
+    """``(N, 14)`` float targets of the observation head: 1 where the rule-based labeler of
+    ``d2r evaluate`` finds the observation positive in the report's findings."""
+    from training.evaluation.labeler import CHEXPERT_OBSERVATIONS, label_report
+
+    return torch.tensor(
+        [[label_report(f)[o] == 1 for o in CHEXPERT_OBSERVATIONS] for f in findings],
+        dtype=torch.float32,
+    )
+
+
 class TrainModule(nn.Module):
     """D2R-Net plus the training-only losses; ``forward`` returns the loss terms.
 
     With ``observation_weight`` > 0 the global branch's observation head (``global_token``)
-    learns the 14 CheXpert-style labels of each training report (the rule-based labeler of
-    ``d2r evaluate``, positive = 1) with binary cross-entropy; the probabilities it reads from
+    learns the 14 CheXpert-style labels of each training report (``batch["observations"]``,
+    see :func:`observation_labels`) with binary cross-entropy; the probabilities it reads from
     the image then reach the decoder as the observation token.
     """
 
@@ -371,18 +382,8 @@ class TrainModule(nn.Module):
             out["lab"], out["gab"] = al["lab"].float(), al["gab"].float()
             total = total + cfg.lab_weight * out["lab"] + cfg.gab_weight * out["gab"]
         if self.observation_weight:
-            from training.evaluation.labeler import CHEXPERT_OBSERVATIONS, label_report
-
-            labels = torch.tensor(
-                [
-                    [label_report(f)[o] == 1 for o in CHEXPERT_OBSERVATIONS]
-                    for f in batch["findings"]
-                ],
-                dtype=torch.float32,
-                device=images.device,
-            )
             logits = m.visual.global_branch.observations(feats.patches[:, 0]).float()
-            out["obs"] = F.binary_cross_entropy_with_logits(logits, labels)
+            out["obs"] = F.binary_cross_entropy_with_logits(logits, batch["observations"])
             total = total + self.observation_weight * out["obs"]
         if self.train_detector:
             det = m.detector.loss(m.stem(images), batch["targets"])
@@ -743,6 +744,12 @@ def _train(
         train_detector=config.train_detector,
         observation_weight=config.observation_weight,
     ).to(device)
+    # report labels, computed once per training image
+    observations = (
+        observation_labels([x.findings for x in train_samples])
+        if config.observation_weight
+        else None
+    )
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.Adam(
         params, lr=config.lr, weight_decay=config.weight_decay, amsgrad=config.amsgrad
@@ -853,6 +860,8 @@ def _train(
                     batch["images"]
                 )
             batch["trunk_stages"] = stages
+            if observations is not None:
+                batch["observations"] = observations[index].to(device)
             if frozen.trunk is not None:
                 batch["trunk"] = frozen.trunk[index].to(device)
             elif stages:

@@ -26,6 +26,7 @@ from training.train import (
     build_alignment,
     build_model,
     draw_learning_curve,
+    observation_labels,
     read_records,
     train,
 )
@@ -109,6 +110,8 @@ def test_observation_loss_trains_the_observation_head(phantom: Path, tmp_path: P
     module = TrainModule(model, None, train_detector=False, observation_weight=1.0)
     samples = prepare_samples(records, 128, tok, max_tokens=model.config.max_tokens)
     batch = collate_reports(list(enumerate(samples)), 4)
+    batch["observations"] = observation_labels(batch["findings"])
+    assert batch["observations"].shape == (4, 14) and batch["observations"].max() == 1
     losses = module(batch, None)
     assert set(losses) == {"lm", "obs", "loss"}
     torch.testing.assert_close(losses["loss"], losses["lm"] + losses["obs"])
