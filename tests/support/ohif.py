@@ -408,6 +408,25 @@ JS_POLYLINES = """(() => {
   return {polylines, viewport: [r.x, r.y, r.width, r.height]};
 })()"""
 
+JS_SR_STATE = """(() => {
+  const out = {svg_layers: document.querySelectorAll('.svg-layer').length};
+  try {
+    out.annotations = window.cornerstoneTools.annotation.state.getAllAnnotations()
+      .map(a => a.metadata && a.metadata.toolName);
+  } catch (e) { out.annotations = String(e); }
+  try {
+    out.viewports = window.cornerstone.getRenderingEngines().flatMap(e => e.getViewports())
+      .map(v => ({id: v.id, type: v.type, has_image: !!(v.getImageData && v.getImageData()),
+                  image: v.getCurrentImageId ? String(v.getCurrentImageId()).slice(-40) : null}));
+  } catch (e) { out.viewports = String(e); }
+  return out;
+})()"""
+
+JS_RENDER_ALL = """(() => {
+  for (const engine of window.cornerstone.getRenderingEngines()) engine.render();
+  return true;
+})()"""
+
 JS_IMAGE_TO_CANVAS = """((viewportId) => {
   const cvs = window.services.cornerstoneViewportService;
   const ids = viewportId ? [viewportId] : cvs.getViewportIds();
@@ -482,6 +501,9 @@ class ViewerResult:
         The image-to-canvas mapping read from the cornerstone viewport, if any.
     timings
         Seconds per step, for reports.
+    notes
+        What had to be done to get the SR drawn, with the page's annotation and viewport
+        state before each step; empty when OHIF drew it at once.
     """
 
     polylines: list[list[tuple[float, float]]]
@@ -491,6 +513,7 @@ class ViewerResult:
     console_errors: list[str]
     image_to_canvas: ImageToCanvas | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 def _finite(value: Any) -> float:
@@ -514,6 +537,47 @@ def _wait_stable_polylines(page: Page, timeout: float) -> dict[str, Any]:
         if now > deadline:
             return last
         time.sleep(POLL_INTERVAL)
+
+
+def _wait_sr_drawn(page: Page, timeout: float, notes: list[str]) -> dict[str, Any]:
+    """Wait for the SR's polylines; if none come, do what a reader does, then look again.
+
+    OHIF draws SR annotations when the viewport renders. Should the SR's annotations reach
+    the tool state after the viewport's last render, nothing is drawn until the next one,
+    which a reader triggers by moving the mouse over the image. So, after a first wait
+    without polylines, the pointer moves over the viewport and, failing that, every
+    viewport is rendered once more. Each step, and the page's annotation and viewport state
+    before it, goes to ``notes``: a test shows them when the boxes are missing, and a nudge
+    that was needed is logged.
+    """
+    deadline = time.monotonic() + timeout
+    snapshot = _wait_stable_polylines(page, min(8.0, timeout))
+    nudges: list[tuple[str, Callable[[], Any]]] = [
+        ("moved the pointer over the viewport", lambda: _hover_viewport(page)),
+        ("rendered every viewport again", lambda: page.evaluate(JS_RENDER_ALL)),
+    ]
+    for what, nudge in nudges:
+        if snapshot["polylines"]:
+            break
+        notes.append(f"no polylines yet; page state {json.dumps(page.evaluate(JS_SR_STATE))}")
+        nudge()
+        notes.append(what)
+        logger.warning("OHIF drew no SR polylines in time; %s", what)
+        snapshot = _wait_stable_polylines(page, max(1.0, min(4.0, deadline - time.monotonic())))
+    if not snapshot["polylines"]:
+        notes.append(f"still no polylines; page state {json.dumps(page.evaluate(JS_SR_STATE))}")
+    return snapshot
+
+
+def _hover_viewport(page: Page) -> None:
+    layer = page.evaluate(JS_POLYLINES)
+    if layer and layer["viewport"][2] > 0:
+        x, y, width, height = layer["viewport"]
+        for dx in (0.45, 0.55):
+            page.send(
+                "Input.dispatchMouseEvent",
+                {"type": "mouseMoved", "x": x + dx * width, "y": y + height / 2},
+            )
 
 
 def check_sr_in_ohif(
@@ -569,6 +633,7 @@ def check_sr_in_ohif(
         raise ViewerError("Chromium is not installed (Debian package 'chromium')")
     artifacts.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
+    notes: list[str] = []
     started = time.monotonic()
     deadline = started + timeout
 
@@ -606,7 +671,7 @@ def check_sr_in_ohif(
             page.click(point[0], point[1], count=2)
             clicked = time.monotonic()
             shown = page.wait_for(JS_SR_SHOWN, left(), "the SR display set in a viewport")
-            snapshot = _wait_stable_polylines(page, min(left(), 15.0))
+            snapshot = _wait_sr_drawn(page, min(left(), 20.0), notes)
             timings["sr_drawn"] = time.monotonic() - clicked
             polylines = [
                 [(_finite(x), _finite(y)) for x, y in line] for line in snapshot["polylines"]
@@ -644,6 +709,7 @@ def check_sr_in_ohif(
         finally:
             pipe.close()
     (artifacts / f"{name}-console.txt").write_text("\n".join(errors))
+    (artifacts / f"{name}-notes.txt").write_text("\n".join(notes))
     logger.info("OHIF check of study %s took %.1f s", study_uid, timings["total"])
     return ViewerResult(
         polylines=polylines,
@@ -653,4 +719,5 @@ def check_sr_in_ohif(
         console_errors=errors,
         image_to_canvas=image_to_canvas,
         timings=timings,
+        notes=notes,
     )

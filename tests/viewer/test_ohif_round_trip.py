@@ -98,7 +98,7 @@ def test_model_sr_from_the_round_trip_drawn_in_ohif(
     )
     # An untrained detector's boxes can be thin slivers, which make a least-squares fit of the
     # image-to-canvas map ill-conditioned: map each SR box through the viewport's own transform.
-    assert len(result.polylines) == len(expected), result.polylines
+    assert len(result.polylines) == len(expected), (result.polylines, result.notes)
     _, _, width, height = result.viewport
     to_canvas = result.image_to_canvas
     assert to_canvas is not None and (to_canvas.columns, to_canvas.rows) == (

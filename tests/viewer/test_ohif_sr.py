@@ -127,7 +127,7 @@ def assert_boxes_drawn(
     rows: int,
 ) -> None:
     """The page drew every SR box, finite, inside the viewport, at the mapped position."""
-    assert len(result.polylines) == len(expected), result.polylines
+    assert len(result.polylines) == len(expected), (result.polylines, result.notes)
     _, _, width, height = result.viewport
     assert width > 100 and height > 100, result.viewport
     for line in result.polylines:
