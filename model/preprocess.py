@@ -90,6 +90,7 @@ class ImageSample:
     pixels: FloatArray  # (rows, columns) float32
     mapping: BoxMapping
     sop_instance_uid: str = ""
+    value_range: tuple[float, float] | None = None  # exact (min, max) of pixels, when known
 
 
 class Transform(Protocol):
@@ -164,39 +165,52 @@ class DicomToFloat:
                 f"unsupported pixel array shape {arr.shape} (SOP Instance UID {uid})"
             )
         rows, columns = arr.shape
+        value_range = None
         if arr.dtype.kind in "ui" and arr.dtype.itemsize <= 2:
-            pixels = self._integer_pixels(arr, ds, photometric)
+            pixels, value_range = self._integer_pixels(arr, ds, photometric)
         else:
             values = self._pointwise(arr, ds)
             if photometric == "MONOCHROME1":
                 values = values.max() + values.min() - values
             pixels = values.astype(np.float32)
-        return ImageSample(pixels, BoxMapping(int(rows), int(columns)), uid)
+        return ImageSample(pixels, BoxMapping(int(rows), int(columns)), uid, value_range)
 
     def _pointwise(self, arr: npt.NDArray[np.generic], ds: pydicom.Dataset) -> FloatArray:
         """Modality LUT, then VOI LUT/window: a per-value map, in float64."""
-        values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+        # without a rescale the modality LUT keeps the stored integers, which is what a VOI
+        # LUT Sequence indexes (pydicom warns on float input)
+        values = apply_modality_lut(arr, ds)
         if self.apply_voi and ("VOILUTSequence" in ds or "WindowCenter" in ds):
-            values = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float64)
-        return values  # type: ignore[return-value]
+            values = apply_voi_lut(values, ds, index=0)
+        return np.asarray(values, dtype=np.float64)
 
     def _integer_pixels(
         self, arr: npt.NDArray[np.generic], ds: pydicom.Dataset, photometric: str
-    ) -> FloatArray:
+    ) -> tuple[FloatArray, tuple[float, float] | None]:
         """The same values as the float64 path, computed once per stored value.
 
         Every step is a function of the stored value alone, so it runs on the (at most
-        65536) values between the image's minimum and maximum and the pixels look the result
-        up, instead of several float64 passes over a multi-megapixel radiograph.
+        65536) values up to the image's maximum and the pixels look the result up, instead
+        of several float64 passes over a multi-megapixel radiograph. Returns the pixels and,
+        when the map is monotonic (rescale and linear or sigmoid windows are), their exact
+        range: the values of the image's lowest and highest stored value.
         """
         lo, hi = int(arr.min()), int(arr.max())
-        index = np.subtract(arr, lo, dtype=arr.dtype if lo >= 0 else np.int32)
-        table = self._pointwise(np.arange(lo, hi + 1).astype(arr.dtype), ds)
-        if photometric == "MONOCHROME1":
+        # unsigned values index the table directly; signed ones are shifted to start at 0
+        base = min(lo, 0)
+        index = arr if base == 0 else np.subtract(arr, base, dtype=np.int32)
+        table = self._pointwise(np.arange(base, hi + 1).astype(arr.dtype), ds)
+        span = table[lo - base :]
+        steps = np.diff(span)
+        if bool((steps >= 0).all() or (steps <= 0).all()):
+            t_min, t_max = sorted((float(span[0]), float(span[-1])))
+        else:  # e.g. a VOI LUT that is not monotonic: the extremes of the values present
             present = table[np.bincount(index.ravel(), minlength=table.size) > 0]
-            table = present.max() + present.min() - table
+            t_min, t_max = float(present.min()), float(present.max())
+        if photometric == "MONOCHROME1":
+            table = t_max + t_min - table
         pixels: FloatArray = table.astype(np.float32)[index]
-        return pixels
+        return pixels, (t_min, t_max)
 
 
 @dataclass(frozen=True)
@@ -219,14 +233,19 @@ class ScaleToUnit:
     def __call__(self, sample: ImageSample) -> ImageSample:
         px = sample.pixels
         if self.low_percentile == 0.0 and self.high_percentile == 100.0:
-            lo, hi = float(px.min()), float(px.max())  # what those percentiles are, no sort
+            # what those percentiles are: the known range, or a pass for each, but no sort
+            lo, hi = sample.value_range or (float(px.min()), float(px.max()))
         else:
             qs = [self.low_percentile, self.high_percentile]
             lo, hi = (float(v) for v in np.percentile(px, qs))
         if not np.isfinite([lo, hi]).all():
             raise PreprocessError("pixel values are not finite")
-        out = np.zeros_like(px) if hi <= lo else np.clip((px - lo) / (hi - lo), 0.0, 1.0)
-        return replace(sample, pixels=out.astype(np.float32))
+        if hi <= lo:
+            return replace(sample, pixels=np.zeros_like(px, dtype=np.float32), value_range=None)
+        out = np.subtract(px, np.float32(lo), dtype=np.float32)
+        out *= np.float32(1.0 / (hi - lo))
+        np.clip(out, 0.0, 1.0, out=out)
+        return replace(sample, pixels=out, value_range=None)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from model.errors import PreprocessError
-from model.preprocess import BoxMapping, DicomToFloat, Letterbox, Preprocessor
+from model.preprocess import BoxMapping, DicomToFloat, Letterbox, Preprocessor, ScaleToUnit
 
 
 def _data(name: str) -> str:
@@ -124,3 +124,57 @@ def test_unsupported_pixels_raise_preprocess_error() -> None:
     broken.PixelData = b"\x00\x01" * 10
     with pytest.raises(PreprocessError, match="cannot decode"):
         DicomToFloat()(broken)
+
+
+def _reference_unit(ds: pydicom.Dataset) -> np.ndarray:
+    """The float64 path of the standard: modality LUT, VOI, MONOCHROME1 inversion, min-max."""
+    from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
+
+    values = apply_modality_lut(ds.pixel_array, ds)
+    if "VOILUTSequence" in ds or "WindowCenter" in ds:
+        values = apply_voi_lut(values, ds, index=0)
+    values = np.asarray(values, dtype=np.float64)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        values = values.max() + values.min() - values
+    unit: np.ndarray = (values - values.min()) / (values.max() - values.min())
+    return unit
+
+
+def _signed_ct_like() -> pydicom.Dataset:
+    ds = _mono1_windowed(64, 80)
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelRepresentation = 1
+    arr = np.linspace(-900, 1500, 64 * 80).reshape(64, 80).astype(np.int16)
+    ds.PixelData = arr.tobytes()
+    return ds
+
+
+def _voi_lut_not_monotonic() -> pydicom.Dataset:
+    ds = _mono1_windowed(60, 90)
+    del ds.WindowCenter, ds.WindowWidth
+    del ds.RescaleSlope, ds.RescaleIntercept
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [256, 0, 16]
+    item.LUTData = [int(v) for v in 4000 + 3000 * np.sin(np.arange(256) / 20.0)]
+    ds.VOILUTSequence = [item]
+    arr = np.random.default_rng(1).integers(10, 240, size=(60, 90)).astype(np.uint16)
+    ds.PixelData = arr.tobytes()
+    return ds
+
+
+@pytest.mark.parametrize("case", ["rg1", "mono1-window", "signed", "voi-lut-not-monotonic"])
+def test_stored_value_table_matches_the_float_path(rg1: pydicom.Dataset, case: str) -> None:
+    ds = {
+        "rg1": lambda: rg1,
+        "mono1-window": _mono1_windowed,
+        "signed": _signed_ct_like,
+        "voi-lut-not-monotonic": _voi_lut_not_monotonic,
+    }[case]()
+    decoded = DicomToFloat()(ds)
+    assert decoded.value_range is not None
+    assert decoded.value_range == pytest.approx(
+        (float(decoded.pixels.min()), float(decoded.pixels.max())), rel=1e-6
+    )
+    unit = ScaleToUnit()(decoded).pixels
+    np.testing.assert_allclose(unit, _reference_unit(ds), atol=2e-6)
+    assert unit.min() == 0.0 and unit.max() == pytest.approx(1.0, abs=1e-6)
