@@ -82,15 +82,29 @@ def test_fresh_phantom_lesion_detection_meets_target(fresh_metrics: dict[str, An
 
 
 @pytest.mark.slow
-def test_fresh_phantom_reports_hold_their_measured_level(fresh_metrics: dict[str, Any]) -> None:
-    # The CE target (F1 >= 0.9, macro over the 14 CheXpert observations) is NOT met: the demo
-    # model scores 0.893 on the card's 200 held-out studies (MODEL_CARD.md) and 0.892 on these
-    # 100. This checks the level it does reach, so that a regression shows: the
-    # macro F1 over the observations present in the references, and support devices, which
-    # only the global branch's summary and observation tokens can find.
+def test_fresh_phantom_reports_meet_target(fresh_metrics: dict[str, Any]) -> None:
+    # CE F1 >= 0.9, macro over the 14 CheXpert observations; all 14 occur in these references,
+    # so the headline is not lowered by observations that neither side has. Support devices are
+    # checked on their own: only the global branch's summary and observation tokens find them.
     per_label = fresh_metrics["ce"]["per_label"]  # pos_only, per observation
-    present = {k: v for k, v in per_label.items() if v["support"] > 0}
-    assert len(present) == 14, sorted(present)
-    present_f1 = sum(v["f1"] for v in present.values()) / len(present)
-    assert present_f1 >= 0.8, (present_f1, present)
+    present = sorted(k for k, v in per_label.items() if v["support"] > 0)
+    assert len(present) == 14, present
+    assert fresh_metrics["ce_f1"] >= 0.9, (fresh_metrics["ce_f1"], per_label)
     assert per_label["Support Devices"]["f1"] >= 0.7, per_label["Support Devices"]
+
+
+def test_demo_recipe_gives_the_generator_extra_training_studies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from training import demo
+    from training.train import read_records
+
+    monkeypatch.setattr(demo, "EXTRA_STUDIES", 4)
+    train_dir = demo._synth(tmp_path / "phantom-train", 10, demo.TRAIN_SEED, 0)
+    config = demo._generator_data(tmp_path, train_dir)
+    records = read_records(config)
+    extra = [r for r in records if r.study_id.startswith(f"s{demo.EXTRA_SEED}-")]
+    assert len(records) == 14 and len(extra) == 4
+    assert {r.split for r in extra} == {"train"}  # validation and test stay the detector's
+    monkeypatch.setattr(demo, "EXTRA_STUDIES", 0)
+    assert demo._generator_data(tmp_path, train_dir) == train_dir
