@@ -258,7 +258,7 @@ def finish(
         out,
         name=MODEL_NAME,
         version=MODEL_VERSION,
-        training_data=(f"{describe_data(_sources(), records)}; detector also saw {unlabeled_note}"),
+        training_data=f"{describe_data(_sources(), records)}; detector also saw {unlabeled_note}",
         half=bool(GENERATOR.get("half", False)),
     )
     metrics = evaluate_checkpoint(out, eval_dir)

@@ -329,12 +329,11 @@ def build_alignment(
 def observation_labels(findings: Sequence[str]) -> Tensor:
     """``(N, 14)`` float targets of the observation head: 1 where the rule-based labeler of
     ``d2r evaluate`` finds the observation positive in the report's findings."""
-    from training.evaluation.labeler import CHEXPERT_OBSERVATIONS, label_report
+    from training.evaluation.ce import binarise
+    from training.evaluation.labeler import label_report
 
-    return torch.tensor(
-        [[label_report(f)[o] == 1 for o in CHEXPERT_OBSERVATIONS] for f in findings],
-        dtype=torch.float32,
-    )
+    labels = binarise([label_report(f) for f in findings], uncertain_positive=False)
+    return torch.from_numpy(labels).float()
 
 
 class TrainModule(nn.Module):
