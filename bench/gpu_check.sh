@@ -7,6 +7,7 @@
 # PYTHONPATH and installs nothing. Two tables: inference (bench/inference/gpu.py, the options
 # above) and a short mixed-precision training run (bench/training/gpu_train.py). Stops after
 # 8 minutes at the latest. Tables and tracebacks of failed stages go to $OUT (or a temp dir).
+# Without CUDA it stops at once (exit 1); both Python checks take --device cpu for a dry run.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -21,6 +22,13 @@ if missing:
     raise SystemExit(f"gpu_check: missing Python packages: {', '.join(missing)}")
 for m in ["onnx", "onnxscript", "onnxruntime", "tensorrt", "pydicom", "transformers"]:
     print(f"gpu_check: {m} {'present' if u.find_spec(m) else 'absent'}", flush=True)
+import torch
+if not torch.cuda.is_available():
+    raise SystemExit(
+        f"gpu_check: CUDA is not available to torch {torch.__version__} (CUDA build "
+        f"{torch.version.cuda or 'none'}): nothing to check. A CPU dry run of the logic: "
+        "bench/inference/gpu.py --device cpu --preset small"
+    )
 PY
 out="${OUT:-$(mktemp -d -t d2r-gpu-check.XXXXXX)}"
 status=0
