@@ -489,39 +489,82 @@ def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
     return table[dtype]
 
 
+#: TensorRT binds every I/O tensor at a non-null device address aligned to this many bytes
+TRT_ALIGNMENT = 256
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An uninitialised tensor whose data starts at a :data:`TRT_ALIGNMENT`-aligned address."""
+    size = torch.Size(shape)
+    item = dtype.itemsize
+    buf = torch.empty(size.numel() + TRT_ALIGNMENT // item, dtype=dtype, device=device)
+    start = (-buf.data_ptr() % TRT_ALIGNMENT) // item
+    return buf[start : start + size.numel()].view(size)
+
+
+def _bindable(t: Tensor) -> Tensor:
+    """``t`` if TensorRT can bind it as it is (contiguous and aligned, or empty), else an
+    aligned copy."""
+    if t.numel() == 0 or (t.is_contiguous() and t.data_ptr() % TRT_ALIGNMENT == 0):
+        return t
+    return _aligned_empty(tuple(t.shape), t.dtype, t.device).copy_(t)
+
+
 class _Engine:
-    """One deserialised plan with its execution context."""
+    """One deserialised plan with its execution context and its own CUDA stream."""
 
     def __init__(self, trt: Any, runtime: Any, path: Path, device: torch.device) -> None:
         engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
             raise BackendError(f"{path}: TensorRT could not deserialise this plan")
-        self.trt, self.engine, self.device = trt, engine, device
+        self.trt, self.engine, self.device, self.name = trt, engine, device, path.name
         self.context = engine.create_execution_context()
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         mode = trt.TensorIOMode.INPUT
         self.inputs = [n for n in names if engine.get_tensor_mode(n) == mode]
         self.outputs = [n for n in names if engine.get_tensor_mode(n) != mode]
+        # enqueueing on the default stream makes TensorRT synchronise the whole device
+        self._stream: torch.cuda.Stream | None = None
+        if device.type == "cuda":
+            self._stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        # an empty tensor (the decoder's cache at the first step) has no address of its
+        # own, and TensorRT wants a non-null one for every input and output
+        self._placeholder = _aligned_empty((TRT_ALIGNMENT,), torch.uint8, device)
+
+    def _bind(self, name: str, t: Tensor) -> None:
+        address = t.data_ptr() if t.numel() else self._placeholder.data_ptr()
+        if not self.context.set_tensor_address(name, address):
+            raise ModelError(f"{self.name}: TensorRT refused the address of {name}")
 
     def __call__(self, feeds: Mapping[str, Tensor]) -> list[Tensor]:
-        keep = []
+        keep = []  # inputs stay alive until the engine has run
         for name in self.inputs:
             dtype = _torch_dtype(self.trt, self.engine.get_tensor_dtype(name))
-            t = feeds[name].to(self.device, dtype).contiguous()
+            t = _bindable(feeds[name].to(self.device, dtype))
             keep.append(t)
-            self.context.set_input_shape(name, tuple(t.shape))
-            self.context.set_tensor_address(name, t.data_ptr())
+            if not self.context.set_input_shape(name, tuple(t.shape)):
+                raise ModelError(
+                    f"{self.name}: input {name} of shape {tuple(t.shape)} is outside the "
+                    "engine's optimisation profile (rebuild with a larger --max-batch)"
+                )
+            self._bind(name, t)
         outs = []
         for name in self.outputs:
             shape = tuple(self.context.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise ModelError(f"{self.name}: output {name} has an unresolved shape {shape}")
             dtype = _torch_dtype(self.trt, self.engine.get_tensor_dtype(name))
-            out = torch.empty(shape, dtype=dtype, device=self.device)
-            self.context.set_tensor_address(name, out.data_ptr())
+            out = _aligned_empty(shape, dtype, self.device)
+            self._bind(name, out)
             outs.append(out)
-        stream = torch.cuda.current_stream(self.device)
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise ModelError("TensorRT execution failed")
-        stream.synchronize()
+        if self._stream is None:  # only a stand-in runtime runs on the CPU
+            ran = self.context.execute_async_v3(0)
+        else:
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            ran = self.context.execute_async_v3(self._stream.cuda_stream)
+            self._stream.synchronize()
+        if not ran:
+            raise ModelError(f"{self.name}: TensorRT execution failed")
         return [o.float() if o.dtype == torch.float16 else o for o in outs]
 
 
