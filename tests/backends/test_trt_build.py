@@ -1,4 +1,5 @@
-"""trt_build up to the TensorRT API: profiles, calibration batching, options, errors.
+"""trt_build up to the TensorRT API: profiles, calibration batching, options, errors, and the
+exported graphs' operators against what TensorRT's ONNX parser supports.
 
 A fake ``tensorrt`` module object stands in for TensorRT's calibrator base class here only.
 """
@@ -159,3 +160,43 @@ def test_build_without_tensorrt_is_one_clear_error(model_dir: Path, tmp_path: Pa
     with pytest.raises(TensorRTUnavailable):
         build_engines(model_dir, tmp_path / "engine", BuildOptions(fp16=True))
     assert not (tmp_path / "engine").exists()  # nothing half-built
+
+
+#: every operator the exported graphs may contain: each is in TensorRT 10's ONNX parser
+#: support matrix (onnx-tensorrt ``docs/operators.md``), within the restrictions checked below.
+#: A new operator in an export means checking that matrix, then adding it here.
+TENSORRT_OPERATORS = frozenset({
+    "Add", "And", "Cast", "Clip", "Concat", "Conv", "Cos", "Div", "Erf", "Expand", "Gather",
+    "Gemm", "GreaterOrEqual", "GridSample", "InstanceNormalization", "LayerNormalization",
+    "LessOrEqual", "LogSoftmax", "MatMul", "Max", "MaxPool", "Mul", "Not", "Pow", "ReduceMax",
+    "ReduceMean", "ReduceSum", "Relu", "Reshape", "Resize", "Shape", "Sigmoid", "Sin", "Slice",
+    "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze", "Where",
+})  # fmt: skip
+
+
+def test_exported_graphs_use_operators_tensorrt_parses(onnx_dir: Path) -> None:
+    onnx = pytest.importorskip("onnx")
+    from model.export import PARTS, read_export
+
+    info = read_export(onnx_dir)
+    for part in PARTS:
+        graph = onnx.load(str(onnx_dir / info["graphs"][part]["file"]), load_external_data=False)
+        nodes = list(graph.graph.node)
+        assert {n.domain for n in nodes} <= {"", "ai.onnx"}, part  # no custom-op domains
+        assert not graph.functions, part  # everything inlined into standard operators
+        unknown = {n.op_type for n in nodes} - TENSORRT_OPERATORS
+        assert not unknown, f"{part}: check TensorRT's ONNX support for {sorted(unknown)}"
+        constant = {i.name for i in graph.graph.initializer} | {
+            out for n in nodes if n.op_type == "Constant" for out in n.output
+        }
+        for n in nodes:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+            # TensorRT wants the axes of these operators fixed when the engine is built
+            axes = {"Slice": 3, "Squeeze": 1, "Unsqueeze": 1}.get(n.op_type)
+            if axes is not None and len(n.input) > axes and n.input[axes]:
+                assert n.input[axes] in constant, f"{part}: {n.name} has computed axes"
+            if n.op_type == "Resize":
+                assert attrs["mode"] in (b"nearest", b"linear"), n.name
+                assert attrs.get("antialias", 0) == 0, n.name
+            if n.op_type == "GridSample":
+                assert attrs["mode"] in (b"bilinear", b"nearest"), n.name
