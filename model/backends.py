@@ -477,16 +477,21 @@ def _import_tensorrt(setting: str) -> Any:
     return tensorrt
 
 
-def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
-    table = {
-        trt.float32: torch.float32,
-        trt.float16: torch.float16,
-        trt.int32: torch.int32,
-        trt.int64: torch.int64,
-        trt.bool: torch.bool,
-        trt.int8: torch.int8,
-    }
-    return table[dtype]
+_TRT_DTYPES = (
+    ("float32", torch.float32),
+    ("float16", torch.float16),
+    ("bfloat16", torch.bfloat16),
+    ("int32", torch.int32),
+    ("int64", torch.int64),
+    ("bool", torch.bool),
+    ("int8", torch.int8),
+    ("uint8", torch.uint8),
+)
+
+
+def _dtype_table(trt: Any) -> dict[Any, torch.dtype]:
+    """TensorRT data types -> torch; types this TensorRT lacks (int64 before 10) are left out."""
+    return {getattr(trt, name): dtype for name, dtype in _TRT_DTYPES if hasattr(trt, name)}
 
 
 #: TensorRT binds every I/O tensor at a non-null device address aligned to this many bytes
@@ -517,12 +522,19 @@ class _Engine:
         engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
             raise BackendError(f"{path}: TensorRT could not deserialise this plan")
-        self.trt, self.engine, self.device, self.name = trt, engine, device, path.name
+        self.engine, self.device, self.name = engine, device, path.name
         self.context = engine.create_execution_context()
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         mode = trt.TensorIOMode.INPUT
         self.inputs = [n for n in names if engine.get_tensor_mode(n) == mode]
         self.outputs = [n for n in names if engine.get_tensor_mode(n) != mode]
+        table = _dtype_table(trt)
+        self.dtypes = {}
+        for n in names:
+            found = engine.get_tensor_dtype(n)
+            if found not in table:
+                raise BackendError(f"{path}: tensor {n} has unsupported data type {found}")
+            self.dtypes[n] = table[found]
         # enqueueing on the default stream makes TensorRT synchronise the whole device
         self._stream: torch.cuda.Stream | None = None
         if device.type == "cuda":
@@ -539,8 +551,7 @@ class _Engine:
     def __call__(self, feeds: Mapping[str, Tensor]) -> list[Tensor]:
         keep = []  # inputs stay alive until the engine has run
         for name in self.inputs:
-            dtype = _torch_dtype(self.trt, self.engine.get_tensor_dtype(name))
-            t = _bindable(feeds[name].to(self.device, dtype))
+            t = _bindable(feeds[name].to(self.device, self.dtypes[name]))
             keep.append(t)
             if not self.context.set_input_shape(name, tuple(t.shape)):
                 raise ModelError(
@@ -553,8 +564,7 @@ class _Engine:
             shape = tuple(self.context.get_tensor_shape(name))
             if any(d < 0 for d in shape):
                 raise ModelError(f"{self.name}: output {name} has an unresolved shape {shape}")
-            dtype = _torch_dtype(self.trt, self.engine.get_tensor_dtype(name))
-            out = _aligned_empty(shape, dtype, self.device)
+            out = _aligned_empty(shape, self.dtypes[name], self.device)
             self._bind(name, out)
             outs.append(out)
         if self._stream is None:  # only a stand-in runtime runs on the CPU

@@ -12,6 +12,7 @@ The real engines run in ``tests/gpu``.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from model.backends import TRT_ALIGNMENT, _bindable, _Engine, _NamedGraphs
+from model.backends import TRT_ALIGNMENT, BackendError, _bindable, _Engine, _NamedGraphs
 from model.checkpoint import load_checkpoint
 from model.errors import ModelError
 from model.export import PARTS, read_export
@@ -112,3 +113,15 @@ def test_shape_outside_the_engine_is_one_clear_error(standin: StandInTensorRT) -
     image = torch.zeros(1, 1, 17, 17)  # the engine's images are fixed at the model size
     with pytest.raises(ModelError, match=r"detector.plan: input image of shape \(1, 1, 17, 17\)"):
         standin.engines["detector"]({"image": image})
+
+
+def test_unknown_tensor_type_is_refused_at_load(onnx_dir: Path, tmp_path: Path) -> None:
+    # a TensorRT without int64 (before 10) cannot hold the decoder's token ids
+    old = types.SimpleNamespace(
+        **{k: v for k, v in vars(trt_standin).items() if k != "int64" and not k.startswith("__")}
+    )
+    plan = tmp_path / "decoder_step.plan"
+    plan.write_text(str(onnx_dir / read_export(onnx_dir)["graphs"]["decoder_step"]["file"]))
+    runtime = trt_standin.Runtime(trt_standin.Logger())
+    with pytest.raises(BackendError, match=r"decoder_step.plan: tensor tokens has unsupported"):
+        _Engine(old, runtime, plan, torch.device("cpu"))
