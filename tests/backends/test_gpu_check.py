@@ -2,7 +2,7 @@
 
 ``bench/gpu_check.sh`` runs where a GPU is lent for minutes at a time, so a broken stage there
 costs the whole loan. These tests run the same Python checks with ``--device cpu`` on the small
-checkpoint and read the tables they write.
+checkpoint, in the same two processes for inference, and read the tables they write.
 """
 
 from __future__ import annotations
@@ -59,6 +59,17 @@ def test_inference_check_dry_run(model_dir: Path, tmp_path: Path) -> None:
     assert detector_diff < 1e-3
     if importlib.util.find_spec("tensorrt") is None:
         assert rows["TensorRT fp16"][3].startswith("not run: tensorrt not importable")
+    # torch.compile runs in a second process that appends its row, as in gpu_check.sh
+    res = _run(
+        ["bench/inference/gpu.py", "--device", "cpu", "--checkpoint", str(model_dir),
+         "--iters", "1", "--batch", "2", "--budget", "240", "--stages", "compile", "--append"],
+        tmp_path, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = _rows((tmp_path / "gpu_check.md").read_text())
+    assert "ONNX export" in rows  # the first process's rows are kept
+    compiled = rows["torch.compile decoder step"]
+    assert float(compiled[0]) > 0 and compiled[3].startswith("text same, classes same"), compiled
     assert not list(tmp_path.glob("*.traceback.txt"))
 
 
