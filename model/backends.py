@@ -196,8 +196,8 @@ class _NamedGraphs:
 class TorchBackend(_NamedGraphs):
     """The graphs as PyTorch modules (eager, or ``torch.compile`` when ``compile``).
 
-    ``compile_parts`` limits compiling to some graphs (the decoder step alone compiles in a
-    fraction of the time) and ``compile_mode`` is ``torch.compile``'s ``mode``
+    ``compile_parts`` limits compiling to some graphs (None: all; the decoder step alone
+    compiles in a fraction of the time) and ``compile_mode`` is ``torch.compile``'s ``mode``
     (``"reduce-overhead"`` adds CUDA graphs on a GPU).
     """
 
@@ -209,7 +209,7 @@ class TorchBackend(_NamedGraphs):
         *,
         device: str = "cpu",
         compile: bool = False,
-        compile_parts: Collection[str] = ("detector", "visual", "decoder_step"),
+        compile_parts: Collection[str] | None = None,
         compile_mode: str | None = None,
     ) -> None:
         from model.export import DecoderStepGraph, DetectorGraph, VisualGraph
@@ -221,10 +221,10 @@ class TorchBackend(_NamedGraphs):
             "visual": VisualGraph(model),
             "decoder_step": DecoderStepGraph(model),
         }
-        unknown = set(compile_parts) - set(graphs)
-        if unknown:
-            raise ValueError(f"compile_parts: unknown graph(s) {sorted(unknown)}")
-        self.compiled: tuple[str, ...] = tuple(p for p in graphs if compile and p in compile_parts)
+        parts = set(graphs if compile_parts is None else compile_parts)
+        if parts - set(graphs):
+            raise ValueError(f"compile_parts: unknown graph(s) {sorted(parts - set(graphs))}")
+        self.compiled: tuple[str, ...] = tuple(p for p in graphs if compile and p in parts)
         for part in self.compiled:
             compiled = torch.compile(graphs[part], dynamic=True, mode=compile_mode)
             graphs[part] = cast(nn.Module, compiled)

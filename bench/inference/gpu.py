@@ -331,10 +331,10 @@ def main() -> int:
             rows.append(["TensorRT fp16", "", "", "", failure(e, args.out, "tensorrt")])
 
     render()
+    label = "torch.compile decoder step" + (" + CUDA graphs" if device.type == "cuda" else "")
     if "compile" not in stages:
         pass
     elif elapsed() < args.budget - 60:
-        label = "torch.compile decoder step" + (" + CUDA graphs" if device.type == "cuda" else "")
         # stands until the stage ends: a compile stopped from outside leaves it in the table
         rows.append([label, "", "", "", "stopped: did not finish in time"])
         render()
@@ -363,7 +363,7 @@ def main() -> int:
         finally:
             signal.alarm(0)
     else:
-        rows.append(["torch.compile decoder step", "", "", "", "skipped (time budget)"])
+        rows.append([label, "", "", "", "skipped (time budget)"])
 
     signal.alarm(0)
     print(render(), flush=True)
