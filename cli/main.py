@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from dicom_node.errors import SchemaError
     from dicom_node.settings import ConfigError
 
     try:
@@ -57,6 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:  # invalid configuration: one line naming the setting
         print(f"d2r {args.command}: configuration error: {exc}", file=sys.stderr)
         return 2
+    except SchemaError as exc:  # the study database does not fit this release: one line
+        print(f"d2r {args.command}: database: {exc}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -159,7 +159,7 @@ def run_node(
     obs = ObservabilitySettings.from_env(env)
     node = settings.node
     node.spool_dir.mkdir(parents=True, exist_ok=True)
-    store = StudyStore(node.database_url)
+    store = StudyStore(node.database_url, auto_upgrade=node.db_auto_upgrade)
     spool = Spool(node.spool_dir, min_free_bytes=node.min_free_bytes)
     app = create_app(settings)
 

@@ -11,9 +11,13 @@ receive side translates them into DIMSE statuses, the send side into retry
     │   └── SpoolWriteError      any other write failure    -> 0x0110
     ├── InstanceRejected         the header cannot be used  -> 0xC000 range
     │   └── MissingUIDError      no Study / SOP Instance / SOP Class UID
-    └── SendError                an outbound C-STORE failed
-        ├── TransientSendError   refused/aborted association, connection error, timeout
-        └── PermanentSendError   SOP class not accepted, failure status from the peer
+    ├── SendError                an outbound C-STORE failed
+    │   ├── TransientSendError   refused/aborted association, connection error, timeout
+    │   └── PermanentSendError   SOP class not accepted, failure status from the peer
+    └── SchemaError              the study database's schema does not fit this release
+        ├── SchemaBehindError    an older revision: ``d2r db upgrade`` (or D2R_DB_AUTO_UPGRADE)
+        ├── SchemaAheadError     a newer revision than this release knows (a rollback)
+        └── UnknownSchemaError   tables without a revision that are not the baseline schema
 """
 
 from __future__ import annotations
@@ -23,11 +27,15 @@ __all__ = [
     "MissingUIDError",
     "NodeError",
     "PermanentSendError",
+    "SchemaAheadError",
+    "SchemaBehindError",
+    "SchemaError",
     "SendError",
     "SpoolError",
     "SpoolFullError",
     "SpoolWriteError",
     "TransientSendError",
+    "UnknownSchemaError",
 ]
 
 
@@ -90,3 +98,19 @@ class PermanentSendError(SendError):
     def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class SchemaError(NodeError):
+    """The study database cannot be used by this release as it is; ``str()`` is one line."""
+
+
+class SchemaBehindError(SchemaError):
+    """The database is at an older revision than this release needs."""
+
+
+class SchemaAheadError(SchemaError):
+    """The database is at a revision this release does not know (written by a newer release)."""
+
+
+class UnknownSchemaError(SchemaError):
+    """The database holds tables, but no revision and not the baseline schema."""

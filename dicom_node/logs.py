@@ -148,3 +148,5 @@ def configure_logging(level: str = "INFO", log_format: str = "text") -> None:
     # pynetdicom logs every PDU at DEBUG and full dataset summaries (with patient data) at
     # INFO: keep it at WARNING.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # Alembic announces its autogenerate plugins at import: noise in a node's log.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)

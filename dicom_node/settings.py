@@ -323,6 +323,8 @@ class NodeSettings:
     port: int = 11112
     spool_dir: Path = Path("d2r-data/spool")
     database_url: str = "sqlite:///d2r-data/d2r.db"
+    #: upgrade a database at an older schema revision at start, under a lock (single-host installs)
+    db_auto_upgrade: bool = False
     destinations: tuple[Destination, ...] = ()
     study_quiet_seconds: float = 10.0
     study_force_seconds: float = 600.0
@@ -380,6 +382,7 @@ class NodeSettings:
             port=env_setting(env, "D2R_PORT", d.port, lambda t: _parse_port(t, "D2R_PORT")),
             spool_dir=spool_dir,
             database_url=database_url,
+            db_auto_upgrade=env_setting(env, "D2R_DB_AUTO_UPGRADE", False, parse_bool),
             destinations=destinations,
             study_quiet_seconds=quiet,
             study_force_seconds=force,

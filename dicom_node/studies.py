@@ -39,6 +39,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from dicom_node import schema
+
 logger = logging.getLogger(__name__)
 
 RECEIVING = "receiving"
@@ -220,15 +222,22 @@ class StudyStore:
     ----------
     url : str
         SQLAlchemy URL, e.g. ``sqlite:////var/lib/d2r/d2r.db`` or
-        ``postgresql+psycopg://d2r@db/d2r``. Tables are created if missing.
+        ``postgresql+psycopg://d2r@db/d2r``. An empty database is created by the migrations.
+    auto_upgrade : bool
+        Upgrade a database at an older schema revision instead of refusing it
+        (:func:`dicom_node.schema.prepare`, which raises a :class:`~dicom_node.errors.SchemaError`).
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, auto_upgrade: bool = False) -> None:
         if not isinstance(url, str) or not url:
             raise ValueError("url must be a non-empty SQLAlchemy URL")
         self.url = url
-        self.engine: Engine = _make_engine(url)
-        metadata.create_all(self.engine)
+        self.engine: Engine = make_engine(url)
+        try:
+            schema.prepare(self.engine, auto_upgrade=auto_upgrade)
+        except BaseException:
+            self.engine.dispose()
+            raise
 
     def close(self) -> None:
         self.engine.dispose()
@@ -865,7 +874,8 @@ def _delivery(row: Any) -> Delivery:
     )
 
 
-def _make_engine(url: str) -> Engine:
+def make_engine(url: str) -> Engine:
+    """The engine of a study database URL (SQLite: WAL, busy timeout, BEGIN IMMEDIATE)."""
     if url.startswith("sqlite"):
         database = sa.engine.make_url(url).database
         if database and database != ":memory:":

@@ -39,6 +39,10 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(env)
     settings = WorkerSettings.from_env(env, default_broker=FILESYSTEM_BROKER)
     settings.require_model()
+    from dicom_node.studies import StudyStore
+
+    # The schema check (or upgrade) before the worker child starts, which only checks.
+    StudyStore(settings.node.database_url, auto_upgrade=settings.node.db_auto_upgrade).close()
     stop = stop_event_on_signals()
     # One /metrics for the node and the worker child: both write to this folder.
     metrics_dir = use_multiprocess_metrics(settings.node.spool_dir.parent / "metrics", clean=True)

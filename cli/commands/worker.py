@@ -55,12 +55,13 @@ def run(args: argparse.Namespace) -> int:
     from worker.celery_app import create_app
     from worker.messages import REPORT_QUEUE, SEND_QUEUE
 
+    # The schema check first: a database behind or ahead of this release stops the start.
+    store = StudyStore(settings.node.database_url, auto_upgrade=settings.node.db_auto_upgrade)
     audit = AuditLog(obs.audit_log, fsync=obs.audit_fsync)
     app = create_app(settings, include_tasks=True, audit=audit)
     queues = QueueDepthCollector(
         settings.broker_url, settings.queue_dir, (REPORT_QUEUE, SEND_QUEUE)
     )
-    store = StudyStore(settings.node.database_url)
     loaded = build_registry(multiprocess_dir())
 
     def database() -> None:

@@ -1,0 +1,1 @@
+"""Alembic migrations of the study database (see README.md in this folder)."""

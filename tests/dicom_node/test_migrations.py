@@ -1,0 +1,374 @@
+"""Study-database migrations (Alembic) on SQLite and PostgreSQL.
+
+A "previous release" database (the tables of ``legacy_schema``, no revision table, studies in every
+state with instances, deliveries, events and rejections) is upgraded with ``d2r db upgrade`` and
+must keep every row; a study then runs through on it. A later migration (a test revision added
+to a copy of the shipped scripts, run in batch mode on SQLite) stops a start as "behind" until
+upgraded; a database written by it stops the start of this release as "ahead".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from dicom_node import schema
+from dicom_node.errors import SchemaAheadError, SchemaBehindError, UnknownSchemaError
+from dicom_node.studies import STUDY_STATES, InstanceRecord, StudyStore, make_engine, metadata
+from tests.dicom_node import legacy_schema
+from tests.support.postgres import private_postgres
+from tests.support.processes import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def postgres_admin_url() -> Iterator[str]:
+    if url := os.environ.get("D2R_TEST_POSTGRES_URL"):
+        yield url
+        return
+    with private_postgres() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URL of an empty database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'd2r.db'}"
+        return
+    admin_url = request.getfixturevalue("postgres_admin_url")
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    name = f"d2r_mig_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {name}"))
+    try:
+        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"DROP DATABASE {name} WITH (FORCE)"))
+        admin.dispose()
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[sa.Engine]:
+    e = make_engine(db_url)
+    yield e
+    e.dispose()
+
+
+LATER_MIGRATION = '''
+"""Test-only later revision: a counter on studies, the table rebuilt (batch mode on SQLite)."""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0002"
+down_revision = "0001"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("studies", recreate="always") as batch:
+        batch.add_column(
+            sa.Column("test_attempts", sa.Integer, nullable=False, server_default="0")
+        )
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("studies") as batch:
+        batch.drop_column("test_attempts")
+'''
+
+
+@pytest.fixture
+def later_scripts(tmp_path: Path) -> Path:
+    """A copy of the shipped migrations with one more revision (0002): a later release."""
+    location = tmp_path / "migrations"
+    shutil.copytree(schema.SCRIPT_LOCATION, location, ignore=shutil.ignore_patterns("__pycache__"))
+    (location / "versions" / "r0002_test_attempts.py").write_text(LATER_MIGRATION)
+    return location
+
+
+# ------------------------------------------------------------------ a previous release's database
+def _instance(study: str, sop: str, t: float) -> dict[str, Any]:
+    return {
+        "sop_instance_uid": sop,
+        "study_instance_uid": study,
+        "series_instance_uid": study + ".1",
+        "sop_class_uid": "1.2.840.10008.5.1.4.1.1.1",
+        "transfer_syntax_uid": "1.2.840.10008.1.2.1",
+        "modality": "CR",
+        "body_part_examined": "CHEST",
+        "view_position": "PA",
+        "series_description": "",
+        "path": f"/spool/{sop}.dcm",
+        "size": 1234,
+        "sha256": "a" * 64,
+        "calling_ae_title": "PACS",
+        "received_at": t,
+        "duplicates": 0,
+        "conflicts": 0,
+    }
+
+
+def build_previous_release(engine: sa.Engine) -> None:
+    """The tables as a release before migrations created them, with a study in every state."""
+    legacy_schema.metadata.create_all(engine)
+    t = 1_700_000_000.0
+    with engine.begin() as conn:
+        for n, state in enumerate(STUDY_STATES):
+            uid = f"1.2.826.0.1.{n}"
+            finished = state in ("done", "failed", "skipped")
+            conn.execute(
+                legacy_schema.studies_table.insert().values(
+                    study_instance_uid=uid,
+                    state=state,
+                    reason={"failed": "model error", "skipped": "no frontal CR/DX"}.get(state),
+                    generation=0 if state == "receiving" else 1,
+                    first_received_at=t,
+                    last_received_at=t + 1,
+                    queued_at=None if state == "receiving" else t + 11,
+                    owner="task-1" if state == "processing" else None,
+                    lease_expires_at=t + 600 if state == "processing" else None,
+                    processed_at=t + 20 if state in ("sending", "done") else None,
+                    finished_at=t + 30 if finished else None,
+                    updated_at=t + 30,
+                    model_name="d2r-net" if state in ("sending", "done") else None,
+                    model_version="1.0" if state in ("sending", "done") else None,
+                    findings="Heart size normal." if state in ("sending", "done") else None,
+                    impression="No acute finding." if state in ("sending", "done") else None,
+                    lesion_count=0 if state in ("sending", "done") else None,
+                    result_paths=json.dumps([f"/spool/sr/{uid}.dcm"])
+                    if state in ("sending", "done")
+                    else None,
+                )
+            )
+            conn.execute(
+                legacy_schema.instances_table.insert().values(_instance(uid, uid + ".1", t))
+            )
+            conn.execute(
+                legacy_schema.events_table.insert().values(
+                    study_instance_uid=uid, at=t, kind="received", detail="first instance received"
+                )
+            )
+        for dest, state in (("PACS@10.0.0.5:104", "pending"), ("ARCHIVE@10.0.0.6:104", "sent")):
+            conn.execute(
+                legacy_schema.deliveries_table.insert().values(
+                    study_instance_uid="1.2.826.0.1.3",  # sending
+                    destination=dest,
+                    state=state,
+                    attempts=1,
+                    next_attempt_at=t + 60,
+                    enqueued_at=None,
+                    last_error="association rejected" if state == "pending" else None,
+                    sent_at=t + 25 if state == "sent" else None,
+                    updated_at=t + 25,
+                )
+            )
+        conn.execute(
+            legacy_schema.rejections_table.insert().values(
+                sop_instance_uid="1.2.3.9",
+                study_instance_uid=None,
+                calling_ae_title="MODALITY",
+                reason="missing Study Instance UID",
+                at=t,
+            )
+        )
+
+
+def snapshot(engine: sa.Engine) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every previous-release table, in the previous release's columns."""
+    out = {}
+    with engine.connect() as conn:
+        for table in legacy_schema.metadata.sorted_tables:
+            cols: list[sa.ColumnClause[Any]] = [sa.column(c.name) for c in table.columns]
+            rows = conn.execute(sa.select(*cols).select_from(sa.table(table.name))).all()
+            out[table.name] = sorted(tuple(r) for r in rows)
+    return out
+
+
+def d2r(
+    *argv: str, url: str, tmp_path: Path, prelude: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """Run ``d2r ARGV`` in a child process (``prelude``: Python run before ``main``)."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "D2R_DATABASE_URL": url,
+        "D2R_SPOOL_DIR": str(tmp_path / "spool"),
+        "D2R_HTTP_PORT": "0",
+        "D2R_PORT": str(free_port()),
+    }
+    code = f"{prelude}\nimport sys\nfrom cli.main import main\nsys.exit(main({list(argv)!r}))"
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+# -------------------------------------------------------------------------------------- tests
+def test_models_match_the_migrated_head_schema(engine: sa.Engine) -> None:
+    """A model change without a migration fails here: metadata and migrated schema must agree."""
+    schema.upgrade(engine)
+    with engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+        assert compare_metadata(ctx, metadata) == []
+        # The comparison does see a column the migrations lack.
+        changed = sa.MetaData()
+        for table in metadata.sorted_tables:
+            table.to_metadata(changed)
+        changed.tables["studies"].append_column(sa.Column("attempts", sa.Integer))
+        diff = compare_metadata(ctx, changed)
+    assert [(d[0], d[2], d[3].name) for d in diff] == [("add_column", "studies", "attempts")]
+
+
+def test_a_fresh_database_is_created_by_the_migrations(engine: sa.Engine, db_url: str) -> None:
+    assert schema.current_state(engine).state == "empty"
+    store = StudyStore(db_url)
+    store.close()
+    found = schema.current_state(engine)
+    assert (found.state, found.current) == ("current", found.head)
+
+
+def test_previous_release_database_upgrades_without_loss_and_works(
+    engine: sa.Engine, db_url: str, tmp_path: Path
+) -> None:
+    build_previous_release(engine)
+    before = snapshot(engine)
+    assert schema.current_state(engine).state == "legacy"
+    assert len(before["studies"]) == len(STUDY_STATES)
+
+    done = d2r("db", "upgrade", url=db_url, tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "upgraded from legacy to" in done.stdout
+    current = d2r("db", "current", url=db_url, tmp_path=tmp_path)
+    assert current.returncode == 0 and "state: current" in current.stdout
+    assert snapshot(engine) == before  # nothing lost, nothing changed
+
+    store = StudyStore(db_url)
+    try:
+        # The study left queued by the previous release is claimed, reported and delivered.
+        queued = "1.2.826.0.1.1"
+        assert store.claim(queued, generation=1, owner="w", lease_seconds=60)
+        reported = store.mark_reported(
+            queued,
+            owner="w",
+            result_paths=["/spool/sr/x.dcm"],
+            model_name="d2r-net",
+            model_version="1.1",
+            findings="Clear lungs.",
+            impression="Normal.",
+            lesion_count=0,
+            destinations=["PACS@10.0.0.5:104"],
+        )
+        assert reported
+        state = store.record_delivery_attempt(
+            queued, "PACS@10.0.0.5:104", ok=True, error=None, max_attempts=3, retry_delay=1
+        )
+        assert state == "sent"
+        view = store.get(queued)
+        assert view is not None and view.state == "done"
+        # The sending study's pending delivery completes it.
+        store.record_delivery_attempt(
+            "1.2.826.0.1.3", "PACS@10.0.0.5:104", ok=True, error=None, max_attempts=3, retry_delay=1
+        )
+        view = store.get("1.2.826.0.1.3")
+        assert view is not None and view.state == "done"
+        # A new study goes from its first instance to queued.
+        store.record_instance(_record("1.2.826.0.9", "1.2.826.0.9.1"), outcome="stored")
+        assert store.force_complete("1.2.826.0.9")
+        due = store.due_for_completion(quiet_seconds=10, force_seconds=60)
+        assert sorted(due) == ["1.2.826.0.1.0", "1.2.826.0.9"]  # the old receiving one too
+        assert store.mark_queued("1.2.826.0.9") == 1
+        assert store.count_by_state()["queued"] == 1
+        assert store.reset_for_retry("1.2.826.0.1.5") == "receiving"  # the failed one
+    finally:
+        store.close()
+
+
+def _record(study: str, sop: str) -> InstanceRecord:
+    row = _instance(study, sop, 1_800_000_000.0)
+    del row["duplicates"], row["conflicts"]
+    row["received_at"] = datetime.fromtimestamp(row["received_at"], UTC)
+    return InstanceRecord(**row)
+
+
+def test_a_start_behind_stops_until_upgraded(
+    engine: sa.Engine, db_url: str, later_scripts: Path, tmp_path: Path
+) -> None:
+    build_previous_release(engine)
+    before = snapshot(engine)
+
+    with pytest.raises(SchemaBehindError, match=r"d2r db upgrade"):
+        schema.prepare(engine, script_location=later_scripts)
+    found = schema.current_state(engine, script_location=later_scripts)
+    assert (found.state, found.current, found.head) == ("behind", "0001", "0002")
+
+    # d2r node of the later release refuses with one line naming the command, before it binds.
+    prelude = (
+        "import pathlib, dicom_node.schema as s\n"
+        f"s.SCRIPT_LOCATION = pathlib.Path({str(later_scripts)!r})"
+    )
+    refused = d2r("node", url=db_url, tmp_path=tmp_path, prelude=prelude)
+    assert refused.returncode == 3
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "d2r db upgrade" in lines[0] and "0002" in lines[0], refused.stderr
+
+    # D2R_DB_AUTO_UPGRADE: several processes starting at once upgrade once, under the lock.
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        e = make_engine(db_url)
+        try:
+            schema.prepare(e, auto_upgrade=True, script_location=later_scripts)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            e.dispose()
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    found = schema.current_state(engine, script_location=later_scripts)
+    assert (found.state, found.current) == ("current", "0002")
+    assert snapshot(engine) == before
+    with engine.connect() as conn:
+        counts = conn.execute(sa.text("SELECT test_attempts FROM studies")).scalars().all()
+    assert counts == [0] * len(STUDY_STATES)
+
+    # This release (newest 0001) now refuses the database: the rollback case.
+    with pytest.raises(SchemaAheadError, match=r"revision 0002.*does not know"):
+        StudyStore(db_url)
+    refused = d2r("node", url=db_url, tmp_path=tmp_path)
+    assert refused.returncode == 3
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "0002" in lines[0] and "newer d2r" in lines[0], refused.stderr
+    upgrade = d2r("db", "upgrade", url=db_url, tmp_path=tmp_path)
+    assert upgrade.returncode == 3 and "does not know" in upgrade.stderr
+
+
+def test_tables_that_are_not_the_baseline_are_refused(engine: sa.Engine, db_url: str) -> None:
+    legacy_schema.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE deliveries DROP COLUMN sent_at"))
+    with pytest.raises(UnknownSchemaError, match=r"deliveries lacks sent_at"):
+        StudyStore(db_url)
+    assert schema.current_state(engine).current is None  # not stamped
