@@ -64,13 +64,39 @@ def start_http(
     store: Any = None,
 ) -> Any:
     """Start the HTTP endpoint of ``D2R_HTTP_HOST:D2R_HTTP_PORT``; None when the port is 0."""
-    from dicom_node.http import ObservabilityServer, StatusPages
+    from dicom_node.http import ObservabilityServer, StatusPages, tls_context
+    from dicom_node.http_auth import Authenticator, FailureLimiter
     from dicom_node.metrics import build_registry
     from dicom_node.observability_settings import ObservabilitySettings
+    from dicom_node.settings import ConfigError
 
     obs = ObservabilitySettings.from_env(env)
     if obs.http_port == 0:
         return None
+    auth = Authenticator(
+        required=obs.http_auth_required,
+        tokens_file=obs.http_tokens_file,
+        users_file=obs.http_users_file,
+        trusted_proxies=obs.http_trusted_proxies,
+        proxy_header=obs.http_proxy_header,
+        proxy_roles=obs.http_proxy_roles,
+        limiter=FailureLimiter(obs.http_auth_max_failures, obs.http_auth_window_seconds),
+    )
+    if auth.required and not auth.has_credentials:
+        logger.warning(
+            "HTTP endpoint on %s needs credentials but none are configured: only /healthz and "
+            "/readyz answer; set D2R_HTTP_TOKENS_FILE, D2R_HTTP_USERS_FILE or "
+            "D2R_HTTP_TRUSTED_PROXIES",
+            obs.http_host,
+        )
+    tls = None
+    if obs.http_tls_cert is not None and obs.http_tls_key is not None:
+        try:
+            tls = tls_context(obs.http_tls_cert, obs.http_tls_key)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigError(
+                "D2R_HTTP_TLS_CERT", f"cannot load certificate and key: {exc}"
+            ) from None
     server = ObservabilityServer(
         obs.http_host,
         obs.http_port,
@@ -78,6 +104,8 @@ def start_http(
         health=health,
         ready=ready,
         pages=None if store is None else StatusPages(store, show_phi=obs.status_page_phi),
+        auth=auth,
+        tls=tls,
     )
     try:
         return server.start()

@@ -1,6 +1,10 @@
 """The HTTP endpoint of a d2r process: metrics, health, readiness and the status page.
 
-Standard library only (:class:`http.server.ThreadingHTTPServer` in a daemon thread); read-only.
+Standard library only (:class:`http.server.ThreadingHTTPServer` in a daemon thread, :mod:`ssl`
+for HTTPS); read-only. Every request passes :class:`~dicom_node.http_auth.Authenticator` first:
+the probes are open, everything else needs a credential with the route's role unless the endpoint
+is bound to loopback. Refusals are logged (route's role, reason, client address; never a
+credential) and counted in ``d2r_http_refusals_total{reason}``.
 
 =========================  =====================================================================
 path                       answer
@@ -12,6 +16,7 @@ path                       answer
 ``/``                      recent studies (node and ``serve`` only)
 ``/studies/<uid>``         one study: timings, report text, deliveries, event timeline
 ``/studies/<uid>/preview.png``  the frontal image with the predicted boxes
+``/dicom-web/...``         the STOW-RS receiver (role ``ingest``; 404 until it is installed)
 =========================  =====================================================================
 
 ``/healthz`` and ``/readyz`` answer ``{"status": "ok"|"fail", "checks": {name: "ok"|error}}``.
@@ -21,6 +26,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import ssl
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -28,14 +35,30 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from dicom_node.observability_settings import ObservabilitySettings
+from dicom_node.http_auth import Authenticator, Decision, required_role
+from dicom_node.observability_settings import ObservabilitySettings, is_loopback
 
-__all__ = ["Check", "ObservabilityServer", "ObservabilitySettings", "StatusPages", "run_checks"]
+__all__ = [
+    "Check",
+    "ObservabilityServer",
+    "ObservabilitySettings",
+    "StatusPages",
+    "run_checks",
+    "tls_context",
+]
 
 logger = logging.getLogger(__name__)
 
 #: A health or readiness check: returns normally when fine, raises (any exception) when not.
 Check = Callable[[], None]
+
+
+def tls_context(cert: Any, key: Any) -> ssl.SSLContext:
+    """A server context for HTTPS: TLS 1.2 or newer, the certificate chain and its key."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(cert), str(key))
+    return context
 
 
 def run_checks(checks: Mapping[str, Check]) -> tuple[bool, dict[str, str]]:
@@ -151,6 +174,11 @@ class ObservabilityServer:
         The checks of ``/healthz`` and ``/readyz``.
     pages : StatusPages, optional
         The status page; without it ``/`` answers 404.
+    auth : Authenticator, optional
+        Who may read what; by default credentials are needed (and none are known) unless
+        ``host`` is loopback.
+    tls : ssl.SSLContext, optional
+        Serve HTTPS with this context (:func:`tls_context`).
     """
 
     def __init__(
@@ -162,8 +190,12 @@ class ObservabilityServer:
         health: Mapping[str, Check],
         ready: Mapping[str, Check],
         pages: StatusPages | None = None,
+        auth: Authenticator | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
+        self.auth = auth or Authenticator(required=not is_loopback(host))
+        self.tls = tls
         self.requested_port = port
         self.registry = registry
         self.health = dict(health)
@@ -179,15 +211,22 @@ class ObservabilityServer:
         return int(self._server.server_address[1])
 
     def start(self) -> ObservabilityServer:
-        server = ThreadingHTTPServer((self.host, self.requested_port), _handler_class(self))
-        server.daemon_threads = True
+        server = _Server((self.host, self.requested_port), _handler_class(self))
+        if self.tls is not None:  # the handshake runs in the request's thread (Handler.setup)
+            server.socket = self.tls.wrap_socket(
+                server.socket, server_side=True, do_handshake_on_connect=False
+            )
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever, name="d2r-http", kwargs={"poll_interval": 0.5}, daemon=True
         )
         self._thread.start()
         logger.info(
-            "HTTP endpoint on http://%s:%d/ (metrics, healthz, readyz)", self.host, self.port
+            "HTTP endpoint on %s://%s:%d/ (metrics, healthz, readyz); credentials %s",
+            "https" if self.tls else "http",
+            self.host,
+            self.port,
+            "required" if self.auth.required else "not required (loopback)",
         )
         return self
 
@@ -199,6 +238,21 @@ class ObservabilityServer:
             self._thread.join(5)
 
     # -------------------------------------------------------------- request handling
+    def refused(self, method: str, route: str, client: str, decision: Decision) -> None:
+        """Log and count a refusal: the role the route needs, the reason, the address."""
+        from dicom_node import metrics
+
+        metrics.observe_http_refusal(decision.reason)
+        logger.warning(
+            "HTTP %s refused: %d %s (route needs %s) from %s%s",
+            method,
+            decision.status,
+            decision.reason,
+            required_role(route),
+            client,
+            f" as {decision.principal.name!r}" if decision.principal else "",
+        )
+
     def handle(self, path: str) -> tuple[int, str, bytes]:
         """Answer a GET of ``path``: (status, content type, body)."""
         route = urlsplit(path).path
@@ -232,25 +286,84 @@ def _not_found() -> tuple[int, str, bytes]:
     return 404, "application/json", b'{"status": "not found"}'
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A failed TLS handshake, a client gone mid-request: not worth a traceback on stderr.
+        logger.debug("HTTP connection from %s failed", client_address[0], exc_info=True)
+
+
 def _handler_class(owner: ObservabilityServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "d2r"
+        timeout = 30  # seconds of silence before a connection (or TLS handshake) is dropped
+
+        def setup(self) -> None:
+            super().setup()
+            if isinstance(self.connection, ssl.SSLSocket):
+                self.connection.do_handshake()
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            self._serve("GET")
+
+        def do_POST(self) -> None:  # noqa: N802
+            self._serve("POST")
+
+        def _serve(self, method: str) -> None:
+            route = urlsplit(self.path).path
+            client = str(self.client_address[0])
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            decision = owner.auth.decide(route, client, headers)
+            if decision.status != 200:
+                owner.refused(method, route, client, decision)
+                self._refuse(decision)
+                return
+            if method != "GET":
+                # The STOW-RS receiver is not installed yet; nothing else takes a body.
+                status = 404 if required_role(route) == "ingest" else 405
+                self._send(status, "application/json", b'{"status": "not supported"}')
+                return
             try:
                 status, content_type, body = owner.handle(self.path)
             except Exception:
-                logger.exception("HTTP GET %s failed", urlsplit(self.path).path)
+                logger.exception("HTTP GET %s failed", route)
                 status, content_type, body = 500, "application/json", b'{"status": "error"}'
+            self._send(status, content_type, body)
+
+        def _refuse(self, decision: Decision) -> None:
+            headers = []
+            if decision.status == 401:
+                headers = [
+                    ("WWW-Authenticate", 'Basic realm="d2r", charset="UTF-8"'),
+                    ("WWW-Authenticate", 'Bearer realm="d2r"'),
+                ]
+            elif decision.status == 429:
+                headers = [("Retry-After", str(max(1, math.ceil(decision.retry_after))))]
+            text = {401: "unauthorized", 403: "forbidden", 429: "too many failed attempts"}
+            body = json.dumps({"status": text.get(decision.status, "refused")}).encode()
+            self._send(decision.status, "application/json", body, headers)
+
+        def _send(
+            self,
+            status: int,
+            content_type: str,
+            body: bytes,
+            extra: list[tuple[str, str]] | None = None,
+        ) -> None:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
+            for name, value in extra or ():
+                self.send_header(name, value)
             if content_type.startswith("text/html"):
                 self.send_header(
                     "Content-Security-Policy",
                     "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'",
                 )
+            if owner.tls is not None:
+                self.send_header("Strict-Transport-Security", "max-age=31536000")
             self.end_headers()
             self.wfile.write(body)
 

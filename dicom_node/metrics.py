@@ -27,6 +27,9 @@ metric                                 type       labels
 ``d2r_send_failures_total``            counter    ``destination``, ``kind`` (transient/permanent)
 ``d2r_send_retries_total``             counter    ``destination`` (a failed attempt to retry)
 ``d2r_model_info``                     gauge      ``name``, ``version`` (1 while loaded)
+``d2r_http_refusals_total``            counter    ``reason`` (no_credential, bad_token,
+                                                  bad_password, bad_scheme, untrusted_proxy,
+                                                  missing_role, rate_limited)
 =====================================  =========  ============================================
 """
 
@@ -52,6 +55,7 @@ __all__ = [
     "mark_process_dead",
     "model_loaded",
     "observe_association",
+    "observe_http_refusal",
     "observe_inference",
     "observe_instance",
     "observe_report",
@@ -96,6 +100,9 @@ SEND_FAILURES = Counter(
 SEND_RETRIES = Counter(
     "d2r_send_retries", "Failed send attempts that will be retried", ["destination"]
 )
+HTTP_REFUSALS = Counter(
+    "d2r_http_refusals", "HTTP requests refused by the endpoint's authentication", ["reason"]
+)
 MODEL_INFO = Gauge(
     "d2r_model_info",
     "The model a worker process has loaded (1 while loaded)",
@@ -115,6 +122,11 @@ _REJECTION_REASONS: Final = {
 
 
 # ------------------------------------------------------------------------------------- hooks
+def observe_http_refusal(reason: str) -> None:
+    """Count one refused HTTP request (``reason``: a fixed token of :mod:`dicom_node.http_auth`)."""
+    HTTP_REFUSALS.labels(reason).inc()
+
+
 def observe_association(accepted: bool, reason: str = "") -> None:
     """Count one association request (``reason``: a short, fixed token for a rejection)."""
     ASSOCIATIONS.labels(ACCEPTED if accepted else REJECTED, reason).inc()

@@ -1,0 +1,395 @@
+"""Who may read what on the HTTP endpoint: roles, credentials files and the failure limiter.
+
+=============  ===============================================================================
+role           routes
+=============  ===============================================================================
+(none)         ``/healthz``, ``/readyz``: always open, they say nothing about patients
+``metrics``    ``/metrics``
+``viewer``     the status page: ``/``, ``/studies/<uid>``, its preview images, ``/api/...``
+``ingest``     ``/dicom-web/...`` (the STOW-RS receiver)
+=============  ===============================================================================
+
+Any other path needs some credential (then answers 404), so an anonymous client learns nothing.
+Credentials, checked in this order:
+
+* ``Authorization: Bearer <token>`` against the tokens file (``D2R_HTTP_TOKENS_FILE``): lines
+  ``NAME ROLE[,ROLE...] TOKEN``, where TOKEN is the token itself or ``sha256:<hex digest>``.
+* ``Authorization: Basic ...`` against the users file (``D2R_HTTP_USERS_FILE``): lines
+  ``NAME:ROLE[,ROLE...]:scrypt$...`` written by ``d2r http-user`` (:func:`hash_password`).
+* The user header of a trusted reverse proxy (``D2R_HTTP_PROXY_HEADER``), taken only from a peer
+  address in ``D2R_HTTP_TRUSTED_PROXIES``; such a user gets ``D2R_HTTP_PROXY_ROLES``.
+
+Both files are re-read when they change. A wrong credential counts against the client address;
+after ``max_failures`` within ``window`` seconds that address gets 429 until the window passes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import ipaddress
+import os
+import secrets
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "OPEN_ROUTES",
+    "ROLES",
+    "Authenticator",
+    "Decision",
+    "FailureLimiter",
+    "Principal",
+    "hash_password",
+    "parse_roles",
+    "read_tokens",
+    "read_users",
+    "required_role",
+    "set_user",
+    "verify_password",
+]
+
+ROLES = ("metrics", "viewer", "ingest")
+OPEN_ROUTES = ("/healthz", "/readyz")
+#: Route prefix of the STOW-RS receiver (role ``ingest``).
+INGEST_PREFIX = "/dicom-web/"
+#: Any authenticated role may ask for a path outside the table (and gets 404).
+ANY_ROLE = "any"
+
+# scrypt cost: 16 MiB and ~50 ms per hash (Python's documented interactive-login parameters).
+_SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
+
+
+def required_role(route: str) -> str | None:
+    """The role ``route`` needs: None (open), a role of :data:`ROLES`, or :data:`ANY_ROLE`."""
+    if route in OPEN_ROUTES:
+        return None
+    if route == "/metrics":
+        return "metrics"
+    if route.startswith(INGEST_PREFIX) or route == INGEST_PREFIX.rstrip("/"):
+        return "ingest"
+    if route in ("/", "/index.html") or route.startswith(("/studies/", "/api/")):
+        return "viewer"
+    return ANY_ROLE
+
+
+def parse_roles(text: str) -> frozenset[str]:
+    """``"metrics,viewer"`` -> the roles; raises ValueError naming an unknown one."""
+    roles = frozenset(r.strip() for r in text.split(",") if r.strip())
+    if not roles:
+        raise ValueError("no role given (metrics, viewer, ingest)")
+    if unknown := sorted(roles - set(ROLES)):
+        raise ValueError(f"unknown role {', '.join(unknown)} (roles: {', '.join(ROLES)})")
+    return roles
+
+
+# ----------------------------------------------------------------------------- passwords
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def hash_password(password: str) -> str:
+    """``scrypt$N$r$p$<salt>$<key>`` (base64) of ``password`` with a fresh random salt."""
+    salt = secrets.token_bytes(16)
+    key = hashlib.scrypt(
+        password.encode(), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P, dklen=32
+    )
+    return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${_b64(salt)}${_b64(key)}"
+
+
+def verify_password(password: str, encoded: str) -> bool:
+    """Whether ``password`` matches an :func:`hash_password` string (constant-time compare)."""
+    try:
+        scheme, n, r, p, salt, key = encoded.split("$")
+        if scheme != "scrypt":
+            return False
+        expected = base64.b64decode(key, validate=True)
+        got = hashlib.scrypt(
+            password.encode(),
+            salt=base64.b64decode(salt, validate=True),
+            n=int(n),
+            r=int(r),
+            p=int(p),
+            dklen=len(expected),
+            maxmem=256 * 1024 * 1024,
+        )
+    except (ValueError, binascii.Error):
+        return False
+    return hmac.compare_digest(got, expected)
+
+
+# ------------------------------------------------------------------------------ files
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated client: its name, its roles and how it proved them."""
+
+    name: str
+    roles: frozenset[str]
+    method: str  # token, basic, proxy or local
+
+
+def _token_digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def read_tokens(path: Path) -> dict[bytes, Principal]:
+    """The tokens file: SHA-256 of each token -> its principal. Raises ValueError with the line."""
+    found: dict[bytes, Principal] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 3:
+            raise ValueError(f"{path}:{number}: expected NAME ROLES TOKEN")
+        name, roles, token = parts
+        try:
+            principal = Principal(name, parse_roles(roles), "token")
+            if token.startswith("sha256:"):
+                digest = bytes.fromhex(token.removeprefix("sha256:"))
+                if len(digest) != 32:
+                    raise ValueError("a sha256: token needs 64 hex digits")
+            elif len(token) < 16:
+                raise ValueError("token shorter than 16 characters")
+            else:
+                digest = _token_digest(token)
+        except ValueError as exc:
+            raise ValueError(f"{path}:{number}: {exc}") from None
+        found[digest] = principal
+    return found
+
+
+def read_users(path: Path) -> dict[str, tuple[frozenset[str], str]]:
+    """The users file: name -> (roles, password hash). Raises ValueError with the line."""
+    found: dict[str, tuple[frozenset[str], str]] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = line.strip().split(":")
+        if len(parts) != 3 or not parts[0] or not parts[2].startswith("scrypt$"):
+            raise ValueError(f"{path}:{number}: expected NAME:ROLES:scrypt$... (d2r http-user)")
+        try:
+            found[parts[0]] = (parse_roles(parts[1]), parts[2])
+        except ValueError as exc:
+            raise ValueError(f"{path}:{number}: {exc}") from None
+    return found
+
+
+def set_user(path: Path, name: str, roles: Iterable[str], password: str) -> bool:
+    """Add or replace ``name`` in the users file (created 0600); returns whether it was new."""
+    if not name or any(c in name for c in ":\n\r") or name != name.strip():
+        raise ValueError("a user name must be non-empty, without ':' or surrounding spaces")
+    role_text = ",".join(sorted(parse_roles(",".join(roles))))
+    if len(password) < 8:
+        raise ValueError("the password must have at least 8 characters")
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    entry = f"{name}:{role_text}:{hash_password(password)}"
+    kept = [line for line in lines if line.split(":", 1)[0] != name]
+    new = len(kept) == len(lines)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write("\n".join([*kept, entry]) + "\n")
+    if path.exists():
+        os.chmod(tmp, path.stat().st_mode & 0o777)
+    os.replace(tmp, path)
+    return new
+
+
+class _Watched:
+    """A file parsed with ``parse`` again whenever its mtime or size changes."""
+
+    def __init__(self, path: Path, parse: Callable[[Path], Any]) -> None:
+        self.path = path
+        self._parse = parse
+        self._stamp: tuple[int, int] | None = None
+        self._value: Any = parse(path)
+        st = path.stat()
+        self._stamp = (st.st_mtime_ns, st.st_size)
+        self._lock = threading.Lock()
+
+    def get(self) -> Any:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return self._value  # a Secret being swapped: keep what was read last
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp != self._stamp:
+            with self._lock:
+                try:
+                    self._value = self._parse(self.path)
+                except (OSError, ValueError):
+                    return self._value
+                self._stamp = stamp
+        return self._value
+
+
+# ------------------------------------------------------------------------------ limiter
+class FailureLimiter:
+    """Failed attempts per client address in a sliding window (bounded number of addresses)."""
+
+    def __init__(self, max_failures: int, window: float, *, max_clients: int = 10000) -> None:
+        self.max_failures = max_failures
+        self.window = window
+        self.max_clients = max_clients
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def retry_after(self, client: str, now: float | None = None) -> float:
+        """Seconds until ``client`` may try again (0: not blocked)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            times = self._failures.get(client)
+            if not times:
+                return 0.0
+            while times and times[0] <= now - self.window:
+                times.popleft()
+            if len(times) < self.max_failures:
+                return 0.0
+            return max(0.0, times[0] + self.window - now)
+
+    def record_failure(self, client: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            times = self._failures.pop(client, None) or deque(maxlen=self.max_failures)
+            times.append(now)
+            self._failures[client] = times
+            while len(self._failures) > self.max_clients:
+                self._failures.popitem(last=False)
+
+
+# -------------------------------------------------------------------------- authenticator
+@dataclass(frozen=True)
+class Decision:
+    """The answer to one request: ``status`` 200 (go on), 401, 403 or 429.
+
+    ``reason`` is a fixed token for logs and the refusal counter (no secrets, no user input).
+    """
+
+    status: int
+    principal: Principal | None = None
+    reason: str = ""
+    retry_after: float = 0.0
+
+
+LOCAL = Principal("local", frozenset(ROLES), "local")
+
+
+class Authenticator:
+    """Decides each request from its route, peer address and headers.
+
+    Parameters
+    ----------
+    required : bool
+        Whether credentials are needed at all (off only for a loopback-bound endpoint).
+    tokens_file, users_file : Path, optional
+        The credentials files (module docstring).
+    trusted_proxies : tuple of networks
+        Peer addresses whose ``proxy_header`` is believed.
+    proxy_header : str
+        The header naming the user a trusted proxy authenticated.
+    proxy_roles : frozenset of str
+        The roles of a proxy-authenticated user.
+    limiter : FailureLimiter
+        Failed attempts per client address.
+    """
+
+    def __init__(
+        self,
+        *,
+        required: bool,
+        tokens_file: Path | None = None,
+        users_file: Path | None = None,
+        trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (),
+        proxy_header: str = "X-Forwarded-User",
+        proxy_roles: frozenset[str] = frozenset({"viewer"}),
+        limiter: FailureLimiter | None = None,
+    ) -> None:
+        self.required = required
+        self._tokens = None if tokens_file is None else _Watched(tokens_file, read_tokens)
+        self._users = None if users_file is None else _Watched(users_file, read_users)
+        self.trusted_proxies = trusted_proxies
+        self.proxy_header = proxy_header
+        self.proxy_roles = proxy_roles
+        self.limiter = limiter or FailureLimiter(10, 60.0)
+        self._verified: OrderedDict[bytes, None] = OrderedDict()
+        self._verified_lock = threading.Lock()
+
+    @property
+    def has_credentials(self) -> bool:
+        return bool(self._tokens or self._users or self.trusted_proxies)
+
+    def _trusted(self, client: str) -> bool:
+        try:
+            address = ipaddress.ip_address(client)
+        except ValueError:
+            return False
+        return any(address in net for net in self.trusted_proxies)
+
+    def _basic(self, value: str) -> Principal | None:
+        try:
+            name, _, password = base64.b64decode(value, validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        entry = None if self._users is None else self._users.get().get(name)
+        if entry is None:
+            return None
+        roles, encoded = entry
+        # A verified (hash, password) pair is remembered by its digest: scrypt once per user.
+        key = hashlib.sha256(f"{encoded}\0{password}".encode()).digest()
+        with self._verified_lock:
+            known = key in self._verified
+        if not known:
+            if not verify_password(password, encoded):
+                return None
+            with self._verified_lock:
+                self._verified[key] = None
+                while len(self._verified) > 256:
+                    self._verified.popitem(last=False)
+        return Principal(name, roles, "basic")
+
+    def _credential(self, client: str, headers: Mapping[str, str]) -> tuple[Principal | None, str]:
+        """(principal, "") or (None, reason) for what the request carries."""
+        authorization = headers.get("authorization", "")
+        scheme, _, value = authorization.strip().partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            tokens = {} if self._tokens is None else self._tokens.get()
+            principal = tokens.get(_token_digest(value.strip()))
+            return (principal, "") if principal else (None, "bad_token")
+        if scheme.lower() == "basic" and value.strip():
+            principal = self._basic(value.strip())
+            return (principal, "") if principal else (None, "bad_password")
+        if authorization:
+            return None, "bad_scheme"
+        user = headers.get(self.proxy_header.lower(), "").strip()
+        if user:
+            if self._trusted(client):
+                return Principal(user, self.proxy_roles, "proxy"), ""
+            return None, "untrusted_proxy"
+        return None, "no_credential"
+
+    def decide(self, route: str, client: str, headers: Mapping[str, str]) -> Decision:
+        """The decision for a request of ``route`` from peer address ``client``.
+
+        ``headers`` has lower-case names.
+        """
+        role = required_role(route)
+        if role is None or not self.required:
+            return Decision(200, LOCAL)
+        wait = self.limiter.retry_after(client)
+        if wait > 0:
+            return Decision(429, reason="rate_limited", retry_after=wait)
+        principal, reason = self._credential(client, headers)
+        if principal is None:
+            if reason != "no_credential":
+                self.limiter.record_failure(client)
+            return Decision(401, reason=reason)
+        if role != ANY_ROLE and role not in principal.roles:
+            return Decision(403, principal, reason="missing_role")
+        return Decision(200, principal)
