@@ -14,6 +14,8 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
+from dicom_node.http_auth import read_tokens
+from dicom_node.observability_settings import ObservabilitySettings
 from dicom_node.settings import NodeSettings
 from tests.deploy.kustomize import (
     apply_json6902,
@@ -182,6 +184,34 @@ def test_configmap_and_secret_build_valid_settings(base: list[dict[str, Any]]) -
     assert node.database_url.startswith("postgresql+psycopg://")
     assert worker.broker_url.startswith("redis://d2r-redis:")
     assert worker.node.spool_dir == Path("/var/lib/d2r/spool")
+
+
+def test_http_credentials_are_mounted_where_the_settings_point(
+    base: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    env = dict(_by_kind(base, "ConfigMap")["d2r-config"]["data"])
+    secret = _by_kind(base, "Secret")["d2r-http-credentials"]["stringData"]
+    folder = Path(env["D2R_HTTP_TOKENS_FILE"]).parent
+    assert Path(env["D2R_HTTP_USERS_FILE"]).parent == folder
+    for label, container in _containers(base):
+        if label.endswith((":node", ":worker")):
+            mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+            assert mounts[str(folder)]["readOnly"] is True, label
+    for workload in (r for r in base if r["kind"] in WORKLOAD_KINDS):
+        volumes = workload["spec"]["template"]["spec"]["volumes"]
+        for volume in volumes:
+            if "secret" in volume:
+                assert ("Secret", volume["secret"]["secretName"]) in {
+                    (r["kind"], r["metadata"]["name"]) for r in base
+                }
+    # The Secret's files, where the pods see them, build settings that require credentials.
+    for key in ("tokens", "users"):
+        (tmp_path / key).write_text(secret[key])
+    env["D2R_HTTP_TOKENS_FILE"] = str(tmp_path / "tokens")
+    env["D2R_HTTP_USERS_FILE"] = str(tmp_path / "users")
+    obs = ObservabilitySettings.from_env(env)
+    assert obs.http_auth_required
+    assert [p.roles for p in read_tokens(tmp_path / "tokens").values()] == [{"metrics"}]
 
 
 def test_keda_scaled_object_targets_the_worker_and_the_report_queue() -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dicom_node.observability_settings import ObservabilitySettings
 from dicom_node.settings import NodeSettings, read_config_file
 from worker.settings import WorkerSettings
 
@@ -182,6 +183,35 @@ def test_sysusers_and_tmpfiles_create_the_user_and_state_dirs(tmp_path: Path) ->
         st = (tmp_path / path).stat()
         assert (st.st_uid, st.st_mode & 0o777) == (uid, mode), path
     assert (tmp_path / "etc/d2r/d2r.env").stat().st_mode & 0o777 == 0o640
+    for name in ("http-tokens", "http-users"):  # created empty, root only
+        st = (tmp_path / "etc/d2r" / name).stat()
+        assert (st.st_uid, st.st_mode & 0o777, st.st_size) == (0, 0o600, 0), name
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
+def test_units_load_the_http_credentials(unit: Path, tmp_path: Path) -> None:
+    values = parse_unit(unit)
+    credentials = dict(v.split(":", 1) for v in values["LoadCredential"])
+    assert credentials == {
+        "http-tokens": "/etc/d2r/http-tokens",
+        "http-users": "/etc/d2r/http-users",
+    }
+    env = dict(v.split("=", 1) for v in values["Environment"])
+    assert env["D2R_HTTP_TOKENS_FILE"] == "%d/http-tokens"
+    assert env["D2R_HTTP_USERS_FILE"] == "%d/http-users"
+    # The empty files tmpfiles creates are valid settings (no credentials yet).
+    for name in ("http-tokens", "http-users"):
+        (tmp_path / name).write_text("")
+    obs = ObservabilitySettings.from_env(
+        {
+            "D2R_HTTP_HOST": "0.0.0.0",
+            "D2R_HTTP_TOKENS_FILE": str(tmp_path / "http-tokens"),
+            "D2R_HTTP_USERS_FILE": str(tmp_path / "http-users"),
+        }
+    )
+    assert obs.http_auth_required
+    restart_prevent = values["RestartPreventExitStatus"][0].split()
+    assert restart_prevent == ["2", "3"]  # configuration error, database schema refused
 
 
 def test_prometheus_scrape_jobs_match_the_http_ports() -> None:
@@ -202,3 +232,8 @@ def test_prometheus_scrape_jobs_match_the_http_ports() -> None:
     pattern = worker_port.partition("=")[2]
     assert ports("d2r-worker") == [pattern.replace("%i", str(i)) for i in range(2)]
     assert jobs["d2r-kubernetes-pods"]["kubernetes_sd_configs"][0]["role"] == "pod"
+    for name, job in jobs.items():  # /metrics needs the metrics role's bearer token
+        assert job["authorization"] == {
+            "type": "Bearer",
+            "credentials_file": "/etc/prometheus/secrets/d2r-metrics-token",
+        }, name
