@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import ipaddress
+import logging
 import os
 import secrets
 import threading
@@ -55,6 +57,8 @@ __all__ = [
     "set_user",
     "verify_password",
 ]
+
+logger = logging.getLogger(__name__)
 
 ROLES = ("metrics", "viewer", "ingest")
 OPEN_ROUTES = ("/healthz", "/readyz")
@@ -123,6 +127,11 @@ def verify_password(password: str, encoded: str) -> bool:
     except (ValueError, binascii.Error):
         return False
     return hmac.compare_digest(got, expected)
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    return hash_password(secrets.token_urlsafe(16))
 
 
 # ------------------------------------------------------------------------------ files
@@ -222,11 +231,15 @@ class _Watched:
         stamp = (st.st_mtime_ns, st.st_size)
         if stamp != self._stamp:
             with self._lock:
+                self._stamp = stamp
                 try:
                     self._value = self._parse(self.path)
-                except (OSError, ValueError):
-                    return self._value
-                self._stamp = stamp
+                except (OSError, ValueError) as exc:  # the message names a line, not a secret
+                    logger.warning(
+                        "%s changed but cannot be used (%s); keeping its last contents",
+                        self.path,
+                        exc,
+                    )
         return self._value
 
 
@@ -339,6 +352,7 @@ class Authenticator:
             return None
         entry = None if self._users is None else self._users.get().get(name)
         if entry is None:
+            verify_password(password, _dummy_hash())  # as slow as a known user: no enumeration
             return None
         roles, encoded = entry
         # A verified (hash, password) pair is remembered by its digest: scrypt once per user.

@@ -333,3 +333,29 @@ def test_http_user_command_writes_a_hashed_password(tmp_path: Path) -> None:
         input="short\n",
     )  # fmt: skip
     assert short.returncode == 1 and "at least 8" in short.stderr
+
+
+def test_limiter_window_passes() -> None:
+    limiter = FailureLimiter(2, 10.0)
+    limiter.record_failure("10.0.0.1", now=0.0)
+    assert limiter.retry_after("10.0.0.1", now=0.5) == 0.0
+    limiter.record_failure("10.0.0.1", now=1.0)
+    assert limiter.retry_after("10.0.0.1", now=1.5) == pytest.approx(8.5)
+    assert limiter.retry_after("10.0.0.2", now=1.5) == 0.0
+    assert limiter.retry_after("10.0.0.1", now=10.5) == 0.0  # the first failure left the window
+
+
+def test_credentials_files_are_reread_when_they_change(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    old, new = secrets.token_hex(16), secrets.token_hex(16)
+    tokens.write_text(f"prom metrics {old}\n")
+    auth = Authenticator(required=True, tokens_file=tokens)
+
+    def status(token: str) -> int:
+        return auth.decide("/metrics", "10.0.0.9", {"authorization": f"Bearer {token}"}).status
+
+    assert (status(old), status(new)) == (200, 401)
+    tokens.write_text(f"prom metrics {new}\n# rotated\n")
+    assert (status(old), status(new)) == (401, 200)
+    tokens.write_text("prom metrics short\n")  # a broken edit keeps the last good file
+    assert status(new) == 200
