@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
@@ -30,8 +34,9 @@ from dicom_node import schema
 from dicom_node.errors import SchemaAheadError, SchemaBehindError, UnknownSchemaError
 from dicom_node.studies import STUDY_STATES, InstanceRecord, StudyStore, make_engine, metadata
 from tests.dicom_node import legacy_schema
+from tests.support.dicom_files import rg1_path
 from tests.support.postgres import private_postgres
-from tests.support.processes import free_port
+from tests.support.processes import Process, base_env, d2r_cmd, free_port, wait_for, wait_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -372,3 +377,89 @@ def test_tables_that_are_not_the_baseline_are_refused(engine: sa.Engine, db_url:
     with pytest.raises(UnknownSchemaError, match=r"deliveries lacks sent_at"):
         StudyStore(db_url)
     assert schema.current_state(engine).current is None  # not stamped
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(360)
+def test_serve_runs_a_study_on_an_upgraded_previous_release_database(
+    engine: sa.Engine, db_url: str, model_dir: Path, tmp_path: Path
+) -> None:
+    """The upgraded database under ``d2r serve``: a new study is reported and delivered while the
+    previous release's studies in flight are picked up; the endpoint wants its token."""
+    build_previous_release(engine)
+    before = snapshot(engine)
+    done = d2r("db", "upgrade", url=db_url, tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+
+    node_port, http_port, pacs_port = free_port(), free_port(), free_port()
+    received = tmp_path / "pacs"
+    received.mkdir()
+    token = secrets.token_hex(16)
+    (tmp_path / "tokens").write_text(f"prometheus metrics {token}\n")
+    env = base_env(
+        D2R_DATABASE_URL=db_url,
+        D2R_MODEL=str(model_dir),
+        D2R_SPOOL_DIR=str(tmp_path / "data" / "spool"),
+        D2R_PORT=str(node_port),
+        D2R_HTTP_PORT=str(http_port),
+        D2R_HTTP_AUTH="required",
+        D2R_HTTP_TOKENS_FILE=str(tmp_path / "tokens"),
+        D2R_DESTINATIONS=f"PACS@127.0.0.1:{pacs_port}",
+        D2R_STUDY_QUIET_SECONDS="1",
+        D2R_RECONCILE_SECONDS="2",
+        D2R_MIN_FREE_BYTES="0",
+        D2R_ACSE_TIMEOUT="5",
+        D2R_NETWORK_TIMEOUT="5",
+    )
+    base = f"http://127.0.0.1:{http_port}"
+    study_uid = str(pydicom.dcmread(rg1_path(), stop_before_pixels=True).StudyInstanceUID)
+    pacs = serve = None
+    store = None
+    try:
+        pacs = Process(
+            ["/usr/bin/storescp", "-aet", "PACS", "-od", str(received), str(pacs_port)],
+            env=env,
+            log=tmp_path / "storescp.log",
+        )
+        serve = Process(d2r_cmd("serve"), env=env, log=tmp_path / "serve.log")
+        wait_port(pacs_port)
+        wait_port(node_port, timeout=90)
+        wait_port(http_port, timeout=30)
+        sent = subprocess.run(
+            ["/usr/bin/storescu", "-aet", "MODALITY", "-aec", "D2R", "127.0.0.1", str(node_port),
+             str(rg1_path())],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert sent.returncode == 0, sent.stderr
+        store = StudyStore(db_url)
+
+        def state() -> str | None:
+            view = store.get(study_uid) if store else None
+            return None if view is None else view.state
+
+        try:
+            wait_for(lambda: state() == "done", 240, "the new study to be done", interval=0.5)
+        except TimeoutError:
+            pytest.fail(f"state {state()}; serve log:\n{serve.log_tail()}")
+        assert list(received.iterdir()), "the PACS received no SR"
+        # Every study of the previous release is still there, with its history.
+        for uid, *_ in before["studies"]:
+            assert store.get(uid) is not None, uid
+            assert store.events(uid)[0].kind == "received", uid
+        # The runtime endpoint: probes open, /metrics only with the token.
+        assert urllib.request.urlopen(base + "/healthz", timeout=10).status == 200
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(base + "/metrics", timeout=10)
+        assert refused.value.code == 401
+        request = urllib.request.Request(
+            base + "/metrics", headers={"Authorization": f"Bearer {token}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as rsp:
+            assert b'd2r_studies{state="done"}' in rsp.read()
+    finally:
+        if store is not None:
+            store.close()
+        for proc in (serve, pacs):
+            if proc is not None:
+                proc.stop()
