@@ -381,11 +381,8 @@ class Authenticator:
             return (principal, "") if principal else (None, "bad_password")
         if authorization:
             return None, "bad_scheme"
-        user = headers.get(self.proxy_header.lower(), "").strip()
-        if user:
-            if self._trusted(client):
-                return Principal(user, self.proxy_roles, "proxy"), ""
-            return None, "untrusted_proxy"
+        if headers.get(self.proxy_header.lower(), "").strip():
+            return None, "untrusted_proxy"  # a trusted proxy's header was taken in decide()
         return None, "no_credential"
 
     def decide(self, route: str, client: str, headers: Mapping[str, str]) -> Decision:
@@ -396,14 +393,21 @@ class Authenticator:
         role = required_role(route)
         if role is None or not self.required:
             return Decision(200, LOCAL)
-        wait = self.limiter.retry_after(client)
-        if wait > 0:
-            return Decision(429, reason="rate_limited", retry_after=wait)
-        principal, reason = self._credential(client, headers)
-        if principal is None:
-            if reason != "no_credential":
-                self.limiter.record_failure(client)
-            return Decision(401, reason=reason)
+        user = headers.get(self.proxy_header.lower(), "").strip()
+        if user and self._trusted(client):
+            # The proxy authenticated the user (whatever Authorization it passes on), and all its
+            # users share its address: the failure limiter does not apply.
+            principal = Principal(user, self.proxy_roles, "proxy")
+        else:
+            wait = self.limiter.retry_after(client)
+            if wait > 0:
+                return Decision(429, reason="rate_limited", retry_after=wait)
+            found, reason = self._credential(client, headers)
+            if found is None:
+                if reason != "no_credential":
+                    self.limiter.record_failure(client)
+                return Decision(401, reason=reason)
+            principal = found
         if role != ANY_ROLE and role not in principal.roles:
             return Decision(403, principal, reason="missing_role")
         return Decision(200, principal)

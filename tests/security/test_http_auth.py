@@ -201,6 +201,9 @@ def test_proxy_header_only_from_a_trusted_address(site: Site) -> None:
     assert _get(site.port, "/", header, source="127.0.0.1")[0] == 401
     assert _get(site.port, "/", {"x-auth-user": "dr.house"}, source="127.0.0.3")[0] == 401
     assert _get(site.port, "/", source=PROXY)[0] == 401  # the proxy without the header
+    # The proxy may pass its own Authorization on (an OIDC token): its header decides.
+    passed_on = {**header, "Authorization": "Bearer eyJ-an-id-token-d2r-does-not-know"}
+    assert _get(site.port, "/", passed_on, source=PROXY)[0] == 200
 
 
 def test_refusals_are_logged_without_secrets_and_counted(
