@@ -29,6 +29,7 @@ import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 
 from dicom_node import schema
 from dicom_node.errors import SchemaAheadError, SchemaBehindError, UnknownSchemaError
@@ -82,8 +83,8 @@ LATER_MIGRATION = '''
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002"
-down_revision = "0001"
+revision = "9999"
+down_revision = "{head}"
 branch_labels = None
 depends_on = None
 
@@ -103,10 +104,14 @@ def downgrade() -> None:
 
 @pytest.fixture
 def later_scripts(tmp_path: Path) -> Path:
-    """A copy of the shipped migrations with one more revision (0002): a later release."""
+    """A copy of the shipped migrations with one more revision (9999) on their head: a later
+    release."""
     location = tmp_path / "migrations"
     shutil.copytree(schema.SCRIPT_LOCATION, location, ignore=shutil.ignore_patterns("__pycache__"))
-    (location / "versions" / "r0002_test_attempts.py").write_text(LATER_MIGRATION)
+    head = ScriptDirectory(str(location)).get_current_head()
+    (location / "versions" / "r9999_test_attempts.py").write_text(
+        LATER_MIGRATION.replace("{head}", str(head))
+    )
     return location
 
 
@@ -322,7 +327,7 @@ def test_a_start_behind_stops_until_upgraded(
     with pytest.raises(SchemaBehindError, match=r"d2r db upgrade"):
         schema.prepare(engine, script_location=later_scripts)
     found = schema.current_state(engine, script_location=later_scripts)
-    assert (found.state, found.current, found.head) == ("behind", "0001", "0002")
+    assert (found.state, found.current, found.head) == ("behind", schema.BASELINE, "9999")
 
     # d2r node of the later release refuses with one line naming the command, before it binds.
     prelude = (
@@ -332,7 +337,7 @@ def test_a_start_behind_stops_until_upgraded(
     refused = d2r("node", url=db_url, tmp_path=tmp_path, prelude=prelude)
     assert refused.returncode == 3
     lines = refused.stderr.strip().splitlines()
-    assert len(lines) == 1 and "d2r db upgrade" in lines[0] and "0002" in lines[0], refused.stderr
+    assert len(lines) == 1 and "d2r db upgrade" in lines[0] and "9999" in lines[0], refused.stderr
 
     # D2R_DB_AUTO_UPGRADE: several processes starting at once upgrade once, under the lock.
     errors: list[BaseException] = []
@@ -353,19 +358,19 @@ def test_a_start_behind_stops_until_upgraded(
         t.join(60)
     assert errors == []
     found = schema.current_state(engine, script_location=later_scripts)
-    assert (found.state, found.current) == ("current", "0002")
+    assert (found.state, found.current) == ("current", "9999")
     assert snapshot(engine) == before
     with engine.connect() as conn:
         counts = conn.execute(sa.text("SELECT test_attempts FROM studies")).scalars().all()
     assert counts == [0] * len(STUDY_STATES)
 
-    # This release (newest 0001) now refuses the database: the rollback case.
-    with pytest.raises(SchemaAheadError, match=r"revision 0002.*does not know"):
+    # This release (which does not know 9999) now refuses the database: the rollback case.
+    with pytest.raises(SchemaAheadError, match=r"revision 9999.*does not know"):
         StudyStore(db_url)
     refused = d2r("node", url=db_url, tmp_path=tmp_path)
     assert refused.returncode == 3
     lines = refused.stderr.strip().splitlines()
-    assert len(lines) == 1 and "0002" in lines[0] and "newer d2r" in lines[0], refused.stderr
+    assert len(lines) == 1 and "9999" in lines[0] and "newer d2r" in lines[0], refused.stderr
     upgrade = d2r("db", "upgrade", url=db_url, tmp_path=tmp_path)
     assert upgrade.returncode == 3 and "does not know" in upgrade.stderr
 
@@ -463,3 +468,23 @@ def test_serve_runs_a_study_on_an_upgraded_previous_release_database(
         for proc in (serve, pacs):
             if proc is not None:
                 proc.stop()
+
+
+def test_a_start_on_a_previous_release_database_stamps_it_as_the_baseline(
+    engine: sa.Engine, db_url: str
+) -> None:
+    build_previous_release(engine)
+    before = snapshot(engine)
+    # Stamped as the baseline, then upgraded to this release's newest revision (at most a
+    # no-op while the baseline is the newest).
+    store = StudyStore(db_url, auto_upgrade=True)
+    try:
+        assert store.count_by_state() == dict.fromkeys(STUDY_STATES, 1)
+    finally:
+        store.close()
+    found = schema.current_state(engine)
+    assert (found.state, found.current) == ("current", found.head)
+    with engine.connect() as conn:
+        history = MigrationContext.configure(conn).get_current_heads()
+    assert history == (found.head,)
+    assert snapshot(engine) == before
