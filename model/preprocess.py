@@ -302,7 +302,11 @@ class Preprocessor:
 
     def sample(self, ds: pydicom.Dataset) -> ImageSample:
         """Run every step and return the letterboxed sample."""
-        return Letterbox(self.size)(self.intensity(self.decode(ds)))
+        return self.finish(self.decode(ds))
+
+    def finish(self, decoded: ImageSample) -> ImageSample:
+        """The steps after decoding: intensity scaling and letterbox."""
+        return Letterbox(self.size)(self.intensity(decoded))
 
     def __call__(self, ds: pydicom.Dataset) -> tuple[torch.Tensor, BoxMapping]:
         s = self.sample(ds)
