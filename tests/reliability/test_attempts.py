@@ -37,7 +37,7 @@ REPORT_STAGES = (
 
 def _metrics(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        return r.read().decode()
+        return str(r.read().decode())
 
 
 def _sample(text: str, name: str, stage: str) -> float:
