@@ -18,6 +18,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
+    UID,
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForProcessing,
     ExplicitVRLittleEndian,
@@ -27,7 +28,7 @@ from pydicom.uid import (
 from tests.support.dicom_files import chest_pixels, make_cr, make_dx, make_sc, rg1_path
 
 DCMCJPEG = Path("/usr/bin/dcmcjpeg")
-MULTIFRAME_GRAYSCALE_BYTE_SC = "1.2.840.10008.5.1.4.1.1.7.2"
+MULTIFRAME_GRAYSCALE_BYTE_SC = UID("1.2.840.10008.5.1.4.1.1.7.2")
 
 
 @dataclass(frozen=True)
