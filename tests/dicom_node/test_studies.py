@@ -355,3 +355,32 @@ def test_stuck_studies_and_the_oldest_unfinished_age(store: StudyStore) -> None:
     store.mark_failed("1.2.3", "done with it", owner="w")
     assert store.stuck(older_than=0, now=now + 120) == []
     assert store.oldest_unfinished_age(now=now + 120) == 0.0
+
+
+def test_assembler_requeues_a_dead_workers_study_then_fails_it_on_the_last_attempt(
+    store: StudyStore,
+) -> None:
+    import time
+
+    reports: list[str] = []
+    failed: list[tuple[str, str]] = []
+    asm = Assembler(
+        store,
+        AssemblerConfig(quiet_seconds=5, force_seconds=60, requeue_after=300, max_attempts=2),
+        enqueue_report=lambda uid, gen, imgs: reports.append(uid),
+        enqueue_send=lambda uid, dest: None,
+        on_failed=lambda uid, stage: failed.append((uid, stage)),
+    )
+    store.record_instance(_record("1.1", "1.1.1", t=1000), outcome="stored")
+    assert asm.complete_due(now=1010) == ["1.1"]
+    now = time.time()
+    assert store.claim("1.1", generation=1, owner="w1", lease_seconds=30, max_attempts=2)
+    assert asm.reap_expired(now=now + 10) == []  # the claim still holds
+    assert asm.reap_expired(now=now + 31) == ["1.1"]  # the worker died: queued again at once
+    assert store.get("1.1").state == "queued"  # type: ignore[union-attr]
+    assert store.claim("1.1", generation=1, owner="w2", lease_seconds=30, max_attempts=2)
+    store.renew_lease("1.1", owner="w2", lease_seconds=30, not_after=now + 600, stage="predict")
+    assert asm.reap_expired(now=now + 100) == []
+    assert failed == [("1.1", "predict")] and reports == ["1.1", "1.1"]
+    view = store.get("1.1")
+    assert view is not None and view.state == "failed" and "WorkerLost" in (view.reason or "")

@@ -103,6 +103,11 @@ def test_a_fault_in_each_stage_fails_the_study_after_bounded_attempts(
             assert failed[uid_of[stage]]["stage"] == stage
             assert failed[uid_of[stage]]["exception"] == "RuntimeError"
 
+        listing = run_d2r("audit", "--event", "study-failed", env=s.env)
+        assert listing.returncode == 0, listing.stderr
+        assert "injected fault at decode" in listing.stdout
+        assert len(listing.stdout.strip().splitlines()) == len(REPORT_STAGES) + 1
+
         # the operator fixes the cause and runs the study again
         faults.write_text("{}")
         uid = uid_of["predict"]
