@@ -165,9 +165,14 @@ def run_node(
     extra_ready: Mapping[str, Callable[[], None]] | None = None,
 ) -> None:
     """Run the listener, the assembler and the HTTP endpoint until ``stop`` is set."""
+    from dicom_node import metrics
     from dicom_node.assembler import Assembler, AssemblerConfig
-    from dicom_node.audit import AuditLog, ListenerAudit
-    from dicom_node.metrics import QueueDepthCollector, StudiesByStateCollector
+    from dicom_node.audit import STUDY_FAILED, AuditLog, ListenerAudit
+    from dicom_node.metrics import (
+        OldestUnfinishedCollector,
+        QueueDepthCollector,
+        StudiesByStateCollector,
+    )
     from dicom_node.observability_settings import ObservabilitySettings
     from dicom_node.scp import start_server
     from dicom_node.spool import Spool
@@ -215,12 +220,26 @@ def run_node(
             reconcile_seconds=node.reconcile_seconds,
             requeue_after=max(settings.visibility_timeout, node.study_force_seconds),
             retention_seconds=node.spool_retention_hours * 3600.0,
+            max_attempts=node.max_attempts,
         ),
         enqueue_report=enqueue_report,
         enqueue_send=enqueue_send,
         spool=spool,
+        on_failed=lambda uid, stage: study_failed(uid, stage),
     )
     audit = AuditLog(obs.audit_log, fsync=obs.audit_fsync)
+
+    def study_failed(uid: str, stage: str) -> None:
+        view = store.get(uid)
+        metrics.observe_failed_attempt(stage, final=True)
+        audit.try_record(
+            STUDY_FAILED,
+            study_instance_uid=uid,
+            stage=stage,
+            exception="WorkerLost",
+            reason=None if view is None else view.reason,
+        )
+
     listener_audit = ListenerAudit(audit)
     server = start_server(
         node,
@@ -244,7 +263,11 @@ def run_node(
 
     http = start_http(
         env,
-        collectors=[StudiesByStateCollector(store.count_by_state), queues],
+        collectors=[
+            StudiesByStateCollector(store.count_by_state),
+            OldestUnfinishedCollector(store.oldest_unfinished_age),
+            queues,
+        ],
         health={"database": database},
         ready={
             "listener": listener_bound,

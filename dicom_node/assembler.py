@@ -4,9 +4,11 @@ Every tick it
 1. completes studies whose quiet period (or force timeout) elapsed: the eligible frontal images are
    chosen by :func:`dicom_node.selection.select_images`; a study with nothing eligible is
    ``skipped`` with the reason, the others are queued with ``enqueue_report``;
-2. re-sends jobs the database says are unfinished (queued too long, or a processing lease that
-   expired) — at start and every ``reconcile_seconds`` — so a restart or a lost broker message
-   never loses a study;
+2. re-sends jobs the database says are unfinished: a processing claim whose short lease expired
+   (its worker died) on every tick, a study queued too long (a lost broker message) at start and
+   every ``reconcile_seconds``, so a restart, a killed worker or a lost message never loses a
+   study. A claim that expired on the study's last allowed attempt (``D2R_MAX_ATTEMPTS``) is
+   ``failed`` with the reason instead, and ``on_failed`` is told (audit log, metrics);
 3. hands due deliveries (first attempts whose message was lost, and retries after their backoff)
    to ``enqueue_send``;
 4. with a retention period (``D2R_SPOOL_RETENTION_HOURS``), removes the spooled instances and
@@ -43,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 EnqueueReport = Callable[[str, int, Sequence[InstanceRecord]], None]
 EnqueueSend = Callable[[str, str], None]
+#: (StudyInstanceUID, stage) of a study the reconciler failed after its last attempt
+OnFailed = Callable[[str, str], None]
 
 #: event kind recorded when a study's files leave the spool
 SPOOL_PURGED = "spool-purged"
@@ -83,6 +87,8 @@ class AssemblerConfig:
     tick_seconds: float = 0.5
     #: remove a finished study's spooled files this long after it finished (0: never)
     retention_seconds: float = 0.0
+    #: worker attempts per study before an expired claim fails it
+    max_attempts: int = 3
 
 
 class Assembler:
@@ -96,7 +102,9 @@ class Assembler:
         enqueue_report: EnqueueReport,
         enqueue_send: EnqueueSend,
         spool: Spool | None = None,
+        on_failed: OnFailed | None = None,
     ) -> None:
+        self.on_failed = on_failed
         self.store = store
         self.config = config
         self.enqueue_report = enqueue_report
@@ -125,11 +133,25 @@ class Assembler:
                 queued.append(uid)
         return queued
 
-    def reconcile(self, now: float | None = None) -> list[str]:
+    def reap_expired(self, now: float | None = None) -> list[str]:
+        """Fail studies whose claim expired on their last attempt; re-send the others' jobs."""
+        for uid in self.store.fail_exhausted(max_attempts=self.config.max_attempts, now=now):
+            view = self.store.get(uid)
+            stage = (view.stage if view is not None else None) or "processing"
+            logger.warning("study %s failed: its claim expired on the last attempt", uid)
+            if self.on_failed is not None:
+                self.on_failed(uid, stage)
+        return self.reconcile(now, requeue_after=float("inf"))
+
+    def reconcile(
+        self, now: float | None = None, *, requeue_after: float | None = None
+    ) -> list[str]:
         """Re-send the jobs of studies the database says are unfinished."""
         again = []
         for uid, generation in self.store.requeue_candidates(
-            requeue_after=self.config.requeue_after, now=now
+            requeue_after=self.config.requeue_after if requeue_after is None else requeue_after,
+            max_attempts=self.config.max_attempts,
+            now=now,
         ):
             selection = select_images(self.store.instances(uid))
             if selection.skip_reason is not None or not selection.images:
@@ -181,6 +203,8 @@ class Assembler:
     def tick(self) -> None:
         now = time.time()
         self.complete_due(now)
+        if self.reap_expired(now):
+            logger.warning("re-queued the study(ies) of a lost worker")
         if now - self._last_reconcile >= self.config.reconcile_seconds:
             self._last_reconcile = now
             requeued = self.reconcile(now)

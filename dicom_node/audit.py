@@ -36,14 +36,24 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-__all__ = ["ASSOCIATION", "AUDIT_EVENTS", "RECEIVED", "SENT", "AuditLog", "read_audit"]
+__all__ = [
+    "ASSOCIATION",
+    "AUDIT_EVENTS",
+    "RECEIVED",
+    "SENT",
+    "STUDY_FAILED",
+    "AuditLog",
+    "read_audit",
+]
 
 logger = logging.getLogger(__name__)
 
 ASSOCIATION: Final = "association"
 RECEIVED: Final = "received"
 SENT: Final = "sent"
-AUDIT_EVENTS: Final = (ASSOCIATION, RECEIVED, SENT)
+#: a study ended ``failed`` after its last attempt (stage, exception class, reason; no PHI)
+STUDY_FAILED: Final = "study-failed"
+AUDIT_EVENTS: Final = (ASSOCIATION, RECEIVED, SENT, STUDY_FAILED)
 
 
 def _iso(at: float | None = None) -> str:

@@ -49,6 +49,7 @@ from dicom_node import statuses
 from dicom_node.studies import DONE, STUDY_STATES, StudyView
 
 __all__ = [
+    "OldestUnfinishedCollector",
     "QueueDepthCollector",
     "StudiesByStateCollector",
     "build_registry",
@@ -93,6 +94,16 @@ INFERENCE = Histogram(
     buckets=(0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120),
 )
 REPORTS = Counter("d2r_reports", "Report jobs finished by a worker", ["result"])
+ATTEMPT_FAILURES = Counter(
+    "d2r_attempt_failures",
+    "Worker attempts ended by an unexpected error or a lost worker, by stage",
+    ["stage"],
+)
+STUDIES_FAILED_AFTER_ATTEMPTS = Counter(
+    "d2r_studies_failed_after_attempts",
+    "Studies failed because their last allowed attempt ended in an unexpected error, by stage",
+    ["stage"],
+)
 SEND_ATTEMPTS = Counter("d2r_send_attempts", "Attempts to send a study's SRs", ["destination"])
 SEND_FAILURES = Counter(
     "d2r_send_failures", "Failed attempts to send a study's SRs", ["destination", "kind"]
@@ -166,6 +177,13 @@ def observe_inference(seconds: float) -> None:
 def observe_report(result: str) -> None:
     """Count a finished report job (``reported`` or ``failed``)."""
     REPORTS.labels(result).inc()
+
+
+def observe_failed_attempt(stage: str, *, final: bool) -> None:
+    """Count an attempt ended by an unexpected error; ``final`` when it failed the study."""
+    ATTEMPT_FAILURES.labels(stage).inc()
+    if final:
+        STUDIES_FAILED_AFTER_ATTEMPTS.labels(stage).inc()
 
 
 def observe_send_attempt(destination: str, *, ok: bool, failure: str | None, retry: bool) -> None:
@@ -242,6 +260,26 @@ class StudiesByStateCollector(Collector):
         for state in STUDY_STATES:
             family.add_metric([state], counts.get(state, 0))
         yield family
+
+
+class OldestUnfinishedCollector(Collector):
+    """``d2r_oldest_unfinished_study_age_seconds``: how long the oldest study still in
+    receiving, queued, processing or sending has been in that state (0 when none)."""
+
+    def __init__(self, oldest_age: Callable[[], float]) -> None:
+        self._age = oldest_age
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            age = self._age()
+        except Exception as exc:  # a scrape must still answer while the database is down
+            logger.warning("cannot read the oldest unfinished study: %s", exc)
+            return
+        yield GaugeMetricFamily(
+            "d2r_oldest_unfinished_study_age_seconds",
+            "Seconds the oldest unfinished study has stayed in its state (alert on it)",
+            value=age,
+        )
 
 
 class QueueDepthCollector(Collector):

@@ -329,6 +329,8 @@ class NodeSettings:
     study_quiet_seconds: float = 10.0
     study_force_seconds: float = 600.0
     reconcile_seconds: float = 30.0
+    #: worker attempts per study (claims, each ended by an unexpected error or a lost worker)
+    max_attempts: int = 3
     max_pdu: int = 131072
     max_associations: int = 10
     acse_timeout: float = 30.0
@@ -399,6 +401,7 @@ class NodeSettings:
                 env, "D2R_NETWORK_TIMEOUT", d.network_timeout, positive_float
             ),
             send_retries=env_setting(env, "D2R_SEND_RETRIES", d.send_retries, int_at_least(0)),
+            max_attempts=env_setting(env, "D2R_MAX_ATTEMPTS", d.max_attempts, int_at_least(1)),
             send_retry_delay=env_setting(
                 env, "D2R_SEND_RETRY_DELAY", d.send_retry_delay, non_negative_float
             ),

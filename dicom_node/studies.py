@@ -11,6 +11,13 @@ States of a study::
     processing --SRs written--> sending --every destination acknowledged--> done
     receiving --nothing eligible--> skipped (reason recorded)
     processing / sending --error or retries exhausted--> failed (reason recorded; ``d2r retry``)
+    processing --unexpected error, attempts left--> queued (``attempt-failed`` event)
+    processing --claim expired (worker killed or hung)--> queued, or failed after the last attempt
+
+Each claim counts one attempt of the study's current generation (``attempts``); a worker renews
+its claim's short lease while it works, so the reconciler re-queues the study of a dead worker
+within one lease. ``state_changed_at`` records when the study entered its state (``d2r status
+--stuck``).
 
 A study's ``generation`` increases each time it is queued. A job carries the generation it was
 queued with, so a stale message (the study re-opened by a late instance, or already handled) is
@@ -51,6 +58,8 @@ DONE = "done"
 FAILED = "failed"
 SKIPPED = "skipped"
 STUDY_STATES = (RECEIVING, QUEUED, PROCESSING, SENDING, DONE, FAILED, SKIPPED)
+#: states a study must leave on its own; one that stays in them is stuck
+UNFINISHED_STATES = (RECEIVING, QUEUED, PROCESSING, SENDING)
 
 DELIVERY_PENDING = "pending"
 DELIVERY_SENT = "sent"
@@ -79,6 +88,12 @@ studies_table = sa.Table(
     sa.Column("impression", sa.Text, nullable=True),
     sa.Column("lesion_count", sa.Integer, nullable=True),
     sa.Column("result_paths", sa.Text, nullable=True),  # JSON list of SR files in the spool
+    # claims of the current generation (each worker attempt); bounded by D2R_MAX_ATTEMPTS
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0", default=0),
+    # when the study entered its current state (NULL on rows written before it existed)
+    sa.Column("state_changed_at", sa.Float, nullable=True),
+    # the worker stage of the current or last attempt (spool-read ... send)
+    sa.Column("stage", sa.String(32), nullable=True),
 )
 
 instances_table = sa.Table(
@@ -209,6 +224,12 @@ class StudyView:
     result_paths: tuple[str, ...]
     instance_count: int
     deliveries: tuple[Delivery, ...]
+    #: worker attempts of the current generation
+    attempts: int = 0
+    #: worker stage of the current or last attempt
+    stage: str | None = None
+    #: when the study entered its state (falls back to the last update on older rows)
+    state_since: float | None = None
 
 
 def _now() -> float:
@@ -335,6 +356,7 @@ class StudyStore:
                         first_received_at=now,
                         last_received_at=now,
                         updated_at=now,
+                        state_changed_at=now,
                     )
                 )
                 self._event(conn, study_uid, "received", "first instance received")
@@ -344,7 +366,7 @@ class StudyStore:
                 "updated_at": _now(),
             }
             if study.state in (QUEUED, SKIPPED):
-                values.update(state=RECEIVING, reason=None, queued_at=None)
+                values.update(state=RECEIVING, reason=None, queued_at=None, state_changed_at=_now())
                 self._event(
                     conn,
                     study_uid,
@@ -453,7 +475,9 @@ class StudyStore:
                     generation=generation,
                     queued_at=_now(),
                     reason=None,
+                    attempts=0,
                     updated_at=_now(),
+                    state_changed_at=_now(),
                 )
             )
             if not res.rowcount:
@@ -465,70 +489,222 @@ class StudyStore:
         self._set_state(study_uid, SKIPPED, reason, from_states=(RECEIVING,))
 
     def requeue_candidates(
-        self, *, requeue_after: float, now: float | None = None
+        self,
+        *,
+        requeue_after: float,
+        max_attempts: int | None = None,
+        now: float | None = None,
     ) -> list[tuple[str, int]]:
         """Queued studies whose message may be lost, and processing studies whose lease expired.
 
-        Returns (StudyInstanceUID, generation) pairs; the caller re-sends the job and calls
-        :meth:`touch_queued`.
+        With ``max_attempts``, an expired claim is a candidate only while the study has
+        attempts left (:meth:`fail_exhausted` ends the others). With ``requeue_after`` set to
+        infinity only expired claims are returned. Returns (StudyInstanceUID, generation)
+        pairs; the caller re-sends the job and calls :meth:`touch_queued`.
         """
         now = _now() if now is None else now
         s = studies_table.c
+        expired = sa.and_(s.state == PROCESSING, s.lease_expires_at <= now)
+        if max_attempts is not None:
+            expired = sa.and_(expired, s.attempts < max_attempts)
+        conditions = [expired]
+        if requeue_after != float("inf"):
+            conditions.append(sa.and_(s.state == QUEUED, s.queued_at <= now - requeue_after))
         with self._tx() as conn:
             rows = conn.execute(
-                sa.select(s.study_instance_uid, s.generation).where(
-                    sa.or_(
-                        sa.and_(s.state == QUEUED, s.queued_at <= now - requeue_after),
-                        sa.and_(s.state == PROCESSING, s.lease_expires_at <= now),
-                    )
-                )
+                sa.select(s.study_instance_uid, s.generation).where(sa.or_(*conditions))
             ).all()
         return [(r.study_instance_uid, r.generation) for r in rows]
+
+    def fail_exhausted(self, *, max_attempts: int, now: float | None = None) -> list[str]:
+        """Fail processing studies whose claim expired after their last allowed attempt.
+
+        A worker killed (or hung past its time limit) on every attempt leaves the lease to
+        expire; such a study is failed with the reason instead of being queued again.
+        """
+        now = _now() if now is None else now
+        s = studies_table.c
+        failed = []
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(s.study_instance_uid, s.attempts, s.stage).where(
+                    s.state == PROCESSING, s.lease_expires_at <= now, s.attempts >= max_attempts
+                )
+            ).all()
+            for r in rows:
+                reason = (
+                    f"{r.stage or 'processing'}: WorkerLost: the claim expired without a result "
+                    f"on attempt {r.attempts} of {max_attempts} (worker killed or hung)"
+                )
+                res = conn.execute(
+                    studies_table.update()
+                    .where(
+                        s.study_instance_uid == r.study_instance_uid,
+                        s.state == PROCESSING,
+                        s.lease_expires_at <= now,
+                    )
+                    .values(
+                        state=FAILED,
+                        reason=reason,
+                        owner=None,
+                        lease_expires_at=None,
+                        finished_at=now,
+                        updated_at=now,
+                        state_changed_at=now,
+                    )
+                )
+                if res.rowcount:
+                    self._event(conn, r.study_instance_uid, FAILED, reason)
+                    failed.append(str(r.study_instance_uid))
+        return failed
 
     def touch_queued(self, study_uid: str, *, detail: str) -> None:
         """Record a re-send of a study's job; expired processing leases go back to queued."""
         s = studies_table.c
+        now = _now()
         with self._tx() as conn:
             conn.execute(
                 studies_table.update()
+                .where(s.study_instance_uid == study_uid, s.state == PROCESSING)
+                .values(state_changed_at=now)
+            )
+            conn.execute(
+                studies_table.update()
                 .where(s.study_instance_uid == study_uid, s.state.in_((QUEUED, PROCESSING)))
-                .values(state=QUEUED, queued_at=_now(), owner=None, lease_expires_at=None)
+                .values(state=QUEUED, queued_at=now, owner=None, lease_expires_at=None)
             )
             self._event(conn, study_uid, "requeued", detail)
 
     # ------------------------------------------------------------ worker side
-    def claim(self, study_uid: str, *, generation: int, owner: str, lease_seconds: float) -> bool:
-        """Atomically take a study for processing.
+    def claim(
+        self,
+        study_uid: str,
+        *,
+        generation: int,
+        owner: str,
+        lease_seconds: float,
+        max_attempts: int | None = None,
+    ) -> bool:
+        """Atomically take a study for processing; each claim counts one attempt.
 
         Succeeds for a queued study of the same generation, or for a study already processing
-        under the same owner (a redelivered message) or with an expired lease.
+        under the same owner (a redelivered message) or with an expired lease, while it has
+        attempts left (``max_attempts``; None: unbounded). The claim holds for
+        ``lease_seconds``; the worker renews it with :meth:`renew_lease` while it works.
         """
         now = _now()
         s = studies_table.c
+        cond = [
+            s.study_instance_uid == study_uid,
+            s.generation == generation,
+            sa.or_(
+                s.state == QUEUED,
+                sa.and_(
+                    s.state == PROCESSING,
+                    sa.or_(s.owner == owner, s.lease_expires_at <= now),
+                ),
+            ),
+        ]
+        if max_attempts is not None:
+            cond.append(s.attempts < max_attempts)
         with self._tx() as conn:
             res = conn.execute(
                 studies_table.update()
-                .where(
-                    s.study_instance_uid == study_uid,
-                    s.generation == generation,
-                    sa.or_(
-                        s.state == QUEUED,
-                        sa.and_(
-                            s.state == PROCESSING,
-                            sa.or_(s.owner == owner, s.lease_expires_at <= now),
-                        ),
-                    ),
-                )
+                .where(*cond)
                 .values(
                     state=PROCESSING,
                     owner=owner,
                     lease_expires_at=now + lease_seconds,
+                    attempts=s.attempts + 1,
+                    stage=None,
                     updated_at=now,
+                    state_changed_at=now,
                 )
             )
             if res.rowcount:
-                self._event(conn, study_uid, "processing", f"claimed by task {owner}")
+                attempts = conn.execute(
+                    sa.select(s.attempts).where(s.study_instance_uid == study_uid)
+                ).scalar_one()
+                of = "" if max_attempts is None else f" of {max_attempts}"
+                self._event(
+                    conn,
+                    study_uid,
+                    "processing",
+                    f"claimed by task {owner} (attempt {attempts}{of})",
+                )
         return bool(res.rowcount)
+
+    def renew_lease(
+        self,
+        study_uid: str,
+        *,
+        owner: str,
+        lease_seconds: float,
+        not_after: float,
+        stage: str | None = None,
+    ) -> bool:
+        """Extend a held claim to ``now + lease_seconds``, never beyond ``not_after``.
+
+        ``not_after`` is the claim time plus the task time limit: a hung worker that keeps
+        renewing still lets its claim expire. Records the worker's current ``stage``.
+        Returns False once the claim is no longer this owner's.
+        """
+        now = _now()
+        s = studies_table.c
+        values: dict[str, Any] = {"lease_expires_at": min(now + lease_seconds, not_after)}
+        if stage is not None:
+            values["stage"] = stage
+        with self._tx() as conn:
+            res = conn.execute(
+                studies_table.update()
+                .where(s.study_instance_uid == study_uid, s.state == PROCESSING, s.owner == owner)
+                .values(**values)
+            )
+        return bool(res.rowcount)
+
+    def record_failed_attempt(
+        self, study_uid: str, *, owner: str, stage: str, reason: str, max_attempts: int
+    ) -> str:
+        """An unexpected error ended this owner's attempt: queue the study again or fail it.
+
+        Returns the new state: ``queued`` while attempts are left (the caller re-sends the
+        job), ``failed`` after ``max_attempts`` (the reason is recorded), or the unchanged
+        state when the claim is no longer this owner's.
+        """
+        now = _now()
+        s = studies_table.c
+        with self._tx() as conn:
+            row = conn.execute(
+                sa.select(s.state, s.owner, s.attempts).where(s.study_instance_uid == study_uid)
+            ).first()
+            if row is None:
+                return "unknown"
+            if row.state != PROCESSING or row.owner != owner:
+                return str(row.state)
+            detail = f"attempt {row.attempts} of {max_attempts} failed at {reason}"
+            if row.attempts >= max_attempts:
+                new, values = (
+                    FAILED,
+                    {"reason": reason, "finished_at": now, "owner": None},
+                )
+            else:
+                new, values = QUEUED, {"queued_at": now, "owner": None}
+            conn.execute(
+                studies_table.update()
+                .where(s.study_instance_uid == study_uid, s.owner == owner)
+                .values(
+                    state=new,
+                    stage=stage,
+                    lease_expires_at=None,
+                    updated_at=now,
+                    state_changed_at=now,
+                    **values,
+                )
+            )
+            self._event(conn, study_uid, "attempt-failed", detail)
+            if new == FAILED:
+                self._event(conn, study_uid, FAILED, reason)
+        return new
 
     def mark_reported(
         self,
@@ -563,6 +739,7 @@ class StudyStore:
                     lease_expires_at=None,
                     reason=None,
                     updated_at=now,
+                    state_changed_at=now,
                 )
             )
             if not res.rowcount:
@@ -702,7 +879,13 @@ class StudyStore:
         res = conn.execute(
             studies_table.update()
             .where(s.study_instance_uid == study_uid, s.state == SENDING)
-            .values(state=new, reason=reason, finished_at=_now(), updated_at=_now())
+            .values(
+                state=new,
+                reason=reason,
+                finished_at=_now(),
+                updated_at=_now(),
+                state_changed_at=_now(),
+            )
         )
         if res.rowcount:
             self._event(conn, study_uid, new, reason or "every destination acknowledged")
@@ -723,6 +906,7 @@ class StudyStore:
                     finished_at=_now(),
                     lease_expires_at=None,
                     updated_at=_now(),
+                    state_changed_at=_now(),
                 )
             )
             if res.rowcount:
@@ -777,6 +961,7 @@ class StudyStore:
                     finished_at=None,
                     last_received_at=0.0 if new == RECEIVING else row.last_received_at,
                     updated_at=now,
+                    state_changed_at=now,
                 )
             )
             self._event(
@@ -795,7 +980,13 @@ class StudyStore:
             res = conn.execute(
                 studies_table.update()
                 .where(s.study_instance_uid == study_uid, s.state.in_(tuple(from_states)))
-                .values(state=state, reason=reason, finished_at=_now(), updated_at=_now())
+                .values(
+                    state=state,
+                    reason=reason,
+                    finished_at=_now(),
+                    updated_at=_now(),
+                    state_changed_at=_now(),
+                )
             )
             if res.rowcount:
                 self._event(conn, study_uid, state, reason or state)
@@ -809,6 +1000,31 @@ class StudyStore:
     def recent(self, limit: int = 50, *, state: str | None = None) -> list[StudyView]:
         cond = studies_table.c.state == state if state else sa.true()
         return self._views(cond, limit=limit)
+
+    def stuck(
+        self, *, older_than: float, now: float | None = None, limit: int = 100
+    ) -> list[StudyView]:
+        """Unfinished studies that entered their state more than ``older_than`` seconds ago."""
+        now = _now() if now is None else now
+        s = studies_table.c
+        since = sa.func.coalesce(s.state_changed_at, s.updated_at)
+        return sorted(
+            self._views(
+                sa.and_(s.state.in_(UNFINISHED_STATES), since <= now - older_than), limit=limit
+            ),
+            key=lambda v: v.state_since or 0.0,
+        )
+
+    def oldest_unfinished_age(self, now: float | None = None) -> float:
+        """Seconds since the oldest unfinished study entered its state (0 when none)."""
+        now = _now() if now is None else now
+        s = studies_table.c
+        since = sa.func.coalesce(s.state_changed_at, s.updated_at)
+        with self._tx() as conn:
+            oldest = conn.execute(
+                sa.select(sa.func.min(since)).where(s.state.in_(UNFINISHED_STATES))
+            ).scalar_one()
+        return 0.0 if oldest is None else max(0.0, now - float(oldest))
 
     def count_by_state(self) -> dict[str, int]:
         with self._tx() as conn:
@@ -858,6 +1074,9 @@ class StudyStore:
                         result_paths=tuple(json.loads(r.result_paths or "[]")),
                         instance_count=int(n),
                         deliveries=tuple(_delivery(d) for d in dels),
+                        attempts=int(r.attempts or 0),
+                        stage=r.stage,
+                        state_since=r.state_changed_at or r.updated_at,
                     )
                 )
         return out

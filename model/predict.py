@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,12 +113,26 @@ class Predictor:
             beam_size=beam_size,
         )
 
-    def predict(self, datasets: Sequence[pydicom.Dataset]) -> StudyPrediction:
-        """Report and lesions; boxes refer to the first dataset (the chosen frontal image)."""
+    def predict(
+        self,
+        datasets: Sequence[pydicom.Dataset],
+        *,
+        on_stage: Callable[[str], None] | None = None,
+    ) -> StudyPrediction:
+        """Report and lesions; boxes refer to the first dataset (the chosen frontal image).
+
+        ``on_stage`` is told ``"decode"``, ``"preprocess"`` and ``"predict"`` as each begins.
+        """
         if not datasets:
             raise PreprocessError("no image given: predict needs at least one frontal image")
+        stage = on_stage or (lambda _name: None)
         ds = datasets[0]
-        pixels, mapping = self._preprocess(ds)
+        stage("decode")
+        decoded = self._preprocess.decode(ds)
+        stage("preprocess")
+        sample = self._preprocess.finish(decoded)
+        pixels, mapping = torch.from_numpy(sample.pixels)[None], sample.mapping
+        stage("predict")
         image = pixels[None].to(self.device)  # (1,1,S,S)
         with torch.inference_mode():
             dets, all_ids = run_graphs(

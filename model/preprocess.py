@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Final, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -99,9 +99,14 @@ class Transform(Protocol):
     def __call__(self, sample: ImageSample) -> ImageSample: ...
 
 
+#: colour photometric interpretations read as their luminance (colour scans of films)
+COLOUR_PHOTOMETRICS: Final = ("RGB", "YBR_FULL", "YBR_FULL_422")
+_BT601_LUMA: Final = (0.299, 0.587, 0.114)
+
+
 @dataclass(frozen=True)
 class DicomToFloat:
-    """Decode pixels; apply the modality LUT, VOI LUT/window, MONOCHROME1 inversion.
+    """Decode pixels; apply the modality LUT, VOI LUT/window, MONOCHROME1 inversion (colour: luma).
 
     Parameters
     ----------
@@ -141,10 +146,10 @@ class DicomToFloat:
     def __call__(self, ds: pydicom.Dataset) -> ImageSample:
         uid = str(ds.get("SOPInstanceUID", ""))
         photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
-        if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        if photometric not in ("MONOCHROME1", "MONOCHROME2", *COLOUR_PHOTOMETRICS):
             raise PreprocessError(
                 f"PhotometricInterpretation {photometric or '(missing)'!r} is unsupported "
-                f"(SOP Instance UID {uid}): expected MONOCHROME1 or MONOCHROME2"
+                f"(SOP Instance UID {uid}): expected MONOCHROME1, MONOCHROME2, RGB or YBR_FULL"
             )
         if "PixelData" not in ds:
             raise PreprocessError(f"no Pixel Data (SOP Instance UID {uid})")
@@ -156,6 +161,8 @@ class DicomToFloat:
             raise PreprocessError(
                 f"cannot decode pixel data (transfer syntax {tsuid}, SOP Instance UID {uid}): {e}"
             ) from e
+        if photometric in COLOUR_PHOTOMETRICS:  # a colour scan of a film: its luminance
+            return self._luminance(arr, uid)
         if arr.ndim == 3:
             if not 0 <= self.frame < arr.shape[0]:
                 raise PreprocessError(f"frame {self.frame} out of range ({arr.shape[0]} frames)")
@@ -175,11 +182,31 @@ class DicomToFloat:
             pixels = values.astype(np.float32)
         return ImageSample(pixels, BoxMapping(int(rows), int(columns)), uid, value_range)
 
+    def _luminance(self, arr: npt.NDArray[np.generic], uid: str) -> ImageSample:
+        """ITU-R BT.601 luma of RGB pixels (pydicom returns YBR pixel data as RGB)."""
+        if arr.ndim == 4:
+            if not 0 <= self.frame < arr.shape[0]:
+                raise PreprocessError(f"frame {self.frame} out of range ({arr.shape[0]} frames)")
+            arr = arr[self.frame]
+        if arr.ndim != 3 or arr.shape[-1] != 3 or min(arr.shape[:2]) < 2:
+            raise PreprocessError(
+                f"unsupported colour pixel array shape {arr.shape} (SOP Instance UID {uid})"
+            )
+        luma = np.asarray(arr, dtype=np.float32) @ np.array(_BT601_LUMA, dtype=np.float32)
+        rows, columns = luma.shape
+        return ImageSample(luma, BoxMapping(int(rows), int(columns)), uid, None)
+
     def _pointwise(self, arr: npt.NDArray[np.generic], ds: pydicom.Dataset) -> FloatArray:
         """Modality LUT, then VOI LUT/window: a per-value map, in float64."""
         # without a rescale the modality LUT keeps the stored integers, which is what a VOI
         # LUT Sequence indexes (pydicom warns on float input)
         values = apply_modality_lut(arr, ds)
+        if "VOILUTSequence" in ds and values.dtype.kind == "f":
+            # an identity rescale (slope 1, intercept 0) still returns floats; a VOI LUT
+            # indexes stored integers, so give it integers when the values are whole
+            whole = np.round(values)
+            if np.array_equal(whole, values):
+                values = whole.astype(np.int64)
         if self.apply_voi and ("VOILUTSequence" in ds or "WindowCenter" in ds):
             values = apply_voi_lut(values, ds, index=0)
         return np.asarray(values, dtype=np.float64)
@@ -302,7 +329,11 @@ class Preprocessor:
 
     def sample(self, ds: pydicom.Dataset) -> ImageSample:
         """Run every step and return the letterboxed sample."""
-        return Letterbox(self.size)(self.intensity(self.decode(ds)))
+        return self.finish(self.decode(ds))
+
+    def finish(self, decoded: ImageSample) -> ImageSample:
+        """The steps after decoding: intensity scaling and letterbox."""
+        return Letterbox(self.size)(self.intensity(decoded))
 
     def __call__(self, ds: pydicom.Dataset) -> tuple[torch.Tensor, BoxMapping]:
         s = self.sample(ds)

@@ -47,6 +47,7 @@ from pydicom.uid import (
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
     DigitalXRayImageStorageForProcessing,
+    SecondaryCaptureImageStorage,
     generate_uid,
 )
 
@@ -73,6 +74,7 @@ __all__ = [
     "NO_FINDINGS_TEXT",
     "NO_IMPRESSION_TEXT",
     "OHIF_RECTANGLE_ROI_TRACKING_IDENTIFIER",
+    "REFERENCEABLE_SOP_CLASSES",
     "SR_SPECIFIC_CHARACTER_SET",
     "TEXT_SR_SERIES_NUMBER",
     "AlgorithmInfo",
@@ -83,6 +85,7 @@ __all__ = [
     "closed_polyline",
     "default_series_description",
     "derive_uid",
+    "source_modality",
 ]
 
 logger = logging.getLogger(__name__)
@@ -107,6 +110,32 @@ _SOURCE_MODALITIES: Final[dict[str, Code]] = {
     DigitalXRayImageStorageForPresentation: codes.DCM.DigitalRadiography,
     DigitalXRayImageStorageForProcessing: codes.DCM.DigitalRadiography,
 }
+#: A Secondary Capture (a digitised film, a forwarded image) is referenced when its Modality
+#: says it is a radiograph; it has no Pixel Spacing, so its Image Library entry has none.
+_SECONDARY_CAPTURE_MODALITIES: Final[dict[str, Code]] = {
+    "CR": codes.DCM.ComputedRadiography,
+    "DX": codes.DCM.DigitalRadiography,
+}
+#: every SOP class :func:`build_reports` may reference (with the Modality rule above for SC)
+REFERENCEABLE_SOP_CLASSES: Final = frozenset({*_SOURCE_MODALITIES, SecondaryCaptureImageStorage})
+
+
+def source_modality(ds: Dataset) -> Code | None:
+    """The coded modality (CID 29) of a source image, or None when it cannot be referenced.
+
+    >>> from pydicom.uid import SecondaryCaptureImageStorage
+    >>> ds = Dataset(); ds.SOPClassUID = SecondaryCaptureImageStorage; ds.Modality = "cr"
+    >>> source_modality(ds).meaning
+    'Computed Radiography'
+    >>> ds.Modality = "OT"; source_modality(ds) is None
+    True
+    """
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if sop_class == SecondaryCaptureImageStorage:
+        return _SECONDARY_CAPTURE_MODALITIES.get(str(ds.get("Modality", "")).strip().upper())
+    return _SOURCE_MODALITIES.get(sop_class)
+
+
 _REQUIRED_SOURCE_ATTRIBUTES: Final = (
     "SOPClassUID",
     "SOPInstanceUID",
@@ -224,9 +253,11 @@ def _check_source(ds: object, name: str) -> Dataset:
     missing = [kw for kw in _REQUIRED_SOURCE_ATTRIBUTES if not ds.get(kw)]
     if missing:
         raise SourceImageError(f"{name} lacks {', '.join(missing)}")
-    if ds.SOPClassUID not in _SOURCE_MODALITIES:
+    if source_modality(ds) is None:
         raise SourceImageError(
-            f"{name} has SOP Class UID {ds.SOPClassUID}; expected a CR or DX image"
+            f"{name} has SOP Class UID {ds.SOPClassUID} and Modality "
+            f"{ds.get('Modality', '') or '(empty)'}; expected a CR or DX image, or a Secondary "
+            "Capture with Modality CR or DX"
         )
     return ds
 
@@ -398,6 +429,9 @@ def _usable_imager_pixel_spacing(image: Dataset) -> tuple[float, float] | None:
 
 def _image_library_entry(image: Dataset) -> hd.sr.ImageContentItem:
     """TID 1601 entry with TID 1602/1603 descriptors; spacing only when it is usable."""
+    modality = source_modality(image)
+    if modality is None:  # ReportContent checked it already
+        raise SourceImageError(f"image {image.SOPInstanceUID} cannot be referenced")
     item = hd.sr.ImageContentItem(
         name=codes.SCT.Source,
         referenced_sop_class_uid=image.SOPClassUID,
@@ -407,7 +441,7 @@ def _image_library_entry(image: Dataset) -> hd.sr.ImageContentItem:
     descriptors: list[hd.sr.ContentItem] = [
         hd.sr.CodeContentItem(
             name=codes.DCM.Modality,
-            value=_SOURCE_MODALITIES[image.SOPClassUID],
+            value=modality,
             relationship_type=_HAS_ACQ_CONTEXT,
         ),
         hd.sr.NumContentItem(
@@ -497,6 +531,12 @@ def _text_items(content: ReportContent) -> list[hd.sr.TextContentItem]:
     ]
 
 
+def _region_source(image: Dataset) -> hd.sr.SourceImageForRegion:
+    """SELECTED FROM reference. CR, DX and SC are single-frame IODs: no frame number, even
+    when a header claims Number of Frames (the model reads the first frame)."""
+    return hd.sr.SourceImageForRegion.from_source_image(image)
+
+
 def _lesion_group(
     lesion: LesionFinding,
     box: Box,
@@ -510,7 +550,7 @@ def _lesion_group(
     region = hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
         graphic_data=polyline,
-        source_image=hd.sr.SourceImageForRegion.from_source_image(image),
+        source_image=_region_source(image),
     )
     certainty = hd.sr.Measurement(
         name=CERTAINTY_OF_FINDING, value=round(lesion.score * 100.0, 2), unit=PERCENT
@@ -548,7 +588,7 @@ def _lesion_group(
             hd.sr.CoordinatesForMeasurement(
                 graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
                 graphic_data=polyline,
-                source_image=hd.sr.SourceImageForRegion.from_source_image(image),
+                source_image=_region_source(image),
                 purpose=codes.DCM.ImageRegion,
             )
         ]

@@ -7,18 +7,33 @@ broker, the database or the network.
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pydicom import Dataset
+from pydicom.errors import InvalidDicomError
 
+from model.errors import ModelError as ModelPackageError
 from model.errors import PreprocessError
 from model.predict import StudyPrediction
 from report.build import LesionFinding, ReportContent
+from report.errors import SourceImageError
 from worker.errors import InputRejected, ModelError
 from worker.messages import ReportJob
+from worker.stages import Stage, StageTracker
 
 logger = logging.getLogger(__name__)
+
+#: what a spooled file that cannot be parsed raises; anything else is an unexpected error
+UNREADABLE_INPUT = (
+    InvalidDicomError,
+    EOFError,
+    FileNotFoundError,
+    IsADirectoryError,
+    ValueError,
+    struct.error,
+)
 
 ReadImage = Callable[[str], Dataset]
 Predict = Callable[[Sequence[Dataset]], StudyPrediction]
@@ -55,22 +70,35 @@ def report_content(prediction: StudyPrediction, images: Sequence[Dataset]) -> Re
 
 
 def run(
-    job: ReportJob, *, read_image: ReadImage, predict: Predict, build_reports: BuildReports
+    job: ReportJob,
+    *,
+    read_image: ReadImage,
+    predict: Predict,
+    build_reports: BuildReports,
+    stages: StageTracker | None = None,
+    images: list[Dataset] | None = None,
 ) -> ReportResult:
     """Produce the SRs for ``job``.
+
+    ``stages`` follows the attempt (``predict`` enters decode, preprocess and predict itself);
+    ``images`` collects the headers read, so a failure reason can leave their identifiers out.
 
     Raises
     ------
     InputRejected
-        An image cannot be read or decoded.
+        An image cannot be parsed or decoded (the input, not the worker, is at fault).
     ModelError
-        The model failed on readable input.
+        The model refused readable input.
+    Exception
+        Anything else is unexpected: the caller counts it as a failed attempt.
     """
-    images: list[Dataset] = []
+    stages = StageTracker() if stages is None else stages
+    images = [] if images is None else images
+    stages.enter(Stage.SPOOL_READ)
     for inst in job.instances:
         try:
             images.append(read_image(inst.path))
-        except Exception as exc:  # unreadable file: the input, not the worker, is at fault
+        except UNREADABLE_INPUT as exc:
             raise InputRejected(
                 f"cannot read instance {inst.sop_instance_uid}: {type(exc).__name__}"
             ) from exc
@@ -78,9 +106,13 @@ def run(
         prediction = predict(images)
     except PreprocessError as exc:
         raise InputRejected(f"cannot decode the image: {exc}") from exc
-    except Exception as exc:
+    except ModelPackageError as exc:
         raise ModelError(f"model failed: {type(exc).__name__}: {exc}") from exc
-    reports = build_reports(report_content(prediction, images))
+    stages.enter(Stage.SR_BUILD)
+    try:
+        reports = build_reports(report_content(prediction, images))
+    except SourceImageError as exc:  # the header cannot be referenced: retrying cannot help
+        raise InputRejected(f"cannot reference the image in an SR: {exc}") from exc
     logger.info(
         "study %s: %d lesion(s), %d SR object(s)",
         job.study_instance_uid,

@@ -98,6 +98,10 @@ class WorkerSettings:
     torch_compile: bool = False
     task_time_limit: float = 600.0
     visibility_timeout: float = 720.0
+    #: a claim holds this long unless renewed (``D2R_CLAIM_LEASE_SECONDS``)
+    claim_lease_seconds: float = 30.0
+    #: the worker renews its claim this often while it works (``D2R_CLAIM_HEARTBEAT_SECONDS``)
+    claim_heartbeat_seconds: float = 10.0
     concurrency: int = 1
     text_sr: bool = True
     tracking_identifier_prefix: str = "lesion"
@@ -137,6 +141,16 @@ class WorkerSettings:
                 "D2R_VISIBILITY_TIMEOUT",
                 f"must exceed D2R_TASK_TIME_LIMIT ({time_limit:g} s) or a healthy task runs twice",
             )
+        lease = env_setting(env, "D2R_CLAIM_LEASE_SECONDS", d.claim_lease_seconds, positive_float)
+        heartbeat = env_setting(
+            env, "D2R_CLAIM_HEARTBEAT_SECONDS", d.claim_heartbeat_seconds, positive_float
+        )
+        if heartbeat >= lease:
+            raise ConfigError(
+                "D2R_CLAIM_HEARTBEAT_SECONDS",
+                f"must be shorter than D2R_CLAIM_LEASE_SECONDS ({lease:g} s) or a live claim "
+                "expires between renewals",
+            )
         model = env_setting(env, "D2R_MODEL", default_model_path(), Path)
         backend = env_setting(env, "D2R_BACKEND", d.backend, _backend)
         device = env_setting(env, "D2R_DEVICE", d.device, _device)
@@ -155,6 +169,8 @@ class WorkerSettings:
             torch_compile=torch_compile,
             task_time_limit=time_limit,
             visibility_timeout=visibility,
+            claim_lease_seconds=lease,
+            claim_heartbeat_seconds=heartbeat,
             concurrency=env_setting(env, "D2R_WORKER_CONCURRENCY", d.concurrency, int_at_least(1)),
             text_sr=env_setting(env, "D2R_TEXT_SR", d.text_sr, parse_bool),
             tracking_identifier_prefix=env_setting(

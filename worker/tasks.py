@@ -27,15 +27,16 @@ from celery.signals import worker_process_init, worker_process_shutdown
 from pydicom import Dataset
 
 from dicom_node import logs, metrics, statuses
-from dicom_node.audit import SENT, AuditLog
+from dicom_node.audit import SENT, STUDY_FAILED, AuditLog
 from dicom_node.errors import PermanentSendError, TransientSendError
 from dicom_node.scu import SendOptions, send_datasets
 from dicom_node.settings import parse_destinations
-from dicom_node.studies import StudyStore
+from dicom_node.studies import FAILED, StudyStore
 from worker import pipeline
 from worker.errors import InputRejected, ModelError
-from worker.messages import SEND_TASK, ReportJob
+from worker.messages import REPORT_TASK, SEND_TASK, ReportJob
 from worker.settings import WorkerSettings
+from worker.stages import Stage, StageTracker, failure_reason
 
 logger = logging.getLogger(__name__)
 
@@ -119,39 +120,170 @@ def report_study(ctx: WorkerContext, app: Celery, job_data: dict[str, Any], task
         return _report_study(ctx, app, job, task_id)
 
 
-def _report_study(ctx: WorkerContext, app: Celery, job: ReportJob, task_id: str) -> str:
-    from report.build import AlgorithmInfo, build_reports
+class LeaseHeartbeat:
+    """Renew a claim's short lease while the attempt runs (a daemon thread of the pool child).
 
+    A worker killed with -9 stops renewing, so its claim expires within one lease and the
+    node's reconciler queues the study again. Renewal never extends the claim beyond the task
+    time limit after the claim: a hung worker still lets it expire.
+    """
+
+    def __init__(
+        self,
+        store: StudyStore,
+        study_uid: str,
+        owner: str,
+        settings: WorkerSettings,
+        stages: StageTracker,
+    ) -> None:
+        self._store = store
+        self._uid = study_uid
+        self._owner = owner
+        self._lease = settings.claim_lease_seconds
+        self._every = settings.claim_heartbeat_seconds
+        self._not_after = time.time() + settings.task_time_limit
+        self._stages = stages
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="d2r-lease", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            try:
+                held = self._store.renew_lease(
+                    self._uid,
+                    owner=self._owner,
+                    lease_seconds=self._lease,
+                    not_after=self._not_after,
+                    stage=str(self._stages.current),
+                )
+            except Exception as exc:  # a database hiccup: the next beat tries again
+                logger.warning("cannot renew the claim on study %s: %s", self._uid, exc)
+                continue
+            if not held:
+                return
+
+    def __enter__(self) -> LeaseHeartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(5.0)
+
+
+def _report_study(ctx: WorkerContext, app: Celery, job: ReportJob, task_id: str) -> str:
     settings = ctx.settings
     store = ctx.store
     uid = job.study_instance_uid
+    max_attempts = settings.node.max_attempts
     if not store.claim(
-        uid, generation=job.generation, owner=task_id, lease_seconds=settings.task_time_limit
+        uid,
+        generation=job.generation,
+        owner=task_id,
+        lease_seconds=min(settings.claim_lease_seconds, settings.task_time_limit),
+        max_attempts=max_attempts,
     ):
         logger.info(
-            "study %s generation %d: stale or already claimed; dropped", uid, job.generation
+            "study %s generation %d: stale, already claimed or out of attempts; dropped",
+            uid,
+            job.generation,
         )
         return "stale"
+    stages = StageTracker()
+    images: list[Dataset] = []
     try:
-        predictor = ctx.predictor
-        algorithm = AlgorithmInfo(name=predictor.name, version=predictor.version)
-
-        def build(content: Any) -> list[Dataset]:
-            return build_reports(
-                content,
-                algorithm,
-                text_sr=settings.text_sr,
-                tracking_identifier_prefix=settings.tracking_identifier_prefix,
-            )
-
-        result = pipeline.run(
-            job, read_image=_read_image, predict=_timed(predictor.predict), build_reports=build
-        )
+        with LeaseHeartbeat(store, uid, task_id, settings, stages):
+            return _attempt(ctx, app, job, task_id, stages, images)
     except (InputRejected, ModelError) as exc:
         logger.warning("study %s failed: %s", uid, exc)
         store.mark_failed(uid, str(exc), owner=task_id)
         metrics.observe_report("failed")
         return "failed"
+    except Exception as exc:  # outside the expected tree: one attempt spent
+        reason = failure_reason(stages.current, exc, images)
+        state = store.record_failed_attempt(
+            uid, owner=task_id, stage=stages.current, reason=reason, max_attempts=max_attempts
+        )
+        final = state == FAILED
+        metrics.observe_failed_attempt(stages.current, final=final)
+        logger.warning(
+            "study %s: attempt failed at %s (%s); %s",
+            uid,
+            stages.current,
+            type(exc).__name__,
+            "study failed" if final else "queued again",
+            exc_info=not final,
+        )
+        if final:
+            metrics.observe_report("failed")
+            _audit_failed(ctx, uid, stages.current, exc, reason)
+            return "failed"
+        if state == "queued":
+            app.send_task(REPORT_TASK, args=[job.to_dict()])
+        return "retry"
+
+
+def _audit_failed_send(ctx: WorkerContext, study_uid: str, error: str) -> None:
+    if ctx.audit is not None:
+        reason = error.removeprefix("unexpected: ")
+        ctx.audit.try_record(
+            STUDY_FAILED,
+            study_instance_uid=study_uid,
+            stage=str(Stage.SEND),
+            exception=reason.split(": ")[1] if reason.count(": ") else "",
+            reason=reason,
+        )
+
+
+def _audit_failed(
+    ctx: WorkerContext, study_uid: str, stage: str, exc: BaseException, reason: str
+) -> None:
+    if ctx.audit is not None:
+        ctx.audit.try_record(
+            STUDY_FAILED,
+            study_instance_uid=study_uid,
+            stage=stage,
+            exception=type(exc).__name__,
+            reason=reason,
+        )
+
+
+def _attempt(
+    ctx: WorkerContext,
+    app: Celery,
+    job: ReportJob,
+    task_id: str,
+    stages: StageTracker,
+    images: list[Dataset],
+) -> str:
+    from report.build import AlgorithmInfo, build_reports
+
+    settings = ctx.settings
+    store = ctx.store
+    uid = job.study_instance_uid
+    predictor = ctx.predictor
+    algorithm = AlgorithmInfo(name=predictor.name, version=predictor.version)
+
+    def build(content: Any) -> list[Dataset]:
+        return build_reports(
+            content,
+            algorithm,
+            text_sr=settings.text_sr,
+            tracking_identifier_prefix=settings.tracking_identifier_prefix,
+        )
+
+    def predict(datasets: Sequence[Dataset]) -> Any:
+        return predictor.predict(datasets, on_stage=stages.enter)
+
+    result = pipeline.run(
+        job,
+        read_image=_read_image,
+        predict=_timed(predict),
+        build_reports=build,
+        stages=stages,
+        images=images,
+    )
+    stages.enter(Stage.WRITE_RESULTS)
     paths = []
     for ds in result.reports:
         path = settings.results_dir / uid / f"{ds.SOPInstanceUID}.dcm"
@@ -246,7 +378,9 @@ def _send_reports(ctx: WorkerContext, study_uid: str, destination: str) -> str:
     ok = False
     datasets: list[Dataset] = []
     results: list[int] = []
+    stages = StageTracker()
     try:
+        stages.enter(Stage.SEND)
         datasets = [pydicom.dcmread(p) for p in view.result_paths]
         results = send_datasets(
             datasets,
@@ -261,9 +395,13 @@ def _send_reports(ctx: WorkerContext, study_uid: str, destination: str) -> str:
         error = f"permanent: {exc}"
     except OSError as exc:
         error = f"cannot read the reports: {exc}"
+    except Exception as exc:  # outside the expected tree: bounded by D2R_MAX_ATTEMPTS
+        error = f"unexpected: {failure_reason(Stage.SEND, exc, datasets)}"
     max_attempts = settings.max_send_attempts
     if error and error.startswith(("permanent", "cannot read")):
         max_attempts = 1  # retrying cannot help
+    elif error and error.startswith("unexpected"):
+        max_attempts = min(max_attempts, settings.node.max_attempts)
     state = store.record_delivery_attempt(
         study_uid,
         destination,
@@ -273,6 +411,10 @@ def _send_reports(ctx: WorkerContext, study_uid: str, destination: str) -> str:
         retry_delay=settings.node.send_retry_delay,
     )
     _audit_sent(ctx, datasets, destination, results, error)
+    if error and error.startswith("unexpected"):
+        metrics.observe_failed_attempt(Stage.SEND, final=state == "failed")
+        if state == "failed":
+            _audit_failed_send(ctx, study_uid, error)
     metrics.observe_send_attempt(
         destination,
         ok=ok,

@@ -42,7 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--since", type=parse_since, help="only lines from this time: 30m, 2h, 7d or ISO 8601"
     )
     parser.add_argument(
-        "--event", choices=("association", "received", "sent"), help="only this kind of line"
+        "--event",
+        choices=("association", "received", "sent", "study-failed"),
+        help="only this kind of line",
     )
     parser.add_argument("--json", action="store_true", help="print the JSON lines")
     parser.epilog = "Configuration: D2R_AUDIT_LOG, D2R_SPOOL_DIR (see README)."
@@ -82,6 +84,8 @@ def format_line(line: dict[str, Any]) -> str:
             f"from {line.get('calling_ae_title')}: {line.get('outcome')} {line.get('status')}"
             + (f" ({line['reason']})" if line.get("reason") else "")
         )
+    if kind == "study-failed":
+        return f"{head} study {line.get('study_instance_uid')}: {line.get('reason')}"
     return (
         f"{head} {line.get('sop_instance_uid')} study {line.get('study_instance_uid')} "
         f"to {line.get('destination')}: {line.get('status') or 'not acknowledged'}"

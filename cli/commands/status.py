@@ -10,6 +10,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=20, help="number of studies (default 20)")
     parser.add_argument("--state", help="only studies in this state (e.g. failed)")
     parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument(
+        "--stuck",
+        nargs="?",
+        const=900.0,
+        type=float,
+        metavar="SECONDS",
+        help="only unfinished studies that stayed in their state longer than SECONDS (default 900)",
+    )
 
 
 def _ts(value: float | None) -> str:
@@ -24,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
     import json
     import sys
+    import time
 
     from cli.runtime import environment
     from dicom_node.settings import NodeSettings
@@ -46,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"Study     {view.study_instance_uid}")
             print(f"State     {view.state}" + (f" ({view.reason})" if view.reason else ""))
             print(f"Instances {view.instance_count}")
+            print(
+                f"Attempts  {view.attempts}" + (f" (last stage {view.stage})" if view.stage else "")
+            )
             if view.model_name:
                 print(f"Model     {view.model_name} {view.model_version}")
                 print(f"Lesions   {view.lesion_count}")
@@ -59,6 +71,21 @@ def run(args: argparse.Namespace) -> int:
             print("Events:")
             for e in events:
                 print(f"  {_ts(e.at)}  {e.kind:<14} {e.detail}")
+            return 0
+        if args.stuck is not None:
+            stuck = store.stuck(older_than=args.stuck, limit=args.limit)
+            if args.json:
+                print(json.dumps([dataclasses.asdict(v) for v in stuck], indent=2))
+                return 0
+            print(f"{len(stuck)} study(ies) in one state for more than {args.stuck:g} s")
+            print(f"{'SINCE':<20} {'STATE':<10} {'FOR (s)':>8} {'ATT':>3}  STUDY / STAGE")
+            now = time.time()
+            for v in stuck:
+                since = v.state_since or 0.0
+                print(
+                    f"{_ts(since):<20} {v.state:<10} {now - since:>8.0f} {v.attempts:>3}  "
+                    f"{v.study_instance_uid}" + (f"  ({v.stage})" if v.stage else "")
+                )
             return 0
         views = store.recent(args.limit, state=args.state)
         if args.json:

@@ -137,3 +137,25 @@ def test_settings_are_frozen() -> None:
     s = NodeSettings.from_env({})
     with pytest.raises(AttributeError):
         s.port = 1  # type: ignore[misc]
+
+
+def test_attempts_and_claim_lease_settings() -> None:
+    from worker.settings import WorkerSettings
+
+    default = WorkerSettings.from_env({})
+    assert (default.node.max_attempts, default.claim_lease_seconds) == (3, 30.0)
+    assert default.claim_heartbeat_seconds == 10.0
+    env = {
+        "D2R_MAX_ATTEMPTS": "5",
+        "D2R_CLAIM_LEASE_SECONDS": "12",
+        "D2R_CLAIM_HEARTBEAT_SECONDS": "4",
+    }
+    custom = WorkerSettings.from_env(env)
+    assert (custom.node.max_attempts, custom.claim_lease_seconds) == (5, 12.0)
+    assert custom.claim_heartbeat_seconds == 4.0
+    with pytest.raises(NodeError, match="D2R_CLAIM_HEARTBEAT_SECONDS"):
+        WorkerSettings.from_env(
+            {"D2R_CLAIM_LEASE_SECONDS": "10", "D2R_CLAIM_HEARTBEAT_SECONDS": "10"}
+        )
+    with pytest.raises(NodeError, match="D2R_MAX_ATTEMPTS"):
+        NodeSettings.from_env({"D2R_MAX_ATTEMPTS": "0"})

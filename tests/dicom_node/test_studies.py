@@ -255,3 +255,132 @@ def test_assembler_queues_skips_and_reconciles(store: StudyStore) -> None:
 
     assert asm.reconcile(now=time.time() + 31) == ["1.1"]
     assert [r[0] for r in reports] == ["1.1", "1.1"]
+
+
+def test_unexpected_errors_spend_attempts_then_fail_with_the_reason(store: StudyStore) -> None:
+    store.record_instance(_record("1.2.3", "1.2.3.4"), outcome="stored")
+    store.mark_queued("1.2.3")
+    reason = "predict: RuntimeError: out of memory"
+    for attempt in (1, 2):
+        assert store.claim(
+            "1.2.3", generation=1, owner=f"t{attempt}", lease_seconds=30, max_attempts=3
+        )
+        view = store.get("1.2.3")
+        assert view is not None and view.attempts == attempt
+        assert (
+            store.record_failed_attempt(  # another owner's report changes nothing
+                "1.2.3", owner="other", stage="predict", reason=reason, max_attempts=3
+            )
+            == "processing"
+        )
+        new = store.record_failed_attempt(
+            "1.2.3", owner=f"t{attempt}", stage="predict", reason=reason, max_attempts=3
+        )
+        assert new == "queued"
+    assert store.claim("1.2.3", generation=1, owner="t3", lease_seconds=30, max_attempts=3)
+    assert (
+        store.record_failed_attempt(
+            "1.2.3", owner="t3", stage="predict", reason=reason, max_attempts=3
+        )
+        == "failed"
+    )
+    view = store.get("1.2.3")
+    assert view is not None
+    assert (view.state, view.reason, view.attempts, view.stage) == ("failed", reason, 3, "predict")
+    details = [e.detail for e in store.events("1.2.3") if e.kind == "attempt-failed"]
+    assert details[-1] == f"attempt 3 of 3 failed at {reason}"
+    # an operator retry starts the attempts again
+    assert store.reset_for_retry("1.2.3", reprocess=True) == "receiving"
+    assert store.mark_queued("1.2.3") == 2
+    view = store.get("1.2.3")
+    assert view is not None and view.attempts == 0
+
+
+def test_expired_claims_are_requeued_until_the_last_attempt_then_failed(
+    store: StudyStore,
+) -> None:
+    import time
+
+    store.record_instance(_record("1.2.3", "1.2.3.4"), outcome="stored")
+    store.mark_queued("1.2.3")
+    now = time.time()
+    for attempt in (1, 2):
+        assert store.claim(
+            "1.2.3", generation=1, owner=f"w{attempt}", lease_seconds=30, max_attempts=2
+        )
+        assert store.requeue_candidates(requeue_after=float("inf"), max_attempts=2, now=now) == []
+        later = store.requeue_candidates(
+            requeue_after=float("inf"), max_attempts=2, now=now + 60 * attempt
+        )
+        if attempt == 1:
+            assert later == [("1.2.3", 1)]
+            assert store.fail_exhausted(max_attempts=2, now=now + 60) == []
+            store.touch_queued("1.2.3", detail="re-sent")
+        else:  # the last attempt's claim expired: failed, never queued again
+            assert later == []
+    store.renew_lease("1.2.3", owner="w2", lease_seconds=30, not_after=now + 90, stage="decode")
+    assert store.fail_exhausted(max_attempts=2, now=now + 200) == ["1.2.3"]
+    view = store.get("1.2.3")
+    assert view is not None and view.state == "failed"
+    assert view.reason is not None and view.reason.startswith("decode: WorkerLost:")
+    # a redelivered message of the dead worker cannot claim it
+    assert not store.claim("1.2.3", generation=1, owner="w1", lease_seconds=30, max_attempts=2)
+
+
+def test_lease_renewal_never_passes_the_task_time_limit(store: StudyStore) -> None:
+    import time
+
+    store.record_instance(_record("1.2.3", "1.2.3.4"), outcome="stored")
+    store.mark_queued("1.2.3")
+    assert store.claim("1.2.3", generation=1, owner="w", lease_seconds=30)
+    now = time.time()
+    assert store.renew_lease("1.2.3", owner="w", lease_seconds=30, not_after=now + 5)
+    assert not store.renew_lease("1.2.3", owner="x", lease_seconds=30, not_after=now + 60)
+    # a hung worker keeps renewing, but its claim ends at the time limit
+    assert store.requeue_candidates(requeue_after=float("inf"), now=now + 4) == []
+    assert store.requeue_candidates(requeue_after=float("inf"), now=now + 6) == [("1.2.3", 1)]
+
+
+def test_stuck_studies_and_the_oldest_unfinished_age(store: StudyStore) -> None:
+    import time
+
+    store.record_instance(_record("1.2.3", "1.2.3.4"), outcome="stored")
+    store.mark_queued("1.2.3")
+    now = time.time()
+    assert [v.study_instance_uid for v in store.stuck(older_than=60, now=now + 120)] == ["1.2.3"]
+    assert store.stuck(older_than=60, now=now) == []
+    assert 119 <= store.oldest_unfinished_age(now=now + 120) <= 121
+    store.mark_failed("1.2.3", "x")  # not processing: unchanged
+    assert store.claim("1.2.3", generation=1, owner="w", lease_seconds=30)
+    store.mark_failed("1.2.3", "done with it", owner="w")
+    assert store.stuck(older_than=0, now=now + 120) == []
+    assert store.oldest_unfinished_age(now=now + 120) == 0.0
+
+
+def test_assembler_requeues_a_dead_workers_study_then_fails_it_on_the_last_attempt(
+    store: StudyStore,
+) -> None:
+    import time
+
+    reports: list[str] = []
+    failed: list[tuple[str, str]] = []
+    asm = Assembler(
+        store,
+        AssemblerConfig(quiet_seconds=5, force_seconds=60, requeue_after=300, max_attempts=2),
+        enqueue_report=lambda uid, gen, imgs: reports.append(uid),
+        enqueue_send=lambda uid, dest: None,
+        on_failed=lambda uid, stage: failed.append((uid, stage)),
+    )
+    store.record_instance(_record("1.1", "1.1.1", t=1000), outcome="stored")
+    assert asm.complete_due(now=1010) == ["1.1"]
+    now = time.time()
+    assert store.claim("1.1", generation=1, owner="w1", lease_seconds=30, max_attempts=2)
+    assert asm.reap_expired(now=now + 10) == []  # the claim still holds
+    assert asm.reap_expired(now=now + 31) == ["1.1"]  # the worker died: queued again at once
+    assert store.get("1.1").state == "queued"  # type: ignore[union-attr]
+    assert store.claim("1.1", generation=1, owner="w2", lease_seconds=30, max_attempts=2)
+    store.renew_lease("1.1", owner="w2", lease_seconds=30, not_after=now + 600, stage="predict")
+    assert asm.reap_expired(now=now + 100) == []
+    assert failed == [("1.1", "predict")] and reports == ["1.1", "1.1"]
+    view = store.get("1.1")
+    assert view is not None and view.state == "failed" and "WorkerLost" in (view.reason or "")

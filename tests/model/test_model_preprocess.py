@@ -112,10 +112,23 @@ def test_compressed_transfer_syntaxes(rg1: pydicom.Dataset, name: str) -> None:
         assert np.array_equal(image.numpy(), Preprocessor(128)(rg1)[0].numpy())
 
 
-def test_unsupported_pixels_raise_preprocess_error() -> None:
+def test_colour_scans_are_read_as_their_luminance() -> None:
     rgb = pydicom.dcmread(_data("SC_rgb.dcm"))
-    with pytest.raises(PreprocessError, match="PhotometricInterpretation 'RGB'"):
-        DicomToFloat()(rgb)
+    expected = rgb.pixel_array.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    sample = DicomToFloat()(rgb)
+    assert sample.pixels.shape == (rgb.Rows, rgb.Columns)
+    np.testing.assert_allclose(sample.pixels, expected, atol=1e-3)
+    ybr = pydicom.dcmread(_data("SC_rgb_dcmtk_+eb+cy+s2.dcm"))  # YBR_FULL_422 JPEG
+    assert ybr.PhotometricInterpretation == "YBR_FULL_422"
+    luma = DicomToFloat()(ybr).pixels
+    assert luma.shape == (ybr.Rows, ybr.Columns) and 0 <= luma.min() < luma.max() <= 255
+
+
+def test_unsupported_pixels_raise_preprocess_error() -> None:
+    palette = pydicom.dcmread(_data("SC_rgb.dcm"))
+    palette.PhotometricInterpretation = "PALETTE COLOR"
+    with pytest.raises(PreprocessError, match="PhotometricInterpretation 'PALETTE COLOR'"):
+        DicomToFloat()(palette)
     ds = _mono1_windowed()
     del ds.PixelData
     with pytest.raises(PreprocessError, match="no Pixel Data"):

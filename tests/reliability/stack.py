@@ -33,7 +33,9 @@ DX = "1.2.840.10008.5.1.4.1.1.1.1"
 
 
 def stack_env(model_dir: Path, tmp: Path, **overrides: str) -> dict[str, str]:
-    """Settings tuned so that crash recovery happens within seconds, not minutes."""
+    """Production recovery settings (task time limit, visibility timeout, claim lease and
+    heartbeat, reconciler period, attempts: all defaults); only the study quiet period and the
+    send retry delay are short, so a test does not wait for a study to be complete."""
     env = base_env(
         D2R_MODEL=str(model_dir),
         D2R_SPOOL_DIR=str(tmp / "data" / "spool"),
@@ -42,9 +44,6 @@ def stack_env(model_dir: Path, tmp: Path, **overrides: str) -> dict[str, str]:
         D2R_HOST="127.0.0.1",
         D2R_STUDY_QUIET_SECONDS="1",
         D2R_STUDY_FORCE_SECONDS="5",
-        D2R_RECONCILE_SECONDS="1",
-        D2R_TASK_TIME_LIMIT="15",
-        D2R_VISIBILITY_TIMEOUT="20",
         D2R_SEND_RETRY_DELAY="0.5",
         D2R_MIN_FREE_BYTES="0",
         D2R_HTTP_PORT="0",
@@ -81,11 +80,11 @@ class Stack:
         wait_port(self.node_port, timeout=60)
         return self.node
 
-    def start_worker(self) -> Process:
+    def start_worker(self, **env: str) -> Process:
         n = len(self.workers)
         worker = Process(
             d2r_cmd("worker", f"--hostname=w{n}@%h"),
-            env=self.env,
+            env={**self.env, **env},
             log=self.tmp / f"worker{n}.log",
         )
         self.workers.append(worker)

@@ -102,12 +102,11 @@ def pixel_data_truncated(folder: Path) -> tuple[Path, Dataset]:
 
 def unsupported_photometric(folder: Path) -> tuple[Path, Dataset]:
     ds = _dx(rows=16, cols=16)
-    ds.PhotometricInterpretation = "RGB"
-    ds.SamplesPerPixel = 3
-    ds.PlanarConfiguration = 0
+    ds.PhotometricInterpretation = "PALETTE COLOR"  # colour by lookup table: not a radiograph
+    ds.SamplesPerPixel = 1
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
-    ds.PixelData = bytes(16 * 16 * 3)
-    return write_raw(folder / "rgb.dcm", ds, encode(ds), ExplicitVRLittleEndian), ds
+    ds.PixelData = bytes(16 * 16)
+    return write_raw(folder / "palette.dcm", ds, encode(ds), ExplicitVRLittleEndian), ds
 
 
 def decompression_bomb(folder: Path) -> tuple[Path, Dataset]:

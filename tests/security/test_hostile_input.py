@@ -166,7 +166,7 @@ def predictor(model_dir: Path):  # type: ignore[no-untyped-def]
     [
         ("pixel-data-short", "cannot decode the image"),
         ("pixel-data-truncated", "cannot"),
-        ("unsupported-photometric", "PhotometricInterpretation 'RGB' is unsupported"),
+        ("unsupported-photometric", "PhotometricInterpretation 'PALETTE COLOR' is unsupported"),
     ],
 )
 def test_worker_refuses_undecodable_images_with_a_reason(

@@ -21,11 +21,13 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
 from report.build import AlgorithmInfo, LesionFinding, ReportContent, build_reports
+from tests.support.dicom_files import make_sc
 from tests.support.fixtures import OrthancFactory
 from tests.support.ohif import (
     OHIF_VERSION,
@@ -199,6 +201,46 @@ def test_result_sr_boxes_drawn_and_editable(
     assert_boxes_drawn(result, [lesion.box for lesion in LESIONS], image.Columns, image.Rows)
     assert result.hydrated_rectangles == len(LESIONS)
     assert result.timings["total"] < 60
+
+
+@pytest.mark.usefixtures("viewer_ready")
+def test_secondary_capture_film_boxes_drawn(
+    orthanc_factory: OrthancFactory, tmp_path: Path
+) -> None:
+    """A digitised chest film (SC, Modality CR, 8-bit, no pixel spacing at all) gets its boxes.
+
+    OHIF matches the SCOORD's SELECTED FROM reference on SOP class and instance and draws in
+    image pixels; a Secondary Capture needs no spacing for that.
+    """
+    source = get_testdata_file(CHEST_CR)
+    assert source is not None
+    pixels = pydicom.dcmread(source).pixel_array.astype(np.float64)
+    film = (255.0 * (pixels.max() - pixels) / (pixels.max() - pixels.min())).astype(np.uint8)
+    image = make_sc(None, modality="CR", body_part="CHEST", view_position="PA", seed=3)
+    image.Rows, image.Columns = film.shape
+    image.PixelData = film.tobytes()
+    assert "PixelSpacing" not in image and "ImagerPixelSpacing" not in image
+    image_path = tmp_path / "sc-film.dcm"
+    image.save_as(image_path, enforce_file_format=True)
+    reports = build_reports(
+        ReportContent(findings="f", impression="i", lesions=LESIONS, image=image),
+        AlgorithmInfo(name="d2r-viewer-test", version="0.0.0"),
+    )
+    sr_path = tmp_path / "sr.dcm"
+    reports[0].save_as(sr_path, enforce_file_format=True)
+    orthanc = orthanc_factory(dicomweb=True)
+    store(orthanc, image_path, sr_path)
+
+    result = check_sr_in_ohif(
+        orthanc,
+        image.StudyInstanceUID,
+        int(reports[0].SeriesNumber),
+        artifacts_dir(),
+        hydrate=False,
+        name="ohif-secondary-capture-sr",
+    )
+
+    assert_boxes_drawn(result, [lesion.box for lesion in LESIONS], image.Columns, image.Rows)
 
 
 @pytest.mark.slow
