@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -100,7 +101,10 @@ def rules() -> Rules:
     for obs, phrases in _read_phrases(PHRASES_DIR / "mention").items():
         # a mention starts at a word start ("tube" is not "tuberculosis"); it may end mid-word
         # ("atelecta" covers "atelectasis", "atelectatic")
-        mentions[obs] = [p if p.startswith(" ") else rf"(?<![a-z]){p}" for p in phrases]
+        # (CheXpert's leading/trailing "_" word marks become boundaries, so the span is the word)
+        mentions[obs] = [
+            rf"(?<![a-z]){p.strip()}" + (r"(?![a-z])" if p.endswith(" ") else "") for p in phrases
+        ]
     for obs, patterns in extra["extra_mentions"].items():
         mentions.setdefault(obs, []).extend(patterns)
     unmentions: dict[str, list[str]] = {
@@ -140,14 +144,16 @@ def pipeline() -> Language:
     r = rules()
     nlp = spacy.blank("en")
     nlp.add_pipe("sentencizer")
-    matcher = nlp.add_pipe(
+    matcher: Any = nlp.add_pipe(
         "medspacy_target_matcher", config={"result_type": "group", "prune": False}
     )
     for obs, patterns in r.mentions.items():
         matcher.add([TargetRule(p, obs, pattern=p) for p in patterns])
-    context = nlp.add_pipe("medspacy_context", config={"rules": None, "input_span_type": "group"})
+    context: Any = nlp.add_pipe(
+        "medspacy_context", config={"rules": None, "input_span_type": "group"}
+    )
     context.add(ConTextRule.from_json(str(DATA_DIR / "context_rules.json")))
-    sectionizer = nlp.add_pipe(
+    sectionizer: Any = nlp.add_pipe(
         "medspacy_sectionizer", config={"rules": None, "input_span_type": "group"}
     )
     sectionizer.add(SectionRule.from_json(str(DATA_DIR / "section_rules.json")))
@@ -199,7 +205,7 @@ def _mention_label(span: Span, r: Rules) -> int | None:
     obs = span.label_
     if span._.is_family or span._.is_hypothetical:
         return None
-    if span._.is_historical and obs in r.historical_drops:
+    if span._.is_historical and obs in r.historical_drops and not span._.is_negated:
         return None
     if obs in r.anatomy:
         anatomy = r.anatomy[obs]
@@ -261,13 +267,19 @@ def _aggregate(found: Sequence[Mention], r: Rules) -> dict[str, Label]:
 
 def mentions(text: str) -> list[Mention]:
     """Labelled mentions in ``prepare_text(text)``, in reading order (offsets into that text)."""
-    return _doc_mentions(pipeline()(prepare_text(text)), rules())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"\[W036\]")
+        doc = pipeline()(prepare_text(text))
+    return _doc_mentions(doc, rules())
 
 
 def label_reports(texts: Iterable[str]) -> list[dict[str, Label]]:
     """Label many reports (batched through the pipeline); see :func:`label_report`."""
     r = rules()
-    docs = pipeline().pipe((prepare_text(t) for t in texts), batch_size=_BATCH)
+    with warnings.catch_warnings():
+        # W036: the target matcher's token Matcher is empty (every mention rule is a regex)
+        warnings.filterwarnings("ignore", message=r"\[W036\]")
+        docs = list(pipeline().pipe((prepare_text(t) for t in texts), batch_size=_BATCH))
     return [_aggregate(_doc_mentions(doc, r), r) for doc in docs]
 
 
