@@ -107,8 +107,9 @@ def rules() -> Rules:
         ]
     for obs, patterns in extra["extra_mentions"].items():
         mentions.setdefault(obs, []).extend(patterns)
+    ignored = extra.get("ignored_chexpert_unmentions", {})
     unmentions: dict[str, list[str]] = {
-        obs: [re.escape(p) if not p.strip() else p for p in phrases]
+        obs: [p for p in phrases if p not in ignored.get(obs, ())]
         for obs, phrases in _read_phrases(PHRASES_DIR / "unmention").items()
     }
     for obs, patterns in extra["extra_unmentions"].items():
