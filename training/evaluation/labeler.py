@@ -149,7 +149,10 @@ def pipeline() -> Language:
         "medspacy_target_matcher", config={"result_type": "group", "prune": False}
     )
     for obs, patterns in r.mentions.items():
-        matcher.add([TargetRule(p, obs, pattern=p) for p in patterns])
+        # one alternation per observation (the regex matcher rescans the text once per rule);
+        # longer phrases first, so the longest mention at a position wins
+        combined = "|".join(f"(?:{p})" for p in sorted(patterns, key=len, reverse=True))
+        matcher.add([TargetRule(obs.lower(), obs, pattern=combined)])
     context: Any = nlp.add_pipe(
         "medspacy_context", config={"rules": None, "input_span_type": "group"}
     )
