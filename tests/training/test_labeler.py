@@ -104,3 +104,45 @@ def test_evaluate_predictions_file(tmp_path: Path) -> None:
         "f1": 1.0,
     }
     assert m["ce"]["per_label"]["Pneumonia"]["recall"] == 0.0
+
+
+def _iu_reports_module() -> Any:
+    import importlib.util
+
+    path = Path(__file__).parents[2] / "bench" / "labeler" / "iu_reports.py"
+    spec = importlib.util.spec_from_file_location("bench_iu_reports", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_reads_even_ids_only(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    iu = _iu_reports_module()
+    report = (
+        '<eCitation><AbstractText Label="INDICATION">Cough.</AbstractText>'
+        '<AbstractText Label="FINDINGS">Stable mild cardiomegaly.</AbstractText>'
+        '<AbstractText Label="IMPRESSION">No acute disease.</AbstractText>'
+        "<MeSH><major>Cardiomegaly/mild</major></MeSH></eCitation>"
+    )
+    members = {
+        "ecgen-radiology/4.xml": report.encode(),
+        # odd ids are never parsed: this one is not even XML
+        "ecgen-radiology/3.xml": b"<not xml",
+        "ecgen-radiology/10.xml": report.replace("mild", "moderate").encode(),
+    }
+    archive = tmp_path / "NLMCXR_reports.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    reports = list(iu.even_reports(archive))
+    assert [r.id for r in reports] == [4, 10]
+    assert reports[0].text == "Stable mild cardiomegaly.\nNo acute disease."
+    assert reports[1].mesh == ("Cardiomegaly/moderate",)
+    assert iu.member_id("ecgen-radiology/3.xml") == 3 and iu.member_id("README") is None
