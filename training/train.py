@@ -330,9 +330,9 @@ def observation_labels(findings: Sequence[str]) -> Tensor:
     """``(N, 14)`` float targets of the observation head: 1 where the rule-based labeler of
     ``d2r evaluate`` finds the observation positive in the report's findings."""
     from training.evaluation.ce import binarise
-    from training.evaluation.labeler import label_report
+    from training.evaluation.labeler import label_reports
 
-    labels = binarise([label_report(f) for f in findings], uncertain_positive=False)
+    labels = binarise(label_reports(findings), uncertain_positive=False)
     return torch.from_numpy(labels).float()
 
 
@@ -450,11 +450,11 @@ def ce_f1(references: Sequence[str], generated: Sequence[str]) -> float:
     """Headline CE F1 (rule-based CheXpert-style labeler, positive = 1, macro over the 14
     observations, zero_division 0), as ``d2r evaluate`` scores it."""
     from training.evaluation.ce import compute_ce
-    from training.evaluation.labeler import label_report
+    from training.evaluation.labeler import label_reports
 
     if not references:
         return 0.0
-    ce = compute_ce([label_report(r) for r in references], [label_report(g) for g in generated])
+    ce = compute_ce(label_reports(references), label_reports(generated))
     return float(ce["pos_only"]["macro"]["f1"])
 
 

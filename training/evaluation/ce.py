@@ -12,11 +12,11 @@ from training.evaluation.labeler import CHEXPERT_OBSERVATIONS, Label
 F1_5_OBSERVATIONS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 CE_COLUMN = "CE-rb (rule-based CheXpert-style, 14 obs.)"
 CE_FOOTNOTE = (
-    "CE computed with an in-house rule-based reimplementation of the CheXpert labeler's phrase "
-    "lists and aggregation rules (negation/uncertainty via trigger rules, not NegBio dependency "
-    "patterns). Positive = label 1; uncertain and blank treated as negative unless stated. Not "
-    "directly comparable with CE numbers in papers that used the original CheXpert labeler or "
-    "CheXbert."
+    "CE computed with an in-house rule-based labeler: the CheXpert labeler's phrase lists and "
+    "aggregation rules, with negation/uncertainty by medspaCy ConText and report sections (not "
+    "NegBio dependency patterns). Positive = label 1; uncertain and blank treated as negative "
+    "unless stated. Not directly comparable with CE numbers in papers that used the original "
+    "CheXpert labeler or CheXbert."
 )
 
 

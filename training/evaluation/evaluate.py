@@ -14,7 +14,12 @@ from typing import Any
 
 from training.evaluation.ce import CE_COLUMN, CE_FOOTNOTE, compute_ce
 from training.evaluation.detection import compute_detection
-from training.evaluation.labeler import CHEXPERT_OBSERVATIONS, PHRASES_COMMIT, label_report, rules
+from training.evaluation.labeler import (
+    CHEXPERT_OBSERVATIONS,
+    PHRASES_COMMIT,
+    label_reports,
+    labeler_info,
+)
 from training.evaluation.nlg import compute_nlg
 from training.evaluation.records import EvalRecord
 
@@ -78,8 +83,8 @@ def evaluate_records(
         per_nlg = result.per_report
         timings.update(result.timings)
     t = time.perf_counter()
-    ref_labels = [label_report(r.reference) for r in recs]
-    gen_labels = [label_report(r.generated) for r in recs]
+    ref_labels = label_reports(r.reference for r in recs)
+    gen_labels = label_reports(r.generated for r in recs)
     timings["labeler_s"] = time.perf_counter() - t
     ce = compute_ce(ref_labels, gen_labels)
     metrics["ce_precision"] = ce["pos_only"]["macro"]["precision"]
@@ -97,7 +102,6 @@ def evaluate_records(
         detection = compute_detection(gt, pred)
         timings["detection_s"] = time.perf_counter() - t
     metrics["map50"] = detection["map50"] if detection else None
-    r = rules()
     meta = {
         "n": len(recs),
         "n_with_boxes": len(with_boxes),
@@ -113,7 +117,7 @@ def evaluate_records(
             "python": platform.python_version(),
             "phrase_list_commit": PHRASES_COMMIT,
         },
-        "labeler": {"name": r.name, "version": r.version, "column": CE_COLUMN},
+        "labeler": {**labeler_info(), "column": CE_COLUMN},
         "example_based_empty_rule": "both sides empty -> P = R = F1 = 1",
         "detection_iou_threshold": 0.5,
         "runtime_s": timings,
@@ -124,8 +128,9 @@ def evaluate_records(
             "id": rec.id,
             **per_nlg.get(rec.id, {}),
             "sentence_bleu_4_note": "sentence-level, not comparable with corpus BLEU",
-            "ce_reference": [rl[o] for o in CHEXPERT_OBSERVATIONS],
-            "ce_generated": [gl[o] for o in CHEXPERT_OBSERVATIONS],
+            # labels keyed by observation name (CheXpert order): 1, 0, -1 or null (unmentioned)
+            "ce_reference": {o: rl[o] for o in CHEXPERT_OBSERVATIONS},
+            "ce_generated": {o: gl[o] for o in CHEXPERT_OBSERVATIONS},
         }
         per_report.append(row)
     return {
