@@ -40,3 +40,5 @@ if (( want_test )); then
 else
   python -m pip install -q -e .
 fi
+# medspaCy (the CE labeler) without its spacy<3.8 pin: see requirements-medspacy.txt
+python -m pip install -q --no-deps -r requirements-medspacy.txt

@@ -138,9 +138,15 @@ def rules() -> Rules:
 def pipeline() -> Language:
     """The medspaCy pipeline (built once per process; no model download)."""
     import spacy
-    from medspacy.context import ConTextRule
-    from medspacy.section_detection import SectionRule
-    from medspacy.target_matcher import TargetRule
+
+    try:
+        from medspacy.context import ConTextRule
+        from medspacy.section_detection import SectionRule
+        from medspacy.target_matcher import TargetRule
+    except ImportError as exc:  # installed apart from d2r: see requirements-medspacy.txt
+        raise ImportError(
+            "the CE labeler needs medspaCy: pip install --no-deps -r requirements-medspacy.txt"
+        ) from exc
 
     r = rules()
     nlp = spacy.blank("en")
