@@ -1,7 +1,9 @@
 """Study assembly and reconciliation: the node's background loop.
 
 Every tick it
-1. completes studies whose quiet period (or force timeout) elapsed: the eligible frontal images are
+1. completes studies whose quiet period (or force timeout) elapsed, or whose last association
+   was released ``release_grace_seconds`` ago with no other association of the study open
+   (:meth:`dicom_node.studies.StudyStore.completion_due`): the eligible frontal images are
    chosen by :func:`dicom_node.selection.select_images`; a study with nothing eligible is
    ``skipped`` with the reason, the others are queued with ``enqueue_report``;
 2. re-sends jobs the database says are unfinished: a processing claim whose short lease expired
@@ -81,6 +83,9 @@ def retention_candidates(store: StudyStore, cutoff: float, *, limit: int = 100) 
 class AssemblerConfig:
     quiet_seconds: float = 10.0
     force_seconds: float = 600.0
+    #: complete a study this long after the association that brought its last instance was
+    #: released, when no other association of it is open (None: the quiet period only)
+    release_grace_seconds: float | None = 2.0
     reconcile_seconds: float = 30.0
     #: a queued study whose job has not been claimed for this long is queued again
     requeue_after: float = 300.0
@@ -115,11 +120,12 @@ class Assembler:
         self._last_reconcile = float("-inf")
 
     def complete_due(self, now: float | None = None) -> list[str]:
-        """Queue or skip every study whose quiet period elapsed; returns the queued UIDs."""
+        """Queue or skip every complete study; returns the queued UIDs."""
         queued = []
-        for uid in self.store.due_for_completion(
+        for uid, why in self.store.completion_due(
             quiet_seconds=self.config.quiet_seconds,
             force_seconds=self.config.force_seconds,
+            release_grace_seconds=self.config.release_grace_seconds,
             now=now,
         ):
             selection = select_images(self.store.instances(uid))
@@ -127,7 +133,7 @@ class Assembler:
                 logger.info("study %s skipped: %s", uid, selection.skip_reason)
                 self.store.mark_skipped(uid, selection.skip_reason)
                 continue
-            generation = self.store.mark_queued(uid)
+            generation = self.store.mark_queued(uid, reason=f"study complete ({why})")
             if generation:
                 self._enqueue(uid, generation, selection.images)
                 queued.append(uid)
