@@ -76,6 +76,7 @@ from dicom_node.selection import (
 from dicom_node.settings import IPNetwork, NodeSettings
 from dicom_node.spool import Spool
 from dicom_node.studies import InstanceRecord
+from dicom_node.tcp import no_delay
 
 if TYPE_CHECKING:
     from pynetdicom.transport import ThreadedAssociationServer
@@ -443,6 +444,7 @@ def event_handlers(
 ) -> list[Any]:
     """Return the handler bindings for ``start_server`` (3-tuple form, no globals)."""
     handlers: list[Any] = [
+        (evt.EVT_CONN_OPEN, no_delay),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [spool, store, associations]),
     ]
