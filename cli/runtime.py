@@ -249,7 +249,10 @@ def run_node(
         block=False,
         extra_handlers=listener_audit.handlers(),
         on_rejected=association_rejected(audit),
-        associations=AssociationStudies(store),
+        associations=AssociationStudies(
+            store,
+            on_released=lambda: assembler.wake_after(node.study_release_grace_seconds + 0.05),
+        ),
     )
     assert server is not None
     queues = QueueDepthCollector(

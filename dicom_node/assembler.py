@@ -116,6 +116,9 @@ class Assembler:
         self.enqueue_send = enqueue_send
         self.spool = spool
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._wake_lock = threading.Lock()
+        self._wake_at = float("inf")
         self._thread: threading.Thread | None = None
         self._last_reconcile = float("-inf")
 
@@ -219,6 +222,27 @@ class Assembler:
             self.purge_expired(now)
         self.send_due(now)
 
+    def wake_after(self, seconds: float) -> None:
+        """Run a tick ``seconds`` from now as well (an association was released: the study may
+        complete then), rather than up to one tick later."""
+        with self._wake_lock:
+            self._wake_at = min(self._wake_at, time.monotonic() + seconds)
+        self._wake.set()
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set():
+            with self._wake_lock:
+                until = min(deadline, self._wake_at)
+                self._wake.clear()
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                with self._wake_lock:
+                    if self._wake_at <= time.monotonic():
+                        self._wake_at = float("inf")
+                return
+            self._wake.wait(remaining)
+
     def run(self) -> None:
         while not self._stop.is_set():
             try:
@@ -226,7 +250,7 @@ class Assembler:
             except Exception:  # a broker or database hiccup must not stop the loop
                 logger.exception("assembler tick failed; retrying")
                 self._stop.wait(min(5.0, self.config.reconcile_seconds))
-            self._stop.wait(self.config.tick_seconds)
+            self._sleep(self.config.tick_seconds)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run, name="d2r-assembler", daemon=True)
@@ -234,5 +258,6 @@ class Assembler:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)

@@ -153,11 +153,15 @@ class AssociationStudies:
     of a study in an association counts that association as open for the study. When the
     association is released (``EVT_RELEASED``) each of its studies is told so, and a study
     whose last open association this was may complete after the release grace period; an
-    aborted or cut association only stops counting. Bind :meth:`handlers` as extra handlers.
+    aborted or cut association only stops counting. ``on_released`` is called after a release
+    was recorded (the assembler then looks again when the grace period ends).
     """
 
-    def __init__(self, ledger: AssociationLedger) -> None:
+    def __init__(
+        self, ledger: AssociationLedger, *, on_released: Callable[[], None] | None = None
+    ) -> None:
         self._ledger = ledger
+        self._on_released_cb = on_released
         self._lock = threading.Lock()
         self._studies: dict[int, list[str]] = {}
 
@@ -189,6 +193,8 @@ class AssociationStudies:
             return
         try:
             self._ledger.close_association(studies, released=released)
+            if released and self._on_released_cb is not None:
+                self._on_released_cb()
         except Exception:
             logger.exception(
                 "could not record the end of an association (%d studies)", len(studies)
