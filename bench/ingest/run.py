@@ -25,6 +25,7 @@ Usage::
 
     python bench/ingest/run.py [--cache DIR] [--work DIR] [--runs 3] [--diagnostic]
     python bench/ingest/run.py --product [--files 40] [--associations 4] [--runs 2]
+    python bench/ingest/run.py --product --profile node --files 20
 """
 
 from __future__ import annotations
@@ -150,9 +151,10 @@ def _wait_ready(url: str, timeout: float = 120.0) -> None:
 
 @contextmanager
 def product_receiver(
-    out: Path, command: str, expected: int, profile: Path | None = None
+    out: Path, command: str, expected: int, profile: Path | None = None, *, early: bool = False
 ) -> Iterator[tuple[str, int, Callable[[], int]]]:
-    """``d2r node`` (private Redis) or ``d2r serve`` as a process, ready per ``/readyz``."""
+    """``d2r node`` (private Redis) or ``d2r serve`` as a process, ready per ``/readyz``
+    (``early``: as soon as the DICOM port listens, while serve's worker still loads the model)."""
     from tests.support.processes import Process, base_env, d2r_cmd, start_redis
 
     port, http_port = free_port(), free_port()
@@ -177,7 +179,10 @@ def product_receiver(
         env["D2R_BROKER_URL"] = url
     proc = Process(d2r_cmd(command), env=env, log=out / f"{command}.log")
     try:
-        _wait_ready(f"http://127.0.0.1:{http_port}/readyz")
+        if early:
+            wait_port(port, timeout=120)
+        else:
+            _wait_ready(f"http://127.0.0.1:{http_port}/readyz")
         sampler = None
         if profile is not None:  # py-spy samples the process (all threads) while files arrive
             sampler = subprocess.Popen(
@@ -229,10 +234,11 @@ def profile_main(args: argparse.Namespace, files: list[Path]) -> int:
     """py-spy on ``d2r node`` while the files arrive over one association; top self frames."""
     out = args.work / "out"
     wipe(out)
-    raw = args.work / "node-profile.txt"
-    with product_receiver(out, "node", len(files), profile=raw) as (aet, port, _count):
+    command = args.profile
+    raw = args.work / f"{command}-profile.txt"
+    with product_receiver(out, command, len(files), profile=raw) as (aet, port, _count):
         elapsed = send(files, aet, port, 1)
-    print(f"d2r node, {len(files)} files, one association: {elapsed:.2f} s; busy samples:\n")
+    print(f"d2r {command}, {len(files)} files, one association: {elapsed:.2f} s; busy samples:\n")
     print("| share of busy samples | innermost frame |\n|---|---|")
     for share, leaf in top_frames(raw):
         print(f"| {share:.1f} % | `{leaf}` |")
@@ -250,6 +256,9 @@ def product_main(args: argparse.Namespace, files: list[Path]) -> int:
     receivers: dict[str, Callable[[Path, int], Any]] = {
         "d2r node": lambda out, n: product_receiver(out, "node", len(files)),
         "d2r serve": lambda out, n: product_receiver(out, "serve", len(files)),
+        "d2r serve, worker loading the model": lambda out, n: product_receiver(
+            out, "serve", len(files), early=True
+        ),
         "storescp +B": lambda out, n: storescp_receiver(out, fork=n > 1),
     }
     rows = []
@@ -372,7 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--files", type=int, default=0, help="use the first N files (0: all)")
     parser.add_argument("--associations", type=int, default=4)
     parser.add_argument(
-        "--profile", action="store_true", help="with --product: py-spy on d2r node (one run)"
+        "--profile",
+        choices=("node", "serve"),
+        default=None,
+        help="with --product: py-spy on that process while the files arrive (one run)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -16,11 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from pynetdicom import AE
 from pynetdicom.association import Association
 
+from dicom_node.studies import studies_table
 from tests.reliability.stack import Stack, make_stack
 from tests.support.dicom_files import make_dx
+from tests.support.processes import wait_for
 
 pytestmark = [pytest.mark.integration]
 
@@ -55,6 +58,15 @@ def _store(assoc: Association, ds: Any) -> None:
     assert int(status.Status) == 0
 
 
+def _released_at(s: Stack, uid: str) -> float | None:
+    c = studies_table.c
+    with s.store.engine.connect() as conn:
+        value = conn.execute(
+            sa.select(c.released_at).where(c.study_instance_uid == uid)
+        ).scalar_one_or_none()
+    return None if value is None else float(value)
+
+
 def _queued_detail(s: Stack, uid: str) -> str:
     return next(e.detail for e in s.store.events(uid) if e.kind == "queued")
 
@@ -84,14 +96,16 @@ def test_study_completes_on_release_of_its_last_open_association(stack: Any) -> 
 
 
 def test_node_restarted_between_release_and_completion_completes_the_study(stack: Any) -> None:
-    s: Stack = stack(D2R_STUDY_RELEASE_GRACE_SECONDS="4")
+    s: Stack = stack(D2R_STUDY_RELEASE_GRACE_SECONDS="6")
     node = s.start_node()
     ds = make_dx(None, rows=64, cols=64, seed=7)
     uid = str(ds.StudyInstanceUID)
     assoc = _associate(s.node_port, ds)
     _store(assoc, ds)
     assoc.release()
-    node.kill9()  # a crash within the grace period
+    # The node records the release just after answering it; then it crashes within the grace.
+    wait_for(lambda: _released_at(s, uid) is not None, 10, "the release recorded")
+    node.kill9()
     assert s.state(uid) == "receiving"
     s.start_node()
     s.wait_states([uid], {"queued"}, timeout=90)
