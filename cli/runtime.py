@@ -174,7 +174,7 @@ def run_node(
         StudiesByStateCollector,
     )
     from dicom_node.observability_settings import ObservabilitySettings
-    from dicom_node.scp import start_server
+    from dicom_node.scp import AssociationStudies, start_server
     from dicom_node.spool import Spool
     from dicom_node.studies import InstanceRecord, StudyStore
     from worker.celery_app import create_app
@@ -217,6 +217,7 @@ def run_node(
         AssemblerConfig(
             quiet_seconds=node.study_quiet_seconds,
             force_seconds=node.study_force_seconds,
+            release_grace_seconds=node.study_release_grace_seconds,
             reconcile_seconds=node.reconcile_seconds,
             requeue_after=max(settings.visibility_timeout, node.study_force_seconds),
             retention_seconds=node.spool_retention_hours * 3600.0,
@@ -248,6 +249,10 @@ def run_node(
         block=False,
         extra_handlers=listener_audit.handlers(),
         on_rejected=association_rejected(audit),
+        associations=AssociationStudies(
+            store,
+            on_released=lambda: assembler.wake_after(node.study_release_grace_seconds + 0.05),
+        ),
     )
     assert server is not None
     queues = QueueDepthCollector(

@@ -1,7 +1,9 @@
 """Study assembly and reconciliation: the node's background loop.
 
 Every tick it
-1. completes studies whose quiet period (or force timeout) elapsed: the eligible frontal images are
+1. completes studies whose quiet period (or force timeout) elapsed, or whose last association
+   was released ``release_grace_seconds`` ago with no other association of the study open
+   (:meth:`dicom_node.studies.StudyStore.completion_due`): the eligible frontal images are
    chosen by :func:`dicom_node.selection.select_images`; a study with nothing eligible is
    ``skipped`` with the reason, the others are queued with ``enqueue_report``;
 2. re-sends jobs the database says are unfinished: a processing claim whose short lease expired
@@ -81,6 +83,9 @@ def retention_candidates(store: StudyStore, cutoff: float, *, limit: int = 100) 
 class AssemblerConfig:
     quiet_seconds: float = 10.0
     force_seconds: float = 600.0
+    #: complete a study this long after the association that brought its last instance was
+    #: released, when no other association of it is open (None: the quiet period only)
+    release_grace_seconds: float | None = 2.0
     reconcile_seconds: float = 30.0
     #: a queued study whose job has not been claimed for this long is queued again
     requeue_after: float = 300.0
@@ -111,15 +116,19 @@ class Assembler:
         self.enqueue_send = enqueue_send
         self.spool = spool
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._wake_lock = threading.Lock()
+        self._wake_at = float("inf")
         self._thread: threading.Thread | None = None
         self._last_reconcile = float("-inf")
 
     def complete_due(self, now: float | None = None) -> list[str]:
-        """Queue or skip every study whose quiet period elapsed; returns the queued UIDs."""
+        """Queue or skip every complete study; returns the queued UIDs."""
         queued = []
-        for uid in self.store.due_for_completion(
+        for uid, why in self.store.completion_due(
             quiet_seconds=self.config.quiet_seconds,
             force_seconds=self.config.force_seconds,
+            release_grace_seconds=self.config.release_grace_seconds,
             now=now,
         ):
             selection = select_images(self.store.instances(uid))
@@ -127,7 +136,7 @@ class Assembler:
                 logger.info("study %s skipped: %s", uid, selection.skip_reason)
                 self.store.mark_skipped(uid, selection.skip_reason)
                 continue
-            generation = self.store.mark_queued(uid)
+            generation = self.store.mark_queued(uid, reason=f"study complete ({why})")
             if generation:
                 self._enqueue(uid, generation, selection.images)
                 queued.append(uid)
@@ -213,6 +222,27 @@ class Assembler:
             self.purge_expired(now)
         self.send_due(now)
 
+    def wake_after(self, seconds: float) -> None:
+        """Run a tick ``seconds`` from now as well (an association was released: the study may
+        complete then), rather than up to one tick later."""
+        with self._wake_lock:
+            self._wake_at = min(self._wake_at, time.monotonic() + seconds)
+        self._wake.set()
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set():
+            with self._wake_lock:
+                until = min(deadline, self._wake_at)
+                self._wake.clear()
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                with self._wake_lock:
+                    if self._wake_at <= time.monotonic():
+                        self._wake_at = float("inf")
+                return
+            self._wake.wait(remaining)
+
     def run(self) -> None:
         while not self._stop.is_set():
             try:
@@ -220,7 +250,7 @@ class Assembler:
             except Exception:  # a broker or database hiccup must not stop the loop
                 logger.exception("assembler tick failed; retrying")
                 self._stop.wait(min(5.0, self.config.reconcile_seconds))
-            self._stop.wait(self.config.tick_seconds)
+            self._sleep(self.config.tick_seconds)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run, name="d2r-assembler", daemon=True)
@@ -228,5 +258,6 @@ class Assembler:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)

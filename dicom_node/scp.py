@@ -56,6 +56,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import ssl
+import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Protocol
@@ -75,6 +76,7 @@ from dicom_node.selection import (
 from dicom_node.settings import IPNetwork, NodeSettings
 from dicom_node.spool import Spool
 from dicom_node.studies import InstanceRecord
+from dicom_node.tcp import no_delay
 
 if TYPE_CHECKING:
     from pynetdicom.transport import ThreadedAssociationServer
@@ -83,6 +85,7 @@ __all__ = [
     "PEER_NOT_ALLOWED",
     "STORAGE_SOP_CLASSES",
     "AssociationRejected",
+    "AssociationStudies",
     "StudyRecorder",
     "build_ae",
     "event_handlers",
@@ -133,6 +136,75 @@ class StudyRecorder(Protocol):
         reason: str,
         calling_ae_title: str,
     ) -> None: ...
+
+
+class AssociationLedger(Protocol):
+    """What :class:`AssociationStudies` needs from :class:`dicom_node.studies.StudyStore`."""
+
+    def open_association(self, study_uid: str) -> None: ...
+
+    def close_association(self, study_uids: Sequence[str], *, released: bool) -> None: ...
+
+
+class AssociationStudies:
+    """Which open associations brought instances of which studies, kept in the study database.
+
+    The C-STORE handler calls :meth:`stored` after an instance was recorded; the first instance
+    of a study in an association counts that association as open for the study. When the
+    association is released (``EVT_RELEASED``) each of its studies is told so, and a study
+    whose last open association this was may complete after the release grace period; an
+    aborted or cut association only stops counting. ``on_released`` is called after a release
+    was recorded (the assembler then looks again when the grace period ends).
+    """
+
+    def __init__(
+        self, ledger: AssociationLedger, *, on_released: Callable[[], None] | None = None
+    ) -> None:
+        self._ledger = ledger
+        self._on_released_cb = on_released
+        self._lock = threading.Lock()
+        self._studies: dict[int, list[str]] = {}
+
+    def handlers(self) -> list[Any]:
+        return [
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_ended),
+            (evt.EVT_CONN_CLOSE, self._on_ended),
+        ]
+
+    def stored(self, assoc: Any, study_uid: str) -> None:
+        """An instance of ``study_uid`` was recorded on ``assoc`` (its C-STORE thread)."""
+        with self._lock:
+            studies = self._studies.setdefault(id(assoc), [])
+            if study_uid in studies:
+                return
+        try:
+            self._ledger.open_association(study_uid)
+        except Exception:  # the study then completes by its quiet period
+            logger.exception("could not count the association of study %s", study_uid)
+            return
+        with self._lock:
+            self._studies.setdefault(id(assoc), []).append(study_uid)
+
+    def _end(self, assoc: Any, *, released: bool) -> None:
+        with self._lock:
+            studies = self._studies.pop(id(assoc), [])
+        if not studies:
+            return
+        try:
+            self._ledger.close_association(studies, released=released)
+            if released and self._on_released_cb is not None:
+                self._on_released_cb()
+        except Exception:
+            logger.exception(
+                "could not record the end of an association (%d studies)", len(studies)
+            )
+
+    def _on_released(self, event: evt.Event) -> None:
+        self._end(event.assoc, released=True)
+
+    def _on_ended(self, event: evt.Event) -> None:
+        self._end(event.assoc, released=False)
 
 
 def build_ae(settings: NodeSettings) -> AE:
@@ -252,10 +324,17 @@ def _reject(
         logger.exception("could not record rejection of SOP Instance %s", sop_instance_uid)
 
 
-def handle_store(event: evt.Event, spool: Spool, store: StudyRecorder) -> int:
+def handle_store(
+    event: evt.Event,
+    spool: Spool,
+    store: StudyRecorder,
+    associations: AssociationStudies | None = None,
+) -> int:
     """Persist one C-STORE request and return its DIMSE status.
 
-    Bind with ``(evt.EVT_C_STORE, handle_store, [spool, store])``.
+    Bind with ``(evt.EVT_C_STORE, handle_store, [spool, store])`` (or
+    ``[spool, store, associations]`` to count the association of each newly stored instance's
+    study for the early-completion rule).
     """
     request: Any = event.request
     sop_instance_uid = str(request.AffectedSOPInstanceUID or "")
@@ -348,6 +427,8 @@ def handle_store(event: evt.Event, spool: Spool, store: StudyRecorder) -> int:
             ),
             outcome=spooled.outcome,
         )
+        if associations is not None and spooled.outcome == "stored":
+            associations.stored(event.assoc, study_uid)
         logger.debug(
             "SOP Instance %s of study %s: %s", sop_instance_uid, study_uid, spooled.outcome
         )
@@ -365,12 +446,16 @@ def event_handlers(
     *,
     networks: Sequence[IPNetwork] = (),
     on_rejected: AssociationRejected | None = None,
+    associations: AssociationStudies | None = None,
 ) -> list[Any]:
     """Return the handler bindings for ``start_server`` (3-tuple form, no globals)."""
     handlers: list[Any] = [
+        (evt.EVT_CONN_OPEN, no_delay),
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [spool, store]),
+        (evt.EVT_C_STORE, handle_store, [spool, store, associations]),
     ]
+    if associations is not None:
+        handlers.extend(associations.handlers())
     if networks:
         handlers.append((evt.EVT_REQUESTED, handle_association_request, [networks, on_rejected]))
     return handlers
@@ -384,13 +469,15 @@ def start_server(
     block: bool,
     extra_handlers: Sequence[Any] = (),
     on_rejected: AssociationRejected | None = None,
+    associations: AssociationStudies | None = None,
 ) -> ThreadedAssociationServer | None:
     """Start the listener on ``settings.host:settings.port``.
 
     Returns the running server when ``block`` is False (stop it with
     ``server.shutdown()``); with ``block=True`` it serves until interrupted and
     returns None. ``on_rejected`` receives the associations refused for their peer
-    address (rejections made by pynetdicom itself raise ``EVT_REJECTED``).
+    address (rejections made by pynetdicom itself raise ``EVT_REJECTED``). ``associations``
+    counts the open associations of each study (the early-completion rule).
     """
     ae = build_ae(settings)
     context = server_ssl_context(settings)
@@ -405,7 +492,11 @@ def start_server(
         ",".join(str(n) for n in settings.allowed_networks) or "any",
     )
     handlers = event_handlers(
-        spool, store, networks=settings.allowed_networks, on_rejected=on_rejected
+        spool,
+        store,
+        networks=settings.allowed_networks,
+        on_rejected=on_rejected,
+        associations=associations,
     )
     server: ThreadedAssociationServer | None = ae.start_server(
         (settings.host, settings.port),

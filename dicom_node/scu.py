@@ -29,12 +29,13 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
 from dicom_node import statuses
 from dicom_node.errors import PermanentSendError, TransientSendError
 from dicom_node.settings import Destination, NodeSettings, TlsSettings
+from dicom_node.tcp import no_delay
 
 __all__ = ["SendOptions", "client_ssl_context", "echo", "send_datasets"]
 
@@ -99,7 +100,11 @@ def _associate(ae: AE, destination: Destination, options: SendOptions) -> Associ
         if destination.tls:
             tls_args = (client_ssl_context(options.tls), destination.host)
         assoc = ae.associate(
-            destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
+            destination.host,
+            destination.port,
+            ae_title=destination.ae_title,
+            tls_args=tls_args,
+            evt_handlers=[(evt.EVT_CONN_OPEN, no_delay)],
         )
     except OSError as exc:  # e.g. name resolution, unreadable TLS files (ssl.SSLError)
         raise TransientSendError(f"{destination.name}: {exc}") from exc

@@ -328,6 +328,8 @@ class NodeSettings:
     destinations: tuple[Destination, ...] = ()
     study_quiet_seconds: float = 10.0
     study_force_seconds: float = 600.0
+    #: complete a study this long after its last association was released (see studies.py)
+    study_release_grace_seconds: float = 2.0
     reconcile_seconds: float = 30.0
     #: worker attempts per study (claims, each ended by an unexpected error or a lost worker)
     max_attempts: int = 3
@@ -388,6 +390,12 @@ class NodeSettings:
             destinations=destinations,
             study_quiet_seconds=quiet,
             study_force_seconds=force,
+            study_release_grace_seconds=env_setting(
+                env,
+                "D2R_STUDY_RELEASE_GRACE_SECONDS",
+                d.study_release_grace_seconds,
+                non_negative_float,
+            ),
             reconcile_seconds=env_setting(
                 env, "D2R_RECONCILE_SECONDS", d.reconcile_seconds, positive_float
             ),

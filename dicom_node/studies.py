@@ -28,6 +28,15 @@ claimed) joins it and restarts the quiet period. One arriving after a worker cla
 is stored and recorded with an event, but does not start a second, different report; ``d2r retry
 --reprocess`` re-runs the study on purpose.
 
+Completion: a receiving study is complete once no instance arrived for the quiet period, or once
+the force timeout passed since its first instance, or -- the early rule -- a short grace period
+after the association that brought its last instance was released while no other association
+that brought an instance of it is still open (``open_associations``, ``released_at``; see
+:meth:`StudyStore.open_association` and :meth:`StudyStore.close_association`). The counters live
+in this database, so a node restarted between the release and the completion still completes the
+study on time. An association cut by a crash of the node is never counted as released: its
+studies fall back to the quiet period.
+
 Times are stored as UTC seconds since the epoch (floats), so SQLite and PostgreSQL behave the
 same."""
 
@@ -94,6 +103,10 @@ studies_table = sa.Table(
     sa.Column("state_changed_at", sa.Float, nullable=True),
     # the worker stage of the current or last attempt (spool-read ... send)
     sa.Column("stage", sa.String(32), nullable=True),
+    # associations of this node that brought an instance of the study and are still open
+    sa.Column("open_associations", sa.Integer, nullable=False, server_default="0", default=0),
+    # when the last of those associations was released (the early-completion rule)
+    sa.Column("released_at", sa.Float, nullable=True),
 )
 
 instances_table = sa.Table(
@@ -424,23 +437,100 @@ class StudyStore:
             ).all()
         return [InstanceRecord.from_row(r) for r in rows]
 
-    def due_for_completion(
-        self, *, quiet_seconds: float, force_seconds: float, now: float | None = None
-    ) -> list[str]:
-        """Studies still receiving whose quiet period (or force timeout) has elapsed."""
-        now = _now() if now is None else now
+    def open_association(self, study_uid: str) -> None:
+        """An association brought its first instance of ``study_uid`` (after it was recorded)."""
         s = studies_table.c
         with self._tx() as conn:
-            rows = conn.execute(
-                sa.select(s.study_instance_uid).where(
-                    s.state == RECEIVING,
-                    sa.or_(
-                        s.last_received_at <= now - quiet_seconds,
-                        s.first_received_at <= now - force_seconds,
-                    ),
+            conn.execute(
+                studies_table.update()
+                .where(s.study_instance_uid == study_uid)
+                .values(open_associations=s.open_associations + 1)
+            )
+
+    def close_association(self, study_uids: Sequence[str], *, released: bool) -> None:
+        """An association that brought instances of ``study_uids`` ended.
+
+        ``released``: it ended with an A-RELEASE. Then each study whose last open association
+        this was records ``released_at`` (the early-completion rule); an aborted association
+        only stops counting, leaving its studies to the quiet period.
+        """
+        if not study_uids:
+            return
+        s = studies_table.c
+        now = _now()
+        with self._tx() as conn:
+            for uid in study_uids:
+                values: dict[str, Any] = {
+                    "open_associations": sa.case(
+                        (s.open_associations > 0, s.open_associations - 1), else_=0
+                    )
+                }
+                if released:
+                    values["released_at"] = sa.case(
+                        (s.open_associations <= 1, now), else_=s.released_at
+                    )
+                conn.execute(
+                    studies_table.update().where(s.study_instance_uid == uid).values(**values)
                 )
+
+    def due_for_completion(
+        self,
+        *,
+        quiet_seconds: float,
+        force_seconds: float,
+        release_grace_seconds: float | None = None,
+        now: float | None = None,
+    ) -> list[str]:
+        """The StudyInstanceUIDs of :meth:`completion_due`."""
+        return [
+            uid
+            for uid, _ in self.completion_due(
+                quiet_seconds=quiet_seconds,
+                force_seconds=force_seconds,
+                release_grace_seconds=release_grace_seconds,
+                now=now,
+            )
+        ]
+
+    def completion_due(
+        self,
+        *,
+        quiet_seconds: float,
+        force_seconds: float,
+        release_grace_seconds: float | None = None,
+        now: float | None = None,
+    ) -> list[tuple[str, str]]:
+        """Studies still receiving that are complete, each with why.
+
+        Why is ``quiet period``, ``force timeout`` or, with ``release_grace_seconds``,
+        ``association released``: the association that brought the last instance was released
+        that long ago and no other association of the study is open.
+        """
+        now = _now() if now is None else now
+        s = studies_table.c
+        quiet = s.last_received_at <= now - quiet_seconds
+        forced = s.first_received_at <= now - force_seconds
+        conditions = [quiet, forced]
+        if release_grace_seconds is not None:
+            released = sa.and_(
+                s.open_associations == 0,
+                s.released_at.is_not(None),
+                s.released_at >= s.last_received_at,
+                s.released_at <= now - release_grace_seconds,
+            )
+            conditions.append(released)
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(
+                    s.study_instance_uid,
+                    sa.case(
+                        (quiet, "quiet period"),
+                        (forced, "force timeout"),
+                        else_="association released",
+                    ).label("why"),
+                ).where(s.state == RECEIVING, sa.or_(*conditions))
             ).all()
-        return [r.study_instance_uid for r in rows]
+        return [(str(r.study_instance_uid), str(r.why)) for r in rows]
 
     def force_complete(self, study_uid: str) -> bool:
         """Make a receiving study due now (manual force-complete)."""

@@ -8,6 +8,7 @@ recorded as ``"<stage>: <ExceptionClass>: <message>"`` with patient identifiers 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterable
 from enum import StrEnum
 from typing import Final
@@ -26,18 +27,34 @@ class Stage(StrEnum):
     PREDICT = "predict"
     SR_BUILD = "sr-build"
     WRITE_RESULTS = "write-results"
+    #: recording the result in the study database
+    DATABASE = "database"
     SEND = "send"
 
 
 class StageTracker:
-    """The current stage of one attempt (set by the worker, read when it fails)."""
+    """The current stage of one attempt (set by the worker, read when it fails), and the
+    seconds spent in each stage so far (:meth:`seconds`)."""
 
     def __init__(self, stage: Stage = Stage.SPOOL_READ) -> None:
         self.current = stage
+        self._since = time.perf_counter()
+        self._seconds: dict[str, float] = {}
 
     def enter(self, stage: str) -> None:
         """Record that the attempt now runs ``stage``."""
+        now = time.perf_counter()
+        key = str(self.current)
+        self._seconds[key] = self._seconds.get(key, 0.0) + now - self._since
+        self._since = now
         self.current = Stage(stage)
+
+    def seconds(self) -> dict[str, float]:
+        """Seconds per stage, the current one counted up to now."""
+        out = dict(self._seconds)
+        key = str(self.current)
+        out[key] = out.get(key, 0.0) + time.perf_counter() - self._since
+        return out
 
 
 #: header attributes whose values never appear in a recorded reason

@@ -176,6 +176,7 @@ def _report_study(ctx: WorkerContext, app: Celery, job: ReportJob, task_id: str)
     store = ctx.store
     uid = job.study_instance_uid
     max_attempts = settings.node.max_attempts
+    claim_started = time.perf_counter()
     if not store.claim(
         uid,
         generation=job.generation,
@@ -189,11 +190,14 @@ def _report_study(ctx: WorkerContext, app: Celery, job: ReportJob, task_id: str)
             job.generation,
         )
         return "stale"
+    claim_seconds = time.perf_counter() - claim_started
     stages = StageTracker()
     images: list[Dataset] = []
     try:
         with LeaseHeartbeat(store, uid, task_id, settings, stages):
-            return _attempt(ctx, app, job, task_id, stages, images)
+            outcome = _attempt(ctx, app, job, task_id, stages, images)
+        _log_timings(uid, stages, claim_seconds)
+        return outcome
     except (InputRejected, ModelError) as exc:
         logger.warning("study %s failed: %s", uid, exc)
         store.mark_failed(uid, str(exc), owner=task_id)
@@ -221,6 +225,17 @@ def _report_study(ctx: WorkerContext, app: Celery, job: ReportJob, task_id: str)
         if state == "queued":
             app.send_task(REPORT_TASK, args=[job.to_dict()])
         return "retry"
+
+
+def _log_timings(uid: str, stages: StageTracker, claim_seconds: float) -> None:
+    """One INFO line with where the attempt's time went (``bench/load`` reads it)."""
+    seconds = stages.seconds()
+    seconds["database"] = seconds.get("database", 0.0) + claim_seconds
+    logger.info(
+        "study %s timings: %s",
+        uid,
+        " ".join(f"{k}={v * 1000:.1f}ms" for k, v in seconds.items()),
+    )
 
 
 def _audit_failed_send(ctx: WorkerContext, study_uid: str, error: str) -> None:
@@ -284,13 +299,15 @@ def _attempt(
         images=images,
     )
     stages.enter(Stage.WRITE_RESULTS)
-    paths = []
-    for ds in result.reports:
-        path = settings.results_dir / uid / f"{ds.SOPInstanceUID}.dcm"
-        write_atomic(path, _encode(ds))
-        paths.append(str(path))
+    files = {
+        settings.results_dir / uid / f"{ds.SOPInstanceUID}.dcm": _encode(ds)
+        for ds in result.reports
+    }
+    write_all_atomic(files)
+    paths = [str(p) for p in files]
     destinations = [d.name for d in settings.node.destinations]
     pred = result.prediction
+    stages.enter(Stage.DATABASE)
     if not store.mark_reported(
         uid,
         owner=task_id,
@@ -319,18 +336,33 @@ def _encode(ds: Dataset) -> bytes:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` durably: temp file, fsync, rename, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_all_atomic({path: data})
+
+
+def write_all_atomic(files: dict[Path, bytes]) -> None:
+    """Write each file durably: temp file, fsync, rename; then fsync each folder once.
+
+    A folder created here is also made durable in its parent.
+    """
+    folders: dict[Path, bool] = {}
+    for path in files:
+        if path.parent not in folders:
+            folders[path.parent] = not path.parent.is_dir()
+            path.parent.mkdir(parents=True, exist_ok=True)
+    for path, data in files.items():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    for folder, created in folders.items():
+        for directory in (folder, folder.parent) if created else (folder,):
+            fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def send_reports(
@@ -367,6 +399,7 @@ def _audit_sent(
 def _send_reports(ctx: WorkerContext, study_uid: str, destination: str) -> str:
     settings = ctx.settings
     store = ctx.store
+    started = time.perf_counter()
     delivery = store.delivery(study_uid, destination)
     if delivery is None or delivery.state != "pending":
         return "stale"
@@ -379,6 +412,7 @@ def _send_reports(ctx: WorkerContext, study_uid: str, destination: str) -> str:
     datasets: list[Dataset] = []
     results: list[int] = []
     stages = StageTracker()
+    send_started = time.perf_counter()
     try:
         stages.enter(Stage.SEND)
         datasets = [pydicom.dcmread(p) for p in view.result_paths]
@@ -397,6 +431,7 @@ def _send_reports(ctx: WorkerContext, study_uid: str, destination: str) -> str:
         error = f"cannot read the reports: {exc}"
     except Exception as exc:  # outside the expected tree: bounded by D2R_MAX_ATTEMPTS
         error = f"unexpected: {failure_reason(Stage.SEND, exc, datasets)}"
+    send_seconds = time.perf_counter() - send_started
     max_attempts = settings.max_send_attempts
     if error and error.startswith(("permanent", "cannot read")):
         max_attempts = 1  # retrying cannot help
@@ -424,7 +459,15 @@ def _send_reports(ctx: WorkerContext, study_uid: str, destination: str) -> str:
     if ok and (done := store.get(study_uid)) is not None:
         metrics.observe_study_done(done, destination)
     log = logger.info if ok else logger.warning
-    log("study %s -> %s: %s%s", study_uid, destination, state, f" ({error})" if error else "")
+    log(
+        "study %s -> %s: %s%s; timings: send=%.1fms database=%.1fms",
+        study_uid,
+        destination,
+        state,
+        f" ({error})" if error else "",
+        send_seconds * 1000,
+        (time.perf_counter() - started - send_seconds) * 1000,
+    )
     return state
 
 

@@ -13,9 +13,19 @@ sends all of them over one association with dcmtk ``storescu -pdu 131072`` into
 Each receiver runs 3 times; the output is wiped and ``sync`` is run before each
 run. Prints a Markdown table (median of the runs) and the throughput ratio.
 
+``--product`` measures the product as users run it instead: ``d2r node`` (with a private Redis)
+and ``d2r serve`` (its worker loading the demo model while the files arrive) are started as
+processes exactly as the README does, with their HTTP endpoint, audit log, metrics, reconciler
+and assembler on; the harness waits for ``/readyz`` and then sends the same files to each of
+them and to ``storescp +B`` alternately, run after run. Cases: one association; ``--associations
+4`` concurrent ``storescu`` processes (storescp with ``--fork``); and the same files re-sent
+(duplicates) right after the first arrival. ``--files N`` uses the first N files of the corpus.
+
 Usage::
 
     python bench/ingest/run.py [--cache DIR] [--work DIR] [--runs 3] [--diagnostic]
+    python bench/ingest/run.py --product [--files 40] [--associations 4] [--runs 2]
+    python bench/ingest/run.py --product --profile node --files 20
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -70,15 +81,16 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
     raise TimeoutError(f"nothing listens on port {port}")
 
 
-def corpus(cache: Path) -> list[Path]:
-    """Return the 200 benchmark files, generating them on first use."""
+def corpus(cache: Path, wanted: int = STUDIES * PER_STUDY) -> list[Path]:
+    """Return the first ``wanted`` of the 200 benchmark files, generating them on first use."""
     cache.mkdir(parents=True, exist_ok=True)
     files = sorted(cache.glob("s*/i*.dcm"))
-    if len(files) == STUDIES * PER_STUDY:
-        return files
-    print(f"generating {STUDIES * PER_STUDY} files in {cache} ...", file=sys.stderr)
+    if len(files) >= wanted:
+        return files[:wanted]
+    studies = min(STUDIES, -(-wanted // PER_STUDY))
+    print(f"generating {studies * PER_STUDY} files in {cache} ...", file=sys.stderr)
     rng = np.random.default_rng(0)
-    for s in range(STUDIES):
+    for s in range(studies):
         study_uid = generate_uid()
         series_uid = generate_uid()
         base = chest_pixels(ROWS, COLS, bits_stored=12, seed=s)
@@ -91,7 +103,7 @@ def corpus(cache: Path) -> list[Path]:
             ds.Rows, ds.Columns = ROWS, COLS
             ds.InstanceNumber = i + 1
             ds.save_as(d / f"i{i:02d}.dcm", enforce_file_format=True)
-    return sorted(cache.glob("s*/i*.dcm"))
+    return sorted(cache.glob("s*/i*.dcm"))[:wanted]
 
 
 def wipe(path: Path) -> None:
@@ -100,14 +112,182 @@ def wipe(path: Path) -> None:
     os.sync()
 
 
-def send(files: list[Path], aet: str, port: int) -> float:
-    cmd = [STORESCU, "-pdu", str(PDU), "-aec", aet, "127.0.0.1", str(port), *map(str, files)]
+def send(files: list[Path], aet: str, port: int, associations: int = 1) -> float:
+    """Send ``files`` with ``associations`` concurrent storescu processes; wall seconds."""
+    groups = [files[k::associations] for k in range(associations)]
+    cmds = [
+        [STORESCU, "-pdu", str(PDU), "-aec", aet, "127.0.0.1", str(port), *map(str, group)]
+        for group in groups
+        if group
+    ]
     start = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for cmd in cmds
+    ]
+    errors = [(p.wait(), p.stderr.read() if p.stderr else "") for p in procs]
     elapsed = time.perf_counter() - start
-    if res.returncode != 0:
-        raise RuntimeError(f"storescu failed ({res.returncode}): {res.stderr[-2000:]}")
+    for rc, err in errors:
+        if rc != 0:
+            raise RuntimeError(f"storescu failed ({rc}): {err[-2000:]}")
     return elapsed
+
+
+def _wait_ready(url: str, timeout: float = 120.0) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:  # noqa: S310 - loopback
+                if answer.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not ready")
+
+
+@contextmanager
+def product_receiver(
+    out: Path, command: str, expected: int, profile: Path | None = None, *, early: bool = False
+) -> Iterator[tuple[str, int, Callable[[], int]]]:
+    """``d2r node`` (private Redis) or ``d2r serve`` as a process, ready per ``/readyz``
+    (``early``: as soon as the DICOM port listens, while serve's worker still loads the model)."""
+    from tests.support.processes import Process, base_env, d2r_cmd, start_redis
+
+    port, http_port = free_port(), free_port()
+    env = base_env(
+        D2R_AE_TITLE="D2RBENCH",
+        D2R_HOST="127.0.0.1",
+        D2R_PORT=str(port),
+        D2R_SPOOL_DIR=str(out / "spool"),
+        D2R_MAX_PDU=str(PDU),
+        D2R_MIN_FREE_BYTES=str(1 << 30),
+        D2R_HTTP_PORT=str(http_port),
+        D2R_AUDIT_LOG=str(out / "audit.jsonl"),
+        D2R_MODEL=str(REPO / "models" / "d2r-demo-phantom"),
+        # the studies are complete only after the run: the worker does not compete for the CPU
+        D2R_STUDY_QUIET_SECONDS="600",
+        D2R_STUDY_FORCE_SECONDS="600",
+        D2R_STUDY_RELEASE_GRACE_SECONDS="600",
+    )
+    redis = None
+    if command == "node":
+        redis, url = start_redis(out)
+        env["D2R_BROKER_URL"] = url
+    proc = Process(d2r_cmd(command), env=env, log=out / f"{command}.log")
+    try:
+        if early:
+            wait_port(port, timeout=120)
+        else:
+            _wait_ready(f"http://127.0.0.1:{http_port}/readyz")
+        sampler = None
+        if profile is not None:  # py-spy samples the process (all threads) while files arrive
+            sampler = subprocess.Popen(
+                ["py-spy", "record", "--pid", str(proc.pid), "--format", "raw", "--threads"]
+                + ["--rate", "200", "--output", str(profile), "--nonblocking"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(1.0)
+        yield "D2RBENCH", port, lambda: len(list((out / "spool").rglob("instances/*/*.dcm")))
+        if sampler is not None:
+            sampler.send_signal(2)
+            sampler.wait(30)
+    finally:
+        proc.stop()
+        if redis is not None:
+            redis.stop()
+        store = StudyStore(f"sqlite:///{out / 'd2r.db'}")
+        try:
+            spool_root = out / "spool" / "instances"
+            uids = [p.name for p in spool_root.iterdir()] if spool_root.is_dir() else []
+            received = sum(len(store.instances(uid)) for uid in uids)
+        finally:
+            store.close()
+        if received != expected:
+            raise RuntimeError(f"d2r {command}: study database holds {received} instances")
+
+
+def top_frames(raw: Path, limit: int = 15) -> list[tuple[float, str]]:
+    """Share of samples per innermost frame (self time) of a py-spy raw (collapsed) profile,
+    idle threads (waiting in select/poll/sleep/lock acquire) left out."""
+    counts: dict[str, int] = {}
+    total = 0
+    idle = ("select", "poll", "wait (threading", "sleep", "acquire", "_wait_for_tstate_lock")
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        leaf = stack.split(";")[-1]
+        if any(leaf.startswith(i) for i in idle):
+            continue
+        counts[leaf] = counts.get(leaf, 0) + int(n)
+        total += int(n)
+    ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:limit]
+    return [(100.0 * n / max(total, 1), leaf) for leaf, n in ranked]
+
+
+def profile_main(args: argparse.Namespace, files: list[Path]) -> int:
+    """py-spy on ``d2r node`` while the files arrive over one association; top self frames."""
+    out = args.work / "out"
+    wipe(out)
+    command = args.profile
+    raw = args.work / f"{command}-profile.txt"
+    with product_receiver(out, command, len(files), profile=raw) as (aet, port, _count):
+        elapsed = send(files, aet, port, 1)
+    print(f"d2r {command}, {len(files)} files, one association: {elapsed:.2f} s; busy samples:\n")
+    print("| share of busy samples | innermost frame |\n|---|---|")
+    for share, leaf in top_frames(raw):
+        print(f"| {share:.1f} % | `{leaf}` |")
+    return 0
+
+
+def product_main(args: argparse.Namespace, files: list[Path]) -> int:
+    """Alternate d2r node, d2r serve and storescp, run after run, for each case."""
+    total_mb = sum(f.stat().st_size for f in files) / 1e6
+    cases = [
+        ("one association", 1, False),
+        (f"{args.associations} associations", args.associations, False),
+    ]
+    cases.append(("re-sent duplicates, one association", 1, True))
+    receivers: dict[str, Callable[[Path, int], Any]] = {
+        "d2r node": lambda out, n: product_receiver(out, "node", len(files)),
+        "d2r serve": lambda out, n: product_receiver(out, "serve", len(files)),
+        "d2r serve, worker loading the model": lambda out, n: product_receiver(
+            out, "serve", len(files), early=True
+        ),
+        "storescp +B": lambda out, n: storescp_receiver(out, fork=n > 1),
+    }
+    rows = []
+    for case, n, duplicates in cases:
+        times: dict[str, list[float]] = {name: [] for name in receivers}
+        for _ in range(args.runs):
+            for name, receiver in receivers.items():
+                out = args.work / "out"
+                wipe(out)
+                with receiver(out, n) as (aet, port, count):
+                    elapsed = send(files, aet, port, n)
+                    if duplicates:
+                        elapsed = send(files, aet, port, n)
+                    if count() != len(files):
+                        raise RuntimeError(f"{name}: {count()} of {len(files)} files written")
+                times[name].append(elapsed)
+                print(f"{case}: {name}: {elapsed:.2f} s", file=sys.stderr)
+        base = statistics.median(times["storescp +B"])
+        for name, runs in times.items():
+            med = statistics.median(runs)
+            rows.append((case, name, runs, med, total_mb / med, base / med))
+    shutil.rmtree(args.work / "out", ignore_errors=True)
+    print(f"\n{len(files)} instances, {total_mb:.1f} MB, storescu -pdu {PDU}\n")
+    print("| case | receiver | runs (s) | median s | MB/s | vs storescp +B |")
+    print("|---|---|---|---|---|---|")
+    for case, name, runs, med, mbs, ratio in rows:
+        runs_text = " / ".join(f"{t:.2f}" for t in runs)
+        print(f"| {case} | {name} | {runs_text} | {med:.2f} | {mbs:.1f} | {ratio:.2f}x |")
+    return 0
 
 
 @contextmanager
@@ -159,10 +339,13 @@ def _study_uids(spool: Spool) -> list[str]:
 
 
 @contextmanager
-def storescp_receiver(out: Path) -> Iterator[tuple[str, int, Callable[[], int]]]:
+def storescp_receiver(
+    out: Path, *, fork: bool = False
+) -> Iterator[tuple[str, int, Callable[[], int]]]:
     port = free_port()
     proc = subprocess.Popen(
-        [STORESCP, "+B", "-pdu", str(PDU), "-aet", "STORESCP", "-od", str(out), str(port)],
+        [STORESCP, "+B", *(["--fork"] if fork else []), "-pdu", str(PDU), "-aet", "STORESCP"]
+        + ["-od", str(out), str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -194,10 +377,23 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also run the node with the spool's fsync disabled (not a product mode)",
     )
+    parser.add_argument("--product", action="store_true", help="d2r node and d2r serve processes")
+    parser.add_argument("--files", type=int, default=0, help="use the first N files (0: all)")
+    parser.add_argument("--associations", type=int, default=4)
+    parser.add_argument(
+        "--profile",
+        choices=("node", "serve"),
+        default=None,
+        help="with --product: py-spy on that process while the files arrive (one run)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    files = corpus(args.cache)
+    files = corpus(args.cache, args.files or STUDIES * PER_STUDY)
+    if args.product and args.profile:
+        return profile_main(args, files)
+    if args.product:
+        return product_main(args, files)
     total_mb = sum(f.stat().st_size for f in files) / 1e6
     receivers = {
         "d2r node (handle_store + spool fsync + SQLite StudyStore)": node_receiver,

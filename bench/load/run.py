@@ -11,13 +11,20 @@ Usage::
     python bench/load/run.py [--senders 4] [--studies 50] [--model DIR] [--work DIR]
 
 Without ``--model`` a small randomly initialised checkpoint is written first (``d2r init-model``).
+
+It also prints where a study's time goes in the worker, the median per study of each stage the
+worker logs (``study ... timings:`` lines): spool-read, decode, preprocess, predict (the model),
+sr-build, write-results, database (claim and result) and, from the send task, send and its
+database work; ``outside model`` is the sum of all but predict.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -127,6 +134,31 @@ def run_load(stack: Stack, *, senders: int, studies: int, timeout: float) -> Loa
     )
 
 
+_TIMING = re.compile(r"study (\S+) .*timings: (.*)$")
+_PART = re.compile(r"([\w-]+)=([0-9.]+)ms")
+
+
+def stage_breakdown(logs: list[str]) -> dict[str, float]:
+    """Median milliseconds per study of each worker stage, from the workers' log lines."""
+    per_study: dict[str, dict[str, float]] = {}
+    for text in logs:
+        for line in text.splitlines():
+            m = _TIMING.search(line)
+            if m is None:
+                continue
+            parts = per_study.setdefault(m.group(1), {})
+            for name, value in _PART.findall(m.group(2)):
+                parts[name] = parts.get(name, 0.0) + float(value)
+    if not per_study:
+        return {}
+    names = sorted({n for p in per_study.values() for n in p})
+    out = {n: statistics.median(p.get(n, 0.0) for p in per_study.values()) for n in names}
+    out["outside model"] = statistics.median(
+        sum(v for k, v in p.items() if k != "predict") for p in per_study.values()
+    )
+    return {k: round(v, 1) for k, v in out.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--senders", type=int, default=4)
@@ -157,6 +189,7 @@ def main() -> int:
         stack.start_node()
         stack.start_worker()
         result = run_load(stack, senders=args.senders, studies=args.studies, timeout=args.timeout)
+        breakdown = stage_breakdown([w.log_tail(10**9) for w in stack.workers])
     finally:
         stack.stop()
         for server in servers:
@@ -170,6 +203,8 @@ def main() -> int:
         f"| {result.p95_seconds} | {result.max_seconds} | {result.node_peak_rss_mib} "
         f"| {result.worker_peak_rss_mib} |"
     )
+    print(f"studies/s: {result.done / result.wall_seconds:.2f}")
+    print("worker, median ms per study: " + json.dumps(breakdown))
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if result.exactly_once == result.studies else 1

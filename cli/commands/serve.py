@@ -2,7 +2,9 @@
 
 No Redis: the queue is Celery's ``filesystem://`` transport beside the spool, the study database
 a SQLite file. The worker runs as a child process (restarted if it dies); the database reconciler
-re-queues anything a crash took with it.
+re-queues anything a crash took with it. The child runs at a lower CPU priority (``nice 10``) so
+that on a small host the listener's acknowledgements go first, also while the worker loads the
+model.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import os
+    import shutil
     import subprocess
     import sys
     import threading
@@ -55,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
     child_env["D2R_HTTP_PORT"] = "0"  # the node serves the one endpoint
     current: list[subprocess.Popen[bytes]] = []
     cmd = [sys.executable, "-m", "cli.main", "worker", "--pool=solo"]
+    nice = shutil.which("nice")
+    if nice is not None:  # ingest first: the worker (model load, inference) yields the CPU
+        cmd = [nice, "-n", "10", *cmd]
 
     def supervise() -> None:
         delay = 1.0

@@ -89,6 +89,66 @@ def test_quiet_period_and_force_timeout(store: StudyStore) -> None:
     assert store.due_for_completion(quiet_seconds=100, force_seconds=12, now=1013) == ["1.2.3"]
 
 
+def test_released_association_completes_after_grace_unless_another_is_open(
+    store: StudyStore,
+) -> None:
+    import time
+
+    t = time.time()
+    store.record_instance(_record("1.2.3", "1.2.3.4", t=t), outcome="stored")
+    store.open_association("1.2.3")  # association A
+    store.record_instance(_record("1.2.3", "1.2.3.5", t=t), outcome="stored")
+    store.open_association("1.2.3")  # association B, same study, still sending
+
+    def due(at: float) -> list[tuple[str, str]]:
+        return store.completion_due(
+            quiet_seconds=600, force_seconds=6000, release_grace_seconds=2, now=at
+        )
+
+    store.close_association(["1.2.3"], released=True)  # A released, B open
+    assert due(time.time() + 60) == []
+    store.close_association(["1.2.3"], released=True)  # B released too
+    released = time.time()
+    assert due(released - 1) == []  # within the grace period
+    assert due(released + 3) == [("1.2.3", "association released")]
+    # A later instance on a new association re-arms the rule until that one is released.
+    store.record_instance(_record("1.2.3", "1.2.3.6", t=time.time() + 1), outcome="stored")
+    store.open_association("1.2.3")
+    assert due(time.time() + 60) == []
+    store.close_association(["1.2.3"], released=False)  # aborted: only the quiet period is left
+    assert due(time.time() + 60) == []
+    assert due(time.time() + 700) == [("1.2.3", "quiet period")]
+
+
+def test_assembler_woken_by_a_release_completes_before_its_next_tick(
+    store: StudyStore,
+) -> None:
+    import time
+
+    reports: list[str] = []
+    asm = Assembler(
+        store,
+        AssemblerConfig(
+            quiet_seconds=600, force_seconds=6000, release_grace_seconds=0.2, tick_seconds=120
+        ),
+        enqueue_report=lambda uid, gen, imgs: reports.append(uid),
+        enqueue_send=lambda uid, dest: None,
+    )
+    asm.start()
+    try:
+        time.sleep(0.5)  # its first tick has run; the next would come two minutes later
+        store.record_instance(_record("1.1", "1.1.1", t=time.time()), outcome="stored")
+        store.open_association("1.1")
+        store.close_association(["1.1"], released=True)
+        asm.wake_after(0.25)
+        deadline = time.time() + 30
+        while not reports and time.time() < deadline:
+            time.sleep(0.05)
+        assert reports == ["1.1"]
+    finally:
+        asm.stop()
+
+
 def test_duplicate_and_conflict_are_recorded_not_double_counted(store: StudyStore) -> None:
     store.record_instance(_record("1.2.3", "1.2.3.4"), outcome="stored")
     store.record_instance(_record("1.2.3", "1.2.3.4"), outcome="duplicate")
