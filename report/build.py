@@ -103,6 +103,7 @@ OHIF_RECTANGLE_ROI_TRACKING_IDENTIFIER: Final = "Cornerstone3DTools@^0.1.0:Recta
 #: Words in an algorithm name that mark a model not fit for clinical use.
 _NOT_FOR_DIAGNOSTIC_USE_MARKERS: Final = ("demo", "synthetic", "phantom", "random", "untrained")
 _LO_MAX: Final = 64  # Long String (LO) value length
+_UT_MAX: Final = 10_000  # a comment is one short statement, far below the UT limit
 
 #: Source image SOP classes the report may reference, with their coded modality (CID 29).
 _SOURCE_MODALITIES: Final[dict[str, Code]] = {
@@ -279,6 +280,9 @@ class ReportContent:
     evidence : Sequence[pydicom.dataset.Dataset]
         Every source image the reports are about (headers); `image` is added if absent.
         All must belong to the study of `image`.
+    comments : Sequence[str]
+        Further statements about how the result was produced (e.g. that the input gate was
+        off), each a TEXT (121106,DCM,"Comment") after the findings and impression.
     """
 
     findings: str
@@ -286,6 +290,7 @@ class ReportContent:
     lesions: Sequence[LesionFinding]
     image: Dataset
     evidence: Sequence[Dataset] = field(default=())
+    comments: Sequence[str] = field(default=())
 
     def __post_init__(self) -> None:
         _check_text(self.findings, "findings")
@@ -311,8 +316,11 @@ class ReportContent:
             if ds.SOPInstanceUID not in seen:
                 seen.add(ds.SOPInstanceUID)
                 evidence.append(ds)
+        for comment in self.comments:
+            _check_text(comment, "comments", max_length=_UT_MAX)
         object.__setattr__(self, "lesions", tuple(self.lesions))
         object.__setattr__(self, "evidence", tuple(evidence))
+        object.__setattr__(self, "comments", tuple(self.comments))
 
 
 # --- pure helpers -------------------------------------------------------------------------
@@ -528,6 +536,10 @@ def _text_items(content: ReportContent) -> list[hd.sr.TextContentItem]:
     return [
         hd.sr.TextContentItem(name=FINDINGS, value=findings, relationship_type=_CONTAINS),
         hd.sr.TextContentItem(name=IMPRESSION, value=impression, relationship_type=_CONTAINS),
+        *(
+            hd.sr.TextContentItem(name=codes.DCM.Comment, value=c, relationship_type=_CONTAINS)
+            for c in content.comments
+        ),
     ]
 
 
