@@ -52,6 +52,7 @@ from pydicom.uid import (
 )
 
 from report.codes import (
+    AIR_PROCESSING_ALGORITHM,
     BOUNDED_BY,
     CERTAINTY_OF_FINDING,
     DEVICE,
@@ -518,7 +519,7 @@ def _image_library(images: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
 
 def _observer_context(algorithm: AlgorithmInfo) -> hd.sr.ObservationContext:
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=derive_uid(algorithm.manufacturer, algorithm.name, algorithm.version, "device"),
+        uid=device_uid(algorithm),
         name=algorithm.name,
         manufacturer_name=algorithm.manufacturer,
         model_name=f"{algorithm.name} {algorithm.version}"[:_LO_MAX],
@@ -685,17 +686,31 @@ def _text_report(content: ReportContent, algorithm: AlgorithmInfo) -> hd.sr.Cont
     return root
 
 
+def device_uid(algorithm: AlgorithmInfo) -> str:
+    """The algorithm's Device UID: one per manufacturer, name and version (IHE AIR 6.5.3.1
+    wants it to change with every model version); also the observer device's UID."""
+    return derive_uid(algorithm.manufacturer, algorithm.name, algorithm.version, "device")
+
+
 def _algorithm_equipment(
     algorithm: AlgorithmInfo, when: datetime.datetime
 ) -> hd.ContributingEquipment:
-    return hd.ContributingEquipment(
+    """The Contributing Equipment item that IHE AIR 6.5.3.1 asks for: Purpose of Reference
+    (Newcode1, 99IHE, "Processing Algorithm"), Manufacturer, Manufacturer's Model Name,
+    Software Versions and Device UID."""
+    equipment = hd.ContributingEquipment(
         manufacturer=algorithm.manufacturer,
-        purpose_of_reference=PROCESSING_EQUIPMENT,
+        purpose_of_reference=PROCESSING_EQUIPMENT,  # highdicom accepts CID 7005 codes only
         manufacturer_model_name=algorithm.name,
         software_versions=algorithm.version,
         contribution_datetime=when,
         contribution_description="AI processing algorithm: detection and report drafting",
     )
+    equipment.PurposeOfReferenceCodeSequence = [
+        hd.sr.CodedConcept.from_code(AIR_PROCESSING_ALGORITHM)
+    ]
+    equipment.DeviceUID = device_uid(algorithm)
+    return equipment
 
 
 def build_reports(
