@@ -175,7 +175,8 @@ def observe_inference(seconds: float) -> None:
 
 
 def observe_report(result: str) -> None:
-    """Count a finished report job (``reported`` or ``failed``)."""
+    """Count a finished report job (``reported``, ``abstained`` — the model's input gate
+    declined the study and an abstention SR was written — or ``failed``)."""
     REPORTS.labels(result).inc()
 
 

@@ -808,8 +808,13 @@ class StudyStore:
         impression: str,
         lesion_count: int,
         destinations: Sequence[str],
+        outcome: str | None = None,
     ) -> bool:
-        """processing -> sending (or done without destinations); creates pending deliveries."""
+        """processing -> sending (or done without destinations); creates pending deliveries.
+
+        ``outcome`` (e.g. ``"abstained: <why>"`` when the model's input gate declined the study)
+        is kept in ``reason`` through ``done``, so status, the status page and the audit show it.
+        """
         now = _now()
         s = studies_table.c
         with self._tx() as conn:
@@ -827,7 +832,7 @@ class StudyStore:
                     lesion_count=lesion_count,
                     result_paths=json.dumps(list(result_paths)),
                     lease_expires_at=None,
-                    reason=None,
+                    reason=outcome,
                     updated_at=now,
                     state_changed_at=now,
                 )
@@ -855,7 +860,8 @@ class StudyStore:
                 "reported",
                 f"{model_name} {model_version}: {lesion_count} lesion(s), "
                 f"{len(result_paths)} SR object(s)"
-                + ("" if destinations else "; no destinations configured"),
+                + ("" if destinations else "; no destinations configured")
+                + (f"; {outcome}" if outcome else ""),
             )
         return True
 
@@ -961,17 +967,19 @@ class StudyStore:
         if any(st == DELIVERY_PENDING for st in states):
             return
         s = studies_table.c
+        ended: dict[str, Any] = {}  # done keeps the report's outcome (an abstention) as reason
         if all(st == DELIVERY_SENT for st in states):
             new, reason = DONE, None
         else:
             failed = [st for st in states if st == DELIVERY_FAILED]
             new, reason = FAILED, f"delivery failed to {len(failed)} destination(s)"
+            ended["reason"] = reason
         res = conn.execute(
             studies_table.update()
             .where(s.study_instance_uid == study_uid, s.state == SENDING)
             .values(
                 state=new,
-                reason=reason,
+                **ended,
                 finished_at=_now(),
                 updated_at=_now(),
                 state_changed_at=_now(),

@@ -7,6 +7,7 @@ A checkpoint is one directory, never a pickle::
     vocab.json            Tokenizer.to_dict()
     classes.json          the detector class names, in index order
     model.json            name, version, training data, created, format version
+    gate.safetensors      optional: the input gate's statistics (see model.gate); not hashed
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from model.classes import VINDR_CLASSES
 from model.config import ModelConfig, get_preset
 from model.errors import CheckpointError, ConfigError, TokenizerError
+from model.gate import GateStatistics, feature_dim, load_gate
 from model.modeling import D2RNet
 from model.tokenizer import Tokenizer
 
@@ -104,6 +106,8 @@ class LoadedCheckpoint:
     tokenizer: Tokenizer
     info: ModelInfo
     sha256: str
+    #: the input gate's reference statistics (``gate.safetensors``), None when absent
+    gate: GateStatistics | None = None
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -215,7 +219,8 @@ def load_checkpoint(path: Path, *, device: str = "cpu") -> LoadedCheckpoint:
             )
     model.load_state_dict(state, strict=True)
     model.to(device).eval()
-    return LoadedCheckpoint(model, config, tokenizer, info, checkpoint_sha256(path))
+    gate = load_gate(path, feature_dim(model))
+    return LoadedCheckpoint(model, config, tokenizer, info, checkpoint_sha256(path), gate)
 
 
 def load_detector_state(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:

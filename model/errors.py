@@ -5,6 +5,7 @@
     ModelError
     ├── ConfigError          invalid ModelConfig field (names the field)
     ├── CheckpointError      missing/corrupt checkpoint file or field (names it)
+    │   └── GateMissingError no input-gate statistics while the gate is on
     ├── TokenizerError       invalid vocabulary file or token ids
     ├── PreprocessError      pixel data that cannot be decoded or is unsupported
     ├── ExportError          an ONNX export directory is incomplete, invalid or of another model
@@ -25,6 +26,10 @@ class ConfigError(ModelError, ValueError):
 
 class CheckpointError(ModelError):
     """A checkpoint directory is missing a file or holds an invalid value."""
+
+
+class GateMissingError(CheckpointError):
+    """The input gate is on and the checkpoint has no statistics (names the setting)."""
 
 
 class TokenizerError(ModelError):
@@ -53,6 +58,7 @@ __all__ = [
     "ConfigError",
     "EngineMismatchError",
     "ExportError",
+    "GateMissingError",
     "ModelError",
     "PreprocessError",
     "TokenizerError",

@@ -13,8 +13,9 @@ import torch
 from model.backends import TORCH, InferenceBackend, create_backend, run_graphs
 from model.checkpoint import LoadedCheckpoint, load_checkpoint
 from model.classes import VINDR_CLASSES
-from model.errors import ModelError, PreprocessError
-from model.preprocess import Preprocessor
+from model.errors import GateMissingError, ModelError, PreprocessError
+from model.gate import GATE_FILE, gate_features, header_reason, pixel_reason, score_reason
+from model.preprocess import Letterbox, Preprocessor
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,14 @@ class StudyPrediction:
     sop_instance_uid: str
     model_name: str
     model_version: str
+    #: the input gate declined the image: no lesions and no text, ``abstain_reason`` says why
+    abstained: bool = False
+    abstain_reason: str = ""
+    #: the gate's out-of-distribution score and threshold (None: not scored)
+    ood_score: float | None = None
+    ood_threshold: float | None = None
+    #: whether the input gate ran (``D2R_INPUT_GATE``)
+    input_gate: bool = True
 
 
 class Predictor:
@@ -56,7 +65,16 @@ class Predictor:
         lesion_score_threshold: float | None = None,
         backend: InferenceBackend | None = None,
         beam_size: int | None = None,
+        input_gate: bool = True,
+        gate_setting: str = "D2R_INPUT_GATE",
     ) -> None:
+        if input_gate and checkpoint.gate is None:
+            raise GateMissingError(
+                f"checkpoint {checkpoint.info.name} {checkpoint.info.version} has no input-gate "
+                f"statistics ({GATE_FILE}): run d2r calibrate-gate --model DIR --data DIR, "
+                f"or set {gate_setting}=off"
+            )
+        self.input_gate = input_gate
         self._ckpt = checkpoint
         self.device = device
         self.backend: InferenceBackend = backend or create_backend(
@@ -87,14 +105,19 @@ class Predictor:
         beam_size: int | None = None,
         setting: str = "D2R_BACKEND",
         engine_setting: str = "D2R_ENGINE_DIR",
+        input_gate: bool = True,
+        gate_setting: str = "D2R_INPUT_GATE",
     ) -> Predictor:
         """Load and validate a checkpoint directory and start the named backend.
 
-        Raises ``CheckpointError`` for a bad checkpoint and
+        Raises ``CheckpointError`` for a bad checkpoint (:class:`GateMissingError`, naming
+        ``gate_setting``, for one without input-gate statistics while the gate is on) and
         :class:`model.backends.BackendError` (naming ``setting``) for a backend that
         cannot start; there is no fallback to another backend.
         """
         ckpt = load_checkpoint(Path(path), device=device)
+        if input_gate and ckpt.gate is None:  # refuse before starting a backend
+            cls._refuse(ckpt, path, gate_setting)
         graphs = create_backend(
             backend,
             ckpt.model,
@@ -111,6 +134,31 @@ class Predictor:
             lesion_score_threshold=lesion_score_threshold,
             backend=graphs,
             beam_size=beam_size,
+            input_gate=input_gate,
+            gate_setting=gate_setting,
+        )
+
+    @staticmethod
+    def _refuse(ckpt: LoadedCheckpoint, path: Path, gate_setting: str) -> None:
+        raise GateMissingError(
+            f"checkpoint {path} has no input-gate statistics ({GATE_FILE}): run "
+            f"d2r calibrate-gate --model {path} --data DIR, or set {gate_setting}=off"
+        )
+
+    def _abstain(self, uid: str, reason: str, score: float | None = None) -> StudyPrediction:
+        gate = self._ckpt.gate
+        logger.info("image %s: declined by the input gate: %s", uid, reason)
+        return StudyPrediction(
+            "",
+            "",
+            (),
+            uid,
+            self.name,
+            self.version,
+            abstained=True,
+            abstain_reason=reason,
+            ood_score=score,
+            ood_threshold=None if gate is None else gate.threshold,
         )
 
     def predict(
@@ -127,13 +175,25 @@ class Predictor:
             raise PreprocessError("no image given: predict needs at least one frontal image")
         stage = on_stage or (lambda _name: None)
         ds = datasets[0]
+        uid = str(ds.get("SOPInstanceUID", ""))
+        gate = self._ckpt.gate if self.input_gate else None
+        if gate is not None and (reason := header_reason(ds, self.config.image_size)):
+            return self._abstain(uid, reason)
         stage("decode")
         decoded = self._preprocess.decode(ds)
         stage("preprocess")
-        sample = self._preprocess.finish(decoded)
+        scaled = self._preprocess.intensity(decoded)
+        if gate is not None and (reason := pixel_reason(scaled)):
+            return self._abstain(uid, reason)
+        sample = Letterbox(self.config.image_size)(scaled)
         pixels, mapping = torch.from_numpy(sample.pixels)[None], sample.mapping
         stage("predict")
         image = pixels[None].to(self.device)  # (1,1,S,S)
+        score: float | None = None
+        if gate is not None:
+            score = float(gate.score(gate_features(self._ckpt.model, image).cpu())[0])
+            if reason := score_reason(score, gate):
+                return self._abstain(uid, reason, score)
         with torch.inference_mode():
             dets, all_ids = run_graphs(
                 self.backend,
@@ -155,9 +215,18 @@ class Predictor:
                 raise ModelError(f"detector returned class index {label}")
             x0, y0, x1, y1 = (float(v) for v in box)
             lesions.append(Lesion(VINDR_CLASSES[label], float(score), (x0, y0, x1, y1)))
-        uid = str(ds.get("SOPInstanceUID", ""))
         logger.info("predicted study image %s: %d lesions, %d tokens", uid, len(lesions), len(ids))
-        return StudyPrediction(findings, impression, tuple(lesions), uid, self.name, self.version)
+        return StudyPrediction(
+            findings,
+            impression,
+            tuple(lesions),
+            uid,
+            self.name,
+            self.version,
+            ood_score=score,
+            ood_threshold=None if gate is None else gate.threshold,
+            input_gate=self.input_gate,
+        )
 
 
 __all__ = ["Lesion", "Predictor", "StudyPrediction"]

@@ -52,6 +52,7 @@ from pydicom.uid import (
 )
 
 from report.codes import (
+    AIR_PROCESSING_ALGORITHM,
     BOUNDED_BY,
     CERTAINTY_OF_FINDING,
     DEVICE,
@@ -103,6 +104,7 @@ OHIF_RECTANGLE_ROI_TRACKING_IDENTIFIER: Final = "Cornerstone3DTools@^0.1.0:Recta
 #: Words in an algorithm name that mark a model not fit for clinical use.
 _NOT_FOR_DIAGNOSTIC_USE_MARKERS: Final = ("demo", "synthetic", "phantom", "random", "untrained")
 _LO_MAX: Final = 64  # Long String (LO) value length
+_UT_MAX: Final = 10_000  # a comment is one short statement, far below the UT limit
 
 #: Source image SOP classes the report may reference, with their coded modality (CID 29).
 _SOURCE_MODALITIES: Final[dict[str, Code]] = {
@@ -279,6 +281,9 @@ class ReportContent:
     evidence : Sequence[pydicom.dataset.Dataset]
         Every source image the reports are about (headers); `image` is added if absent.
         All must belong to the study of `image`.
+    comments : Sequence[str]
+        Further statements about how the result was produced (e.g. that the input gate was
+        off), each a TEXT (121106,DCM,"Comment") after the findings and impression.
     """
 
     findings: str
@@ -286,6 +291,7 @@ class ReportContent:
     lesions: Sequence[LesionFinding]
     image: Dataset
     evidence: Sequence[Dataset] = field(default=())
+    comments: Sequence[str] = field(default=())
 
     def __post_init__(self) -> None:
         _check_text(self.findings, "findings")
@@ -311,8 +317,11 @@ class ReportContent:
             if ds.SOPInstanceUID not in seen:
                 seen.add(ds.SOPInstanceUID)
                 evidence.append(ds)
+        for comment in self.comments:
+            _check_text(comment, "comments", max_length=_UT_MAX)
         object.__setattr__(self, "lesions", tuple(self.lesions))
         object.__setattr__(self, "evidence", tuple(evidence))
+        object.__setattr__(self, "comments", tuple(self.comments))
 
 
 # --- pure helpers -------------------------------------------------------------------------
@@ -510,7 +519,7 @@ def _image_library(images: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
 
 def _observer_context(algorithm: AlgorithmInfo) -> hd.sr.ObservationContext:
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=derive_uid(algorithm.manufacturer, algorithm.name, algorithm.version, "device"),
+        uid=device_uid(algorithm),
         name=algorithm.name,
         manufacturer_name=algorithm.manufacturer,
         model_name=f"{algorithm.name} {algorithm.version}"[:_LO_MAX],
@@ -528,6 +537,10 @@ def _text_items(content: ReportContent) -> list[hd.sr.TextContentItem]:
     return [
         hd.sr.TextContentItem(name=FINDINGS, value=findings, relationship_type=_CONTAINS),
         hd.sr.TextContentItem(name=IMPRESSION, value=impression, relationship_type=_CONTAINS),
+        *(
+            hd.sr.TextContentItem(name=codes.DCM.Comment, value=c, relationship_type=_CONTAINS)
+            for c in content.comments
+        ),
     ]
 
 
@@ -673,17 +686,31 @@ def _text_report(content: ReportContent, algorithm: AlgorithmInfo) -> hd.sr.Cont
     return root
 
 
+def device_uid(algorithm: AlgorithmInfo) -> str:
+    """The algorithm's Device UID: one per manufacturer, name and version (IHE AIR 6.5.3.1
+    wants it to change with every model version); also the observer device's UID."""
+    return derive_uid(algorithm.manufacturer, algorithm.name, algorithm.version, "device")
+
+
 def _algorithm_equipment(
     algorithm: AlgorithmInfo, when: datetime.datetime
 ) -> hd.ContributingEquipment:
-    return hd.ContributingEquipment(
+    """The Contributing Equipment item that IHE AIR 6.5.3.1 asks for: Purpose of Reference
+    (Newcode1, 99IHE, "Processing Algorithm"), Manufacturer, Manufacturer's Model Name,
+    Software Versions and Device UID."""
+    equipment = hd.ContributingEquipment(
         manufacturer=algorithm.manufacturer,
-        purpose_of_reference=PROCESSING_EQUIPMENT,
+        purpose_of_reference=PROCESSING_EQUIPMENT,  # highdicom accepts CID 7005 codes only
         manufacturer_model_name=algorithm.name,
         software_versions=algorithm.version,
         contribution_datetime=when,
         contribution_description="AI processing algorithm: detection and report drafting",
     )
+    equipment.PurposeOfReferenceCodeSequence = [
+        hd.sr.CodedConcept.from_code(AIR_PROCESSING_ALGORITHM)
+    ]
+    equipment.DeviceUID = device_uid(algorithm)
+    return equipment
 
 
 def build_reports(

@@ -46,6 +46,7 @@ __all__ = [
     "PRIVATE_SCHEME_DESIGNATOR",
     "PRIVATE_SCHEME_NAME",
     "PROCESSING_EQUIPMENT",
+    "AIR_PROCESSING_ALGORITHM",
     "QUALITATIVE_EVALUATIONS",
     "VINDR_CLASSES",
     "FindingCodes",
@@ -98,6 +99,9 @@ BOUNDED_BY: Final = codes.SCT.BoundedBy  # (75958009, SCT), CID 219
 CERTAINTY_OF_FINDING: Final = codes.DCM.CertaintyOfFinding  # (111012, DCM)
 PERCENT: Final = codes.UCUM.Percent  # (%, UCUM)
 PROCESSING_EQUIPMENT: Final = codes.DCM.ProcessingEquipment  # (109102, DCM), CID 7005
+#: IHE AI Results (AIR) 6.5.3.1: the Purpose of Reference of the algorithm's Contributing
+#: Equipment item
+AIR_PROCESSING_ALGORITHM: Final = Code("Newcode1", "99IHE", "Processing Algorithm")
 
 # Finding sites (SNOMED CT body structures from pydicom's dictionary).
 _AORTA: Final = codes.SCT.Aorta  # 15825003

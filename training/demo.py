@@ -17,7 +17,10 @@ Stages (every seed fixed; the held-out seed is never used for training):
    branch keeps the detector's trained ResNet fixed.
 3. ``finish``: ``EVAL_STUDIES`` new studies (seed ``EVAL_SEED``, DICOM) are scored with the same
    code as ``d2r evaluate --model --data``; the checkpoint, its metrics and ``MODEL_CARD.md`` go
-   to ``--out``.
+   to ``--out``, after the input gate (stage 4) is fitted, so the held-out scores count the
+   studies the gate declines (``abstain_rate``) and score the others.
+4. ``gate``: the input gate's statistics (:mod:`model.calibrate`) from ``GATE_STUDIES`` new
+   phantom studies of each of ``GATE_SEEDS``; ``--stage gate`` alone refits an existing ``--out``.
 
 Synthetic data, not for clinical use: the model reads phantoms only.
 """
@@ -43,6 +46,9 @@ TRAIN_DEVICE_FRACTION = 0.3
 #: generator reads: with one copy of each finding per few dozen studies, 480 studies leave the
 #: decoder short of examples of each combination; the detector trains on ``TRAIN_STUDIES`` alone
 EXTRA_SEED, EXTRA_STUDIES = 9, 600
+#: in-distribution phantom studies (DICOM) that fit the input gate's statistics: new draws of
+#: the training distribution, never the held-out seed (see model.calibrate)
+GATE_SEEDS, GATE_STUDIES = (10, 11), 300
 MODEL_NAME = "d2r-demo-phantom"
 MODEL_VERSION = "3.1.0"
 
@@ -91,7 +97,7 @@ GENERATOR: dict[str, Any] = {
     "progress": False,
 }
 
-STAGES = ("detector", "generator", "finish")
+STAGES = ("detector", "generator", "finish", "gate")
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +182,9 @@ def run(
 
     torch.set_num_threads(threads)
     work.mkdir(parents=True, exist_ok=True)
+    if stages == ("gate",):  # refit the gate of a finished checkpoint: no training data needed
+        calibrate_gate(out, work)
+        return None
     t0 = time.perf_counter()
     train_dir = _synth(
         work / "phantom-train",
@@ -236,6 +245,20 @@ def run(
     return finish(out, work, eval_dir, read_records(generator_data), unlabeled_note, t0)
 
 
+def calibrate_gate(out: Path, work: Path) -> None:
+    """Fit the input gate of the checkpoint in ``out`` on ``GATE_STUDIES`` phantom studies of
+    each of ``GATE_SEEDS`` (DICOM, rendered like the held-out studies)."""
+    from model.calibrate import calibrate_checkpoint
+    from model.gate import describe
+
+    files: list[Path] = []
+    for seed in GATE_SEEDS:
+        folder = _synth(work / f"phantom-gate-{seed}", GATE_STUDIES, seed, 1024)
+        files += sorted((folder / "dicom").rglob("*.dcm"))
+    stats, skipped = calibrate_checkpoint(out, files)
+    logger.info("input gate from %d images (%d skipped): %s", len(files), skipped, describe(stats))
+
+
 def finish(
     out: Path,
     work: Path,
@@ -261,6 +284,7 @@ def finish(
         training_data=f"{describe_data(_sources(), records)}; detector also saw {unlabeled_note}",
         half=bool(GENERATOR.get("half", False)),
     )
+    calibrate_gate(out, work)
     metrics = evaluate_checkpoint(out, eval_dir)
     write_outputs(metrics, work / "heldout" / "metrics.json")
     summary = {
@@ -271,6 +295,7 @@ def finish(
         ce_f1_present=sum(present) / len(present) if present else None,
         ce_present_observations=len(present),
         heldout_studies=EVAL_STUDIES,
+        abstain_rate=metrics["abstain_rate"],
         heldout_seed=EVAL_SEED,
         train_seed=TRAIN_SEED,
         unlabeled_seed=UNLABELED_SEED,

@@ -994,6 +994,10 @@ def _train(
         if final.exists():
             shutil.rmtree(final)
         shutil.copytree(best, final)
+        from model.checkpoint import load_checkpoint
+        from training.gate import write_gate
+
+        write_gate(load_checkpoint(final).model, train_samples, final)
     if distributed:
         torch.distributed.barrier()
     return final

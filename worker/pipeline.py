@@ -48,8 +48,31 @@ class ReportResult:
     prediction: StudyPrediction
 
 
+#: said in every SR while ``D2R_INPUT_GATE`` is off
+GATE_OFF_COMMENT = (
+    "The input gate was off (D2R_INPUT_GATE=off): the image was not checked against the "
+    "inputs the model was validated on."
+)
+
+
+def abstention_text(prediction: StudyPrediction) -> tuple[str, str]:
+    """Findings and impression of an abstention SR: who declined the study, and why."""
+    who = f"model {prediction.model_name} version {prediction.model_version}"
+    score = (
+        ""
+        if prediction.ood_score is None or prediction.ood_threshold is None
+        else f" (score {prediction.ood_score:.1f}, threshold {prediction.ood_threshold:.1f})"
+    )
+    return (
+        f"Not assessed: this study was not assessed by the AI {who}. "
+        f"Reason: {prediction.abstain_reason}{score}.",
+        "Not assessed by AI: no AI findings for this study.",
+    )
+
+
 def report_content(prediction: StudyPrediction, images: Sequence[Dataset]) -> ReportContent:
-    """Map a model prediction onto the report builder's input."""
+    """Map a model prediction onto the report builder's input (an abstention: no lesion
+    groups, and text saying that the model declined the study and why)."""
     by_uid = {str(ds.SOPInstanceUID): ds for ds in images}
     try:
         image = by_uid[prediction.sop_instance_uid]
@@ -57,9 +80,14 @@ def report_content(prediction: StudyPrediction, images: Sequence[Dataset]) -> Re
         raise ModelError(
             f"prediction refers to {prediction.sop_instance_uid}, not one of the study's images"
         ) from None
+    comments = () if prediction.input_gate else (GATE_OFF_COMMENT,)
+    if prediction.abstained:
+        findings, impression = abstention_text(prediction)
+        return ReportContent(findings, impression, [], image, list(images), comments)
     return ReportContent(
         findings=prediction.findings,
         impression=prediction.impression,
+        comments=comments,
         lesions=[
             LesionFinding(class_name=les.class_name, score=les.score, box=les.box)
             for les in prediction.lesions

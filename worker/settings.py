@@ -109,6 +109,8 @@ class WorkerSettings:
     lesion_min_score: float | None = None
     #: the checkpoint hash the worker must load (None: any checkpoint at ``model_path``)
     model_sha256: str | None = None
+    #: decline images outside the checkpoint's validated inputs (``D2R_INPUT_GATE``)
+    input_gate: bool = True
 
     @property
     def queue_dir(self) -> Path:
@@ -178,6 +180,7 @@ class WorkerSettings:
             ),
             lesion_min_score=env_setting(env, "D2R_LESION_MIN_SCORE", None, _unit_interval),
             model_sha256=env_setting(env, "D2R_MODEL_SHA256", None, _sha256),
+            input_gate=env_setting(env, "D2R_INPUT_GATE", d.input_gate, parse_bool),
         )
 
     def require_model(self) -> Path:
@@ -196,8 +199,21 @@ class WorkerSettings:
             except Exception as e:  # a bad checkpoint is reported by the model loader
                 raise ConfigError("D2R_MODEL", f"{self.model_path}: {e}") from e
             self.verify_model_sha256(actual)
+        self.require_gate(self.model_path)
         self.require_backend(self.model_path)
         return self.model_path
+
+    def require_gate(self, model_path: Path) -> None:
+        """Refuse, naming ``D2R_INPUT_GATE``, a checkpoint without input-gate statistics
+        while the gate is on."""
+        from model.gate import GATE_FILE
+
+        if self.input_gate and not (model_path / GATE_FILE).is_file():
+            raise ConfigError(
+                "D2R_INPUT_GATE",
+                f"checkpoint {model_path} has no input-gate statistics ({GATE_FILE}): run "
+                f"d2r calibrate-gate --model {model_path} --data DIR, or set D2R_INPUT_GATE=off",
+            )
 
     def require_backend(self, model_path: Path) -> None:
         """Refuse a backend that cannot start, before any worker process starts.

@@ -82,6 +82,7 @@ class WorkerContext:
                         backend=self.settings.backend,
                         engine_dir=self.settings.engine_dir,
                         torch_compile=self.settings.torch_compile,
+                        input_gate=self.settings.input_gate,
                     )
                     # a pinned hash must match what was actually loaded
                     self.settings.verify_model_sha256(self._predictor.checkpoint_sha256)
@@ -318,14 +319,16 @@ def _attempt(
         impression=pred.impression,
         lesion_count=len(pred.lesions),
         destinations=destinations,
+        outcome=f"abstained: {pred.abstain_reason}" if pred.abstained else None,
     ):
         return "stale"
-    metrics.observe_report("reported")
+    outcome = "abstained" if pred.abstained else "reported"
+    metrics.observe_report(outcome)
     if not destinations and (view := store.get(uid)) is not None:
         metrics.observe_study_done(view, None)
     for dest in destinations:
         app.send_task(SEND_TASK, args=[uid, dest])
-    return "reported"
+    return outcome
 
 
 def _encode(ds: Dataset) -> bytes:

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from pydicom.errors import InvalidDicomError
 
     from model.backends import BackendError
-    from model.errors import CheckpointError, ModelError
+    from model.errors import CheckpointError, GateMissingError, ModelError
     from model.predict import Predictor
 
     backend = args.backend or os.environ.get("D2R_BACKEND") or "torch"
@@ -66,6 +66,12 @@ def run(args: argparse.Namespace) -> int:
         "--engine-dir" if args.engine_dir else "D2R_ENGINE_DIR" if engine_dir else "--engine-dir"
     )
 
+    from dicom_node.settings import parse_bool
+
+    try:
+        input_gate = parse_bool(os.environ.get("D2R_INPUT_GATE", "on"))
+    except ValueError as e:
+        return fail("predict", f"D2R_INPUT_GATE: {e}", EXIT_USAGE)
     datasets = []
     for name in args.files:
         path = Path(name)
@@ -84,7 +90,10 @@ def run(args: argparse.Namespace) -> int:
             engine_dir=Path(engine_dir) if engine_dir else None,
             setting=backend_setting,
             engine_setting=engine_setting,
+            input_gate=input_gate,
         )
+    except GateMissingError as e:
+        return fail("predict", str(e), EXIT_FAILURE)
     except CheckpointError as e:
         return fail("predict", f"bad checkpoint {model_dir}: {e}", EXIT_FAILURE)
     except BackendError as e:
@@ -93,10 +102,30 @@ def run(args: argparse.Namespace) -> int:
         result = predictor.predict(datasets)
     except ModelError as e:
         return fail("predict", f"{args.files[0]}: {e}", EXIT_FAILURE)
+    gate = {
+        "input_gate": "on" if result.input_gate else "off",
+        "abstained": result.abstained,
+        "abstain_reason": result.abstain_reason or None,
+        "ood_score": None if result.ood_score is None else round(result.ood_score, 3),
+        "ood_threshold": None if result.ood_threshold is None else round(result.ood_threshold, 3),
+    }
+    if args.json and result.abstained:  # no lesions and no text
+        print(
+            json.dumps(
+                {
+                    **gate,
+                    "model": {"name": result.model_name, "version": result.model_version},
+                    "sop_instance_uid": result.sop_instance_uid,
+                },
+                indent=1,
+            )
+        )
+        return 0
     if args.json:
         print(
             json.dumps(
                 {
+                    **gate,
                     "findings": result.findings,
                     "impression": result.impression,
                     "lesions": [
@@ -116,6 +145,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"Model: {result.model_name} {result.model_version}")
     print(f"Image: {result.sop_instance_uid}")
+    if result.abstained:
+        print(f"\nNOT ASSESSED: {result.abstain_reason}")
+        return 0
+    if not result.input_gate:
+        print("Input gate: off (the image was not checked against the model's inputs)")
     print(f"\nFINDINGS: {result.findings}\n\nIMPRESSION: {result.impression}\n")
     print(f"Lesions ({len(result.lesions)}):")
     for x in result.lesions:

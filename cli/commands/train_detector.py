@@ -96,5 +96,8 @@ def run(args: argparse.Namespace) -> int:
     if args.unlabeled:
         desc += f"; unlabelled images from {args.unlabeled}"
     save_checkpoint(kept, tokenizer, out, name=args.name, version=args.version, training_data=desc)
+    from training.gate import write_gate
+
+    write_gate(kept, labeled, out)
     print(out)
     return 0

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 
 def _predictors(model_dir: Path, onnx_dir: Path, beam: int) -> tuple[Predictor, Predictor]:
-    common = {"lesion_score_threshold": 0.0, "beam_size": beam}
+    common = {"lesion_score_threshold": 0.0, "beam_size": beam, "input_gate": False}
     torch_p = Predictor.from_checkpoint(model_dir, backend="torch", **common)  # type: ignore[arg-type]
     ort_p = Predictor.from_checkpoint(
         model_dir,

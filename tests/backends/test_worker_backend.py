@@ -54,7 +54,8 @@ def _mismatched_export(onnx_dir: Path, dest: Path) -> Path:
 def test_require_model_checks_the_engine_dir(
     model_dir: Path, onnx_dir: Path, tmp_path: Path
 ) -> None:
-    env = {"D2R_MODEL": str(model_dir), "D2R_BACKEND": "onnxruntime"}
+    # the random test checkpoint has no input-gate statistics
+    env = {"D2R_MODEL": str(model_dir), "D2R_BACKEND": "onnxruntime", "D2R_INPUT_GATE": "off"}
     ok = WorkerSettings.from_env(env | {"D2R_ENGINE_DIR": str(onnx_dir)})
     assert ok.require_model() == model_dir
     bad = WorkerSettings.from_env(

@@ -48,9 +48,11 @@ def test_manifest_names_this_machine(trt, engine_dir: Path, model_dir: Path) -> 
 
 def test_tensorrt_matches_torch(engine_dir: Path, model_dir: Path) -> None:
     ds = pydicom.dcmread(rg1_path())
-    ref = Predictor.from_checkpoint(model_dir, device="cuda", lesion_score_threshold=0.0)
+    ref = Predictor.from_checkpoint(
+        model_dir, device="cuda", lesion_score_threshold=0.0, input_gate=False
+    )
     got = Predictor.from_checkpoint(
-        model_dir, device="cuda", lesion_score_threshold=0.0, backend="tensorrt",
+        model_dir, device="cuda", lesion_score_threshold=0.0, backend="tensorrt", input_gate=False,
         engine_dir=engine_dir,
     )  # fmt: skip
     a, b = ref.predict([ds]), got.predict([ds])

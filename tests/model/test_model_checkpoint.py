@@ -111,7 +111,9 @@ def test_missing_tensor_named(small_checkpoint: Path, tmp_path: Path) -> None:
 
 
 def test_predictor_api(small_checkpoint: Path, rg1: pydicom.Dataset) -> None:
-    predictor = Predictor.from_checkpoint(small_checkpoint, lesion_score_threshold=0.0)
+    predictor = Predictor.from_checkpoint(
+        small_checkpoint, lesion_score_threshold=0.0, input_gate=False
+    )
     assert predictor.checkpoint_sha256 == checkpoint_sha256(small_checkpoint)
     result = predictor.predict([rg1])
     assert result.sop_instance_uid == rg1.SOPInstanceUID

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _d2r(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if k != "D2R_MODEL"}
+    base = {k: v for k, v in os.environ.items() if k not in ("D2R_MODEL", "D2R_INPUT_GATE")}
     return subprocess.run(
         [sys.executable, "-m", "cli.main", *args],
         capture_output=True,
@@ -31,12 +31,23 @@ def test_init_model_then_predict_json_on_rg1(tmp_path: Path, rg1_path: Path) -> 
     res = _d2r("init-model", "--out", str(out), "--preset", "small", "--seed", "3")
     assert res.returncode == 0, res.stderr
     assert "not trained" in res.stdout
+    # a checkpoint without input-gate statistics is refused while the gate is on (the default)
+    res = _d2r("predict", str(rg1_path), "--json", env={"D2R_MODEL": str(out)})
+    assert res.returncode == 1 and not res.stdout
+    (line,) = res.stderr.strip().splitlines()
+    assert "D2R_INPUT_GATE" in line and "d2r calibrate-gate" in line
     res = _d2r(
-        "predict", str(rg1_path), "--json", "--min-score", "0.0", env={"D2R_MODEL": str(out)}
+        "predict",
+        str(rg1_path),
+        "--json",
+        "--min-score",
+        "0.0",
+        env={"D2R_MODEL": str(out), "D2R_INPUT_GATE": "off"},
     )
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout)
     assert {"findings", "impression", "lesions", "model"} <= set(data)
+    assert data["input_gate"] == "off" and data["abstained"] is False
     assert data["model"] == {"name": "d2r-net-random", "version": "0.0.0"}
     ds = pydicom.dcmread(rg1_path, stop_before_pixels=True)
     assert data["lesions"]
@@ -45,8 +56,9 @@ def test_init_model_then_predict_json_on_rg1(tmp_path: Path, rg1_path: Path) -> 
         assert lesion["class_name"] in VINDR_CLASSES
         x0, y0, x1, y1 = lesion["box"]
         assert 0 <= x0 < x1 <= ds.Columns and 0 <= y0 < y1 <= ds.Rows
-    text = _d2r("predict", str(rg1_path), "--model", str(out))
+    text = _d2r("predict", str(rg1_path), "--model", str(out), env={"D2R_INPUT_GATE": "off"})
     assert text.returncode == 0 and "FINDINGS:" in text.stdout and "IMPRESSION:" in text.stdout
+    assert "Input gate: off" in text.stdout
 
 
 def test_predict_errors(

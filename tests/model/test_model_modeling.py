@@ -297,7 +297,7 @@ def test_alignment_losses_with_tiny_text_encoder() -> None:
 def test_inference_path_never_loads_transformers(small_checkpoint: Path, rg1_path: Path) -> None:
     code = (
         "import sys, pydicom; from pathlib import Path; from model.predict import Predictor;"
-        f"p = Predictor.from_checkpoint(Path({str(small_checkpoint)!r}));"
+        f"p = Predictor.from_checkpoint(Path({str(small_checkpoint)!r}), input_gate=False);"
         f"p.predict([pydicom.dcmread({str(rg1_path)!r})]);"
         "assert 'transformers' not in sys.modules, 'transformers imported'"
     )

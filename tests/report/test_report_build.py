@@ -387,10 +387,22 @@ def test_series_description_and_equipment(
     processing = [
         item
         for item in sr.ContributingEquipmentSequence
-        if item.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
+        if (
+            item.PurposeOfReferenceCodeSequence[0].CodeValue,
+            item.PurposeOfReferenceCodeSequence[0].CodingSchemeDesignator,
+            item.PurposeOfReferenceCodeSequence[0].CodeMeaning,
+        )
+        == ("Newcode1", "99IHE", "Processing Algorithm")  # IHE AIR 6.5.3.1
         and item.Manufacturer == "Example Medical"
     ]
     assert processing and processing[0].SoftwareVersions == "1.0.0"
+    assert processing[0].ManufacturerModelName == "d2r-net"
+    # the Device UID changes with every model version
+    (newer,) = build_reports(
+        content, AlgorithmInfo("d2r-net", "1.0.1", "Example Medical"), text_sr=False
+    )
+    newer_uids = [i.DeviceUID for i in newer.ContributingEquipmentSequence if "DeviceUID" in i]
+    assert newer_uids and processing[0].DeviceUID not in newer_uids
 
     own = build_reports(
         content,

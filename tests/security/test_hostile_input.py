@@ -157,7 +157,7 @@ def predictor(model_dir: Path):  # type: ignore[no-untyped-def]
     torch.set_num_threads(1)
     from model.predict import Predictor
 
-    return Predictor.from_checkpoint(model_dir)
+    return Predictor.from_checkpoint(model_dir, input_gate=False)
 
 
 @pytest.mark.slow

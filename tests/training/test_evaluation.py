@@ -131,3 +131,36 @@ def test_invalid_lines_reported_by_number() -> None:
     for n in (2, 3, 4, 5):
         assert f"line {n}:" in text
     assert "line 1:" not in text
+
+
+def test_abstained_studies_count_in_abstain_rate_and_nowhere_else() -> None:
+    from training.evaluation import evaluate_records
+    from training.evaluation.records import record_from_dict
+
+    box = {"class_name": "Pleural effusion", "box": [10.0, 10.0, 50.0, 50.0]}
+    accepted = {
+        "reference": "There is a small left pleural effusion.",
+        "generated": "There is a small left pleural effusion.",
+        "gt_lesions": [box],
+        "pred_lesions": [{**box, "score": 0.9}],
+    }
+    declined = {  # nothing generated: scored, it would pull every metric down
+        "reference": "There is a small left pleural effusion.",
+        "generated": "",
+        "gt_lesions": [box],
+        "pred_lesions": [],
+        "abstained": True,
+    }
+    records = [
+        record_from_dict({"id": "a", **accepted}),
+        record_from_dict({"id": "b", **accepted}),
+        record_from_dict({"id": "c", **declined}),
+    ]
+    metrics = evaluate_records(records, nlg=False)
+    assert metrics["abstain_rate"] == pytest.approx(1 / 3)
+    assert metrics["meta"]["n"] == 2 and metrics["meta"]["n_abstained"] == 1
+    assert metrics["map50"] == pytest.approx(1.0)
+    with_all = evaluate_records(
+        [*records[:2], record_from_dict({"id": "c", **declined, "abstained": False})], nlg=False
+    )
+    assert with_all["abstain_rate"] == 0.0 and with_all["map50"] < 1.0

@@ -62,9 +62,12 @@ def evaluate_records(
     """Score ``records`` (sorted by id first) and return the ``metrics.json`` object.
 
     The object also carries ``per_report`` (a list, written to ``per_report.jsonl`` by
-    :func:`write_outputs`, not to ``metrics.json``).
+    :func:`write_outputs`, not to ``metrics.json``). Studies the input gate declined count in
+    ``abstain_rate``; every other metric is computed on the studies it accepted.
     """
-    recs = sorted(records, key=lambda r: r.id)
+    everything = sorted(records, key=lambda r: r.id)
+    recs = [r for r in everything if not r.abstained]
+    abstain_rate = (len(everything) - len(recs)) / len(everything) if everything else None
     ids = [r.id for r in recs]
     timings: dict[str, float] = {}
     metrics: dict[str, Any] = {
@@ -102,8 +105,10 @@ def evaluate_records(
         detection = compute_detection(gt, pred)
         timings["detection_s"] = time.perf_counter() - t
     metrics["map50"] = detection["map50"] if detection else None
+    metrics["abstain_rate"] = abstain_rate
     meta = {
         "n": len(recs),
+        "n_abstained": len(everything) - len(recs),
         "n_with_boxes": len(with_boxes),
         "nlg_mode": nlg_mode,
         "r2gen_truncate_refs": truncate_refs,

@@ -31,6 +31,7 @@ def predict_phantom_records(model_dir: Path, data: Path, split: str | None = Non
                     "id": entry["id"],
                     "reference": entry["reference"],
                     "generated": pred.findings,
+                    "abstained": pred.abstained,
                     "gt_lesions": entry["gt_lesions"],
                     "pred_lesions": [
                         {"class_name": le.class_name, "score": le.score, "box": list(le.box)}

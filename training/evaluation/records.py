@@ -33,6 +33,8 @@ class EvalRecord:
     generated: str
     gt_lesions: tuple[LesionRecord, ...] | None = None
     pred_lesions: tuple[LesionRecord, ...] | None = None
+    #: the model's input gate declined the study (not scored; counted in ``abstain_rate``)
+    abstained: bool = False
 
 
 def _lesions(value: Any, *, scored: bool, key: str) -> tuple[LesionRecord, ...]:
@@ -84,7 +86,10 @@ def record_from_dict(obj: Any) -> EvalRecord:
         if "pred_lesions" in obj
         else None
     )
-    return EvalRecord(obj["id"], obj["reference"], obj["generated"], gt, pred)
+    abstained = obj.get("abstained", False)
+    if not isinstance(abstained, bool):
+        raise ValueError("abstained must be true or false")
+    return EvalRecord(obj["id"], obj["reference"], obj["generated"], gt, pred, abstained)
 
 
 def parse_records(lines: Iterable[str]) -> list[EvalRecord]:
