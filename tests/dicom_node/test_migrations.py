@@ -18,7 +18,6 @@ import sys
 import threading
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,7 +35,7 @@ from dicom_node.errors import SchemaAheadError, SchemaBehindError, UnknownSchema
 from dicom_node.studies import STUDY_STATES, InstanceRecord, StudyStore, make_engine, metadata
 from tests.dicom_node import legacy_schema
 from tests.support.dicom_files import rg1_path
-from tests.support.postgres import private_postgres
+from tests.support.postgres import postgres_server, scratch_database
 from tests.support.processes import Process, base_env, d2r_cmd, free_port, wait_for, wait_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,10 +43,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def postgres_admin_url() -> Iterator[str]:
-    if url := os.environ.get("D2R_TEST_POSTGRES_URL"):
-        yield url
-        return
-    with private_postgres() as url:
+    with postgres_server() as url:
         yield url
 
 
@@ -57,17 +53,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'd2r.db'}"
         return
-    admin_url = request.getfixturevalue("postgres_admin_url")
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    name = f"d2r_mig_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE {name}"))
-    try:
-        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f"DROP DATABASE {name} WITH (FORCE)"))
-        admin.dispose()
+    with scratch_database(request.getfixturevalue("postgres_admin_url"), "d2r_mig") as url:
+        yield url
 
 
 @pytest.fixture

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import threading
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 
 from dicom_node.assembler import Assembler, AssemblerConfig
 from dicom_node.studies import InstanceRecord, StudyStore
-from tests.support.postgres import private_postgres
+from tests.support.postgres import postgres_server, scratch_database
 
 
 def _record(
@@ -42,10 +39,7 @@ def _record(
 @pytest.fixture(scope="module")
 def postgres_admin_url() -> Iterator[str]:
     """A private PostgreSQL cluster, or the one named by D2R_TEST_POSTGRES_URL."""
-    if url := os.environ.get("D2R_TEST_POSTGRES_URL"):
-        yield url
-        return
-    with private_postgres() as url:
+    with postgres_server() as url:
         yield url
 
 
@@ -56,20 +50,12 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StudyStore
         yield s
         s.close()
         return
-    admin_url = request.getfixturevalue("postgres_admin_url")
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    name = f"d2r_test_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE {name}"))
-    url = admin_url.rsplit("/", 1)[0] + f"/{name}"
-    s = StudyStore(url)
-    try:
-        yield s
-    finally:
-        s.close()
-        with admin.connect() as conn:
-            conn.execute(sa.text(f"DROP DATABASE {name}"))
-        admin.dispose()
+    with scratch_database(request.getfixturevalue("postgres_admin_url"), "d2r_test") as url:
+        s = StudyStore(url)
+        try:
+            yield s
+        finally:
+            s.close()
 
 
 def test_first_instance_opens_a_receiving_study(store: StudyStore) -> None:

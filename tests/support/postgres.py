@@ -61,3 +61,32 @@ def private_postgres() -> Iterator[str]:
     finally:
         proc.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextmanager
+def postgres_server() -> Iterator[str]:
+    """The admin URL of the server named by D2R_TEST_POSTGRES_URL, or of a private cluster."""
+    if url := os.environ.get("D2R_TEST_POSTGRES_URL"):
+        yield url
+        return
+    with private_postgres() as url:
+        yield url
+
+
+@contextmanager
+def scratch_database(admin_url: str, prefix: str) -> Iterator[str]:
+    """Yield the URL of a new, empty database on ``admin_url``'s server; dropped afterwards."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {name}"))
+    try:
+        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"DROP DATABASE {name} WITH (FORCE)"))
+        admin.dispose()
