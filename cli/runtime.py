@@ -28,8 +28,8 @@ def environment(args: argparse.Namespace) -> dict[str, str]:
 
 def configure_logging(env: dict[str, str]) -> None:
     """Root logging: ``D2R_LOG_LEVEL`` and ``D2R_LOG_FORMAT`` (text or JSON lines)."""
-    from dicom_node import logs
-    from dicom_node.observability_settings import ObservabilitySettings
+    from observability import logs
+    from observability.settings import ObservabilitySettings
 
     obs = ObservabilitySettings.from_env(env)
     logs.configure_logging(env.get("D2R_LOG_LEVEL", "INFO"), obs.log_format)
@@ -64,11 +64,11 @@ def start_http(
     store: Any = None,
 ) -> Any:
     """Start the HTTP endpoint of ``D2R_HTTP_HOST:D2R_HTTP_PORT``; None when the port is 0."""
-    from dicom_node.http import ObservabilityServer, StatusPages, tls_context
-    from dicom_node.http_auth import Authenticator, FailureLimiter
-    from dicom_node.metrics import build_registry
-    from dicom_node.observability_settings import ObservabilitySettings
     from dicom_node.settings import ConfigError
+    from observability.auth import Authenticator, FailureLimiter
+    from observability.http import ObservabilityServer, StatusPages, tls_context
+    from observability.metrics import build_registry
+    from observability.settings import ObservabilitySettings
 
     obs = ObservabilitySettings.from_env(env)
     if obs.http_port == 0:
@@ -134,8 +134,8 @@ def stop_event_on_signals() -> threading.Event:
 
 def association_rejected(audit: Any) -> Callable[[Any, str], None]:
     """Count and audit an association the listener refused itself (e.g. by peer address)."""
-    from dicom_node import metrics
-    from dicom_node.audit import ASSOCIATION
+    from observability import metrics
+    from observability.audit import ASSOCIATION
 
     def record(assoc: Any, reason: str) -> None:
         metrics.observe_association(False, reason)
@@ -165,18 +165,18 @@ def run_node(
     extra_ready: Mapping[str, Callable[[], None]] | None = None,
 ) -> None:
     """Run the listener, the assembler and the HTTP endpoint until ``stop`` is set."""
-    from dicom_node import metrics
     from dicom_node.assembler import Assembler, AssemblerConfig
-    from dicom_node.audit import STUDY_FAILED, AuditLog, ListenerAudit
-    from dicom_node.metrics import (
+    from dicom_node.scp import AssociationStudies, start_server
+    from dicom_node.spool import Spool
+    from dicom_node.studies import InstanceRecord, StudyStore
+    from observability import metrics
+    from observability.audit import STUDY_FAILED, AuditLog, ListenerAudit
+    from observability.metrics import (
         OldestUnfinishedCollector,
         QueueDepthCollector,
         StudiesByStateCollector,
     )
-    from dicom_node.observability_settings import ObservabilitySettings
-    from dicom_node.scp import AssociationStudies, start_server
-    from dicom_node.spool import Spool
-    from dicom_node.studies import InstanceRecord, StudyStore
+    from observability.settings import ObservabilitySettings
     from worker.celery_app import create_app
     from worker.messages import (
         REPORT_QUEUE,

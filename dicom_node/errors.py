@@ -1,8 +1,8 @@
 """Exceptions raised by the DICOM node.
 
 Every exception the node raises on purpose derives from :class:`NodeError`; the
-receive side translates them into DIMSE statuses, the send side into retry
-(transient) or give-up (permanent) decisions::
+receive side translates them into DIMSE statuses, outbound failures live in
+:mod:`delivery.errors`::
 
     NodeError
     ├── ConfigError              (dicom_node.settings) an invalid setting
@@ -11,9 +11,6 @@ receive side translates them into DIMSE statuses, the send side into retry
     │   └── SpoolWriteError      any other write failure    -> 0x0110
     ├── InstanceRejected         the header cannot be used  -> 0xC000 range
     │   └── MissingUIDError      no Study / SOP Instance / SOP Class UID
-    ├── SendError                an outbound C-STORE failed
-    │   ├── TransientSendError   refused/aborted association, connection error, timeout
-    │   └── PermanentSendError   SOP class not accepted, failure status from the peer
     └── SchemaError              the study database's schema does not fit this release
         ├── SchemaBehindError    an older revision: ``d2r db upgrade`` (or D2R_DB_AUTO_UPGRADE)
         ├── SchemaAheadError     a newer revision than this release knows (a rollback)
@@ -26,15 +23,12 @@ __all__ = [
     "InstanceRejected",
     "MissingUIDError",
     "NodeError",
-    "PermanentSendError",
     "SchemaAheadError",
     "SchemaBehindError",
     "SchemaError",
-    "SendError",
     "SpoolError",
     "SpoolFullError",
     "SpoolWriteError",
-    "TransientSendError",
     "UnknownSchemaError",
 ]
 
@@ -74,30 +68,6 @@ class InstanceRejected(NodeError):
 
 class MissingUIDError(InstanceRejected):
     """The data set lacks a UID the node needs to file it (Study, SOP Instance or SOP Class)."""
-
-
-class SendError(NodeError):
-    """An outbound C-STORE did not complete successfully."""
-
-
-class TransientSendError(SendError):
-    """The send may succeed later: association refused or aborted, no connection, timeout."""
-
-
-class PermanentSendError(SendError):
-    """Retrying will not help: the peer refused the SOP class or returned a failure status.
-
-    Parameters
-    ----------
-    message : str
-        What failed.
-    status : int or None
-        The DIMSE status returned by the peer, when there was one.
-    """
-
-    def __init__(self, message: str, *, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class SchemaError(NodeError):

@@ -6,11 +6,11 @@ syntax (:func:`read_config_file`) overridden by the process environment
 reads ``os.environ``. Every invalid value raises :class:`ConfigError`, whose
 one-line message names the setting.
 
->>> s = NodeSettings.from_env({"D2R_AE_TITLE": "CXR_AI", "D2R_DESTINATIONS": "PACS@10.0.0.5:104"})
->>> s.ae_title, s.destinations[0].name
-('CXR_AI', 'PACS@10.0.0.5:104')
->>> parse_destinations("tls://PACS@pacs.example.org:2762")[0].tls
-True
+>>> s = NodeSettings.from_env({"D2R_AE_TITLE": "CXR_AI", "D2R_PORT": "11112"})
+>>> s.ae_title, s.port
+('CXR_AI', 11112)
+
+The destinations are the delivery package's (:class:`delivery.settings.DeliverySettings`).
 """
 
 from __future__ import annotations
@@ -25,22 +25,16 @@ from typing import TypeVar
 from dicom_node.errors import NodeError
 
 __all__ = [
-    "TLS_SCHEME",
     "ConfigError",
-    "Destination",
     "IPNetwork",
     "NodeSettings",
     "TlsSettings",
     "merged_environment",
     "parse_ae_titles",
-    "parse_destinations",
     "parse_networks",
     "read_config_file",
     "validate_ae_title",
 ]
-
-#: Prefix of a destination reached over DICOM TLS: ``tls://AET@host:port``.
-TLS_SCHEME = "tls://"
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -80,34 +74,6 @@ def validate_ae_title(value: str, setting: str = "D2R_AE_TITLE") -> str:
     return title
 
 
-@dataclass(frozen=True)
-class Destination:
-    """A C-STORE peer that receives the reports.
-
-    Parameters
-    ----------
-    ae_title : str
-        Called AE title of the peer.
-    host : str
-        Host name or IP address.
-    port : int
-        TCP port.
-    tls : bool
-        Reach the peer over DICOM TLS (PS3.15 Annex B.1, usually port 2762).
-    """
-
-    ae_title: str
-    host: str
-    port: int
-    tls: bool = False
-
-    @property
-    def name(self) -> str:
-        """``AET@host:port`` (``tls://AET@host:port`` over TLS): configuration and logs."""
-        plain = f"{self.ae_title}@{self.host}:{self.port}"
-        return f"{TLS_SCHEME}{plain}" if self.tls else plain
-
-
 def _parse_port(text: str, setting: str) -> int:
     try:
         port = int(text)
@@ -116,39 +82,6 @@ def _parse_port(text: str, setting: str) -> int:
     if not 1 <= port <= 65535:
         raise ConfigError(setting, f"port must be in 1..65535, got {port}")
     return port
-
-
-def parse_destinations(
-    text: str, setting: str = "D2R_DESTINATIONS", *, tls: bool = False
-) -> tuple[Destination, ...]:
-    """Parse a comma-separated list of ``[tls://]AET@host:port`` into destinations.
-
-    A ``tls://`` prefix, or ``tls=True`` (``D2R_DESTINATIONS_TLS``) for every item, sends
-    over DICOM TLS.
-    """
-    result: list[Destination] = []
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
-            continue
-        secure = tls
-        if item.lower().startswith(TLS_SCHEME):
-            item, secure = item[len(TLS_SCHEME) :], True
-        elif "://" in item:
-            raise ConfigError(setting, f"unknown scheme in {item!r}; only tls:// is known")
-        aet, at, hostport = item.partition("@")
-        host, colon, port = hostport.rpartition(":")
-        if not at or not colon or not host:
-            raise ConfigError(setting, f"expected AET@host:port, got {item!r}")
-        host = host.strip("[]")  # allow [::1]:104
-        result.append(
-            Destination(
-                validate_ae_title(aet, setting), host, _parse_port(port, setting), tls=secure
-            )
-        )
-    names = [d.name for d in result]
-    if len(set(names)) != len(names):
-        raise ConfigError(setting, "duplicate destination")
-    return tuple(result)
 
 
 def parse_ae_titles(text: str, setting: str = "D2R_ALLOWED_CALLING_AETS") -> tuple[str, ...]:
@@ -325,7 +258,6 @@ class NodeSettings:
     database_url: str = "sqlite:///d2r-data/d2r.db"
     #: upgrade a database at an older schema revision at start, under a lock (single-host installs)
     db_auto_upgrade: bool = False
-    destinations: tuple[Destination, ...] = ()
     study_quiet_seconds: float = 10.0
     study_force_seconds: float = 600.0
     #: complete a study this long after its last association was released (see studies.py)
@@ -370,13 +302,6 @@ class NodeSettings:
                 f"must be >= D2R_STUDY_QUIET_SECONDS ({quiet:g}), got {force:g}",
             )
         tls = _tls_settings(env)
-        destinations_tls = env_setting(env, "D2R_DESTINATIONS_TLS", False, parse_bool)
-        destinations = env_setting(
-            env,
-            "D2R_DESTINATIONS",
-            d.destinations,
-            lambda t: parse_destinations(t, tls=destinations_tls),
-        )
         max_pdu = env_setting(env, "D2R_MAX_PDU", d.max_pdu, int_at_least(0))
         if max_pdu != 0 and max_pdu < 4096:
             raise ConfigError("D2R_MAX_PDU", f"must be 0 (unlimited) or >= 4096, got {max_pdu}")
@@ -387,7 +312,6 @@ class NodeSettings:
             spool_dir=spool_dir,
             database_url=database_url,
             db_auto_upgrade=env_setting(env, "D2R_DB_AUTO_UPGRADE", False, parse_bool),
-            destinations=destinations,
             study_quiet_seconds=quiet,
             study_force_seconds=force,
             study_release_grace_seconds=env_setting(

@@ -20,7 +20,7 @@ from worker.messages import REPORT_QUEUE, REPORT_TASK, SEND_QUEUE, SEND_TASK
 from worker.settings import FILESYSTEM_BROKER, WorkerSettings
 
 if TYPE_CHECKING:
-    from dicom_node.audit import AuditLog
+    from observability.audit import AuditLog
 
 
 def celery_config(settings: WorkerSettings) -> dict[str, Any]:
@@ -88,8 +88,8 @@ def create_app(
 
 def __getattr__(name: str) -> Any:
     if name in ("app", "celery"):
-        from dicom_node.audit import AuditLog
-        from dicom_node.observability_settings import ObservabilitySettings
+        from observability.audit import AuditLog
+        from observability.settings import ObservabilitySettings
 
         env = merged_environment(os.environ.get("D2R_CONFIG"), os.environ)
         obs = ObservabilitySettings.from_env(env)

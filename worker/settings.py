@@ -8,9 +8,10 @@ broker, the model and the task limits. Every invalid value raises
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from delivery.settings import DeliverySettings
 from dicom_node.settings import (
     ConfigError,
     NodeSettings,
@@ -88,6 +89,8 @@ class WorkerSettings:
     """Settings of a worker process (and of the node's view of the queue)."""
 
     node: NodeSettings
+    #: where the results go (``D2R_DESTINATIONS``) and how the senders connect
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
     broker_url: str = "redis://127.0.0.1:6379/0"
     model_path: Path | None = None
     device: str = "cpu"
@@ -159,8 +162,10 @@ class WorkerSettings:
         engine_dir = env_setting(env, "D2R_ENGINE_DIR", None, Path)
         torch_compile = env_setting(env, "D2R_TORCH_COMPILE", d.torch_compile, parse_bool)
         _check_backend_settings(backend, device, engine_dir, torch_compile)
+        node = NodeSettings.from_env(env)
         return cls(
-            node=NodeSettings.from_env(env),
+            node=node,
+            delivery=DeliverySettings.from_env(env, node),
             broker_url=env_setting(
                 env, "D2R_BROKER_URL", default_broker or d.broker_url, _broker_url
             ),

@@ -26,12 +26,15 @@ from celery import Celery, Task
 from celery.signals import worker_process_init, worker_process_shutdown
 from pydicom import Dataset
 
-from dicom_node import logs, metrics, statuses
-from dicom_node.audit import SENT, STUDY_FAILED, AuditLog
-from dicom_node.errors import PermanentSendError, TransientSendError
-from dicom_node.scu import SendOptions, send_datasets
-from dicom_node.settings import parse_destinations
+from delivery import Delivered, StudyResults, open_destination
+from delivery.content import CONTENT_FILE, FindingBox, ReportContent
+from delivery.destinations import by_name
+from delivery.errors import PermanentSendError, TransientSendError
+from dicom_node import statuses
+from dicom_node.settings import ConfigError
 from dicom_node.studies import FAILED, StudyStore
+from observability import logs, metrics
+from observability.audit import SENT, STUDY_FAILED, AuditLog
 from worker import pipeline
 from worker.errors import InputRejected, ModelError
 from worker.messages import REPORT_TASK, SEND_TASK, ReportJob
@@ -304,9 +307,10 @@ def _attempt(
         settings.results_dir / uid / f"{ds.SOPInstanceUID}.dcm": _encode(ds)
         for ds in result.reports
     }
-    write_all_atomic(files)
+    content_path = settings.results_dir / uid / CONTENT_FILE
+    write_all_atomic({**files, content_path: _content(result).to_json().encode("utf-8")})
     paths = [str(p) for p in files]
-    destinations = [d.name for d in settings.node.destinations]
+    destinations = [d.name for d in settings.delivery.destinations]
     pred = result.prediction
     stages.enter(Stage.DATABASE)
     if not store.mark_reported(
@@ -329,6 +333,41 @@ def _attempt(
     for dest in destinations:
         app.send_task(SEND_TASK, args=[uid, dest])
     return outcome
+
+
+def _content(result: pipeline.ReportResult) -> ReportContent:
+    """What the HL7 and FHIR senders send: the prediction, tied to the TID 1500 SR."""
+    pred = result.prediction
+    sentences: dict[int, str] = {}
+    for sentence in getattr(pred, "sentences", ()) or ():
+        for index in getattr(sentence, "lesion_indices", ()):
+            sentences.setdefault(index, str(getattr(sentence, "text", "")))
+    return ReportContent(
+        findings=pred.findings,
+        impression=pred.impression,
+        lesions=tuple(
+            FindingBox(lesion.class_name, lesion.score, lesion.box, sentence=sentences.get(i))
+            for i, lesion in enumerate(pred.lesions)
+        ),
+        model_name=pred.model_name,
+        model_version=pred.model_version,
+        sr_sop_instance_uid=str(result.reports[0].SOPInstanceUID) if result.reports else "",
+        image_sop_instance_uid=pred.sop_instance_uid,
+        abstained=pred.abstained,
+        abstain_reason=pred.abstain_reason,
+        input_gate=pred.input_gate,
+    )
+
+
+def _read_content(paths: Sequence[str]) -> ReportContent | None:
+    """The content file beside the SRs, or None for results written before it existed."""
+    if not paths:
+        return None
+    path = Path(paths[0]).parent / CONTENT_FILE
+    try:
+        return ReportContent.from_json(path.read_bytes())
+    except FileNotFoundError:
+        return None
 
 
 def _encode(ds: Dataset) -> bytes:
@@ -378,25 +417,55 @@ def send_reports(
 
 def _audit_sent(
     ctx: WorkerContext,
-    datasets: Sequence[Dataset],
+    study_uid: str,
+    kind: str,
     destination: str,
-    results: Sequence[int],
+    delivered: Delivered | None,
+    datasets: Sequence[Dataset | None],
     error: str | None,
 ) -> None:
+    """One ``sent`` line per acknowledged object, or per report when the attempt failed."""
     if ctx.audit is None:
         return
-    for index, ds in enumerate(datasets):
-        status = results[index] if index < len(results) else None
+    if delivered is not None:
+        for item in delivered.items:
+            if kind == "dicom":
+                about = {
+                    "sop_instance_uid": item.identifier,
+                    "sop_class_uid": item.object_type,
+                    "status_name": _status_name(item.status),
+                }
+            else:
+                about = {"identifier": item.identifier, "object_type": item.object_type}
+            ctx.audit.try_record(
+                SENT,
+                study_instance_uid=study_uid,
+                destination=destination,
+                destination_type=kind,
+                status=item.status,
+                error=None,
+                **about,
+            )
+        return
+    for ds in list(datasets) or [None]:
         ctx.audit.try_record(
             SENT,
-            sop_instance_uid=str(ds.SOPInstanceUID),
-            study_instance_uid=str(ds.StudyInstanceUID),
-            sop_class_uid=str(ds.SOPClassUID),
+            sop_instance_uid=None if ds is None else str(ds.SOPInstanceUID),
+            study_instance_uid=study_uid,
+            sop_class_uid=None if ds is None else str(ds.SOPClassUID),
             destination=destination,
-            status=None if status is None else f"0x{status:04X}",
-            status_name=None if status is None else statuses.status_name(status),
+            destination_type=kind,
+            status=None,
+            status_name=None,
             error=error,
         )
+
+
+def _status_name(status: str) -> str | None:
+    try:
+        return statuses.status_name(int(status, 16))
+    except ValueError:
+        return None
 
 
 def _send_reports(ctx: WorkerContext, study_uid: str, destination: str) -> str:
@@ -409,26 +478,25 @@ def _send_reports(ctx: WorkerContext, study_uid: str, destination: str) -> str:
     view = store.get(study_uid)
     if view is None or not view.result_paths:
         return "stale"
-    (dest,) = parse_destinations(destination)
     error: str | None = None
     ok = False
     datasets: list[Dataset] = []
-    results: list[int] = []
+    delivered: Delivered | None = None
     stages = StageTracker()
     send_started = time.perf_counter()
+    kind = "unknown"
     try:
         stages.enter(Stage.SEND)
+        address = by_name(settings.delivery.destinations, destination)
+        kind = address.kind
+        sender = open_destination(address, settings.delivery)
         datasets = [pydicom.dcmread(p) for p in view.result_paths]
-        results = send_datasets(
-            datasets,
-            dest,
-            ae_title=settings.node.ae_title,
-            options=SendOptions.from_settings(settings.node),
-        )
+        content = _read_content(view.result_paths)
+        delivered = sender.send(StudyResults(study_uid, tuple(datasets), content))
         ok = True
     except TransientSendError as exc:
         error = f"transient: {exc}"
-    except PermanentSendError as exc:
+    except (PermanentSendError, ConfigError) as exc:
         error = f"permanent: {exc}"
     except OSError as exc:
         error = f"cannot read the reports: {exc}"
@@ -448,13 +516,14 @@ def _send_reports(ctx: WorkerContext, study_uid: str, destination: str) -> str:
         max_attempts=max_attempts,
         retry_delay=settings.node.send_retry_delay,
     )
-    _audit_sent(ctx, datasets, destination, results, error)
+    _audit_sent(ctx, study_uid, kind, destination, delivered, datasets, error)
     if error and error.startswith("unexpected"):
         metrics.observe_failed_attempt(Stage.SEND, final=state == "failed")
         if state == "failed":
             _audit_failed_send(ctx, study_uid, error)
     metrics.observe_send_attempt(
         destination,
+        kind=kind,
         ok=ok,
         failure=None if error is None else error.partition(":")[0],
         retry=not ok and state == "pending",

@@ -98,8 +98,8 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from cli.runtime import environment
-    from dicom_node.audit import read_audit
-    from dicom_node.observability_settings import ObservabilitySettings
+    from observability.audit import read_audit
+    from observability.settings import ObservabilitySettings
 
     settings = ObservabilitySettings.from_env(environment(args))
     if not settings.audit_log.exists():

@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from cli.runtime import environment
-    from dicom_node.http_auth import set_user
+    from observability.auth import set_user
 
     path = args.file or environment(args).get("D2R_HTTP_USERS_FILE")
     if not path:

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     stop = stop_event_on_signals()
     # One /metrics for the node and the worker child: both write to this folder.
     metrics_dir = use_multiprocess_metrics(settings.node.spool_dir.parent / "metrics", clean=True)
-    from dicom_node.metrics import build_registry, mark_process_dead, model_loaded
+    from observability.metrics import build_registry, mark_process_dead, model_loaded
 
     child_env = dict(os.environ)
     child_env.update(env)

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         start_http,
         use_multiprocess_metrics,
     )
-    from dicom_node.observability_settings import ObservabilitySettings
+    from observability.settings import ObservabilitySettings
     from worker.settings import WorkerSettings
 
     env = environment(args)
@@ -49,9 +49,9 @@ def run(args: argparse.Namespace) -> int:
         own_metrics_dir = Path(tempfile.mkdtemp(prefix=f"d2r-worker-metrics-{os.getpid()}-"))
         use_multiprocess_metrics(own_metrics_dir, clean=False)
 
-    from dicom_node.audit import AuditLog
-    from dicom_node.metrics import QueueDepthCollector, build_registry, model_loaded
     from dicom_node.studies import StudyStore
+    from observability.audit import AuditLog
+    from observability.metrics import QueueDepthCollector, build_registry, model_loaded
     from worker.celery_app import create_app
     from worker.messages import REPORT_QUEUE, SEND_QUEUE
 

@@ -127,7 +127,18 @@ def test_node_requirements_cover_what_the_node_imports() -> None:
     ]
     covered = _closure(requirements)
     assert not covered & HEAVY, "the node image must not install torch & co."
-    own = {"cli", "dicom_node", "worker", "model", "report", "trt_build", "training", "tests"}
+    own = {
+        "cli",
+        "dicom_node",
+        "delivery",
+        "observability",
+        "worker",
+        "model",
+        "report",
+        "trt_build",
+        "training",
+        "tests",
+    }
     blocked = sorted(
         top
         for top, dists in metadata.packages_distributions().items()
@@ -149,4 +160,10 @@ def test_node_requirements_cover_what_the_node_imports() -> None:
     assert dists
     assert dists - covered == set()
     # The node image copies only these packages of the product.
-    assert set(loaded["modules"]) & own <= {"cli", "dicom_node", "worker"}
+    assert set(loaded["modules"]) & own <= {
+        "cli",
+        "dicom_node",
+        "delivery",
+        "observability",
+        "worker",
+    }

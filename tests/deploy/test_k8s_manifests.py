@@ -14,9 +14,9 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
-from dicom_node.http_auth import read_tokens
-from dicom_node.observability_settings import ObservabilitySettings
 from dicom_node.settings import NodeSettings
+from observability.auth import read_tokens
+from observability.settings import ObservabilitySettings
 from tests.deploy.kustomize import (
     apply_json6902,
     load_documents,

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dicom_node.observability_settings import ObservabilitySettings
 from dicom_node.settings import NodeSettings, read_config_file
+from observability.settings import ObservabilitySettings
 from worker.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -134,7 +134,7 @@ def test_example_env_file_builds_valid_settings() -> None:
     node = NodeSettings.from_env(env)
     worker = WorkerSettings.from_env(env)
     assert node.spool_dir == Path("/var/lib/d2r/spool")
-    assert node.destinations and node.port == 11112
+    assert worker.delivery.destinations and node.port == 11112
     assert worker.broker_url.startswith("redis://")
     assert worker.visibility_timeout > worker.task_time_limit
     # Every documented D2R_* setting appears in the example.

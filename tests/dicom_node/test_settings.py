@@ -9,7 +9,6 @@ import pytest
 from dicom_node.errors import NodeError
 from dicom_node.settings import (
     ConfigError,
-    Destination,
     NodeSettings,
     merged_environment,
     read_config_file,
@@ -21,7 +20,6 @@ def test_defaults() -> None:
     assert (s.ae_title, s.host, s.port) == ("D2R", "0.0.0.0", 11112)
     assert s.spool_dir == Path("d2r-data/spool")
     assert s.database_url == "sqlite:///d2r-data/d2r.db"
-    assert s.destinations == ()
     assert (s.study_quiet_seconds, s.study_force_seconds, s.reconcile_seconds) == (10, 600, 30)
     assert (s.max_pdu, s.max_associations) == (131072, 10)
     assert (s.acse_timeout, s.dimse_timeout, s.network_timeout) == (30, 60, 60)
@@ -34,7 +32,6 @@ def test_values_are_parsed() -> None:
             "D2R_AE_TITLE": " CXR_AI ",
             "D2R_PORT": "104",
             "D2R_SPOOL_DIR": "/srv/d2r/spool",
-            "D2R_DESTINATIONS": "PACS@10.0.0.5:104, ARCH@[::1]:11113",
             "D2R_STUDY_QUIET_SECONDS": "2.5",
             "D2R_MAX_PDU": "0",
             "D2R_SEND_RETRY_DELAY": "3",
@@ -44,11 +41,6 @@ def test_values_are_parsed() -> None:
     assert s.ae_title == "CXR_AI"
     assert s.port == 104
     assert s.database_url == "sqlite:////srv/d2r/d2r.db"
-    assert s.destinations == (
-        Destination("PACS", "10.0.0.5", 104),
-        Destination("ARCH", "::1", 11113),
-    )
-    assert s.destinations[0].name == "PACS@10.0.0.5:104"
     assert s.study_quiet_seconds == 2.5
     assert s.max_pdu == 0
     assert [s.retry_delay(n) for n in (1, 2, 3)] == [3, 6, 12]
@@ -63,11 +55,6 @@ def test_values_are_parsed() -> None:
         ("D2R_PORT", "http"),
         ("D2R_PORT", "70000"),
         ("D2R_DATABASE_URL", "d2r.db"),
-        ("D2R_DESTINATIONS", "PACS@host"),
-        ("D2R_DESTINATIONS", "host:104"),
-        ("D2R_DESTINATIONS", "PACS@host:0"),
-        ("D2R_DESTINATIONS", "WAY_TOO_LONG_AE_TITLE@host:104"),
-        ("D2R_DESTINATIONS", "P@h:1,P@h:1"),
         ("D2R_STUDY_QUIET_SECONDS", "0"),
         ("D2R_STUDY_FORCE_SECONDS", "nan"),
         ("D2R_STUDY_FORCE_SECONDS", "5"),  # below the quiet period

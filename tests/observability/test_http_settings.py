@@ -13,11 +13,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from cli.commands.audit import matches, parse_since
-from dicom_node import metrics
-from dicom_node.http import ObservabilityServer, StatusPages
-from dicom_node.observability_settings import ObservabilitySettings
 from dicom_node.settings import ConfigError
 from dicom_node.studies import StudyStore
+from observability import metrics
+from observability.http import ObservabilityServer, StatusPages
+from observability.settings import ObservabilitySettings
 from tests.observability.conftest import record_for
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
-from dicom_node import metrics, statuses
+from dicom_node import statuses
 from dicom_node.studies import DONE, STUDY_STATES, Delivery, StudyStore, StudyView
+from observability import metrics
 from tests.observability.conftest import record_for
 from tests.support.dicom_files import make_dx
 
@@ -37,8 +38,11 @@ def test_hooks_move_counters() -> None:
     metrics.observe_store_response(statuses.SUCCESS, "stored")
     metrics.observe_store_response(statuses.SUCCESS, "duplicate")
     metrics.observe_store_response(statuses.OUT_OF_RESOURCES, None)
-    metrics.observe_send_attempt("P@h:1", ok=True, failure=None, retry=False)
-    metrics.observe_send_attempt("P@h:1", ok=False, failure="transient", retry=True)
+    sent = _value("d2r_deliveries_total", {"type": "mllp", "outcome": "sent"})
+    metrics.observe_send_attempt("P@h:1", kind="dicom", ok=True, failure=None, retry=False)
+    metrics.observe_send_attempt("P@h:1", kind="dicom", ok=False, failure="transient", retry=True)
+    metrics.observe_send_attempt("mllp://ris:2575", kind="mllp", ok=True, failure=None, retry=False)
+    assert _value("d2r_deliveries_total", {"type": "mllp", "outcome": "sent"}) == sent + 1
     metrics.observe_inference(0.3)
     assert (
         _value("d2r_associations_total", {"result": "accepted", "reason": ""}) == before["acc"] + 1

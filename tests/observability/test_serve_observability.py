@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from dicom_node.status_page import BOX_COLOUR, read_sr_boxes
+from observability.status_page import BOX_COLOUR, read_sr_boxes
 from tests.support.dicom_files import rg1_path
 from tests.support.processes import (
     Process,

@@ -11,7 +11,8 @@ import pydicom
 import pytest
 from PIL import Image
 
-from dicom_node.status_page import (
+from dicom_node.studies import DONE, Event, StudyView
+from observability.status_page import (
     BOX_COLOUR,
     PatientLabel,
     read_sr_boxes,
@@ -20,7 +21,6 @@ from dicom_node.status_page import (
     render_study,
     window_to_uint8,
 )
-from dicom_node.studies import DONE, Event, StudyView
 from tests.observability.conftest import build_srs
 
 EVIL = '<script>alert("x")</script>'

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from dicom_node.audit import STUDY_FAILED, read_audit
+from observability.audit import STUDY_FAILED, read_audit
 from tests.reliability.stack import Stack, make_stack, send_datasets
 from tests.support.dicom_files import make_dx
 from tests.support.processes import free_port, run_d2r, wait_for

@@ -17,11 +17,11 @@ from typing import Any
 from prometheus_client import REGISTRY
 
 from cli.runtime import association_rejected
-from dicom_node.audit import AuditLog, ListenerAudit, read_audit
 from dicom_node.scp import start_server
 from dicom_node.settings import NodeSettings
 from dicom_node.spool import Spool
 from dicom_node.studies import StudyStore
+from observability.audit import AuditLog, ListenerAudit, read_audit
 from tests.support.processes import free_port
 
 STORESCU = "/usr/bin/storescu"

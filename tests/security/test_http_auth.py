@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node import metrics
-from dicom_node.http import ObservabilityServer, StatusPages, tls_context
-from dicom_node.http_auth import Authenticator, FailureLimiter, set_user, verify_password
-from dicom_node.observability_settings import ObservabilitySettings
 from dicom_node.settings import ConfigError, parse_networks
 from dicom_node.studies import StudyStore
+from observability import metrics
+from observability.auth import Authenticator, FailureLimiter, set_user, verify_password
+from observability.http import ObservabilityServer, StatusPages, tls_context
+from observability.settings import ObservabilitySettings
 from tests.observability.conftest import record_for
 from tests.security.tls_ca import make_test_ca
 from tests.support.dicom_files import make_dx
@@ -218,7 +218,7 @@ def test_refusals_are_logged_without_secrets_and_counted(
 
     before = {r: refused(r) for r in ("bad_token", "bad_password", "missing_role")}
     wrong_token = secrets.token_urlsafe(24)
-    with caplog.at_level(logging.WARNING, logger="dicom_node.http"):
+    with caplog.at_level(logging.WARNING, logger="observability.http"):
         _get(site.port, f"/studies/{site.study}", _bearer(wrong_token))
         _get(site.port, "/", _basic("viewer-user", "not-the-password-42"))
         _get(site.port, "/metrics", _bearer(site.tokens["viewer"]))

@@ -12,9 +12,11 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_node.errors import TransientSendError
-from dicom_node.scu import SendOptions, send_datasets
-from dicom_node.settings import ConfigError, Destination, NodeSettings, TlsSettings
+from delivery.destinations import DicomPeer
+from delivery.dimse import SendOptions, send_datasets
+from delivery.errors import TransientSendError
+from delivery.settings import DeliverySettings
+from dicom_node.settings import ConfigError, NodeSettings, TlsSettings
 from tests.security.listener import running_listener, store_statuses, storescu
 from tests.security.tls_ca import Pki, make_test_ca
 from tests.support.dicom_files import make_dx
@@ -45,17 +47,16 @@ def _tls_env(ca: Pki, *, require: bool) -> dict[str, str]:
 
 
 def test_tls_settings_are_validated(ca: Pki, tmp_path: Path) -> None:
-    s = NodeSettings.from_env(
-        {
-            **_tls_env(ca, require=True),
-            "D2R_DESTINATIONS": "PACS@h:2762",
-            "D2R_DESTINATIONS_TLS": "1",
-        }
-    )
+    env = {**_tls_env(ca, require=True), "D2R_DESTINATIONS": "PACS@h:2762"}
+    s = NodeSettings.from_env(env)
     assert s.tls.listener_enabled and s.tls.require_client_cert
-    assert s.destinations[0].tls and s.destinations[0].name == "tls://PACS@h:2762"
-    mixed = NodeSettings.from_env({"D2R_DESTINATIONS": "A@h:104,tls://B@h:2762"}).destinations
-    assert [d.tls for d in mixed] == [False, True]
+    d = DeliverySettings.from_env({**env, "D2R_DESTINATIONS_TLS": "1"})
+    (peer,) = d.destinations
+    assert isinstance(peer, DicomPeer) and peer.tls and peer.name == "tls://PACS@h:2762"
+    assert d.tls == s.tls
+    mixed = DeliverySettings.from_env({"D2R_DESTINATIONS": "A@h:104,dicom+tls://B@h:2762"})
+    mixed_peers = [p for p in mixed.destinations if isinstance(p, DicomPeer)]
+    assert [p.tls for p in mixed_peers] == [False, True]
     cases = {
         "D2R_TLS_KEY": {"D2R_TLS_CERT": str(ca.server.cert)},
         "D2R_TLS_CA": {"D2R_TLS_CA": str(tmp_path / "missing.pem")},
@@ -64,12 +65,14 @@ def test_tls_settings_are_validated(ca: Pki, tmp_path: Path) -> None:
             "D2R_TLS_KEY": str(ca.server.key),
             "D2R_TLS_REQUIRE_CLIENT_CERT": "yes",
         },
-        "D2R_DESTINATIONS": {"D2R_DESTINATIONS": "https://PACS@h:443"},
     }
     for setting, env in cases.items():
         with pytest.raises(ConfigError) as info:
             NodeSettings.from_env(env)
         assert info.value.setting == setting
+    with pytest.raises(ConfigError) as info:
+        DeliverySettings.from_env({"D2R_DESTINATIONS": "https://PACS@h:443"})
+    assert info.value.setting == "D2R_DESTINATIONS"
 
 
 def test_listener_accepts_a_tls_store_with_a_client_certificate(
@@ -147,7 +150,7 @@ def test_sender_delivers_to_a_tls_storescp(
 ) -> None:
     port, out = tls_storescp
     ds = make_dx(None, rows=32, cols=32)
-    destination = Destination("TLSPACS", "127.0.0.1", port, tls=True)
+    destination = DicomPeer("TLSPACS", "127.0.0.1", port, tls=True)
     options = SendOptions(
         acse_timeout=5,
         dimse_timeout=10,
@@ -173,7 +176,7 @@ def test_sender_delivers_to_a_tls_storescp(
     with pytest.raises(TransientSendError):
         send_datasets(
             [ds],
-            Destination("TLSPACS", "127.0.0.1", port),
+            DicomPeer("TLSPACS", "127.0.0.1", port),
             ae_title="D2R",
             options=SendOptions(acse_timeout=5, network_timeout=5),
         )

@@ -15,7 +15,7 @@ import os
 _FAULTS = os.environ.get("TEST_FAULTS_FILE")
 
 if _FAULTS:
-    from dicom_node import logs
+    from observability import logs
     from worker import stages
 
     _enter = stages.StageTracker.enter

@@ -1,7 +1,7 @@
 """The HTTP endpoint of a d2r process: metrics, health, readiness and the status page.
 
 Standard library only (:class:`http.server.ThreadingHTTPServer` in a daemon thread, :mod:`ssl`
-for HTTPS); read-only. Every request passes :class:`~dicom_node.http_auth.Authenticator` first:
+for HTTPS); read-only. Every request passes :class:`~observability.auth.Authenticator` first:
 the probes are open, everything else needs a credential with the route's role unless the endpoint
 is bound to loopback. Refusals are logged (route's role, reason, client address; never a
 credential) and counted in ``d2r_http_refusals_total{reason}``.
@@ -35,8 +35,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from dicom_node.http_auth import Authenticator, Decision, required_role
-from dicom_node.observability_settings import ObservabilitySettings, is_loopback
+from observability.auth import Authenticator, Decision, required_role
+from observability.settings import ObservabilitySettings, is_loopback
 
 __all__ = [
     "Check",
@@ -74,7 +74,7 @@ def run_checks(checks: Mapping[str, Check]) -> tuple[bool, dict[str, str]]:
 
 
 class StatusPages:
-    """The status page's view of a study store (I/O around :mod:`dicom_node.status_page`).
+    """The status page's view of a study store (I/O around :mod:`observability.status_page`).
 
     Parameters
     ----------
@@ -94,7 +94,7 @@ class StatusPages:
     def _patient(self, study_uid: str) -> Any:
         import pydicom
 
-        from dicom_node.status_page import PatientLabel
+        from observability.status_page import PatientLabel
 
         for record in self.store.instances(study_uid):
             try:
@@ -105,7 +105,7 @@ class StatusPages:
         return None
 
     def index(self) -> str:
-        from dicom_node.status_page import render_index
+        from observability.status_page import render_index
 
         views = self.store.recent(self.limit)
         patients = None
@@ -118,7 +118,7 @@ class StatusPages:
         return render_index(views, counts=self.store.count_by_state(), patients=patients)
 
     def study(self, study_uid: str) -> str | None:
-        from dicom_node.status_page import read_sr_boxes, render_study
+        from observability.status_page import read_sr_boxes, render_study
 
         view = self.store.get(study_uid)
         if view is None:
@@ -136,7 +136,7 @@ class StatusPages:
         """The preview PNG: the image the boxes refer to (else the first CR/DX instance)."""
         import pydicom
 
-        from dicom_node.status_page import read_sr_boxes, render_preview
+        from observability.status_page import read_sr_boxes, render_preview
 
         view = self.store.get(study_uid)
         if view is None:
@@ -240,7 +240,7 @@ class ObservabilityServer:
     # -------------------------------------------------------------- request handling
     def refused(self, method: str, route: str, client: str, decision: Decision) -> None:
         """Log and count a refusal: the role the route needs, the reason, the address."""
-        from dicom_node import metrics
+        from observability import metrics
 
         metrics.observe_http_refusal(decision.reason)
         logger.warning(

@@ -171,7 +171,7 @@ class ListenerAudit:
     """
 
     def __init__(self, audit: AuditLog | None) -> None:
-        from dicom_node import metrics
+        from observability import metrics
 
         self._metrics = metrics
         self.audit = audit

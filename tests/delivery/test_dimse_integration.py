@@ -14,10 +14,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import BasicTextSRStorage, ExplicitVRLittleEndian, generate_uid
 
+from delivery.destinations import DicomPeer
+from delivery.dimse import SendOptions, echo, send_datasets
+from delivery.errors import PermanentSendError, TransientSendError
 from dicom_node import statuses
-from dicom_node.errors import PermanentSendError, TransientSendError
-from dicom_node.scu import SendOptions, echo, send_datasets
-from dicom_node.settings import Destination
 from tests.dicom_node.node_harness import Node, free_port
 
 pytestmark = pytest.mark.integration
@@ -68,7 +68,7 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 10.0) 
 
 
 @pytest.fixture
-def storescp(tmp_path: Path) -> Iterator[tuple[Destination, Path]]:
+def storescp(tmp_path: Path) -> Iterator[tuple[DicomPeer, Path]]:
     if not STORESCP.exists():
         pytest.skip("dcmtk storescp is not installed")
     out = tmp_path / "received"
@@ -81,13 +81,13 @@ def storescp(tmp_path: Path) -> Iterator[tuple[Destination, Path]]:
     )
     try:
         _wait_port(port, proc)
-        yield Destination("PACS", "127.0.0.1", port), out
+        yield DicomPeer("PACS", "127.0.0.1", port), out
     finally:
         proc.terminate()
         proc.wait(timeout=10)
 
 
-def test_send_sr_to_storescp(storescp: tuple[Destination, Path]) -> None:
+def test_send_sr_to_storescp(storescp: tuple[DicomPeer, Path]) -> None:
     destination, out = storescp
     reports = [basic_text_sr("first"), basic_text_sr("second")]
     result = send_datasets(reports, destination, ae_title="D2R", options=FAST)
@@ -100,12 +100,12 @@ def test_send_sr_to_storescp(storescp: tuple[Destination, Path]) -> None:
         assert got.SOPClassUID == BasicTextSRStorage
 
 
-def test_echo_storescp(storescp: tuple[Destination, Path]) -> None:
+def test_echo_storescp(storescp: tuple[DicomPeer, Path]) -> None:
     assert echo(storescp[0], ae_title="D2R", options=FAST) == statuses.SUCCESS
 
 
 def test_closed_port_is_transient() -> None:
-    closed = Destination("PACS", "127.0.0.1", free_port())
+    closed = DicomPeer("PACS", "127.0.0.1", free_port())
     with pytest.raises(TransientSendError, match="PACS@127.0.0.1"):
         send_datasets([basic_text_sr()], closed, ae_title="D2R", options=FAST)
     with pytest.raises(TransientSendError):
@@ -122,7 +122,7 @@ def test_sop_class_not_accepted_is_permanent() -> None:
     assert server is not None
     try:
         port = server.server_address[1]
-        destination = Destination("CTONLY", "127.0.0.1", port)
+        destination = DicomPeer("CTONLY", "127.0.0.1", port)
         with pytest.raises(PermanentSendError) as info:
             send_datasets([basic_text_sr()], destination, ae_title="D2R", options=FAST)
         assert info.value.status == statuses.SOP_CLASS_NOT_SUPPORTED
@@ -131,7 +131,7 @@ def test_sop_class_not_accepted_is_permanent() -> None:
 
 
 def test_rejected_association_is_transient(node: Node) -> None:
-    wrong_called_ae = Destination("NOTTHENODE", "127.0.0.1", node.port)
+    wrong_called_ae = DicomPeer("NOTTHENODE", "127.0.0.1", node.port)
     with pytest.raises(TransientSendError, match="rejected"):
         send_datasets([basic_text_sr()], wrong_called_ae, ae_title="D2R", options=FAST)
 
@@ -143,7 +143,7 @@ def test_failure_status_from_peer_is_permanent(node: Node) -> None:
     ds = make_dx(None, rows=16, cols=16)
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    destination = Destination(node.settings.ae_title, "127.0.0.1", node.port)
+    destination = DicomPeer(node.settings.ae_title, "127.0.0.1", node.port)
     assert send_datasets([], destination, ae_title="D2R") == []
     ok = make_dx(None, rows=16, cols=16)
     assert send_datasets([ok], destination, ae_title="D2R", options=FAST) == [statuses.SUCCESS]

@@ -1,6 +1,6 @@
 """The read-only status page: recent studies, one study's timeline, and a preview of the boxes.
 
-Pure functions from values to HTML or PNG bytes; :mod:`dicom_node.http` does the I/O. Every value
+Pure functions from values to HTML or PNG bytes; :mod:`observability.http` does the I/O. Every value
 shown is escaped with :func:`html.escape`. Patient name and ID appear only when the caller passes
 them (``D2R_STATUS_PAGE_PHI=true``); by default the page shows UIDs only.
 

@@ -24,6 +24,8 @@ metric                                 type       labels
 ``d2r_inference_seconds``              histogram  one model prediction
 ``d2r_reports_total``                  counter    ``result`` (reported/failed)
 ``d2r_send_attempts_total``            counter    ``destination``
+``d2r_deliveries_total``               counter    ``type`` (dicom/dicomweb/mllp/fhir), ``outcome``
+                                                  (sent/transient/permanent/unexpected)
 ``d2r_send_failures_total``            counter    ``destination``, ``kind`` (transient/permanent)
 ``d2r_send_retries_total``             counter    ``destination`` (a failed attempt to retry)
 ``d2r_model_info``                     gauge      ``name``, ``version`` (1 while loaded)
@@ -104,6 +106,11 @@ STUDIES_FAILED_AFTER_ATTEMPTS = Counter(
     "Studies failed because their last allowed attempt ended in an unexpected error, by stage",
     ["stage"],
 )
+DELIVERIES = Counter(
+    "d2r_deliveries",
+    "Attempts to deliver a study's results, by destination type and outcome",
+    ["type", "outcome"],
+)
 SEND_ATTEMPTS = Counter("d2r_send_attempts", "Attempts to send a study's SRs", ["destination"])
 SEND_FAILURES = Counter(
     "d2r_send_failures", "Failed attempts to send a study's SRs", ["destination", "kind"]
@@ -134,7 +141,7 @@ _REJECTION_REASONS: Final = {
 
 # ------------------------------------------------------------------------------------- hooks
 def observe_http_refusal(reason: str) -> None:
-    """Count one refused HTTP request (``reason``: a fixed token of :mod:`dicom_node.http_auth`)."""
+    """Count one refused HTTP request (``reason``: a fixed token of :mod:`observability.auth`)."""
     HTTP_REFUSALS.labels(reason).inc()
 
 
@@ -187,9 +194,15 @@ def observe_failed_attempt(stage: str, *, final: bool) -> None:
         STUDIES_FAILED_AFTER_ATTEMPTS.labels(stage).inc()
 
 
-def observe_send_attempt(destination: str, *, ok: bool, failure: str | None, retry: bool) -> None:
-    """Count one send attempt; ``failure`` is ``transient`` or ``permanent`` when it failed."""
+def observe_send_attempt(
+    destination: str, *, kind: str, ok: bool, failure: str | None, retry: bool
+) -> None:
+    """Count one send attempt; ``failure`` is ``transient`` or ``permanent`` when it failed.
+
+    ``kind`` is the destination's type (dicom, dicomweb, mllp, fhir).
+    """
     SEND_ATTEMPTS.labels(destination).inc()
+    DELIVERIES.labels(kind, "sent" if ok else failure or "unknown").inc()
     if not ok:
         SEND_FAILURES.labels(destination, failure or "unknown").inc()
         if retry:

@@ -30,7 +30,7 @@ variable                  default                    meaning
 ``D2R_HTTP_TLS_KEY``      (none)                     its private key (set both or neither)
 ========================  =========================  =============================================
 
-Roles and routes: :mod:`dicom_node.http_auth`.
+Roles and routes: :mod:`observability.auth`.
 
 >>> s = ObservabilitySettings.from_env({"D2R_SPOOL_DIR": "/var/lib/d2r/spool"})
 >>> s.http_port, str(s.audit_log), s.log_format
@@ -44,7 +44,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicom_node.http_auth import parse_roles, read_tokens, read_users
 from dicom_node.settings import (
     ConfigError,
     IPNetwork,
@@ -55,6 +54,7 @@ from dicom_node.settings import (
     parse_networks,
     positive_float,
 )
+from observability.auth import parse_roles, read_tokens, read_users
 
 __all__ = ["HTTP_AUTH_MODES", "LOG_FORMATS", "ObservabilitySettings", "is_loopback"]
 

@@ -1,13 +1,13 @@
-"""Outbound C-STORE and C-ECHO: the node's only outbound association code.
+"""The DICOM destination: outbound C-STORE and C-ECHO, d2r's only outbound association code.
 
 :func:`send_datasets` opens one association per call, proposes exactly the SOP
 classes of the data sets with Explicit and Implicit VR Little Endian, and checks
 every response. Errors are classified for the caller's retry policy:
 
-* :class:`~dicom_node.errors.TransientSendError` - connection refused, association
+* :class:`~delivery.errors.TransientSendError` - connection refused, association
   rejected or aborted, no response within the timeouts, or the peer answered
   ``Refused: Out of Resources`` (0xA7xx, a condition that passes);
-* :class:`~dicom_node.errors.PermanentSendError` - the peer does not accept the SOP
+* :class:`~delivery.errors.PermanentSendError` - the peer does not accept the SOP
   class, the data set cannot be encoded, or any other failure status.
 
 Warning statuses (0xB000 range, 0x0001, ...) count as delivered and are logged.
@@ -32,12 +32,13 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
+from delivery.destinations import Delivered, DeliveredItem, DicomPeer, StudyResults
+from delivery.errors import PermanentSendError, TransientSendError
 from dicom_node import statuses
-from dicom_node.errors import PermanentSendError, TransientSendError
-from dicom_node.settings import Destination, NodeSettings, TlsSettings
+from dicom_node.settings import NodeSettings, TlsSettings
 from dicom_node.tcp import no_delay
 
-__all__ = ["SendOptions", "client_ssl_context", "echo", "send_datasets"]
+__all__ = ["DicomDestination", "SendOptions", "client_ssl_context", "echo", "send_datasets"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def _ae(ae_title: str, options: SendOptions) -> AE:
     return ae
 
 
-def _associate(ae: AE, destination: Destination, options: SendOptions) -> Association:
+def _associate(ae: AE, destination: DicomPeer, options: SendOptions) -> Association:
     try:
         tls_args = None
         if destination.tls:
@@ -125,7 +126,7 @@ def _associate(ae: AE, destination: Destination, options: SendOptions) -> Associ
 
 def send_datasets(
     datasets: Sequence[Dataset],
-    destination: Destination,
+    destination: DicomPeer,
     *,
     ae_title: str,
     options: SendOptions | None = None,
@@ -137,7 +138,7 @@ def send_datasets(
     datasets : sequence of Dataset
         Complete data sets (e.g. Structured Reports), each with SOPClassUID and
         SOPInstanceUID, encoded in or convertible to a little endian uncompressed syntax.
-    destination : Destination
+    destination : DicomPeer
         The peer.
     ae_title : str
         Our calling AE title.
@@ -175,9 +176,7 @@ def send_datasets(
     return results
 
 
-def _store_one(
-    assoc: Association, ds: Dataset, destination: Destination, accepted: set[str]
-) -> int:
+def _store_one(assoc: Association, ds: Dataset, destination: DicomPeer, accepted: set[str]) -> int:
     sop_class = str(ds.SOPClassUID)
     sop_instance = str(ds.SOPInstanceUID)
     if sop_class not in accepted:
@@ -216,7 +215,7 @@ def _store_one(
     raise PermanentSendError(message, status=status)
 
 
-def echo(destination: Destination, *, ae_title: str, options: SendOptions | None = None) -> int:
+def echo(destination: DicomPeer, *, ae_title: str, options: SendOptions | None = None) -> int:
     """C-ECHO ``destination`` and return its status.
 
     Raises
@@ -238,3 +237,30 @@ def echo(destination: Destination, *, ae_title: str, options: SendOptions | None
     if "Status" not in response:
         raise TransientSendError(f"{destination.name}: no C-ECHO response")
     return int(response.Status)
+
+
+@dataclass(frozen=True)
+class DicomDestination:
+    """C-STORE of every report to one peer over one association (see :func:`send_datasets`)."""
+
+    peer: DicomPeer
+    ae_title: str
+    options: SendOptions = field(default_factory=SendOptions)
+    kind: str = "dicom"
+
+    @property
+    def name(self) -> str:
+        """The peer's ``[tls://]AET@host:port``."""
+        return self.peer.name
+
+    def send(self, results: StudyResults) -> Delivered:
+        """Store the reports; each acknowledged SR is an item with its DIMSE status."""
+        codes = send_datasets(
+            results.reports, self.peer, ae_title=self.ae_title, options=self.options
+        )
+        items = tuple(
+            DeliveredItem(str(ds.SOPInstanceUID), f"0x{code:04X}", str(ds.SOPClassUID))
+            for ds, code in zip(results.reports, codes, strict=True)
+        )
+        warnings = [statuses.status_name(c) for c in codes if statuses.is_warning(c)]
+        return Delivered(items, warning="; ".join(warnings) or None)

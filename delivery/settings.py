@@ -1,0 +1,61 @@
+"""Delivery configuration: :class:`DeliverySettings`, built once by an entry point.
+
+The destinations come from ``D2R_DESTINATIONS`` (see :mod:`delivery.destinations`); the DICOM
+association parameters, the calling AE title and the TLS files are the node's
+(``D2R_AE_TITLE``, ``D2R_*_TIMEOUT``, ``D2R_MAX_PDU``, ``D2R_TLS_*``), so one set of
+certificates serves DICOM TLS, HTTPS and MLLP over TLS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from delivery.destinations import DestinationAddress, parse_destinations
+from delivery.dimse import SendOptions
+from dicom_node.settings import NodeSettings, TlsSettings, env_setting, parse_bool
+
+__all__ = ["DeliverySettings"]
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    """Where the results go and how the senders connect."""
+
+    destinations: tuple[DestinationAddress, ...] = ()
+    #: our calling AE title (C-STORE) and sending application (HL7 MSH-3)
+    ae_title: str = "D2R"
+    #: association timeouts, PDU size and TLS files; the HTTP and MLLP senders use
+    #: ``network_timeout`` for connect and read and ``tls`` for certificates
+    options: SendOptions = field(default_factory=SendOptions)
+
+    @property
+    def tls(self) -> TlsSettings:
+        """Certificate, key and trusted CAs for every TLS destination."""
+        return self.options.tls
+
+    @property
+    def timeout(self) -> float:
+        """Seconds to wait for a connection or an answer."""
+        return self.options.network_timeout
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], node: NodeSettings | None = None) -> DeliverySettings:
+        """Build from ``D2R_*`` variables (``node``: the already-built node settings).
+
+        Raises
+        ------
+        ConfigError
+            Naming the first invalid setting.
+        """
+        node = node if node is not None else NodeSettings.from_env(env)
+        every_tls = env_setting(env, "D2R_DESTINATIONS_TLS", False, parse_bool)
+        none: tuple[DestinationAddress, ...] = ()
+        destinations = env_setting(
+            env, "D2R_DESTINATIONS", none, lambda t: parse_destinations(t, tls=every_tls)
+        )
+        return cls(
+            destinations=destinations,
+            ae_title=node.ae_title,
+            options=SendOptions.from_settings(node),
+        )
