@@ -50,6 +50,7 @@ import shutil
 import struct
 import tempfile
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,8 @@ _UNSAFE = re.compile(r"[^0-9A-Za-z._-]")
 _CHUNK = 1 << 20
 #: bytes of a received file after which its write-back is started (``sync_file_range``)
 _WRITEBACK_EVERY = 1 << 20
+#: data set hashes of first copies kept in memory (a re-send is compared without a re-read)
+_KNOWN_HASHES = 65536
 
 
 def safe_name(uid: str) -> str:
@@ -358,6 +361,8 @@ class Spool:
         self._locks = tuple(threading.Lock() for _ in range(64))
         self._count_guard = threading.Lock()
         self.conflicts = 0
+        self._known: OrderedDict[Path, tuple[tuple[int, int, int], str]] = OrderedDict()
+        self._known_guard = threading.Lock()
 
     def path_for(self, study_instance_uid: str, sop_instance_uid: str) -> Path:
         """Return where the first copy of an instance lives."""
@@ -518,6 +523,7 @@ class Spool:
                     return self._duplicate(final, sha, sop_instance_uid)
                 if existing is None:
                     self._publish(tmp, final)
+                    self._remember_published(final, sha)
                     return SpooledInstance(final, size, sha, "stored")
                 name = f"{safe_name(sop_instance_uid)}.{sha[:16]}.dcm"
                 quarantine = self.conflicts_dir / safe_name(study_instance_uid) / name
@@ -550,6 +556,41 @@ class Spool:
         return SpooledInstance(final, final.stat().st_size, sha, "duplicate")
 
     def _existing_sha256(self, path: Path) -> str | None:
+        """The data set hash of the copy at ``path`` (None if absent).
+
+        Remembered for the files this spool wrote or read, keyed on inode, size and
+        modification time, so that a re-send is compared without reading the first copy again.
+        """
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise SpoolWriteError(f"cannot read existing copy: {exc}") from exc
+        identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._known_guard:
+            known = self._known.get(path)
+        if known is not None and known[0] == identity:
+            return known[1]
+        sha = self._hash_file(path)
+        if sha is not None:
+            self._remember(path, identity, sha)
+        return sha
+
+    def _remember(self, path: Path, identity: tuple[int, int, int], sha: str) -> None:
+        with self._known_guard:
+            self._known[path] = (identity, sha)
+            self._known.move_to_end(path)
+            while len(self._known) > _KNOWN_HASHES:
+                self._known.popitem(last=False)
+
+    def _remember_published(self, path: Path, sha: str) -> None:
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+            self._remember(path, (st.st_ino, st.st_size, st.st_mtime_ns), sha)
+
+    @staticmethod
+    def _hash_file(path: Path) -> str | None:
         try:
             with open(path, "rb") as f:
                 offset = dataset_offset(f.read(144))

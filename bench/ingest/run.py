@@ -236,9 +236,11 @@ def profile_main(args: argparse.Namespace, files: list[Path]) -> int:
     wipe(out)
     command = args.profile
     raw = args.work / f"{command}-profile.txt"
+    n = args.profile_associations
     with product_receiver(out, command, len(files), profile=raw) as (aet, port, _count):
-        elapsed = send(files, aet, port, 1)
-    print(f"d2r {command}, {len(files)} files, one association: {elapsed:.2f} s; busy samples:\n")
+        elapsed = send(files, aet, port, n)
+    print(f"d2r {command}, {len(files)} files, {n} association(s): {elapsed:.2f} s")
+    print("busy samples:\n")
     print("| share of busy samples | innermost frame |\n|---|---|")
     for share, leaf in top_frames(raw):
         print(f"| {share:.1f} % | `{leaf}` |")
@@ -406,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
         choices=("node", "serve"),
         default=None,
         help="with --product: py-spy on that process while the files arrive (one run)",
+    )
+    parser.add_argument(
+        "--profile-associations", type=int, default=1, help="with --profile: concurrent senders"
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
