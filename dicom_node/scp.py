@@ -59,6 +59,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import ssl
+import tempfile
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -224,7 +225,7 @@ class _Stream:
 #: DUL reactor thread of each open association -> its stream (pynetdicom decodes PDVs there)
 _STREAMS: weakref.WeakKeyDictionary[Any, _Stream] = weakref.WeakKeyDictionary()
 _STREAMS_LOCK = threading.Lock()
-_ORIGINAL_TEMPORARY_FILE = pynetdicom.dimse_messages.NamedTemporaryFile
+_ORIGINAL_TEMPORARY_FILE = tempfile.NamedTemporaryFile  # what pynetdicom's module imports
 
 
 def _data_set_file(*args: Any, **kwargs: Any) -> Any:
@@ -249,7 +250,7 @@ def enable_streaming() -> None:
     behaviour. Idempotent.
     """
     _config.STORE_RECV_CHUNKED_DATASET = True
-    pynetdicom.dimse_messages.NamedTemporaryFile = _data_set_file  # type: ignore[assignment]
+    setattr(pynetdicom.dimse_messages, "NamedTemporaryFile", _data_set_file)  # noqa: B010
 
 
 def stream_to_spool(event: evt.Event, spool: Spool) -> None:

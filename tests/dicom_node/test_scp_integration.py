@@ -318,7 +318,9 @@ def test_association_aborted_mid_data_set_leaves_nothing(node: Node, tmp_path: P
     request.DataSet = BytesIO(data[dataset_offset(data) :])
     message = C_STORE_RQ()
     message.primitive_to_message(request)
-    pdus = list(message.encode_msg(assoc.accepted_contexts[0].context_id, 8192))
+    context_id = assoc.accepted_contexts[0].context_id
+    assert context_id is not None
+    pdus = list(message.encode_msg(context_id, 8192))
     assert len(pdus) > 4
     for pdu in pdus[: len(pdus) // 2]:  # the command and half of the data set
         assoc.dul.send_pdu(pdu)

@@ -278,13 +278,18 @@ def test_streamed_duplicate_and_conflict(tmp_path: Path) -> None:
 
 def test_remembered_hash_follows_a_replaced_first_copy(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
-    kwargs = {"study_instance_uid": "1", "sop_instance_uid": "1.1", "file_meta": meta("1.1")}
-    first = spool.store(**kwargs, dataset=payload())
+
+    def store() -> Any:
+        return spool.store(
+            study_instance_uid="1", sop_instance_uid="1.1", file_meta=meta("1.1"), dataset=payload()
+        )
+
+    first = store()
     # the first copy changes behind the spool's back (same size): its hash is read again
     replacement = spool.tmp_dir / "x"
     replacement.write_bytes(first.path.read_bytes()[:-1] + b"\x09")
     os.replace(replacement, first.path)
-    assert spool.store(**kwargs, dataset=payload()).outcome == "conflict"
+    assert store().outcome == "conflict"
 
 
 @pytest.mark.parametrize(
