@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_file_meta_info
@@ -190,8 +191,13 @@ class IncomingFile:
     instead of pynetdicom aborting the association.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(
+        self, directory: Path, *, known: Callable[[str], bool] = lambda sop_uid: False
+    ) -> None:
         self.error: OSError | None = None
+        #: whether the spool holds a first copy of a SOP Instance UID (a likely re-send)
+        self._known = known
+        self._writeback = _start_writeback is not None
         self.size = 0
         self._fh: io.FileIO | None = None
         #: what pynetdicom flushes after each PDV (unbuffered writes: nothing to flush)
@@ -227,7 +233,8 @@ class IncomingFile:
         self._hash(view)
         self.size += count
         if (
-            _start_writeback is not None
+            self._writeback
+            and _start_writeback is not None
             and self._fh is not None
             and self.error is None
             and self.size - self._started >= _WRITEBACK_EVERY
@@ -251,6 +258,9 @@ class IncomingFile:
         if len(head) >= offset:
             self._digest.update(head[offset:])
             self._head = None
+            if self._known(_meta_sop_instance_uid(bytes(head[:offset]))):
+                # most likely an identical re-send, removed without an fsync: no disk writes
+                self._writeback = False
 
     def sha256(self) -> str:
         return self._digest.hexdigest()
@@ -297,6 +307,15 @@ class IncomingFile:
         assert self._fh is not None  # opened, since no error was kept
         os.fsync(self._fh.fileno())
         self._fh.close()
+
+
+def _meta_sop_instance_uid(head: bytes) -> str:
+    """Media Storage SOP Instance UID of a Part 10 file's first bytes ("" if unreadable)."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(head), stop_before_pixels=True)
+        return str(ds.file_meta.get("MediaStorageSOPInstanceUID", ""))
+    except Exception:  # only a hint: a file the spool cannot read is simply written back
+        return ""
 
 
 class _Window(io.RawIOBase):
@@ -362,6 +381,7 @@ class Spool:
         self._count_guard = threading.Lock()
         self.conflicts = 0
         self._known: OrderedDict[Path, tuple[tuple[int, int, int], str]] = OrderedDict()
+        self._known_names: dict[str, int] = {}  # file stems (safe SOP UIDs) in ``_known``
         self._known_guard = threading.Lock()
 
     def path_for(self, study_instance_uid: str, sop_instance_uid: str) -> Path:
@@ -470,7 +490,12 @@ class Spool:
 
     def incoming(self) -> IncomingFile:
         """A new file in ``tmp/`` for a data set about to arrive (see :class:`IncomingFile`)."""
-        return IncomingFile(self.tmp_dir)
+        return IncomingFile(self.tmp_dir, known=self._has_first_copy)
+
+    def _has_first_copy(self, sop_instance_uid: str) -> bool:
+        """Whether a first copy of ``sop_instance_uid`` was written or read by this spool."""
+        with self._known_guard:
+            return bool(sop_instance_uid) and safe_name(sop_instance_uid) in self._known_names
 
     def store_incoming(
         self, *, study_instance_uid: str, sop_instance_uid: str, incoming: IncomingFile
@@ -579,10 +604,16 @@ class Spool:
 
     def _remember(self, path: Path, identity: tuple[int, int, int], sha: str) -> None:
         with self._known_guard:
+            if path not in self._known:
+                self._known_names[path.stem] = self._known_names.get(path.stem, 0) + 1
             self._known[path] = (identity, sha)
             self._known.move_to_end(path)
             while len(self._known) > _KNOWN_HASHES:
-                self._known.popitem(last=False)
+                old, _ = self._known.popitem(last=False)
+                if self._known_names.get(old.stem, 0) <= 1:
+                    self._known_names.pop(old.stem, None)
+                else:
+                    self._known_names[old.stem] -= 1
 
     def _remember_published(self, path: Path, sha: str) -> None:
         with contextlib.suppress(OSError):

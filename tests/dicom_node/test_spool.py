@@ -346,3 +346,28 @@ def test_streamed_instance_on_a_full_filesystem(tiny_fs: Path) -> None:
         spool.store_incoming(study_instance_uid="1", sop_instance_uid="1.1", incoming=incoming)
     assert list(spool.tmp_dir.iterdir()) == []
     assert not spool.path_for("1", "1.1").exists()
+
+
+def test_a_likely_resend_starts_no_write_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dicom_node.spool as spool_module
+
+    started: list[int] = []
+    monkeypatch.setattr(spool_module, "_start_writeback", lambda fd, off, n: started.append(n))
+    monkeypatch.setattr(spool_module, "_WRITEBACK_EVERY", 1024)
+    spool = Spool(tmp_path)
+    data = payload(8192)
+    first = stream(spool, "1.1", data)
+    assert started  # a new instance: its write-back starts while it arrives
+    spool.store_incoming(study_instance_uid="1", sop_instance_uid="1.1", incoming=first)
+    started.clear()
+    again = stream(spool, "1.1", data)
+    assert started == []
+    assert (
+        spool.store_incoming(study_instance_uid="1", sop_instance_uid="1.1", incoming=again).outcome
+        == "duplicate"
+    )
+    other = stream(spool, "1.2", data)
+    assert started
+    other.abandon()
