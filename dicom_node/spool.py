@@ -198,6 +198,7 @@ class IncomingFile:
         #: whether the spool holds a first copy of a SOP Instance UID (a likely re-send)
         self._known = known
         self._writeback = _start_writeback is not None
+        self._held: bytearray | None = None
         self.size = 0
         self._fh: io.FileIO | None = None
         #: what pynetdicom flushes after each PDV (unbuffered writes: nothing to flush)
@@ -223,13 +224,10 @@ class IncomingFile:
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data).cast("B")
         count = len(view)
-        if self.error is None and self._fh is not None:
-            try:
-                rest = view
-                while rest:
-                    rest = rest[self._fh.write(rest) or 0 :]
-            except OSError as exc:
-                self.error = exc
+        if self._held is not None:  # a likely re-send: kept in memory until it is compared
+            self._held += view
+        elif self.error is None and self._fh is not None:
+            self._write_out(view)
         self._hash(view)
         self.size += count
         if (
@@ -258,15 +256,28 @@ class IncomingFile:
         if len(head) >= offset:
             self._digest.update(head[offset:])
             self._head = None
-            if self._known(_meta_sop_instance_uid(bytes(head[:offset]))):
-                # most likely an identical re-send, removed without an fsync: no disk writes
+            if len(head) == offset and self._known(_meta_sop_instance_uid(bytes(head))):
+                # most likely an identical re-send, compared and dropped without touching the
+                # disk: its data set is held in memory (as pynetdicom would without streaming)
                 self._writeback = False
+                self._held = bytearray()
 
     def sha256(self) -> str:
         return self._digest.hexdigest()
 
+    def _write_out(self, view: memoryview) -> None:
+        assert self._fh is not None
+        try:
+            rest = view
+            while rest:
+                rest = rest[self._fh.write(rest) or 0 :]
+        except OSError as exc:
+            self.error = exc
+
     def dataset(self) -> io.BufferedReader:
         """The data set (after the File Meta Information), readable and seekable from 0."""
+        if self._held is not None:  # all of it is held: the file stops after the meta
+            return io.BufferedReader(_Window(self.name, self.dataset_start(), self._held), 1 << 16)
         return io.BufferedReader(_Window(self.name, self.dataset_start()), 1 << 16)
 
     def dataset_start(self) -> int:
@@ -302,6 +313,9 @@ class IncomingFile:
 
     def sync(self) -> None:
         """Raise the kept write error, or flush the file to stable storage and close it."""
+        if self._held is not None and self.error is None:  # not an identical re-send after all
+            held, self._held = self._held, None
+            self._write_out(memoryview(held))
         if self.error is not None:
             raise self.error
         assert self._fh is not None  # opened, since no error was kept
@@ -321,10 +335,11 @@ def _meta_sop_instance_uid(head: bytes) -> str:
 class _Window(io.RawIOBase):
     """A read-only view of a file from ``start`` on, with positions relative to ``start``."""
 
-    def __init__(self, path: str, start: int) -> None:
+    def __init__(self, path: str, start: int, held: bytearray | None = None) -> None:
         self._fd = os.open(path, os.O_RDONLY)
         self._start = start
         self._pos = 0
+        self._held = held  # the data set itself, when it is held in memory instead
 
     def readable(self) -> bool:
         return True
@@ -333,6 +348,14 @@ class _Window(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
+        if self._held is not None:
+            with memoryview(self._held) as held:
+                chunk = held[self._pos : self._pos + len(buffer)]
+                buffer[: len(chunk)] = chunk
+                count = len(chunk)
+                chunk.release()
+            self._pos += count
+            return count
         data = os.pread(self._fd, len(buffer), self._start + self._pos)
         buffer[: len(data)] = data
         self._pos += len(data)
@@ -343,6 +366,8 @@ class _Window(io.RawIOBase):
             self._pos = offset
         elif whence == 1:
             self._pos += offset
+        elif self._held is not None:
+            self._pos = len(self._held) + offset
         else:
             self._pos = os.fstat(self._fd).st_size - self._start + offset
         return self._pos

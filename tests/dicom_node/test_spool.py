@@ -272,6 +272,8 @@ def test_streamed_duplicate_and_conflict(tmp_path: Path) -> None:
     )
     assert other.outcome == "conflict"
     assert other.path.parent == spool.conflicts_dir / "1"
+    raw = other.path.read_bytes()  # held in memory as a likely re-send, then written out whole
+    assert raw[dataset_offset(raw) :] == payload(fill=9)
     assert first.path.read_bytes()[-4:] == bytes([7]) * 4
     assert list(spool.tmp_dir.iterdir()) == []
 
@@ -364,6 +366,9 @@ def test_a_likely_resend_starts_no_write_back(
     started.clear()
     again = stream(spool, "1.1", data)
     assert started == []
+    assert again.path.stat().st_size < len(data)  # held in memory, not written
+    with again.dataset() as reader:
+        assert reader.read() == data
     assert (
         spool.store_incoming(study_instance_uid="1", sop_instance_uid="1.1", incoming=again).outcome
         == "duplicate"
