@@ -1,9 +1,12 @@
 """The Storage SCP: receive C-STORE requests, spool them, record them, answer honestly.
 
-The C-STORE handler returns fast: it parses the routing header (no pixel data),
-writes the bytes as received through :class:`~dicom_node.spool.Spool` (fsync and
-atomic rename), records the instance in the study database and only then returns
-Success. Failures map to specific statuses, never to Success:
+The C-STORE handler returns fast. The data set is streamed into the spool while its PDVs
+arrive (:func:`stream_to_spool`: pynetdicom's chunked receive writes into a
+:class:`~dicom_node.spool.IncomingFile`, which hashes the bytes on the way); the handler then
+parses the routing header from that file (no pixel data), makes it durable through
+:meth:`~dicom_node.spool.Spool.store_incoming` (fsync, atomic rename, directory fsync),
+records the instance in the study database and only then returns Success. Failures map to
+specific statuses, never to Success:
 
 ===============================================  ===============================================
 condition                                        status
@@ -56,12 +59,15 @@ from __future__ import annotations
 import ipaddress
 import logging
 import ssl
+import tempfile
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+import pynetdicom.dimse_messages
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 
 from dicom_node import statuses
 from dicom_node.errors import InstanceRejected, SpoolFullError, SpoolWriteError
@@ -74,9 +80,9 @@ from dicom_node.selection import (
     is_chest_body_part,
 )
 from dicom_node.settings import IPNetwork, NodeSettings
-from dicom_node.spool import Spool
+from dicom_node.spool import IncomingFile, Spool
 from dicom_node.studies import InstanceRecord
-from dicom_node.tcp import no_delay
+from dicom_node.tcp import large_reads, no_delay
 
 if TYPE_CHECKING:
     from pynetdicom.transport import ThreadedAssociationServer
@@ -95,6 +101,7 @@ __all__ = [
     "peer_allowed",
     "server_ssl_context",
     "start_server",
+    "stream_to_spool",
 ]
 
 logger = logging.getLogger(__name__)
@@ -205,6 +212,59 @@ class AssociationStudies:
 
     def _on_ended(self, event: evt.Event) -> None:
         self._end(event.assoc, released=False)
+
+
+class _Stream:
+    """The spool an association's data sets stream into, and the one arriving now."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self.current: IncomingFile | None = None
+
+
+#: DUL reactor thread of each open association -> its stream (pynetdicom decodes PDVs there)
+_STREAMS: weakref.WeakKeyDictionary[Any, _Stream] = weakref.WeakKeyDictionary()
+_STREAMS_LOCK = threading.Lock()
+_ORIGINAL_TEMPORARY_FILE = tempfile.NamedTemporaryFile  # what pynetdicom's module imports
+
+
+def _data_set_file(*args: Any, **kwargs: Any) -> Any:
+    """Where pynetdicom's chunked receive writes a C-STORE data set (called in the DUL thread).
+
+    An association of a listener started by :func:`start_server` gets a file in its spool's
+    ``tmp/``; any other falls back to pynetdicom's own temporary file.
+    """
+    with _STREAMS_LOCK:
+        stream = _STREAMS.get(threading.current_thread())
+    if stream is None:
+        return _ORIGINAL_TEMPORARY_FILE(*args, **kwargs)
+    stream.current = stream.spool.incoming()
+    return stream.current
+
+
+def enable_streaming() -> None:
+    """Turn on pynetdicom's chunked receive (process-wide) with :func:`_data_set_file`.
+
+    pynetdicom offers the chunked receive only as a module setting and opens the file itself,
+    so both are set here; an association without :func:`stream_to_spool` keeps pynetdicom's
+    behaviour. Idempotent.
+    """
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    setattr(pynetdicom.dimse_messages, "NamedTemporaryFile", _data_set_file)  # noqa: B010
+
+
+def stream_to_spool(event: evt.Event, spool: Spool) -> None:
+    """``EVT_CONN_OPEN``: stream this association's data sets into ``spool`` as they arrive."""
+    with _STREAMS_LOCK:
+        _STREAMS[event.assoc.dul] = _Stream(spool)
+
+
+def _end_stream(event: evt.Event) -> None:
+    """``EVT_CONN_CLOSE``: remove a data set cut off mid-transfer (no handler took it)."""
+    with _STREAMS_LOCK:
+        stream = _STREAMS.pop(event.assoc.dul, None)
+    if stream is not None and stream.current is not None:
+        stream.current.abandon()
 
 
 def build_ae(settings: NodeSettings) -> AE:
@@ -337,6 +397,44 @@ def handle_store(
     study for the early-completion rule).
     """
     request: Any = event.request
+    incoming = getattr(request, "_dataset_file", None)  # the streamed data set, if any
+    try:
+        return _handle_store(event, request, incoming, spool, store, associations)
+    finally:
+        if isinstance(incoming, IncomingFile):  # published, or removed here
+            incoming.close()
+            incoming.discard()
+
+
+def _spool_failed(
+    exc: SpoolFullError | SpoolWriteError,
+    store: StudyRecorder,
+    sop_instance_uid: str,
+    study_uid: str | None,
+    calling: str,
+) -> int:
+    """The status of an instance the spool could not keep (a full spool is also recorded)."""
+    if isinstance(exc, SpoolFullError):
+        _reject(
+            store,
+            sop_instance_uid=sop_instance_uid,
+            study_instance_uid=study_uid,
+            reason=f"out of resources: {exc}",
+            calling_ae_title=calling,
+        )
+        return statuses.OUT_OF_RESOURCES
+    logger.error("spool write failed for SOP Instance %s: %s", sop_instance_uid, exc)
+    return statuses.PROCESSING_FAILURE
+
+
+def _handle_store(
+    event: evt.Event,
+    request: Any,
+    incoming: Any,
+    spool: Spool,
+    store: StudyRecorder,
+    associations: AssociationStudies | None,
+) -> int:
     sop_instance_uid = str(request.AffectedSOPInstanceUID or "")
     study_uid: str | None = None
     calling = str(event.assoc.requestor.ae_title).strip()
@@ -352,8 +450,14 @@ def handle_store(
                 calling_ae_title=calling,
             )
             return statuses.SOP_CLASS_NOT_SUPPORTED
+        if isinstance(incoming, IncomingFile):
+            if not incoming.claim():
+                return statuses.PROCESSING_FAILURE  # the association ended: already removed
+            failure = incoming.failure()
+            if failure is not None:  # the data set could not be written while it arrived
+                return _spool_failed(failure, store, sop_instance_uid, None, calling)
         try:
-            header = parse_header(request.DataSet, transfer_syntax)
+            header = _header(request, incoming, transfer_syntax)
         except InstanceRejected as exc:
             _reject(
                 store,
@@ -390,24 +494,21 @@ def handle_store(
                 sop_instance_uid,
             )
         try:
-            spooled = spool.store(
-                study_instance_uid=study_uid,
-                sop_instance_uid=sop_instance_uid,
-                file_meta=event.file_meta,
-                dataset=request.DataSet.getbuffer(),
-            )
-        except SpoolFullError as exc:
-            _reject(
-                store,
-                sop_instance_uid=sop_instance_uid,
-                study_instance_uid=study_uid,
-                reason=f"out of resources: {exc}",
-                calling_ae_title=calling,
-            )
-            return statuses.OUT_OF_RESOURCES
-        except SpoolWriteError as exc:
-            logger.error("spool write failed for SOP Instance %s: %s", sop_instance_uid, exc)
-            return statuses.PROCESSING_FAILURE
+            if isinstance(incoming, IncomingFile):
+                spooled = spool.store_incoming(
+                    study_instance_uid=study_uid,
+                    sop_instance_uid=sop_instance_uid,
+                    incoming=incoming,
+                )
+            else:
+                spooled = spool.store(
+                    study_instance_uid=study_uid,
+                    sop_instance_uid=sop_instance_uid,
+                    file_meta=event.file_meta,
+                    dataset=_dataset_bytes(request),
+                )
+        except (SpoolFullError, SpoolWriteError) as exc:
+            return _spool_failed(exc, store, sop_instance_uid, study_uid, calling)
         store.record_instance(
             InstanceRecord(
                 study_instance_uid=study_uid,
@@ -440,6 +541,30 @@ def handle_store(
         return statuses.PROCESSING_FAILURE
 
 
+def _header(request: Any, incoming: Any, transfer_syntax: str) -> Any:
+    """The routing header, from the streamed file or from the data set in memory."""
+    if not isinstance(incoming, IncomingFile):
+        return parse_header(_dataset_bytes(request), transfer_syntax)
+    try:
+        reader = incoming.dataset()
+    except (OSError, ValueError) as exc:
+        raise InstanceRejected(f"unreadable data set ({type(exc).__name__})") from exc
+    with reader:
+        return parse_header(reader, transfer_syntax)
+
+
+def _dataset_bytes(request: Any) -> bytes | memoryview:
+    """The data set of a request received in memory, or in pynetdicom's own temporary file."""
+    path = getattr(request, "_dataset_path", None)
+    if path is None:
+        return memoryview(request.DataSet.getbuffer())
+    with open(path, "rb") as f:  # chunked receive without stream_to_spool (not the listener)
+        data = f.read()
+    from dicom_node.spool import dataset_offset
+
+    return memoryview(data)[dataset_offset(data[:144]) :]
+
+
 def event_handlers(
     spool: Spool,
     store: StudyRecorder,
@@ -451,6 +576,9 @@ def event_handlers(
     """Return the handler bindings for ``start_server`` (3-tuple form, no globals)."""
     handlers: list[Any] = [
         (evt.EVT_CONN_OPEN, no_delay),
+        (evt.EVT_CONN_OPEN, large_reads),
+        (evt.EVT_CONN_OPEN, stream_to_spool, [spool]),
+        (evt.EVT_CONN_CLOSE, _end_stream),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [spool, store, associations]),
     ]
@@ -480,6 +608,7 @@ def start_server(
     counts the open associations of each study (the early-completion rule).
     """
     ae = build_ae(settings)
+    enable_streaming()
     context = server_ssl_context(settings)
     logger.info(
         "listening as %s on %s:%d (max PDU %d, %s, calling AEs %s, networks %s)",

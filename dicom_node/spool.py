@@ -13,6 +13,11 @@ to ``tmp/``, flushed and fsync'ed, published with an atomic :func:`os.replace`, 
 directory is fsync'ed, all before :meth:`Spool.store` returns; only then may the
 listener answer Success.
 
+The listener streams instead: :meth:`Spool.incoming` opens an :class:`IncomingFile` in
+``tmp/`` that pynetdicom's chunked receive writes each PDV into as it arrives; the file hashes
+the data set on the way and starts the write-back of every full MiB, so that after the last
+PDV :meth:`Spool.store_incoming` has only the fsync, the rename and the directory fsync left.
+
 Duplicate policy (keyed on SOP Instance UID plus the SHA-256 of the data set bytes,
 i.e. everything after the File Meta Information):
 
@@ -34,26 +39,38 @@ assembler decides which studies and when); it never touches anything outside the
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
+import io
 import logging
 import os
 import re
 import shutil
 import struct
+import tempfile
 import threading
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_file_meta_info
 
 from dicom_node.errors import SpoolFullError, SpoolWriteError
 
-__all__ = ["Outcome", "Spool", "SpooledInstance", "dataset_offset", "safe_name"]
+__all__ = [
+    "IncomingFile",
+    "Outcome",
+    "Spool",
+    "SpooledInstance",
+    "dataset_offset",
+    "safe_name",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +80,10 @@ PREAMBLE = b"\x00" * 128 + b"DICM"
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _UNSAFE = re.compile(r"[^0-9A-Za-z._-]")
 _CHUNK = 1 << 20
+#: bytes of a received file after which its write-back is started (``sync_file_range``)
+_WRITEBACK_EVERY = 1 << 20
+#: data set hashes of first copies kept in memory (a re-send is compared without a re-read)
+_KNOWN_HASHES = 65536
 
 
 def safe_name(uid: str) -> str:
@@ -132,6 +153,234 @@ def _translate(exc: OSError, what: str) -> SpoolFullError | SpoolWriteError:
     return SpoolWriteError(f"{what}: {exc.strerror or type(exc).__name__}")
 
 
+def _load_writeback() -> Callable[[int, int, int], object] | None:
+    """``sync_file_range(fd, offset, n, SYNC_FILE_RANGE_WRITE)`` from the C library, if any.
+
+    Starts the write-back of a range without waiting for it (Linux); the final fsync then finds
+    most of the file already on its way to the disk. None where the call does not exist.
+    """
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    write = 2  # SYNC_FILE_RANGE_WRITE
+
+    def start(fd: int, offset: int, length: int) -> object:
+        return function(fd, offset, length, write)
+
+    return start
+
+
+_start_writeback = _load_writeback()
+
+
+class _NoBuffer:
+    def flush(self) -> None:
+        pass
+
+
+class IncomingFile:
+    """A received data set being written to the spool's ``tmp/`` while its PDVs arrive.
+
+    It has what pynetdicom's chunked receive needs of its temporary file (``write``,
+    ``file.flush``, ``name``, ``close``). The SHA-256 of the data set (the bytes after the File
+    Meta Information) is computed on the way. An I/O error, also one opening the file, is kept
+    in :attr:`error` and later bytes are dropped: the C-STORE handler answers it with a status
+    instead of pynetdicom aborting the association.
+    """
+
+    def __init__(
+        self, directory: Path, *, known: Callable[[str], bool] = lambda sop_uid: False
+    ) -> None:
+        self.error: OSError | None = None
+        #: whether the spool holds a first copy of a SOP Instance UID (a likely re-send)
+        self._known = known
+        self._writeback = _start_writeback is not None
+        self._held: bytearray | None = None
+        self.size = 0
+        self._fh: io.FileIO | None = None
+        #: what pynetdicom flushes after each PDV (unbuffered writes: nothing to flush)
+        self.file: Any = _NoBuffer()
+        self.name = str(directory / "unopened.part")
+        self._digest = hashlib.sha256()
+        self._head: bytearray | None = bytearray()  # until the data set offset is known
+        self._started = 0  # bytes whose write-back was started
+        self._claimed = False
+        self._lock = threading.Lock()
+        try:
+            fd, name = tempfile.mkstemp(suffix=".part", dir=directory)
+        except OSError as exc:
+            self.error = exc
+            return
+        self.name = name
+        self._fh = io.FileIO(fd, "wb")
+
+    @property
+    def path(self) -> Path:
+        return Path(self.name)
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        view = memoryview(data).cast("B")
+        count = len(view)
+        if self._held is not None:  # a likely re-send: kept in memory until it is compared
+            self._held += view
+        elif self.error is None and self._fh is not None:
+            self._write_out(view)
+        self._hash(view)
+        self.size += count
+        if (
+            self._writeback
+            and _start_writeback is not None
+            and self._fh is not None
+            and self.error is None
+            and self.size - self._started >= _WRITEBACK_EVERY
+        ):
+            _start_writeback(self._fh.fileno(), self._started, self.size - self._started)
+            self._started = self.size
+        return count
+
+    def _hash(self, view: memoryview) -> None:
+        head = self._head
+        if head is None:
+            self._digest.update(view)
+            return
+        head += view
+        if len(head) < 144:
+            return
+        try:
+            offset = dataset_offset(bytes(head[:144]))
+        except ValueError:
+            offset = 0  # not written by pynetdicom: hash everything (never a spool copy)
+        if len(head) >= offset:
+            self._digest.update(head[offset:])
+            self._head = None
+            if len(head) == offset and self._known(_meta_sop_instance_uid(bytes(head))):
+                # most likely an identical re-send, compared and dropped without touching the
+                # disk: its data set is held in memory (as pynetdicom would without streaming)
+                self._writeback = False
+                self._held = bytearray()
+
+    def sha256(self) -> str:
+        return self._digest.hexdigest()
+
+    def _write_out(self, view: memoryview) -> None:
+        assert self._fh is not None
+        try:
+            rest = view
+            while rest:
+                rest = rest[self._fh.write(rest) or 0 :]
+        except OSError as exc:
+            self.error = exc
+
+    def dataset(self) -> io.BufferedReader:
+        """The data set (after the File Meta Information), readable and seekable from 0."""
+        if self._held is not None:  # all of it is held: the file stops after the meta
+            return io.BufferedReader(_Window(self.name, self.dataset_start(), self._held), 1 << 16)
+        return io.BufferedReader(_Window(self.name, self.dataset_start()), 1 << 16)
+
+    def dataset_start(self) -> int:
+        with open(self.name, "rb") as f:
+            return dataset_offset(f.read(144))
+
+    def claim(self) -> bool:
+        """Take the file for the C-STORE handler; False once :meth:`abandon` took it."""
+        with self._lock:
+            if self._claimed:
+                return False
+            self._claimed = True
+            return True
+
+    def abandon(self) -> None:
+        """Remove a file no handler took (the association ended mid data set)."""
+        if self.claim():
+            self.close()
+            self.discard()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+
+    def discard(self) -> None:
+        """Remove the temporary file if it is still there (not published)."""
+        if self._fh is not None:
+            _discard(self.path)
+
+    def failure(self) -> SpoolFullError | SpoolWriteError | None:
+        """The error kept while writing, as the spool's exception (None when all went well)."""
+        return None if self.error is None else _translate(self.error, "spool write")
+
+    def sync(self) -> None:
+        """Raise the kept write error, or flush the file to stable storage and close it."""
+        if self._held is not None and self.error is None:  # not an identical re-send after all
+            held, self._held = self._held, None
+            self._write_out(memoryview(held))
+        if self.error is not None:
+            raise self.error
+        assert self._fh is not None  # opened, since no error was kept
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+
+
+def _meta_sop_instance_uid(head: bytes) -> str:
+    """Media Storage SOP Instance UID of a Part 10 file's first bytes ("" if unreadable)."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(head), stop_before_pixels=True)
+        return str(ds.file_meta.get("MediaStorageSOPInstanceUID", ""))
+    except Exception:  # only a hint: a file the spool cannot read is simply written back
+        return ""
+
+
+class _Window(io.RawIOBase):
+    """A read-only view of a file from ``start`` on, with positions relative to ``start``."""
+
+    def __init__(self, path: str, start: int, held: bytearray | None = None) -> None:
+        self._fd = os.open(path, os.O_RDONLY)
+        self._start = start
+        self._pos = 0
+        self._held = held  # the data set itself, when it is held in memory instead
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._held is not None:
+            with memoryview(self._held) as held:
+                chunk = held[self._pos : self._pos + len(buffer)]
+                buffer[: len(chunk)] = chunk
+                count = len(chunk)
+                chunk.release()
+            self._pos += count
+            return count
+        data = os.pread(self._fd, len(buffer), self._start + self._pos)
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 0:
+            self._pos = offset
+        elif whence == 1:
+            self._pos += offset
+        elif self._held is not None:
+            self._pos = len(self._held) + offset
+        else:
+            self._pos = os.fstat(self._fd).st_size - self._start + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+
 class Spool:
     """The spool directory.
 
@@ -156,6 +405,9 @@ class Spool:
         self._locks = tuple(threading.Lock() for _ in range(64))
         self._count_guard = threading.Lock()
         self.conflicts = 0
+        self._known: OrderedDict[Path, tuple[tuple[int, int, int], str]] = OrderedDict()
+        self._known_names: dict[str, int] = {}  # file stems (safe SOP UIDs) in ``_known``
+        self._known_guard = threading.Lock()
 
     def path_for(self, study_instance_uid: str, sop_instance_uid: str) -> Path:
         """Return where the first copy of an instance lives."""
@@ -259,14 +511,69 @@ class Spool:
                 if self._existing_sha256(final) == sha:
                     return self._duplicate(final, sha, sop_instance_uid)
         tmp, size, sha = self._write_temp(final.name, file_meta, data)
+        return self._settle(tmp, size, sha, final, study_instance_uid, sop_instance_uid)
+
+    def incoming(self) -> IncomingFile:
+        """A new file in ``tmp/`` for a data set about to arrive (see :class:`IncomingFile`)."""
+        return IncomingFile(self.tmp_dir, known=self._has_first_copy)
+
+    def _has_first_copy(self, sop_instance_uid: str) -> bool:
+        """Whether a first copy of ``sop_instance_uid`` was written or read by this spool."""
+        with self._known_guard:
+            return bool(sop_instance_uid) and safe_name(sop_instance_uid) in self._known_names
+
+    def store_incoming(
+        self, *, study_instance_uid: str, sop_instance_uid: str, incoming: IncomingFile
+    ) -> SpooledInstance:
+        """Persist a streamed instance durably: the policy and errors of :meth:`store`.
+
+        ``incoming`` holds the whole Part 10 file already; what is left is the free-space
+        guard, the fsync, the atomic rename and the directory fsync. An identical re-send is
+        compared before the fsync and removed. The temporary file never outlives this call.
+        """
+        tmp = incoming.path
         try:
-            with lock:
+            failure = incoming.failure()
+            if failure is not None:
+                raise failure
+            self.check_free_space(0)  # the file is written already: its bytes count as used
+            final = self.path_for(study_instance_uid, sop_instance_uid)
+            sha = incoming.sha256()
+            if final.exists():
+                with self._uid_lock(sop_instance_uid):
+                    if self._existing_sha256(final) == sha:
+                        incoming.close()
+                        _discard(tmp)
+                        return self._duplicate(final, sha, sop_instance_uid)
+            try:
+                incoming.sync()
+            except OSError as exc:
+                raise _translate(exc, "spool write") from exc
+        except BaseException:
+            incoming.close()
+            _discard(tmp)
+            raise
+        return self._settle(tmp, incoming.size, sha, final, study_instance_uid, sop_instance_uid)
+
+    def _settle(
+        self,
+        tmp: Path,
+        size: int,
+        sha: str,
+        final: Path,
+        study_instance_uid: str,
+        sop_instance_uid: str,
+    ) -> SpooledInstance:
+        """Publish a durable temp file: first copy, duplicate (removed) or conflict."""
+        try:
+            with self._uid_lock(sop_instance_uid):
                 existing = self._existing_sha256(final)
                 if existing == sha:
                     tmp.unlink()
                     return self._duplicate(final, sha, sop_instance_uid)
                 if existing is None:
                     self._publish(tmp, final)
+                    self._remember_published(final, sha)
                     return SpooledInstance(final, size, sha, "stored")
                 name = f"{safe_name(sop_instance_uid)}.{sha[:16]}.dcm"
                 quarantine = self.conflicts_dir / safe_name(study_instance_uid) / name
@@ -277,8 +584,10 @@ class Spool:
                     )
                 else:
                     self._publish(tmp, quarantine)
-        except OSError as exc:
+        except (OSError, SpoolWriteError) as exc:
             _discard(tmp)
+            if isinstance(exc, SpoolWriteError):
+                raise
             raise _translate(exc, "spool publish") from exc
         with self._count_guard:
             self.conflicts += 1
@@ -297,6 +606,47 @@ class Spool:
         return SpooledInstance(final, final.stat().st_size, sha, "duplicate")
 
     def _existing_sha256(self, path: Path) -> str | None:
+        """The data set hash of the copy at ``path`` (None if absent).
+
+        Remembered for the files this spool wrote or read, keyed on inode, size and
+        modification time, so that a re-send is compared without reading the first copy again.
+        """
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise SpoolWriteError(f"cannot read existing copy: {exc}") from exc
+        identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._known_guard:
+            known = self._known.get(path)
+        if known is not None and known[0] == identity:
+            return known[1]
+        sha = self._hash_file(path)
+        if sha is not None:
+            self._remember(path, identity, sha)
+        return sha
+
+    def _remember(self, path: Path, identity: tuple[int, int, int], sha: str) -> None:
+        with self._known_guard:
+            if path not in self._known:
+                self._known_names[path.stem] = self._known_names.get(path.stem, 0) + 1
+            self._known[path] = (identity, sha)
+            self._known.move_to_end(path)
+            while len(self._known) > _KNOWN_HASHES:
+                old, _ = self._known.popitem(last=False)
+                if self._known_names.get(old.stem, 0) <= 1:
+                    self._known_names.pop(old.stem, None)
+                else:
+                    self._known_names[old.stem] -= 1
+
+    def _remember_published(self, path: Path, sha: str) -> None:
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+            self._remember(path, (st.st_ino, st.st_size, st.st_mtime_ns), sha)
+
+    @staticmethod
+    def _hash_file(path: Path) -> str | None:
         try:
             with open(path, "rb") as f:
                 offset = dataset_offset(f.read(144))

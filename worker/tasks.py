@@ -8,6 +8,13 @@ from the study and the model version, so even a repeated send carries the same o
 ``d2r.send_reports`` sends a study's SRs to one destination and records the attempt; a transient
 failure is retried by the node's reconciler after the configured delay (doubling per attempt),
 not by a broker countdown, so the database alone decides what is still to be sent.
+
+The first attempt of a freshly reported study runs in this worker process, in a background
+thread (:class:`Deliveries`), while the worker goes on with the next study: the SR round trip to
+the PACS mostly waits on the network. It is the same attempt as the task's (the delivery must
+still be pending in the database, and the attempt is recorded there); a process that dies before
+recording it leaves the delivery pending, and the node's reconciler queues it as a task again
+(as it does for a lost task message). Sends still in flight finish before the process exits.
 """
 
 from __future__ import annotations
@@ -17,13 +24,14 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import pydicom
 from celery import Celery, Task
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import worker_process_init, worker_process_shutdown, worker_shutdown
 from pydicom import Dataset
 
 from delivery import Delivered, StudyResults, open_destination
@@ -102,6 +110,51 @@ class WorkerContext:
             return self._predictor
 
 
+class Deliveries:
+    """First send attempts run beside the next study, one at a time, in this process.
+
+    ``send(study_uid, destination)`` is the body of the send task. The thread pool is made per
+    process (a forked pool child never uses its parent's); :meth:`drain` waits for what was
+    handed over.
+    """
+
+    def __init__(self, send: Callable[[str, str], Any]) -> None:
+        self._send = send
+        self._lock = threading.Lock()
+        self._pid = -1
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: set[Future[Any]] = set()
+
+    def submit(self, study_uid: str, destination: str) -> None:
+        with self._lock:
+            if self._executor is None or self._pid != os.getpid():
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="d2r-send")
+                self._pid = os.getpid()
+                self._pending = set()
+            future = self._executor.submit(self._run, study_uid, destination)
+            self._pending.add(future)
+        future.add_done_callback(self._done)
+
+    def _run(self, study_uid: str, destination: str) -> None:
+        try:
+            self._send(study_uid, destination)
+        except Exception:  # the delivery stays pending: the reconciler queues it again
+            logger.exception("send of study %s to %s failed", study_uid, destination)
+
+    def _done(self, future: Future[Any]) -> None:
+        with self._lock:
+            self._pending.discard(future)
+
+    def drain(self, timeout: float | None = None) -> None:
+        """Wait for the sends handed over so far (in this process)."""
+        with self._lock:
+            if self._pid != os.getpid():
+                return
+            pending = list(self._pending)
+        for future in pending:
+            future.exception(timeout)
+
+
 def _read_image(path: str) -> Dataset:
     return pydicom.dcmread(path)
 
@@ -117,11 +170,21 @@ def _timed(predict: Callable[[Sequence[Dataset]], Any]) -> Callable[[Sequence[Da
     return timed
 
 
-def report_study(ctx: WorkerContext, app: Celery, job_data: dict[str, Any], task_id: str) -> str:
-    """Body of ``d2r.report_study``; returns what happened (for logs and tests)."""
+def report_study(
+    ctx: WorkerContext,
+    app: Celery,
+    job_data: dict[str, Any],
+    task_id: str,
+    deliveries: Deliveries | None = None,
+) -> str:
+    """Body of ``d2r.report_study``; returns what happened (for logs and tests).
+
+    With ``deliveries`` the first send attempt of each destination runs there; without, it is
+    queued as a ``d2r.send_reports`` task.
+    """
     job = ReportJob.from_dict(job_data)
     with logs.bind(study_instance_uid=job.study_instance_uid, task_id=task_id):
-        return _report_study(ctx, app, job, task_id)
+        return _report_study(ctx, app, job, task_id, deliveries)
 
 
 class LeaseHeartbeat:
@@ -175,7 +238,9 @@ class LeaseHeartbeat:
         self._thread.join(5.0)
 
 
-def _report_study(ctx: WorkerContext, app: Celery, job: ReportJob, task_id: str) -> str:
+def _report_study(
+    ctx: WorkerContext, app: Celery, job: ReportJob, task_id: str, deliveries: Deliveries | None
+) -> str:
     settings = ctx.settings
     store = ctx.store
     uid = job.study_instance_uid
@@ -199,7 +264,7 @@ def _report_study(ctx: WorkerContext, app: Celery, job: ReportJob, task_id: str)
     images: list[Dataset] = []
     try:
         with LeaseHeartbeat(store, uid, task_id, settings, stages):
-            outcome = _attempt(ctx, app, job, task_id, stages, images)
+            outcome = _attempt(ctx, app, job, task_id, stages, images, deliveries)
         _log_timings(uid, stages, claim_seconds)
         return outcome
     except (InputRejected, ModelError) as exc:
@@ -274,6 +339,7 @@ def _attempt(
     task_id: str,
     stages: StageTracker,
     images: list[Dataset],
+    deliveries: Deliveries | None = None,
 ) -> str:
     from report.build import AlgorithmInfo, build_reports
 
@@ -331,7 +397,10 @@ def _attempt(
     if not destinations and (view := store.get(uid)) is not None:
         metrics.observe_study_done(view, None)
     for dest in destinations:
-        app.send_task(SEND_TASK, args=[uid, dest])
+        if deliveries is not None:
+            deliveries.submit(uid, dest)
+        else:
+            app.send_task(SEND_TASK, args=[uid, dest])
     return outcome
 
 
@@ -548,10 +617,11 @@ def register_tasks(
 ) -> WorkerContext:
     """Register the tasks on ``app``; the model loads once per worker process."""
     ctx = WorkerContext(settings, audit=audit)
+    deliveries = Deliveries(lambda uid, dest: send_reports(ctx, uid, dest))
 
     @app.task(name="d2r.report_study", bind=True)  # type: ignore[untyped-decorator]
     def report_study_task(self: Task, job: dict[str, Any]) -> str:
-        return report_study(ctx, app, job, self.request.id or "unknown")
+        return report_study(ctx, app, job, self.request.id or "unknown", deliveries)
 
     @app.task(name=SEND_TASK, bind=True)  # type: ignore[untyped-decorator]
     def send_reports_task(self: Task, study_uid: str, destination: str) -> str:
@@ -564,8 +634,13 @@ def register_tasks(
         except Exception:
             logger.exception("model not loaded at start-up; the first study will retry")
 
+    @worker_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
+    def _finish_sends(**_: Any) -> None:  # solo pool: the sends ran in the main process
+        deliveries.drain(settings.task_time_limit)
+
     @worker_process_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
     def _process_gone(**_: Any) -> None:
+        deliveries.drain(settings.task_time_limit)
         directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         if directory:  # this process's live gauges (the loaded model) leave the endpoint
             metrics.mark_process_dead(os.getpid(), directory)

@@ -236,24 +236,35 @@ def profile_main(args: argparse.Namespace, files: list[Path]) -> int:
     wipe(out)
     command = args.profile
     raw = args.work / f"{command}-profile.txt"
+    n = args.profile_associations
     with product_receiver(out, command, len(files), profile=raw) as (aet, port, _count):
-        elapsed = send(files, aet, port, 1)
-    print(f"d2r {command}, {len(files)} files, one association: {elapsed:.2f} s; busy samples:\n")
+        elapsed = send(files, aet, port, n)
+    print(f"d2r {command}, {len(files)} files, {n} association(s): {elapsed:.2f} s")
+    print("busy samples:\n")
     print("| share of busy samples | innermost frame |\n|---|---|")
     for share, leaf in top_frames(raw):
         print(f"| {share:.1f} % | `{leaf}` |")
     return 0
 
 
+RECEIVER_NAMES = {
+    "node": "d2r node",
+    "serve": "d2r serve",
+    "serve-loading": "d2r serve, worker loading the model",
+    "storescp": "storescp +B",
+}
+
+
 def product_main(args: argparse.Namespace, files: list[Path]) -> int:
     """Alternate d2r node, d2r serve and storescp, run after run, for each case."""
     total_mb = sum(f.stat().st_size for f in files) / 1e6
-    cases = [
-        ("one association", 1, False),
-        (f"{args.associations} associations", args.associations, False),
-    ]
-    cases.append(("re-sent duplicates, one association", 1, True))
-    receivers: dict[str, Callable[[Path, int], Any]] = {
+    all_cases = {
+        "one": ("one association", 1, False),
+        "many": (f"{args.associations} associations", args.associations, False),
+        "duplicates": ("re-sent duplicates, one association", 1, True),
+    }
+    cases = [all_cases[c] for c in args.cases.split(",")]
+    all_receivers: dict[str, Callable[[Path, int], Any]] = {
         "d2r node": lambda out, n: product_receiver(out, "node", len(files)),
         "d2r serve": lambda out, n: product_receiver(out, "serve", len(files)),
         "d2r serve, worker loading the model": lambda out, n: product_receiver(
@@ -261,6 +272,8 @@ def product_main(args: argparse.Namespace, files: list[Path]) -> int:
         ),
         "storescp +B": lambda out, n: storescp_receiver(out, fork=n > 1),
     }
+    wanted = {RECEIVER_NAMES[r] for r in args.receivers.split(",")} | {"storescp +B"}
+    receivers = {name: r for name, r in all_receivers.items() if name in wanted}
     rows = []
     for case, n, duplicates in cases:
         times: dict[str, list[float]] = {name: [] for name in receivers}
@@ -381,10 +394,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--files", type=int, default=0, help="use the first N files (0: all)")
     parser.add_argument("--associations", type=int, default=4)
     parser.add_argument(
+        "--cases",
+        default="one,many,duplicates",
+        help="with --product: comma list of one, many (--associations), duplicates",
+    )
+    parser.add_argument(
+        "--receivers",
+        default="node,serve,serve-loading",
+        help="with --product: comma list of node, serve, serve-loading (storescp always runs)",
+    )
+    parser.add_argument(
         "--profile",
         choices=("node", "serve"),
         default=None,
         help="with --product: py-spy on that process while the files arrive (one run)",
+    )
+    parser.add_argument(
+        "--profile-associations", type=int, default=1, help="with --profile: concurrent senders"
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

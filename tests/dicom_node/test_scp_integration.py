@@ -291,3 +291,47 @@ def test_unwritable_spool_is_processing_failure(node_factory: NodeFactory, tmp_p
     res = storescu(node, tmp_path / "a.dcm")
     assert store_statuses(res) == [statuses.PROCESSING_FAILURE]
     assert node.store.instances == []
+
+
+def test_association_aborted_mid_data_set_leaves_nothing(node: Node, tmp_path: Path) -> None:
+    """The streamed data set of a C-STORE cut off by an A-ABORT is removed, never recorded."""
+    import time
+    from io import BytesIO
+
+    from pynetdicom import AE
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+
+    ds = make_dx(tmp_path / "a.dcm", rows=ROWS, cols=COLS)
+    encoded = BytesIO()
+    pydicom.dcmwrite(encoded, ds, enforce_file_format=True)
+    data = encoded.getvalue()
+    ae = AE(ae_title="CUTTER")
+    ae.add_requested_context(ds.SOPClassUID, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
+    assert assoc.is_established
+    request = C_STORE()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = ds.SOPClassUID
+    request.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    request.Priority = 2
+    request.DataSet = BytesIO(data[dataset_offset(data) :])
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    context_id = assoc.accepted_contexts[0].context_id
+    assert context_id is not None
+    pdus = list(message.encode_msg(context_id, 8192))
+    assert len(pdus) > 4
+    for pdu in pdus[: len(pdus) // 2]:  # the command and half of the data set
+        assoc.dul.send_pdu(pdu)
+    deadline = time.monotonic() + 10
+    while not list(node.spool.tmp_dir.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert list(node.spool.tmp_dir.iterdir()), "the data set streams into tmp/ as it arrives"
+    assoc.abort()
+    deadline = time.monotonic() + 10
+    while list(node.spool.tmp_dir.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(node.spool.tmp_dir.iterdir()) == []
+    assert list(node.spool.instances_dir.rglob("*.dcm")) == []
+    assert node.store.instances == [] and node.store.rejections == []

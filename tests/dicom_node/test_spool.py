@@ -219,3 +219,160 @@ def test_real_full_filesystem(tiny_fs: Path) -> None:
             file_meta=meta("1.3"),
             dataset=payload(16),
         )
+
+
+# ------------------------------------------------------------- streamed (chunked receive)
+def stream(spool: Spool, sop_uid: str, data: bytes, pdv: int = 1000) -> Any:
+    """Write a Part 10 file into an IncomingFile as pynetdicom's chunked receive does."""
+    from pydicom.filewriter import write_file_meta_info
+
+    incoming = spool.incoming()
+    incoming.write(b"\x00" * 128)
+    incoming.write(b"DICM")
+    write_file_meta_info(incoming, meta(sop_uid))  # type: ignore[arg-type]
+    for k in range(0, len(data), pdv):
+        incoming.write(data[k : k + pdv])
+        incoming.file.flush()
+    return incoming
+
+
+def test_streamed_instance_is_the_same_file_as_a_stored_one(tmp_path: Path) -> None:
+    data = payload(5000)
+    reference = Spool(tmp_path / "a").store(
+        study_instance_uid="1", sop_instance_uid="1.1", file_meta=meta("1.1"), dataset=data
+    )
+    spool = Spool(tmp_path / "b")
+    incoming = stream(spool, "1.1", data)
+    assert incoming.path.parent == spool.tmp_dir
+    with incoming.dataset() as reader:
+        assert reader.read() == data
+        reader.seek(0)
+        assert reader.read(8) == data[:8]
+    got = spool.store_incoming(study_instance_uid="1", sop_instance_uid="1.1", incoming=incoming)
+    assert got.outcome == "stored"
+    assert got.path.read_bytes() == reference.path.read_bytes()
+    assert got.sha256 == reference.sha256 == hashlib.sha256(data).hexdigest()
+    assert got.size == reference.size
+    assert list(spool.tmp_dir.iterdir()) == []
+
+
+def test_streamed_duplicate_and_conflict(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    first = spool.store_incoming(
+        study_instance_uid="1", sop_instance_uid="1.1", incoming=stream(spool, "1.1", payload())
+    )
+    again = spool.store_incoming(
+        study_instance_uid="1", sop_instance_uid="1.1", incoming=stream(spool, "1.1", payload())
+    )
+    assert (again.outcome, again.path, again.sha256) == ("duplicate", first.path, first.sha256)
+    other = spool.store_incoming(
+        study_instance_uid="1",
+        sop_instance_uid="1.1",
+        incoming=stream(spool, "1.1", payload(fill=9)),
+    )
+    assert other.outcome == "conflict"
+    assert other.path.parent == spool.conflicts_dir / "1"
+    raw = other.path.read_bytes()  # held in memory as a likely re-send, then written out whole
+    assert raw[dataset_offset(raw) :] == payload(fill=9)
+    assert first.path.read_bytes()[-4:] == bytes([7]) * 4
+    assert list(spool.tmp_dir.iterdir()) == []
+
+
+def test_remembered_hash_follows_a_replaced_first_copy(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+
+    def store() -> Any:
+        return spool.store(
+            study_instance_uid="1", sop_instance_uid="1.1", file_meta=meta("1.1"), dataset=payload()
+        )
+
+    first = store()
+    # the first copy changes behind the spool's back (same size): its hash is read again
+    replacement = spool.tmp_dir / "x"
+    replacement.write_bytes(first.path.read_bytes()[:-1] + b"\x09")
+    os.replace(replacement, first.path)
+    assert store().outcome == "conflict"
+
+
+@pytest.mark.parametrize(
+    ("err", "exc_type"), [(errno.ENOSPC, SpoolFullError), (errno.EIO, SpoolWriteError)]
+)
+def test_streamed_write_error_is_kept_for_the_handler(
+    tmp_path: Path, err: int, exc_type: type[Exception]
+) -> None:
+    spool = Spool(tmp_path)
+    incoming = spool.incoming()
+    incoming.write(b"\x00" * 128)
+
+    class Failing:
+        def write(self, data: Any) -> int:
+            raise OSError(err, os.strerror(err))
+
+        def close(self) -> None:
+            pass
+
+    real = incoming._fh
+    incoming._fh = Failing()  # type: ignore[assignment]
+    incoming.write(b"DICM")  # kept, not raised: pynetdicom would abort the association
+    incoming._fh = real
+    assert isinstance(incoming.failure(), exc_type)
+    with pytest.raises(exc_type):
+        spool.store_incoming(study_instance_uid="1", sop_instance_uid="1.1", incoming=incoming)
+    assert list(spool.tmp_dir.iterdir()) == []
+
+
+def test_incoming_without_a_temp_folder_fails_as_a_write_error(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.tmp_dir.rmdir()
+    incoming = spool.incoming()
+    incoming.write(b"\x00" * 200)
+    incoming.file.flush()
+    assert isinstance(incoming.failure(), SpoolWriteError)
+    incoming.abandon()  # nothing to remove, no error
+
+
+def test_abandoned_incoming_file_is_removed(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    incoming = stream(spool, "1.1", payload()[:100])  # cut off mid data set
+    incoming.abandon()
+    assert list(spool.tmp_dir.iterdir()) == []
+    assert not incoming.claim()  # a late handler does not take it
+
+
+def test_streamed_instance_on_a_full_filesystem(tiny_fs: Path) -> None:
+    spool = Spool(tiny_fs / "spool", min_free_bytes=0)
+    big = payload(shutil.disk_usage(tiny_fs).free + 4096)
+    incoming = stream(spool, "1.1", big, pdv=16384)
+    assert isinstance(incoming.failure(), SpoolFullError)
+    with pytest.raises(SpoolFullError, match="No space left"):
+        spool.store_incoming(study_instance_uid="1", sop_instance_uid="1.1", incoming=incoming)
+    assert list(spool.tmp_dir.iterdir()) == []
+    assert not spool.path_for("1", "1.1").exists()
+
+
+def test_a_likely_resend_starts_no_write_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dicom_node.spool as spool_module
+
+    started: list[int] = []
+    monkeypatch.setattr(spool_module, "_start_writeback", lambda fd, off, n: started.append(n))
+    monkeypatch.setattr(spool_module, "_WRITEBACK_EVERY", 1024)
+    spool = Spool(tmp_path)
+    data = payload(8192)
+    first = stream(spool, "1.1", data)
+    assert started  # a new instance: its write-back starts while it arrives
+    spool.store_incoming(study_instance_uid="1", sop_instance_uid="1.1", incoming=first)
+    started.clear()
+    again = stream(spool, "1.1", data)
+    assert started == []
+    assert again.path.stat().st_size < len(data)  # held in memory, not written
+    with again.dataset() as reader:
+        assert reader.read() == data
+    assert (
+        spool.store_incoming(study_instance_uid="1", sop_instance_uid="1.1", incoming=again).outcome
+        == "duplicate"
+    )
+    other = stream(spool, "1.2", data)
+    assert started
+    other.abandon()
