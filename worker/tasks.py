@@ -120,6 +120,10 @@ def _timed(predict: Callable[[Sequence[Dataset]], Any]) -> Callable[[Sequence[Da
 def report_study(ctx: WorkerContext, app: Celery, job_data: dict[str, Any], task_id: str) -> str:
     """Body of ``d2r.report_study``; returns what happened (for logs and tests)."""
     job = ReportJob.from_dict(job_data)
+    if ctx.settings.batch_max > 1:  # D2R_BATCH_MAX: more queued studies join this one
+        from worker.batching import report_batch
+
+        return report_batch(ctx, app, job, task_id)
     with logs.bind(study_instance_uid=job.study_instance_uid, task_id=task_id):
         return _report_study(ctx, app, job, task_id)
 
@@ -197,9 +201,31 @@ def _report_study(ctx: WorkerContext, app: Celery, job: ReportJob, task_id: str)
     claim_seconds = time.perf_counter() - claim_started
     stages = StageTracker()
     images: list[Dataset] = []
-    try:
+
+    def attempt() -> str:
         with LeaseHeartbeat(store, uid, task_id, settings, stages):
-            outcome = _attempt(ctx, app, job, task_id, stages, images)
+            return _attempt(ctx, app, job, task_id, stages, images)
+
+    return _settle_attempt(ctx, app, job, task_id, stages, images, claim_seconds, attempt)
+
+
+def _settle_attempt(
+    ctx: WorkerContext,
+    app: Celery,
+    job: ReportJob,
+    task_id: str,
+    stages: StageTracker,
+    images: list[Dataset],
+    claim_seconds: float,
+    attempt: Callable[[], str],
+) -> str:
+    """Run one claimed study's ``attempt`` and record how it ended: reported, failed (bad
+    input, model refused it) or one attempt spent (anything unexpected)."""
+    store = ctx.store
+    uid = job.study_instance_uid
+    max_attempts = ctx.settings.node.max_attempts
+    try:
+        outcome = attempt()
         _log_timings(uid, stages, claim_seconds)
         return outcome
     except (InputRejected, ModelError) as exc:
@@ -274,7 +300,12 @@ def _attempt(
     task_id: str,
     stages: StageTracker,
     images: list[Dataset],
+    *,
+    read_image: Callable[[str], Dataset] = _read_image,
+    predict: Callable[[Sequence[Dataset]], Any] | None = None,
 ) -> str:
+    """Read, predict, build, write and record one claimed study; ``read_image`` and
+    ``predict`` replace the spool read and the model (a batch predicted beforehand)."""
     from report.build import AlgorithmInfo, build_reports
 
     settings = ctx.settings
@@ -291,13 +322,13 @@ def _attempt(
             tracking_identifier_prefix=settings.tracking_identifier_prefix,
         )
 
-    def predict(datasets: Sequence[Dataset]) -> Any:
+    def predict_one(datasets: Sequence[Dataset]) -> Any:
         return predictor.predict(datasets, on_stage=stages.enter)
 
     result = pipeline.run(
         job,
-        read_image=_read_image,
-        predict=_timed(predict),
+        read_image=read_image,
+        predict=_timed(predict_one) if predict is None else predict,
         build_reports=build,
         stages=stages,
         images=images,
