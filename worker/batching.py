@@ -286,9 +286,18 @@ def _run_batch(
                     predict=predict,
                 )
 
-            outcome = tasks._settle_attempt(
-                ctx, app, job, task_id, stages[uid], images, claim_seconds, attempt
-            )
+            try:
+                outcome = tasks._settle_attempt(
+                    ctx, app, job, task_id, stages[uid], images, claim_seconds, attempt
+                )
+            except Exception as exc:  # not even recorded (database down): the lease decides
+                logger.warning(
+                    "study %s: outcome not recorded (%s); its claim expires and the study is "
+                    "queued again",
+                    uid,
+                    type(exc).__name__,
+                )
+                outcome = "unrecorded"
         if n == 0:
             own = outcome
         elif outcome not in ("reported", "abstained"):
