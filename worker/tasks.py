@@ -3,7 +3,9 @@
 ``d2r.report_study`` claims a study in the database, runs :func:`worker.pipeline.run`, writes the
 SRs to the spool and hands each destination to ``d2r.send_reports``. A redelivered or duplicated
 message finds the study already claimed, reported or re-opened and does nothing; SR UIDs derive
-from the study and the model version, so even a repeated send carries the same objects.
+from the study and the model version, so even a repeated send carries the same objects. With
+``D2R_BATCH_MAX`` > 1 the task also claims other queued studies and runs them through the model
+as one batch (:mod:`worker.batching`); each is then recorded here, as if it ran alone.
 
 ``d2r.send_reports`` sends a study's SRs to one destination and records the attempt; a transient
 failure is retried by the node's reconciler after the configured delay (doubling per attempt),
