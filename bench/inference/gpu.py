@@ -280,59 +280,6 @@ def main() -> int:
             lambda: torch.autocast(device.type, dtype=torch.float16),
         )
 
-    if "batching" not in stages:
-        pass
-    elif importlib.util.find_spec("pydicom") is None:
-        rows.append(["Predictor.predict_batch", "", "", "", "not run: pydicom absent"])
-    elif elapsed() < args.budget - 30:
-        try:
-            from model.predict import Predictor
-
-            predictor = Predictor.from_checkpoint(
-                ckpt_dir, device=str(device), lesion_score_threshold=0.0, input_gate=False
-            )
-            studies = synthetic_datasets(args.batch, cfg.image_size)
-            reps = max(1, args.iters // 2)
-
-            def one_by_one() -> Any:
-                return [predictor.predict([ds]) for ds in studies]
-
-            alone_t, alone = timed(one_by_one, reps, device)
-            batch_t, batched = timed(
-                lambda: predictor.predict_batch([[ds] for ds in studies]), reps, device
-            )
-            same = all(
-                (getattr(b, "findings", None), getattr(b, "impression", None))
-                == (a.findings, a.impression)
-                for a, b in zip(alone, batched, strict=True)
-            )
-            tokens = str(len((alone[0].findings + " " + alone[0].impression).split()))
-            rows.append(
-                [
-                    "Predictor.predict, 1 study per call",
-                    f"{alone_t / args.batch * 1000:.0f}",
-                    f"{args.batch / alone_t:.2f}",
-                    tokens,
-                    "the worker's path: decode, letterbox, graphs, NMS, beam search (words)",
-                ]
-            )
-            rows.append(
-                [
-                    f"Predictor.predict_batch, {args.batch} studies per call",
-                    f"{batch_t / args.batch * 1000:.0f}",
-                    f"{args.batch / batch_t:.2f}",
-                    tokens,
-                    f"text {'same' if same else 'differs'} as each study alone; "
-                    f"{alone_t / batch_t:.2f}x the studies/s of 1 per call",
-                ]
-            )
-            log(f"batching: {args.batch / alone_t:.2f} -> {args.batch / batch_t:.2f} studies/s")
-        except Exception as e:
-            rows.append(["Predictor.predict_batch", "", "", "", failure(e, args.out, "batching")])
-        render()
-    else:
-        rows.append(["Predictor.predict_batch", "", "", "", "skipped (time budget)"])
-
     onnx_dir = work / "onnx"
     export_ok = False
     if not stages & {"export", "tensorrt"}:
@@ -407,6 +354,59 @@ def main() -> int:
             bench("TensorRT fp16", backend)
         except Exception as e:
             rows.append(["TensorRT fp16", "", "", "", failure(e, args.out, "tensorrt")])
+
+    if "batching" not in stages:
+        pass
+    elif importlib.util.find_spec("pydicom") is None:
+        rows.append(["Predictor.predict_batch", "", "", "", "not run: pydicom absent"])
+    elif elapsed() < args.budget - 30:
+        try:
+            from model.predict import Predictor
+
+            predictor = Predictor.from_checkpoint(
+                ckpt_dir, device=str(device), lesion_score_threshold=0.0, input_gate=False
+            )
+            studies = synthetic_datasets(args.batch, cfg.image_size)
+            reps = max(1, args.iters // 2)
+
+            def one_by_one() -> Any:
+                return [predictor.predict([ds]) for ds in studies]
+
+            alone_t, alone = timed(one_by_one, reps, device)
+            batch_t, batched = timed(
+                lambda: predictor.predict_batch([[ds] for ds in studies]), reps, device
+            )
+            same = all(
+                (getattr(b, "findings", None), getattr(b, "impression", None))
+                == (a.findings, a.impression)
+                for a, b in zip(alone, batched, strict=True)
+            )
+            tokens = str(len((alone[0].findings + " " + alone[0].impression).split()))
+            rows.append(
+                [
+                    "Predictor.predict, 1 study per call",
+                    f"{alone_t / args.batch * 1000:.0f}",
+                    f"{args.batch / alone_t:.2f}",
+                    tokens,
+                    "the worker's path: decode, letterbox, graphs, NMS, beam search (words)",
+                ]
+            )
+            rows.append(
+                [
+                    f"Predictor.predict_batch, {args.batch} studies per call",
+                    f"{batch_t / args.batch * 1000:.0f}",
+                    f"{args.batch / batch_t:.2f}",
+                    tokens,
+                    f"text {'same' if same else 'differs'} as each study alone; "
+                    f"{alone_t / batch_t:.2f}x the studies/s of 1 per call",
+                ]
+            )
+            log(f"batching: {args.batch / alone_t:.2f} -> {args.batch / batch_t:.2f} studies/s")
+        except Exception as e:
+            rows.append(["Predictor.predict_batch", "", "", "", failure(e, args.out, "batching")])
+        render()
+    else:
+        rows.append(["Predictor.predict_batch", "", "", "", "skipped (time budget)"])
 
     render()
     label = "torch.compile decoder step" + (" + CUDA graphs" if device.type == "cuda" else "")

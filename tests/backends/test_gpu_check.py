@@ -43,7 +43,7 @@ def test_inference_check_dry_run(model_dir: Path, tmp_path: Path) -> None:
     res = _run(
         ["bench/inference/gpu.py", "--device", "cpu", "--checkpoint", str(model_dir),
          "--iters", "1", "--batch", "2", "--budget", "240",
-         "--stages", "eager,batching,export,tensorrt"],
+         "--stages", "eager,export,tensorrt"],
         tmp_path, timeout=300,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
@@ -53,18 +53,24 @@ def test_inference_check_dry_run(model_dir: Path, tmp_path: Path) -> None:
     assert rows["torch fp32"][3] == "reference"
     assert float(rows["torch fp32"][0]) > 0 and float(rows["torch fp32"][1]) > 0
     assert rows["torch fp16 (autocast)"][3].startswith("text ")
-    alone, batched = (
-        rows["Predictor.predict, 1 study per call"],
-        rows["Predictor.predict_batch, 2 studies per call"],
-    )
-    assert float(alone[1]) > 0 and float(batched[1]) > 0
-    assert batched[3].startswith("text same as each study alone"), batched
     export = rows["ONNX export"][3]
     assert export.startswith("ok: 3 graphs, opset "), export
     detector_diff = float(export.rsplit("max diff ", 1)[1])
     assert detector_diff < 1e-3
     if importlib.util.find_spec("tensorrt") is None:
         assert rows["TensorRT fp16"][3].startswith("not run: tensorrt not importable")
+    # the worker's path, one study per call against predict_batch, appended by its own process
+    res = _run(
+        ["bench/inference/gpu.py", "--device", "cpu", "--checkpoint", str(model_dir),
+         "--iters", "1", "--batch", "2", "--budget", "240", "--stages", "batching", "--append"],
+        tmp_path, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = _rows((tmp_path / "gpu_check.md").read_text())
+    alone = rows["Predictor.predict, 1 study per call"]
+    batched = rows["Predictor.predict_batch, 2 studies per call"]
+    assert float(alone[1]) > 0 and float(batched[1]) > 0
+    assert batched[3].startswith("text same as each study alone"), batched
     # torch.compile runs in a second process that appends its row, as in gpu_check.sh
     res = _run(
         ["bench/inference/gpu.py", "--device", "cpu", "--checkpoint", str(model_dir),
