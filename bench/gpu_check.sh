@@ -4,7 +4,8 @@
 # Usage (from a copy of this repository on a machine with PyTorch + CUDA, no network):
 #   bench/gpu_check.sh [--iters N] [--batch N] [--checkpoint DIR]
 # Uses the python3 that holds torch (PYTHON overrides it); imports the repository through
-# PYTHONPATH and installs nothing. Two tables: inference (bench/inference/gpu.py, the options
+# PYTHONPATH and installs nothing. Two tables: inference (bench/inference/gpu.py: backends, then
+# Predictor.predict against predict_batch at --batch studies per call; the options
 # above) and a short mixed-precision training run (bench/training/gpu_train.py). Stops after
 # 8 minutes at the latest. Tables and tracebacks of failed stages go to $OUT (or a temp dir).
 # Without CUDA it stops at once (exit 1); both Python checks take --device cpu for a dry run.
