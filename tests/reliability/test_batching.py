@@ -1,7 +1,8 @@
 """Batched inference on real processes: ``d2r worker`` with ``D2R_BATCH_MAX`` > 1 over a real
 Redis, ``d2r node``, Orthanc as the PACS.
 
-Each study of a batch ends on its own (one undecodable image fails only its study), and a
+Each study of a batch ends on its own (an undecodable image, or one whose model call fails,
+fails only its study; the fault comes from ``tests/support/fault_injection``), and a
 worker killed with -9 in the middle of a batch leaves every study to be reported exactly once
 by the next worker (each claim is a lease of its own; the reconciler re-queues them).
 """
@@ -9,6 +10,8 @@ by the next worker (each claim is a lease of its own; the reconciler re-queues t
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ from tests.support.processes import wait_for
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 BATCH = {"D2R_BATCH_MAX": "4", "D2R_BATCH_WAIT_MS": "500"}
+FAULTS_DIR = Path(__file__).resolve().parents[1] / "support" / "fault_injection"
 
 
 @pytest.fixture
@@ -57,33 +61,45 @@ def _queue(s: Stack, seed: int, n: int = 4) -> list[str]:
 
 
 def test_a_poisoned_study_fails_alone_and_the_rest_of_its_batch_is_reported(
-    stack: Any,
+    stack: Any, tmp_path: Path
 ) -> None:
     s: Stack = stack()
     s.start_node()
     good = [make_dx(None, rows=512, cols=416, seed=400 + k) for k in range(3)]
     bad = make_dx(None, rows=512, cols=416, seed=410)
     bad.PixelData = bytes(bad.PixelData)[: len(bad.PixelData) // 3]  # cannot be decoded
-    studies = [good[0], bad, *good[1:]]
+    crash = make_dx(None, rows=512, cols=416, seed=420)  # the model call fails on it
+    studies = [good[0], bad, good[1], crash, good[2]]
     assert len(send_datasets(s.node_port, studies)) == len(studies)
     uids = [str(ds.StudyInstanceUID) for ds in studies]
-    bad_uid = str(bad.StudyInstanceUID)
+    bad_uid, crash_uid = str(bad.StudyInstanceUID), str(crash.StudyInstanceUID)
+    faults = tmp_path / "faults.json"
+    faults.write_text(json.dumps({crash_uid: "predict"}))
     s.wait_states(uids, {"queued"}, timeout=60)
 
-    s.start_worker(**BATCH)
-    s.wait_states(uids, {"done", "failed"}, timeout=180)
+    s.start_worker(
+        D2R_BATCH_MAX="5",
+        D2R_BATCH_WAIT_MS="500",
+        TEST_FAULTS_FILE=str(faults),
+        PYTHONPATH=os.pathsep.join([str(FAULTS_DIR), os.environ.get("PYTHONPATH", "")]),
+    )
+    s.wait_states(uids, {"done", "failed"}, timeout=240)
 
-    assert len({_owner(s, uid) for uid in uids}) == 1, "the four studies were one batch"
+    assert len({_owner(s, uid) for uid in uids}) == 1, "the five studies were one batch"
     view = s.view(bad_uid)
     assert view is not None and view.state == "failed"
     assert view.reason is not None and view.reason.startswith("cannot decode the image"), view
     assert view.attempts == 1  # bad input: not retried
     assert not s.sr_classes(bad_uid)
+    view = s.view(crash_uid)  # an unexpected error: its own attempts, then failed
+    assert view is not None and view.state == "failed", view
+    assert view.reason == "predict: RuntimeError: injected fault at predict"
+    assert view.attempts == 3 and not s.sr_classes(crash_uid)
     for uid in uids:
-        if uid != bad_uid:
+        if uid not in (bad_uid, crash_uid):
             assert s.state(uid) == "done", s.logs()
             s.assert_reported_exactly_once(uid)
-    assert "batch of 4 studies" in (s.tmp / "worker0.log").read_text(encoding="utf-8")
+    assert "batch of 5 studies" in (s.tmp / "worker0.log").read_text(encoding="utf-8")
 
 
 def test_worker_killed_mid_batch_reports_each_study_exactly_once(stack: Any) -> None:
