@@ -4,7 +4,8 @@
 # Usage (from a copy of this repository on a machine with PyTorch + CUDA, no network):
 #   bench/gpu_check.sh [--iters N] [--batch N] [--checkpoint DIR]
 # Uses the python3 that holds torch (PYTHON overrides it); imports the repository through
-# PYTHONPATH and installs nothing. Two tables: inference (bench/inference/gpu.py, the options
+# PYTHONPATH and installs nothing. Two tables: inference (bench/inference/gpu.py: backends, then
+# Predictor.predict against predict_batch at --batch studies per call; the options
 # above) and a short mixed-precision training run (bench/training/gpu_train.py). Stops after
 # 8 minutes at the latest. Tables and tracebacks of failed stages go to $OUT (or a temp dir).
 # Without CUDA it stops at once (exit 1); both Python checks take --device cpu for a dry run.
@@ -35,7 +36,7 @@ status=0
 # torch.compile runs in its own process under its own limit: inductor can outlast an in-process
 # alarm. Worst case with the kill grace periods: 265 + 145 + 70 s = 8 minutes.
 timeout --signal=TERM --kill-after=10 255 "$py" bench/inference/gpu.py --budget 225 \
-  --stages eager,export,tensorrt --out "$out" "$@" || status=$?
+  --stages eager,export,tensorrt,batching --out "$out" "$@" || status=$?
 timeout --signal=TERM --kill-after=10 135 "$py" bench/inference/gpu.py --budget 125 \
   --stages compile --append --out "$out" "$@" || status=$?
 echo

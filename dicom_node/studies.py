@@ -45,7 +45,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -666,6 +666,36 @@ class StudyStore:
             self._event(conn, study_uid, "requeued", detail)
 
     # ------------------------------------------------------------ worker side
+    def queued_studies(
+        self,
+        *,
+        limit: int,
+        exclude: Collection[str] = (),
+        max_attempts: int | None = None,
+    ) -> list[tuple[str, int]]:
+        """The longest-queued studies, (StudyInstanceUID, generation), oldest first.
+
+        A worker filling a batch claims them with :meth:`claim`, which alone decides: a study
+        another worker claims first is simply not claimed here, and its own job message finds
+        it claimed and is dropped.
+        """
+        if limit <= 0:
+            return []
+        s = studies_table.c
+        cond = [s.state == QUEUED]
+        if exclude:
+            cond.append(s.study_instance_uid.not_in(list(exclude)))
+        if max_attempts is not None:
+            cond.append(s.attempts < max_attempts)
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(s.study_instance_uid, s.generation)
+                .where(*cond)
+                .order_by(s.queued_at, s.study_instance_uid)
+                .limit(limit)
+            ).all()
+        return [(str(r.study_instance_uid), int(r.generation)) for r in rows]
+
     def claim(
         self,
         study_uid: str,

@@ -154,6 +154,8 @@ class _NamedGraphs:
     ONNX Runtime sessions, TensorRT engines); subclasses provide :meth:`_run`."""
 
     device: torch.device
+    #: the most images one call takes (None: any number)
+    max_batch: int | None = None
 
     def _run(self, part: str, feeds: Mapping[str, Tensor]) -> list[Tensor]:
         raise NotImplementedError
@@ -632,6 +634,7 @@ class TensorRTBackend(_NamedGraphs):
             for part, plan in manifest.engines.items()
         }
         self.manifest = manifest
+        self.max_batch = manifest.max_batch  # the engines' optimisation profile
         logger.info(
             "tensorrt %s backend ready (%s, checkpoint %s)",
             manifest.precision,

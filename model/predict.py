@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,7 +16,8 @@ from model.checkpoint import LoadedCheckpoint, load_checkpoint
 from model.classes import VINDR_CLASSES
 from model.errors import GateMissingError, ModelError, PreprocessError
 from model.gate import GATE_FILE, gate_features, header_reason, pixel_reason, score_reason
-from model.preprocess import Letterbox, Preprocessor
+from model.modeling import Detections
+from model.preprocess import BoxMapping, Letterbox, Preprocessor
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +54,8 @@ class StudyPrediction:
 class Predictor:
     """D2R-Net inference on one study's frontal image(s).
 
-    Build with :meth:`from_checkpoint`; :meth:`predict` is safe to call repeatedly.
+    Build with :meth:`from_checkpoint`; :meth:`predict` is safe to call repeatedly and
+    :meth:`predict_batch` runs several studies' dense graphs as one batch.
     The dense graphs run on ``backend`` (default: eager PyTorch on ``device``);
     preprocessing, NMS, box mapping and beam search run here, the same for every backend.
     """
@@ -91,6 +94,8 @@ class Predictor:
             else lesion_score_threshold
         )
         self._preprocess = Preprocessor(self.config.image_size)
+        #: the most studies one call of the backend takes (None: no limit of its own)
+        self.max_batch: int | None = getattr(self.backend, "max_batch", None)
 
     @classmethod
     def from_checkpoint(
@@ -171,9 +176,86 @@ class Predictor:
 
         ``on_stage`` is told ``"decode"``, ``"preprocess"`` and ``"predict"`` as each begins.
         """
+        stage = on_stage or (lambda _name: None)
+        prepared = self._prepare(datasets, stage)
+        if isinstance(prepared, StudyPrediction):
+            return prepared
+        stage("predict")
+        return self._infer([prepared])[0]
+
+    def predict_batch(
+        self,
+        studies: Sequence[Sequence[pydicom.Dataset]],
+        *,
+        on_stage: Callable[[int, str], None] | None = None,
+    ) -> list[StudyPrediction | Exception]:
+        """:meth:`predict` for several studies, their dense graphs run as one batch.
+
+        Returns one entry per study, in order: its prediction, the same as :meth:`predict`
+        gives for it alone (up to floating-point rounding), or the exception that ended it
+        (a :class:`PreprocessError` for an image that cannot be decoded). One study's failure
+        never ends another: when the batched model call itself fails, each study of the batch
+        runs alone. ``on_stage(index, stage)`` follows each study as :meth:`predict`'s does.
+        Batches larger than the backend's largest (:attr:`max_batch`) run in parts.
+        """
+        stage = on_stage or (lambda _index, _name: None)
+        results: list[StudyPrediction | Exception | None] = [None] * len(studies)
+        ready: list[tuple[int, _Ready]] = []
+        for index, datasets in enumerate(studies):
+            try:
+                prepared = self._prepare(datasets, functools.partial(stage, index))
+            except Exception as exc:  # this study's input: the others go on
+                results[index] = exc
+                continue
+            if isinstance(prepared, StudyPrediction):
+                results[index] = prepared
+            else:
+                ready.append((index, prepared))
+        started = []
+        for index, prepared in ready:
+            try:
+                stage(index, "predict")
+            except Exception as exc:
+                results[index] = exc
+            else:
+                started.append((index, prepared))
+        size = self.max_batch or len(started) or 1
+        for start in range(0, len(started), size):
+            part = started[start : start + size]
+            for (index, _), outcome in zip(part, self._infer_isolated(part), strict=True):
+                results[index] = outcome
+        return [r if r is not None else ModelError("no result") for r in results]
+
+    def _infer_isolated(
+        self, part: Sequence[tuple[int, _Ready]]
+    ) -> list[StudyPrediction | Exception]:
+        """Run ``part`` as one batch; if that fails, each study alone, so only a poisoned
+        one fails."""
+        try:
+            return list(self._infer([r for _, r in part]))
+        except Exception as exc:
+            if len(part) == 1:
+                return [exc]
+            logger.warning(
+                "batched inference of %d studies failed (%s); running them one by one",
+                len(part),
+                type(exc).__name__,
+            )
+        outcomes: list[StudyPrediction | Exception] = []
+        for _, ready in part:
+            try:
+                outcomes.append(self._infer([ready])[0])
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    def _prepare(
+        self, datasets: Sequence[pydicom.Dataset], stage: Callable[[str], None]
+    ) -> StudyPrediction | _Ready:
+        """Decode and letterbox the chosen image, or the abstention the gate's header and
+        pixel checks decide."""
         if not datasets:
             raise PreprocessError("no image given: predict needs at least one frontal image")
-        stage = on_stage or (lambda _name: None)
         ds = datasets[0]
         uid = str(ds.get("SOPInstanceUID", ""))
         gate = self._ckpt.gate if self.input_gate else None
@@ -186,27 +268,44 @@ class Predictor:
         if gate is not None and (reason := pixel_reason(scaled)):
             return self._abstain(uid, reason)
         sample = Letterbox(self.config.image_size)(scaled)
-        pixels, mapping = torch.from_numpy(sample.pixels)[None], sample.mapping
-        stage("predict")
-        image = pixels[None].to(self.device)  # (1,1,S,S)
-        score: float | None = None
+        return _Ready(uid, torch.from_numpy(sample.pixels)[None], sample.mapping)
+
+    def _infer(self, ready: Sequence[_Ready]) -> list[StudyPrediction]:
+        """The gate's score, the detector, the visual graph and the decoder for a batch."""
+        image = torch.stack([r.pixels for r in ready]).to(self.device)  # (B,1,S,S)
+        gate = self._ckpt.gate if self.input_gate else None
+        scores: list[float | None] = [None] * len(ready)
         if gate is not None:
-            score = float(gate.score(gate_features(self._ckpt.model, image).cpu())[0])
-            if reason := score_reason(score, gate):
-                return self._abstain(uid, reason, score)
-        with torch.inference_mode():
-            dets, all_ids = run_graphs(
-                self.backend,
-                self._ckpt.model,
-                image,
-                lesion_score_threshold=self.lesion_score_threshold,
-                beam_size=self.beam_size,
-            )
-        lesion_dets, ids = dets[0], all_ids[0]
+            scores = [float(v) for v in gate.score(gate_features(self._ckpt.model, image).cpu())]
+        out: list[StudyPrediction | None] = [None] * len(ready)
+        keep = []
+        for i, (r, score) in enumerate(zip(ready, scores, strict=True)):
+            if gate is not None and score is not None and (reason := score_reason(score, gate)):
+                out[i] = self._abstain(r.uid, reason, score)
+            else:
+                keep.append(i)
+        if keep:
+            with torch.inference_mode():
+                dets, all_ids = run_graphs(
+                    self.backend,
+                    self._ckpt.model,
+                    image if len(keep) == len(ready) else image[keep],
+                    lesion_score_threshold=self.lesion_score_threshold,
+                    beam_size=self.beam_size,
+                )
+            for i, lesion_dets, ids in zip(keep, dets, all_ids, strict=True):
+                out[i] = self._prediction(ready[i], lesion_dets, ids, scores[i])
+        return [p for p in out if p is not None]
+
+    def _prediction(
+        self, ready: _Ready, lesion_dets: Detections, ids: list[int], score: float | None
+    ) -> StudyPrediction:
+        """One study's report text and lesions in source-image pixels."""
+        gate = self._ckpt.gate if self.input_gate else None
         findings, impression = self._ckpt.tokenizer.decode(ids)
         lesions = []
-        source = mapping.to_source(lesion_dets.boxes.cpu().numpy(), clip=True)
-        for box, score, label in zip(
+        source = ready.mapping.to_source(lesion_dets.boxes.cpu().numpy(), clip=True)
+        for box, lesion_score, label in zip(
             source, lesion_dets.scores.tolist(), lesion_dets.labels.tolist(), strict=True
         ):
             if box[2] - box[0] <= 0 or box[3] - box[1] <= 0:
@@ -214,19 +313,30 @@ class Predictor:
             if not 0 <= label < len(VINDR_CLASSES):
                 raise ModelError(f"detector returned class index {label}")
             x0, y0, x1, y1 = (float(v) for v in box)
-            lesions.append(Lesion(VINDR_CLASSES[label], float(score), (x0, y0, x1, y1)))
-        logger.info("predicted study image %s: %d lesions, %d tokens", uid, len(lesions), len(ids))
+            lesions.append(Lesion(VINDR_CLASSES[label], float(lesion_score), (x0, y0, x1, y1)))
+        logger.info(
+            "predicted study image %s: %d lesions, %d tokens", ready.uid, len(lesions), len(ids)
+        )
         return StudyPrediction(
             findings,
             impression,
             tuple(lesions),
-            uid,
+            ready.uid,
             self.name,
             self.version,
             ood_score=score,
             ood_threshold=None if gate is None else gate.threshold,
             input_gate=self.input_gate,
         )
+
+
+@dataclass(frozen=True)
+class _Ready:
+    """One study's chosen image, letterboxed for the model: ``pixels`` ``(1,S,S)``."""
+
+    uid: str
+    pixels: torch.Tensor
+    mapping: BoxMapping
 
 
 __all__ = ["Lesion", "Predictor", "StudyPrediction"]

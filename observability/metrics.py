@@ -21,7 +21,7 @@ metric                                 type       labels
 ``d2r_studies``                        gauge      ``state`` (collector, from the database)
 ``d2r_queue_depth``                    gauge      ``queue`` (collector, from the broker)
 ``d2r_study_end_to_end_seconds``       histogram  first instance received -> SRs acknowledged
-``d2r_inference_seconds``              histogram  one model prediction
+``d2r_inference_seconds``              histogram  one model prediction (a batch: one call)
 ``d2r_reports_total``                  counter    ``result`` (reported/failed)
 ``d2r_send_attempts_total``            counter    ``destination``
 ``d2r_deliveries_total``               counter    ``type`` (dicom/dicomweb/mllp/fhir), ``outcome``

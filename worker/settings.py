@@ -79,6 +79,22 @@ def _check_backend_settings(
         raise ConfigError("D2R_TORCH_COMPILE", f"applies only to D2R_BACKEND=torch, not {backend}")
 
 
+def default_batch_max(device: str) -> int:
+    """``D2R_BATCH_MAX`` when unset: 8 on a GPU, where a batch costs little more than one
+    study; 1 on the CPU, where it costs about as much as its studies one by one."""
+    return 8 if device.startswith("cuda") else 1
+
+
+def _batch_wait_ms(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected milliseconds, a number >= 0, got {text!r}") from None
+    if not 0.0 <= value <= 10_000.0:
+        raise ValueError(f"expected milliseconds between 0 and 10000, got {text!r}")
+    return value
+
+
 def default_model_path() -> Path | None:
     """The bundled demo checkpoint (:data:`BUNDLED_MODEL`) when present, else ``None``."""
     return BUNDLED_MODEL if (BUNDLED_MODEL / "model.json").is_file() else None
@@ -114,6 +130,11 @@ class WorkerSettings:
     model_sha256: str | None = None
     #: decline images outside the checkpoint's validated inputs (``D2R_INPUT_GATE``)
     input_gate: bool = True
+    #: studies one worker runs through the model as one batch (``D2R_BATCH_MAX``; default
+    #: :func:`default_batch_max` of the device)
+    batch_max: int = 1
+    #: how long a worker waits for more queued studies to fill a batch (``D2R_BATCH_WAIT_MS``)
+    batch_wait_seconds: float = 0.02
 
     @property
     def queue_dir(self) -> Path:
@@ -186,6 +207,11 @@ class WorkerSettings:
             lesion_min_score=env_setting(env, "D2R_LESION_MIN_SCORE", None, _unit_interval),
             model_sha256=env_setting(env, "D2R_MODEL_SHA256", None, _sha256),
             input_gate=env_setting(env, "D2R_INPUT_GATE", d.input_gate, parse_bool),
+            batch_max=env_setting(env, "D2R_BATCH_MAX", default_batch_max(device), int_at_least(1)),
+            batch_wait_seconds=env_setting(
+                env, "D2R_BATCH_WAIT_MS", d.batch_wait_seconds * 1000.0, _batch_wait_ms
+            )
+            / 1000.0,
         )
 
     def require_model(self) -> Path:

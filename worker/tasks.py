@@ -3,7 +3,9 @@
 ``d2r.report_study`` claims a study in the database, runs :func:`worker.pipeline.run`, writes the
 SRs to the spool and hands each destination to ``d2r.send_reports``. A redelivered or duplicated
 message finds the study already claimed, reported or re-opened and does nothing; SR UIDs derive
-from the study and the model version, so even a repeated send carries the same objects.
+from the study and the model version, so even a repeated send carries the same objects. With
+``D2R_BATCH_MAX`` > 1 the task also claims other queued studies and runs them through the model
+as one batch (:mod:`worker.batching`); each is then recorded here, as if it ran alone.
 
 ``d2r.send_reports`` sends a study's SRs to one destination and records the attempt; a transient
 failure is retried by the node's reconciler after the configured delay (doubling per attempt),
@@ -183,6 +185,10 @@ def report_study(
     queued as a ``d2r.send_reports`` task.
     """
     job = ReportJob.from_dict(job_data)
+    if ctx.settings.batch_max > 1:  # D2R_BATCH_MAX: more queued studies join this one
+        from worker.batching import report_batch
+
+        return report_batch(ctx, app, job, task_id)
     with logs.bind(study_instance_uid=job.study_instance_uid, task_id=task_id):
         return _report_study(ctx, app, job, task_id, deliveries)
 
@@ -262,9 +268,31 @@ def _report_study(
     claim_seconds = time.perf_counter() - claim_started
     stages = StageTracker()
     images: list[Dataset] = []
-    try:
+
+    def attempt() -> str:
         with LeaseHeartbeat(store, uid, task_id, settings, stages):
-            outcome = _attempt(ctx, app, job, task_id, stages, images, deliveries)
+            return _attempt(ctx, app, job, task_id, stages, images, deliveries)
+
+    return _settle_attempt(ctx, app, job, task_id, stages, images, claim_seconds, attempt)
+
+
+def _settle_attempt(
+    ctx: WorkerContext,
+    app: Celery,
+    job: ReportJob,
+    task_id: str,
+    stages: StageTracker,
+    images: list[Dataset],
+    claim_seconds: float,
+    attempt: Callable[[], str],
+) -> str:
+    """Run one claimed study's ``attempt`` and record how it ended: reported, failed (bad
+    input, model refused it) or one attempt spent (anything unexpected)."""
+    store = ctx.store
+    uid = job.study_instance_uid
+    max_attempts = ctx.settings.node.max_attempts
+    try:
+        outcome = attempt()
         _log_timings(uid, stages, claim_seconds)
         return outcome
     except (InputRejected, ModelError) as exc:
@@ -340,7 +368,12 @@ def _attempt(
     stages: StageTracker,
     images: list[Dataset],
     deliveries: Deliveries | None = None,
+    *,
+    read_image: Callable[[str], Dataset] = _read_image,
+    predict: Callable[[Sequence[Dataset]], Any] | None = None,
 ) -> str:
+    """Read, predict, build, write and record one claimed study; ``read_image`` and
+    ``predict`` replace the spool read and the model (a batch predicted beforehand)."""
     from report.build import AlgorithmInfo, build_reports
 
     settings = ctx.settings
@@ -357,13 +390,13 @@ def _attempt(
             tracking_identifier_prefix=settings.tracking_identifier_prefix,
         )
 
-    def predict(datasets: Sequence[Dataset]) -> Any:
+    def predict_one(datasets: Sequence[Dataset]) -> Any:
         return predictor.predict(datasets, on_stage=stages.enter)
 
     result = pipeline.run(
         job,
-        read_image=_read_image,
-        predict=_timed(predict),
+        read_image=read_image,
+        predict=_timed(predict_one) if predict is None else predict,
         build_reports=build,
         stages=stages,
         images=images,

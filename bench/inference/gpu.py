@@ -9,6 +9,8 @@ worst case for latency).
 Stages (``--stages``), each skipped (and said so) when the time budget (``--budget`` s) runs
 short: torch CUDA fp32 eager and fp16 autocast (``eager``), ONNX export with onnxruntime parity
 of the detector (``export``), TensorRT fp16 engines when ``tensorrt`` imports (``tensorrt``),
+the worker's own path, ``Predictor.predict`` one study per call against
+``Predictor.predict_batch`` with ``--batch`` studies per call (``batching``; needs pydicom),
 torch.compile of the decoder step, the per-token loop, with CUDA graphs
 (``mode="reduce-overhead"``) on a GPU (``compile``; compiling all three ``paper`` graphs took
 over 5 minutes on an H100). ``--append`` adds rows to an earlier run's table in ``--out``, so
@@ -17,6 +19,7 @@ over 5 minutes on an H100). ``--append`` adds rows to an earlier run's table in 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import signal
@@ -122,6 +125,28 @@ def parity(ref: dict[str, Any], got: dict[str, Any]) -> str:
     return f"text {text}, classes {classes}, max box diff {diff}"
 
 
+def synthetic_datasets(count: int, size: int) -> list[Any]:
+    """``count`` in-memory DX datasets (12-bit MONOCHROME2) of :func:`synthetic_images`."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    out = []
+    for image in synthetic_images(count, size, torch.device("cpu")):
+        pixels = (image[0].numpy() * 4095).round().astype("uint16")
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+        ds.SOPInstanceUID = generate_uid()
+        ds.Modality = "DX"
+        ds.Rows, ds.Columns = pixels.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelData = pixels.tobytes()
+        out.append(ds)
+    return out
+
+
 class OutOfTime(Exception):
     """The stage ran past the check's time budget."""
 
@@ -142,8 +167,8 @@ def main() -> int:
     parser.add_argument("--out", default=os.environ.get("OUT") or None)
     parser.add_argument(
         "--stages",
-        default="eager,export,tensorrt,compile",
-        help="comma-separated subset of eager (fp32 + fp16), export, tensorrt, compile",
+        default="eager,batching,export,tensorrt,compile",
+        help="comma-separated subset of eager (fp32 + fp16), batching, export, tensorrt, compile",
     )
     parser.add_argument(
         "--append", action="store_true", help="add to the rows already in OUT/gpu_check.json"
@@ -329,6 +354,59 @@ def main() -> int:
             bench("TensorRT fp16", backend)
         except Exception as e:
             rows.append(["TensorRT fp16", "", "", "", failure(e, args.out, "tensorrt")])
+
+    if "batching" not in stages:
+        pass
+    elif importlib.util.find_spec("pydicom") is None:
+        rows.append(["Predictor.predict_batch", "", "", "", "not run: pydicom absent"])
+    elif elapsed() < args.budget - 30:
+        try:
+            from model.predict import Predictor
+
+            predictor = Predictor.from_checkpoint(
+                ckpt_dir, device=str(device), lesion_score_threshold=0.0, input_gate=False
+            )
+            studies = synthetic_datasets(args.batch, cfg.image_size)
+            reps = max(1, args.iters // 2)
+
+            def one_by_one() -> Any:
+                return [predictor.predict([ds]) for ds in studies]
+
+            alone_t, alone = timed(one_by_one, reps, device)
+            batch_t, batched = timed(
+                lambda: predictor.predict_batch([[ds] for ds in studies]), reps, device
+            )
+            same = all(
+                (getattr(b, "findings", None), getattr(b, "impression", None))
+                == (a.findings, a.impression)
+                for a, b in zip(alone, batched, strict=True)
+            )
+            tokens = str(len((alone[0].findings + " " + alone[0].impression).split()))
+            rows.append(
+                [
+                    "Predictor.predict, 1 study per call",
+                    f"{alone_t / args.batch * 1000:.0f}",
+                    f"{args.batch / alone_t:.2f}",
+                    tokens,
+                    "the worker's path: decode, letterbox, graphs, NMS, beam search (words)",
+                ]
+            )
+            rows.append(
+                [
+                    f"Predictor.predict_batch, {args.batch} studies per call",
+                    f"{batch_t / args.batch * 1000:.0f}",
+                    f"{args.batch / batch_t:.2f}",
+                    tokens,
+                    f"text {'same' if same else 'differs'} as each study alone; "
+                    f"{alone_t / batch_t:.2f}x the studies/s of 1 per call",
+                ]
+            )
+            log(f"batching: {args.batch / alone_t:.2f} -> {args.batch / batch_t:.2f} studies/s")
+        except Exception as e:
+            rows.append(["Predictor.predict_batch", "", "", "", failure(e, args.out, "batching")])
+        render()
+    else:
+        rows.append(["Predictor.predict_batch", "", "", "", "skipped (time budget)"])
 
     render()
     label = "torch.compile decoder step" + (" + CUDA graphs" if device.type == "cuda" else "")

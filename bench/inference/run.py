@@ -7,6 +7,14 @@ prints one Markdown table. Input: the real RG1 chest CR (pydicom-data), end to e
 
     .venv/bin/python bench/inference/run.py [--presets small paper] [--iters 3] [--threads 2]
     .venv/bin/python bench/inference/run.py --checkpoint models/d2r-demo-phantom
+
+``--batch 1 8`` instead measures batched inference (``Predictor.predict_batch``, torch): the
+same image N times per call, the input gate off so every study runs the whole model; one
+table row per batch size, studies/s against batch 1, and whether each study's text equals
+``predict`` alone.
+
+    .venv/bin/python bench/inference/run.py --presets paper --batch 1 8
+    .venv/bin/python bench/inference/run.py --checkpoint models/d2r-demo-phantom --batch 1 8
 """
 
 from __future__ import annotations
@@ -64,6 +72,83 @@ def child(args: argparse.Namespace) -> None:
     )
 
 
+def batch_child(args: argparse.Namespace) -> None:
+    import pydicom
+    import torch
+    from pydicom.data import get_testdata_file
+
+    torch.set_num_threads(args.threads)
+    from model.predict import Predictor, StudyPrediction
+
+    ds = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+    predictor = Predictor.from_checkpoint(Path(args.model), input_gate=False)
+    alone = predictor.predict([ds])
+    size = args.batch_child
+    predictor.predict_batch([[ds]] * size)  # warm-up
+    times = []
+    for _ in range(args.iters):
+        t = time.perf_counter()
+        out = predictor.predict_batch([[ds]] * size)
+        times.append(time.perf_counter() - t)
+    same = all(
+        isinstance(p, StudyPrediction)
+        and (p.findings, p.impression) == (alone.findings, alone.impression)
+        for p in out
+    )
+    mean = sum(times) / len(times)
+    print(
+        json.dumps(
+            {
+                "batch": size,
+                "batch_s": mean,
+                "per_study_s": mean / size,
+                "studies_per_s": size / mean,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "same_text": same,
+            }
+        )
+    )
+
+
+def batch_table(args: argparse.Namespace, env: dict[str, str], work: Path) -> int:
+    d2r = [sys.executable, "-m", "cli.main"]
+    rows = []
+    for preset in [args.checkpoint.name] if args.checkpoint else args.presets:
+        model = work / preset / "model"
+        if args.checkpoint:
+            model = args.checkpoint.resolve()
+        else:
+            subprocess.run([*d2r, "init-model", "--out", str(model), "--preset", preset],
+                           env=env, check=True, capture_output=True, cwd=REPO)  # fmt: skip
+        base = None
+        for size in args.batch:
+            out = subprocess.run(
+                [sys.executable, __file__, "--batch-child", str(size), "--model", str(model),
+                 "--iters", str(args.iters), "--threads", str(args.threads)],
+                env=env, capture_output=True, text=True, cwd=REPO,
+            )  # fmt: skip
+            if out.returncode != 0:
+                print(out.stderr[-2000:], file=sys.stderr)
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"{preset} batch {size}: {r}", file=sys.stderr, flush=True)
+            base = base or r
+            rows.append(
+                f"| {preset} | {size} | {r['per_study_s'] * 1000:.0f} | {r['studies_per_s']:.2f} "
+                f"| {r['studies_per_s'] / base['studies_per_s']:.2f}x | {r['peak_rss_mb']:.0f} "
+                f"| {'same' if r['same_text'] else 'differs'} |"
+            )
+    print(
+        f"Batched inference (torch, CPU): RG1 chest CR N times per call, input gate off, "
+        f"{args.iters} calls after a warm-up, {args.threads} threads, one process per row, "
+        f"{'weights of ' + str(args.checkpoint) if args.checkpoint else 'random weights'}.\n"
+    )
+    print("| preset | batch | ms / study | studies/s | vs batch 1 | peak RSS MB | text vs alone |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--presets", nargs="+", default=["small", "paper"])
@@ -75,12 +160,21 @@ def main() -> int:
         "--checkpoint", type=Path, help="benchmark this trained checkpoint instead of presets"
     )
     parser.add_argument("--onnx")
+    parser.add_argument(
+        "--batch", type=int, nargs="+", help="measure predict_batch at these batch sizes"
+    )
+    parser.add_argument("--batch-child", type=int)
     args = parser.parse_args()
     if args.child:
         child(args)
         return 0
+    if args.batch_child:
+        batch_child(args)
+        return 0
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(REPO))
     work = Path(tempfile.mkdtemp(prefix="d2r-bench-"))
+    if args.batch:
+        return batch_table(args, env, work)
     rows = []
     d2r = [sys.executable, "-m", "cli.main"]
     for preset in [args.checkpoint.name] if args.checkpoint else args.presets:

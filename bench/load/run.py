@@ -9,13 +9,16 @@ process plus its pool child), sampled while the run lasts.
 Usage::
 
     python bench/load/run.py [--senders 4] [--studies 50] [--model DIR] [--work DIR]
+                             [--batch-max N] [--batch-wait-ms MS]
 
 Without ``--model`` a small randomly initialised checkpoint is written first (``d2r init-model``).
 
 It also prints where a study's time goes in the worker, the median per study of each stage the
 worker logs (``study ... timings:`` lines): spool-read, decode, preprocess, predict (the model),
 sr-build, write-results, database (claim and result) and, from the send task, send and its
-database work; ``outside model`` is the sum of all but predict.
+database work; ``outside model`` is the sum of all but predict. With ``--batch-max`` > 1 a
+study's predict stage also holds the rest of its batch (the batched call, then the studies
+built before it), so compare studies/s rather than predict.
 """
 
 from __future__ import annotations
@@ -166,6 +169,10 @@ def main() -> int:
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument(
+        "--batch-max", type=int, default=None, help="the worker's D2R_BATCH_MAX (default: its own)"
+    )
+    parser.add_argument("--batch-wait-ms", type=float, default=None, help="D2R_BATCH_WAIT_MS")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="d2r-load-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -187,7 +194,15 @@ def main() -> int:
     stack = make_stack(orthanc_factory, model, work, D2R_STUDY_QUIET_SECONDS="1")
     try:
         stack.start_node()
-        stack.start_worker()
+        batching = {
+            name: str(value)
+            for name, value in (
+                ("D2R_BATCH_MAX", args.batch_max),
+                ("D2R_BATCH_WAIT_MS", args.batch_wait_ms),
+            )
+            if value is not None
+        }
+        stack.start_worker(**batching)
         result = run_load(stack, senders=args.senders, studies=args.studies, timeout=args.timeout)
         breakdown = stage_breakdown([w.log_tail(10**9) for w in stack.workers])
     finally:

@@ -59,6 +59,18 @@ def test_inference_check_dry_run(model_dir: Path, tmp_path: Path) -> None:
     assert detector_diff < 1e-3
     if importlib.util.find_spec("tensorrt") is None:
         assert rows["TensorRT fp16"][3].startswith("not run: tensorrt not importable")
+    # the worker's path, one study per call against predict_batch, appended by its own process
+    res = _run(
+        ["bench/inference/gpu.py", "--device", "cpu", "--checkpoint", str(model_dir),
+         "--iters", "1", "--batch", "2", "--budget", "240", "--stages", "batching", "--append"],
+        tmp_path, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = _rows((tmp_path / "gpu_check.md").read_text())
+    alone = rows["Predictor.predict, 1 study per call"]
+    batched = rows["Predictor.predict_batch, 2 studies per call"]
+    assert float(alone[1]) > 0 and float(batched[1]) > 0
+    assert batched[3].startswith("text same as each study alone"), batched
     # torch.compile runs in a second process that appends its row, as in gpu_check.sh
     res = _run(
         ["bench/inference/gpu.py", "--device", "cpu", "--checkpoint", str(model_dir),
