@@ -321,7 +321,10 @@ def _clauses(sentence: str) -> list[tuple[int, int]]:
     """Spans of the clauses that bound a negation's scope."""
     bounds = [0]
     for m in re.finditer(r";|\bbut\b|\bhowever\b|,", sentence):
-        if m.group() == "," and not _POSITIVE_CUE.search(sentence[m.end() :].split(",")[0]):
+        following = sentence[m.end() :].split(",")[0]
+        if m.group() == "," and not (
+            _POSITIVE_CUE.search(following) or _NEGATION.match(following.strip())
+        ):
             continue  # a list goes on: "no effusion, pneumothorax or consolidation"
         bounds.append(m.end())
     bounds.append(len(sentence))
