@@ -14,7 +14,8 @@ DICOM PS3.16 TID 1500 "Imaging Measurement Report"::
      |       tracking identifier + UID, finding, finding site, algorithm,
      |       geometric purpose = (75958009,SCT,"Bounded by"),
      |       SCOORD (111030,DCM,"Image Region") closed 5-point POLYLINE > SELECTED FROM IMAGE,
-     |       NUM (111012,DCM,"Certainty of Finding") % > INFERRED FROM SCOORD (same box)
+     |       NUM (111012,DCM,"Certainty of Finding") % > INFERRED FROM SCOORD (same box),
+     |       TEXT (C0034375,UMLS,"Qualitative Evaluations") = the findings sentence it supports
      '- CONTAINER (C0034375,UMLS,"Qualitative Evaluations")
          TEXT (121070,DCM,"Findings"), TEXT (121073,DCM,"Impression")
 
@@ -189,14 +190,20 @@ class LesionFinding:
     box : tuple of 4 float
         ``(x_min, y_min, x_max, y_max)`` in continuous source-image pixel coordinates,
         (0, 0) being the top-left corner of the first pixel.
+    sentence : str or None
+        The findings sentence that states this lesion (:mod:`report.grounding`); written in
+        the lesion's measurement group as TEXT (C0034375, UMLS, "Qualitative Evaluations").
     """
 
     class_name: str
     score: float
     box: Box
+    sentence: str | None = None
 
     def __post_init__(self) -> None:
         _check_text(self.class_name, "class_name")
+        if self.sentence is not None:
+            _check_text(self.sentence, "sentence", max_length=_UT_MAX)
         finding_codes(self.class_name)  # ValueError naming class_name
         score: object = self.score
         if isinstance(score, bool) or not isinstance(score, Real):
@@ -606,6 +613,13 @@ def _lesion_group(
             )
         ]
     )
+    if lesion.sentence is not None:
+        # TID 1410 row "Qualitative Evaluations" (TEXT): the grounded findings sentence
+        group[0].ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=QUALITATIVE_EVALUATIONS, value=lesion.sentence, relationship_type=_CONTAINS
+            )
+        )
     return group
 
 

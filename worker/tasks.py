@@ -316,8 +316,8 @@ def _attempt(
         model_name=pred.model_name,
         model_version=pred.model_version,
         findings=pred.findings,
-        impression=pred.impression,
-        lesion_count=len(pred.lesions),
+        impression=result.content.impression,
+        lesion_count=len(result.content.lesions),
         destinations=destinations,
         outcome=f"abstained: {pred.abstain_reason}" if pred.abstained else None,
     ):
