@@ -234,9 +234,7 @@ class Sentence:
     @property
     def positive(self) -> tuple[Mention, ...]:
         """The observations the sentence states (not denied, not global normal)."""
-        return tuple(
-            m for m in self.mentions if not m.negated and m.class_name != GLOBAL_NORMAL
-        )
+        return tuple(m for m in self.mentions if not m.negated and m.class_name != GLOBAL_NORMAL)
 
     @property
     def localised(self) -> bool:
@@ -282,9 +280,7 @@ class Grounding:
     @property
     def impression(self) -> str:
         """The impression with the sentences the findings do not support left out."""
-        return " ".join(
-            s.text for s in self.sentences if s.section == "impression" and s.supported
-        )
+        return " ".join(s.text for s in self.sentences if s.section == "impression" and s.supported)
 
     @property
     def dropped_impression(self) -> tuple[str, ...]:
@@ -433,7 +429,7 @@ def box_zone_compatible(zone: str | None, centre_v: float) -> bool:
 
 
 def _side_compatible(said: str | None, side: str | None) -> bool:
-    return said is None or said == BILATERAL or side is None or said == side
+    return said is None or side is None or said in (BILATERAL, side)
 
 
 def _fits(mention: Mention, class_name: str, side: str | None, centre_v: float) -> bool:
@@ -452,10 +448,16 @@ def _mentions_agree(a: Mention, b: Mention) -> bool:
         return False
     if a.class_name in MIDLINE_CLASSES:
         return True
-    sides_ok = a.laterality is None or b.laterality is None or BILATERAL in (
-        a.laterality,
-        b.laterality,
-    ) or a.laterality == b.laterality
+    sides_ok = (
+        a.laterality is None
+        or b.laterality is None
+        or BILATERAL
+        in (
+            a.laterality,
+            b.laterality,
+        )
+        or a.laterality == b.laterality
+    )
     zones_ok = a.zone is None or b.zone is None or a.zone == b.zone
     return sides_ok and zones_ok
 
@@ -508,10 +510,10 @@ def ground(
                 linked[number].append(index)
                 break
         if tied is None:
-            said = [m for s in found for m in s.mentions if m.class_name == class_name]
-            if any(m.negated and _fits(m, class_name, side, centre_v) for m in said):
+            stated = [m for s in found for m in s.mentions if m.class_name == class_name]
+            if any(m.negated and _fits(m, class_name, side, centre_v) for m in stated):
                 status = "negated"
-            elif any(not m.negated for m in said):
+            elif any(not m.negated for m in stated):
                 status = "mislocated"
         result.append(LesionGrounding(class_name, status, tied, side, centre_v))
     sentences = [

@@ -313,7 +313,9 @@ def write_report(study: PhantomStudy) -> PhantomReport:
     parts: list[_Part] = [_device(dev, rng) for dev in study.devices]
 
     if "Cardiomegaly" in present:
-        parts.append(stating(_Part(_pick(rng, _HEART_ENLARGED), "", "Cardiomegaly."), "Cardiomegaly"))
+        parts.append(
+            stating(_Part(_pick(rng, _HEART_ENLARGED), "", "Cardiomegaly."), "Cardiomegaly")
+        )
     else:
         parts.append(_Part(_pick(rng, _HEART_NORMAL), optional="heart"))
     if "Aortic enlargement" in present:

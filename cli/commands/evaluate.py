@@ -87,8 +87,9 @@ def run(args: argparse.Namespace) -> int:
         "grounding_precision",
         "grounding_recall",
     )
+    contradictions = metrics["contradictions"]
     print(
         " ".join(f"{k}={metrics[k]:.4f}" if metrics[k] is not None else f"{k}=n/a" for k in keys)
-        + f" contradictions={'n/a' if metrics['contradictions'] is None else metrics['contradictions']}"
+        + f" contradictions={'n/a' if contradictions is None else contradictions}"
     )
     return 0

@@ -45,8 +45,10 @@ def test_sentences_split_at_full_stops_not_decimals() -> None:
             "Right upper lung pneumonia with consolidation.",
             [Mention("Consolidation", False, "right", "upper")],
         ),
-        ("A thick-walled cavitary lesion in the left mid lung.",
-         [Mention("Lung cavity", False, "left", "middle")]),  # fmt: skip
+        (
+            "A thick-walled cavitary lesion in the left mid lung.",
+            [Mention("Lung cavity", False, "left", "middle")],
+        ),  # fmt: skip
         ("Interstitial pulmonary edema.", [Mention("Edema", False)]),
         ("The heart size is normal.", [Mention("Cardiomegaly", True)]),
         ("The cardiac silhouette is enlarged.", [Mention("Cardiomegaly", False)]),

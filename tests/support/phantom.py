@@ -21,4 +21,4 @@ def phantom_study_file(out: Path, seed: int = 41) -> Path:
     assert res.returncode == 0, res.stderr
     entry = json.loads((out / "studies.jsonl").read_text().splitlines()[0])
     assert entry["gt_sentences"], entry
-    return out / entry["dicom"][0]
+    return out / str(entry["dicom"][0])

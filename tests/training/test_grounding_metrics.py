@@ -74,9 +74,7 @@ def test_box_on_the_wrong_side_is_withheld_not_tied() -> None:
 
 
 def test_box_presented_while_the_text_denies_it_is_a_contradiction() -> None:
-    s = score_case(
-        case(f"No pleural effusion. {EFFUSION}", [("Pleural effusion", LEFT_LOWER)])
-    )
+    s = score_case(case(f"No pleural effusion. {EFFUSION}", [("Pleural effusion", LEFT_LOWER)]))
     assert s["contradictions"] == 1
 
 
@@ -138,6 +136,11 @@ def test_evaluate_reports_grounding_from_records() -> None:
 def test_records_reject_bad_sentence_indices() -> None:
     with pytest.raises(ValueError, match="gt_sentences"):
         record_from_dict(
-            {"id": "s", "reference": "r", "generated": "g", "gt_lesions": [],
-             "gt_sentences": [{"lesions": [0]}]}  # fmt: skip
+            {
+                "id": "s",
+                "reference": "r",
+                "generated": "g",
+                "gt_lesions": [],
+                "gt_sentences": [{"lesions": [0]}],
+            }  # fmt: skip
         )

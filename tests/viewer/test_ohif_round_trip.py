@@ -21,8 +21,8 @@ import pytest
 
 from tests.support.fixtures import OrthancFactory
 from tests.support.ohif import artifacts_dir, check_sr_in_ohif, find_chromium, ohif_dist
-from tests.support.processes import Process, base_env, d2r_cmd, free_port, wait_for, wait_port
 from tests.support.phantom import DEMO_MODEL, phantom_study_file
+from tests.support.processes import Process, base_env, d2r_cmd, free_port, wait_for, wait_port
 from tests.viewer.test_ohif_sr import PIXEL_TOLERANCE, bounding_box
 
 pytestmark = [pytest.mark.viewer, pytest.mark.integration, pytest.mark.timeout(300)]

@@ -60,12 +60,8 @@ def iou(a: Box, b: Box) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def _hits(
-    box: tuple[str, Box], truth: Sequence[tuple[str, Box]], indices: Sequence[int]
-) -> bool:
-    return any(
-        truth[j][0] == box[0] and iou(box[1], truth[j][1]) >= IOU_THRESHOLD for j in indices
-    )
+def _hits(box: tuple[str, Box], truth: Sequence[tuple[str, Box]], indices: Sequence[int]) -> bool:
+    return any(truth[j][0] == box[0] and iou(box[1], truth[j][1]) >= IOU_THRESHOLD for j in indices)
 
 
 def contradictions(grounding: Grounding, boxes: Sequence[tuple[str, Box]], columns: int) -> int:

@@ -33,9 +33,7 @@ def predict_phantom_records(model_dir: Path, data: Path, split: str | None = Non
                     "generated": pred.findings,
                     "abstained": pred.abstained,
                     "gt_lesions": entry["gt_lesions"],
-                    **(
-                        {"gt_sentences": entry["gt_sentences"]} if "gt_sentences" in entry else {}
-                    ),
+                    **({"gt_sentences": entry["gt_sentences"]} if "gt_sentences" in entry else {}),
                     "columns": entry["columns"],
                     "rows": entry["rows"],
                     "pred_lesions": [

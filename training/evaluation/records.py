@@ -99,7 +99,9 @@ def record_from_dict(obj: Any) -> EvalRecord:
     image_size = None
     if "columns" in obj or "rows" in obj:
         columns, rows = obj.get("columns"), obj.get("rows")
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (columns, rows)):
+        if not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (columns, rows)
+        ):
             raise ValueError("columns and rows must be positive integers")
         image_size = (int(columns), int(rows))  # type: ignore[arg-type]
     return EvalRecord(
