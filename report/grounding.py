@@ -9,13 +9,15 @@ are a small, documented phrase table (docs/model.md, "Grounded findings").
 Rules
 -----
 - A box is *reported* when a positive findings sentence states its class on a compatible side
-  and zone; it is tied to the first such sentence. Every other box is not presented as a
-  finding of the report: *negated* (the text denies its class there), *mislocated* (the class is
+  and zone and no findings sentence denies it there; it is tied to the first such sentence.
+  Every other box is not presented as a finding of the report: *negated* (the text denies its
+  class there), *contradicted* (the text both states and denies it), *mislocated* (the class is
   stated, but on the other side or in another zone) or *omitted* (the text does not mention it).
 - A positive findings sentence whose observation has no box is *ungrounded*
   (``localised and not grounded``).
 - An impression sentence is kept only when the findings support it: each positive observation
-  stated positively in the findings on a compatible side and zone, no negated observation stated
+  stated positively (and not also denied) in the findings on a compatible side and zone, no
+  negated observation stated
   positively in the findings, and a global normal statement ("No acute cardiopulmonary
   process.") only when the findings state no positive observation. An impression sentence
   without a recognised observation is kept.
@@ -252,14 +254,15 @@ class LesionGrounding:
     """What grounding made of one box.
 
     ``status`` is ``"reported"`` (tied to findings sentence ``sentence``), ``"negated"``,
-    ``"mislocated"`` or ``"omitted"``; only reported boxes are findings of the report.
+    ``"contradicted"`` (the findings both state and deny it), ``"mislocated"`` or
+    ``"omitted"``; only reported boxes are findings of the report.
     """
 
     class_name: str
     status: str
     sentence: int | None
     side: str | None
-    zone_centre: float
+    span: tuple[float, float]  # top and bottom of the box, fractions of the image height
 
     @property
     def reported(self) -> bool:
@@ -416,30 +419,32 @@ def box_side(box: Box, columns: int) -> str | None:
     return RIGHT if centre < 0.5 else LEFT
 
 
-def _centre_v(box: Box, rows: int) -> float:
-    return (box[1] + box[3]) / 2.0 / float(rows)
+def _span(box: Box, rows: int) -> tuple[float, float]:
+    return box[1] / float(rows), box[3] / float(rows)
 
 
-def box_zone_compatible(zone: str | None, centre_v: float) -> bool:
-    """Whether a box whose centre lies at ``centre_v`` (fraction of the height) is in ``zone``."""
+def box_zone_compatible(zone: str | None, span: tuple[float, float]) -> bool:
+    """Whether a box whose rows span ``span`` (fractions of the height) reaches ``zone``.
+
+    >>> box_zone_compatible("upper", (0.15, 0.45)), box_zone_compatible("lower", (0.15, 0.40))
+    (True, False)
+    """
     if zone is None:
         return True
     low, high = ZONE_BANDS[zone]
-    return low <= centre_v <= high
+    return span[0] <= high and span[1] >= low
 
 
 def _side_compatible(said: str | None, side: str | None) -> bool:
     return said is None or side is None or said in (BILATERAL, side)
 
 
-def _fits(mention: Mention, class_name: str, side: str | None, centre_v: float) -> bool:
+def _fits(mention: Mention, class_name: str, side: str | None, span: tuple[float, float]) -> bool:
     if mention.class_name != class_name:
         return False
     if class_name in MIDLINE_CLASSES:
         return True
-    return _side_compatible(mention.laterality, side) and box_zone_compatible(
-        mention.zone, centre_v
-    )
+    return _side_compatible(mention.laterality, side) and box_zone_compatible(mention.zone, span)
 
 
 def _mentions_agree(a: Mention, b: Mention) -> bool:
@@ -471,8 +476,12 @@ def _impression_supported(sentence: tuple[Mention, ...], findings: list[Mention]
         elif mention.negated:
             if any(_mentions_agree(mention, f) for f in positive_findings):
                 return False
-        elif not any(_mentions_agree(mention, f) for f in positive_findings):
-            return False
+        elif not any(_mentions_agree(mention, f) for f in positive_findings) or any(
+            _mentions_agree(mention, Mention(f.class_name, False, f.laterality, f.zone))
+            for f in findings
+            if f.negated and f.class_name != GLOBAL_NORMAL
+        ):
+            return False  # omitted by the findings, or denied there too
     return True
 
 
@@ -502,20 +511,26 @@ def ground(
     result: list[LesionGrounding] = []
     for index, (class_name, box) in enumerate(boxes):
         side = box_side(box, columns)
-        centre_v = _centre_v(box, rows)
+        span = _span(box, rows)
+        stated = [m for s in found for m in s.mentions if m.class_name == class_name]
+        denied = any(m.negated and _fits(m, class_name, side, span) for m in stated)
         status, tied = "omitted", None
         for number, sentence in enumerate(found):
-            if any(_fits(m, class_name, side, centre_v) for m in sentence.positive):
-                status, tied = "reported", number
-                linked[number].append(index)
+            if any(_fits(m, class_name, side, span) for m in sentence.positive):
+                if (
+                    denied
+                ):  # "Right pneumothorax. ... No pneumothorax.": the text contradicts itself
+                    status = "contradicted"
+                else:
+                    status, tied = "reported", number
+                    linked[number].append(index)
                 break
-        if tied is None:
-            stated = [m for s in found for m in s.mentions if m.class_name == class_name]
-            if any(m.negated and _fits(m, class_name, side, centre_v) for m in stated):
+        if status == "omitted":
+            if denied:
                 status = "negated"
             elif any(not m.negated for m in stated):
                 status = "mislocated"
-        result.append(LesionGrounding(class_name, status, tied, side, centre_v))
+        result.append(LesionGrounding(class_name, status, tied, side, span))
     sentences = [
         Sentence(s.text, s.section, s.mentions, tuple(linked[n])) for n, s in enumerate(found)
     ]

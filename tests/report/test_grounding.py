@@ -105,6 +105,19 @@ def test_box_the_text_negates_is_not_reported() -> None:
     assert g.sentence_of(0) is None
 
 
+def test_box_the_text_both_states_and_denies_is_not_reported() -> None:
+    g = ground(
+        "Moderate right pneumothorax. No pneumothorax.",
+        "Right pneumothorax.",
+        [("Pneumothorax", RIGHT_UPPER)],
+        SIZE,
+        SIZE,
+    )
+    assert g.lesions[0].status == "contradicted"
+    assert g.reported == () and g.sentences[0].lesions == ()
+    assert g.dropped_impression == ("Right pneumothorax.",)
+
+
 def test_box_the_text_omits_is_not_reported() -> None:
     g = ground("The lungs are clear.", "", [("Pneumothorax", LEFT_UPPER)], SIZE, SIZE)
     assert g.lesions[0].status == "omitted"

@@ -74,8 +74,19 @@ def test_box_on_the_wrong_side_is_withheld_not_tied() -> None:
 
 
 def test_box_presented_while_the_text_denies_it_is_a_contradiction() -> None:
-    s = score_case(case(f"No pleural effusion. {EFFUSION}", [("Pleural effusion", LEFT_LOWER)]))
-    assert s["contradictions"] == 1
+    """A hand-made grounding that ties a box the findings also deny: counted."""
+    text = f"No pleural effusion. {EFFUSION}"
+    sentences = tuple(
+        Sentence(t, "findings", mentions(t), lesions)
+        for t, lesions in (("No pleural effusion.", ()), (EFFUSION, (0,)))
+    )
+    tied = Grounding(
+        sentences, (LesionGrounding("Pleural effusion", "reported", 1, "left", (0.55, 0.75)),)
+    )
+    assert contradictions(tied, [("Pleural effusion", LEFT_LOWER)], SIZE) == 1
+    # grounding itself withholds such a box: nothing presented, nothing contradicts
+    s = score_case(case(text, [("Pleural effusion", LEFT_LOWER)]))
+    assert (s["boxes_contradicted"], s["contradictions"]) == (1, 0)
 
 
 def test_negated_box_is_withheld_not_a_contradiction() -> None:
@@ -86,7 +97,7 @@ def test_negated_box_is_withheld_not_a_contradiction() -> None:
 def _tied(text: str, box: tuple[float, float, float, float]) -> int:
     grounding = Grounding(
         (Sentence(text, "findings", mentions(text), (0,)),),
-        (LesionGrounding("Pleural effusion", "reported", 0, None, 0.65),),
+        (LesionGrounding("Pleural effusion", "reported", 0, None, (0.55, 0.75)),),
     )
     return contradictions(grounding, [("Pleural effusion", box)], SIZE)
 

@@ -109,7 +109,7 @@ def score_case(case: GroundingCase) -> dict[str, int]:
         any(_hits(case.pred_lesions[b], case.gt_lesions, t) for s in grounded for b in s.lesions)
         for t in case.gt_sentences
     )
-    withheld = {"negated": 0, "mislocated": 0, "omitted": 0}
+    withheld = {"negated": 0, "contradicted": 0, "mislocated": 0, "omitted": 0}
     for lesion in g.lesions:
         if lesion.status in withheld:
             withheld[lesion.status] += 1
