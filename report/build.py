@@ -238,16 +238,26 @@ class AlgorithmInfo:
         Algorithm version, e.g. a release or checkpoint version.
     manufacturer : str
         Manufacturer of the algorithm.
+    parameters : Sequence[str]
+        Settings that shape the result (score threshold, input gate), each written as TEXT
+        (111002, DCM, "Algorithm Parameters") of the TID 4019 Algorithm Identification in
+        every measurement group.
     """
 
     name: str
     version: str
     manufacturer: str = "d2r"
+    parameters: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         _check_text(self.name, "name", max_length=_LO_MAX)
         _check_text(self.version, "version", max_length=_LO_MAX)
         _check_text(self.manufacturer, "manufacturer", max_length=_LO_MAX)
+        if isinstance(self.parameters, str) or not isinstance(self.parameters, Sequence):
+            raise TypeError("parameters must be a sequence of str")
+        for parameter in self.parameters:
+            _check_text(parameter, "parameters", max_length=_UT_MAX)
+        object.__setattr__(self, "parameters", tuple(self.parameters))
 
     @property
     def not_for_diagnostic_use(self) -> bool:
@@ -595,7 +605,10 @@ def _lesion_group(
             [hd.sr.FindingSite(codes_.finding_site)] if codes_.finding_site is not None else None
         ),
         algorithm_id=hd.sr.AlgorithmIdentification(
-            name=algorithm.name, version=algorithm.version, manufacturer=algorithm.manufacturer
+            name=algorithm.name,
+            version=algorithm.version,
+            manufacturer=algorithm.manufacturer,
+            parameters=list(algorithm.parameters) or None,
         ),
         measurements=[certainty],
         geometric_purpose=BOUNDED_BY,

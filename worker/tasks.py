@@ -278,7 +278,9 @@ def _attempt(
     store = ctx.store
     uid = job.study_instance_uid
     predictor = ctx.predictor
-    algorithm = AlgorithmInfo(name=predictor.name, version=predictor.version)
+    algorithm = AlgorithmInfo(
+        name=predictor.name, version=predictor.version, parameters=predictor.parameters
+    )
 
     def build(content: Any) -> list[Dataset]:
         return build_reports(

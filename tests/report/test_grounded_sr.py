@@ -77,7 +77,12 @@ def test_grounded_sr_is_valid_and_parses_back(
     dciodvfy_errors: Callable[[Path], list[str]],
     dsrdump: Callable[[Path], subprocess.CompletedProcess[str]],
 ) -> None:
-    comprehensive = _reports(rg1_header, algorithm)[0]
+    parameters = ("lesion score threshold: 0.3", "input gate: on, threshold 19.308")
+    with_parameters = AlgorithmInfo(algorithm.name, algorithm.version, parameters=parameters)
+    comprehensive = _reports(rg1_header, with_parameters)[0]
+    (group,) = [i for i in _walk(comprehensive) if _code(i) == "125007"]
+    written = [str(i.TextValue) for i in _walk(group) if _code(i) == "111002"]
+    assert tuple(written) == parameters  # TID 4019 Algorithm Parameters in the group
     path = tmp_path / "sr.dcm"
     comprehensive.save_as(path, enforce_file_format=True)
     assert dciodvfy_errors(path) == []
