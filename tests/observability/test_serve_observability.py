@@ -80,6 +80,9 @@ def _chromium(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[by
 def test_serve_metrics_probes_audit_and_status_page(tmp_path: Path) -> None:
     # the demo model on an abnormal phantom study: boxes its findings state (grounded)
     image_path = phantom_study_file(tmp_path / "phantom")
+    phantom = pydicom.dcmread(image_path)
+    phantom.PatientBirthDate = "19700101"  # every identifying value is set, so logs can be checked
+    phantom.save_as(image_path, enforce_file_format=True)
     node_port, http_port, pacs_port = free_port(), free_port(), free_port()
     received = tmp_path / "pacs"
     received.mkdir()

@@ -136,4 +136,7 @@ def test_model_sr_from_the_round_trip_drawn_in_ohif(
             max(abs(d[0] - cx0), abs(d[1] - cy0), abs(d[2] - cx1), abs(d[3] - cy1)) for d in drawn
         )
         assert distance <= PIXEL_TOLERANCE, (expected, drawn)
+    # one text box per drawn box, led by the score OHIF reads from the group's NUM
+    assert len(result.labels) == len(expected), result.labels
+    assert all(box[0].startswith("Certainty of Finding: ") for box in result.labels)
     assert result.hydrated_rectangles == len(expected)
