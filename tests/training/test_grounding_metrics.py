@@ -155,3 +155,31 @@ def test_records_reject_bad_sentence_indices() -> None:
                 "gt_sentences": [{"lesions": [0]}],
             }  # fmt: skip
         )
+
+
+def test_phantom_sentences_know_their_boxes_and_grounding_finds_them() -> None:
+    """The generator's ground truth: every lesion is stated by exactly one findings sentence,
+    and grounding the reference report in the true boxes ties each box to that sentence."""
+    from report.grounding import ground
+    from training.phantom import render, sample_study
+    from training.phantom_report import write_report
+
+    size, tied = 128, 0
+    for index in range(60):
+        study = sample_study(20261127, index)
+        report = write_report(study)
+        assert " ".join(text for text, _ in report.sentences) == report.findings
+        stated = sorted(i for _, lesions in report.sentences for i in lesions)
+        assert stated == list(range(len(study.lesions)))
+        boxes = [
+            (le.class_name, (b[0] * size, b[1] * size, b[2] * size, b[3] * size))
+            for le, b in zip(study.lesions, render(study, size, noise=False).boxes, strict=True)
+        ]
+        g = ground(report.findings, report.impression, boxes, size, size)
+        for i in range(len(boxes)):
+            (truth,) = [text for text, lesions in report.sentences if i in lesions]
+            assert g.sentence_of(i) == truth
+            tied += 1
+        assert g.dropped_impression == ()
+        assert not [s.text for s in g.findings if s.localised and not s.grounded]
+    assert tied > 50
