@@ -101,7 +101,11 @@ def test_real_radiographs_abstain_and_phantoms_are_reported(
         assert _dciodvfy_errors(path) == []
         groups = [i for i in _items(ds) if i.ConceptNameCodeSequence[0].CodeValue == "125007"]
         assert len(groups) == view.lesion_count
-        (findings,) = [str(i.TextValue) for i in _items(ds) if i.ConceptNameCodeSequence[0].CodeValue == "121070"]  # fmt: skip
+        (findings,) = [
+            str(i.TextValue)
+            for i in _items(ds)
+            if i.ConceptNameCodeSequence[0].CodeValue == "121070"
+        ]
         for group in groups:  # each box with the findings sentence that states it
             (sentence,) = [
                 str(i.TextValue)
