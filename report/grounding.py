@@ -95,7 +95,7 @@ _OBSERVATIONS: Final[tuple[tuple[str, str], ...]] = (
     ("Lung cavity", r"cavit(?:y|ies|ary)(?: lesions?)?"),
     ("Calcification", r"calcif\w*(?: granulomas?)?|granulomas?"),
     ("Pleural thickening", r"pleural thickening|thickening of the pleura"),
-    ("Pleural effusion", r"(?:pleural )?effusions?|hydrothorax"),
+    ("Pleural effusion", r"(?<!pericardial )(?:pleural )?effusions?|hydrothorax"),
     ("Pneumothorax", r"pneumothora(?:x|ces)"),
     (
         "Rib fracture",
@@ -147,7 +147,7 @@ _NORMALS: Final[tuple[tuple[tuple[str, ...], re.Pattern[str]], ...]] = (
         ("Cardiomegaly",),
         re.compile(
             r"\b(?:heart|cardiac silhouette|cardiac size|heart size)\b[^.;]*?"
-            r"\b(?:normal|within normal limits|unremarkable)\b"
+            r"\b(?:normal|within normal limits|unremarkable|not enlarged)\b"
         ),
     ),
     (

@@ -60,6 +60,8 @@ def test_sentences_split_at_full_stops_not_decimals() -> None:
             [Mention("Pleural effusion", False, "left"), Mention("Pneumothorax", True)],
         ),
         ("Bibasilar atelectasis.", [Mention("Atelectasis", False, "bilateral", "lower")]),
+        ("The heart is not enlarged.", [Mention("Cardiomegaly", True)]),
+        ("Small pericardial effusion.", []),
     ],
 )
 def test_mentions(sentence: str, expected: list[Mention]) -> None:
