@@ -143,6 +143,21 @@ class Predictor:
             gate_setting=gate_setting,
         )
 
+    @property
+    def parameters(self) -> tuple[str, ...]:
+        """The settings that shape every result, as TID 4019 Algorithm Parameters text."""
+        gate = self._ckpt.gate
+        if not self.input_gate:
+            gate_text = "input gate: off"
+        else:
+            threshold = "" if gate is None else f", threshold {gate.threshold:.3f}"
+            gate_text = f"input gate: on{threshold}"
+        return (
+            f"lesion score threshold: {self.lesion_score_threshold:g}",
+            gate_text,
+            f"checkpoint sha256: {self.checkpoint_sha256[:16]}",
+        )
+
     @staticmethod
     def _refuse(ckpt: LoadedCheckpoint, path: Path, gate_setting: str) -> None:
         raise GateMissingError(

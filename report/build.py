@@ -14,7 +14,8 @@ DICOM PS3.16 TID 1500 "Imaging Measurement Report"::
      |       tracking identifier + UID, finding, finding site, algorithm,
      |       geometric purpose = (75958009,SCT,"Bounded by"),
      |       SCOORD (111030,DCM,"Image Region") closed 5-point POLYLINE > SELECTED FROM IMAGE,
-     |       NUM (111012,DCM,"Certainty of Finding") % > INFERRED FROM SCOORD (same box)
+     |       NUM (111012,DCM,"Certainty of Finding") % > INFERRED FROM SCOORD (same box),
+     |       TEXT (C0034375,UMLS,"Qualitative Evaluations") = the findings sentence it supports
      '- CONTAINER (C0034375,UMLS,"Qualitative Evaluations")
          TEXT (121070,DCM,"Findings"), TEXT (121073,DCM,"Impression")
 
@@ -189,14 +190,20 @@ class LesionFinding:
     box : tuple of 4 float
         ``(x_min, y_min, x_max, y_max)`` in continuous source-image pixel coordinates,
         (0, 0) being the top-left corner of the first pixel.
+    sentence : str or None
+        The findings sentence that states this lesion (:mod:`report.grounding`); written in
+        the lesion's measurement group as TEXT (C0034375, UMLS, "Qualitative Evaluations").
     """
 
     class_name: str
     score: float
     box: Box
+    sentence: str | None = None
 
     def __post_init__(self) -> None:
         _check_text(self.class_name, "class_name")
+        if self.sentence is not None:
+            _check_text(self.sentence, "sentence", max_length=_UT_MAX)
         finding_codes(self.class_name)  # ValueError naming class_name
         score: object = self.score
         if isinstance(score, bool) or not isinstance(score, Real):
@@ -231,16 +238,26 @@ class AlgorithmInfo:
         Algorithm version, e.g. a release or checkpoint version.
     manufacturer : str
         Manufacturer of the algorithm.
+    parameters : Sequence[str]
+        Settings that shape the result (score threshold, input gate), each written as TEXT
+        (111002, DCM, "Algorithm Parameters") of the TID 4019 Algorithm Identification in
+        every measurement group.
     """
 
     name: str
     version: str
     manufacturer: str = "d2r"
+    parameters: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         _check_text(self.name, "name", max_length=_LO_MAX)
         _check_text(self.version, "version", max_length=_LO_MAX)
         _check_text(self.manufacturer, "manufacturer", max_length=_LO_MAX)
+        if isinstance(self.parameters, str) or not isinstance(self.parameters, Sequence):
+            raise TypeError("parameters must be a sequence of str")
+        for parameter in self.parameters:
+            _check_text(parameter, "parameters", max_length=_UT_MAX)
+        object.__setattr__(self, "parameters", tuple(self.parameters))
 
     @property
     def not_for_diagnostic_use(self) -> bool:
@@ -588,7 +605,10 @@ def _lesion_group(
             [hd.sr.FindingSite(codes_.finding_site)] if codes_.finding_site is not None else None
         ),
         algorithm_id=hd.sr.AlgorithmIdentification(
-            name=algorithm.name, version=algorithm.version, manufacturer=algorithm.manufacturer
+            name=algorithm.name,
+            version=algorithm.version,
+            manufacturer=algorithm.manufacturer,
+            parameters=list(algorithm.parameters) or None,
         ),
         measurements=[certainty],
         geometric_purpose=BOUNDED_BY,
@@ -606,6 +626,13 @@ def _lesion_group(
             )
         ]
     )
+    if lesion.sentence is not None:
+        # TID 1410 row "Qualitative Evaluations" (TEXT): the grounded findings sentence
+        group[0].ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=QUALITATIVE_EVALUATIONS, value=lesion.sentence, relationship_type=_CONTAINS
+            )
+        )
     return group
 
 

@@ -5,7 +5,8 @@ Layout under the output folder::
     images/<id>.png                 8-bit grayscale, ``size`` x ``size``
     annotation.json                 R2Gen-style splits with D2R-Net box fields
     dicom/<study_id>/<image_id>.dcm CR or DX For Presentation, square, 12 bits in 16
-    studies.jsonl                   per study: DICOM and PNG paths, lesions in DICOM pixels
+    studies.jsonl                   per study: DICOM and PNG paths, lesions in DICOM pixels,
+                                    and each finding sentence with its lesions (gt_sentences)
 
 Support devices (endotracheal tube, central venous catheter) have no box: they are listed per
 study under ``devices`` (kinds), apart from the boxed ``labels`` / ``gt_lesions``.
@@ -269,6 +270,13 @@ def generate(config: PhantomConfig, out: Path) -> dict[str, Any]:
             "dicom": [],
             "gt_lesions": [],
             "devices": [dev.kind for dev in study.devices],
+            # the findings sentences that state lesions, each with its lesions' indices in
+            # gt_lesions: the true boxes of every finding sentence
+            "gt_sentences": [
+                {"text": text, "lesions": list(lesions)}
+                for text, lesions in report.sentences
+                if lesions
+            ],
         }
         if config.dicom_size:
             big = render(study, config.dicom_size)

@@ -24,7 +24,7 @@ Synthetic data, not for clinical use.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -75,10 +75,16 @@ _DROP_ORDER = ("bones", "no-consolidation", "mediastinum", "heart", "pleura", "l
 
 @dataclass(frozen=True)
 class PhantomReport:
-    """Findings and impression of one phantom study."""
+    """Findings and impression of one phantom study.
+
+    ``sentences`` are the findings sentences in order, each with the indices (into the study's
+    ``lesions``) of the lesions it states: the true boxes of every finding sentence (bilateral
+    edema: one sentence, two lesions; a normal or device sentence: none).
+    """
 
     findings: str
     impression: str
+    sentences: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     @property
     def text(self) -> str:
@@ -95,6 +101,7 @@ class _Part:
     impression: str = ""
     impression_short: str = ""  # "" = the same as ``impression``
     optional: str = ""  # a _DROP_ORDER key for a normal sentence that may be dropped
+    lesions: tuple[int, ...] = ()  # indices of the study's lesions the sentence states
 
     def text(self, compact: bool) -> str:
         return (self.short or self.sentence) if compact else self.sentence
@@ -298,14 +305,22 @@ def write_report(study: PhantomStudy) -> PhantomReport:
     rng = np.random.default_rng([study.seed, study.index, 7])
     by_class = {le.class_name: le for le in study.lesions}
     present = set(by_class)
+
+    def stating(part: _Part, cls: str) -> _Part:
+        indices = tuple(i for i, le in enumerate(study.lesions) if le.class_name == cls)
+        return replace(part, lesions=indices)
+
     parts: list[_Part] = [_device(dev, rng) for dev in study.devices]
 
     if "Cardiomegaly" in present:
-        parts.append(_Part(_pick(rng, _HEART_ENLARGED), "", "Cardiomegaly."))
+        parts.append(
+            stating(_Part(_pick(rng, _HEART_ENLARGED), "", "Cardiomegaly."), "Cardiomegaly")
+        )
     else:
         parts.append(_Part(_pick(rng, _HEART_NORMAL), optional="heart"))
     if "Aortic enlargement" in present:
-        parts.append(_Part(_pick(rng, _AORTA), _AORTA[0], "Enlarged aortic contour."))
+        aorta = _Part(_pick(rng, _AORTA), _AORTA[0], "Enlarged aortic contour.")
+        parts.append(stating(aorta, "Aortic enlargement"))
     else:
         parts.append(_Part(_pick(rng, _MEDIASTINUM_NORMAL), optional="mediastinum"))
     lung_classes = (
@@ -317,7 +332,7 @@ def write_report(study: PhantomStudy) -> PhantomReport:
         "Atelectasis",
         "Calcification",
     )
-    lung = [_finding(by_class[c], rng) for c in lung_classes if c in present]
+    lung = [stating(_finding(by_class[c], rng), c) for c in lung_classes if c in present]
     parts.extend(lung)
     if not lung:
         parts.append(_Part(_pick(rng, _LUNGS_CLEAR), optional="lungs"))
@@ -326,15 +341,15 @@ def write_report(study: PhantomStudy) -> PhantomReport:
     negated = []
     for cls, word in (("Pleural effusion", "pleural effusion"), ("Pneumothorax", "pneumothorax")):
         if cls in present:
-            parts.append(_finding(by_class[cls], rng))
+            parts.append(stating(_finding(by_class[cls], rng), cls))
         else:
             negated.append(word)
     if "Pleural thickening" in present:
-        parts.append(_finding(by_class["Pleural thickening"], rng))
+        parts.append(stating(_finding(by_class["Pleural thickening"], rng), "Pleural thickening"))
     if negated:
         parts.append(_Part("No " + " or ".join(negated) + ".", optional="pleura"))
     if "Rib fracture" in present:
-        parts.append(_finding(by_class["Rib fracture"], rng))
+        parts.append(stating(_finding(by_class["Rib fracture"], rng), "Rib fracture"))
     else:
         parts.append(_Part(_pick(rng, _BONES_NORMAL), optional="bones"))
     normal_impression = _pick(rng, _IMPRESSION_NORMAL)
@@ -345,6 +360,12 @@ def write_report(study: PhantomStudy) -> PhantomReport:
         summary = [s for p in parts if (s := p.summary(compact))][:keep]
         return findings, " ".join(summary) if summary else normal_impression
 
+    def sentences(dropped: int, compact: bool) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        drop = set(_DROP_ORDER[:dropped])
+        return tuple(
+            (t, p.lesions) for p in parts if p.optional not in drop and (t := p.text(compact))
+        )
+
     # full wording; then drop normal sentences one by one; then compact phrases; last, the
     # impression keeps only its leading phrases (the findings still state every finding)
     n = len(_DROP_ORDER)
@@ -354,7 +375,7 @@ def write_report(study: PhantomStudy) -> PhantomReport:
         findings, impression = assemble(dropped, compact, keep)
         if _token_count(findings, impression) <= TOKEN_BUDGET:
             break
-    return PhantomReport(findings=findings, impression=impression)
+    return PhantomReport(findings, impression, sentences(dropped, compact))
 
 
 __all__ = ["TOKEN_BUDGET", "PhantomReport", "write_report"]

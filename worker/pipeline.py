@@ -19,6 +19,7 @@ from model.errors import PreprocessError
 from model.predict import StudyPrediction
 from report.build import LesionFinding, ReportContent
 from report.errors import SourceImageError
+from report.grounding import ground
 from worker.errors import InputRejected, ModelError
 from worker.messages import ReportJob
 from worker.stages import Stage, StageTracker
@@ -42,10 +43,12 @@ BuildReports = Callable[[ReportContent], list[Dataset]]
 
 @dataclass(frozen=True)
 class ReportResult:
-    """The SR objects of one study (TID 1500 first) and the prediction they carry."""
+    """The SR objects of one study (TID 1500 first), the prediction and what the SRs say
+    (``content``: the grounded lesions and the checked impression)."""
 
     reports: list[Dataset]
     prediction: StudyPrediction
+    content: ReportContent
 
 
 #: said in every SR while ``D2R_INPUT_GATE`` is off
@@ -72,7 +75,12 @@ def abstention_text(prediction: StudyPrediction) -> tuple[str, str]:
 
 def report_content(prediction: StudyPrediction, images: Sequence[Dataset]) -> ReportContent:
     """Map a model prediction onto the report builder's input (an abstention: no lesion
-    groups, and text saying that the model declined the study and why)."""
+    groups, and text saying that the model declined the study and why).
+
+    The lesions are grounded in the findings (:func:`report.grounding.ground`): only boxes a
+    findings sentence states become lesion groups, each carrying its sentence; the impression
+    keeps only the sentences the findings support.
+    """
     by_uid = {str(ds.SOPInstanceUID): ds for ds in images}
     try:
         image = by_uid[prediction.sop_instance_uid]
@@ -84,13 +92,35 @@ def report_content(prediction: StudyPrediction, images: Sequence[Dataset]) -> Re
     if prediction.abstained:
         findings, impression = abstention_text(prediction)
         return ReportContent(findings, impression, [], image, list(images), comments)
+    grounding = ground(
+        prediction.findings,
+        prediction.impression,
+        [(les.class_name, les.box) for les in prediction.lesions],
+        int(image.Columns),
+        int(image.Rows),
+    )
+    withheld = len(prediction.lesions) - len(grounding.reported)
+    if withheld or grounding.dropped_impression:
+        logger.info(
+            "image %s: %d box(es) not stated by the findings withheld, %d impression "
+            "sentence(s) the findings do not support left out",
+            prediction.sop_instance_uid,
+            withheld,
+            len(grounding.dropped_impression),
+        )
     return ReportContent(
         findings=prediction.findings,
-        impression=prediction.impression,
+        impression=grounding.impression,
         comments=comments,
         lesions=[
-            LesionFinding(class_name=les.class_name, score=les.score, box=les.box)
-            for les in prediction.lesions
+            LesionFinding(
+                class_name=les.class_name,
+                score=les.score,
+                box=les.box,
+                sentence=grounding.sentence_of(index),
+            )
+            for index, les in enumerate(prediction.lesions)
+            if grounding.lesions[index].reported
         ],
         image=image,
         evidence=list(images),
@@ -138,13 +168,15 @@ def run(
         raise ModelError(f"model failed: {type(exc).__name__}: {exc}") from exc
     stages.enter(Stage.SR_BUILD)
     try:
-        reports = build_reports(report_content(prediction, images))
+        content = report_content(prediction, images)
+        reports = build_reports(content)
     except SourceImageError as exc:  # the header cannot be referenced: retrying cannot help
         raise InputRejected(f"cannot reference the image in an SR: {exc}") from exc
     logger.info(
-        "study %s: %d lesion(s), %d SR object(s)",
+        "study %s: %d lesion(s) reported of %d detected, %d SR object(s)",
         job.study_instance_uid,
+        len(content.lesions),
         len(prediction.lesions),
         len(reports),
     )
-    return ReportResult(reports=reports, prediction=prediction)
+    return ReportResult(reports=reports, prediction=prediction, content=content)

@@ -380,7 +380,9 @@ def _attempt(
     store = ctx.store
     uid = job.study_instance_uid
     predictor = ctx.predictor
-    algorithm = AlgorithmInfo(name=predictor.name, version=predictor.version)
+    algorithm = AlgorithmInfo(
+        name=predictor.name, version=predictor.version, parameters=predictor.parameters
+    )
 
     def build(content: Any) -> list[Dataset]:
         return build_reports(
@@ -419,8 +421,8 @@ def _attempt(
         model_name=pred.model_name,
         model_version=pred.model_version,
         findings=pred.findings,
-        impression=pred.impression,
-        lesion_count=len(pred.lesions),
+        impression=result.content.impression,
+        lesion_count=len(result.content.lesions),
         destinations=destinations,
         outcome=f"abstained: {pred.abstain_reason}" if pred.abstained else None,
     ):

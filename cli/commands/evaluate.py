@@ -76,6 +76,20 @@ def run(args: argparse.Namespace) -> int:
         return 1
     for path in write_outputs(metrics, Path(args.out)):
         print(path)
-    keys = ("bleu_4", "meteor", "rouge_l", "cider", "ce_f1", "map50", "abstain_rate")
-    print(" ".join(f"{k}={metrics[k]:.4f}" if metrics[k] is not None else f"{k}=n/a" for k in keys))
+    keys = (
+        "bleu_4",
+        "meteor",
+        "rouge_l",
+        "cider",
+        "ce_f1",
+        "map50",
+        "abstain_rate",
+        "grounding_precision",
+        "grounding_recall",
+    )
+    contradictions = metrics["contradictions"]
+    print(
+        " ".join(f"{k}={metrics[k]:.4f}" if metrics[k] is not None else f"{k}=n/a" for k in keys)
+        + f" contradictions={'n/a' if contradictions is None else contradictions}"
+    )
     return 0

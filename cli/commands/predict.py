@@ -121,20 +121,44 @@ def run(args: argparse.Namespace) -> int:
             )
         )
         return 0
+    from report.grounding import ground
+
+    image = datasets[0]
+    grounding = ground(
+        result.findings,
+        result.impression,
+        [(x.class_name, x.box) for x in result.lesions],
+        int(image.get("Columns") or 1),
+        int(image.get("Rows") or 1),
+    )
     if args.json:
         print(
             json.dumps(
                 {
                     **gate,
                     "findings": result.findings,
-                    "impression": result.impression,
+                    "impression": grounding.impression,
+                    "impression_dropped": list(grounding.dropped_impression),
+                    "sentences": [
+                        {
+                            "section": s.section,
+                            "text": s.text,
+                            "lesions": list(s.lesions),
+                            "localised": s.localised,
+                            "grounded": s.grounded,
+                            "supported": s.supported,
+                        }
+                        for s in grounding.sentences
+                    ],
                     "lesions": [
                         {
                             "class_name": x.class_name,
                             "score": round(x.score, 4),
                             "box": [round(v, 2) for v in x.box],
+                            "status": g.status,
+                            "sentence": g.sentence,
                         }
-                        for x in result.lesions
+                        for x, g in zip(result.lesions, grounding.lesions, strict=True)
                     ],
                     "model": {"name": result.model_name, "version": result.model_version},
                     "sop_instance_uid": result.sop_instance_uid,
@@ -150,9 +174,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not result.input_gate:
         print("Input gate: off (the image was not checked against the model's inputs)")
-    print(f"\nFINDINGS: {result.findings}\n\nIMPRESSION: {result.impression}\n")
+    print(f"\nFINDINGS: {result.findings}\n\nIMPRESSION: {grounding.impression}\n")
+    for dropped in grounding.dropped_impression:
+        print(f"Impression sentence left out (the findings do not support it): {dropped}")
     print(f"Lesions ({len(result.lesions)}):")
-    for x in result.lesions:
+    for x, g in zip(result.lesions, grounding.lesions, strict=True):
         box = ", ".join(f"{v:.1f}" for v in x.box)
-        print(f"  {x.class_name:<20} {x.score:.3f}  [{box}]")
+        where = f"sentence {g.sentence + 1}" if g.sentence is not None else g.status
+        print(f"  {x.class_name:<20} {x.score:.3f}  [{box}]  {where}")
     return 0

@@ -6,7 +6,7 @@ tibia, which the node's selection already skips; this copy's header claims a fro
 wrong routing rule or modality setting would.) The real radiographs end
 ``done`` with reason ``abstained: ...`` and an abstention SR in Orthanc (``dciodvfy`` clean, no
 measurement groups, the model and the reason named); the phantom study ends ``done`` with its
-lesion boxes.
+lesion boxes, each group carrying the findings sentence that states it.
 """
 
 from __future__ import annotations
@@ -101,5 +101,17 @@ def test_real_radiographs_abstain_and_phantoms_are_reported(
         assert _dciodvfy_errors(path) == []
         groups = [i for i in _items(ds) if i.ConceptNameCodeSequence[0].CodeValue == "125007"]
         assert len(groups) == view.lesion_count
+        (findings,) = [
+            str(i.TextValue)
+            for i in _items(ds)
+            if i.ConceptNameCodeSequence[0].CodeValue == "121070"
+        ]
+        for group in groups:  # each box with the findings sentence that states it
+            (sentence,) = [
+                str(i.TextValue)
+                for i in group.ContentSequence
+                if i.ValueType == "TEXT" and i.ConceptNameCodeSequence[0].CodeValue == "C0034375"
+            ]
+            assert sentence in findings
     finally:
         s.stop()

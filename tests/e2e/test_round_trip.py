@@ -1,10 +1,12 @@
 """The PACS round trip against real peers.
 
-Orthanc (the PACS) sends the real chest CR from pydicom-data to ``d2r`` over C-STORE; D2R-Net runs
-in a real worker; the Structured Reports come back into Orthanc in the same study. Both topologies:
+Orthanc (the PACS) sends a chest radiograph to ``d2r`` over C-STORE; D2R-Net runs in a real
+worker; the Structured Reports come back into Orthanc in the same study. Both topologies:
 the production split (``d2r node`` + ``d2r worker`` as a real Celery worker process over a real
-Redis) and ``d2r serve`` (embedded queue). Nothing in the product path is faked; the model is a
-small randomly initialised D2R-Net checkpoint, so the text is meaningless but real model output.
+Redis) and ``d2r serve`` (embedded queue). Nothing in the product path is faked. The production
+split runs the bundled demo model on an abnormal phantom study, so its lesion boxes (those the
+findings state) travel to the PACS; ``d2r serve`` runs a small randomly initialised checkpoint on
+the real chest CR, whose text is meaningless but real model output.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pytest
 
 from tests.support.dicom_files import rg1_path
 from tests.support.orthanc import OrthancServer
+from tests.support.phantom import DEMO_MODEL, phantom_study_file
 from tests.support.processes import (
     Process,
     base_env,
@@ -54,13 +57,17 @@ def _dciodvfy_errors(path: Path) -> list[str]:
 
 
 def _check_reports(
-    orthanc: OrthancServer, study_uid: str, status: dict[str, Any], tmp: Path
+    orthanc: OrthancServer,
+    study_uid: str,
+    status: dict[str, Any],
+    tmp: Path,
+    source_path: Path | None = None,
 ) -> None:
     """The SRs in the PACS: same study, valid, and carrying exactly what the worker recorded."""
     srs = _sr_instances(orthanc, study_uid)
     classes = sorted(i["SOPClassUID"] for i in srs)
     assert classes == sorted([COMPREHENSIVE_SR, BASIC_TEXT_SR]), srs
-    source = pydicom.dcmread(rg1_path(), stop_before_pixels=True)
+    source = pydicom.dcmread(source_path or rg1_path(), stop_before_pixels=True)
     for inst in srs:
         path = tmp / f"{inst['SOPInstanceUID']}.dcm"
         path.write_bytes(orthanc.instance_file(inst["ID"]))
@@ -132,8 +139,12 @@ def test_production_split_round_trip_through_orthanc(
     node_port = free_port()
     orthanc = orthanc_factory(modalities={"d2r": ("D2R", "127.0.0.1", node_port)})
     redis, redis_url = start_redis(tmp_path)
+    # the demo model on an abnormal phantom study: boxes that its findings state reach the SR
+    # (a random model's boxes are stated by no sentence, so grounding leaves them out)
+    image_path = phantom_study_file(tmp_path / "phantom")
     env = dict(
-        model_env,
+        {k: v for k, v in model_env.items() if k != "D2R_LESION_MIN_SCORE"},
+        D2R_MODEL=str(DEMO_MODEL),
         D2R_PORT=str(node_port),
         D2R_BROKER_URL=redis_url,
         D2R_DESTINATIONS=f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}",
@@ -145,8 +156,8 @@ def test_production_split_round_trip_through_orthanc(
         wait_port(node_port)
         assert "celery" in worker.log_tail().lower() or worker.alive()
 
-        uploaded = orthanc.upload(rg1_path())
-        study_uid = pydicom.dcmread(rg1_path(), stop_before_pixels=True).StudyInstanceUID
+        uploaded = orthanc.upload(image_path)
+        study_uid = pydicom.dcmread(image_path, stop_before_pixels=True).StudyInstanceUID
         result = orthanc.store_to_modality("d2r", [uploaded["ParentStudy"]])
         assert result["FailedInstancesCount"] == 0
 
@@ -161,7 +172,7 @@ def test_production_split_round_trip_through_orthanc(
         assert [d["state"] for d in status["deliveries"]] == ["sent"]
         assert status["model_name"]
         assert status["lesion_count"] > 0
-        _check_reports(orthanc, study_uid, status, tmp_path)
+        _check_reports(orthanc, study_uid, status, tmp_path, image_path)
 
         # The same study again changes nothing: same bytes, no second copy, no second report.
         orthanc.store_to_modality("d2r", [uploaded["ParentStudy"]])

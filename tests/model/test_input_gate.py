@@ -100,6 +100,10 @@ def _first_images(folder: Path) -> list[Path]:
 
 def test_demo_model_declines_real_radiographs_and_accepts_phantoms(phantom_dir: Path) -> None:
     predictor = Predictor.from_checkpoint(DEMO)
+    lesion_threshold, gate, checkpoint = predictor.parameters  # written into every SR group
+    assert lesion_threshold == f"lesion score threshold: {predictor.lesion_score_threshold:g}"
+    assert gate.startswith("input gate: on, threshold 19.3")
+    assert checkpoint == f"checkpoint sha256: {predictor.checkpoint_sha256[:16]}"
     for name in REAL:
         ds = pydicom.dcmread(str(get_testdata_file(f"{name}.dcm")))
         pred = predictor.predict([ds])

@@ -52,7 +52,10 @@ def test_init_model_then_predict_json_on_rg1(tmp_path: Path, rg1_path: Path) -> 
     ds = pydicom.dcmread(rg1_path, stop_before_pixels=True)
     assert data["lesions"]
     for lesion in data["lesions"]:
-        assert set(lesion) == {"class_name", "score", "box"}
+        assert set(lesion) == {"class_name", "score", "box", "status", "sentence"}
+        # a random model's text states none of its boxes: none is a finding of the report
+        assert lesion["status"] in {"negated", "mislocated", "omitted"}
+        assert lesion["sentence"] is None
         assert lesion["class_name"] in VINDR_CLASSES
         x0, y0, x1, y1 = lesion["box"]
         assert 0 <= x0 < x1 <= ds.Columns and 0 <= y0 < y1 <= ds.Rows
@@ -87,3 +90,41 @@ def test_predict_errors(
     assert code == 2 and "not a readable DICOM" in err
     code, err = run(str(rg1_path), "--model", str(tmp_path))
     assert code == 1 and "bad checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+DEMO = REPO / "models" / "d2r-demo-phantom"
+
+
+def test_predict_json_ties_each_reported_box_to_its_sentence(tmp_path: Path) -> None:
+    """The demo model on phantom studies: sentences list their boxes and the reverse."""
+    res = _d2r(
+        "synth", "--out", str(tmp_path), "--studies", "3", "--seed", "20261127", "--size", "64",
+        "--dicom-size", "1024", "--normal-fraction", "0",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    studies = [json.loads(x) for x in (tmp_path / "studies.jsonl").read_text().splitlines()]
+    reported = 0
+    for study in studies:
+        assert study["gt_sentences"], study  # abnormal studies: true boxes per finding sentence
+        res = _d2r("predict", "--json", "--model", str(DEMO), str(tmp_path / study["dicom"][0]))
+        assert res.returncode == 0, res.stderr
+        data = json.loads(res.stdout)
+        sentences, lesions = data["sentences"], data["lesions"]
+        findings = [s for s in sentences if s["section"] == "findings"]
+        assert " ".join(s["text"] for s in findings) == data["findings"]
+        for index, lesion in enumerate(lesions):
+            if lesion["status"] == "reported":
+                reported += 1
+                sentence = sentences[lesion["sentence"]]
+                assert sentence["section"] == "findings" and index in sentence["lesions"]
+                assert sentence["grounded"] is True
+            else:
+                assert lesion["sentence"] is None
+                assert all(index not in s["lesions"] for s in sentences)
+        for sentence in findings:
+            assert sentence["grounded"] == (sentence["localised"] and bool(sentence["lesions"]))
+        impression = [s["text"] for s in sentences if s["section"] == "impression"]
+        kept = [s["text"] for s in sentences if s["section"] == "impression" and s["supported"]]
+        assert data["impression"] == " ".join(kept)
+        assert data["impression_dropped"] == [t for t in impression if t not in kept]
+    assert reported >= len(studies)  # every abnormal phantom study has a reported box

@@ -1,7 +1,8 @@
 """``d2r serve`` end to end, watched the way an operator does: /metrics, probes, audit, status page.
 
-Real peers: dcmtk ``storescu`` sends the real chest CR, dcmtk ``storescp`` is the PACS, the worker
-runs a small randomly initialised D2R-Net, headless Chromium renders the status page.
+Real peers: dcmtk ``storescu`` sends an abnormal phantom study, dcmtk ``storescp`` is the PACS, the
+worker runs the bundled demo model (whose boxes the findings state, so the SR has lesion groups),
+headless Chromium renders the status page.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from observability.status_page import BOX_COLOUR, read_sr_boxes
-from tests.support.dicom_files import rg1_path
+from tests.support.phantom import DEMO_MODEL, phantom_study_file
 from tests.support.processes import (
     Process,
     base_env,
@@ -76,13 +77,18 @@ def _chromium(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[by
     )
 
 
-def test_serve_metrics_probes_audit_and_status_page(eager_model: Path, tmp_path: Path) -> None:
+def test_serve_metrics_probes_audit_and_status_page(tmp_path: Path) -> None:
+    # the demo model on an abnormal phantom study: boxes its findings state (grounded)
+    image_path = phantom_study_file(tmp_path / "phantom")
+    phantom = pydicom.dcmread(image_path)
+    phantom.PatientBirthDate = "19700101"  # every identifying value is set, so logs can be checked
+    phantom.save_as(image_path, enforce_file_format=True)
     node_port, http_port, pacs_port = free_port(), free_port(), free_port()
     received = tmp_path / "pacs"
     received.mkdir()
     data = tmp_path / "data"
     env = base_env(
-        D2R_MODEL=str(eager_model),
+        D2R_MODEL=str(DEMO_MODEL),
         D2R_SPOOL_DIR=str(data / "spool"),
         D2R_AE_TITLE="D2R",
         D2R_PORT=str(node_port),
@@ -95,7 +101,7 @@ def test_serve_metrics_probes_audit_and_status_page(eager_model: Path, tmp_path:
         D2R_LOG_FORMAT="json",
     )
     base = f"http://127.0.0.1:{http_port}"
-    source = pydicom.dcmread(rg1_path(), stop_before_pixels=True)
+    source = pydicom.dcmread(image_path, stop_before_pixels=True)
     study_uid = source.StudyInstanceUID
     pacs = serve = None
     try:
@@ -119,7 +125,7 @@ def test_serve_metrics_probes_audit_and_status_page(eager_model: Path, tmp_path:
                 "D2R",
                 "127.0.0.1",
                 str(node_port),
-                str(rg1_path()),
+                str(image_path),
             ],
             capture_output=True,
             text=True,

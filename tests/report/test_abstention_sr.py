@@ -63,7 +63,8 @@ def test_every_sr_says_when_the_gate_was_off(
     rg1_header: Dataset, algorithm: AlgorithmInfo, tmp_path: Path,
     dciodvfy_errors: Callable[[Path], list[str]],
 ) -> None:  # fmt: skip
-    lesion = Lesion("Pleural effusion", 0.5, (10.0, 10.0, 200.0, 200.0))
+    # on the image's right: the patient's left, as the findings say
+    lesion = Lesion("Pleural effusion", 0.5, (1400.0, 1200.0, 1700.0, 1600.0))
     pred = StudyPrediction(
         "There is a small left pleural effusion.",
         "Left pleural effusion.",

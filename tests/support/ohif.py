@@ -405,7 +405,11 @@ JS_POLYLINES = """(() => {
     for (let i = 0; i + 1 < nums.length; i += 2) pts.push([nums[i], nums[i + 1]]);
     return pts.map(([x, y]) => [Number.isFinite(x) ? x : null, Number.isFinite(y) ? y : null]);
   });
-  return {polylines, viewport: [r.x, r.y, r.width, r.height]};
+  const labels = [...layer.querySelectorAll('text')].map(t => {
+    const spans = [...t.querySelectorAll('tspan')].map(x => x.textContent.trim());
+    return spans.length ? spans.filter(x => x) : [t.textContent.trim()];
+  }).filter(lines => lines.length && lines.some(x => x));
+  return {polylines, labels, viewport: [r.x, r.y, r.width, r.height]};
 })()"""
 
 JS_SR_STATE = """(() => {
@@ -499,6 +503,9 @@ class ViewerResult:
         Errors the page logged (console, exceptions, failed requests).
     image_to_canvas
         The image-to-canvas mapping read from the cornerstone viewport, if any.
+    labels
+        The text boxes the overlay drew next to the boxes (one list of lines per text box),
+        read from the SVG layer's ``<text>`` elements when the polylines were read.
     timings
         Seconds per step, for reports.
     notes
@@ -512,6 +519,7 @@ class ViewerResult:
     hydrated_rectangles: int | None
     console_errors: list[str]
     image_to_canvas: ImageToCanvas | None = None
+    labels: list[list[str]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -677,6 +685,7 @@ def check_sr_in_ohif(
                 [(_finite(x), _finite(y)) for x, y in line] for line in snapshot["polylines"]
             ]
             viewport = tuple(float(v) for v in snapshot["viewport"])
+            labels = [[str(line) for line in box] for box in snapshot.get("labels") or []]
             transform = page.evaluate(JS_IMAGE_TO_CANVAS % json.dumps(shown["viewportId"]))
             image_to_canvas = ImageToCanvas(**transform) if transform else None
             screenshot = page.screenshot(artifacts / f"{name}.png")
@@ -718,6 +727,7 @@ def check_sr_in_ohif(
         hydrated_rectangles=hydrated,
         console_errors=errors,
         image_to_canvas=image_to_canvas,
+        labels=labels,
         timings=timings,
         notes=notes,
     )

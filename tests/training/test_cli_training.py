@@ -46,6 +46,9 @@ def test_synth_then_evaluate(tmp_path: Path) -> None:
                     "generated": s["reference"],
                     "gt_lesions": s["gt_lesions"],
                     "pred_lesions": [{**g, "score": 0.9} for g in s["gt_lesions"]],
+                    "gt_sentences": s["gt_sentences"],
+                    "columns": s["columns"],
+                    "rows": s["rows"],
                 }
             )
             + "\n"
@@ -64,6 +67,9 @@ def test_synth_then_evaluate(tmp_path: Path) -> None:
     assert m["bleu_4"] > 0.99 and m["ce_f1"] > 0.0
     if any(s["gt_lesions"] for s in studies):
         assert m["map50"] == 1.0
+        # the reference text grounded in the true boxes: every sentence finds its box
+        assert m["grounding_precision"] == m["grounding_recall"] == 1.0
+        assert m["contradictions"] == 0
     assert (metrics.parent / "metrics.md").read_text().count("CE computed with") == 1
     assert len((metrics.parent / "per_report.jsonl").read_text().splitlines()) == 4
 

@@ -4,10 +4,9 @@ Orthanc (the PACS, with DICOMweb) routes the chest CR to ``d2r serve``; D2R-Net 
 back into Orthanc; OHIF 3.13.2 in headless Chromium opens the study and our SR, draws every lesion
 box where the SR puts it, and "continue tracking" turns them into editable rectangles.
 
-The model is a randomly initialised checkpoint whose thresholds are at 0 (three boxes), so the
-boxes are wherever the untrained detector put them: the test compares what the viewer drew with
-what the SR that reached the PACS says. The chest CR copy has its ``PixelSpacing = 0\\0`` deleted
-(see test_ohif_sr.py).
+The model is the bundled demo model on an abnormal phantom study: only boxes that a findings
+sentence states reach the SR (grounded findings), each group carrying its sentence. The test
+compares what the viewer drew with what the SR that reached the PACS says.
 """
 
 from __future__ import annotations
@@ -22,8 +21,8 @@ import pytest
 
 from tests.support.fixtures import OrthancFactory
 from tests.support.ohif import artifacts_dir, check_sr_in_ohif, find_chromium, ohif_dist
+from tests.support.phantom import DEMO_MODEL, phantom_study_file
 from tests.support.processes import Process, base_env, d2r_cmd, free_port, wait_for, wait_port
-from tests.viewer.sr_samples import chest_image
 from tests.viewer.test_ohif_sr import PIXEL_TOLERANCE, bounding_box
 
 pytestmark = [pytest.mark.viewer, pytest.mark.integration, pytest.mark.timeout(300)]
@@ -31,15 +30,32 @@ pytestmark = [pytest.mark.viewer, pytest.mark.integration, pytest.mark.timeout(3
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 
 
+def _walk(ds: Any) -> Any:
+    for item in getattr(ds, "ContentSequence", []):
+        yield item
+        yield from _walk(item)
+
+
+def _group_items(sr: pydicom.Dataset) -> list[Any]:
+    return [i for i in _walk(sr) if i.ConceptNameCodeSequence[0].CodeValue == "125007"]
+
+
+def _findings(sr: pydicom.Dataset) -> str:
+    (text,) = [
+        str(i.TextValue) for i in _walk(sr) if i.ConceptNameCodeSequence[0].CodeValue == "121070"
+    ]
+    return text
+
+
 def test_model_sr_from_the_round_trip_drawn_in_ohif(
-    orthanc_factory: OrthancFactory, eager_model: Path, tmp_path: Path
+    orthanc_factory: OrthancFactory, tmp_path: Path
 ) -> None:
     if ohif_dist() is None or find_chromium() is None:
         pytest.skip("OHIF or Chromium missing: run tests/support/install-viewer.sh")
     node_port = free_port()
     orthanc = orthanc_factory(dicomweb=True, modalities={"d2r": ("D2R", "127.0.0.1", node_port)})
     env = base_env(
-        D2R_MODEL=str(eager_model),
+        D2R_MODEL=str(DEMO_MODEL),
         D2R_SPOOL_DIR=str(tmp_path / "data" / "spool"),
         D2R_PORT=str(node_port),
         D2R_DESTINATIONS=f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}",
@@ -50,7 +66,7 @@ def test_model_sr_from_the_round_trip_drawn_in_ohif(
     serve = Process(d2r_cmd("serve"), env=env, log=tmp_path / "serve.log")
     try:
         wait_port(node_port, timeout=60)
-        image_path = chest_image(tmp_path)
+        image_path = phantom_study_file(tmp_path / "phantom")
         image = pydicom.dcmread(image_path, stop_before_pixels=True)
         uploaded = orthanc.upload(image_path)
         assert (
@@ -75,9 +91,16 @@ def test_model_sr_from_the_round_trip_drawn_in_ohif(
     sr = pydicom.dcmread(BytesIO(orthanc.instance_file(sr_instance["ID"])))
     content: Any = hd.sr.ComprehensiveSR.from_dataset(sr).content  # a MeasurementReport
     groups = content.get_planar_roi_measurement_groups()
-    assert len(groups) == 3
+    assert groups, "the demo model reported no grounded lesion"
     expected = []
-    for group in groups:
+    for group, item in zip(groups, _group_items(sr), strict=True):
+        # each group carries the findings sentence that states it
+        (sentence,) = [
+            str(c.TextValue)
+            for c in item.ContentSequence
+            if c.ValueType == "TEXT" and c.ConceptNameCodeSequence[0].CodeValue == "C0034375"
+        ]
+        assert sentence in str(_findings(sr)), sentence
         points = group.roi.value
         expected.append(
             (
@@ -113,4 +136,7 @@ def test_model_sr_from_the_round_trip_drawn_in_ohif(
             max(abs(d[0] - cx0), abs(d[1] - cy0), abs(d[2] - cx1), abs(d[3] - cy1)) for d in drawn
         )
         assert distance <= PIXEL_TOLERANCE, (expected, drawn)
+    # one text box per drawn box, led by the score OHIF reads from the group's NUM
+    assert len(result.labels) == len(expected), result.labels
+    assert all(box[0].startswith("Certainty of Finding: ") for box in result.labels)
     assert result.hydrated_rectangles == len(expected)

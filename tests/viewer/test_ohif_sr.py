@@ -27,6 +27,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from report.build import AlgorithmInfo, LesionFinding, ReportContent, build_reports
+from report.codes import finding_codes
 from tests.support.dicom_files import make_sc
 from tests.support.fixtures import OrthancFactory
 from tests.support.ohif import (
@@ -199,6 +200,17 @@ def test_result_sr_boxes_drawn_and_editable(
 
     assert result.screenshot.stat().st_size > 10_000
     assert_boxes_drawn(result, [lesion.box for lesion in LESIONS], image.Columns, image.Rows)
+    # the label text the page drew beside each box: OHIF 3.13.2 builds it from the group's NUM
+    # (concept meaning, value, unit) and its finding site; it reads no Finding code meaning
+    # and no TEXT item of a TID 1410 group (docs/air-conformance.md, "Box labels in OHIF")
+    assert len(result.labels) == len(LESIONS), result.labels
+    drawn = sorted(" | ".join(box) for box in result.labels)
+    expected = sorted(
+        f"Certainty of Finding: {lesion.score * 100:.2f} % | 363698007: "
+        f"{finding_codes(lesion.class_name).finding_site.meaning}"  # type: ignore[union-attr]
+        for lesion in LESIONS
+    )
+    assert drawn == expected
     assert result.hydrated_rectangles == len(LESIONS)
     assert result.timings["total"] < 60
 

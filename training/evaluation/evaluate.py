@@ -14,6 +14,7 @@ from typing import Any
 
 from training.evaluation.ce import CE_COLUMN, CE_FOOTNOTE, compute_ce
 from training.evaluation.detection import compute_detection
+from training.evaluation.grounding import GroundingCase, compute_grounding
 from training.evaluation.labeler import (
     CHEXPERT_OBSERVATIONS,
     PHRASES_COMMIT,
@@ -106,6 +107,20 @@ def evaluate_records(
         timings["detection_s"] = time.perf_counter() - t
     metrics["map50"] = detection["map50"] if detection else None
     metrics["abstain_rate"] = abstain_rate
+    cases = [
+        GroundingCase(
+            r.generated,
+            tuple((le.class_name, le.box) for le in r.pred_lesions or ()),
+            tuple((le.class_name, le.box) for le in r.gt_lesions or ()),
+            r.gt_sentences,
+            *r.image_size,
+        )
+        for r in recs
+        if r.gt_sentences is not None and r.image_size is not None and r.gt_lesions is not None
+    ]
+    grounding = compute_grounding(cases) if cases else None
+    for key in ("grounding_precision", "grounding_recall", "contradictions"):
+        metrics[key] = grounding[key] if grounding else None
     meta = {
         "n": len(recs),
         "n_abstained": len(everything) - len(recs),
@@ -142,6 +157,7 @@ def evaluate_records(
         **metrics,
         "ce": ce,
         "detection": detection,
+        "grounding": grounding,
         "meta": meta,
         "not_computed": NOT_COMPUTED,
         "per_report": per_report,
@@ -195,6 +211,14 @@ def render_markdown(m: dict[str, Any]) -> str:
             if s["n_gt"] or s["n_pred"]:
                 lines.append(f"| {c} | {_f(s['ap'])} | {s['n_gt']} | {s['n_pred']} |")
         lines.append("")
+    gr = m.get("grounding")
+    if gr:
+        lines += [
+            f"Grounding ({gr['counts']['studies']} studies with true sentence boxes, IoU >= "
+            f"{gr['iou_threshold']}): precision {_f(gr['grounding_precision'])}, recall "
+            f"{_f(gr['grounding_recall'])}, contradictions {gr['contradictions']}",
+            "",
+        ]
     lines.append("Not computed: " + ", ".join(sorted(m["not_computed"])) + ".")
     return "\n".join(lines) + "\n"
 

@@ -33,6 +33,9 @@ def predict_phantom_records(model_dir: Path, data: Path, split: str | None = Non
                     "generated": pred.findings,
                     "abstained": pred.abstained,
                     "gt_lesions": entry["gt_lesions"],
+                    **({"gt_sentences": entry["gt_sentences"]} if "gt_sentences" in entry else {}),
+                    "columns": entry["columns"],
+                    "rows": entry["rows"],
                     "pred_lesions": [
                         {"class_name": le.class_name, "score": le.score, "box": list(le.box)}
                         for le in pred.lesions

@@ -35,6 +35,10 @@ class EvalRecord:
     pred_lesions: tuple[LesionRecord, ...] | None = None
     #: the model's input gate declined the study (not scored; counted in ``abstain_rate``)
     abstained: bool = False
+    #: reference finding sentences, each as the indices of its boxes in ``gt_lesions``
+    gt_sentences: tuple[tuple[int, ...], ...] | None = None
+    #: (columns, rows) of the image the boxes refer to (needed for grounding)
+    image_size: tuple[int, int] | None = None
 
 
 def _lesions(value: Any, *, scored: bool, key: str) -> tuple[LesionRecord, ...]:
@@ -89,7 +93,41 @@ def record_from_dict(obj: Any) -> EvalRecord:
     abstained = obj.get("abstained", False)
     if not isinstance(abstained, bool):
         raise ValueError("abstained must be true or false")
-    return EvalRecord(obj["id"], obj["reference"], obj["generated"], gt, pred, abstained)
+    gt_sentences = None
+    if "gt_sentences" in obj:
+        gt_sentences = _sentences(obj["gt_sentences"], len(gt or ()))
+    image_size = None
+    if "columns" in obj or "rows" in obj:
+        columns, rows = obj.get("columns"), obj.get("rows")
+        if not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (columns, rows)
+        ):
+            raise ValueError("columns and rows must be positive integers")
+        image_size = (int(columns), int(rows))  # type: ignore[arg-type]
+    return EvalRecord(
+        obj["id"],
+        obj["reference"],
+        obj["generated"],
+        gt,
+        pred,
+        abstained,
+        gt_sentences,
+        image_size,
+    )
+
+
+def _sentences(value: Any, n_lesions: int) -> tuple[tuple[int, ...], ...]:
+    if not isinstance(value, list):
+        raise ValueError("gt_sentences must be a list")
+    out = []
+    for j, item in enumerate(value):
+        lesions = item.get("lesions") if isinstance(item, Mapping) else None
+        if not isinstance(lesions, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n_lesions for i in lesions
+        ):
+            raise ValueError(f"gt_sentences[{j}].lesions must be indices into gt_lesions")
+        out.append(tuple(lesions))
+    return tuple(out)
 
 
 def parse_records(lines: Iterable[str]) -> list[EvalRecord]:
