@@ -141,7 +141,7 @@ ROUTES = [
     ("/", "viewer", 200),
     ("/studies/{uid}", "viewer", 200),
     ("/studies/{uid}/preview.png", "viewer", 200),
-    ("/dicom-web/studies", "ingest", 404),  # the STOW-RS receiver is not installed yet
+    ("/dicom-web/studies", "ingest", 404),  # no STOW-RS receiver installed on this site
 ]
 
 
