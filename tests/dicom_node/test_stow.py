@@ -23,7 +23,7 @@ import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
-from pydicom.uid import ComputedRadiographyImageStorage
+from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian
 
 from dicom_node import statuses
 from dicom_node.spool import Spool, dataset_offset
@@ -55,7 +55,9 @@ class Site:
     audit_path: Path
     released: list[int]
 
-    def post(self, body: bytes, *, path: str = "/dicom-web/studies", **kw: Any) -> Any:
+    def post(
+        self, body: bytes | Iterator[bytes], *, path: str = "/dicom-web/studies", **kw: Any
+    ) -> Any:
         headers = {"Content-Type": RELATED, **kw.pop("headers", {})}
         return requests.post(self.url + path, data=body, headers=headers, timeout=30, **kw)
 
@@ -275,7 +277,7 @@ def test_hostile_parts_fail_with_their_reason_and_good_parts_are_stored(
     data = hostile.encode(huge)
     at = data.index(b"\x08\x00\x16\x00UI")  # a 2 GiB element before the SOP Class UID
     data = data[:at] + b"\x08\x00\x07\x00UN\x00\x00" + (0x7FFFFFF0).to_bytes(4, "little") + b"\0"
-    huge_path = hostile.write_raw(tmp_path / "huge.dcm", huge, data, hostile.ExplicitVRLittleEndian)
+    huge_path = hostile.write_raw(tmp_path / "huge.dcm", huge, data, ExplicitVRLittleEndian)
     other_class = hostile._dx()
     says_cr = Dataset()  # File Meta says CR, the data set says DX: 0xA900
     says_cr.SOPClassUID = ComputedRadiographyImageStorage
@@ -284,7 +286,7 @@ def test_hostile_parts_fail_with_their_reason_and_good_parts_are_stored(
         tmp_path / "mismatch.dcm",
         says_cr,
         hostile.encode(other_class),
-        hostile.ExplicitVRLittleEndian,
+        ExplicitVRLittleEndian,
     ).read_bytes()
     parts = [
         ("application/dicom", part10(good[0])),
