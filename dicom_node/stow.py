@@ -80,6 +80,8 @@ DICOM_JSON: Final = "application/dicom+json"
 STOW_CALLING_AE: Final = "STOW-RS"
 #: FailureReason of an instance whose Study Instance UID is not the request's ``{study}``.
 STUDY_MISMATCH: Final = 0xC122
+#: Longest multipart boundary accepted: RFC 2046 says 70, Orthanc 1.10 sends 73.
+MAX_BOUNDARY: Final = 256
 #: Limits of the multipart parser: part header lines and their count, parts per request.
 MAX_PART_HEADER_BYTES: Final = 8192
 MAX_PART_HEADERS: Final = 16
@@ -161,7 +163,7 @@ def boundary_of(content_type: str) -> str:
     if media != "multipart/related" or kind != "application/dicom":
         raise StowRefused(415, 'expected multipart/related; type="application/dicom"')
     boundary = str(options.get("boundary", ""))
-    if not boundary or len(boundary) > 70:
+    if not boundary or len(boundary) > MAX_BOUNDARY:
         raise StowRefused(400, "missing or invalid multipart boundary")
     return boundary
 
