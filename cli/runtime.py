@@ -86,7 +86,7 @@ def start_http(
         proxy_roles=obs.http_proxy_roles,
         limiter=FailureLimiter(obs.http_auth_max_failures, obs.http_auth_window_seconds),
     )
-    if auth.required and not auth.has_credentials:
+    if auth.required and not auth.has_credentials and obs.http_tls_ca is None:
         logger.warning(
             "HTTP endpoint on %s needs credentials but none are configured: only /healthz and "
             "/readyz answer; set D2R_HTTP_TOKENS_FILE, D2R_HTTP_USERS_FILE or "

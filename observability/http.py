@@ -54,6 +54,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: Most bytes of an unread request body read and dropped before a refusal is answered.
+DRAIN_BYTES = 16 * 1024 * 1024
 #: A health or readiness check: returns normally when fine, raises (any exception) when not.
 Check = Callable[[], None]
 
@@ -436,6 +438,7 @@ def _handler_class(owner: ObservabilityServer) -> type[BaseHTTPRequestHandler]:
             if decision.status != 200:
                 owner.refused(method, route, client, decision)
                 self.close_connection = True  # an unread body must not be taken for a request
+                self._drain(self._body(headers))
                 self._refuse(decision)
                 return
             if required_role(route) == "ingest":
@@ -468,12 +471,7 @@ def _handler_class(owner: ObservabilityServer) -> type[BaseHTTPRequestHandler]:
             if owner.ingest is None:
                 self._send(404, "application/json", b'{"status": "not found"}')
                 return
-            body: Any
-            if "chunked" in headers.get("transfer-encoding", "").lower():
-                body = ChunkedBody(self.rfile)
-            else:
-                length = headers.get("content-length", "0").strip()
-                body = LengthBody(self.rfile, int(length) if length.isdigit() else 0)
+            body = self._body(headers)
             user = decision.principal.name if decision.principal else "anonymous"
             try:
                 status, content_type, payload = owner.ingest(
@@ -482,10 +480,27 @@ def _handler_class(owner: ObservabilityServer) -> type[BaseHTTPRequestHandler]:
             except Exception:
                 logger.exception("HTTP %s %s failed", method, route)
                 status, content_type, payload = 500, "application/json", b'{"status": "error"}'
+            self._drain(body)
             extra = [("Connection", "close")]
             if status == 503:
                 extra.append(("Retry-After", "60"))
             self._send(status, content_type, payload, extra)
+
+        def _body(self, headers: dict[str, str]) -> LengthBody | ChunkedBody:
+            if "chunked" in headers.get("transfer-encoding", "").lower():
+                return ChunkedBody(self.rfile)
+            length = headers.get("content-length", "0").strip()
+            return LengthBody(self.rfile, int(length) if length.isdigit() else 0)
+
+        def _drain(self, body: LengthBody | ChunkedBody) -> None:
+            """Read what is left of a refused body (up to :data:`DRAIN_BYTES`), so that closing
+            the connection does not reset it before the client has read the answer."""
+            left = DRAIN_BYTES
+            try:
+                while left > 0 and (chunk := body.read(min(left, 1 << 16))):
+                    left -= len(chunk)
+            except (OSError, ValueError):
+                pass
 
         def _refuse(self, decision: Decision) -> None:
             headers = []

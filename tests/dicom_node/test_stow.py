@@ -234,6 +234,11 @@ def test_wrong_content_types_are_415(site: Site) -> None:
         rsp = site.post(body, headers={"Content-Type": content_type})
         assert rsp.status_code == 415, content_type
     assert site.spooled() == []
+    # only STOW-RS is served under /dicom-web/
+    assert requests.get(f"{site.url}/dicom-web/studies", timeout=10).status_code == 405
+    assert site.post(body, path="/dicom-web/studies/1.2.3/series").status_code == 404
+    headers = {"Accept": "application/dicom+xml"}
+    assert site.post(body, headers=headers).status_code == 406
 
 
 def test_a_missing_boundary_is_400(site: Site) -> None:
