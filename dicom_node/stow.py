@@ -173,8 +173,9 @@ def request_status(results: Sequence[PartResult]) -> int:
 
     >>> ok = PartResult("1.2", "1.2.3", "1.2.4", 0)
     >>> bad = PartResult("", "", None, 0xC000, reason="x")
-    >>> request_status([ok]), request_status([ok, bad]), request_status([bad])
-    (200, 202, 409)
+    >>> full = PartResult("1.2", "1.2.5", "1.2.4", 0xA700, reason="out of resources")
+    >>> [request_status(r) for r in ([ok], [ok, bad], [bad], [full], [bad, full])]
+    [200, 202, 409, 503, 409]
     """
     failed = [r for r in results if r.failed]
     if not failed:

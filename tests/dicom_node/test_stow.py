@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import secrets
+import socket
 import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -262,6 +263,28 @@ def test_a_truncated_multipart_body_is_400_and_nothing_is_stored(site: Site) -> 
     assert site.store.instances(images[0].StudyInstanceUID) == []
     assert list(site.spool.tmp_dir.iterdir()) == []
     assert site.received() == []
+
+
+def test_a_connection_cut_inside_the_body_is_400_and_nothing_is_stored(site: Site) -> None:
+    """The sender announces the whole body, sends half and stops sending."""
+    images = study(2)
+    body = multipart([("application/dicom", part10(ds)) for ds in images])
+    port = site.server.port
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        head = (
+            f"POST /dicom-web/studies HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: {RELATED}\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        sock.sendall(head.encode() + body[: len(body) // 2])
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith((b"HTTP/1.0 400", b"HTTP/1.1 400")), answer[:80]
+    assert b"cut off" in answer
+    assert site.spooled() == []
+    assert site.store.instances(images[0].StudyInstanceUID) == []
+    assert list(site.spool.tmp_dir.iterdir()) == []
 
 
 def test_hostile_parts_fail_with_their_reason_and_good_parts_are_stored(
