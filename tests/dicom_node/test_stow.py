@@ -28,7 +28,14 @@ from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian
 
 from dicom_node import statuses
 from dicom_node.spool import Spool, dataset_offset
-from dicom_node.stow import STOW_CALLING_AE, STUDY_MISMATCH, StowReceiver
+from dicom_node.stow import (
+    STOW_CALLING_AE,
+    STUDY_MISMATCH,
+    PartResult,
+    StowReceiver,
+    request_status,
+    store_response,
+)
 from dicom_node.studies import StudyStore
 from observability import metrics
 from observability.audit import AuditLog, ListenerAudit, read_audit
@@ -440,3 +447,19 @@ def test_a_verified_client_certificate_holds_the_ingest_role(
     assert requests.get(f"{site.url}/metrics", verify=verify, cert=client_cert).status_code == 401
     assert [e["user"] for e in site.received()] == ["d2r-test-ca-client"]
     assert json.loads(rsp.content)  # the store response is JSON
+
+
+# ------------------------------------------------------------------------- pure parts
+def test_request_status_and_store_response() -> None:
+    ok = PartResult("1.2.840.10008.5.1.4.1.1.1.1", "1.2.3.1", "1.2.3", statuses.SUCCESS, "stored")
+    warned = PartResult("1.2.840.10008.5.1.4.1.1.1.1", "1.2.3.2", "1.2.3", 0xB000, "stored")
+    bad = PartResult("", "", None, statuses.CANNOT_UNDERSTAND, reason="not DICOM")
+    full = PartResult("1.2.840.10008.5.1.4.1.1.1.1", "1.2.3.3", "1.2.3", 0xA700, reason="full")
+    cases = [[ok], [ok, warned], [ok, bad], [bad], [full], [bad, full], [ok, full]]
+    assert [request_status(c) for c in cases] == [200, 202, 202, 409, 503, 409, 202]
+    answer = store_response([ok, warned, bad, full])
+    assert referenced(answer) == ["1.2.3.1", "1.2.3.2"]
+    assert failures(answer) == {"": statuses.CANNOT_UNDERSTAND, "1.2.3.3": 0xA700}
+    items = answer[REFERENCED_SOP]["Value"]
+    assert "00081196" not in items[0] and items[1]["00081196"]["Value"] == [0xB000]
+    assert store_response([]) == {}
