@@ -272,14 +272,15 @@ def _read_parts(
                 raise StowRefused(413, f"body over {max_bytes} bytes")
             for event in parser.parse(chunk):
                 if isinstance(event, MultipartSegment):
-                    media = (event.content_type or "").lower()
+                    # a part without Content-Type has the request's type (RFC 2387 "type")
+                    media = (event.content_type or "application/dicom").lower()
                     data = None
                     if media == "application/dicom":
                         # closed by _Request.close(), whatever happens next
                         data = tempfile.SpooledTemporaryFile(  # noqa: SIM115
                             IN_MEMORY_PART_BYTES, dir=str(spool.tmp_dir)
                         )
-                    current = _Part(media or "(none)", data)
+                    current = _Part(media, data)
                     request.parts.append(current)
                 elif event is None:
                     current = None
