@@ -340,10 +340,11 @@ class ObservabilityServer:
         )
         self._thread.start()
         logger.info(
-            "HTTP endpoint on %s://%s:%d/ (metrics, healthz, readyz); credentials %s",
+            "HTTP endpoint on %s://%s:%d/ (metrics, healthz, readyz%s); credentials %s",
             "https" if self.tls else "http",
             self.host,
             self.port,
+            ", STOW-RS at /dicom-web/studies" if self.ingest is not None else "",
             "required" if self.auth.required else "not required (loopback)",
         )
         return self
