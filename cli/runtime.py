@@ -62,8 +62,12 @@ def start_http(
     health: Mapping[str, Callable[[], None]],
     ready: Mapping[str, Callable[[], None]],
     store: Any = None,
+    ingest: Any = None,
 ) -> Any:
-    """Start the HTTP endpoint of ``D2R_HTTP_HOST:D2R_HTTP_PORT``; None when the port is 0."""
+    """Start the HTTP endpoint of ``D2R_HTTP_HOST:D2R_HTTP_PORT``; None when the port is 0.
+
+    ``ingest`` is the STOW-RS receiver of the node (``/dicom-web/``), if it runs one.
+    """
     from dicom_node.settings import ConfigError
     from observability.auth import Authenticator, FailureLimiter
     from observability.http import ObservabilityServer, StatusPages, tls_context
@@ -82,7 +86,7 @@ def start_http(
         proxy_roles=obs.http_proxy_roles,
         limiter=FailureLimiter(obs.http_auth_max_failures, obs.http_auth_window_seconds),
     )
-    if auth.required and not auth.has_credentials:
+    if auth.required and not auth.has_credentials and obs.http_tls_ca is None:
         logger.warning(
             "HTTP endpoint on %s needs credentials but none are configured: only /healthz and "
             "/readyz answer; set D2R_HTTP_TOKENS_FILE, D2R_HTTP_USERS_FILE or "
@@ -92,7 +96,7 @@ def start_http(
     tls = None
     if obs.http_tls_cert is not None and obs.http_tls_key is not None:
         try:
-            tls = tls_context(obs.http_tls_cert, obs.http_tls_key)
+            tls = tls_context(obs.http_tls_cert, obs.http_tls_key, obs.http_tls_ca)
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             raise ConfigError(
                 "D2R_HTTP_TLS_CERT", f"cannot load certificate and key: {exc}"
@@ -106,6 +110,7 @@ def start_http(
         pages=None if store is None else StatusPages(store, show_phi=obs.status_page_phi),
         auth=auth,
         tls=tls,
+        ingest=ingest,
     )
     try:
         return server.start()
@@ -168,6 +173,7 @@ def run_node(
     from dicom_node.assembler import Assembler, AssemblerConfig
     from dicom_node.scp import AssociationStudies, start_server
     from dicom_node.spool import Spool
+    from dicom_node.stow import StowReceiver
     from dicom_node.studies import InstanceRecord, StudyStore
     from observability import metrics
     from observability.audit import STUDY_FAILED, AuditLog, ListenerAudit
@@ -242,6 +248,10 @@ def run_node(
         )
 
     listener_audit = ListenerAudit(audit)
+
+    def released() -> None:
+        assembler.wake_after(node.study_release_grace_seconds + 0.05)
+
     server = start_server(
         node,
         spool,
@@ -249,10 +259,15 @@ def run_node(
         block=False,
         extra_handlers=listener_audit.handlers(),
         on_rejected=association_rejected(audit),
-        associations=AssociationStudies(
-            store,
-            on_released=lambda: assembler.wake_after(node.study_release_grace_seconds + 0.05),
-        ),
+        associations=AssociationStudies(store, on_released=released),
+    )
+    stow = StowReceiver(
+        spool,
+        store,
+        ledger=store,
+        max_bytes=node.stow_max_bytes,
+        on_released=released,
+        on_instance=listener_audit.stow_instance,
     )
     assert server is not None
     queues = QueueDepthCollector(
@@ -281,6 +296,7 @@ def run_node(
             **(extra_ready or {}),
         },
         store=store,
+        ingest=stow,
     )
     logger.info(
         "listening as %s on %s:%d; spool %s; broker %s",

@@ -280,6 +280,8 @@ class NodeSettings:
     tls: TlsSettings = TlsSettings()
     #: delete a finished study's spooled files this long after it finished (0: keep forever)
     spool_retention_hours: float = 72.0
+    #: largest STOW-RS request body accepted (413 beyond)
+    stow_max_bytes: int = 2 * GIB
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> NodeSettings:
@@ -345,6 +347,9 @@ class NodeSettings:
             tls=tls,
             spool_retention_hours=env_setting(
                 env, "D2R_SPOOL_RETENTION_HOURS", d.spool_retention_hours, non_negative_float
+            ),
+            stow_max_bytes=env_setting(
+                env, "D2R_STOW_MAX_BYTES", d.stow_max_bytes, int_at_least(1024)
             ),
         )
 

@@ -9,7 +9,9 @@ it); each line is written with a single ``write()`` and never rewritten. Three k
 ``received``
     ``sop_instance_uid``, ``study_instance_uid``, ``sop_class_uid``, ``calling_ae_title``,
     ``peer_address``, ``outcome`` (stored, duplicate, conflict, rejected, failed), ``status``
-    (the DIMSE status answered, ``0x0000``), ``reason``.
+    (the DIMSE status answered, ``0x0000``), ``reason``. An instance stored over STOW-RS has
+    ``calling_ae_title`` ``STOW-RS``, its status is the part's FailureReason (or ``0x0000``),
+    and ``user`` names the authenticated sender.
 ``sent``
     ``sop_instance_uid``, ``study_instance_uid``, ``sop_class_uid``, ``destination``, ``status``
     (the peer's DIMSE status, or null when none came back), ``error``.
@@ -289,6 +291,30 @@ class ListenerAudit:
         assoc = threading.current_thread()
         with self._lock:
             self._instances[(id(assoc), sop_uid)] = fields
+
+    def stow_instance(self, result: Any, client: str, user: str) -> None:
+        """One part of a STOW-RS request answered (a :class:`dicom_node.stow.PartResult`).
+
+        Counted and audited as a C-STORE response: a ``received`` line with ``calling_ae_title``
+        ``STOW-RS``, the client address and the authenticated ``user``.
+        """
+        from dicom_node import statuses
+
+        failed = statuses.is_failure(result.status)
+        self._metrics.observe_store_response(result.status, None if failed else result.outcome)
+        if self.audit is not None:
+            self.audit.try_record(
+                RECEIVED,
+                sop_instance_uid=result.sop_instance_uid,
+                study_instance_uid=result.study_instance_uid,
+                sop_class_uid=result.sop_class_uid,
+                calling_ae_title="STOW-RS",
+                peer_address=client,
+                user=user,
+                outcome=("rejected" if failed else result.outcome) or "stored",
+                status=f"0x{result.status:04X}",
+                reason=result.reason,
+            )
 
     def recorder(self, store: Any) -> AuditingRecorder:
         """Wrap ``store`` (a :class:`~dicom_node.studies.StudyStore`) for the C-STORE handler."""

@@ -18,6 +18,8 @@ Credentials, checked in this order:
   ``NAME:ROLE[,ROLE...]:scrypt$...`` written by ``d2r http-user`` (:func:`hash_password`).
 * The user header of a trusted reverse proxy (``D2R_HTTP_PROXY_HEADER``), taken only from a peer
   address in ``D2R_HTTP_TRUSTED_PROXIES``; such a user gets ``D2R_HTTP_PROXY_ROLES``.
+* On HTTPS with ``D2R_HTTP_TLS_CA``, a TLS client certificate the handshake verified against
+  that CA: its subject holds the ``ingest`` role only (a sender posting STOW-RS).
 
 Both files are re-read when they change. A wrong credential counts against the client address;
 after ``max_failures`` within ``window`` seconds that address gets 429 until the window passes.
@@ -141,7 +143,7 @@ class Principal:
 
     name: str
     roles: frozenset[str]
-    method: str  # token, basic, proxy or local
+    method: str  # token, basic, proxy, certificate or local
 
 
 def _token_digest(token: str) -> bytes:
@@ -385,14 +387,25 @@ class Authenticator:
             return None, "untrusted_proxy"  # a trusted proxy's header was taken in decide()
         return None, "no_credential"
 
-    def decide(self, route: str, client: str, headers: Mapping[str, str]) -> Decision:
+    def decide(
+        self,
+        route: str,
+        client: str,
+        headers: Mapping[str, str],
+        *,
+        certificate: str | None = None,
+    ) -> Decision:
         """The decision for a request of ``route`` from peer address ``client``.
 
-        ``headers`` has lower-case names.
+        ``headers`` has lower-case names. ``certificate`` names the subject of a TLS client
+        certificate the handshake verified against ``D2R_HTTP_TLS_CA``: it holds the
+        ``ingest`` role (and no other).
         """
         role = required_role(route)
         if role is None or not self.required:
             return Decision(200, LOCAL)
+        if certificate is not None and role == "ingest":
+            return Decision(200, Principal(certificate, frozenset({"ingest"}), "certificate"))
         user = headers.get(self.proxy_header.lower(), "").strip()
         if user and self._trusted(client):
             # The proxy authenticated the user (whatever Authorization it passes on), and all its

@@ -16,7 +16,7 @@ path                       answer
 ``/``                      recent studies (node and ``serve`` only)
 ``/studies/<uid>``         one study: timings, report text, deliveries, event timeline
 ``/studies/<uid>/preview.png``  the frontal image with the predicted boxes
-``/dicom-web/...``         the STOW-RS receiver (role ``ingest``; 404 until it is installed)
+``/dicom-web/...``         the STOW-RS receiver (role ``ingest``; 404 unless the node installs it)
 =========================  =====================================================================
 
 ``/healthz`` and ``/readyz`` answer ``{"status": "ok"|"fail", "checks": {name: "ok"|error}}``.
@@ -32,33 +32,146 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 from observability.auth import Authenticator, Decision, required_role
 from observability.settings import ObservabilitySettings, is_loopback
 
 __all__ = [
+    "BodyError",
     "Check",
+    "ChunkedBody",
+    "IngestHandler",
+    "LengthBody",
     "ObservabilityServer",
     "ObservabilitySettings",
     "StatusPages",
+    "certificate_name",
     "run_checks",
     "tls_context",
 ]
 
 logger = logging.getLogger(__name__)
 
+#: Most bytes of an unread request body read and dropped before a refusal is answered.
+DRAIN_BYTES = 16 * 1024 * 1024
 #: A health or readiness check: returns normally when fine, raises (any exception) when not.
 Check = Callable[[], None]
 
 
-def tls_context(cert: Any, key: Any) -> ssl.SSLContext:
-    """A server context for HTTPS: TLS 1.2 or newer, the certificate chain and its key."""
+def tls_context(cert: Any, key: Any, ca: Any = None) -> ssl.SSLContext:
+    """A server context for HTTPS: TLS 1.2 or newer, the certificate chain and its key.
+
+    With ``ca`` a client certificate is asked for and, when presented, verified against it
+    (a client without one still connects and authenticates otherwise).
+    """
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(str(cert), str(key))
+    if ca is not None:
+        context.load_verify_locations(cafile=str(ca))
+        context.verify_mode = ssl.CERT_OPTIONAL
     return context
+
+
+def certificate_name(connection: Any) -> str | None:
+    """The subject common name of the verified client certificate of ``connection``, if any."""
+    if not isinstance(connection, ssl.SSLSocket):
+        return None
+    try:
+        cert = connection.getpeercert()
+    except (ValueError, OSError):
+        return None
+    if not cert:  # none presented (a presented one that fails verification fails the handshake)
+        return None
+    subject: Any = cert.get("subject", ())
+    for rdn in subject:
+        for key, value in rdn:
+            if key == "commonName" and value:
+                return str(value)
+    return "certificate"
+
+
+class IngestHandler(Protocol):
+    """The STOW-RS receiver the node installs for ``/dicom-web/`` routes.
+
+    Called with the method, the route, the lower-case headers, the de-framed body, the client
+    address and the authenticated user's name; returns (status, content type, body).
+    """
+
+    def __call__(
+        self,
+        method: str,
+        route: str,
+        headers: Mapping[str, str],
+        body: Any,
+        client: str,
+        user: str,
+    ) -> tuple[int, str, bytes]: ...
+
+
+class BodyError(ValueError):
+    """A request body that breaks its own framing (chunk sizes, early end)."""
+
+
+class LengthBody:
+    """A body of ``Content-Length`` bytes: ``read`` returns b"" at its end; raises
+    :class:`BodyError` when the connection ends first."""
+
+    def __init__(self, stream: Any, length: int) -> None:
+        self._stream = stream
+        self._left = length
+
+    def read(self, size: int = -1, /) -> bytes:
+        if self._left <= 0:
+            return b""
+        want = self._left if size < 0 else min(size, self._left)
+        data = self._stream.read(want)
+        if not data:
+            raise BodyError(f"body ended {self._left} bytes early")
+        self._left -= len(data)
+        return bytes(data)
+
+
+class ChunkedBody:
+    """A ``Transfer-Encoding: chunked`` body (RFC 9112 7.1), de-chunked as it is read."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._left = 0
+        self._done = False
+
+    def _line(self) -> bytes:
+        line = self._stream.readline(4098)
+        if not line.endswith(b"\n"):
+            raise BodyError("chunked body cut off")
+        return bytes(line)
+
+    def read(self, size: int = -1, /) -> bytes:
+        if self._done:
+            return b""
+        if self._left == 0:
+            text = self._line().split(b";", 1)[0].strip()
+            try:
+                self._left = int(text, 16)
+            except ValueError:
+                raise BodyError("invalid chunk size") from None
+            if self._left < 0:
+                raise BodyError("invalid chunk size")
+            if self._left == 0:
+                while self._line().strip():  # trailer fields, then the empty line
+                    pass
+                self._done = True
+                return b""
+        want = self._left if size < 0 else min(size, self._left)
+        data = self._stream.read(want)
+        if not data:
+            raise BodyError("chunked body cut off")
+        self._left -= len(data)
+        if self._left == 0 and self._line().strip():
+            raise BodyError("chunk not followed by CRLF")
+        return bytes(data)
 
 
 def run_checks(checks: Mapping[str, Check]) -> tuple[bool, dict[str, str]]:
@@ -179,6 +292,9 @@ class ObservabilityServer:
         ``host`` is loopback.
     tls : ssl.SSLContext, optional
         Serve HTTPS with this context (:func:`tls_context`).
+    ingest : IngestHandler, optional
+        The STOW-RS receiver for ``/dicom-web/`` routes (role ``ingest``); without it they
+        answer 404.
     """
 
     def __init__(
@@ -192,8 +308,10 @@ class ObservabilityServer:
         pages: StatusPages | None = None,
         auth: Authenticator | None = None,
         tls: ssl.SSLContext | None = None,
+        ingest: IngestHandler | None = None,
     ) -> None:
         self.host = host
+        self.ingest = ingest
         self.auth = auth or Authenticator(required=not is_loopback(host))
         self.tls = tls
         self.requested_port = port
@@ -222,10 +340,11 @@ class ObservabilityServer:
         )
         self._thread.start()
         logger.info(
-            "HTTP endpoint on %s://%s:%d/ (metrics, healthz, readyz); credentials %s",
+            "HTTP endpoint on %s://%s:%d/ (metrics, healthz, readyz%s); credentials %s",
             "https" if self.tls else "http",
             self.host,
             self.port,
+            ", STOW-RS at /dicom-web/studies" if self.ingest is not None else "",
             "required" if self.auth.required else "not required (loopback)",
         )
         return self
@@ -314,15 +433,21 @@ def _handler_class(owner: ObservabilityServer) -> type[BaseHTTPRequestHandler]:
             route = urlsplit(self.path).path
             client = str(self.client_address[0])
             headers = {k.lower(): v for k, v in self.headers.items()}
-            decision = owner.auth.decide(route, client, headers)
+            decision = owner.auth.decide(
+                route, client, headers, certificate=certificate_name(self.connection)
+            )
             if decision.status != 200:
                 owner.refused(method, route, client, decision)
+                self.close_connection = True  # an unread body must not be taken for a request
+                self._drain(self._body(headers))
                 self._refuse(decision)
                 return
-            if method != "GET":
-                # The STOW-RS receiver is not installed yet; nothing else takes a body.
-                status = 404 if required_role(route) == "ingest" else 405
-                self._send(status, "application/json", b'{"status": "not supported"}')
+            if required_role(route) == "ingest":
+                self._ingest(method, route, client, headers, decision)
+                return
+            if method != "GET":  # nothing else takes a body
+                self.close_connection = True
+                self._send(405, "application/json", b'{"status": "not supported"}')
                 return
             try:
                 status, content_type, body = owner.handle(self.path)
@@ -330,6 +455,53 @@ def _handler_class(owner: ObservabilityServer) -> type[BaseHTTPRequestHandler]:
                 logger.exception("HTTP GET %s failed", route)
                 status, content_type, body = 500, "application/json", b'{"status": "error"}'
             self._send(status, content_type, body)
+
+        def _ingest(
+            self,
+            method: str,
+            route: str,
+            client: str,
+            headers: dict[str, str],
+            decision: Decision,
+        ) -> None:
+            """A ``/dicom-web/`` request: the body is de-framed here, answered by the receiver.
+
+            The connection is closed after the answer: a refused body may be left unread.
+            """
+            self.close_connection = True
+            if owner.ingest is None:
+                self._send(404, "application/json", b'{"status": "not found"}')
+                return
+            body = self._body(headers)
+            user = decision.principal.name if decision.principal else "anonymous"
+            try:
+                status, content_type, payload = owner.ingest(
+                    method, route, headers, body, client, user
+                )
+            except Exception:
+                logger.exception("HTTP %s %s failed", method, route)
+                status, content_type, payload = 500, "application/json", b'{"status": "error"}'
+            self._drain(body)
+            extra = [("Connection", "close")]
+            if status == 503:
+                extra.append(("Retry-After", "60"))
+            self._send(status, content_type, payload, extra)
+
+        def _body(self, headers: dict[str, str]) -> LengthBody | ChunkedBody:
+            if "chunked" in headers.get("transfer-encoding", "").lower():
+                return ChunkedBody(self.rfile)
+            length = headers.get("content-length", "0").strip()
+            return LengthBody(self.rfile, int(length) if length.isdigit() else 0)
+
+        def _drain(self, body: LengthBody | ChunkedBody) -> None:
+            """Read what is left of a refused body (up to :data:`DRAIN_BYTES`), so that closing
+            the connection does not reset it before the client has read the answer."""
+            left = DRAIN_BYTES
+            try:
+                while left > 0 and (chunk := body.read(min(left, 1 << 16))):
+                    left -= len(chunk)
+            except (OSError, ValueError):
+                pass
 
         def _refuse(self, decision: Decision) -> None:
             headers = []

@@ -28,6 +28,9 @@ variable                  default                    meaning
 ``D2R_HTTP_AUTH_WINDOW_SECONDS``  ``60``             ... within this window before 429
 ``D2R_HTTP_TLS_CERT``     (none)                     PEM certificate (chain): serve HTTPS
 ``D2R_HTTP_TLS_KEY``      (none)                     its private key (set both or neither)
+``D2R_HTTP_TLS_CA``       (none)                     PEM CA bundle: verify TLS client certificates;
+                                                     a verified one holds the ``ingest`` role
+                                                     (STOW-RS senders); needs the two above
 ========================  =========================  =============================================
 
 Roles and routes: :mod:`observability.auth`.
@@ -145,6 +148,7 @@ class ObservabilitySettings:
     http_auth_window_seconds: float = 60.0
     http_tls_cert: Path | None = None
     http_tls_key: Path | None = None
+    http_tls_ca: Path | None = None
 
     @property
     def http_auth_required(self) -> bool:
@@ -171,6 +175,11 @@ class ObservabilitySettings:
             missing = "D2R_HTTP_TLS_KEY" if tls_key is None else "D2R_HTTP_TLS_CERT"
             raise ConfigError(
                 missing, "D2R_HTTP_TLS_CERT and D2R_HTTP_TLS_KEY must be set together"
+            )
+        tls_ca = env_setting(env, "D2R_HTTP_TLS_CA", None, _existing_path)
+        if tls_ca is not None and tls_cert is None:
+            raise ConfigError(
+                "D2R_HTTP_TLS_CA", "needs D2R_HTTP_TLS_CERT and D2R_HTTP_TLS_KEY (HTTPS)"
             )
         return cls(
             http_host=env_setting(env, "D2R_HTTP_HOST", d.http_host, str),
@@ -206,4 +215,5 @@ class ObservabilitySettings:
             ),
             http_tls_cert=tls_cert,
             http_tls_key=tls_key,
+            http_tls_ca=tls_ca,
         )

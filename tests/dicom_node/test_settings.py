@@ -24,6 +24,7 @@ def test_defaults() -> None:
     assert (s.max_pdu, s.max_associations) == (131072, 10)
     assert (s.acse_timeout, s.dimse_timeout, s.network_timeout) == (30, 60, 60)
     assert (s.send_retries, s.send_retry_delay, s.min_free_bytes) == (5, 30, 1024**3)
+    assert s.stow_max_bytes == 2 * 1024**3
 
 
 def test_values_are_parsed() -> None:
@@ -36,9 +37,11 @@ def test_values_are_parsed() -> None:
             "D2R_MAX_PDU": "0",
             "D2R_SEND_RETRY_DELAY": "3",
             "D2R_MIN_FREE_BYTES": "0",
+            "D2R_STOW_MAX_BYTES": "1048576",
         }
     )
     assert s.ae_title == "CXR_AI"
+    assert s.stow_max_bytes == 1048576
     assert s.port == 104
     assert s.database_url == "sqlite:////srv/d2r/d2r.db"
     assert s.study_quiet_seconds == 2.5
@@ -68,6 +71,8 @@ def test_values_are_parsed() -> None:
         ("D2R_SEND_RETRIES", "1.5"),
         ("D2R_SEND_RETRY_DELAY", "-3"),
         ("D2R_MIN_FREE_BYTES", "1GB"),
+        ("D2R_STOW_MAX_BYTES", "0"),
+        ("D2R_STOW_MAX_BYTES", "2GiB"),
     ],
 )
 def test_invalid_value_names_the_setting(setting: str, value: str) -> None:

@@ -141,7 +141,7 @@ ROUTES = [
     ("/", "viewer", 200),
     ("/studies/{uid}", "viewer", 200),
     ("/studies/{uid}/preview.png", "viewer", 200),
-    ("/dicom-web/studies", "ingest", 404),  # the STOW-RS receiver is not installed yet
+    ("/dicom-web/studies", "ingest", 404),  # no STOW-RS receiver installed on this site
 ]
 
 
@@ -283,9 +283,11 @@ def test_settings(tmp_path: Path) -> None:
             "D2R_HTTP_PROXY_ROLES": "viewer,ingest",
             "D2R_HTTP_TLS_CERT": str(pki.server.cert),
             "D2R_HTTP_TLS_KEY": str(pki.server.key),
+            "D2R_HTTP_TLS_CA": str(pki.ca),
         }
     )
     assert s.http_auth_required and s.http_proxy_roles == {"viewer", "ingest"}
+    assert s.http_tls_ca == pki.ca
     assert not ObservabilitySettings.from_env({}).http_auth_required  # loopback by default
     assert ObservabilitySettings.from_env({"D2R_HTTP_AUTH": "required"}).http_auth_required
     assert ObservabilitySettings.from_env({"D2R_HTTP_HOST": "::1"}).http_auth_required is False
@@ -293,6 +295,8 @@ def test_settings(tmp_path: Path) -> None:
     bad_tokens.write_text("prom scraper 0123456789abcdef0123\n")
     for env, setting in [
         ({"D2R_HTTP_TLS_CERT": str(pki.server.cert)}, "D2R_HTTP_TLS_KEY"),
+        ({"D2R_HTTP_TLS_CA": str(pki.ca)}, "D2R_HTTP_TLS_CA"),  # needs HTTPS
+        ({"D2R_HTTP_TLS_CA": str(tmp_path / "missing")}, "D2R_HTTP_TLS_CA"),
         ({"D2R_HTTP_TOKENS_FILE": str(bad_tokens)}, "D2R_HTTP_TOKENS_FILE"),
         ({"D2R_HTTP_TOKENS_FILE": str(tmp_path / "missing")}, "D2R_HTTP_TOKENS_FILE"),
         ({"D2R_HTTP_USERS_FILE": str(tokens_file)}, "D2R_HTTP_USERS_FILE"),

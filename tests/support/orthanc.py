@@ -73,6 +73,7 @@ def build_config(
     modalities: Mapping[str, tuple[str, str, int]],
     dicomweb_plugin: Path | None,
     max_pdu: int | None,
+    dicomweb_servers: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Return the Orthanc configuration for a loopback test server.
 
@@ -90,6 +91,9 @@ def build_config(
         Path of the DICOMweb plugin to load, or None for no plugin at all.
     max_pdu
         Maximum PDU length Orthanc announces, or None for its default.
+    dicomweb_servers
+        Remote DICOMweb servers of the plugin (``DicomWeb.Servers``), name -> its settings
+        (``Url``, ``HttpHeaders``, ...); targets of ``POST /dicom-web/servers/{name}/stow``.
     """
     storage = str(workdir / "db")
     config: dict[str, Any] = {
@@ -135,6 +139,7 @@ def build_config(
             "Ssl": False,
             "StudiesMetadata": "Full",
             "SeriesMetadata": "Full",
+            "Servers": {name: dict(server) for name, server in (dicomweb_servers or {}).items()},
         }
     return config
 
@@ -157,6 +162,8 @@ class OrthancServer:
         Maximum PDU length, or None for Orthanc's default (16384).
     dicom_port
         A fixed DICOM port (e.g. to bring a "PACS" back where it was); free port otherwise.
+    dicomweb_servers
+        Remote DICOMweb servers for the plugin (see :func:`build_config`).
     """
 
     def __init__(
@@ -168,6 +175,7 @@ class OrthancServer:
         dicomweb: bool = False,
         max_pdu: int | None = None,
         dicom_port: int | None = None,
+        dicomweb_servers: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         if not aet or len(aet) > 16:
             raise ValueError(f"aet must be 1 to 16 characters, got {aet!r}")
@@ -176,6 +184,7 @@ class OrthancServer:
         self.modalities = dict(modalities or {})
         self.dicomweb = dicomweb
         self.max_pdu = max_pdu
+        self.dicomweb_servers = dict(dicomweb_servers or {})
         self.http_port = 0
         self.dicom_port = 0
         self._fixed_dicom_port = dicom_port
@@ -227,6 +236,7 @@ class OrthancServer:
             modalities=self.modalities,
             dicomweb_plugin=plugin,
             max_pdu=self.max_pdu,
+            dicomweb_servers=self.dicomweb_servers,
         )
         self.config_path.write_text(json.dumps(config, indent=2))
         with self.log_path.open("ab") as log:
