@@ -128,3 +128,41 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+class Hl7Receiver:
+    """Test-side handle of a receiver process: start, answer mode, what it received."""
+
+    def __init__(self, folder: Path, port: int, *, tls: tuple[Path, Path] | None = None) -> None:
+        self.folder = folder
+        self.port = port
+        self.tls = tls
+        self.process: Any = None
+
+    def start(self) -> Hl7Receiver:
+        from tests.support.processes import Process, base_env, wait_port
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "tests.support.hl7_receiver", "--port", str(self.port)]
+        cmd += ["--folder", str(self.folder)]
+        if self.tls is not None:
+            cmd += ["--tls", str(self.tls[0]), str(self.tls[1])]
+        self.process = Process(cmd, env=base_env(), log=self.folder / "receiver.log")
+        wait_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
+
+    def answer(self, mode: str) -> None:
+        """What to answer from now on (see the module docstring)."""
+        (self.folder / "mode").write_text(mode)
+
+    def received(self) -> list[str]:
+        """The messages received so far, oldest first."""
+        folder = self.folder / "received"
+        if not folder.exists():
+            return []
+        return [p.read_bytes().decode("utf-8") for p in sorted(folder.glob("*.hl7"))]
