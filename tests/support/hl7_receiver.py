@@ -158,6 +158,7 @@ class Hl7Receiver:
 
     def answer(self, mode: str) -> None:
         """What to answer from now on (see the module docstring)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "mode").write_text(mode)
 
     def received(self) -> list[str]:
