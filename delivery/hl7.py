@@ -286,18 +286,24 @@ def _patient(pid: Segment, header: Dataset) -> None:
         _set_components(cx.cx_4, "hd", (issuer, *universal))
     if type_code := _text(qualifier, "IdentifierTypeCode"):
         _put(cx, "cx_5", type_code)
-    _name(pid, header.get("PatientName"))
+    _name(pid, _name_groups(header))
     if birth := _dtm(_text(header, "PatientBirthDate")):
         pid.pid_7 = birth
     if sex := _SEX.get(_text(header, "PatientSex").upper()):
         pid.pid_8 = sex
 
 
-def _name(pid: Segment, value: object) -> None:
+def _name_groups(header: Dataset) -> list[str]:
+    """The PatientName's groups (alphabetic, ideographic, phonetic), ``[]`` when empty."""
+    value = header.get("PatientName")
+    if value is None:
+        return []
+    groups = [str(group) for group in PersonName(str(value)).components]
+    return groups if any(groups) else []
+
+
+def _name(pid: Segment, groups: list[str]) -> None:
     """PID-5: DICOM PN groups -> XPN repetitions (family^given^middle^suffix^prefix)."""
-    name = PersonName(value) if value is not None and not isinstance(value, PersonName) else value
-    groups = [] if name is None else [str(g) for g in name.components]
-    groups = groups if any(groups) else []
     for index, group in enumerate(groups):
         if not group:
             continue
@@ -479,7 +485,7 @@ def _observations(obs: _Observations, study_uid: str, content: ReportContent) ->
 
 def encode(message: Message) -> bytes:
     """The message's bytes: UTF-8 when MSH-18 says so, else ASCII (the HL7 default)."""
-    text = message.to_er7()
+    text = str(message.to_er7())
     charset = message.msh.msh_18.to_er7()
     return text.encode("utf-8" if charset == _UTF8 else "ascii")
 
@@ -557,12 +563,8 @@ def patient_identifiers(header: Dataset) -> list[str]:
         _text(header, keyword)
         for keyword in ("PatientID", "IssuerOfPatientID", "PatientBirthDate", "AccessionNumber")
     ]
-    name = header.get("PatientName")
-    if name is not None:
-        for group in (
-            PersonName(name).components if not isinstance(name, PersonName) else (name.components)
-        ):
-            values += str(group).split("^")
+    for group in _name_groups(header):
+        values += group.split("^")
     return [v.strip() for v in values if v and v.strip()]
 
 

@@ -138,7 +138,7 @@ def test_ris_down_then_up_gets_the_oru_after_visible_retries(
         assert len([r for r in sent if r.get("error")]) >= 2  # the failed attempts
         assert _deliveries(worker_http, "sent") == 1
         assert _deliveries(worker_http, "transient") >= 2
-        log = "".join(w.log_tail(10**7) for w in s.workers) + (s.node.log_tail(10**7) or "")
+        log = "".join(p.log_tail(10**7) for p in [*s.workers, s.node] if p is not None)
         assert FAMILY not in log and GIVEN not in log
     finally:
         ris.stop()

@@ -98,7 +98,7 @@ class OruHandler(AbstractHandler):  # type: ignore[misc]
                 err.err_3 = f"{error}^{ERROR_TEXT.get(error, 'Error')}^HL70357"
             err.err_4 = "E"
             err.err_8 = f"order unknown for {family}"
-        return "\x0b" + ack.to_er7() + "\x1c\r"
+        return f"\x0b{ack.to_er7()}\x1c\r"
 
 
 def main(argv: list[str] | None = None) -> int:
