@@ -412,7 +412,7 @@ def build_oru(
             "run `d2r retry --reprocess` to report the study again"
         )
     header = results.reports[0]
-    stamp = (now or datetime.datetime.now(datetime.UTC)).astimezone()
+    stamp = now or datetime.datetime.now().astimezone()  # local time with its UTC offset
     when = stamp.strftime("%Y%m%d%H%M%S%z")
     try:
         message = Message("ORU_R01", version=VERSION, validation_level=_STRICT)

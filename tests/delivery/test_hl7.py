@@ -328,3 +328,12 @@ def test_ack_text_is_recorded_without_patient_identifiers() -> None:
     assert "has no order" in text
     for secret in ("Müller", "müller", "PAT-0001", "19700102", "ACC-42"):
         assert secret not in text
+
+
+def test_operations_sample_is_what_d2r_sends() -> None:
+    from tests.support.hl7_sample import sample
+    from tests.support.processes import REPO
+
+    docs = (REPO / "docs" / "operations.md").read_text(encoding="utf-8")
+    block = docs.split("<!-- hl7-sample -->\n```text\n", 1)[1].split("\n```", 1)[0]
+    assert block == sample().rstrip("\n")

@@ -18,17 +18,14 @@ from hl7apy.parser import parse_message
 from pydicom.dataset import Dataset
 
 from delivery import DeliverySettings, open_destination
-from delivery.content import FindingBox, ReportContent
 from delivery.destinations import MllpPeer, StudyResults
 from delivery.dimse import SendOptions
 from delivery.errors import PermanentSendError, TransientSendError
 from delivery.hl7 import Hl7Destination, build_oru, control_id, unescape
 from dicom_node.settings import TlsSettings
-from report.build import AlgorithmInfo, LesionFinding, build_reports
-from report.build import ReportContent as SrContent
 from tests.security.tls_ca import Pki, make_test_ca
-from tests.support.dicom_files import make_dx
 from tests.support.hl7_receiver import Hl7Receiver
+from tests.support.hl7_sample import phantom_results
 from tests.support.processes import free_port
 
 pytestmark = pytest.mark.integration
@@ -37,38 +34,9 @@ FAMILY, GIVEN = "Müller", "Zoë"
 SEPARATORS = "Effusion | small ^ left ~ base \\ costophrenic & angle."
 
 
-def phantom_results(
-    *, findings: str = SEPARATORS + "\nNo pneumothorax.", when: datetime.datetime | None = None
-) -> StudyResults:
-    """A synthetic DX study reported by real SR construction, as the worker leaves it."""
-    image = make_dx(None, seed=7)
-    image.SpecificCharacterSet = "ISO_IR 192"
-    image.PatientName = f"{FAMILY}^{GIVEN}"
-    image.PatientID = "PHANTOM-0007"
-    image.PatientBirthDate = "19800229"
-    image.PatientSex = "F"
-    lesions = [LesionFinding("Pleural effusion", 0.62, (20.0, 150.0, 90.0, 220.0))]
-    impression = "Small left pleural effusion."
-    srs = build_reports(
-        SrContent(findings, impression, lesions, image),
-        AlgorithmInfo("d2r-net", "3.1.0"),
-        content_datetime=when,
-    )
-    content = ReportContent(
-        findings=findings,
-        impression=impression,
-        lesions=tuple(FindingBox(le.class_name, le.score, le.box) for le in lesions),
-        model_name="d2r-net",
-        model_version="3.1.0",
-        sr_sop_instance_uid=str(srs[0].SOPInstanceUID),
-        image_sop_instance_uid=str(image.SOPInstanceUID),
-    )
-    return StudyResults(str(image.StudyInstanceUID), tuple(srs), content)
-
-
 @pytest.fixture(scope="module")
 def results() -> StudyResults:
-    return phantom_results()
+    return phantom_results(findings=SEPARATORS + "\nNo pneumothorax.")
 
 
 @pytest.fixture
@@ -106,7 +74,7 @@ def test_accepted_oru_arrives_complete(receiver: Hl7Receiver, results: StudyResu
     message.validate()  # the receiver's view: a valid v2.5.1 ORU_R01
     assert segment(text, "MSH").msh_18.to_er7() == "UNICODE UTF-8"
     pid = segment(text, "PID")
-    assert pid.pid_3.to_er7() == "PHANTOM-0007"
+    assert pid.pid_3.to_er7() == "PHANTOM-0007^^^D2R-PHANTOMS"  # IssuerOfPatientID
     assert pid.pid_5.to_er7() == f"{FAMILY}^{GIVEN}"
     assert pid.pid_7.to_er7() == "19800229"
     obr = segment(text, "OBR")
