@@ -35,10 +35,8 @@ def phantom_results(
 
     ``fixed``: the sample's UIDs instead of new ones.
     """
-    uids = {}
-    if fixed:
-        uids = {f"{k}_uid": f"{UID_ROOT}{n}" for n, k in enumerate(("study", "series", "sop"), 1)}
-    image = make_dx(None, seed=7, **uids)
+    study, series, sop = (f"{UID_ROOT}{n}" if fixed else None for n in (1, 2, 3))
+    image = make_dx(None, seed=7, study_uid=study, series_uid=series, sop_uid=sop)
     image.SpecificCharacterSet = "ISO_IR 192"
     image.PatientName = patient_name
     image.PatientID = "PHANTOM-0007"
