@@ -337,3 +337,23 @@ def test_operations_sample_is_what_d2r_sends() -> None:
     docs = (REPO / "docs" / "operations.md").read_text(encoding="utf-8")
     block = docs.split("<!-- hl7-sample -->\n```text\n", 1)[1].split("\n```", 1)[0]
     assert block == sample().rstrip("\n")
+
+
+def test_the_node_does_not_load_hl7apy() -> None:
+    """Only the worker's send task opens the HL7 sender; the node's imports stay light."""
+    import subprocess
+    import sys
+
+    from tests.support.processes import REPO, base_env
+
+    code = (
+        "import sys\n"
+        "import cli.runtime, dicom_node.assembler, dicom_node.scp, worker.celery_app\n"
+        "import worker.messages, worker.settings\n"
+        "from delivery.settings import DeliverySettings\n"
+        "DeliverySettings.from_env({'D2R_DESTINATIONS': 'P@h:104,mllp://ris:2575'})\n"
+        "assert 'hl7apy' not in sys.modules, 'hl7apy imported'\n"
+    )
+    env = base_env(PYTHONPATH=str(REPO))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
