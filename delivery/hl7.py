@@ -586,7 +586,7 @@ def check_ack(ack: Ack, expected_control_id: str, *, name: str, secrets: Iterabl
         )
     if ack.code in ("AA", "CA"):
         return
-    detail = redact(ack.text, secrets)[:_ERROR_TEXT_LENGTH]
+    detail = " ".join(redact(ack.text, secrets).split())[:_ERROR_TEXT_LENGTH]  # one line
     message = f"{name} answered {ack.code or 'no MSA-1'}" + (f": {detail}" if detail else "")
     codes = set(ack.error_codes)
     if ack.code == "AE":
