@@ -40,11 +40,16 @@ def open_destination(address: DestinationAddress, settings: DeliverySettings) ->
         When the kind of destination has no sender in this release.
     """
     from delivery.destinations import DicomPeer as _DicomPeer
+    from delivery.destinations import MllpPeer as _MllpPeer
 
     if isinstance(address, _DicomPeer):
         from delivery.dimse import DicomDestination
 
         return DicomDestination(address, settings.ae_title, settings.options)
+    if isinstance(address, _MllpPeer):
+        from delivery.hl7 import Hl7Destination  # hl7apy loads only where HL7 is sent
+
+        return Hl7Destination(address, settings.ae_title, settings.timeout, settings.tls)
     from dicom_node.settings import ConfigError
 
     raise ConfigError("D2R_DESTINATIONS", f"no sender for {address.kind} destinations yet")

@@ -1040,13 +1040,18 @@ class StudyStore:
             if res.rowcount:
                 self._event(conn, study_uid, FAILED, reason)
 
-    def reset_for_retry(self, study_uid: str, *, reprocess: bool = False) -> str:
+    def reset_for_retry(
+        self, study_uid: str, *, reprocess: bool = False, destination: str | None = None
+    ) -> str:
         """Make a failed (or, with ``reprocess``, any finished) study go again.
 
         With SRs already written and not ``reprocess``, failed deliveries go back to pending
         and the study to ``sending``; otherwise the study is queued for a new report.
-        Returns the new state.
+        ``destination`` re-sends only that destination's failed delivery (not with
+        ``reprocess``). Returns the new state.
         """
+        if reprocess and destination is not None:
+            raise ValueError("reprocess reports the study again for every destination")
         s = studies_table.c
         now = _now()
         with self._tx() as conn:
@@ -1055,6 +1060,8 @@ class StudyStore:
             ).first()
             if row is None:
                 raise KeyError(study_uid)
+            if destination is not None:
+                return self._retry_delivery(conn, row, destination, now)
             if row.state in (RECEIVING, QUEUED, PROCESSING) or (
                 row.state != FAILED and not reprocess
             ):
@@ -1099,6 +1106,45 @@ class StudyStore:
                 "operator retry: " + ("re-send reports" if new == SENDING else "reprocess"),
             )
         return new
+
+    def _retry_delivery(self, conn: Connection, row: Any, destination: str, now: float) -> str:
+        """One failed delivery back to pending; a failed study back to ``sending``."""
+        d = deliveries_table.c
+        if row.state not in (FAILED, SENDING):
+            return str(row.state)
+        reset = conn.execute(
+            deliveries_table.update()
+            .where(
+                d.study_instance_uid == row.study_instance_uid,
+                d.destination == destination,
+                d.state == DELIVERY_FAILED,
+            )
+            .values(
+                state=DELIVERY_PENDING,
+                attempts=0,
+                next_attempt_at=now,
+                enqueued_at=None,
+                updated_at=now,
+            )
+        )
+        if not reset.rowcount:
+            return str(row.state)
+        if row.state == FAILED:
+            conn.execute(
+                studies_table.update()
+                .where(studies_table.c.study_instance_uid == row.study_instance_uid)
+                .values(
+                    state=SENDING,
+                    reason=None,
+                    finished_at=None,
+                    updated_at=now,
+                    state_changed_at=now,
+                )
+            )
+        self._event(
+            conn, row.study_instance_uid, "retry", f"operator retry: re-send to {destination}"
+        )
+        return SENDING
 
     def _set_state(
         self, study_uid: str, state: str, reason: str | None, *, from_states: Sequence[str]

@@ -1,17 +1,43 @@
-"""``d2r retry STUDY_UID``: re-send a failed study's reports (or reprocess it)."""
+"""``d2r retry STUDY_UID``: re-send a failed study's reports (or reprocess it).
+
+``--destination NAME`` re-sends to that destination only (as ``d2r status`` names it, or as
+written in ``D2R_DESTINATIONS``).
+"""
 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dicom_node.studies import StudyStore
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("study_uid", help="StudyInstanceUID")
-    parser.add_argument(
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
         "--reprocess",
         action="store_true",
         help="run the model again instead of re-sending the existing reports",
     )
+    which.add_argument(
+        "--destination",
+        metavar="NAME",
+        help="re-send only this destination's failed delivery (e.g. mllp://ris:2575)",
+    )
+
+
+def _canonical(name: str) -> str:
+    """The destination's name as the study database keys it (``mllp://RIS:2575/`` and
+    ``mllp://ris:2575`` are one destination); a name that does not parse is taken as given."""
+    from delivery.destinations import parse_destination
+    from dicom_node.settings import ConfigError
+
+    try:
+        return parse_destination(name.strip()).name
+    except ConfigError:
+        return name.strip()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
     settings = NodeSettings.from_env(environment(args))
     store = StudyStore(settings.database_url)
     try:
+        if args.destination:
+            return _retry_destination(store, args.study_uid, _canonical(args.destination))
         try:
             before = store.get(args.study_uid)
             new = store.reset_for_retry(args.study_uid, reprocess=args.reprocess)
@@ -45,3 +73,24 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         store.close()
+
+
+def _retry_destination(store: StudyStore, study_uid: str, destination: str) -> int:
+    import sys
+
+    if store.get(study_uid) is None:
+        print(f"d2r retry: no study {study_uid}", file=sys.stderr)
+        return 1
+    delivery = store.delivery(study_uid, destination)
+    if delivery is None:
+        print(f"d2r retry: study {study_uid} has no delivery to {destination}", file=sys.stderr)
+        return 1
+    if delivery.state != "failed":
+        print(
+            f"d2r retry: the delivery to {destination} is {delivery.state}; nothing to retry",
+            file=sys.stderr,
+        )
+        return 1
+    store.reset_for_retry(study_uid, destination=destination)
+    print(f"{study_uid}: reports will be re-sent to {destination} by the running node")
+    return 0

@@ -255,6 +255,35 @@ def test_delivery_retries_with_backoff_then_fails_and_retry_resends(store: Study
     assert store.reset_for_retry("1.2.3", reprocess=True) == "receiving"
 
 
+def test_retry_one_destination_resends_only_that_delivery(store: StudyStore) -> None:
+    pacs, ris = "PACS@127.0.0.1:104", "mllp://127.0.0.1:2575"
+    _reported(store, [pacs, ris])
+    kw: dict[str, Any] = {"max_attempts": 1, "retry_delay": 10.0}
+    for destination in (pacs, ris):
+        assert (
+            store.record_delivery_attempt("1.2.3", destination, ok=False, error="down", **kw)
+            == "failed"
+        )
+    view = store.get("1.2.3")
+    assert view is not None and view.state == "failed"
+
+    assert store.reset_for_retry("1.2.3", destination="mllp://elsewhere:1") == "failed"
+    assert store.reset_for_retry("1.2.3", destination=ris) == "sending"
+    assert store.due_deliveries(requeue_after=60) == [("1.2.3", ris)]
+    pacs_delivery = store.delivery("1.2.3", pacs)
+    assert pacs_delivery is not None and pacs_delivery.state == "failed"
+    events = [e for e in store.events("1.2.3") if e.kind == "retry"]
+    assert [e.detail for e in events] == [f"operator retry: re-send to {ris}"]
+    # the delivery is pending now: a second retry of it changes nothing
+    assert store.reset_for_retry("1.2.3", destination=ris) == "sending"
+    assert len([e for e in store.events("1.2.3") if e.kind == "retry"]) == 1
+    assert store.record_delivery_attempt("1.2.3", ris, ok=True, error=None, **kw) == "sent"
+    view = store.get("1.2.3")
+    assert view is not None and view.state == "failed"  # the PACS delivery still failed
+    with pytest.raises(ValueError):
+        store.reset_for_retry("1.2.3", destination=pacs, reprocess=True)
+
+
 def test_no_destinations_means_done(store: StudyStore) -> None:
     _reported(store, [])
     view = store.get("1.2.3")
