@@ -37,14 +37,30 @@ def open_destination(address: DestinationAddress, settings: DeliverySettings) ->
     Raises
     ------
     ConfigError
-        When the kind of destination has no sender in this release.
+        When the kind of destination has no sender in this release, or a credential file
+        named in the address cannot be read.
     """
     from delivery.destinations import DicomPeer as _DicomPeer
+    from delivery.destinations import HttpEndpoint
 
+    # Each sender imports its client library here, so a process that never sends (the DICOM
+    # node) loads none of them.
     if isinstance(address, _DicomPeer):
         from delivery.dimse import DicomDestination
 
         return DicomDestination(address, settings.ae_title, settings.options)
+    if isinstance(address, HttpEndpoint) and address.kind == "dicomweb":
+        from delivery.dicomweb import DicomwebDestination
+        from delivery.http import open_session
+
+        session = open_session(address, settings.tls)
+        return DicomwebDestination(address, session, settings.timeout)
+    if isinstance(address, HttpEndpoint) and address.kind == "fhir":
+        from delivery.fhir import FhirDestination
+        from delivery.http import open_session
+
+        session = open_session(address, settings.tls)
+        return FhirDestination(address, session, settings.timeout)
     from dicom_node.settings import ConfigError
 
     raise ConfigError("D2R_DESTINATIONS", f"no sender for {address.kind} destinations yet")
