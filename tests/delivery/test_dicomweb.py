@@ -1,0 +1,93 @@
+"""The DICOMweb destination: STOW-RS into a real Orthanc with its DICOMweb plugin, basic auth
+from a file, and the outcome of PS3.18 store responses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+
+from delivery import DeliverySettings, open_destination
+from delivery.destinations import HttpEndpoint
+from delivery.dicomweb import store_outcome
+from delivery.errors import PermanentSendError, TransientSendError
+from tests.delivery.samples import phantom_results
+from tests.support.processes import free_port
+
+
+def _response(failed: dict[str, int], warned: dict[str, int]) -> Dataset:
+    ds = Dataset()
+    items = []
+    for uid, code in failed.items():
+        item = Dataset()
+        item.ReferencedSOPInstanceUID, item.FailureReason = uid, code
+        items.append(item)
+    if items:
+        ds.FailedSOPSequence = Sequence(items)
+    refs = []
+    for uid, code in warned.items():
+        item = Dataset()
+        item.ReferencedSOPInstanceUID = uid
+        if code:
+            item.WarningReason = code
+        refs.append(item)
+    ds.ReferencedSOPSequence = Sequence(refs)
+    return ds
+
+
+def test_store_response_outcomes() -> None:
+    reports = phantom_results().reports
+    uids = [str(ds.SOPInstanceUID) for ds in reports]
+    ok = store_outcome("dw", _response({}, {uids[0]: 0, uids[1]: 0}), reports)
+    assert [i.status for i in ok.items] == ["0x0000", "0x0000"] and ok.warning is None
+    warned = store_outcome("dw", _response({}, {uids[0]: 0xB000, uids[1]: 0}), reports)
+    assert warned.items[0].status == "0xB000" and warned.warning and uids[0] in warned.warning
+    with pytest.raises(TransientSendError, match="0xA700"):
+        store_outcome("dw", _response({uids[0]: 0xA700}, {uids[1]: 0}), reports)
+    with pytest.raises(PermanentSendError, match="0x0110") as failure:
+        store_outcome("dw", _response({uids[0]: 0x0110}, {uids[1]: 0}), reports)
+    assert failure.value.status == 0x0110
+
+
+def _destination(url: str, **files: Path) -> Any:
+    return open_destination(HttpEndpoint("dicomweb", url, **files), DeliverySettings())
+
+
+@pytest.mark.integration
+def test_the_srs_arrive_in_the_same_study(orthanc_factory: Any) -> None:
+    orthanc = orthanc_factory(dicomweb=True)
+    results = phantom_results()
+    destination = _destination(f"{orthanc.base_url}/dicom-web")
+    delivered = destination.send(results)
+    assert [i.identifier for i in delivered.items] == [str(d.SOPInstanceUID) for d in results.reports]
+    assert {i.status for i in delivered.items} == {"0x0000"}
+    stored = orthanc.find_instances(results.study_instance_uid)
+    assert sorted(i["SOPInstanceUID"] for i in stored) == sorted(
+        str(d.SOPInstanceUID) for d in results.reports
+    )
+    assert destination.send(results).items  # a repeated send stores the same instances again
+    assert len(orthanc.find_instances(results.study_instance_uid)) == 2
+
+
+@pytest.mark.integration
+def test_basic_auth_from_a_file(orthanc_factory: Any, tmp_path: Path) -> None:
+    orthanc = orthanc_factory(
+        dicomweb=True,
+        extra_config={"AuthenticationEnabled": True, "RegisteredUsers": {"d2r": "right-pw"}},
+    )
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.write_text("d2r:right-pw\n")
+    bad.write_text("d2r:wrong-pw\n")
+    url = f"{orthanc.base_url}/dicom-web"
+    assert len(_destination(url, basic_auth_file=good).send(phantom_results()).items) == 2
+    with pytest.raises(PermanentSendError) as failure:
+        _destination(url, basic_auth_file=bad).send(phantom_results())
+    assert failure.value.status == 401 and "wrong-pw" not in str(failure.value)
+
+
+def test_an_archive_that_is_down_is_transient() -> None:
+    with pytest.raises(TransientSendError):
+        _destination(f"http://127.0.0.1:{free_port()}/dicom-web").send(phantom_results())
