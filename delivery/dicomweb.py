@@ -140,4 +140,3 @@ class DicomwebDestination:
         if failed and status < 500:  # 409: the store response says why, per instance
             return _failure(f"{self.name}: HTTP {status} {reason}", failed, status)
         return http_error(self.name, status, reason)
-

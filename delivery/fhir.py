@@ -31,14 +31,17 @@ says the study was not assessed and why, without Observations.
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import requests
+from fhir.resources.R4B.annotation import Annotation
 from fhir.resources.R4B.attachment import Attachment
 from fhir.resources.R4B.bundle import Bundle, BundleEntry, BundleEntryRequest
 from fhir.resources.R4B.codeableconcept import CodeableConcept
@@ -51,7 +54,6 @@ from fhir.resources.R4B.imagingstudy import (
     ImagingStudySeries,
     ImagingStudySeriesInstance,
 )
-from fhir.resources.R4B.annotation import Annotation
 from fhir.resources.R4B.observation import Observation, ObservationComponent
 from fhir.resources.R4B.patient import Patient
 from fhir.resources.R4B.quantity import Quantity
@@ -106,12 +108,14 @@ def _concept(text: str, *codings: Coding) -> CodeableConcept:
     return CodeableConcept(coding=list(codings), text=text)
 
 
-def _date(date: str) -> str | None:
-    """A FHIR date from a DICOM DA. A DICOM TM has no UTC offset, which a FHIR dateTime with a
-    time needs, so times are left out."""
-    if len(date) != 8 or not date.isdigit():
+def _date(text: str) -> Any:
+    """A FHIR date from a DICOM DA, or None. A DICOM TM has no UTC offset, which a FHIR
+    dateTime with a time needs, so times are left out; a FHIR dateTime may be a date alone,
+    though the models annotate their dateTime fields as ``datetime`` (hence ``Any``)."""
+    try:
+        return datetime.datetime.strptime(text, "%Y%m%d").date()
+    except ValueError:
         return None
-    return f"{date[:4]}-{date[4:6]}-{date[6:]}"
 
 
 def _patient_identifier(header: Dataset) -> Identifier:
@@ -151,23 +155,26 @@ def _patient(header: Dataset, identifier: Identifier) -> Patient:
 def _imaging_study(
     study_uid: str, header: Dataset, reports: Sequence[Dataset], subject: Reference
 ) -> ImagingStudy:
-    series: dict[str, ImagingStudySeries] = {}
+    instances: dict[str, list[ImagingStudySeriesInstance]] = {}
+    descriptions: dict[str, str] = {}
     for ds in reports:
-        uid = str(ds.SeriesInstanceUID)
-        if uid not in series:
-            series[uid] = ImagingStudySeries(
-                uid=uid,
-                modality=_coding(_DCM, "SR", "SR Document"),
-                description=_text(ds, "SeriesDescription") or None,
-                instance=[],
-            )
-        series[uid].instance.append(
+        descriptions.setdefault(str(ds.SeriesInstanceUID), _text(ds, "SeriesDescription"))
+        instances.setdefault(str(ds.SeriesInstanceUID), []).append(
             ImagingStudySeriesInstance(
                 uid=str(ds.SOPInstanceUID),
                 sopClass=Coding(system=IDENTIFIER_SYSTEM, code=f"urn:oid:{ds.SOPClassUID}"),
                 number=int(ds.InstanceNumber) if "InstanceNumber" in ds else None,
             )
         )
+    series = [
+        ImagingStudySeries(
+            uid=uid,
+            modality=_coding(_DCM, "SR", "SR Document"),
+            description=descriptions[uid] or None,
+            instance=members,
+        )
+        for uid, members in instances.items()
+    ]
     identifiers = [Identifier(system=DICOM_UID_SYSTEM, value=f"urn:oid:{study_uid}")]
     accession = _text(header, "AccessionNumber")
     if accession:
@@ -178,7 +185,7 @@ def _imaging_study(
         identifier=identifiers,
         subject=subject,
         description=_text(header, "StudyDescription") or None,
-        series=list(series.values()),
+        series=series,
     )
     started = _date(_text(header, "StudyDate"))
     if started:
@@ -191,7 +198,7 @@ def _observation(
     identifier: Identifier,
     subject: Reference,
     study: Reference,
-    effective: str | None,
+    effective: Any,
 ) -> Observation:
     code = FINDINGS[lesion.class_name]
     codings = [_coding(LOCAL_SYSTEM, str(code.index), code.display)]
@@ -201,16 +208,18 @@ def _observation(
         ObservationComponent(
             code=_concept("Model score", _coding(_MEASURES, "score", "Model score")),
             valueQuantity=Quantity(
-                value=round(lesion.score, 4), unit="1", system=_UCUM, code="1"
+                value=Decimal(str(round(lesion.score, 4))), unit="1", system=_UCUM, code="1"
             ),
         )
     ]
     for name, value in zip(_BOX, lesion.box, strict=True):
         components.append(
             ObservationComponent(
-                code=_concept(f"Box {name} (image pixels)", _coding(_MEASURES, f"box-{name}", name)),
+                code=_concept(
+                    f"Box {name} (image pixels)", _coding(_MEASURES, f"box-{name}", name)
+                ),
                 valueQuantity=Quantity(
-                    value=round(value, 2), unit="pixel", system=_UCUM, code="{pixel}"
+                    value=Decimal(str(round(value, 2))), unit="pixel", system=_UCUM, code="{pixel}"
                 ),
             )
         )
@@ -246,11 +255,13 @@ def _presented_text(content: ReportContent) -> str:
     return f"FINDINGS:\n{content.findings}\n\nIMPRESSION:\n{content.impression}\n"
 
 
-def _entry(full_url: str, resource: Resource, method: str, url: str, **request: str) -> BundleEntry:
+def _entry(
+    full_url: str, resource: Resource, method: str, url: str, if_none_exist: str | None = None
+) -> BundleEntry:
     return BundleEntry(
         fullUrl=full_url,
         resource=resource,
-        request=BundleEntryRequest(method=method, url=url, **request),
+        request=BundleEntryRequest(method=method, url=url, ifNoneExist=if_none_exist),
     )
 
 
@@ -281,10 +292,20 @@ def build_bundle(results: StudyResults) -> Bundle:
     effective = _date(_text(header, "StudyDate"))
     study_identifier = Identifier(system=DICOM_UID_SYSTEM, value=f"urn:oid:{study_uid}")
     entries = [
-        _entry(patient_url, _patient(header, patient_id), "POST", "Patient",
-               ifNoneExist=_search(patient_id)),
-        _entry(study_url, _imaging_study(study_uid, header, results.reports, subject),
-               "POST", "ImagingStudy", ifNoneExist=_search(study_identifier)),
+        _entry(
+            patient_url,
+            _patient(header, patient_id),
+            "POST",
+            "Patient",
+            if_none_exist=_search(patient_id),
+        ),
+        _entry(
+            study_url,
+            _imaging_study(study_uid, header, results.reports, subject),
+            "POST",
+            "ImagingStudy",
+            if_none_exist=_search(study_identifier),
+        ),
     ]
     observations = []
     for n, lesion in enumerate(() if content.abstained else content.lesions):
@@ -335,8 +356,13 @@ def _issues(body: Any) -> str:
     parts = []
     for issue in body.get("issue") or []:
         if isinstance(issue, dict):
-            where = ",".join(str(e) for e in (issue.get("expression") or issue.get("location") or []))
-            parts.append(f"{issue.get('severity', '?')} {issue.get('code', '?')}" + (f" at {where}" if where else ""))
+            where = ",".join(
+                str(e) for e in (issue.get("expression") or issue.get("location") or [])
+            )
+            parts.append(
+                f"{issue.get('severity', '?')} {issue.get('code', '?')}"
+                + (f" at {where}" if where else "")
+            )
     return "; ".join(parts[:10])
 
 

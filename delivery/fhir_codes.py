@@ -56,7 +56,9 @@ class FindingCode:
     body_site: tuple[str, str] | None = None
 
 
-def _table(*rows: tuple[str, tuple[str, str] | None, tuple[str, str] | None]) -> dict[str, FindingCode]:
+def _table(
+    *rows: tuple[str, tuple[str, str] | None, tuple[str, str] | None],
+) -> dict[str, FindingCode]:
     return {name: FindingCode(i, name, sct, site) for i, (name, sct, site) in enumerate(rows)}
 
 

@@ -37,7 +37,9 @@ def read_secret(path: Path, what: str) -> str:
     try:
         text = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(_SETTING, f"cannot read the {what} file {path}: {exc.__class__.__name__}")
+        raise ConfigError(
+            _SETTING, f"cannot read the {what} file {path}: {exc.__class__.__name__}"
+        ) from None
     if not text:
         raise ConfigError(_SETTING, f"the {what} file {path} is empty")
     return text

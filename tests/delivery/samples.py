@@ -20,7 +20,9 @@ PATIENT_ID = "PHANTOM-0001"
 
 LESIONS = (
     FindingBox("Pleural effusion", 0.8123, (410.0, 620.5, 700.0, 880.0), "Small left effusion."),
-    FindingBox("Cardiomegaly", 0.61, (300.0, 400.0, 720.0, 760.0), None, "1.2.826.0.1.3680043.10.1"),
+    FindingBox(
+        "Cardiomegaly", 0.61, (300.0, 400.0, 720.0, 760.0), None, "1.2.826.0.1.3680043.10.1"
+    ),
     FindingBox("Aortic enlargement", 0.4, (480.0, 250.0, 560.0, 330.0)),
 )
 

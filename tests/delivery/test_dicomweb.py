@@ -62,7 +62,9 @@ def test_the_srs_arrive_in_the_same_study(orthanc_factory: Any) -> None:
     results = phantom_results()
     destination = _destination(f"{orthanc.base_url}/dicom-web")
     delivered = destination.send(results)
-    assert [i.identifier for i in delivered.items] == [str(d.SOPInstanceUID) for d in results.reports]
+    assert [i.identifier for i in delivered.items] == [
+        str(d.SOPInstanceUID) for d in results.reports
+    ]
     assert {i.status for i in delivered.items} == {"0x0000"}
     stored = orthanc.find_instances(results.study_instance_uid)
     assert sorted(i["SOPInstanceUID"] for i in stored) == sorted(

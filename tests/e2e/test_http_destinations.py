@@ -10,7 +10,13 @@ from typing import Any
 
 import pytest
 
-from tests.reliability.stack import BASIC_TEXT_SR, COMPREHENSIVE_SR, Stack, make_stack, send_datasets
+from tests.reliability.stack import (
+    BASIC_TEXT_SR,
+    COMPREHENSIVE_SR,
+    Stack,
+    make_stack,
+    send_datasets,
+)
 from tests.support import fhir_server
 from tests.support.dicom_files import make_dx
 from tests.support.processes import free_port, run_d2r, wait_for
@@ -64,7 +70,9 @@ def test_dicomweb_archive_down_then_back_failed_then_retried(
         s.wait_states([failing_uid], {"done"}, 60)
         assert s.sr_classes(failing_uid) == sorted([COMPREHENSIVE_SR, BASIC_TEXT_SR])
         audit = [json.loads(line) for line in Path(s.env["D2R_AUDIT_LOG"]).read_text().splitlines()]
-        sent = [a for a in audit if a.get("event") == "sent" and a.get("destination_type") == "dicomweb"]
+        sent = [
+            a for a in audit if a.get("event") == "sent" and a.get("destination_type") == "dicomweb"
+        ]
         assert any(a.get("status") == "0x0000" for a in sent)
     finally:
         s.stop()
