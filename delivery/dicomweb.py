@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import requests
 from dicomweb_client import DICOMwebClient
@@ -108,6 +109,13 @@ class DicomwebDestination:
             self.endpoint.url, session=self.session, timeout=(self.timeout, self.timeout)
         )
         self._client.set_http_retry_params(retry=False)
+        # The client sends ``Host: <name>`` without the port (only ``Host`` uses it); a
+        # virtual host or a proxy on a non-default port needs both (RFC 9110 7.2).
+        parts = urlsplit(self.endpoint.url)
+        default = 443 if parts.scheme == "https" else 80
+        if parts.port not in (None, default) and parts.hostname:
+            self._client.host = f"{parts.hostname}:{parts.port}"
+        self.session.headers["Accept"] = "application/dicom+json"
 
     @property
     def name(self) -> str:

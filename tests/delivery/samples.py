@@ -75,14 +75,22 @@ def sr_dataset(study_uid: str, series_uid: str, sop_class: str, number: int) -> 
 
 
 def phantom_results(
-    *, lesions: tuple[FindingBox, ...] = LESIONS, abstained: bool = False, version: str = "3.1.0"
+    *,
+    lesions: tuple[FindingBox, ...] = LESIONS,
+    abstained: bool = False,
+    version: str = "3.1.0",
+    uids: tuple[str, str, str, str] | None = None,
 ) -> StudyResults:
-    """Two SRs (the SR classes d2r sends) of a new phantom study, with its report content."""
-    study_uid, series_uid = generate_uid(), generate_uid()
+    """Two SRs (the SR classes d2r sends) of a new phantom study, with its report content;
+    ``uids``: fixed study, series and two SOP Instance UIDs (the docs' sample)."""
+    study_uid, series_uid, *sops = uids or (generate_uid(), generate_uid(), "", "")
     reports = (
         sr_dataset(study_uid, series_uid, ComprehensiveSRStorage, 1),
         sr_dataset(study_uid, series_uid, BasicTextSRStorage, 2),
     )
+    for ds, sop in zip(reports, sops, strict=True):
+        if sop:
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop
     content = ReportContent(
         findings="" if abstained else "Small left pleural effusion. The heart is enlarged.",
         impression="" if abstained else "Small left pleural effusion; cardiomegaly.",
@@ -90,8 +98,37 @@ def phantom_results(
         model_name="d2r-net",
         model_version=version,
         sr_sop_instance_uid=str(reports[0].SOPInstanceUID),
-        image_sop_instance_uid=generate_uid(),
+        image_sop_instance_uid="" if uids else generate_uid(),
         abstained=abstained,
         abstain_reason="not a frontal chest radiograph (input gate)" if abstained else "",
     )
     return StudyResults(study_uid, reports, content)
+
+
+#: fixed UIDs of the sample in docs/fhir.md
+DOC_UIDS = (
+    "2.25.100000000000000000000000000000000001",
+    "2.25.100000000000000000000000000000000002",
+    "2.25.100000000000000000000000000000000003",
+    "2.25.100000000000000000000000000000000004",
+)
+
+
+def doc_sample() -> str:
+    """The transaction Bundle shown in docs/fhir.md: the phantom study with one lesion."""
+    from delivery.fhir import build_bundle
+
+    results = phantom_results(lesions=LESIONS[:1], uids=DOC_UIDS)
+    return build_bundle(results).model_dump_json(exclude_none=True, indent=2)
+
+
+def mapping_rows() -> list[str]:
+    """The rows of the class mapping table in docs/fhir.md."""
+    from delivery.fhir_codes import FINDINGS
+
+    rows = []
+    for name, code in FINDINGS.items():
+        sct = f"`{code.snomed[0]}` {code.snomed[1]}" if code.snomed else "—"
+        site = f"`{code.body_site[0]}` {code.body_site[1]}" if code.body_site else "—"
+        rows.append(f"| {name} | `{code.index}` | {sct} | {site} |")
+    return rows

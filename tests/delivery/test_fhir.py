@@ -20,7 +20,13 @@ from delivery.fhir_codes import FINDINGS, LOCAL_SYSTEM, SNOMED
 from dicom_node.settings import ConfigError
 from model.classes import VINDR_CLASSES
 from report.codes import FINDING_CODES
-from tests.delivery.samples import LESIONS, PATIENT_NAME, phantom_results
+from tests.delivery.samples import (
+    LESIONS,
+    PATIENT_NAME,
+    doc_sample,
+    mapping_rows,
+    phantom_results,
+)
 from tests.support import fhir_server
 from tests.support.processes import free_port
 
@@ -194,3 +200,10 @@ def test_bearer_token_from_a_file(tmp_path: Path) -> None:
 def test_a_server_that_is_down_is_transient() -> None:
     with pytest.raises(TransientSendError):
         _destination(f"http://127.0.0.1:{free_port()}").send(phantom_results())  # type: ignore[attr-defined]
+
+
+def test_the_docs_show_what_the_code_sends() -> None:
+    page = (Path(__file__).resolve().parents[2] / "docs" / "fhir.md").read_text()
+    assert f"```json\n{doc_sample()}\n```" in page
+    for row in mapping_rows():
+        assert row in page
