@@ -200,7 +200,9 @@ def _observation(
     study: Reference,
     effective: Any,
 ) -> Observation:
-    code = FINDINGS[lesion.class_name]
+    code = FINDINGS.get(lesion.class_name)
+    if code is None:
+        raise PermanentSendError(f"lesion class {lesion.class_name!r} has no FHIR code")
     codings = [_coding(LOCAL_SYSTEM, str(code.index), code.display)]
     if code.snomed is not None:
         codings.insert(0, _coding(SNOMED, *code.snomed))
@@ -406,7 +408,7 @@ class FhirDestination:
         bundle = build_bundle(results)
         try:
             response = self.session.post(
-                self.endpoint.url + "/",
+                self.endpoint.url,  # POST [base]
                 data=bundle.model_dump_json(exclude_none=True).encode("utf-8"),
                 headers={"Content-Type": _FHIR_JSON, "Accept": _FHIR_JSON},
                 timeout=(self.timeout, self.timeout),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
+    UID,
     BasicTextSRStorage,
     ComprehensiveSRStorage,
     ExplicitVRLittleEndian,
@@ -90,7 +91,7 @@ def phantom_results(
     )
     for ds, sop in zip(reports, sops, strict=True):
         if sop:
-            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID(sop)
     content = ReportContent(
         findings="" if abstained else "Small left pleural effusion. The heart is enlarged.",
         impression="" if abstained else "Small left pleural effusion; cardiomegaly.",

@@ -3,6 +3,7 @@ from a file, and the outcome of PS3.18 store responses."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from delivery import DeliverySettings, open_destination
 from delivery.destinations import HttpEndpoint
 from delivery.dicomweb import store_outcome
 from delivery.errors import PermanentSendError, TransientSendError
+from dicom_node.settings import ConfigError
 from tests.delivery.samples import phantom_results
 from tests.support.processes import free_port
 
@@ -75,7 +77,10 @@ def test_the_srs_arrive_in_the_same_study(orthanc_factory: Any) -> None:
 
 
 @pytest.mark.integration
-def test_basic_auth_from_a_file(orthanc_factory: Any, tmp_path: Path) -> None:
+def test_basic_auth_from_a_file(
+    orthanc_factory: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
     orthanc = orthanc_factory(
         dicomweb=True,
         extra_config={"AuthenticationEnabled": True, "RegisteredUsers": {"d2r": "right-pw"}},
@@ -88,6 +93,13 @@ def test_basic_auth_from_a_file(orthanc_factory: Any, tmp_path: Path) -> None:
     with pytest.raises(PermanentSendError) as failure:
         _destination(url, basic_auth_file=bad).send(phantom_results())
     assert failure.value.status == 401 and "wrong-pw" not in str(failure.value)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "right-pw" not in logged and "wrong-pw" not in logged
+    malformed = tmp_path / "malformed"
+    malformed.write_text("no-colon-here\n")
+    with pytest.raises(ConfigError, match="user:password") as refused:
+        _destination(url, basic_auth_file=malformed)
+    assert "no-colon-here" not in str(refused.value)
 
 
 def test_an_archive_that_is_down_is_transient() -> None:
