@@ -30,7 +30,7 @@ from pydicom.dataset import Dataset
 
 from delivery.destinations import Delivered, DeliveredItem, HttpEndpoint, StudyResults
 from delivery.errors import PermanentSendError, SendError, TransientSendError
-from delivery.http import http_error
+from delivery.http import describe, http_error
 
 __all__ = ["DicomwebDestination", "store_outcome"]
 
@@ -133,7 +133,7 @@ class DicomwebDestination:
         except requests.HTTPError as exc:
             raise self._from_http_error(exc) from None
         except requests.RequestException as exc:  # connection, TLS, timeout
-            raise TransientSendError(f"{self.name}: {exc.__class__.__name__}") from None
+            raise TransientSendError(f"{self.name}: {describe(exc)}") from None
         except (ValueError, TypeError, AttributeError) as exc:  # cannot encode, odd answer
             raise PermanentSendError(f"{self.name}: {exc}") from None
         return store_outcome(self.name, response, results.reports)

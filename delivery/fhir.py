@@ -65,7 +65,7 @@ from delivery.content import FindingBox, ReportContent
 from delivery.destinations import Delivered, DeliveredItem, HttpEndpoint, StudyResults
 from delivery.errors import PermanentSendError, TransientSendError
 from delivery.fhir_codes import FINDINGS, LOCAL_SYSTEM, LOINC, REPORT_CODE, SNOMED
-from delivery.http import http_error
+from delivery.http import describe, http_error
 
 __all__ = ["FhirDestination", "build_bundle", "report_identifier", "transaction_outcome"]
 
@@ -414,7 +414,7 @@ class FhirDestination:
                 timeout=(self.timeout, self.timeout),
             )
         except requests.RequestException as exc:  # connection, TLS, timeout
-            raise TransientSendError(f"{self.name}: {exc.__class__.__name__}") from None
+            raise TransientSendError(f"{self.name}: {describe(exc)}") from None
         try:
             body = json.loads(response.content) if response.content else None
         except ValueError:

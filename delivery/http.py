@@ -18,7 +18,7 @@ from delivery.destinations import HttpEndpoint
 from delivery.errors import PermanentSendError, TransientSendError
 from dicom_node.settings import ConfigError, TlsSettings
 
-__all__ = ["TRANSIENT_STATUSES", "http_error", "open_session", "read_secret"]
+__all__ = ["TRANSIENT_STATUSES", "describe", "http_error", "open_session", "read_secret"]
 
 #: HTTP statuses that ask to try again later (any 5xx counts too)
 TRANSIENT_STATUSES = frozenset({408, 425, 429})
@@ -77,3 +77,10 @@ def http_error(name: str, status: int, reason: str, detail: str = "") -> Excepti
     if status in TRANSIENT_STATUSES or status >= 500:
         return TransientSendError(message)
     return PermanentSendError(message, status=status)
+
+
+def describe(exc: requests.RequestException) -> str:
+    """A short account of a failed request (class and message, at most 300 characters): the
+    URL it names holds no credential, which never goes in a URL."""
+    text = f"{exc.__class__.__name__}: {exc}"
+    return text if len(text) <= 300 else text[:297] + "..."

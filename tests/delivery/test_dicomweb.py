@@ -4,6 +4,8 @@ from a file, and the outcome of PS3.18 store responses."""
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +107,13 @@ def test_basic_auth_from_a_file(
 def test_an_archive_that_is_down_is_transient() -> None:
     with pytest.raises(TransientSendError):
         _destination(f"http://127.0.0.1:{free_port()}/dicom-web").send(phantom_results())
+
+
+def test_importing_delivery_loads_neither_dicomweb_client_nor_fhir_resources() -> None:
+    """The DICOM node imports ``delivery``'s settings: the senders' libraries load lazily."""
+    code = (
+        "import sys, delivery, delivery.settings; "
+        "print([m for m in ('dicomweb_client', 'fhir') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
