@@ -152,6 +152,17 @@ def test_a_repeated_send_updates_rather_than_duplicates(
     assert len(reports) == 1 and reports[0]["status"] == "preliminary"
     assert len(server.search("Observation?status=preliminary")) == 3
     assert len(server.search("Patient?identifier=PHANTOM-0001")) == 1
+    abstained = phantom_results(abstained=True)
+    assert [i.object_type for i in destination.send(abstained).items] == [  # type: ignore[attr-defined]
+        "Patient",
+        "ImagingStudy",
+        "DiagnosticReport",
+    ]
+    (not_assessed,) = server.search(
+        "DiagnosticReport?identifier="
+        + report_identifier(abstained.study_instance_uid, abstained.content)  # type: ignore[arg-type]
+    )
+    assert not_assessed["conclusion"].startswith("Not assessed")
     family = PATIENT_NAME.split("^")[0]
     assert not [r.getMessage() for r in caplog.records if family in r.getMessage()]
 
