@@ -39,6 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
+from urllib.parse import quote
 
 import requests
 from fhir.resources.R4B.annotation import Annotation
@@ -131,9 +132,18 @@ def _patient_identifier(header: Dataset) -> Identifier:
     return Identifier(value=patient_id, type=mrn)
 
 
+def _escape(text: str) -> str:
+    """A search parameter value: FHIR's backslash escapes, then percent-encoding."""
+    for char in "\\|,$":
+        text = text.replace(char, "\\" + char)
+    return quote(text, safe=":/.-_~")
+
+
 def _search(identifier: Identifier) -> str:
-    system = f"{identifier.system}|" if identifier.system else ""
-    return f"identifier={system}{identifier.value}"
+    """``identifier=system|value`` for a conditional request, escaped (a Patient ID may hold
+    anything but a backslash)."""
+    system = f"{_escape(str(identifier.system))}|" if identifier.system else ""
+    return f"identifier={system}{_escape(str(identifier.value))}"
 
 
 def _patient(header: Dataset, identifier: Identifier) -> Patient:

@@ -218,3 +218,18 @@ def test_the_docs_show_what_the_code_sends() -> None:
     assert f"```json\n{doc_sample()}\n```" in page
     for row in mapping_rows():
         assert row in page
+
+
+@pytest.mark.integration
+def test_a_patient_id_with_search_syntax_in_it_still_matches_one_patient(
+    server: fhir_server.FhirServer,
+) -> None:
+    destination = _destination(server.base)
+    for _ in range(2):
+        results = phantom_results()
+        for ds in results.reports:
+            ds.PatientID = "PHANTOM 02&X,Y$Z"
+        statuses = {i.object_type: i.status for i in destination.send(results).items}  # type: ignore[attr-defined]
+    assert statuses["Patient"].startswith("200")  # the second study found the first's Patient
+    found = server.search("Patient?identifier=" + "PHANTOM%2002%26X%5C%2CY%5C%24Z")
+    assert len(found) == 1 and found[0]["identifier"][0]["value"] == "PHANTOM 02&X,Y$Z"
