@@ -10,7 +10,10 @@ when both are set.
 
 from __future__ import annotations
 
+import os
+import ssl
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -45,6 +48,32 @@ def read_secret(path: Path, what: str) -> str:
     return text
 
 
+class _Session(requests.Session):
+    """A session whose ``verify`` wins: plain :mod:`requests` lets ``REQUESTS_CA_BUNDLE`` or
+    ``CURL_CA_BUNDLE`` replace it on every request, which would silently drop ``D2R_TLS_CA``."""
+
+    def merge_environment_settings(
+        self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any
+    ) -> dict[str, Any]:
+        settings: dict[str, Any] = super().merge_environment_settings(
+            url, proxies, stream, verify, cert
+        )
+        settings["verify"] = self.verify if verify is None else verify
+        return settings
+
+
+def trust(tls: TlsSettings) -> str | bool:
+    """What verifies servers: ``D2R_TLS_CA``, else the system store as OpenSSL finds it (as for
+    DICOM TLS; ``SSL_CERT_FILE``/``SSL_CERT_DIR`` apply), else requests' own bundle."""
+    if tls.ca is not None:
+        return str(tls.ca)
+    paths = ssl.get_default_verify_paths()
+    for found in (paths.cafile, paths.capath):
+        if found and os.path.exists(found):
+            return found
+    return True
+
+
 def open_session(endpoint: HttpEndpoint, tls: TlsSettings) -> requests.Session:
     """A session that authenticates to ``endpoint`` and verifies its certificate.
 
@@ -53,8 +82,8 @@ def open_session(endpoint: HttpEndpoint, tls: TlsSettings) -> requests.Session:
     ConfigError
         When a credential file is unreadable, empty or malformed.
     """
-    session = requests.Session()
-    session.verify = str(tls.ca) if tls.ca is not None else True
+    session = _Session()
+    session.verify = trust(tls)
     if tls.cert is not None and tls.key is not None:
         session.cert = (str(tls.cert), str(tls.key))
     if endpoint.token_file is not None:

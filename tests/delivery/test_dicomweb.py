@@ -16,10 +16,13 @@ from pydicom.sequence import Sequence
 from delivery import DeliverySettings, open_destination
 from delivery.destinations import HttpEndpoint
 from delivery.dicomweb import store_outcome
+from delivery.dimse import SendOptions
 from delivery.errors import PermanentSendError, TransientSendError
-from dicom_node.settings import ConfigError
+from dicom_node.settings import ConfigError, TlsSettings
 from tests.delivery.samples import phantom_results
+from tests.security.tls_ca import make_test_ca
 from tests.support.processes import free_port
+from tests.support.tls_proxy import TlsProxy
 
 
 def _response(failed: dict[str, int], warned: dict[str, int]) -> Dataset:
@@ -117,3 +120,27 @@ def test_importing_delivery_loads_neither_dicomweb_client_nor_fhir_resources() -
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.integration
+def test_https_verifies_the_archive_and_presents_the_client_certificate(
+    orthanc_factory: Any, tmp_path: Path
+) -> None:
+    pki = make_test_ca(tmp_path / "pki")
+    orthanc = orthanc_factory(dicomweb=True)
+    proxy = TlsProxy(orthanc.http_port, pki.server.cert, pki.server.key, client_ca=pki.ca)
+    try:
+        url = f"https://127.0.0.1:{proxy.port}/dicom-web"
+        tls = TlsSettings(cert=pki.client.cert, key=pki.client.key, ca=pki.ca)
+        results = phantom_results()
+        settings = DeliverySettings(options=SendOptions(tls=tls))
+        delivered = open_destination(HttpEndpoint("dicomweb", url), settings).send(results)
+        assert len(delivered.items) == 2
+        assert len(orthanc.find_instances(results.study_instance_uid)) == 2
+        with pytest.raises(TransientSendError, match="SSL"):  # not in the system store
+            _destination(url).send(phantom_results())
+        no_client_cert = DeliverySettings(options=SendOptions(tls=TlsSettings(ca=pki.ca)))
+        with pytest.raises(TransientSendError):
+            open_destination(HttpEndpoint("dicomweb", url), no_client_cert).send(phantom_results())
+    finally:
+        proxy.close()

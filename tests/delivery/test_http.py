@@ -30,7 +30,8 @@ def test_the_session_carries_the_token_and_verifies_against_the_ca(tmp_path: Pat
     session = open_session(HttpEndpoint("fhir", "https://h", token_file=token), TlsSettings(ca=ca))
     assert session.headers["Authorization"] == "Bearer abc"
     assert session.verify == str(ca)
-    assert open_session(HttpEndpoint("fhir", "https://h"), TlsSettings()).verify is True
+    system = open_session(HttpEndpoint("fhir", "https://h"), TlsSettings()).verify
+    assert system is True or Path(str(system)).exists()
 
 
 def test_an_empty_credential_file_is_refused(tmp_path: Path) -> None:
@@ -38,3 +39,14 @@ def test_an_empty_credential_file_is_refused(tmp_path: Path) -> None:
     empty.write_text("\n")
     with pytest.raises(ConfigError, match="empty"):
         open_session(HttpEndpoint("fhir", "https://h", token_file=empty), TlsSettings())
+
+
+def test_the_configured_ca_wins_over_requests_environment_variables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/elsewhere/bundle.pem")
+    monkeypatch.setenv("CURL_CA_BUNDLE", "/elsewhere/bundle.pem")
+    ca = tmp_path / "ca.pem"
+    session = open_session(HttpEndpoint("dicomweb", "https://h"), TlsSettings(ca=ca))
+    merged = session.merge_environment_settings("https://h/x", {}, None, None, None)
+    assert merged["verify"] == str(ca)
