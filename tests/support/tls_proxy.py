@@ -1,6 +1,9 @@
-"""A TLS front for a plain loopback HTTP server (the Debian Orthanc exits with SIGSEGV when
-started with ``SslEnabled``, so its own HTTPS cannot be used): Python's ``ssl`` terminates TLS with a test CA's server certificate, optionally requiring a
-client certificate, and relays the bytes both ways to the server behind it."""
+"""A TLS front for a plain loopback HTTP server.
+
+The Debian Orthanc exits with SIGSEGV when started with ``SslEnabled``, so its own HTTPS cannot
+be used: Python's ``ssl`` terminates TLS with a test CA's server certificate, optionally
+requiring a client certificate, and relays the bytes both ways to the server behind it.
+"""
 
 from __future__ import annotations
 
