@@ -37,11 +37,15 @@ def open_destination(address: DestinationAddress, settings: DeliverySettings) ->
     Raises
     ------
     ConfigError
-        When the kind of destination has no sender in this release.
+        When the kind of destination has no sender in this release, or a credential file
+        named in the address cannot be read.
     """
     from delivery.destinations import DicomPeer as _DicomPeer
+    from delivery.destinations import HttpEndpoint
     from delivery.destinations import MllpPeer as _MllpPeer
 
+    # Each sender imports its client library here, so a process that never sends (the DICOM
+    # node) loads none of them.
     if isinstance(address, _DicomPeer):
         from delivery.dimse import DicomDestination
 
@@ -50,6 +54,18 @@ def open_destination(address: DestinationAddress, settings: DeliverySettings) ->
         from delivery.hl7 import Hl7Destination  # hl7apy loads only where HL7 is sent
 
         return Hl7Destination(address, settings.ae_title, settings.timeout, settings.tls)
+    if isinstance(address, HttpEndpoint) and address.kind == "dicomweb":
+        from delivery.dicomweb import DicomwebDestination
+        from delivery.http import open_session
+
+        session = open_session(address, settings.tls)
+        return DicomwebDestination(address, session, settings.timeout)
+    if isinstance(address, HttpEndpoint) and address.kind == "fhir":
+        from delivery.fhir import FhirDestination
+        from delivery.http import open_session
+
+        session = open_session(address, settings.tls)
+        return FhirDestination(address, session, settings.timeout)
     from dicom_node.settings import ConfigError
 
     raise ConfigError("D2R_DESTINATIONS", f"no sender for {address.kind} destinations yet")

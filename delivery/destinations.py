@@ -8,9 +8,9 @@ item                                kind      sender
 ==================================  ========  ===============================================
 ``AET@host:port``, ``dicom://…``    dicom     C-STORE of the SRs (:mod:`delivery.dimse`)
 ``tls://…``, ``dicom+tls://…``      dicom     the same over DICOM TLS
-``dicomweb+http(s)://host/path``    dicomweb  STOW-RS of the SRs
+``dicomweb+http(s)://host/path``    dicomweb  STOW-RS of the SRs (:mod:`delivery.dicomweb`)
 ``mllp://host:port``, ``mllp+tls``  mllp      HL7 v2.5.1 ORU^R01 over MLLP
-``fhir+http(s)://host/base``        fhir      FHIR R4 transaction Bundle (DiagnosticReport)
+``fhir+http(s)://host/base``        fhir      FHIR R4 transaction (:mod:`delivery.fhir`)
 ==================================  ========  ===============================================
 
 An address never holds a secret: a URL with ``user:password@`` is refused. HTTP destinations

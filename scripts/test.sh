@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh --test
 bash tests/support/install-viewer.sh
+bash tests/support/install-fhir-server.sh
 . .venv/bin/activate
 ruff check .
 ruff format --check .

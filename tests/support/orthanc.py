@@ -164,6 +164,11 @@ class OrthancServer:
         A fixed DICOM port (e.g. to bring a "PACS" back where it was); free port otherwise.
     dicomweb_servers
         Remote DICOMweb servers for the plugin (see :func:`build_config`).
+    http_port
+        A fixed HTTP port (e.g. to bring a DICOMweb archive back where it was).
+    extra_config
+        Configuration keys that replace the defaults (e.g. ``AuthenticationEnabled``); the
+        REST helpers of this class do not authenticate.
     """
 
     def __init__(
@@ -176,6 +181,8 @@ class OrthancServer:
         max_pdu: int | None = None,
         dicom_port: int | None = None,
         dicomweb_servers: Mapping[str, Mapping[str, Any]] | None = None,
+        http_port: int | None = None,
+        extra_config: Mapping[str, Any] | None = None,
     ) -> None:
         if not aet or len(aet) > 16:
             raise ValueError(f"aet must be 1 to 16 characters, got {aet!r}")
@@ -188,6 +195,8 @@ class OrthancServer:
         self.http_port = 0
         self.dicom_port = 0
         self._fixed_dicom_port = dicom_port
+        self._fixed_http_port = http_port
+        self.extra_config = dict(extra_config or {})
         self.log_path = self.workdir / "orthanc.log"
         self.config_path = self.workdir / "orthanc.json"
         self._process: subprocess.Popen[bytes] | None = None
@@ -224,7 +233,7 @@ class OrthancServer:
             if plugin is None:
                 raise OrthancError("DICOMweb plugin missing (Debian package 'orthanc-dicomweb')")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.http_port = free_port()
+        self.http_port = self._fixed_http_port or free_port()
         self.dicom_port = self._fixed_dicom_port or free_port()
         while self.dicom_port == self.http_port:
             self.dicom_port = free_port()
@@ -238,6 +247,7 @@ class OrthancServer:
             max_pdu=self.max_pdu,
             dicomweb_servers=self.dicomweb_servers,
         )
+        config.update(self.extra_config)
         self.config_path.write_text(json.dumps(config, indent=2))
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(
@@ -259,7 +269,16 @@ class OrthancServer:
             try:
                 self.get("/system", timeout=1.0)
                 return
-            except (OSError, OrthancError):
+            except OrthancError as exc:
+                if "HTTP 401" in str(exc):  # authentication on: it answers
+                    return
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise OrthancError(
+                        f"Orthanc did not answer within {timeout} s:\n{self.log_tail()}"
+                    ) from None
+                time.sleep(0.05)
+            except OSError:
                 if time.monotonic() > deadline:
                     self.stop()
                     raise OrthancError(
