@@ -440,18 +440,16 @@ def _attempt(
 
 
 def _content(result: pipeline.ReportResult) -> ReportContent:
-    """What the HL7 and FHIR senders send: the prediction, tied to the TID 1500 SR."""
+    """What the HL7 and FHIR senders send: what the SRs say (the grounded lesions, each with
+    its sentence, and the checked impression), tied to the TID 1500 SR."""
     pred = result.prediction
-    sentences: dict[int, str] = {}
-    for sentence in getattr(pred, "sentences", ()) or ():
-        for index in getattr(sentence, "lesion_indices", ()):
-            sentences.setdefault(index, str(getattr(sentence, "text", "")))
+    said = result.content
     return ReportContent(
-        findings=pred.findings,
-        impression=pred.impression,
+        findings=said.findings,
+        impression=said.impression,
         lesions=tuple(
-            FindingBox(lesion.class_name, lesion.score, lesion.box, sentence=sentences.get(i))
-            for i, lesion in enumerate(pred.lesions)
+            FindingBox(lesion.class_name, lesion.score, lesion.box, sentence=lesion.sentence)
+            for lesion in said.lesions
         ),
         model_name=pred.model_name,
         model_version=pred.model_version,
