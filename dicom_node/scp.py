@@ -71,7 +71,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 
 from dicom_node import statuses
 from dicom_node.errors import InstanceRejected, SpoolFullError, SpoolWriteError
-from dicom_node.metadata import parse_header
+from dicom_node.metadata import InstanceHeader, parse_header
 from dicom_node.selection import (
     CR_IMAGE_STORAGE,
     DX_FOR_PRESENTATION,
@@ -80,7 +80,7 @@ from dicom_node.selection import (
     is_chest_body_part,
 )
 from dicom_node.settings import IPNetwork, NodeSettings
-from dicom_node.spool import IncomingFile, Spool
+from dicom_node.spool import IncomingFile, Spool, SpooledInstance
 from dicom_node.studies import InstanceRecord
 from dicom_node.tcp import large_reads, no_delay
 
@@ -384,6 +384,28 @@ def _reject(
         logger.exception("could not record rejection of SOP Instance %s", sop_instance_uid)
 
 
+def instance_record(
+    header: InstanceHeader, spooled: SpooledInstance, transfer_syntax: str, calling_ae_title: str
+) -> InstanceRecord:
+    """The study-database row of an instance just spooled (C-STORE and STOW-RS alike)."""
+    return InstanceRecord(
+        study_instance_uid=header.study_instance_uid,
+        series_instance_uid=header.series_instance_uid,
+        sop_instance_uid=header.sop_instance_uid,
+        sop_class_uid=header.sop_class_uid,
+        transfer_syntax_uid=transfer_syntax,
+        modality=header.modality,
+        body_part_examined=header.body_part_examined,
+        view_position=header.view_position,
+        series_description=header.series_description,
+        path=str(spooled.path),
+        size=spooled.size,
+        sha256=spooled.sha256,
+        calling_ae_title=calling_ae_title,
+        received_at=datetime.now(UTC),
+    )
+
+
 def handle_store(
     event: evt.Event,
     spool: Spool,
@@ -510,23 +532,7 @@ def _handle_store(
         except (SpoolFullError, SpoolWriteError) as exc:
             return _spool_failed(exc, store, sop_instance_uid, study_uid, calling)
         store.record_instance(
-            InstanceRecord(
-                study_instance_uid=study_uid,
-                series_instance_uid=header.series_instance_uid,
-                sop_instance_uid=sop_instance_uid,
-                sop_class_uid=sop_class_uid,
-                transfer_syntax_uid=transfer_syntax,
-                modality=header.modality,
-                body_part_examined=header.body_part_examined,
-                view_position=header.view_position,
-                series_description=header.series_description,
-                path=str(spooled.path),
-                size=spooled.size,
-                sha256=spooled.sha256,
-                calling_ae_title=calling,
-                received_at=datetime.now(UTC),
-            ),
-            outcome=spooled.outcome,
+            instance_record(header, spooled, transfer_syntax, calling), outcome=spooled.outcome
         )
         if associations is not None and spooled.outcome == "stored":
             associations.stored(event.assoc, study_uid)

@@ -41,7 +41,6 @@ import logging
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import IO, Any, Final, Protocol
 
 from multipart import (
@@ -57,9 +56,8 @@ from pydicom.tag import BaseTag
 from dicom_node import statuses
 from dicom_node.errors import InstanceRejected, NodeError, SpoolFullError, SpoolWriteError
 from dicom_node.metadata import parse_header
-from dicom_node.scp import STORAGE_SOP_CLASSES, AssociationLedger, StudyRecorder
+from dicom_node.scp import STORAGE_SOP_CLASSES, AssociationLedger, StudyRecorder, instance_record
 from dicom_node.spool import Spool
-from dicom_node.studies import InstanceRecord
 
 __all__ = [
     "DICOM_JSON",
@@ -563,22 +561,7 @@ class StowReceiver:
                     sop_class, sop_uid, study_uid, statuses.PROCESSING_FAILURE, reason=str(exc)
                 )
             self.store.record_instance(
-                InstanceRecord(
-                    study_instance_uid=study_uid,
-                    series_instance_uid=header.series_instance_uid,
-                    sop_instance_uid=sop_uid,
-                    sop_class_uid=sop_class,
-                    transfer_syntax_uid=transfer_syntax,
-                    modality=header.modality,
-                    body_part_examined=header.body_part_examined,
-                    view_position=header.view_position,
-                    series_description=header.series_description,
-                    path=str(spooled.path),
-                    size=spooled.size,
-                    sha256=spooled.sha256,
-                    calling_ae_title=STOW_CALLING_AE,
-                    received_at=datetime.now(UTC),
-                ),
+                instance_record(header, spooled, transfer_syntax, STOW_CALLING_AE),
                 outcome=spooled.outcome,
             )
             return PartResult(
