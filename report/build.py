@@ -19,6 +19,14 @@ DICOM PS3.16 TID 1500 "Imaging Measurement Report"::
      '- CONTAINER (C0034375,UMLS,"Qualitative Evaluations")
          TEXT (121070,DCM,"Findings"), TEXT (121073,DCM,"Impression")
 
+With ``roi_encoding=RoiEncoding.TID1501`` each lesion group is instead a TID 1501
+"Measurement and Qualitative Evaluation Group" without a group-level SCOORD: the box is
+only the NUM's INFERRED FROM SCOORD (TID 300 / TID 320), the group lists its source image,
+and two TEXT (121106,DCM,"Comment") items carry the label "<finding> <NN> %" and the
+grounded sentence. That is the form OHIF 3.13 draws labels from (docs/air-conformance.md,
+"Box labels in OHIF"); the default TID 1410 form is what 3D Slicer and highdicom read as a
+planar ROI.
+
 The second (optional, on by default) is a Basic Text SR (…88.11) with root
 (18748-4,LN,"Diagnostic Imaging Report") and the same two TEXT items, in its own series.
 
@@ -34,6 +42,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from numbers import Real
 from typing import Any, Final
 
@@ -77,6 +86,7 @@ __all__ = [
     "NO_IMPRESSION_TEXT",
     "OHIF_RECTANGLE_ROI_TRACKING_IDENTIFIER",
     "REFERENCEABLE_SOP_CLASSES",
+    "RoiEncoding",
     "SR_SPECIFIC_CHARACTER_SET",
     "TEXT_SR_SERIES_NUMBER",
     "AlgorithmInfo",
@@ -87,6 +97,7 @@ __all__ = [
     "closed_polyline",
     "default_series_description",
     "derive_uid",
+    "finding_label",
     "source_modality",
 ]
 
@@ -101,6 +112,23 @@ NO_IMPRESSION_TEXT: Final = "No impression generated."
 #: Tracking identifier that makes OHIF offer a group as an editable rectangle. An
 #: identifier prefix containing ``":"`` names such a viewer tool and is used verbatim.
 OHIF_RECTANGLE_ROI_TRACKING_IDENTIFIER: Final = "Cornerstone3DTools@^0.1.0:RectangleROI"
+
+
+class RoiEncoding(StrEnum):
+    """How a lesion box is written in its TID 1500 measurement group."""
+
+    #: TID 1410 planar ROI group: SCOORD at group level (3D Slicer, highdicom, IHE AIR)
+    TID1410 = "tid1410"
+    #: TID 1501 group: the box only as the Certainty NUM's INFERRED FROM SCOORD, plus
+    #: Comment TEXT items "<finding> <NN> %" and the sentence (what OHIF labels boxes with)
+    TID1501 = "tid1501"
+
+
+#: a lesion's measurement group in either encoding
+_LesionGroup = (
+    hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.MeasurementsAndQualitativeEvaluations
+)
 
 #: Words in an algorithm name that mark a model not fit for clinical use.
 _NOT_FOR_DIAGNOSTIC_USE_MARKERS: Final = ("demo", "synthetic", "phantom", "random", "untrained")
@@ -567,6 +595,29 @@ def _region_source(image: Dataset) -> hd.sr.SourceImageForRegion:
     return hd.sr.SourceImageForRegion.from_source_image(image)
 
 
+def finding_label(class_name: str, score: float) -> str:
+    """The box label of the TID 1501 encoding: the finding and its score as a whole percent.
+
+    >>> finding_label("Pleural effusion", 0.465)
+    'Pleural effusion 47 %'
+    """
+    return f"{class_name} {math.floor(score * 100.0 + 0.5):d} %"
+
+
+def _box_coordinates(polyline: npt.NDArray[np.float32], image: Dataset) -> hd.sr.ContentSequence:
+    """The box as a NUM's INFERRED FROM SCOORD (TID 320) > SELECTED FROM IMAGE."""
+    return hd.sr.ContentSequence(
+        [
+            hd.sr.CoordinatesForMeasurement(
+                graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                graphic_data=polyline,
+                source_image=_region_source(image),
+                purpose=codes.DCM.ImageRegion,
+            )
+        ]
+    )
+
+
 def _lesion_group(
     lesion: LesionFinding,
     box: Box,
@@ -574,14 +625,11 @@ def _lesion_group(
     image: Dataset,
     algorithm: AlgorithmInfo,
     tracking_identifier_prefix: str,
-) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    """TID 1410 group for one (clipped, non-degenerate) box."""
+    encoding: RoiEncoding,
+) -> _LesionGroup:
+    """TID 1410 (or, with :attr:`RoiEncoding.TID1501`, TID 1501) group for one (clipped,
+    non-degenerate) box."""
     polyline = closed_polyline(box)
-    region = hd.sr.ImageRegion(
-        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-        graphic_data=polyline,
-        source_image=_region_source(image),
-    )
     certainty = hd.sr.Measurement(
         name=CERTAINTY_OF_FINDING, value=round(lesion.score * 100.0, 2), unit=PERCENT
     )
@@ -597,38 +645,60 @@ def _lesion_group(
         ),
         identifier=_tracking_identifier(tracking_identifier_prefix, number),
     )
-    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=tracking,
-        referenced_region=region,
-        finding_type=codes_.finding,
-        finding_sites=(
+    common: dict[str, Any] = {
+        "tracking_identifier": tracking,
+        "finding_type": codes_.finding,
+        "finding_sites": (
             [hd.sr.FindingSite(codes_.finding_site)] if codes_.finding_site is not None else None
         ),
-        algorithm_id=hd.sr.AlgorithmIdentification(
+        "algorithm_id": hd.sr.AlgorithmIdentification(
             name=algorithm.name,
             version=algorithm.version,
             manufacturer=algorithm.manufacturer,
             parameters=list(algorithm.parameters) or None,
         ),
-        measurements=[certainty],
-        geometric_purpose=BOUNDED_BY,
-    )
-    # Viewers that turn groups into editable tools (dcmjs) read the box from the first NUM's
-    # INFERRED FROM SCOORD (TID 300); highdicom refuses it at construction, so add it here.
-    num_items = [item for item in group[0].ContentSequence if item.ValueType == "NUM"]
-    num_items[0].ContentSequence = hd.sr.ContentSequence(
-        [
-            hd.sr.CoordinatesForMeasurement(
+        "measurements": [certainty],
+    }
+    group: _LesionGroup
+    if encoding is RoiEncoding.TID1501:
+        group = hd.sr.MeasurementsAndQualitativeEvaluations(
+            source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(image)],
+            **common,
+        )
+    else:
+        group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            referenced_region=hd.sr.ImageRegion(
                 graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
                 graphic_data=polyline,
                 source_image=_region_source(image),
-                purpose=codes.DCM.ImageRegion,
+            ),
+            geometric_purpose=BOUNDED_BY,
+            **common,
+        )
+    # The box as the Certainty NUM's INFERRED FROM SCOORD (TID 300 > TID 320): dcmjs reads it
+    # there to make an editable tool, and in TID 1501 it is the only place of the box.
+    # highdicom refuses it on a planar ROI group's measurement, so it is added here.
+    num_items = [item for item in group[0].ContentSequence if item.ValueType == "NUM"]
+    num_items[0].ContentSequence = _box_coordinates(polyline, image)
+    items = group[0].ContentSequence
+    if encoding is RoiEncoding.TID1501:
+        # OHIF labels a group without a group-level SCOORD with each Comment TEXT's value
+        items.append(
+            hd.sr.TextContentItem(
+                name=codes.DCM.Comment,
+                value=finding_label(lesion.class_name, lesion.score),
+                relationship_type=_CONTAINS,
             )
-        ]
-    )
+        )
+        if lesion.sentence is not None:
+            items.append(
+                hd.sr.TextContentItem(
+                    name=codes.DCM.Comment, value=lesion.sentence, relationship_type=_CONTAINS
+                )
+            )
     if lesion.sentence is not None:
-        # TID 1410 row "Qualitative Evaluations" (TEXT): the grounded findings sentence
-        group[0].ContentSequence.append(
+        # TID 1410/1501 row "Qualitative Evaluations" (TEXT): the grounded findings sentence
+        items.append(
             hd.sr.TextContentItem(
                 name=QUALITATIVE_EVALUATIONS, value=lesion.sentence, relationship_type=_CONTAINS
             )
@@ -637,10 +707,13 @@ def _lesion_group(
 
 
 def _measurement_groups(
-    content: ReportContent, algorithm: AlgorithmInfo, tracking_identifier_prefix: str
-) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    content: ReportContent,
+    algorithm: AlgorithmInfo,
+    tracking_identifier_prefix: str,
+    encoding: RoiEncoding,
+) -> list[_LesionGroup]:
     image = content.image
-    groups: list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
+    groups: list[_LesionGroup] = []
     for index, lesion in enumerate(content.lesions, start=1):
         box = clip_box(lesion.box, int(image.Columns), int(image.Rows))
         if box is None:
@@ -660,7 +733,13 @@ def _measurement_groups(
             )
         groups.append(
             _lesion_group(
-                lesion, box, len(groups) + 1, image, algorithm, tracking_identifier_prefix
+                lesion,
+                box,
+                len(groups) + 1,
+                image,
+                algorithm,
+                tracking_identifier_prefix,
+                encoding,
             )
         )
     return groups
@@ -669,7 +748,7 @@ def _measurement_groups(
 def _measurement_report(
     content: ReportContent,
     algorithm: AlgorithmInfo,
-    groups: Sequence[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations],
+    groups: Sequence[_LesionGroup],
 ) -> hd.sr.ContainerContentItem:
     """TID 1500 root container (assembled here so that zero lesions is allowed)."""
     root = hd.sr.ContainerContentItem(name=IMAGING_MEASUREMENT_REPORT, template_id="1500")
@@ -746,6 +825,7 @@ def build_reports(
     *,
     text_sr: bool = True,
     tracking_identifier_prefix: str = "lesion",
+    roi_encoding: RoiEncoding = RoiEncoding.TID1410,
     series_number: int = COMPREHENSIVE_SR_SERIES_NUMBER,
     text_series_number: int = TEXT_SR_SERIES_NUMBER,
     series_description: str | None = None,
@@ -766,6 +846,9 @@ def build_reports(
         Tracking Identifier of lesion *n* is ``"<prefix>-<n>"``; a prefix containing ``":"``
         (a viewer tool tag such as :data:`OHIF_RECTANGLE_ROI_TRACKING_IDENTIFIER`) is used
         verbatim.
+    roi_encoding : RoiEncoding
+        How each lesion group holds its box: TID 1410 planar ROI (default) or TID 1501 with
+        the box under the Certainty NUM and Comment labels for OHIF.
     series_number, text_series_number : int
         Series Numbers of the two SR series.
     series_description, text_series_description : str or None
@@ -795,6 +878,7 @@ def build_reports(
     if not isinstance(algorithm, AlgorithmInfo):
         raise TypeError(f"algorithm must be an AlgorithmInfo, not {type(algorithm).__name__}")
     _check_text(tracking_identifier_prefix, "tracking_identifier_prefix", max_length=_LO_MAX)
+    roi_encoding = RoiEncoding(roi_encoding)  # ValueError naming the bad value
     for name, number in (
         ("series_number", series_number),
         ("text_series_number", text_series_number),
@@ -816,7 +900,7 @@ def build_reports(
 
     study_uid = str(content.image.StudyInstanceUID)
     evidence = [_source_header(ds) for ds in content.evidence]
-    groups = _measurement_groups(content, algorithm, tracking_identifier_prefix)
+    groups = _measurement_groups(content, algorithm, tracking_identifier_prefix, roi_encoding)
     uses_private_codes = any(
         finding_codes(lesion.class_name).is_private
         for lesion in content.lesions

@@ -16,8 +16,10 @@ Screenshots go to ``$D2R_TEST_ARTIFACTS`` (default ``<repo>/test-artifacts``).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,7 +28,14 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from report.build import AlgorithmInfo, LesionFinding, ReportContent, build_reports
+from report.build import (
+    AlgorithmInfo,
+    LesionFinding,
+    ReportContent,
+    RoiEncoding,
+    build_reports,
+    finding_label,
+)
 from report.codes import finding_codes
 from tests.support.dicom_files import make_sc
 from tests.support.fixtures import OrthancFactory
@@ -56,6 +65,13 @@ PIXEL_TOLERANCE = 3.0
 LESIONS = (
     LesionFinding("Cardiomegaly", 0.87, (820.0, 1250.0, 1420.0, 1850.0)),
     LesionFinding("Pleural effusion", 0.64, (1350.0, 1500.0, 1750.0, 1900.0)),
+)
+#: "<Finding name> <NN> %", the box label of the TID 1501 encoding
+LABEL_PATTERN = re.compile(r"[A-Z][A-Za-z /-]+ (100|[1-9]?[0-9]) %")
+#: the same boxes with the findings sentence each one supports (report.grounding)
+GROUNDED_LESIONS = (
+    dataclasses.replace(LESIONS[0], sentence="Enlarged cardiac silhouette."),
+    dataclasses.replace(LESIONS[1], sentence="Small right pleural effusion."),
 )
 
 
@@ -213,6 +229,59 @@ def test_result_sr_boxes_drawn_and_editable(
     assert drawn == expected
     assert result.hydrated_rectangles == len(LESIONS)
     assert result.timings["total"] < 60
+
+
+@pytest.mark.usefixtures("viewer_ready")
+def test_tid1501_encoding_labels_boxes_with_finding_and_score(
+    orthanc_factory: OrthancFactory, chest: tuple[Path, pydicom.Dataset], tmp_path: Path
+) -> None:
+    """With ``D2R_SR_ROI_ENCODING=tid1501`` OHIF labels each box "<finding> <NN> %" and
+    shows the grounded sentence beside it."""
+    image_path, image = chest
+    (sr,) = build_reports(
+        ReportContent(
+            findings="Enlarged cardiac silhouette. Small right pleural effusion.",
+            impression="Cardiomegaly; pleural effusion.",
+            lesions=GROUNDED_LESIONS,
+            image=image,
+        ),
+        AlgorithmInfo(name="d2r-viewer-test", version="0.0.0"),
+        text_sr=False,
+        roi_encoding=RoiEncoding.TID1501,
+    )
+    sr_path = tmp_path / "sr.dcm"
+    sr.save_as(sr_path, enforce_file_format=True)
+    orthanc = orthanc_factory(dicomweb=True)
+    store(orthanc, image_path, sr_path)
+
+    result = check_sr_in_ohif(
+        orthanc,
+        image.StudyInstanceUID,
+        int(sr.SeriesNumber),
+        artifacts_dir(),
+        hydrate=True,
+        hydration_timeout=6,
+        name="ohif-result-sr-tid1501",
+    )
+
+    assert result.screenshot.stat().st_size > 10_000
+    assert_boxes_drawn(result, [les.box for les in GROUNDED_LESIONS], image.Columns, image.Rows)
+    # OHIF 3.13.2 draws each label of a group without group-level SCOORD as "label: value":
+    # first the Comment TEXT items (value empty, so the line ends in ":"), then the NUM
+    assert len(result.labels) == len(GROUNDED_LESIONS), result.labels
+    by_first_line = {box[0]: box for box in result.labels}
+    for lesion in GROUNDED_LESIONS:
+        label = finding_label(lesion.class_name, lesion.score)
+        assert LABEL_PATTERN.fullmatch(label), label
+        assert label == f"{lesion.class_name} {round(lesion.score * 100)} %"
+        assert by_first_line.get(f"{label}:") == [
+            f"{label}:",
+            f"{lesion.sentence}:",
+            f"Certainty of Finding: {lesion.score * 100:.2f} %",
+        ], result.labels
+    # no "continue tracking": OHIF hydrates by graphic type (group-level SCOORD) or by a
+    # cornerstone tool name in the Tracking Identifier, and this SR has neither
+    assert result.hydrated_rectangles is None
 
 
 @pytest.mark.usefixtures("viewer_ready")
