@@ -6,7 +6,8 @@ them (``D2R_STATUS_PAGE_PHI=true``); by default the page shows UIDs only.
 
 The preview decodes the frontal image with pydicom (no torch), windows it to 8 bits, downscales
 it and draws the lesion boxes read from the TID 1500 SR: each measurement group's ``Image Region``
-SCOORD POLYLINE, in source-image pixel coordinates.
+SCOORD POLYLINE, in source-image pixel coordinates; in a group without one (the TID 1501 encoding,
+``D2R_SR_ROI_ENCODING=tid1501``), the POLYLINE its first NUM is INFERRED FROM.
 """
 
 from __future__ import annotations
@@ -80,8 +81,27 @@ def _walk_groups(items: Iterable[Dataset]) -> Iterable[Dataset]:
             yield from _walk_groups(item.get("ContentSequence", []))
 
 
+def _polyline_box(scoord: Dataset, label: str) -> Box | None:
+    data = [float(v) for v in scoord.GraphicData]
+    points = tuple(zip(data[0::2], data[1::2], strict=True))
+    ref = ""
+    for image in scoord.get("ContentSequence", []):
+        refs = image.get("ReferencedSOPSequence")
+        if image.get("ValueType") == "IMAGE" and refs:
+            ref = str(refs[0].ReferencedSOPInstanceUID)
+    return Box(sop_instance_uid=ref, label=label, points=points) if points else None
+
+
+def _is_polyline(item: Dataset) -> bool:
+    return item.get("ValueType") == "SCOORD" and item.get("GraphicType") == "POLYLINE"
+
+
 def boxes_from_sr(ds: Dataset) -> list[Box]:
-    """The POLYLINE image regions of a TID 1500 SR, labelled with their finding."""
+    """The POLYLINE image regions of a TID 1500 SR, labelled with their finding.
+
+    A group's own SCOORDs (TID 1410); a group without any gives the POLYLINE its first NUM
+    is INFERRED FROM (TID 1501), so each box is read once in either encoding.
+    """
     boxes = []
     for group in _walk_groups([ds]):
         children = group.get("ContentSequence", [])
@@ -92,18 +112,17 @@ def boxes_from_sr(ds: Dataset) -> list[Box]:
                 and _code_value(child, "ConceptNameCodeSequence") == FINDING
             ):
                 label = str(child.ConceptCodeSequence[0].CodeMeaning)
-        for child in children:
-            if child.get("ValueType") != "SCOORD" or child.get("GraphicType") != "POLYLINE":
-                continue
-            data = [float(v) for v in child.GraphicData]
-            points = tuple(zip(data[0::2], data[1::2], strict=True))
-            ref = ""
-            for image in child.get("ContentSequence", []):
-                refs = image.get("ReferencedSOPSequence")
-                if image.get("ValueType") == "IMAGE" and refs:
-                    ref = str(refs[0].ReferencedSOPInstanceUID)
-            if points:
-                boxes.append(Box(sop_instance_uid=ref, label=label, points=points))
+        scoords = [child for child in children if _is_polyline(child)]
+        if not scoords:
+            nums = [child for child in children if child.get("ValueType") == "NUM"]
+            inferred = [
+                i for i in (nums[0].get("ContentSequence", []) if nums else []) if _is_polyline(i)
+            ]
+            scoords = inferred[:1]
+        for scoord in scoords:
+            box = _polyline_box(scoord, label)
+            if box is not None:
+                boxes.append(box)
     return boxes
 
 

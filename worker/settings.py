@@ -26,6 +26,8 @@ FILESYSTEM_BROKER = "filesystem://"
 #: produces is labelled "not for diagnostic use"; ``D2R_MODEL`` replaces it
 BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "models" / "d2r-demo-phantom"
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
+#: ``D2R_SR_ROI_ENCODING``: how the TID 1500 SR holds each box (``report.build.RoiEncoding``)
+SR_ROI_ENCODINGS = ("tid1410", "tid1501")
 #: the Python package each backend needs (checked before the worker starts)
 _BACKEND_PACKAGES = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}
 
@@ -51,6 +53,13 @@ def _sha256(text: str) -> str:
     value = text.lower()
     if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
         raise ValueError("expected 64 hexadecimal digits (d2r init-model prints the hash)")
+    return value
+
+
+def _roi_encoding(text: str) -> str:
+    value = text.strip().lower()
+    if value not in SR_ROI_ENCODINGS:
+        raise ValueError(f"expected one of {', '.join(SR_ROI_ENCODINGS)}, got {text!r}")
     return value
 
 
@@ -124,6 +133,10 @@ class WorkerSettings:
     concurrency: int = 1
     text_sr: bool = True
     tracking_identifier_prefix: str = "lesion"
+    #: lesion groups as TID 1410 planar ROIs (default) or as TID 1501 groups whose box sits
+    #: under the Certainty NUM, with "<finding> <NN> %" Comments OHIF shows as box labels
+    #: (``D2R_SR_ROI_ENCODING``)
+    sr_roi_encoding: str = "tid1410"
     #: lesions below this score are not reported (None: the checkpoint's own threshold)
     lesion_min_score: float | None = None
     #: the checkpoint hash the worker must load (None: any checkpoint at ``model_path``)
@@ -203,6 +216,9 @@ class WorkerSettings:
             text_sr=env_setting(env, "D2R_TEXT_SR", d.text_sr, parse_bool),
             tracking_identifier_prefix=env_setting(
                 env, "D2R_SR_TRACKING_IDENTIFIER", d.tracking_identifier_prefix, str
+            ),
+            sr_roi_encoding=env_setting(
+                env, "D2R_SR_ROI_ENCODING", d.sr_roi_encoding, _roi_encoding
             ),
             lesion_min_score=env_setting(env, "D2R_LESION_MIN_SCORE", None, _unit_interval),
             model_sha256=env_setting(env, "D2R_MODEL_SHA256", None, _sha256),

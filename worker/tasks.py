@@ -374,7 +374,7 @@ def _attempt(
 ) -> str:
     """Read, predict, build, write and record one claimed study; ``read_image`` and
     ``predict`` replace the spool read and the model (a batch predicted beforehand)."""
-    from report.build import AlgorithmInfo, build_reports
+    from report.build import AlgorithmInfo, RoiEncoding, build_reports
 
     settings = ctx.settings
     store = ctx.store
@@ -390,6 +390,7 @@ def _attempt(
             algorithm,
             text_sr=settings.text_sr,
             tracking_identifier_prefix=settings.tracking_identifier_prefix,
+            roi_encoding=RoiEncoding(settings.sr_roi_encoding),
         )
 
     def predict_one(datasets: Sequence[Dataset]) -> Any:

@@ -151,3 +151,14 @@ def test_attempts_and_claim_lease_settings() -> None:
         )
     with pytest.raises(NodeError, match="D2R_MAX_ATTEMPTS"):
         NodeSettings.from_env({"D2R_MAX_ATTEMPTS": "0"})
+
+
+def test_sr_roi_encoding_setting() -> None:
+    from report.build import RoiEncoding
+    from worker.settings import SR_ROI_ENCODINGS, WorkerSettings
+
+    assert WorkerSettings.from_env({}).sr_roi_encoding == "tid1410"
+    assert WorkerSettings.from_env({"D2R_SR_ROI_ENCODING": "TID1501"}).sr_roi_encoding == "tid1501"
+    assert set(SR_ROI_ENCODINGS) == {e.value for e in RoiEncoding}
+    with pytest.raises(NodeError, match="D2R_SR_ROI_ENCODING"):
+        WorkerSettings.from_env({"D2R_SR_ROI_ENCODING": "tid1411"})

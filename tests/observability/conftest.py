@@ -44,10 +44,20 @@ def record_for(
 
 
 def build_srs(
-    image: pydicom.Dataset, boxes: list[tuple[float, float, float, float]], out: Path
+    image: pydicom.Dataset,
+    boxes: list[tuple[float, float, float, float]],
+    out: Path,
+    roi_encoding: str = "tid1410",
 ) -> list[str]:
-    """Write the TID 1500 and text SRs the worker would write for ``boxes`` on ``image``."""
-    from report.build import AlgorithmInfo, LesionFinding, ReportContent, build_reports
+    """Write the TID 1500 and text SRs the worker would write for ``boxes`` on ``image``
+    (``roi_encoding``: the ``D2R_SR_ROI_ENCODING`` value)."""
+    from report.build import (
+        AlgorithmInfo,
+        LesionFinding,
+        ReportContent,
+        RoiEncoding,
+        build_reports,
+    )
 
     content = ReportContent(
         findings="Findings <b>text</b>",
@@ -58,7 +68,8 @@ def build_srs(
     )
     paths = []
     out.mkdir(parents=True, exist_ok=True)
-    for ds in build_reports(content, AlgorithmInfo(name="d2r-net-random", version="0.0-test")):
+    algorithm = AlgorithmInfo(name="d2r-net-random", version="0.0-test")
+    for ds in build_reports(content, algorithm, roi_encoding=RoiEncoding(roi_encoding)):
         path = out / f"{ds.SOPInstanceUID}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(str(path))

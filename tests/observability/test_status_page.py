@@ -70,12 +70,14 @@ def test_phi_only_when_given() -> None:
     assert EVIL not in page and "&lt;script&gt;" in page and "PID-77" not in page
 
 
+@pytest.mark.parametrize("encoding", ["tid1410", "tid1501"])
 def test_sr_boxes_are_read_back_from_the_tid1500_sr(
-    dx: tuple[pydicom.Dataset, Path], tmp_path: Path
+    dx: tuple[pydicom.Dataset, Path], tmp_path: Path, encoding: str
 ) -> None:
+    """Each box once, from the group's SCOORD (TID 1410) or its NUM's (TID 1501)."""
     image, _ = dx
     wanted = [(20.0, 30.0, 120.0, 90.0), (40.5, 150.0, 180.0, 240.0)]
-    boxes = read_sr_boxes(build_srs(image, wanted, tmp_path / "sr"))
+    boxes = read_sr_boxes(build_srs(image, wanted, tmp_path / "sr", encoding))
     assert [tuple(round(v, 1) for v in b.bounds) for b in boxes] == wanted
     assert all(b.sop_instance_uid == image.SOPInstanceUID for b in boxes)
     assert all(b.label == "Cardiomegaly" for b in boxes)
