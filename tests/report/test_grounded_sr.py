@@ -10,7 +10,7 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 
 from model.predict import Lesion, StudyPrediction
-from report.build import AlgorithmInfo, build_reports
+from report.build import AlgorithmInfo, RoiEncoding, build_reports
 from worker.pipeline import report_content
 
 # RG1 is 1841 columns wide: a box on the image's right is on the patient's left
@@ -32,7 +32,9 @@ def _code(item: Dataset) -> str:
     return str(item.ConceptNameCodeSequence[0].CodeValue)
 
 
-def _reports(header: Dataset, algorithm: AlgorithmInfo) -> list[Dataset]:
+def _reports(
+    header: Dataset, algorithm: AlgorithmInfo, encoding: RoiEncoding = RoiEncoding.TID1410
+) -> list[Dataset]:
     prediction = StudyPrediction(
         FINDINGS,
         "Left pleural effusion. Right lower lung nodule.",
@@ -41,7 +43,7 @@ def _reports(header: Dataset, algorithm: AlgorithmInfo) -> list[Dataset]:
         "d2r-demo-phantom",
         "3.1.0",
     )
-    return build_reports(report_content(prediction, [header]), algorithm)
+    return build_reports(report_content(prediction, [header]), algorithm, roi_encoding=encoding)
 
 
 def test_only_stated_boxes_become_groups_with_their_sentence(
@@ -93,3 +95,34 @@ def test_grounded_sr_is_valid_and_parses_back(
     (group,) = sr.content.get_planar_roi_measurement_groups()  # type: ignore[attr-defined]
     assert group.finding_type.meaning == "Pleural effusion"
     assert group.roi is not None
+
+
+def test_tid1501_group_labels_the_box_with_finding_score_and_sentence(
+    rg1_header: Dataset,
+    algorithm: AlgorithmInfo,
+    tmp_path: Path,
+    dciodvfy_errors: Callable[[Path], list[str]],
+    dsrdump: Callable[[Path], subprocess.CompletedProcess[str]],
+) -> None:
+    """D2R_SR_ROI_ENCODING=tid1501: the box under the Certainty NUM, Comments for OHIF."""
+    comprehensive = _reports(rg1_header, algorithm, RoiEncoding.TID1501)[0]
+    (group,) = [i for i in _walk(comprehensive) if _code(i) == "125007"]
+    assert not any(i.ValueType == "SCOORD" for i in group.ContentSequence)  # not TID 1410
+    comments = [str(i.TextValue) for i in group.ContentSequence if _code(i) == "121106"]
+    assert comments == ["Pleural effusion 47 %", "Moderate left pleural effusion."]
+    sentences = [str(i.TextValue) for i in group.ContentSequence if _code(i) == "C0034375"]
+    assert sentences == ["Moderate left pleural effusion."]
+    path = tmp_path / "sr.dcm"
+    comprehensive.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+    dump = dsrdump(path)
+    assert dump.returncode == 0, dump.stderr
+    assert '"Comment")="Pleural effusion 47 %"' in dump.stdout
+    content = hd.sr.ComprehensiveSR.from_dataset(comprehensive).content
+    assert content.get_planar_roi_measurement_groups() == []  # type: ignore[attr-defined]
+    (parsed,) = content.get_image_measurement_groups()  # type: ignore[attr-defined]
+    assert parsed.finding_type.meaning == "Pleural effusion"
+    (certainty,) = parsed.get_measurements()
+    assert certainty.value == 47.0
+    (region,) = certainty.referenced_coordinates
+    assert list(region.value[0]) + list(region.value[2]) == list(LEFT_EFFUSION.box)

@@ -29,8 +29,10 @@ from report.build import (
     AlgorithmInfo,
     LesionFinding,
     ReportContent,
+    RoiEncoding,
     build_reports,
     clip_box,
+    finding_label,
 )
 from report.codes import PRIVATE_SCHEME_DESIGNATOR, finding_codes
 from report.errors import SourceImageError
@@ -191,6 +193,80 @@ def test_comprehensive_sr_validates_and_round_trips(
     assert all(p.ConceptCodeSequence[0].CodeValue == "75958009" for p in purposes)
     algorithm_names = find_concept(ds, "111001")
     assert len(algorithm_names) == n_lesions, "algorithm identification only on each group"
+
+
+@pytest.mark.parametrize("n_lesions", [1, 3])
+def test_tid1501_encoding_validates_and_round_trips(
+    source: Dataset,
+    n_lesions: int,
+    algorithm: AlgorithmInfo,
+    tmp_path: Path,
+    dciodvfy_errors: DciodvfyErrors,
+    dsrdump: Dsrdump,
+) -> None:
+    """``roi_encoding=TID1501``: same groups, the box only under the Certainty NUM, and the
+    Comment labels; valid, and highdicom reads the groups back as TID 1501 groups."""
+    lesions = [
+        LesionFinding(les.class_name, les.score, les.box, sentence=f"Sentence {i}.")
+        for i, les in enumerate(lesions_inside(source, n_lesions), start=1)
+    ]
+    content = ReportContent("Findings.", "Impression.", lesions, source, [source])
+    tid1410 = build_reports(content, algorithm, text_sr=False)[0]
+    sr = build_reports(content, algorithm, text_sr=False, roi_encoding=RoiEncoding.TID1501)[0]
+    path = tmp_path / "sr.dcm"
+    ds = write_read(sr, path)
+
+    assert dciodvfy_errors(path) == []
+    dump = dsrdump(path)
+    assert dump.returncode == 0, dump.stderr
+    assert ds.SOPInstanceUID == tid1410.SOPInstanceUID  # one identity whatever the encoding
+    assert find_concept(ds, "130400") == []  # geometric purpose belongs to TID 1410
+    content_item = hd.sr.ComprehensiveSR.from_dataset(ds).content
+    assert isinstance(content_item, hd.sr.MeasurementReport)
+    assert content_item.get_planar_roi_measurement_groups() == []
+    groups = content_item.get_image_measurement_groups()
+    assert len(groups) == n_lesions
+    for group, planar, lesion in zip(groups, planar_groups(tid1410), lesions, strict=True):
+        assert group.finding_type == planar.finding_type
+        assert [s.value for s in group.finding_sites] == [s.value for s in planar.finding_sites]
+        assert (group.tracking_identifier, group.tracking_uid) == (
+            planar.tracking_identifier,
+            planar.tracking_uid,
+        )
+        algorithm_names = [
+            item.TextValue
+            for item in group[0].ContentSequence
+            if item.ConceptNameCodeSequence[0].CodeValue == "111001"
+        ]
+        assert algorithm_names == [algorithm.name]
+        (source_image,) = group.source_images
+        assert source_image.referenced_sop_instance_uid == source.SOPInstanceUID
+        assert not any(item.ValueType == "SCOORD" for item in group[0].ContentSequence)
+        (certainty,) = group.get_measurements()
+        assert math.isclose(certainty.value, lesion.score * 100, abs_tol=0.01)
+        (inferred,) = certainty.referenced_coordinates
+        points = check_polyline(inferred.value, source)
+        np.testing.assert_allclose(points[[0, 2]].ravel(), lesion.box, rtol=0, atol=1e-3)
+        image_ref = inferred.ContentSequence[0].ReferencedSOPSequence[0]
+        assert image_ref.ReferencedSOPClassUID == source.SOPClassUID
+        assert image_ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
+        texts = [
+            (item.ConceptNameCodeSequence[0].CodeValue, item.TextValue)
+            for item in group[0].ContentSequence
+            if item.ValueType == "TEXT" and item.RelationshipType == "CONTAINS"
+        ]
+        assert texts == [
+            ("121106", finding_label(lesion.class_name, lesion.score)),
+            ("121106", lesion.sentence),
+            ("C0034375", lesion.sentence),
+        ]
+
+
+def test_finding_label_rounds_half_up() -> None:
+    assert finding_label("Pleural effusion", 0.47) == "Pleural effusion 47 %"
+    assert finding_label("Nodule/Mass", 0.125) == "Nodule/Mass 13 %"
+    assert finding_label("ILD", 0.995) == "ILD 100 %"
+    assert finding_label("Cardiomegaly", 0.004) == "Cardiomegaly 0 %"
 
 
 def test_basic_text_sr_validates(
@@ -509,6 +585,8 @@ def test_build_reports_validation(rg1_header: Dataset, algorithm: AlgorithmInfo)
         build_reports(content, algorithm, series_description="x" * 65)
     with pytest.raises(ValueError, match="tracking_identifier_prefix"):
         build_reports(content, algorithm, tracking_identifier_prefix="")
+    with pytest.raises(ValueError, match="tid1411"):
+        build_reports(content, algorithm, roi_encoding="tid1411")  # type: ignore[arg-type]
 
 
 def test_missing_type2_patient_attributes_are_written_empty(
