@@ -29,6 +29,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from report.build import (
+    OHIF_RECTANGLE_ROI_TRACKING_IDENTIFIER,
     AlgorithmInfo,
     LesionFinding,
     ReportContent,
@@ -232,8 +233,22 @@ def test_result_sr_boxes_drawn_and_editable(
 
 
 @pytest.mark.usefixtures("viewer_ready")
+@pytest.mark.parametrize(
+    ("tracking_identifier", "hydrated"),
+    [
+        # no "continue tracking": OHIF hydrates by graphic type (only read from a group-level
+        # SCOORD) or by a cornerstone tool named in the Tracking Identifier
+        pytest.param("lesion", None, id="display-only"),
+        # D2R_SR_TRACKING_IDENTIFIER names the tool: the boxes also become editable rectangles
+        pytest.param(OHIF_RECTANGLE_ROI_TRACKING_IDENTIFIER, 2, id="rectangle-roi"),
+    ],
+)
 def test_tid1501_encoding_labels_boxes_with_finding_and_score(
-    orthanc_factory: OrthancFactory, chest: tuple[Path, pydicom.Dataset], tmp_path: Path
+    orthanc_factory: OrthancFactory,
+    chest: tuple[Path, pydicom.Dataset],
+    tmp_path: Path,
+    tracking_identifier: str,
+    hydrated: int | None,
 ) -> None:
     """With ``D2R_SR_ROI_ENCODING=tid1501`` OHIF labels each box "<finding> <NN> %" and
     shows the grounded sentence beside it."""
@@ -247,6 +262,7 @@ def test_tid1501_encoding_labels_boxes_with_finding_and_score(
         ),
         AlgorithmInfo(name="d2r-viewer-test", version="0.0.0"),
         text_sr=False,
+        tracking_identifier_prefix=tracking_identifier,
         roi_encoding=RoiEncoding.TID1501,
     )
     sr_path = tmp_path / "sr.dcm"
@@ -261,7 +277,7 @@ def test_tid1501_encoding_labels_boxes_with_finding_and_score(
         artifacts_dir(),
         hydrate=True,
         hydration_timeout=6,
-        name="ohif-result-sr-tid1501",
+        name=f"ohif-result-sr-tid1501-{'tool' if ':' in tracking_identifier else 'plain'}",
     )
 
     assert result.screenshot.stat().st_size > 10_000
@@ -279,9 +295,7 @@ def test_tid1501_encoding_labels_boxes_with_finding_and_score(
             f"{lesion.sentence}:",
             f"Certainty of Finding: {lesion.score * 100:.2f} %",
         ], result.labels
-    # no "continue tracking": OHIF hydrates by graphic type (group-level SCOORD) or by a
-    # cornerstone tool name in the Tracking Identifier, and this SR has neither
-    assert result.hydrated_rectangles is None
+    assert result.hydrated_rectangles == hydrated
 
 
 @pytest.mark.usefixtures("viewer_ready")
