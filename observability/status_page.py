@@ -93,7 +93,7 @@ def _polyline_box(scoord: Dataset, label: str) -> Box | None:
 
 
 def _is_polyline(item: Dataset) -> bool:
-    return item.get("ValueType") == "SCOORD" and item.get("GraphicType") == "POLYLINE"
+    return bool(item.get("ValueType") == "SCOORD" and item.get("GraphicType") == "POLYLINE")
 
 
 def boxes_from_sr(ds: Dataset) -> list[Box]:
