@@ -37,7 +37,7 @@ from report.build import (
     build_reports,
     finding_label,
 )
-from report.codes import finding_codes
+from report.codes import VINDR_CLASSES, finding_codes
 from tests.support.dicom_files import make_sc
 from tests.support.fixtures import OrthancFactory
 from tests.support.ohif import (
@@ -68,7 +68,9 @@ LESIONS = (
     LesionFinding("Pleural effusion", 0.64, (1350.0, 1500.0, 1750.0, 1900.0)),
 )
 #: "<Finding name> <NN> %", the box label of the TID 1501 encoding
-LABEL_PATTERN = re.compile(r"[A-Z][A-Za-z /-]+ (100|[1-9]?[0-9]) %")
+LABEL_PATTERN = re.compile(
+    "(?P<finding>{}) (?P<percent>100|[1-9]?[0-9]) %".format("|".join(map(re.escape, VINDR_CLASSES)))
+)
 #: the same boxes with the findings sentence each one supports (report.grounding)
 GROUNDED_LESIONS = (
     dataclasses.replace(LESIONS[0], sentence="Enlarged cardiac silhouette."),
