@@ -682,7 +682,8 @@ def _lesion_group(
     num_items[0].ContentSequence = _box_coordinates(polyline, image)
     items = group[0].ContentSequence
     if encoding is RoiEncoding.TID1501:
-        # OHIF labels a group without a group-level SCOORD with each Comment TEXT's value
+        # OHIF labels a group without a group-level SCOORD with each Comment TEXT's value;
+        # the Comments extend TID 1501 (not among its rows) with a standard DCM concept
         items.append(
             hd.sr.TextContentItem(
                 name=codes.DCM.Comment,
@@ -697,7 +698,8 @@ def _lesion_group(
                 )
             )
     if lesion.sentence is not None:
-        # TID 1410/1501 row "Qualitative Evaluations" (TEXT): the grounded findings sentence
+        # TID 1410 row "Qualitative Evaluations" (TEXT): the grounded findings sentence (kept
+        # in the same place in a TID 1501 group, so readers find it in either encoding)
         items.append(
             hd.sr.TextContentItem(
                 name=QUALITATIVE_EVALUATIONS, value=lesion.sentence, relationship_type=_CONTAINS
