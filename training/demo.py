@@ -354,6 +354,19 @@ def model_card(summary: dict[str, Any], metrics: dict[str, Any], out: Path) -> s
     from training.phantom import DEVICE_FRACTION, PHANTOM_CLASSES
 
     beam = max(int(config["beam_size"]), CHOICE_BEAM_SIZE)
+    rate = summary.get("abstain_rate")
+    accepted = (
+        ""
+        if rate is None
+        else f"The input gate accepted {round((1 - rate) * summary['heldout_studies'])} of them "
+        f"(abstain rate {rate:.3f}); every metric scores those."
+    )
+    grounding = (
+        f"Grounded findings (`report.grounding`): grounding precision "
+        f"{_fmt(summary['grounding_precision'])}, recall {_fmt(summary['grounding_recall'])}, "
+        f"{summary['contradictions']} contradictions\n(a sentence is grounded correctly when one "
+        'of its boxes has IoU >= 0.5 with its true box; `docs/model.md`, "Grounded findings").'
+    )
     decoding = (
         f"beam search, {beam} hypotheses; the report is the one that agrees best with the "
         f"detected boxes (`D2R_REPORT_CHOICE={summary['report_choice']}`, `docs/model.md`)"
@@ -446,16 +459,13 @@ training; training used seeds {summary["train_seed"]} and {summary["unlabeled_se
 their DICOM files through the serving path (`model.predict.Predictor`) and scored by
 `training.evaluation.evaluate_records` (the code behind `d2r evaluate --model --data`). Phantom
 metrics are phantom metrics: they say nothing about clinical performance and must not be compared
-with MIMIC-CXR results.
+with MIMIC-CXR results. {accepted}
 
 | BLEU-1 | BLEU-4 | METEOR | ROUGE-L | CIDEr | CE F1 (14 obs.) | CE F1 (present obs.) | mAP@0.5 |
 |---|---|---|---|---|---|---|---|
 | {scores} |
 
-Grounded findings (`report.grounding`): grounding precision
-{_fmt(summary["grounding_precision"])}, recall {_fmt(summary["grounding_recall"])},
-{summary["contradictions"]} contradictions (a sentence counts as grounded when one of its boxes
-has IoU >= 0.5 with its true box; `docs/model.md`, "Grounded findings").
+{grounding}
 
 CE is the rule-based CheXpert-style labeler of `d2r evaluate` (positive = label 1). The
 headline `ce_f1` averages F1 over all 14 observations, with F1 = 0 for an observation that

@@ -151,3 +151,24 @@ def test_attempts_and_claim_lease_settings() -> None:
         )
     with pytest.raises(NodeError, match="D2R_MAX_ATTEMPTS"):
         NodeSettings.from_env({"D2R_MAX_ATTEMPTS": "0"})
+
+
+def test_report_choice_setting() -> None:
+    from worker.settings import WorkerSettings
+
+    assert WorkerSettings.from_env({}).report_choice == "consistent"
+    assert WorkerSettings.from_env({"D2R_REPORT_CHOICE": "probable"}).report_choice == "probable"
+    with pytest.raises(NodeError, match="D2R_REPORT_CHOICE"):
+        WorkerSettings.from_env({"D2R_REPORT_CHOICE": "best"})
+
+
+def test_worker_loads_the_model_with_the_report_choice() -> None:
+    from report.grounding import most_consistent
+    from worker.settings import BUNDLED_MODEL, WorkerSettings
+    from worker.tasks import WorkerContext
+
+    for choice, chooser in (("consistent", most_consistent), ("probable", None)):
+        env = {"D2R_MODEL": str(BUNDLED_MODEL), "D2R_REPORT_CHOICE": choice}
+        predictor = WorkerContext(WorkerSettings.from_env(env)).predictor
+        assert predictor.choose_report is chooser
+        assert predictor.beam_size == (5 if chooser else None)
