@@ -175,9 +175,17 @@ class Predictor:
         else:
             threshold = "" if gate is None else f", threshold {gate.threshold:.3f}"
             gate_text = f"input gate: on{threshold}"
+        beam = self.beam_size or self.config.beam_size
+        if self.choose_report is None:
+            report_text = f"report: the most probable of a beam of {beam}"
+        else:
+            chooser = self.choose_report
+            name = getattr(chooser, "__qualname__", type(chooser).__name__)
+            report_text = f"report: chosen among a beam of {beam} by {chooser.__module__}.{name}"
         return (
             f"lesion score threshold: {self.lesion_score_threshold:g}",
             gate_text,
+            report_text,
             f"checkpoint sha256: {self.checkpoint_sha256[:16]}",
         )
 

@@ -172,3 +172,8 @@ def test_worker_loads_the_model_with_the_report_choice() -> None:
         predictor = WorkerContext(WorkerSettings.from_env(env)).predictor
         assert predictor.choose_report is chooser
         assert predictor.beam_size == (5 if chooser else None)
+        assert predictor.parameters[2] == (  # written into every SR as an algorithm parameter
+            "report: chosen among a beam of 5 by report.grounding.most_consistent"
+            if chooser
+            else "report: the most probable of a beam of 3"
+        )

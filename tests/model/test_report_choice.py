@@ -93,6 +93,7 @@ def test_chosen_report_is_one_of_the_beams_with_the_study_lesions(
         small_checkpoint, lesion_score_threshold=0.0, input_gate=False, choose_report=last
     )
     assert predictor.beam_size == max(CHOICE_BEAM_SIZE, predictor.config.beam_size)
+    assert f"report: chosen among a beam of {predictor.beam_size} by " in predictor.parameters[2]
     result = predictor.predict([rg1])
     (candidates, boxes, columns, rows), *more = last.calls
     assert not more
