@@ -39,7 +39,14 @@ import torch
 from torch import Tensor, nn
 
 from model.errors import BackendError, EngineMismatchError, ModelError
-from model.modeling import D2RNet, Detections, ReportDecoder, beam_search, select_boxes
+from model.modeling import (
+    D2RNet,
+    Detections,
+    Hypothesis,
+    ReportDecoder,
+    beam_hypotheses,
+    select_boxes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +98,7 @@ class InferenceBackend(Protocol):
 
 
 class _StepDecoder:
-    """What :func:`model.modeling.beam_search` needs of a decoder, over a backend: the
+    """What :func:`model.modeling.beam_hypotheses` needs of a decoder, over a backend: the
     backend's dense step and the host decoder's parameter-free ``initial_state()``."""
 
     def __init__(self, backend: InferenceBackend, host: ReportDecoder) -> None:
@@ -107,8 +114,9 @@ def run_graphs(
     *,
     lesion_score_threshold: float,
     beam_size: int | None = None,
-) -> tuple[list[Detections], list[list[int]]]:
-    """Lesions and report ids for letterboxed images ``(B,1,S,S)``.
+) -> tuple[list[Detections], list[list[Hypothesis]]]:
+    """Lesions and the beam's report hypotheses (best log-probability first) for letterboxed
+    images ``(B,1,S,S)``.
 
     ``host`` supplies the host-side pieces only (config, anchors, box coder, initial
     memory); the dense graphs run on ``backend``. Lesion boxes are in the model frame.
@@ -134,7 +142,7 @@ def run_graphs(
     )
     context, cross, enc_mask = backend.visual(image, boxes, box_mask, box_scores)
     decoder = _StepDecoder(backend, host.decoder)
-    ids = beam_search(
+    beams = beam_hypotheses(
         cast(ReportDecoder, decoder),  # duck-typed: step() and initial_state()
         context,
         cross,
@@ -143,7 +151,7 @@ def run_graphs(
         max_tokens=cfg.max_tokens,
         no_repeat_trigram=cfg.no_repeat_trigram,
     )
-    return lesions, ids
+    return lesions, beams
 
 
 # --------------------------------------------------------------------------- named graphs

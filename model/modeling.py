@@ -910,8 +910,17 @@ def _banned_trigram_tokens(seq: list[int]) -> set[int]:
     return {seq[i + 2] for i in range(len(seq) - 2) if (seq[i], seq[i + 1]) == key}
 
 
+@dataclass(frozen=True)
+class Hypothesis:
+    """One finished (or length-capped) beam: ids without BOS, cut before EOS, and its summed
+    log-probability."""
+
+    ids: tuple[int, ...]
+    logprob: float
+
+
 @torch.no_grad()
-def beam_search(
+def beam_hypotheses(
     decoder: ReportDecoder,
     context: Tensor,
     cross: Tensor,
@@ -920,12 +929,13 @@ def beam_search(
     beam_size: int,
     max_tokens: int,
     no_repeat_trigram: bool = False,
-) -> list[list[int]]:
-    """Beam search (``beam_size`` 1 = greedy); returns ids without BOS, cut before EOS.
+) -> list[list[Hypothesis]]:
+    """Beam search (``beam_size`` 1 = greedy): every image's final beams, best first.
 
     ``context``, ``cross`` and ``enc_mask`` describe each image (:meth:`ReportDecoder.prepare`).
     Scores are summed log-probs (no length penalty). PAD and BOS are never generated and
-    ``<sep>`` at most once.
+    ``<sep>`` at most once. Each image gets up to ``beam_size`` distinct hypotheses, sorted by
+    log-probability (beams that never got a finite score are left out).
     """
     b, device = context.shape[0], context.device
     k = beam_size
@@ -967,13 +977,42 @@ def beam_search(
         scores = top
         if bool(finished.all()):
             break
-    best = scores.argmax(dim=-1)  # (B,)
-    out = []
+    out: list[list[Hypothesis]] = []
+    rows, final = tokens[:, 1:].tolist(), scores.tolist()
     for i in range(b):
-        seq = tokens[i * k + int(best[i]), 1:].tolist()
-        seq = [t for t in seq if t != PAD_ID]
-        out.append(seq[: seq.index(EOS_ID)] if EOS_ID in seq else seq)
+        beams = []
+        for j in sorted(range(k), key=lambda j: -final[i][j]):  # stable: ties keep beam order
+            if not math.isfinite(final[i][j]):
+                continue
+            seq = [t for t in rows[i * k + j] if t != PAD_ID]
+            seq = seq[: seq.index(EOS_ID)] if EOS_ID in seq else seq
+            beams.append(Hypothesis(tuple(seq), float(final[i][j])))
+        out.append(beams)
     return out
+
+
+def beam_search(
+    decoder: ReportDecoder,
+    context: Tensor,
+    cross: Tensor,
+    enc_mask: Tensor,
+    *,
+    beam_size: int,
+    max_tokens: int,
+    no_repeat_trigram: bool = False,
+) -> list[list[int]]:
+    """The most probable hypothesis of :func:`beam_hypotheses` per image (ids without BOS,
+    cut before EOS)."""
+    beams = beam_hypotheses(
+        decoder,
+        context,
+        cross,
+        enc_mask,
+        beam_size=beam_size,
+        max_tokens=max_tokens,
+        no_repeat_trigram=no_repeat_trigram,
+    )
+    return [list(h[0].ids) if h else [] for h in beams]
 
 
 # --------------------------------------------------------------------------- full model
@@ -1246,6 +1285,8 @@ __all__ = [
     "LesionDetector",
     "ReportDecoder",
     "VisualFeatures",
+    "Hypothesis",
+    "beam_hypotheses",
     "beam_search",
     "count_parameters",
     "crop_boxes",

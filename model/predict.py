@@ -16,10 +16,21 @@ from model.checkpoint import LoadedCheckpoint, load_checkpoint
 from model.classes import VINDR_CLASSES
 from model.errors import GateMissingError, ModelError, PreprocessError
 from model.gate import GATE_FILE, gate_features, header_reason, pixel_reason, score_reason
-from model.modeling import Detections
+from model.modeling import Detections, Hypothesis
 from model.preprocess import BoxMapping, Letterbox, Preprocessor
 
 logger = logging.getLogger(__name__)
+
+Box = tuple[float, float, float, float]
+#: Chooses one of the beam's reports: ``(candidates, boxes, columns, rows) -> index``, with the
+#: candidates as ``(findings, impression)`` texts, most probable first, and the study's lesions
+#: as ``(class name, box)`` in source-image pixels of an image ``columns`` x ``rows``.
+#: ``report.grounding.most_consistent`` picks the one that agrees best with the boxes.
+ReportChooser = Callable[[Sequence[tuple[str, str]], Sequence[tuple[str, Box]], int, int], int]
+#: beam width when a :data:`ReportChooser` is given and no beam size is (unless the
+#: checkpoint's own is wider): the chooser compares this many hypotheses. Chosen on phantom
+#: validation data (``d2r synth --seed 31337``), never on the held-out seed; see docs/model.md.
+CHOICE_BEAM_SIZE = 5
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,11 @@ class Predictor:
     :meth:`predict_batch` runs several studies' dense graphs as one batch.
     The dense graphs run on ``backend`` (default: eager PyTorch on ``device``);
     preprocessing, NMS, box mapping and beam search run here, the same for every backend.
+
+    The report is one of the beam's ``beam_size`` hypotheses: the most probable, or the one
+    ``choose_report`` picks given the study's lesions (:data:`ReportChooser`); the text is
+    always one the generator produced. ``beam_size`` defaults to the checkpoint's, and to at
+    least :data:`CHOICE_BEAM_SIZE` with a chooser.
     """
 
     def __init__(
@@ -70,6 +86,7 @@ class Predictor:
         beam_size: int | None = None,
         input_gate: bool = True,
         gate_setting: str = "D2R_INPUT_GATE",
+        choose_report: ReportChooser | None = None,
     ) -> None:
         if input_gate and checkpoint.gate is None:
             raise GateMissingError(
@@ -83,7 +100,11 @@ class Predictor:
         self.backend: InferenceBackend = backend or create_backend(
             TORCH, checkpoint.model, checkpoint_sha256=checkpoint.sha256, device=device
         )
+        if beam_size is None and choose_report is not None:
+            beam_size = max(checkpoint.config.beam_size, CHOICE_BEAM_SIZE)
+        #: beam width (None: the checkpoint's ``beam_size``)
         self.beam_size = beam_size
+        self.choose_report = choose_report
         self.name: str = checkpoint.info.name
         self.version: str = checkpoint.info.version
         self.checkpoint_sha256: str = checkpoint.sha256
@@ -112,6 +133,7 @@ class Predictor:
         engine_setting: str = "D2R_ENGINE_DIR",
         input_gate: bool = True,
         gate_setting: str = "D2R_INPUT_GATE",
+        choose_report: ReportChooser | None = None,
     ) -> Predictor:
         """Load and validate a checkpoint directory and start the named backend.
 
@@ -141,6 +163,7 @@ class Predictor:
             beam_size=beam_size,
             input_gate=input_gate,
             gate_setting=gate_setting,
+            choose_report=choose_report,
         )
 
     @property
@@ -152,9 +175,17 @@ class Predictor:
         else:
             threshold = "" if gate is None else f", threshold {gate.threshold:.3f}"
             gate_text = f"input gate: on{threshold}"
+        beam = self.beam_size or self.config.beam_size
+        if self.choose_report is None:
+            report_text = f"report: the most probable of a beam of {beam}"
+        else:
+            chooser = self.choose_report
+            name = getattr(chooser, "__qualname__", type(chooser).__name__)
+            report_text = f"report: chosen among a beam of {beam} by {chooser.__module__}.{name}"
         return (
             f"lesion score threshold: {self.lesion_score_threshold:g}",
             gate_text,
+            report_text,
             f"checkpoint sha256: {self.checkpoint_sha256[:16]}",
         )
 
@@ -301,23 +332,27 @@ class Predictor:
                 keep.append(i)
         if keep:
             with torch.inference_mode():
-                dets, all_ids = run_graphs(
+                dets, all_beams = run_graphs(
                     self.backend,
                     self._ckpt.model,
                     image if len(keep) == len(ready) else image[keep],
                     lesion_score_threshold=self.lesion_score_threshold,
                     beam_size=self.beam_size,
                 )
-            for i, lesion_dets, ids in zip(keep, dets, all_ids, strict=True):
-                out[i] = self._prediction(ready[i], lesion_dets, ids, scores[i])
+            for i, lesion_dets, beams in zip(keep, dets, all_beams, strict=True):
+                out[i] = self._prediction(ready[i], lesion_dets, beams, scores[i])
         return [p for p in out if p is not None]
 
     def _prediction(
-        self, ready: _Ready, lesion_dets: Detections, ids: list[int], score: float | None
+        self,
+        ready: _Ready,
+        lesion_dets: Detections,
+        beams: Sequence[Hypothesis],
+        score: float | None,
     ) -> StudyPrediction:
-        """One study's report text and lesions in source-image pixels."""
+        """One study's report text (the chosen hypothesis) and lesions in source-image
+        pixels."""
         gate = self._ckpt.gate if self.input_gate else None
-        findings, impression = self._ckpt.tokenizer.decode(ids)
         lesions = []
         source = ready.mapping.to_source(lesion_dets.boxes.cpu().numpy(), clip=True)
         for box, lesion_score, label in zip(
@@ -329,6 +364,7 @@ class Predictor:
                 raise ModelError(f"detector returned class index {label}")
             x0, y0, x1, y1 = (float(v) for v in box)
             lesions.append(Lesion(VINDR_CLASSES[label], float(lesion_score), (x0, y0, x1, y1)))
+        ids, findings, impression = self._choose(beams, lesions, ready.mapping)
         logger.info(
             "predicted study image %s: %d lesions, %d tokens", ready.uid, len(lesions), len(ids)
         )
@@ -344,6 +380,26 @@ class Predictor:
             input_gate=self.input_gate,
         )
 
+    def _choose(
+        self, beams: Sequence[Hypothesis], lesions: Sequence[Lesion], mapping: BoxMapping
+    ) -> tuple[tuple[int, ...], str, str]:
+        """The ids, findings and impression of the hypothesis :attr:`choose_report` picks
+        (the most probable without one)."""
+        if not beams:
+            raise ModelError("beam search returned no hypothesis")
+        texts = [self._ckpt.tokenizer.decode(list(h.ids)) for h in beams]
+        index = 0
+        if self.choose_report is not None and len(beams) > 1:
+            index = self.choose_report(
+                texts,
+                [(le.class_name, le.box) for le in lesions],
+                mapping.source_columns,
+                mapping.source_rows,
+            )
+            if not 0 <= index < len(beams):
+                raise ModelError(f"report chooser returned {index} of {len(beams)} hypotheses")
+        return beams[index].ids, *texts[index]
+
 
 @dataclass(frozen=True)
 class _Ready:
@@ -354,4 +410,4 @@ class _Ready:
     mapping: BoxMapping
 
 
-__all__ = ["Lesion", "Predictor", "StudyPrediction"]
+__all__ = ["CHOICE_BEAM_SIZE", "Lesion", "Predictor", "ReportChooser", "StudyPrediction"]

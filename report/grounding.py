@@ -42,12 +42,13 @@ Examples
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 __all__ = [
     "GLOBAL_NORMAL",
+    "REPORT_CHOICES",
     "MIDLINE_CLASSES",
     "Grounding",
     "LesionGrounding",
@@ -55,8 +56,11 @@ __all__ = [
     "Sentence",
     "box_side",
     "box_zone_compatible",
+    "consistency",
     "ground",
+    "most_consistent",
     "mentions",
+    "report_chooser",
     "split_sentences",
 ]
 
@@ -541,3 +545,68 @@ def ground(
             Sentence(text, "impression", said, (), _impression_supported(said, all_findings))
         )
     return Grounding(tuple(sentences), tuple(result))
+
+
+# --- choosing among the generator's hypotheses ---------------------------------------------
+
+
+def consistency(
+    findings: str, boxes: Sequence[tuple[str, Box]], columns: int, rows: int
+) -> tuple[int, int, int]:
+    """How far a findings text disagrees with the detected ``boxes``; smaller is better.
+
+    ``(boxes the text denies, boxes the text does not report, positive findings sentences with
+    no box)``: the boxes :func:`ground` makes ``negated`` or ``contradicted``, those it does
+    not make ``reported``, and its ungrounded sentences.
+
+    >>> box = [("Pleural effusion", (700.0, 600.0, 900.0, 800.0))]
+    >>> consistency("No pleural effusion.", box, 1024, 1024)
+    (1, 1, 0)
+    >>> consistency("Small left pleural effusion.", box, 1024, 1024)
+    (0, 0, 0)
+    """
+    g = ground(findings, "", boxes, columns, rows)
+    denied = sum(lesion.status in ("negated", "contradicted") for lesion in g.lesions)
+    unreported = sum(not lesion.reported for lesion in g.lesions)
+    ungrounded = sum(s.localised and not s.grounded for s in g.findings)
+    return denied, unreported, ungrounded
+
+
+def most_consistent(
+    candidates: Sequence[tuple[str, str]],
+    boxes: Sequence[tuple[str, Box]],
+    columns: int,
+    rows: int,
+) -> int:
+    """The index of the candidate report (findings, impression) whose findings agree best with
+    the detected ``boxes`` (:func:`consistency`, compared in that order); ties go to the
+    earlier candidate, so with candidates given most probable first the most probable of the
+    equally consistent ones is chosen. Only the findings are read: grounding ties boxes to
+    findings sentences, and the impression is checked against the findings afterwards.
+
+    >>> box = [("Pneumothorax", (100.0, 100.0, 300.0, 400.0))]
+    >>> most_consistent([("No pneumothorax.", ""), ("Right pneumothorax.", "")], box, 1024, 1024)
+    1
+    """
+    if not candidates:
+        raise ValueError("no candidate reports to choose from")
+    keys = [consistency(findings, boxes, columns, rows) for findings, _ in candidates]
+    return min(range(len(candidates)), key=lambda i: (keys[i], i))
+
+
+#: ``D2R_REPORT_CHOICE`` values: ``consistent`` (:func:`most_consistent` over the beam) or
+#: ``probable`` (the beam's most probable report)
+REPORT_CHOICES: Final = ("consistent", "probable")
+
+
+def report_chooser(
+    choice: str,
+) -> Callable[[Sequence[tuple[str, str]], Sequence[tuple[str, Box]], int, int], int] | None:
+    """The chooser for a :data:`REPORT_CHOICES` value (None: the most probable report).
+
+    >>> report_chooser("consistent") is most_consistent, report_chooser("probable")
+    (True, None)
+    """
+    if choice not in REPORT_CHOICES:
+        raise ValueError(f"expected one of {', '.join(REPORT_CHOICES)}, got {choice!r}")
+    return most_consistent if choice == "consistent" else None

@@ -22,6 +22,9 @@ Stages (every seed fixed; the held-out seed is never used for training):
 4. ``gate``: the input gate's statistics (:mod:`model.calibrate`) from ``GATE_STUDIES`` new
    phantom studies of each of ``GATE_SEEDS``; ``--stage gate`` alone refits an existing ``--out``.
 
+``--stage card`` alone re-scores an existing ``--out`` on the held-out studies and rewrites
+``heldout_metrics.json`` and ``MODEL_CARD.md`` (after a change to serving, e.g. decoding).
+
 Synthetic data, not for clinical use: the model reads phantoms only.
 """
 
@@ -98,6 +101,11 @@ GENERATOR: dict[str, Any] = {
 }
 
 STAGES = ("detector", "generator", "finish", "gate")
+#: ``--stage card``: re-score a finished ``--out`` on the held-out studies and rewrite its card
+CARD = "card"
+#: the report the held-out evaluation scores among the beam's: the node's default
+#: (``D2R_REPORT_CHOICE``)
+REPORT_CHOICE = "consistent"
 
 logger = logging.getLogger(__name__)
 
@@ -155,11 +163,12 @@ def _sources() -> str:
 
 
 def evaluate_checkpoint(model_dir: Path, data: Path, split: str | None = None) -> dict[str, Any]:
-    """Run the checkpoint on a phantom folder's DICOM files and score it (NLG, CE, mAP@0.5)."""
+    """Run the checkpoint on a phantom folder's DICOM files and score it (NLG, CE, mAP@0.5,
+    grounding), choosing each report among the beam as the node does by default."""
     from training.evaluation import evaluate_records
     from training.evaluation.predictions import predict_phantom_records
 
-    records = predict_phantom_records(model_dir, data, split)
+    records = predict_phantom_records(model_dir, data, split, report_choice=REPORT_CHOICE)
     return evaluate_records(records)
 
 
@@ -185,6 +194,8 @@ def run(
     if stages == ("gate",):  # refit the gate of a finished checkpoint: no training data needed
         calibrate_gate(out, work)
         return None
+    if stages == (CARD,):  # re-score a finished checkpoint: no training data needed
+        return rewrite_card(out, work)
     t0 = time.perf_counter()
     train_dir = _synth(
         work / "phantom-train",
@@ -287,6 +298,12 @@ def finish(
     calibrate_gate(out, work)
     metrics = evaluate_checkpoint(out, eval_dir)
     write_outputs(metrics, work / "heldout" / "metrics.json")
+    return write_card(out, metrics, round(time.perf_counter() - t0))
+
+
+def write_card(out: Path, metrics: dict[str, Any], wall_time_s: int) -> dict[str, Any]:
+    """``heldout_metrics.json`` and ``MODEL_CARD.md`` of the checkpoint in ``out`` from its
+    held-out ``metrics`` (:func:`evaluate_checkpoint`); returns the summary."""
     summary = {
         k: metrics[k] for k in ("bleu_1", "bleu_4", "meteor", "rouge_l", "cider", "ce_f1", "map50")
     }
@@ -294,17 +311,34 @@ def finish(
     summary.update(
         ce_f1_present=sum(present) / len(present) if present else None,
         ce_present_observations=len(present),
+        grounding_precision=metrics["grounding_precision"],
+        grounding_recall=metrics["grounding_recall"],
+        contradictions=metrics["contradictions"],
+        report_choice=REPORT_CHOICE,
         heldout_studies=EVAL_STUDIES,
         abstain_rate=metrics["abstain_rate"],
         heldout_seed=EVAL_SEED,
         train_seed=TRAIN_SEED,
         unlabeled_seed=UNLABELED_SEED,
-        wall_time_s=round(time.perf_counter() - t0),
+        wall_time_s=wall_time_s,
     )
     (out / "heldout_metrics.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "MODEL_CARD.md").write_text(model_card(summary, metrics, out))
     logger.info("held-out metrics: %s", summary)
     return summary
+
+
+def rewrite_card(out: Path, work: Path) -> dict[str, Any]:
+    """Score the finished checkpoint in ``out`` on the held-out studies again and rewrite its
+    metrics and card (after a change to serving, such as the report choice), keeping the
+    training wall time of the last ``finish``."""
+    from training.evaluation import write_outputs
+
+    eval_dir = _synth(work / "phantom-heldout", EVAL_STUDIES, EVAL_SEED, 1024)
+    metrics = evaluate_checkpoint(out, eval_dir)
+    write_outputs(metrics, work / "heldout" / "metrics.json")
+    prior = json.loads((out / "heldout_metrics.json").read_text())
+    return write_card(out, metrics, int(prior["wall_time_s"]))
 
 
 def _fmt(value: Any) -> str:
@@ -316,7 +350,27 @@ def model_card(summary: dict[str, Any], metrics: dict[str, Any], out: Path) -> s
     info = json.loads((out / "model.json").read_text())
     config = json.loads((out / "config.json").read_text())
     size_mb = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 1e6
+    from model.predict import CHOICE_BEAM_SIZE
     from training.phantom import DEVICE_FRACTION, PHANTOM_CLASSES
+
+    beam = max(int(config["beam_size"]), CHOICE_BEAM_SIZE)
+    rate = summary.get("abstain_rate")
+    accepted = (
+        ""
+        if rate is None
+        else f"The input gate accepted {round((1 - rate) * summary['heldout_studies'])} of them "
+        f"(abstain rate {rate:.3f}); every metric scores those."
+    )
+    grounding = (
+        f"Grounded findings (`report.grounding`): grounding precision "
+        f"{_fmt(summary['grounding_precision'])}, recall {_fmt(summary['grounding_recall'])}, "
+        f"{summary['contradictions']} contradictions\n(a sentence is grounded correctly when one "
+        'of its boxes has IoU >= 0.5 with its true box; `docs/model.md`, "Grounded findings").'
+    )
+    decoding = (
+        f"beam search, {beam} hypotheses; the report is the one that agrees best with the "
+        f"detected boxes (`D2R_REPORT_CHOICE={summary['report_choice']}`, `docs/model.md`)"
+    )
 
     weak = ", ".join(
         f"{name} ({v['f1']:.3f})"
@@ -365,6 +419,7 @@ labelled "not for diagnostic use".
 |---|---|
 | Architecture | {arch} |
 | Vocabulary | {vocab} |
+| Decoding | {decoding} |
 | Checkpoint | `model.checkpoint` format 1, {weights}, {size_mb:.1f} MB |
 | Training data | {info["training_data"]} |
 | Hardware | CPU only (2 cores shared with other work) |
@@ -404,11 +459,13 @@ training; training used seeds {summary["train_seed"]} and {summary["unlabeled_se
 their DICOM files through the serving path (`model.predict.Predictor`) and scored by
 `training.evaluation.evaluate_records` (the code behind `d2r evaluate --model --data`). Phantom
 metrics are phantom metrics: they say nothing about clinical performance and must not be compared
-with MIMIC-CXR results.
+with MIMIC-CXR results. {accepted}
 
 | BLEU-1 | BLEU-4 | METEOR | ROUGE-L | CIDEr | CE F1 (14 obs.) | CE F1 (present obs.) | mAP@0.5 |
 |---|---|---|---|---|---|---|---|
 | {scores} |
+
+{grounding}
 
 CE is the rule-based CheXpert-style labeler of `d2r evaluate` (positive = label 1). The
 headline `ce_f1` averages F1 over all 14 observations, with F1 = 0 for an observation that
@@ -448,8 +505,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--stage",
         action="append",
-        choices=STAGES,
-        help="run only this stage (repeatable; default: all, in order)",
+        choices=(*STAGES, CARD),
+        help="run only this stage (repeatable; default: all, in order); 'card' alone re-scores "
+        "a finished --out on the held-out studies and rewrites its metrics and card",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -39,6 +39,14 @@ def _broker_url(text: str) -> str:
     return text
 
 
+def _report_choice(text: str) -> str:
+    from report.grounding import REPORT_CHOICES
+
+    if text not in REPORT_CHOICES:
+        raise ValueError(f"expected one of {', '.join(REPORT_CHOICES)}")
+    return text
+
+
 def _unit_interval(text: str) -> float:
     try:
         value = float(text)
@@ -143,6 +151,9 @@ class WorkerSettings:
     model_sha256: str | None = None
     #: decline images outside the checkpoint's validated inputs (``D2R_INPUT_GATE``)
     input_gate: bool = True
+    #: which of the beam's reports is written (``D2R_REPORT_CHOICE``): ``consistent``, the one
+    #: that agrees best with the detected boxes, or ``probable``, the most probable
+    report_choice: str = "consistent"
     #: studies one worker runs through the model as one batch (``D2R_BATCH_MAX``; default
     #: :func:`default_batch_max` of the device)
     batch_max: int = 1
@@ -223,6 +234,7 @@ class WorkerSettings:
             lesion_min_score=env_setting(env, "D2R_LESION_MIN_SCORE", None, _unit_interval),
             model_sha256=env_setting(env, "D2R_MODEL_SHA256", None, _sha256),
             input_gate=env_setting(env, "D2R_INPUT_GATE", d.input_gate, parse_bool),
+            report_choice=env_setting(env, "D2R_REPORT_CHOICE", d.report_choice, _report_choice),
             batch_max=env_setting(env, "D2R_BATCH_MAX", default_batch_max(device), int_at_least(1)),
             batch_wait_seconds=env_setting(
                 env, "D2R_BATCH_WAIT_MS", d.batch_wait_seconds * 1000.0, _batch_wait_ms

@@ -85,6 +85,7 @@ class WorkerContext:
             self._check_pid()
             if self._predictor is None:
                 from model.predict import Predictor
+                from report.grounding import report_chooser
 
                 path = self.settings.require_model()
                 try:
@@ -96,6 +97,7 @@ class WorkerContext:
                         engine_dir=self.settings.engine_dir,
                         torch_compile=self.settings.torch_compile,
                         input_gate=self.settings.input_gate,
+                        choose_report=report_chooser(self.settings.report_choice),
                     )
                     # a pinned hash must match what was actually loaded
                     self.settings.verify_model_sha256(self._predictor.checkpoint_sha256)

@@ -103,13 +103,14 @@ def timed(fn: Callable[[], Any], iters: int, device: torch.device) -> tuple[floa
     return (time.perf_counter() - t0) / iters, out
 
 
-def summary(dets: Any, ids: Any) -> dict[str, Any]:
+def summary(dets: Any, beams: Any) -> dict[str, Any]:
     d = dets[0]
+    ids = list(beams[0][0].ids)  # the most probable hypothesis
     return {
-        "ids": ids[0],
+        "ids": ids,
         "labels": d.labels.tolist(),
         "boxes": d.boxes.float().cpu(),
-        "tokens": len(ids[0]),
+        "tokens": len(ids),
     }
 
 

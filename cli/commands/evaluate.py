@@ -38,14 +38,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="test",
         help="split of --data to score: train, val, test or all (default test)",
     )
+    parser.add_argument(
+        "--report-choice",
+        choices=("consistent", "probable"),
+        default=None,
+        help="with --model: which of the beam's reports is scored, as D2R_REPORT_CHOICE on the "
+        "node (default: environment D2R_REPORT_CHOICE, else consistent)",
+    )
 
 
-def _predict_records(model: str, data: str, split: str) -> list[Any]:
+def _predict_records(model: str, data: str, split: str, choice: str) -> list[Any]:
     from pathlib import Path
 
     from training.evaluation.predictions import predict_phantom_records
 
-    return predict_phantom_records(Path(model), Path(data), None if split == "all" else split)
+    return predict_phantom_records(
+        Path(model), Path(data), None if split == "all" else split, report_choice=choice
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,16 +70,24 @@ def run(args: argparse.Namespace) -> int:
     if bool(args.predictions) == bool(args.model):
         print("d2r evaluate: give either --predictions or --model/--data", file=sys.stderr)
         return 2
+    import os
+
+    choice = args.report_choice or os.environ.get("D2R_REPORT_CHOICE") or "consistent"
+    if choice not in ("consistent", "probable"):
+        print("d2r evaluate: D2R_REPORT_CHOICE: expected consistent or probable", file=sys.stderr)
+        return 2
     try:
         if args.predictions:
             records = read_records(Path(args.predictions))
         else:
-            records = _predict_records(args.model, args.data, args.split)
+            records = _predict_records(args.model, args.data, args.split, choice)
         metrics = evaluate_records(
             records,
             nlg_mode=args.nlg_mode,
             truncate_refs=args.r2gen_truncate_refs,
         )
+        if args.model:
+            metrics["meta"]["report_choice"] = choice
     except (TrainingError, OSError) as exc:
         print(f"d2r evaluate: {exc}", file=sys.stderr)
         return 1

@@ -67,11 +67,16 @@ def run(args: argparse.Namespace) -> int:
     )
 
     from dicom_node.settings import parse_bool
+    from report.grounding import report_chooser
 
     try:
         input_gate = parse_bool(os.environ.get("D2R_INPUT_GATE", "on"))
     except ValueError as e:
         return fail("predict", f"D2R_INPUT_GATE: {e}", EXIT_USAGE)
+    try:
+        choose_report = report_chooser(os.environ.get("D2R_REPORT_CHOICE", "consistent"))
+    except ValueError as e:
+        return fail("predict", f"D2R_REPORT_CHOICE: {e}", EXIT_USAGE)
     datasets = []
     for name in args.files:
         path = Path(name)
@@ -91,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
             setting=backend_setting,
             engine_setting=engine_setting,
             input_gate=input_gate,
+            choose_report=choose_report,
         )
     except GateMissingError as e:
         return fail("predict", str(e), EXIT_FAILURE)

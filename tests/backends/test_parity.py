@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -14,6 +15,7 @@ from model.backends import EngineMismatchError, OnnxRuntimeBackend
 from model.checkpoint import checkpoint_sha256
 from model.export import OPSET, PARTS
 from model.predict import Predictor, StudyPrediction
+from report.grounding import most_consistent
 from tests.support.dicom_files import rg1_path
 from tests.support.processes import base_env, run_d2r
 
@@ -21,14 +23,18 @@ pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.slow
 
 
-def _predictors(model_dir: Path, onnx_dir: Path, beam: int) -> tuple[Predictor, Predictor]:
-    common = {"lesion_score_threshold": 0.0, "beam_size": beam, "input_gate": False}
-    torch_p = Predictor.from_checkpoint(model_dir, backend="torch", **common)  # type: ignore[arg-type]
+def _predictors(
+    model_dir: Path, onnx_dir: Path, beam: int, choose: bool = False
+) -> tuple[Predictor, Predictor]:
+    common: dict[str, Any] = {"lesion_score_threshold": 0.0, "beam_size": beam, "input_gate": False}
+    if choose:  # the report the grounding rules pick among the beam's, as the node's default
+        common["choose_report"] = most_consistent
+    torch_p = Predictor.from_checkpoint(model_dir, backend="torch", **common)
     ort_p = Predictor.from_checkpoint(
         model_dir,
         backend="onnxruntime",
         engine_dir=onnx_dir,
-        **common,  # type: ignore[arg-type]
+        **common,
     )
     return torch_p, ort_p
 
@@ -43,15 +49,20 @@ def _assert_same(a: StudyPrediction, b: StudyPrediction) -> None:
         assert abs(x.score - y.score) < 1e-3
 
 
-@pytest.mark.parametrize("beam", [1, 3], ids=["greedy", "beam3"])
+@pytest.mark.parametrize(
+    ("beam", "choose"),
+    [(1, False), (3, False), (5, True)],
+    ids=["greedy", "beam3", "beam5-consistent"],
+)
 def test_same_lesions_and_text(
     model_dir: Path,
     onnx_dir: Path,
     phantom_studies: list[pydicom.Dataset],
     rg1: pydicom.Dataset,
     beam: int,
+    choose: bool,
 ) -> None:
-    torch_p, ort_p = _predictors(model_dir, onnx_dir, beam)
+    torch_p, ort_p = _predictors(model_dir, onnx_dir, beam, choose)
     assert ort_p.backend.name == "onnxruntime" and torch_p.backend.name == "torch"
     texts = set()
     for ds in [*phantom_studies, rg1]:

@@ -162,3 +162,29 @@ def test_sr_roi_encoding_setting() -> None:
     assert set(SR_ROI_ENCODINGS) == {e.value for e in RoiEncoding}
     with pytest.raises(NodeError, match="D2R_SR_ROI_ENCODING"):
         WorkerSettings.from_env({"D2R_SR_ROI_ENCODING": "tid1411"})
+
+
+def test_report_choice_setting() -> None:
+    from worker.settings import WorkerSettings
+
+    assert WorkerSettings.from_env({}).report_choice == "consistent"
+    assert WorkerSettings.from_env({"D2R_REPORT_CHOICE": "probable"}).report_choice == "probable"
+    with pytest.raises(NodeError, match="D2R_REPORT_CHOICE"):
+        WorkerSettings.from_env({"D2R_REPORT_CHOICE": "best"})
+
+
+def test_worker_loads_the_model_with_the_report_choice() -> None:
+    from report.grounding import most_consistent
+    from worker.settings import BUNDLED_MODEL, WorkerSettings
+    from worker.tasks import WorkerContext
+
+    for choice, chooser in (("consistent", most_consistent), ("probable", None)):
+        env = {"D2R_MODEL": str(BUNDLED_MODEL), "D2R_REPORT_CHOICE": choice}
+        predictor = WorkerContext(WorkerSettings.from_env(env)).predictor
+        assert predictor.choose_report is chooser
+        assert predictor.beam_size == (5 if chooser else None)
+        assert predictor.parameters[2] == (  # written into every SR as an algorithm parameter
+            "report: chosen among a beam of 5 by report.grounding.most_consistent"
+            if chooser
+            else "report: the most probable of a beam of 3"
+        )

@@ -15,7 +15,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _d2r(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if k not in ("D2R_MODEL", "D2R_INPUT_GATE")}
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("D2R_MODEL", "D2R_INPUT_GATE", "D2R_REPORT_CHOICE")
+    }
     return subprocess.run(
         [sys.executable, "-m", "cli.main", *args],
         capture_output=True,
@@ -128,3 +132,10 @@ def test_predict_json_ties_each_reported_box_to_its_sentence(tmp_path: Path) -> 
         assert data["impression"] == " ".join(kept)
         assert data["impression_dropped"] == [t for t in impression if t not in kept]
     assert reported >= len(studies)  # every abnormal phantom study has a reported box
+
+
+def test_predict_refuses_an_unknown_report_choice(rg1_path: Path) -> None:
+    res = _d2r("predict", str(rg1_path), env={"D2R_REPORT_CHOICE": "longest"})
+    assert res.returncode == 2 and not res.stdout
+    (line,) = res.stderr.strip().splitlines()
+    assert "D2R_REPORT_CHOICE" in line and "consistent, probable" in line

@@ -8,8 +8,11 @@ from report.grounding import (
     GLOBAL_NORMAL,
     Mention,
     box_side,
+    consistency,
     ground,
     mentions,
+    most_consistent,
+    report_chooser,
     split_sentences,
 )
 
@@ -188,3 +191,60 @@ def test_normal_impression_of_a_normal_report_is_kept() -> None:
 def test_invalid_image_size() -> None:
     with pytest.raises(ValueError, match="columns and rows"):
         ground("", "", [], 0, 10)
+
+
+# --- choosing the beam's report that agrees with the boxes ---------------------------------
+
+
+def test_consistency_counts_denied_unreported_boxes_and_ungrounded_sentences() -> None:
+    boxes = [("Pleural effusion", LEFT_LOWER), ("Pneumothorax", RIGHT_UPPER)]
+    text = "No pleural effusion. Right upper pneumothorax. Left upper nodule."
+    # the effusion is denied (and so unreported); the nodule sentence has no box
+    assert consistency(text, boxes, SIZE, SIZE) == (1, 1, 1)
+    assert consistency("Left pleural effusion. Right pneumothorax.", boxes, SIZE, SIZE) == (0, 0, 0)
+
+
+def test_most_consistent_passes_over_a_more_probable_report_that_denies_a_box() -> None:
+    boxes = [("Pleural effusion", LEFT_LOWER)]
+    beam = [
+        ("The lungs are clear. No pleural effusion or pneumothorax.", "No acute disease."),
+        ("Small left pleural effusion. No pneumothorax.", "Left pleural effusion."),
+    ]
+    assert most_consistent(beam, boxes, SIZE, SIZE) == 1
+
+
+def test_most_consistent_prefers_the_box_side_and_zone() -> None:
+    boxes = [("Pneumothorax", RIGHT_UPPER)]
+    beam = [("Left pneumothorax.", ""), ("Right apical pneumothorax.", "")]
+    assert most_consistent(beam, boxes, SIZE, SIZE) == 1
+
+
+def test_most_consistent_prefers_a_denial_free_omission_to_a_denial() -> None:
+    boxes = [("Nodule/Mass", RIGHT_UPPER)]
+    beam = [("No nodule or mass.", ""), ("The heart size is normal.", "")]
+    assert most_consistent(beam, boxes, SIZE, SIZE) == 1
+
+
+def test_most_consistent_prefers_fewer_findings_without_a_box() -> None:
+    boxes = [("Pleural effusion", LEFT_LOWER)]
+    beam = [
+        ("Left pleural effusion. Right upper nodule.", ""),
+        ("Left pleural effusion. No pneumothorax.", ""),
+    ]
+    assert most_consistent(beam, boxes, SIZE, SIZE) == 1
+
+
+def test_most_consistent_keeps_the_most_probable_of_equally_consistent_reports() -> None:
+    boxes = [("Cardiomegaly", HEART)]
+    beam = [("The heart is enlarged.", "Cardiomegaly."), ("Cardiomegaly.", "Cardiomegaly.")]
+    assert most_consistent(beam, boxes, SIZE, SIZE) == 0
+    assert most_consistent(beam[:1], [], SIZE, SIZE) == 0
+    with pytest.raises(ValueError, match="no candidate"):
+        most_consistent([], boxes, SIZE, SIZE)
+
+
+def test_report_chooser_names() -> None:
+    assert report_chooser("consistent") is most_consistent
+    assert report_chooser("probable") is None
+    with pytest.raises(ValueError, match="consistent, probable"):
+        report_chooser("longest")

@@ -108,3 +108,30 @@ def test_demo_recipe_gives_the_generator_extra_training_studies(
     assert {r.split for r in extra} == {"train"}  # validation and test stay the detector's
     monkeypatch.setattr(demo, "EXTRA_STUDIES", 0)
     assert demo._generator_data(tmp_path, train_dir) == train_dir
+
+
+def test_card_states_the_report_choice_and_grounding(tmp_path: Path) -> None:
+    from training import demo
+
+    out = tmp_path / "model"
+    out.mkdir()
+    for name in ("model.json", "config.json"):
+        (out / name).write_text((DEMO / name).read_text())
+    per_label = {"Edema": {"precision": 1.0, "recall": 0.5, "f1": 0.667, "support": 4}}
+    metrics = {
+        **{k: 0.5 for k in ("bleu_1", "bleu_4", "meteor", "rouge_l", "cider", "ce_f1", "map50")},
+        "ce": {"per_label": per_label},
+        "detection": {"per_class": {"Edema": {"ap": 0.7, "n_gt": 4}}},
+        "grounding_precision": 0.91,
+        "grounding_recall": 0.84,
+        "contradictions": 0,
+        "abstain_rate": 0.01,
+    }
+    summary = demo.write_card(out, metrics, 12)
+    assert summary["report_choice"] == "consistent" and summary["wall_time_s"] == 12
+    saved = json.loads((out / "heldout_metrics.json").read_text())
+    assert saved["grounding_recall"] == 0.84 and saved["contradictions"] == 0
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "beam search, 5 hypotheses" in card and "D2R_REPORT_CHOICE=consistent" in card
+    assert "grounding precision 0.910, recall 0.840, 0 contradictions" in card
+    assert "The input gate accepted 198 of them (abstain rate 0.010)" in card

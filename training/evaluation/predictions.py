@@ -7,8 +7,13 @@ from pathlib import Path
 from typing import Any
 
 
-def predict_phantom_records(model_dir: Path, data: Path, split: str | None = None) -> list[Any]:
+def predict_phantom_records(
+    model_dir: Path, data: Path, split: str | None = None, *, report_choice: str = "consistent"
+) -> list[Any]:
     """One record per study of ``data/studies.jsonl`` (``split`` None: every study).
+
+    ``report_choice`` picks the report among the beam's hypotheses as ``D2R_REPORT_CHOICE``
+    does on the node (:func:`report.grounding.report_chooser`).
 
     Studies written without DICOM files (``d2r synth --dicom-size 0``) cannot be run and are
     left out; the records' count is reported in ``metrics.json`` (``meta.n``).
@@ -16,9 +21,10 @@ def predict_phantom_records(model_dir: Path, data: Path, split: str | None = Non
     import pydicom
 
     from model.predict import Predictor
+    from report.grounding import report_chooser
     from training.evaluation.records import record_from_dict
 
-    predictor = Predictor.from_checkpoint(model_dir)
+    predictor = Predictor.from_checkpoint(model_dir, choose_report=report_chooser(report_choice))
     records = []
     for line in (data / "studies.jsonl").read_text().splitlines():
         entry = json.loads(line)
