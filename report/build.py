@@ -32,7 +32,7 @@ from __future__ import annotations
 import datetime
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from numbers import Real
 from typing import Any, Final
@@ -69,7 +69,7 @@ from report.codes import (
     private_coding_scheme,
 )
 from report.errors import ReportBuildError, SourceImageError
-from report.sop import BasicTextSR
+from report.sop import BASIC_TEXT_SR_VALUE_TYPES, BasicTextSR
 
 __all__ = [
     "COMPREHENSIVE_SR_SERIES_NUMBER",
@@ -740,6 +740,60 @@ def _algorithm_equipment(
     return equipment
 
 
+#: Value types a Comprehensive SR may contain (PS3.3 A.35.3.3.1): all but SCOORD3D.
+COMPREHENSIVE_SR_VALUE_TYPES: Final = BASIC_TEXT_SR_VALUE_TYPES | {"NUM", "SCOORD", "TCOORD"}
+
+
+def _check_tree(
+    items: Iterable[Dataset], evidence_uids: Collection[str], value_types: Collection[str]
+) -> None:
+    """What highdicom's SR constructor checks, in one walk of the tree: every value type is
+    allowed in the document, and every referenced instance is in the evidence."""
+    for item in items:
+        value_type = str(item.ValueType)
+        if value_type not in value_types:
+            raise ValueError(f"the SR content holds a {value_type} item, which it may not hold")
+        if value_type in ("IMAGE", "COMPOSITE"):
+            uid = str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+            if uid not in evidence_uids:
+                raise ValueError(f"SOP Instance {uid} is referenced but not in the evidence")
+        if "ContentSequence" in item:
+            _check_tree(item.ContentSequence, evidence_uids, value_types)
+
+
+def _document(
+    make: Callable[..., Dataset],
+    root: hd.sr.ContainerContentItem,
+    evidence: Sequence[Dataset],
+    value_types: Collection[str],
+    **kwargs: Any,
+) -> Dataset:
+    """The SR document: highdicom's SR class ``make`` builds it around ``root``'s header, then
+    ``root``'s content tree is attached once.
+
+    highdicom's constructor deep-copies the content it is given, parses the copy back and
+    searches it three times (referenced instances, forbidden value types): most of a report's
+    build time. It gets the root container with an empty Content Sequence instead (it still
+    writes patient, study, series, flags, evidence and equipment from its arguments); its
+    checks run here in one walk of the tree (:func:`_check_tree`), and the tree is attached to
+    a plain Dataset holding what the constructor wrote, so no highdicom accessor describes
+    less than the document holds.
+    """
+    items = root.ContentSequence
+    _check_tree(items, {str(ds.SOPInstanceUID) for ds in evidence}, value_types)
+    root.ContentSequence = hd.sr.ContentSequence()
+    try:
+        built = make(evidence=evidence, content=root, **kwargs)
+    finally:
+        root.ContentSequence = items
+    document = Dataset()
+    document.file_meta = built.file_meta
+    for element in built:
+        document.add(element)
+    document.ContentSequence = items
+    return document
+
+
 def build_reports(
     content: ReportContent,
     algorithm: AlgorithmInfo,
@@ -841,9 +895,11 @@ def build_reports(
     }
     identity = (study_uid, algorithm.name, algorithm.version)
     try:
-        comprehensive = hd.sr.ComprehensiveSR(
-            evidence=evidence,
-            content=_measurement_report(content, algorithm, groups),
+        comprehensive = _document(
+            hd.sr.ComprehensiveSR,
+            _measurement_report(content, algorithm, groups),
+            evidence,
+            COMPREHENSIVE_SR_VALUE_TYPES,
             series_instance_uid=derive_uid(*identity, "comprehensive-sr-series"),
             series_number=series_number,
             sop_instance_uid=derive_uid(*identity, "comprehensive-sr-instance"),
@@ -854,9 +910,11 @@ def build_reports(
         reports: list[Dataset] = [comprehensive]
         if text_sr:
             reports.append(
-                BasicTextSR(
-                    evidence=evidence,
-                    content=_text_report(content, algorithm),
+                _document(
+                    BasicTextSR,
+                    _text_report(content, algorithm),
+                    evidence,
+                    BASIC_TEXT_SR_VALUE_TYPES,
                     series_instance_uid=derive_uid(*identity, "text-sr-series"),
                     series_number=text_series_number,
                     sop_instance_uid=derive_uid(*identity, "text-sr-instance"),
