@@ -30,6 +30,7 @@ algorithm name, algorithm version), so a redelivered job yields the same identit
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import math
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -534,7 +535,10 @@ def _image_library(images: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
     return library
 
 
+@functools.lru_cache(maxsize=8)
 def _observer_context(algorithm: AlgorithmInfo) -> hd.sr.ObservationContext:
+    """TID 1002 observer context (the algorithm as Device), built once per algorithm: the
+    same items go into every document (nothing changes a built document's items)."""
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=device_uid(algorithm),
         name=algorithm.name,
@@ -565,6 +569,18 @@ def _region_source(image: Dataset) -> hd.sr.SourceImageForRegion:
     """SELECTED FROM reference. CR, DX and SC are single-frame IODs: no frame number, even
     when a header claims Number of Frames (the model reads the first frame)."""
     return hd.sr.SourceImageForRegion.from_source_image(image)
+
+
+@functools.lru_cache(maxsize=8)
+def _algorithm_identification(algorithm: AlgorithmInfo) -> hd.sr.AlgorithmIdentification:
+    """TID 4019 items of every measurement group, built once per algorithm (see
+    :func:`_observer_context`)."""
+    return hd.sr.AlgorithmIdentification(
+        name=algorithm.name,
+        version=algorithm.version,
+        manufacturer=algorithm.manufacturer,
+        parameters=list(algorithm.parameters) or None,
+    )
 
 
 def _lesion_group(
@@ -604,12 +620,7 @@ def _lesion_group(
         finding_sites=(
             [hd.sr.FindingSite(codes_.finding_site)] if codes_.finding_site is not None else None
         ),
-        algorithm_id=hd.sr.AlgorithmIdentification(
-            name=algorithm.name,
-            version=algorithm.version,
-            manufacturer=algorithm.manufacturer,
-            parameters=list(algorithm.parameters) or None,
-        ),
+        algorithm_id=_algorithm_identification(algorithm),
         measurements=[certainty],
         geometric_purpose=BOUNDED_BY,
     )
