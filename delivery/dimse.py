@@ -48,7 +48,7 @@ from delivery.destinations import Delivered, DeliveredItem, DicomPeer, StudyResu
 from delivery.errors import PermanentSendError, TransientSendError
 from dicom_node import statuses
 from dicom_node.settings import NodeSettings, TlsSettings
-from dicom_node.tcp import no_delay
+from dicom_node.tcp import no_delay, quick_ack
 
 __all__ = [
     "AssociationPool",
@@ -127,7 +127,7 @@ def _associate(ae: AE, destination: DicomPeer, options: SendOptions) -> Associat
             destination.port,
             ae_title=destination.ae_title,
             tls_args=tls_args,
-            evt_handlers=[(evt.EVT_CONN_OPEN, no_delay)],
+            evt_handlers=[(evt.EVT_CONN_OPEN, no_delay), (evt.EVT_CONN_OPEN, quick_ack)],
         )
     except OSError as exc:  # e.g. name resolution, unreadable TLS files (ssl.SSLError)
         raise TransientSendError(f"{destination.name}: {exc}") from exc
