@@ -40,7 +40,7 @@ def quick_ack(event: Any) -> None:
     """``EVT_CONN_OPEN`` handler: acknowledge what the peer sends at once (Linux
     ``TCP_QUICKACK``, set before each read of this association; nothing elsewhere)."""
     option = getattr(socket, "TCP_QUICKACK", None)
-    transport = getattr(event.assoc.dul, "socket", None)
+    transport: Any = getattr(event.assoc.dul, "socket", None)
     sock = getattr(transport, "socket", None)
     if option is None or sock is None or not hasattr(transport, "recv"):
         return
