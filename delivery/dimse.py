@@ -260,6 +260,8 @@ def _store_all(
 
 #: seconds between polls of a parked association's connection (pynetdicom polls every 1 ms)
 _PARKED_POLL_SECONDS = 0.05
+#: how long a parked association's reactor may take to resume before it counts as dead
+_RESUME_SECONDS = 2.0
 
 
 def _park(assoc: Association) -> None:
@@ -272,10 +274,23 @@ def _park(assoc: Association) -> None:
 
 
 def _unpark(assoc: Association) -> bool:
-    """Resume a parked association; whether it is still usable."""
+    """Resume a parked association; whether it is still usable.
+
+    The association reactor must be running again before the next request: pynetdicom pauses
+    it around a request only once it has seen it run, else the reactor would take the
+    response off the queue and the request would wait for it until the DIMSE timeout.
+    """
     assoc.dul._run_loop_delay = 0.001
     assoc._reactor_checkpoint.set()
-    return bool(assoc.is_established and assoc.dul.is_alive() and not assoc.acse.is_aborted())
+    deadline = time.monotonic() + _RESUME_SECONDS
+    while assoc._is_paused and assoc.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.0001)
+    return bool(
+        not assoc._is_paused
+        and assoc.is_established
+        and assoc.dul.is_alive()
+        and not assoc.acse.is_aborted()
+    )
 
 
 @dataclass(frozen=True)

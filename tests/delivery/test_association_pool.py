@@ -17,7 +17,7 @@ from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from delivery.destinations import DicomPeer, StudyResults
-from delivery.dimse import AssociationPool, DicomDestination, send_datasets
+from delivery.dimse import AssociationPool, DicomDestination, SendOptions, send_datasets
 from delivery.errors import TransientSendError
 from dicom_node import statuses
 from tests.delivery.test_dimse_integration import FAST, STORESCP, _wait_port, basic_text_sr
@@ -208,3 +208,30 @@ def test_a_peer_without_the_files_transfer_syntax_gets_it_converted(tmp_path: Pa
         assert not path.read_bytes().endswith(data)
     finally:
         implicit_only.server.shutdown()
+
+
+def test_many_studies_in_a_row_over_one_association(peer: Peer) -> None:
+    """Each study takes the parked association and gives it back: every response reaches
+    its request (none is taken by the association's resumed reactor), also while another
+    thread keeps the interpreter busy (as the model does in the worker)."""
+    pool = AssociationPool(idle_seconds=30)
+    quick = SendOptions(acse_timeout=5, dimse_timeout=3, network_timeout=10)
+    stop = threading.Event()
+
+    def busy() -> None:
+        while not stop.is_set():
+            sum(range(10_000))
+
+    spinner = threading.Thread(target=busy, daemon=True)
+    spinner.start()
+    try:
+        for n in range(25):
+            reports = [basic_text_sr(f"study {n}"), basic_text_sr(f"study {n}, text")]
+            assert send_datasets(
+                reports, peer.destination, ae_title="D2R", options=quick, pool=pool
+            ) == [statuses.SUCCESS, statuses.SUCCESS], n
+    finally:
+        stop.set()
+        spinner.join()
+        pool.close()
+    assert len(peer.stored) == 50 and pool.opened == 1
