@@ -274,23 +274,32 @@ def _park(assoc: Association) -> None:
 
 
 def _unpark(assoc: Association) -> bool:
-    """Resume a parked association; whether it is still usable.
-
-    The association reactor must be running again before the next request: pynetdicom pauses
-    it around a request only once it has seen it run, else the reactor would take the
-    response off the queue and the request would wait for it until the DIMSE timeout.
-    """
+    """Resume a parked association; whether it is still usable."""
     assoc.dul._run_loop_delay = 0.001
     assoc._reactor_checkpoint.set()
-    deadline = time.monotonic() + _RESUME_SECONDS
-    while assoc._is_paused and assoc.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.0001)
     return bool(
-        not assoc._is_paused
+        _reactor_running(assoc)
         and assoc.is_established
         and assoc.dul.is_alive()
         and not assoc.acse.is_aborted()
     )
+
+
+def _reactor_running(assoc: Association) -> bool:
+    """Wait until the association's reactor has run since it was last let go.
+
+    pynetdicom pauses the reactor around each request and takes "paused" for granted as soon
+    as the flag says so; right after the previous request (or after parking) the flag is
+    still set while the reactor has yet to wake up, and it then wakes during the request and
+    takes its response off the queue ("Received unexpected C-STORE service message"): the
+    request waits for it until the DIMSE timeout. The faster a peer answers, the likelier.
+    """
+    deadline = time.monotonic() + _RESUME_SECONDS
+    while assoc._is_paused and assoc.is_alive():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.0001)
+    return not assoc._is_paused
 
 
 @dataclass(frozen=True)
@@ -435,6 +444,7 @@ def _store_one(
         )
     if not assoc.is_established:
         raise TransientSendError(f"{destination.name}: association lost")
+    _reactor_running(assoc)
     try:
         response: Any = assoc.send_c_store(ds if source is None else source)
     except (ValueError, AttributeError, TypeError) as exc:
