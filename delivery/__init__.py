@@ -9,6 +9,8 @@ to peers.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from delivery.destinations import (
     Delivered,
     DeliveredItem,
@@ -18,6 +20,9 @@ from delivery.destinations import (
     StudyResults,
 )
 from delivery.settings import DeliverySettings
+
+if TYPE_CHECKING:
+    from delivery.dimse import AssociationPool
 
 __all__ = [
     "Delivered",
@@ -31,8 +36,14 @@ __all__ = [
 ]
 
 
-def open_destination(address: DestinationAddress, settings: DeliverySettings) -> Destination:
-    """The sender for ``address``.
+def open_destination(
+    address: DestinationAddress,
+    settings: DeliverySettings,
+    *,
+    associations: AssociationPool | None = None,
+) -> Destination:
+    """The sender for ``address``; a DICOM sender takes its associations from
+    ``associations`` (a :class:`delivery.dimse.AssociationPool`) when given.
 
     Raises
     ------
@@ -49,7 +60,7 @@ def open_destination(address: DestinationAddress, settings: DeliverySettings) ->
     if isinstance(address, _DicomPeer):
         from delivery.dimse import DicomDestination
 
-        return DicomDestination(address, settings.ae_title, settings.options)
+        return DicomDestination(address, settings.ae_title, settings.options, pool=associations)
     if isinstance(address, _MllpPeer):
         from delivery.hl7 import Hl7Destination  # hl7apy loads only where HL7 is sent
 

@@ -130,6 +130,9 @@ class StudyResults:
     reports: tuple[Dataset, ...]
     #: the report content written beside the SRs (None: results of an older release)
     content: ReportContent | None = None
+    #: the files ``reports`` were read from, in the same order (empty: not from files); the
+    #: DICOM sender sends their bytes as written
+    files: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

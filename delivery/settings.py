@@ -3,7 +3,9 @@
 The destinations come from ``D2R_DESTINATIONS`` (see :mod:`delivery.destinations`); the DICOM
 association parameters, the calling AE title and the TLS files are the node's
 (``D2R_AE_TITLE``, ``D2R_*_TIMEOUT``, ``D2R_MAX_PDU``, ``D2R_TLS_*``), so one set of
-certificates serves DICOM TLS, HTTPS and MLLP over TLS.
+certificates serves DICOM TLS, HTTPS and MLLP over TLS. ``D2R_DICOM_ASSOCIATION_IDLE_SECONDS``
+(default 10, 0: off) keeps an association to a DICOM destination open that long for the next
+study's reports.
 """
 
 from __future__ import annotations
@@ -13,7 +15,13 @@ from dataclasses import dataclass, field
 
 from delivery.destinations import DestinationAddress, parse_destinations
 from delivery.dimse import SendOptions
-from dicom_node.settings import NodeSettings, TlsSettings, env_setting, parse_bool
+from dicom_node.settings import (
+    NodeSettings,
+    TlsSettings,
+    env_setting,
+    non_negative_float,
+    parse_bool,
+)
 
 __all__ = ["DeliverySettings"]
 
@@ -28,6 +36,9 @@ class DeliverySettings:
     #: association timeouts, PDU size and TLS files; the HTTP and MLLP senders use
     #: ``network_timeout`` for connect and read and ``tls`` for certificates
     options: SendOptions = field(default_factory=SendOptions)
+    #: ``D2R_DICOM_ASSOCIATION_IDLE_SECONDS``: an association to a DICOM destination is kept
+    #: this long after a send for the next study's reports (0: one association per send)
+    association_idle_seconds: float = 10.0
 
     @property
     def tls(self) -> TlsSettings:
@@ -54,8 +65,15 @@ class DeliverySettings:
         destinations = env_setting(
             env, "D2R_DESTINATIONS", none, lambda t: parse_destinations(t, tls=every_tls)
         )
+        idle = env_setting(
+            env,
+            "D2R_DICOM_ASSOCIATION_IDLE_SECONDS",
+            cls.association_idle_seconds,
+            non_negative_float,
+        )
         return cls(
             destinations=destinations,
             ae_title=node.ae_title,
             options=SendOptions.from_settings(node),
+            association_idle_seconds=idle,
         )

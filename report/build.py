@@ -38,9 +38,10 @@ algorithm name, algorithm version), so a redelivered job yields the same identit
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from numbers import Real
@@ -78,7 +79,7 @@ from report.codes import (
     private_coding_scheme,
 )
 from report.errors import ReportBuildError, SourceImageError
-from report.sop import BasicTextSR
+from report.sop import BASIC_TEXT_SR_VALUE_TYPES, BasicTextSR
 
 __all__ = [
     "COMPREHENSIVE_SR_SERIES_NUMBER",
@@ -562,7 +563,10 @@ def _image_library(images: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
     return library
 
 
+@functools.lru_cache(maxsize=8)
 def _observer_context(algorithm: AlgorithmInfo) -> hd.sr.ObservationContext:
+    """TID 1002 observer context (the algorithm as Device), built once per algorithm: the
+    same items go into every document (nothing changes a built document's items)."""
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=device_uid(algorithm),
         name=algorithm.name,
@@ -593,6 +597,18 @@ def _region_source(image: Dataset) -> hd.sr.SourceImageForRegion:
     """SELECTED FROM reference. CR, DX and SC are single-frame IODs: no frame number, even
     when a header claims Number of Frames (the model reads the first frame)."""
     return hd.sr.SourceImageForRegion.from_source_image(image)
+
+
+@functools.lru_cache(maxsize=8)
+def _algorithm_identification(algorithm: AlgorithmInfo) -> hd.sr.AlgorithmIdentification:
+    """TID 4019 items of every measurement group, built once per algorithm (see
+    :func:`_observer_context`)."""
+    return hd.sr.AlgorithmIdentification(
+        name=algorithm.name,
+        version=algorithm.version,
+        manufacturer=algorithm.manufacturer,
+        parameters=list(algorithm.parameters) or None,
+    )
 
 
 def finding_label(class_name: str, score: float) -> str:
@@ -651,12 +667,7 @@ def _lesion_group(
         "finding_sites": (
             [hd.sr.FindingSite(codes_.finding_site)] if codes_.finding_site is not None else None
         ),
-        "algorithm_id": hd.sr.AlgorithmIdentification(
-            name=algorithm.name,
-            version=algorithm.version,
-            manufacturer=algorithm.manufacturer,
-            parameters=list(algorithm.parameters) or None,
-        ),
+        "algorithm_id": _algorithm_identification(algorithm),
         "measurements": [certainty],
     }
     group: _LesionGroup
@@ -821,6 +832,60 @@ def _algorithm_equipment(
     return equipment
 
 
+#: Value types a Comprehensive SR may contain (PS3.3 A.35.3.3.1): all but SCOORD3D.
+COMPREHENSIVE_SR_VALUE_TYPES: Final = BASIC_TEXT_SR_VALUE_TYPES | {"NUM", "SCOORD", "TCOORD"}
+
+
+def _check_tree(
+    items: Iterable[Dataset], evidence_uids: Collection[str], value_types: Collection[str]
+) -> None:
+    """What highdicom's SR constructor checks, in one walk of the tree: every value type is
+    allowed in the document, and every referenced instance is in the evidence."""
+    for item in items:
+        value_type = str(item.ValueType)
+        if value_type not in value_types:
+            raise ValueError(f"the SR content holds a {value_type} item, which it may not hold")
+        if value_type in ("IMAGE", "COMPOSITE"):
+            uid = str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+            if uid not in evidence_uids:
+                raise ValueError(f"SOP Instance {uid} is referenced but not in the evidence")
+        if "ContentSequence" in item:
+            _check_tree(item.ContentSequence, evidence_uids, value_types)
+
+
+def _document(
+    make: Callable[..., Dataset],
+    root: hd.sr.ContainerContentItem,
+    evidence: Sequence[Dataset],
+    value_types: Collection[str],
+    **kwargs: Any,
+) -> Dataset:
+    """The SR document: highdicom's SR class ``make`` builds it around ``root``'s header, then
+    ``root``'s content tree is attached once.
+
+    highdicom's constructor deep-copies the content it is given, parses the copy back and
+    searches it three times (referenced instances, forbidden value types): most of a report's
+    build time. It gets the root container with an empty Content Sequence instead (it still
+    writes patient, study, series, flags, evidence and equipment from its arguments); its
+    checks run here in one walk of the tree (:func:`_check_tree`), and the tree is attached to
+    a plain Dataset holding what the constructor wrote, so no highdicom accessor describes
+    less than the document holds.
+    """
+    items = root.ContentSequence
+    _check_tree(items, {str(ds.SOPInstanceUID) for ds in evidence}, value_types)
+    root.ContentSequence = hd.sr.ContentSequence()
+    try:
+        built = make(evidence=evidence, content=root, **kwargs)
+    finally:
+        root.ContentSequence = items
+    document = Dataset()
+    document.file_meta = built.file_meta
+    for element in built:
+        document.add(element)
+    document.ContentSequence = items
+    return document
+
+
 def build_reports(
     content: ReportContent,
     algorithm: AlgorithmInfo,
@@ -927,9 +992,11 @@ def build_reports(
     }
     identity = (study_uid, algorithm.name, algorithm.version)
     try:
-        comprehensive = hd.sr.ComprehensiveSR(
-            evidence=evidence,
-            content=_measurement_report(content, algorithm, groups),
+        comprehensive = _document(
+            hd.sr.ComprehensiveSR,
+            _measurement_report(content, algorithm, groups),
+            evidence,
+            COMPREHENSIVE_SR_VALUE_TYPES,
             series_instance_uid=derive_uid(*identity, "comprehensive-sr-series"),
             series_number=series_number,
             sop_instance_uid=derive_uid(*identity, "comprehensive-sr-instance"),
@@ -940,9 +1007,11 @@ def build_reports(
         reports: list[Dataset] = [comprehensive]
         if text_sr:
             reports.append(
-                BasicTextSR(
-                    evidence=evidence,
-                    content=_text_report(content, algorithm),
+                _document(
+                    BasicTextSR,
+                    _text_report(content, algorithm),
+                    evidence,
+                    BASIC_TEXT_SR_VALUE_TYPES,
                     series_instance_uid=derive_uid(*identity, "text-sr-series"),
                     series_number=text_series_number,
                     sop_instance_uid=derive_uid(*identity, "text-sr-instance"),

@@ -181,9 +181,16 @@ def _replayed_predict(
     return predict
 
 
-def report_batch(ctx: tasks.WorkerContext, app: Celery, job: ReportJob, task_id: str) -> str:
+def report_batch(
+    ctx: tasks.WorkerContext,
+    app: Celery,
+    job: ReportJob,
+    task_id: str,
+    deliveries: tasks.Deliveries | None = None,
+) -> str:
     """Body of ``d2r.report_study`` while ``D2R_BATCH_MAX`` > 1; returns what happened to
-    ``job``'s own study (the other studies' outcomes are recorded and logged)."""
+    ``job``'s own study (the other studies' outcomes are recorded and logged). As for one
+    study, each reported study's first send runs in ``deliveries`` when given."""
     settings = ctx.settings
     store = ctx.store
     uid = job.study_instance_uid
@@ -217,7 +224,7 @@ def report_batch(ctx: tasks.WorkerContext, app: Celery, job: ReportJob, task_id:
             )
         stages = {j.study_instance_uid: StageTracker() for j in jobs}
         with BatchHeartbeat(store, task_id, settings, stages):
-            return _run_batch(ctx, app, jobs, task_id, stages, claim_seconds)
+            return _run_batch(ctx, app, jobs, task_id, stages, claim_seconds, deliveries)
 
 
 def _run_batch(
@@ -227,6 +234,7 @@ def _run_batch(
     task_id: str,
     stages: Mapping[str, StageTracker],
     claim_seconds: float,
+    deliveries: tasks.Deliveries | None = None,
 ) -> str:
     reads: dict[str, dict[str, Dataset | Exception]] = {}
     for job in jobs:
@@ -282,6 +290,7 @@ def _run_batch(
                     task_id,
                     stages[job.study_instance_uid],
                     images,
+                    deliveries,
                     read_image=read_image,
                     predict=predict,
                 )

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydicom
 from celery import Celery, Task
@@ -51,6 +51,9 @@ from worker.messages import REPORT_TASK, SEND_TASK, ReportJob
 from worker.settings import WorkerSettings
 from worker.stages import Stage, StageTracker, failure_reason
 
+if TYPE_CHECKING:
+    from delivery.dimse import AssociationPool
+
 logger = logging.getLogger(__name__)
 
 
@@ -64,12 +67,36 @@ class WorkerContext:
         self._pid = -1
         self._predictor: Any = None
         self._store: StudyStore | None = None
+        self._associations: AssociationPool | None = None
 
     def _check_pid(self) -> None:
         if self._pid != os.getpid():  # forked pool child: never reuse the parent's handles
             self._pid = os.getpid()
             self._predictor = None
             self._store = None
+            self._associations = None
+
+    @property
+    def associations(self) -> AssociationPool:
+        """Associations to DICOM destinations, kept between studies
+        (``D2R_DICOM_ASSOCIATION_IDLE_SECONDS``)."""
+        with self._lock:
+            self._check_pid()
+            if self._associations is None:
+                from delivery.dimse import AssociationPool
+
+                self._associations = AssociationPool(
+                    self.settings.delivery.association_idle_seconds
+                )
+            return self._associations
+
+    def close_associations(self) -> None:
+        """Release the associations this process keeps open (at shutdown)."""
+        with self._lock:
+            pool = self._associations if self._pid == os.getpid() else None
+            self._associations = None
+        if pool is not None:
+            pool.close()
 
     @property
     def store(self) -> StudyStore:
@@ -190,7 +217,7 @@ def report_study(
     if ctx.settings.batch_max > 1:  # D2R_BATCH_MAX: more queued studies join this one
         from worker.batching import report_batch
 
-        return report_batch(ctx, app, job, task_id)
+        return report_batch(ctx, app, job, task_id, deliveries)
     with logs.bind(study_instance_uid=job.study_instance_uid, task_id=task_id):
         return _report_study(ctx, app, job, task_id, deliveries)
 
@@ -577,11 +604,11 @@ def _send_reports(ctx: WorkerContext, study_uid: str, destination: str) -> str:
     settings = ctx.settings
     store = ctx.store
     started = time.perf_counter()
-    delivery = store.delivery(study_uid, destination)
-    if delivery is None or delivery.state != "pending":
-        return "stale"
-    view = store.get(study_uid)
+    view = store.get(study_uid)  # the study and its deliveries, in one read
     if view is None or not view.result_paths:
+        return "stale"
+    delivery = next((d for d in view.deliveries if d.destination == destination), None)
+    if delivery is None or delivery.state != "pending":
         return "stale"
     error: str | None = None
     ok = False
@@ -594,10 +621,16 @@ def _send_reports(ctx: WorkerContext, study_uid: str, destination: str) -> str:
         stages.enter(Stage.SEND)
         address = by_name(settings.delivery.destinations, destination)
         kind = address.kind
-        sender = open_destination(address, settings.delivery)
+        sender = open_destination(
+            address,
+            settings.delivery,
+            associations=ctx.associations if address.kind == "dicom" else None,
+        )
         datasets = [pydicom.dcmread(p) for p in view.result_paths]
         content = _read_content(view.result_paths)
-        delivered = sender.send(StudyResults(study_uid, tuple(datasets), content))
+        delivered = sender.send(
+            StudyResults(study_uid, tuple(datasets), content, files=tuple(view.result_paths))
+        )
         ok = True
     except TransientSendError as exc:
         error = f"transient: {exc}"
@@ -673,10 +706,12 @@ def register_tasks(
     @worker_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
     def _finish_sends(**_: Any) -> None:  # solo pool: the sends ran in the main process
         deliveries.drain(settings.task_time_limit)
+        ctx.close_associations()
 
     @worker_process_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
     def _process_gone(**_: Any) -> None:
         deliveries.drain(settings.task_time_limit)
+        ctx.close_associations()
         directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         if directory:  # this process's live gauges (the loaded model) leave the endpoint
             metrics.mark_process_dead(os.getpid(), directory)
