@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 import shutil
 import subprocess
@@ -24,8 +25,10 @@ from pydicom.uid import (
     JPEGLSLossless,
     RLELossless,
 )
+from pynetdicom.presentation import PresentationContext
 
 from dicom_node import statuses
+from dicom_node.scp import SharedSyntaxContext, build_ae
 from dicom_node.selection import select_images
 from dicom_node.spool import dataset_offset
 from dicom_node.studies import InstanceRecord
@@ -335,3 +338,24 @@ def test_association_aborted_mid_data_set_leaves_nothing(node: Node, tmp_path: P
     assert list(node.spool.tmp_dir.iterdir()) == []
     assert list(node.spool.instances_dir.rglob("*.dcm")) == []
     assert node.store.instances == [] and node.store.rejections == []
+
+
+def test_each_association_gets_its_own_copy_of_the_supported_contexts(node: Node) -> None:
+    """The listener hands pynetdicom contexts whose per-association copy is cheap (shared UIDs)
+    but still a copy: what one association changes is not seen by the listener or the next."""
+
+    listener = node.server.contexts
+    assert listener and all(isinstance(cx, SharedSyntaxContext) for cx in listener)
+    expected = build_ae(node.settings).supported_contexts
+    assert [(str(cx.abstract_syntax), list(cx.transfer_syntax)) for cx in listener] == [
+        (str(cx.abstract_syntax), list(cx.transfer_syntax)) for cx in expected
+    ]
+    copied = copy.deepcopy(listener)
+    assert all(type(cx) is PresentationContext for cx in copied)
+    copied[0].context_id = 1
+    copied[0].transfer_syntax = [ExplicitVRLittleEndian]
+    assert listener[0].context_id is None
+    assert list(listener[0].transfer_syntax) == list(expected[0].transfer_syntax)
+    for _ in range(2):  # associations still negotiate from the listener's contexts
+        res = dcmtk("echoscu", "-aec", node.settings.ae_title, "127.0.0.1", str(node.port))
+        assert res.returncode == 0, res.stderr
