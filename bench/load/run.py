@@ -9,7 +9,7 @@ process plus its pool child), sampled while the run lasts.
 Usage::
 
     python bench/load/run.py [--senders 4] [--studies 50] [--model DIR] [--work DIR]
-                             [--batch-max N] [--batch-wait-ms MS]
+                             [--batch-max N] [--batch-wait-ms MS] [--env D2R_...=...]
 
 Without ``--model`` a small randomly initialised checkpoint is written first (``d2r init-model``).
 
@@ -173,6 +173,12 @@ def main() -> int:
         "--batch-max", type=int, default=None, help="the worker's D2R_BATCH_MAX (default: its own)"
     )
     parser.add_argument("--batch-wait-ms", type=float, default=None, help="D2R_BATCH_WAIT_MS")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        help="NAME=VALUE for the worker, e.g. D2R_BACKEND=onnxruntime (repeatable)",
+    )
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="d2r-load-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -202,7 +208,7 @@ def main() -> int:
             )
             if value is not None
         }
-        stack.start_worker(**batching)
+        stack.start_worker(**batching, **dict(e.split("=", 1) for e in args.env))
         result = run_load(stack, senders=args.senders, studies=args.studies, timeout=args.timeout)
         breakdown = stage_breakdown([w.log_tail(10**9) for w in stack.workers])
     finally:
