@@ -3,7 +3,10 @@
 Each (preset, backend) runs in its own process (``--child``), so peak RSS and thread pools
 do not mix; the parent prepares a random checkpoint and its ONNX export per preset, then
 prints one Markdown table. Input: the real RG1 chest CR (pydicom-data), end to end through
-``Predictor.predict`` (preprocessing, dense graphs, NMS, beam search).
+``Predictor.predict`` with the input gate off (preprocessing, dense graphs, NMS, beam search),
+choosing the report as the node does by default (``--report-choice consistent``: five
+hypotheses, the one most consistent with the boxes; ``probable``: the most probable of the
+checkpoint's beam).
 
     .venv/bin/python bench/inference/run.py [--presets small paper] [--iters 3] [--threads 2]
     .venv/bin/python bench/inference/run.py --checkpoint models/d2r-demo-phantom
@@ -42,10 +45,14 @@ def child(args: argparse.Namespace) -> None:
 
     ds = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
     t0 = time.perf_counter()
+    from report.grounding import report_chooser
+
     predictor = Predictor.from_checkpoint(
         Path(args.model),
         backend=args.child,
         engine_dir=Path(args.onnx) if args.child == "onnxruntime" else None,
+        input_gate=False,  # the bundled model abstains on this real CR: measure the whole model
+        choose_report=report_chooser(args.report_choice),
     )
     load_s = time.perf_counter() - t0
     first = predictor.predict([ds])  # warm-up
@@ -81,7 +88,11 @@ def batch_child(args: argparse.Namespace) -> None:
     from model.predict import Predictor, StudyPrediction
 
     ds = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
-    predictor = Predictor.from_checkpoint(Path(args.model), input_gate=False)
+    from report.grounding import report_chooser
+
+    predictor = Predictor.from_checkpoint(
+        Path(args.model), input_gate=False, choose_report=report_chooser(args.report_choice)
+    )
     alone = predictor.predict([ds])
     size = args.batch_child
     predictor.predict_batch([[ds]] * size)  # warm-up
@@ -124,7 +135,8 @@ def batch_table(args: argparse.Namespace, env: dict[str, str], work: Path) -> in
         for size in args.batch:
             out = subprocess.run(
                 [sys.executable, __file__, "--batch-child", str(size), "--model", str(model),
-                 "--iters", str(args.iters), "--threads", str(args.threads)],
+                 "--iters", str(args.iters), "--threads", str(args.threads),
+                 "--report-choice", args.report_choice],
                 env=env, capture_output=True, text=True, cwd=REPO,
             )  # fmt: skip
             if out.returncode != 0:
@@ -164,6 +176,12 @@ def main() -> int:
         "--batch", type=int, nargs="+", help="measure predict_batch at these batch sizes"
     )
     parser.add_argument("--batch-child", type=int)
+    parser.add_argument(
+        "--report-choice",
+        choices=("consistent", "probable"),
+        default="consistent",
+        help="D2R_REPORT_CHOICE: consistent (the node's default, 5 hypotheses) or probable",
+    )
     args = parser.parse_args()
     if args.child:
         child(args)
@@ -196,7 +214,8 @@ def main() -> int:
                 continue
             out = subprocess.run(
                 [sys.executable, __file__, "--child", backend, "--model", str(model),
-                 "--onnx", str(onnx), "--iters", str(args.iters), "--threads", str(args.threads)],
+                 "--onnx", str(onnx), "--iters", str(args.iters), "--threads", str(args.threads),
+                 "--report-choice", args.report_choice],
                 env=env, capture_output=True, text=True, cwd=REPO,
             )  # fmt: skip
             if out.returncode != 0:
