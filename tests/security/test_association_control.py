@@ -127,6 +127,8 @@ def test_called_ae_and_association_limit(tmp_path: Path) -> None:
         assert wrong.is_rejected
         primitive = wrong.acceptor.primitive
         assert primitive is not None and primitive.diagnostic == 7
+        # pynetdicom counts an association against the limit until its thread has ended
+        wait_for(lambda: not node.server.ae.active_associations, 10, "the rejected association")
 
         before = _rejected("local_limit_exceeded")
         first = _associate(node.port)
@@ -138,7 +140,7 @@ def test_called_ae_and_association_limit(tmp_path: Path) -> None:
             assert _counted("local_limit_exceeded", before + 1)
         finally:
             first.release()
-        time.sleep(0.3)
+        wait_for(lambda: not node.server.ae.active_associations, 10, "the released associations")
         third = _associate(node.port)
         assert third.is_established
         third.release()
