@@ -42,11 +42,10 @@ def child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     from model.predict import Predictor
+    from report.grounding import report_chooser
 
     ds = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
     t0 = time.perf_counter()
-    from report.grounding import report_chooser
-
     predictor = Predictor.from_checkpoint(
         Path(args.model),
         backend=args.child,
@@ -86,10 +85,9 @@ def batch_child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     from model.predict import Predictor, StudyPrediction
-
-    ds = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
     from report.grounding import report_chooser
 
+    ds = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
     predictor = Predictor.from_checkpoint(
         Path(args.model), input_gate=False, choose_report=report_chooser(args.report_choice)
     )
@@ -162,6 +160,8 @@ def batch_table(args: argparse.Namespace, env: dict[str, str], work: Path) -> in
 
 
 def main() -> int:
+    from report.grounding import REPORT_CHOICES
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--presets", nargs="+", default=["small", "paper"])
     parser.add_argument("--iters", type=int, default=3)
@@ -178,7 +178,7 @@ def main() -> int:
     parser.add_argument("--batch-child", type=int)
     parser.add_argument(
         "--report-choice",
-        choices=("consistent", "probable"),
+        choices=REPORT_CHOICES,
         default="consistent",
         help="D2R_REPORT_CHOICE: consistent (the node's default, 5 hypotheses) or probable",
     )

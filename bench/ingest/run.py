@@ -337,15 +337,18 @@ def node_receiver(out: Path) -> Iterator[tuple[str, int, Callable[[], int]]]:
     store = StudyStore(settings.database_url)
     server = start_server(settings, spool, store, block=False)
     assert server is not None
+
+    def written() -> int:
+        return len(list(spool.instances_dir.rglob("*.dcm")))
+
     try:
-        yield "D2RBENCH", port, lambda: len(list(spool.instances_dir.rglob("*.dcm")))
+        yield "D2RBENCH", port, written
     finally:
         server.shutdown()
         received = sum(len(store.instances(uid)) for uid in _study_uids(spool))
         store.close()
-        written = len(list(spool.instances_dir.rglob("*.dcm")))
-        if received != written:
-            raise RuntimeError(f"study database holds {received} of {written} instances")
+        if received != written():
+            raise RuntimeError(f"study database holds {received} of {written()} instances")
 
 
 def _study_uids(spool: Spool) -> list[str]:
