@@ -20,6 +20,8 @@ and assembler on; the harness waits for ``/readyz`` and then sends the same file
 them and to ``storescp +B`` alternately, run after run. Cases: one association; ``--associations
 4`` concurrent ``storescu`` processes (storescp with ``--fork``); and the same files re-sent
 (duplicates) right after the first arrival. ``--files N`` uses the first N files of the corpus.
+It also measures the disk the spool is on (``disk_rate``: write + fdatasync, one writer per
+association) before the runs and after each case, since it bounds a durable receiver.
 
 Usage::
 
@@ -38,6 +40,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -110,6 +113,36 @@ def wipe(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     os.sync()
+
+
+def disk_rate(folder: Path, writers: int = 1, mib: int = 512) -> float:
+    """MB/s of ``writers`` threads writing ``mib`` MiB in all (1 MiB writes), each file
+    fdatasynced, in ``folder``: the sustained rate a receiver that makes every byte durable
+    before it answers cannot exceed on this filesystem (what ``dd conv=fdatasync`` shows)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    block = os.urandom(1 << 20)
+    paths = [folder / f"disk-probe-{k}.bin" for k in range(writers)]
+
+    def write(path: Path) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            for _ in range(mib // writers):
+                os.write(fd, block)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+    os.sync()
+    start = time.perf_counter()
+    threads = [threading.Thread(target=write, args=(p,)) for p in paths]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    for p in paths:
+        p.unlink(missing_ok=True)
+    return (mib // writers) * writers * (1 << 20) / 1e6 / elapsed
 
 
 def send(files: list[Path], aet: str, port: int, associations: int = 1) -> float:
@@ -275,6 +308,7 @@ def product_main(args: argparse.Namespace, files: list[Path]) -> int:
     wanted = {RECEIVER_NAMES[r] for r in args.receivers.split(",")} | {"storescp +B"}
     receivers = {name: r for name, r in all_receivers.items() if name in wanted}
     rows = []
+    disk = {n: [disk_rate(args.work / "disk", n)] for _, n, _ in cases}
     for case, n, duplicates in cases:
         times: dict[str, list[float]] = {name: [] for name in receivers}
         for _ in range(args.runs):
@@ -289,6 +323,7 @@ def product_main(args: argparse.Namespace, files: list[Path]) -> int:
                         raise RuntimeError(f"{name}: {count()} of {len(files)} files written")
                 times[name].append(elapsed)
                 print(f"{case}: {name}: {elapsed:.2f} s", file=sys.stderr)
+        disk[n].append(disk_rate(args.work / "disk", n))
         base = statistics.median(times["storescp +B"])
         for name, runs in times.items():
             med = statistics.median(runs)
@@ -300,6 +335,18 @@ def product_main(args: argparse.Namespace, files: list[Path]) -> int:
     for case, name, runs, med, mbs, ratio in rows:
         runs_text = " / ".join(f"{t:.2f}" for t in runs)
         print(f"| {case} | {name} | {runs_text} | {med:.2f} | {mbs:.1f} | {ratio:.2f}x |")
+    # the disk bounds a receiver that answers only once the bytes are on stable storage
+    print(
+        "\n| case | disk MB/s, write + fdatasync (before the runs / after each case) "
+        "| the best of them vs storescp +B |"
+    )
+    print("|---|---|---|")
+    for case, n, _ in cases:
+        scp = next(mbs for c, name, _, _, mbs, _ in rows if c == case and name == "storescp +B")
+        rates = " / ".join(f"{r:.0f}" for r in disk[n])
+        print(
+            f"| {case} ({n} writer{'s' if n > 1 else ''}) | {rates} | {max(disk[n]) / scp:.2f}x |"
+        )
     return 0
 
 
