@@ -35,16 +35,25 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _rg1_chest_cr() -> Path:
+    """pydicom-data's adult PA chest CR, the image every row runs."""
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("RG1_UNCR.dcm")
+    if not isinstance(path, str):
+        raise SystemExit("pydicom-data's RG1_UNCR.dcm is missing: pip install pydicom-data")
+    return Path(path)
+
+
 def child(args: argparse.Namespace) -> None:
     import pydicom
     import torch
-    from pydicom.data import get_testdata_file
 
     torch.set_num_threads(args.threads)
     from model.predict import Predictor
     from report.grounding import report_chooser
 
-    ds = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+    ds = pydicom.dcmread(_rg1_chest_cr())
     t0 = time.perf_counter()
     predictor = Predictor.from_checkpoint(
         Path(args.model),
@@ -81,13 +90,12 @@ def child(args: argparse.Namespace) -> None:
 def batch_child(args: argparse.Namespace) -> None:
     import pydicom
     import torch
-    from pydicom.data import get_testdata_file
 
     torch.set_num_threads(args.threads)
     from model.predict import Predictor, StudyPrediction
     from report.grounding import report_chooser
 
-    ds = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+    ds = pydicom.dcmread(_rg1_chest_cr())
     predictor = Predictor.from_checkpoint(
         Path(args.model), input_gate=False, choose_report=report_chooser(args.report_choice)
     )
