@@ -40,9 +40,9 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,11 +134,8 @@ def disk_rate(folder: Path, writers: int = 1, mib: int = 512) -> float:
 
     os.sync()
     start = time.perf_counter()
-    threads = [threading.Thread(target=write, args=(p,)) for p in paths]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(writers) as pool:
+        list(pool.map(write, paths))  # a write error fails the probe instead of a thread
     elapsed = time.perf_counter() - start
     for p in paths:
         p.unlink(missing_ok=True)
@@ -308,7 +305,7 @@ def product_main(args: argparse.Namespace, files: list[Path]) -> int:
     wanted = {RECEIVER_NAMES[r] for r in args.receivers.split(",")} | {"storescp +B"}
     receivers = {name: r for name, r in all_receivers.items() if name in wanted}
     rows = []
-    disk = {n: [disk_rate(args.work / "disk", n)] for _, n, _ in cases}
+    disk = {n: [disk_rate(args.work / "disk", n)] for n in {n for _, n, _ in cases}}
     for case, n, duplicates in cases:
         times: dict[str, list[float]] = {name: [] for name in receivers}
         for _ in range(args.runs):
