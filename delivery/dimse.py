@@ -20,10 +20,13 @@ A failed handshake is a transient error (retried, then ``failed`` with the reaso
 
 With an :class:`AssociationPool` the association outlives the call: the next study's reports
 to the same peer go over it, and it is released after it has been idle for a while (or when
-the worker stops). A pooled association the peer has dropped meanwhile is discarded and the
-reports are sent once more over a new one; a failure of a new association is classified as
-above. Reports given as files (the results folder) are sent as written, without decoding and
-encoding them again, when the peer accepted their transfer syntax.
+the worker stops). For a second after it is given back it is as quick to send as one in use
+(the next study of a burst); then its connection is polled slowly, so that an idle worker
+costs almost no CPU and the first send after a lull waits up to one slow poll. A pooled
+association the peer has dropped meanwhile is discarded and the reports are sent once more
+over a new one; a failure of a new association is classified as above. Reports given as
+files (the results folder) are sent as written, without decoding and encoding them again,
+when the peer accepted their transfer syntax.
 """
 
 from __future__ import annotations
@@ -258,24 +261,35 @@ def _store_all(
     return results
 
 
-#: seconds between polls of a parked association's connection (pynetdicom polls every 1 ms)
+#: seconds between polls of a connection in use (pynetdicom's own delay)
+_ACTIVE_POLL_SECONDS = 0.001
+#: seconds between polls of a parked association's connection, once it has cooled
 _PARKED_POLL_SECONDS = 0.05
+#: how long a parked association keeps polling as fast as one in use: a request made while
+#: the connection's reactor sleeps waits until it wakes, so the next study of a burst would
+#: wait up to :data:`_PARKED_POLL_SECONDS` for its first PDU to leave
+_HOT_SECONDS = 1.0
 #: how long a parked association's reactor may take to resume before it counts as dead
 _RESUME_SECONDS = 2.0
 
 
 def _park(assoc: Association) -> None:
-    """Let an idle association cost (almost) no CPU: pynetdicom's reactor threads poll every
-    millisecond. The association reactor is paused (as pynetdicom does around its own
-    requests) and the connection polled every :data:`_PARKED_POLL_SECONDS`, enough to notice
-    that the peer closed it."""
+    """Pause the association's reactor (as pynetdicom does around its own requests) while it
+    waits for the next send; its connection is still polled at the active rate."""
     assoc._reactor_checkpoint.clear()
+    assoc.dul._run_loop_delay = _ACTIVE_POLL_SECONDS
+
+
+def _cool(assoc: Association) -> None:
+    """Let a parked association cost (almost) no CPU: its connection is polled every
+    :data:`_PARKED_POLL_SECONDS` instead of every millisecond, enough to notice that the
+    peer closed it."""
     assoc.dul._run_loop_delay = _PARKED_POLL_SECONDS
 
 
 def _unpark(assoc: Association) -> bool:
     """Resume a parked association; whether it is still usable."""
-    assoc.dul._run_loop_delay = 0.001
+    assoc.dul._run_loop_delay = _ACTIVE_POLL_SECONDS
     assoc._reactor_checkpoint.set()
     return bool(
         _reactor_running(assoc)
@@ -320,8 +334,9 @@ class AssociationPool:
     """Established associations kept between sends, at most one idle per peer and SOP classes.
 
     :meth:`take` returns an idle association (``reused``) or opens one; :meth:`give_back`
-    parks it again, :meth:`discard` ends it. A daemon thread releases an association idle for
-    ``idle_seconds``; :meth:`close` releases every idle one (and later gives-back end theirs).
+    parks it again, :meth:`discard` ends it. A daemon thread slows the polling of an
+    association idle for :data:`_HOT_SECONDS` and releases one idle for ``idle_seconds``;
+    :meth:`close` releases every idle one (and later gives-back end theirs).
     The pool belongs to the process that made it: a forked child starts empty.
     """
 
@@ -396,13 +411,16 @@ class AssociationPool:
             self._reaper.start()
 
     def _reap(self, wake: threading.Event) -> None:
-        while not wake.wait(max(0.05, min(self.idle_seconds / 4, 1.0))):
+        while not wake.wait(max(0.05, min(self.idle_seconds / 4, _HOT_SECONDS / 2))):
             now = time.monotonic()
-            with self._lock:
+            with self._lock:  # under the lock: a taken association is never cooled
                 expired = [
                     k for k, (_, since) in self._idle.items() if now - since >= self.idle_seconds
                 ]
                 ended = [self._idle.pop(k)[0] for k in expired]
+                for assoc, since in self._idle.values():
+                    if now - since >= _HOT_SECONDS:
+                        _cool(assoc)
                 done = not self._idle
                 if done:
                     self._reaper = None

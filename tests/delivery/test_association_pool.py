@@ -16,6 +16,7 @@ from pydicom.uid import BasicTextSRStorage, ExplicitVRLittleEndian, ImplicitVRLi
 from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
+from delivery import dimse
 from delivery.destinations import DicomPeer, StudyResults
 from delivery.dimse import AssociationPool, DicomDestination, SendOptions, send_datasets
 from delivery.errors import TransientSendError
@@ -235,3 +236,34 @@ def test_many_studies_in_a_row_over_one_association(peer: Peer) -> None:
         spinner.join()
         pool.close()
     assert len(peer.stored) == 50 and pool.opened == 1
+
+
+def _parked_poll_delays(pool: AssociationPool) -> list[float]:
+    """How often each parked association's connection is polled (seconds)."""
+    with pool._lock:
+        return [assoc.dul._run_loop_delay for assoc, _ in pool._idle.values()]
+
+
+def test_a_parked_association_stays_quick_for_a_burst_then_cools(
+    peer: Peer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next study of a burst finds the connection polled as often as one in use (a
+    request waits for the poll to end before it leaves); an association idle for longer is
+    polled slowly, and a send over it polls fast again."""
+    monkeypatch.setattr(dimse, "_HOT_SECONDS", 0.3)
+    pool = AssociationPool(idle_seconds=30)
+    try:
+        send_datasets([basic_text_sr()], peer.destination, ae_title="D2R", options=FAST, pool=pool)
+        assert _parked_poll_delays(pool) == [dimse._ACTIVE_POLL_SECONDS]
+        peer.wait_for(lambda: _parked_poll_delays(pool) == [dimse._PARKED_POLL_SECONDS])
+        assert send_datasets(
+            [basic_text_sr("after a lull")],
+            peer.destination,
+            ae_title="D2R",
+            options=FAST,
+            pool=pool,
+        ) == [statuses.SUCCESS]
+        assert _parked_poll_delays(pool) == [dimse._ACTIVE_POLL_SECONDS]
+        assert pool.opened == 1 and len(peer.stored) == 2
+    finally:
+        pool.close()
