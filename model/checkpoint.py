@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import hashlib
 import json
 import logging
 from collections.abc import Iterable
@@ -27,6 +26,15 @@ import torch
 from model.classes import VINDR_CLASSES
 from model.config import ModelConfig, get_preset
 from model.errors import CheckpointError, ConfigError, TokenizerError
+from model.files import (
+    CHECKPOINT_FILES,
+    CLASSES,
+    CONFIG,
+    INFO,
+    VOCAB,
+    WEIGHTS,
+    checkpoint_sha256,
+)
 from model.gate import GateStatistics, feature_dim, load_gate
 from model.modeling import D2RNet
 from model.tokenizer import Tokenizer
@@ -34,14 +42,6 @@ from model.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-WEIGHTS, CONFIG, VOCAB, CLASSES, INFO = (
-    "weights.safetensors",
-    "config.json",
-    "vocab.json",
-    "classes.json",
-    "model.json",
-)
-CHECKPOINT_FILES: tuple[str, ...] = (WEIGHTS, CONFIG, VOCAB, CLASSES, INFO)
 
 #: sentences used by ``init_checkpoint`` callers that have no training reports
 BUILTIN_REPORTS: tuple[tuple[str, str], ...] = (
@@ -249,21 +249,6 @@ def load_detector_state(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor
     if not detector:
         raise CheckpointError(f"{WEIGHTS}: no detector tensors in {path}")
     return config, detector
-
-
-def checkpoint_sha256(path: Path) -> str:
-    """Stable SHA-256 over the checkpoint files (names and contents, fixed order)."""
-    digest = hashlib.sha256()
-    for name in CHECKPOINT_FILES:
-        file = Path(path) / name
-        if not file.is_file():
-            raise CheckpointError(f"{name}: missing from checkpoint {path}")
-        inner = hashlib.sha256()
-        with file.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                inner.update(chunk)
-        digest.update(f"{name}\0{inner.hexdigest()}\n".encode())
-    return digest.hexdigest()
 
 
 def init_checkpoint(

@@ -31,10 +31,10 @@ import torch
 from torch import Tensor
 
 from model.errors import CheckpointError
+from model.files import GATE_FILE
 from model.modeling import D2RNet
 from model.preprocess import COLOUR_PHOTOMETRICS, ImageSample
 
-GATE_FILE: Final = "gate.safetensors"
 #: identifies the feature the statistics were computed on
 FEATURE: Final = "global-trunk-avgpool"
 DEFAULT_PERCENTILE: Final = 99.5

@@ -251,7 +251,7 @@ class WorkerSettings:
         if not self.model_path.is_dir():
             raise ConfigError("D2R_MODEL", f"{self.model_path} is not a checkpoint directory")
         if self.model_sha256 is not None:  # refuse to start on an unexpected checkpoint
-            from model.checkpoint import checkpoint_sha256
+            from model.files import checkpoint_sha256
 
             try:
                 actual = checkpoint_sha256(self.model_path)
@@ -265,7 +265,7 @@ class WorkerSettings:
     def require_gate(self, model_path: Path) -> None:
         """Refuse, naming ``D2R_INPUT_GATE``, a checkpoint without input-gate statistics
         while the gate is on."""
-        from model.gate import GATE_FILE
+        from model.files import GATE_FILE
 
         if self.input_gate and not (model_path / GATE_FILE).is_file():
             raise ConfigError(
@@ -306,7 +306,7 @@ class WorkerSettings:
             raise ConfigError(
                 "D2R_ENGINE_DIR", f"{self.engine_dir}: no readable {name} ({e})"
             ) from None
-        from model.checkpoint import checkpoint_sha256
+        from model.files import checkpoint_sha256
 
         try:
             actual = checkpoint_sha256(model_path)

@@ -143,6 +143,16 @@ def test_serve_metrics_probes_audit_and_status_page(tmp_path: Path) -> None:
         except TimeoutError:
             pytest.fail(f"serve log:\n{serve.log_tail()}\nreadyz: {_get(base + '/readyz')}")
 
+        # ---- the listener process never loads torch; its worker child, which ran the model, does
+        children = [  # the worker is started by a thread of the listener process
+            pid
+            for task in Path(f"/proc/{serve.pid}/task").iterdir()
+            for pid in (task / "children").read_text().split()
+        ]
+        assert len(children) == 1
+        assert "libtorch" not in Path(f"/proc/{serve.pid}/maps").read_text()
+        assert "libtorch" in Path(f"/proc/{children[0]}/maps").read_text()
+
         # ---- metrics: what was sent, and nothing else
         m = _samples(base)
         dest = f"PACS@127.0.0.1:{pacs_port}"
