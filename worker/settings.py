@@ -112,6 +112,16 @@ def _batch_wait_ms(text: str) -> float:
     return value
 
 
+def _checkpoint_sha256(model_path: Path) -> str:
+    """The checkpoint's hash; an unreadable checkpoint is refused naming ``D2R_MODEL``."""
+    from model.files import checkpoint_sha256  # not at the top: the node image has no model
+
+    try:
+        return checkpoint_sha256(model_path)
+    except Exception as e:  # a bad checkpoint is reported by the model loader
+        raise ConfigError("D2R_MODEL", f"{model_path}: {e}") from e
+
+
 def default_model_path() -> Path | None:
     """The bundled demo checkpoint (:data:`BUNDLED_MODEL`) when present, else ``None``."""
     return BUNDLED_MODEL if (BUNDLED_MODEL / "model.json").is_file() else None
@@ -250,16 +260,12 @@ class WorkerSettings:
             )
         if not self.model_path.is_dir():
             raise ConfigError("D2R_MODEL", f"{self.model_path} is not a checkpoint directory")
+        actual: str | None = None
         if self.model_sha256 is not None:  # refuse to start on an unexpected checkpoint
-            from model.files import checkpoint_sha256
-
-            try:
-                actual = checkpoint_sha256(self.model_path)
-            except Exception as e:  # a bad checkpoint is reported by the model loader
-                raise ConfigError("D2R_MODEL", f"{self.model_path}: {e}") from e
+            actual = _checkpoint_sha256(self.model_path)
             self.verify_model_sha256(actual)
         self.require_gate(self.model_path)
-        self.require_backend(self.model_path)
+        self.require_backend(self.model_path, actual)
         return self.model_path
 
     def require_gate(self, model_path: Path) -> None:
@@ -274,12 +280,13 @@ class WorkerSettings:
                 f"d2r calibrate-gate --model {model_path} --data DIR, or set D2R_INPUT_GATE=off",
             )
 
-    def require_backend(self, model_path: Path) -> None:
+    def require_backend(self, model_path: Path, sha256: str | None = None) -> None:
         """Refuse a backend that cannot start, before any worker process starts.
 
         Checks that the backend's package is installed and that ``D2R_ENGINE_DIR`` holds
         an export (``export.json``) or engine (``manifest.json``) of the checkpoint at
-        ``model_path``. GPU and TensorRT version checks happen when the engine loads.
+        ``model_path`` (whose hash is ``sha256`` when the caller has it already).
+        GPU and TensorRT version checks happen when the engine loads.
 
         Raises
         ------
@@ -306,12 +313,7 @@ class WorkerSettings:
             raise ConfigError(
                 "D2R_ENGINE_DIR", f"{self.engine_dir}: no readable {name} ({e})"
             ) from None
-        from model.files import checkpoint_sha256
-
-        try:
-            actual = checkpoint_sha256(model_path)
-        except Exception as e:  # a bad checkpoint is reported by the model loader
-            raise ConfigError("D2R_MODEL", f"{model_path}: {e}") from e
+        actual = sha256 or _checkpoint_sha256(model_path)
         if recorded != actual:
             raise ConfigError(
                 "D2R_ENGINE_DIR",
