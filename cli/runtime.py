@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -162,6 +163,34 @@ def association_rejected(audit: Any) -> Callable[[Any, str], None]:
     return record
 
 
+def start_listener(
+    node: Any,
+    spool: Any,
+    store: Any,
+    listener_audit: Any,
+    released: Callable[[], None],
+    *,
+    shared: bool = False,
+    inherited: socket.socket | None = None,
+) -> Any:
+    """The DICOM listener of a node process, its instances audited and recorded in ``store``."""
+    from dicom_node.scp import AssociationStudies, start_server
+
+    server = start_server(
+        node,
+        spool,
+        listener_audit.recorder(store),
+        block=False,
+        extra_handlers=listener_audit.handlers(),
+        on_rejected=association_rejected(listener_audit.audit),
+        associations=AssociationStudies(store, on_released=released),
+        shared=shared,
+        inherited=inherited,
+    )
+    assert server is not None
+    return server
+
+
 def run_node(
     env: dict[str, str],
     stop: threading.Event,
@@ -171,7 +200,6 @@ def run_node(
 ) -> None:
     """Run the listener, the assembler and the HTTP endpoint until ``stop`` is set."""
     from dicom_node.assembler import Assembler, AssemblerConfig
-    from dicom_node.scp import AssociationStudies, start_server
     from dicom_node.spool import Spool
     from dicom_node.stow import StowReceiver
     from dicom_node.studies import InstanceRecord, StudyStore
@@ -252,15 +280,22 @@ def run_node(
     def released() -> None:
         assembler.wake_after(node.study_release_grace_seconds + 0.05)
 
-    server = start_server(
-        node,
-        spool,
-        listener_audit.recorder(store),
-        block=False,
-        extra_handlers=listener_audit.handlers(),
-        on_rejected=association_rejected(audit),
-        associations=AssociationStudies(store, on_released=released),
+    server = start_listener(
+        node, spool, store, listener_audit, released, shared=node.listener_processes > 1
     )
+    listeners = None
+    if node.listener_processes > 1 and server.socket is not None:
+        from cli.listeners import ListenerProcesses
+
+        metrics_dir = multiprocess_dir()
+        listeners = ListenerProcesses(
+            node.listener_processes - 1,
+            server.socket,
+            env,
+            on_released=released,
+            metrics_dir=None if metrics_dir is None else str(metrics_dir),
+        )
+        listeners.start()
     stow = StowReceiver(
         spool,
         store,
@@ -269,7 +304,6 @@ def run_node(
         on_released=released,
         on_instance=listener_audit.stow_instance,
     )
-    assert server is not None
     queues = QueueDepthCollector(
         settings.broker_url, settings.queue_dir, (REPORT_QUEUE, SEND_QUEUE)
     )
@@ -277,6 +311,8 @@ def run_node(
     def listener_bound() -> None:
         if server.socket is None or server.socket.fileno() < 0:
             raise OSError("the DICOM listener is closed")
+        if listeners is not None:
+            listeners.check()
 
     def database() -> None:
         store.count_by_state()
@@ -299,10 +335,12 @@ def run_node(
         ingest=stow,
     )
     logger.info(
-        "listening as %s on %s:%d; spool %s; broker %s",
+        "listening as %s on %s:%d (%d listener process%s); spool %s; broker %s",
         node.ae_title,
         node.host,
         node.port,
+        node.listener_processes,
+        "es" if node.listener_processes > 1 else "",
         node.spool_dir,
         settings.broker_url.split("@")[-1],
     )
@@ -312,6 +350,8 @@ def run_node(
     finally:
         if http is not None:
             http.stop()
+        if listeners is not None:
+            listeners.stop()
         server.shutdown()
         assembler.stop()
         store.close()

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 import ssl
 import tempfile
 import threading
@@ -81,6 +82,7 @@ from dicom_node.selection import (
     is_chest_body_part,
 )
 from dicom_node.settings import IPNetwork, NodeSettings
+from dicom_node.shared_port import start_shared_server
 from dicom_node.spool import IncomingFile, Spool, SpooledInstance
 from dicom_node.studies import InstanceRecord
 from dicom_node.tcp import large_reads, no_delay
@@ -635,6 +637,8 @@ def start_server(
     extra_handlers: Sequence[Any] = (),
     on_rejected: AssociationRejected | None = None,
     associations: AssociationStudies | None = None,
+    shared: bool = False,
+    inherited: socket.socket | None = None,
 ) -> ThreadedAssociationServer | None:
     """Start the listener on ``settings.host:settings.port``.
 
@@ -643,6 +647,10 @@ def start_server(
     returns None. ``on_rejected`` receives the associations refused for their peer
     address (rejections made by pynetdicom itself raise ``EVT_REJECTED``). ``associations``
     counts the open associations of each study (the early-completion rule).
+
+    ``shared``: other listener processes will accept on this port too
+    (:mod:`dicom_node.shared_port`); ``inherited``: this process is one of them, serving the
+    listening socket it inherited (implies ``shared``; ``block`` must be False).
     """
     ae = build_ae(settings)
     enable_streaming()
@@ -664,6 +672,17 @@ def start_server(
         on_rejected=on_rejected,
         associations=associations,
     )
+    if shared or inherited is not None:
+        if block:
+            raise ValueError("a shared listener runs in a thread (block=False)")
+        return start_shared_server(
+            ae,
+            (settings.host, settings.port),
+            inherited=inherited,
+            evt_handlers=[*handlers, *extra_handlers],
+            ssl_context=context,
+            contexts=listener_contexts(ae),
+        )
     server: ThreadedAssociationServer | None = ae.start_server(
         (settings.host, settings.port),
         block=block,

@@ -41,6 +41,8 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _T = TypeVar("_T")
 
 GIB = 1024**3
+#: the most listener processes one node runs (D2R_LISTENER_PROCESSES)
+MAX_LISTENER_PROCESSES = 64
 
 
 class ConfigError(NodeError, ValueError):
@@ -266,7 +268,10 @@ class NodeSettings:
     #: worker attempts per study (claims, each ended by an unexpected error or a lost worker)
     max_attempts: int = 3
     max_pdu: int = 131072
+    #: associations each listener process accepts at once
     max_associations: int = 10
+    #: processes accepting associations on the one port (the first runs the assembler and HTTP)
+    listener_processes: int = 1
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
@@ -329,6 +334,9 @@ class NodeSettings:
             max_associations=env_setting(
                 env, "D2R_MAX_ASSOCIATIONS", d.max_associations, int_at_least(1)
             ),
+            listener_processes=env_setting(
+                env, "D2R_LISTENER_PROCESSES", d.listener_processes, _listener_processes
+            ),
             acse_timeout=env_setting(env, "D2R_ACSE_TIMEOUT", d.acse_timeout, positive_float),
             dimse_timeout=env_setting(env, "D2R_DIMSE_TIMEOUT", d.dimse_timeout, positive_float),
             network_timeout=env_setting(
@@ -374,6 +382,13 @@ def _tls_settings(env: Mapping[str, str]) -> TlsSettings:
             "needs D2R_TLS_CERT, D2R_TLS_KEY and D2R_TLS_CA (to verify the clients)",
         )
     return TlsSettings(cert=cert, key=key, ca=ca, require_client_cert=require)
+
+
+def _listener_processes(text: str) -> int:
+    count = int_at_least(1)(text)
+    if count > MAX_LISTENER_PROCESSES:
+        raise ValueError(f"must be at most {MAX_LISTENER_PROCESSES}, got {count}")
+    return count
 
 
 def _database_url(text: str) -> str:

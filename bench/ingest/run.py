@@ -181,10 +181,17 @@ def _wait_ready(url: str, timeout: float = 120.0) -> None:
 
 @contextmanager
 def product_receiver(
-    out: Path, command: str, expected: int, profile: Path | None = None, *, early: bool = False
+    out: Path,
+    command: str,
+    expected: int,
+    profile: Path | None = None,
+    *,
+    early: bool = False,
+    listener_processes: int = 1,
 ) -> Iterator[tuple[str, int, Callable[[], int]]]:
     """``d2r node`` (private Redis) or ``d2r serve`` as a process, ready per ``/readyz``
-    (``early``: as soon as the DICOM port listens, while serve's worker still loads the model)."""
+    (``early``: as soon as the DICOM port listens, while serve's worker still loads the model;
+    ``listener_processes``: ``D2R_LISTENER_PROCESSES``)."""
     from tests.support.processes import Process, base_env, d2r_cmd, start_redis
 
     port, http_port = free_port(), free_port()
@@ -202,6 +209,7 @@ def product_receiver(
         D2R_STUDY_QUIET_SECONDS="600",
         D2R_STUDY_FORCE_SECONDS="600",
         D2R_STUDY_RELEASE_GRACE_SECONDS="600",
+        D2R_LISTENER_PROCESSES=str(listener_processes),
     )
     redis = None
     if command == "node":
@@ -279,6 +287,7 @@ def profile_main(args: argparse.Namespace, files: list[Path]) -> int:
 
 RECEIVER_NAMES = {
     "node": "d2r node",
+    "node-processes": "d2r node, D2R_LISTENER_PROCESSES",
     "serve": "d2r serve",
     "serve-loading": "d2r serve, worker loading the model",
     "storescp": "storescp +B",
@@ -296,6 +305,9 @@ def product_main(args: argparse.Namespace, files: list[Path]) -> int:
     cases = [all_cases[c] for c in args.cases.split(",")]
     all_receivers: dict[str, Callable[[Path, int], Any]] = {
         "d2r node": lambda out, n: product_receiver(out, "node", len(files)),
+        "d2r node, D2R_LISTENER_PROCESSES": lambda out, n: product_receiver(
+            out, "node", len(files), listener_processes=args.listener_processes
+        ),
         "d2r serve": lambda out, n: product_receiver(out, "serve", len(files)),
         "d2r serve, worker loading the model": lambda out, n: product_receiver(
             out, "serve", len(files), early=True
@@ -331,6 +343,8 @@ def product_main(args: argparse.Namespace, files: list[Path]) -> int:
     print("|---|---|---|---|---|---|")
     for case, name, runs, med, mbs, ratio in rows:
         runs_text = " / ".join(f"{t:.2f}" for t in runs)
+        if name == RECEIVER_NAMES["node-processes"]:
+            name = f"{name}={args.listener_processes}"
         print(f"| {case} | {name} | {runs_text} | {med:.2f} | {mbs:.1f} | {ratio:.2f}x |")
     # the disk bounds a receiver that answers only once the bytes are on stable storage
     print(
@@ -449,7 +463,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--receivers",
         default="node,serve,serve-loading",
-        help="with --product: comma list of node, serve, serve-loading (storescp always runs)",
+        help="with --product: comma list of node, node-processes, serve, serve-loading "
+        "(storescp always runs)",
+    )
+    parser.add_argument(
+        "--listener-processes",
+        type=int,
+        default=2,
+        help="with --receivers node-processes: the node's D2R_LISTENER_PROCESSES",
     )
     parser.add_argument(
         "--profile",

@@ -10,9 +10,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cli.runtime import configure_logging, environment, run_node, stop_event_on_signals
+    from cli.runtime import (
+        configure_logging,
+        environment,
+        multiprocess_dir,
+        run_node,
+        stop_event_on_signals,
+        use_multiprocess_metrics,
+    )
+    from dicom_node.settings import NodeSettings
 
     env = environment(args)
     configure_logging(env)
+    node = NodeSettings.from_env(env)
+    if node.listener_processes > 1 and multiprocess_dir() is None:
+        # one /metrics for all listener processes: each writes to this folder
+        use_multiprocess_metrics(node.spool_dir.parent / "metrics", clean=True)
     run_node(env, stop_event_on_signals(), default_broker=None)
     return 0

@@ -21,7 +21,7 @@ def test_defaults() -> None:
     assert s.spool_dir == Path("d2r-data/spool")
     assert s.database_url == "sqlite:///d2r-data/d2r.db"
     assert (s.study_quiet_seconds, s.study_force_seconds, s.reconcile_seconds) == (10, 600, 30)
-    assert (s.max_pdu, s.max_associations) == (131072, 10)
+    assert (s.max_pdu, s.max_associations, s.listener_processes) == (131072, 10, 1)
     assert (s.acse_timeout, s.dimse_timeout, s.network_timeout) == (30, 60, 60)
     assert (s.send_retries, s.send_retry_delay, s.min_free_bytes) == (5, 30, 1024**3)
     assert s.stow_max_bytes == 2 * 1024**3
@@ -38,8 +38,10 @@ def test_values_are_parsed() -> None:
             "D2R_SEND_RETRY_DELAY": "3",
             "D2R_MIN_FREE_BYTES": "0",
             "D2R_STOW_MAX_BYTES": "1048576",
+            "D2R_LISTENER_PROCESSES": "4",
         }
     )
+    assert s.listener_processes == 4
     assert s.ae_title == "CXR_AI"
     assert s.stow_max_bytes == 1048576
     assert s.port == 104
@@ -64,6 +66,9 @@ def test_values_are_parsed() -> None:
         ("D2R_RECONCILE_SECONDS", "-1"),
         ("D2R_MAX_PDU", "100"),
         ("D2R_MAX_ASSOCIATIONS", "0"),
+        ("D2R_LISTENER_PROCESSES", "0"),
+        ("D2R_LISTENER_PROCESSES", "65"),
+        ("D2R_LISTENER_PROCESSES", "auto"),
         ("D2R_ACSE_TIMEOUT", "x"),
         ("D2R_DIMSE_TIMEOUT", "0"),
         ("D2R_NETWORK_TIMEOUT", "inf"),
