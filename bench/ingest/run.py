@@ -225,7 +225,8 @@ def product_receiver(
         if profile is not None:  # py-spy samples the process (all threads) while files arrive
             sampler = subprocess.Popen(
                 ["py-spy", "record", "--pid", str(proc.pid), "--format", "raw", "--threads"]
-                + ["--rate", "200", "--output", str(profile), "--nonblocking"],
+                + ["--rate", "200", "--output", str(profile), "--nonblocking"]
+                + (["--subprocesses"] if listener_processes > 1 else []),
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
@@ -275,9 +276,17 @@ def profile_main(args: argparse.Namespace, files: list[Path]) -> int:
     command = args.profile
     raw = args.work / f"{command}-profile.txt"
     n = args.profile_associations
-    with product_receiver(out, command, len(files), profile=raw) as (aet, port, _count):
+    processes = args.listener_processes or 1
+    with product_receiver(out, command, len(files), profile=raw, listener_processes=processes) as (
+        aet,
+        port,
+        _count,
+    ):
         elapsed = send(files, aet, port, n)
-    print(f"d2r {command}, {len(files)} files, {n} association(s): {elapsed:.2f} s")
+    print(
+        f"d2r {command}, {processes} listener process(es), {len(files)} files, "
+        f"{n} association(s): {elapsed:.2f} s"
+    )
     print("busy samples:\n")
     print("| share of busy samples | innermost frame |\n|---|---|")
     for share, leaf in top_frames(raw):
@@ -306,7 +315,7 @@ def product_main(args: argparse.Namespace, files: list[Path]) -> int:
     all_receivers: dict[str, Callable[[Path, int], Any]] = {
         "d2r node": lambda out, n: product_receiver(out, "node", len(files)),
         "d2r node, D2R_LISTENER_PROCESSES": lambda out, n: product_receiver(
-            out, "node", len(files), listener_processes=args.listener_processes
+            out, "node", len(files), listener_processes=args.listener_processes or 2
         ),
         "d2r serve": lambda out, n: product_receiver(out, "serve", len(files)),
         "d2r serve, worker loading the model": lambda out, n: product_receiver(
@@ -344,7 +353,7 @@ def product_main(args: argparse.Namespace, files: list[Path]) -> int:
     for case, name, runs, med, mbs, ratio in rows:
         runs_text = " / ".join(f"{t:.2f}" for t in runs)
         if name == RECEIVER_NAMES["node-processes"]:
-            name = f"{name}={args.listener_processes}"
+            name = f"{name}={args.listener_processes or 2}"
         print(f"| {case} | {name} | {runs_text} | {med:.2f} | {mbs:.1f} | {ratio:.2f}x |")
     # the disk bounds a receiver that answers only once the bytes are on stable storage
     print(
@@ -469,8 +478,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--listener-processes",
         type=int,
-        default=2,
-        help="with --receivers node-processes: the node's D2R_LISTENER_PROCESSES",
+        default=None,
+        help="the node's D2R_LISTENER_PROCESSES: with --receivers node-processes (default 2), "
+        "with --profile (default 1; py-spy then samples every listener process)",
     )
     parser.add_argument(
         "--profile",
