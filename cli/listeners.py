@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import os
 import socket
 import subprocess
@@ -187,6 +188,7 @@ def serve(args: argparse.Namespace) -> int:
     from observability.audit import AuditLog, ListenerAudit
     from observability.settings import ObservabilitySettings
 
+    multiprocessing.current_process().name = f"listener-{args.index}"  # its log lines say so
     env = dict(os.environ)
     configure_logging(env)
     node = NodeSettings.from_env(env)

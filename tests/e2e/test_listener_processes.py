@@ -208,7 +208,9 @@ def test_a_dead_listener_process_is_restarted_and_the_node_takes_its_processes_a
 
     wait_for(restarted, 60, "a new listener process", interval=0.05)
     assert 503 in states  # not ready while a listener process was down
-    assert "listener process 2 (pid" in node.proc.log_tail(20000)
+    log = node.proc.log_tail(20000)
+    assert "listener process 2 (pid" in log
+    assert "listener-2 d2r: listener process 2 serving" in log  # its own lines carry its name
     (second,) = node.listener_pids()
     held = [_associate(node.port) for _ in range(4)]
     try:
