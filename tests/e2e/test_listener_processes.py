@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 import urllib.error
 import urllib.request
@@ -21,9 +20,9 @@ from pydicom.uid import DigitalXRayImageStorageForPresentation, generate_uid
 from pynetdicom import AE
 from pynetdicom.association import Association
 
-from cli.listeners import ListenerProcesses
 from dicom_node.studies import QUEUED, StudyStore
 from tests.support.dicom_files import make_dx
+from tests.support.listener_process import lone_listener_process
 from tests.support.processes import (
     REPO,
     Process,
@@ -242,44 +241,17 @@ def test_a_listener_process_stops_when_its_node_dies(node: Node) -> None:
 def test_a_listener_process_tells_its_node_when_it_serves_and_when_a_study_was_released(
     tmp_path: Path,
 ) -> None:
-    database = f"sqlite:///{tmp_path / 'd2r.db'}"
-    StudyStore(database, auto_upgrade=True).close()
-    listening = socket.create_server(("127.0.0.1", 0))  # never accepted here: the child does
-    port = listening.getsockname()[1]
-    env = base_env(
-        D2R_AE_TITLE="D2R",
-        D2R_HOST="127.0.0.1",
-        D2R_PORT=str(port),
-        D2R_SPOOL_DIR=str(tmp_path / "spool"),
-        D2R_DATABASE_URL=database,
-        D2R_MIN_FREE_BYTES="0",
-        D2R_AUDIT_LOG=str(tmp_path / "audit.jsonl"),
-    )
     released = threading.Event()
-    processes = ListenerProcesses(1, listening, env, on_released=released.set)
-    processes.start()
-    try:
-        wait_for(lambda: _ready(processes), 60, "the listener process to serve")
-        study = generate_uid()
-        assoc = _associate(port)
+    study = generate_uid()
+    with lone_listener_process(tmp_path, on_released=released.set) as lone:
+        assoc = _associate(lone.port)
         assert assoc.send_c_store(make_dx(None, study_uid=study)).Status == 0x0000
         assert not released.is_set()
         assoc.release()
         assert released.wait(30), "no release message from the listener process"
-    finally:
-        processes.stop()
-        listening.close()
-    assert processes.pids() == []
-    store = StudyStore(database)
+    assert lone.processes.pids() == []
+    store = StudyStore(lone.database)
     try:
         assert len(store.instances(study)) == 1
     finally:
         store.close()
-
-
-def _ready(processes: ListenerProcesses) -> bool:
-    try:
-        processes.check()
-    except RuntimeError:
-        return False
-    return True

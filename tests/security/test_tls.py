@@ -5,7 +5,6 @@ The CA and certificates are made by the test with the ``openssl`` command.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +12,6 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from cli.listeners import ListenerProcesses
 from delivery.destinations import DicomPeer
 from delivery.dimse import SendOptions, send_datasets
 from delivery.errors import TransientSendError
@@ -23,7 +21,8 @@ from dicom_node.studies import StudyStore
 from tests.security.listener import running_listener, store_statuses, storescu
 from tests.security.tls_ca import Pki, make_test_ca
 from tests.support.dicom_files import make_dx
-from tests.support.processes import Process, base_env, free_port, wait_for, wait_port
+from tests.support.listener_process import lone_listener_process
+from tests.support.processes import Process, free_port, wait_port
 
 pytestmark = pytest.mark.integration
 
@@ -197,44 +196,17 @@ def test_the_tls_peer_refuses_plain_dicom(tls_storescp: tuple[int, Path]) -> Non
 def test_a_further_listener_process_speaks_tls_too(ca: Pki, tmp_path: Path) -> None:
     """``D2R_LISTENER_PROCESSES``: a process that inherits the port wraps its connections in
     TLS with the same settings, and refuses plain DICOM as the node does."""
-    database = f"sqlite:///{tmp_path / 'd2r.db'}"
-    StudyStore(database, auto_upgrade=True).close()
-    listening = socket.create_server(("127.0.0.1", 0))  # accepted only by the listener process
-    port = listening.getsockname()[1]
-    env = base_env(
-        D2R_AE_TITLE="D2RSEC",
-        D2R_HOST="127.0.0.1",
-        D2R_PORT=str(port),
-        D2R_SPOOL_DIR=str(tmp_path / "spool"),
-        D2R_DATABASE_URL=database,
-        D2R_MIN_FREE_BYTES="0",
-        D2R_AUDIT_LOG=str(tmp_path / "audit.jsonl"),
-        **_tls_env(ca, require=True),
-    )
-    processes = ListenerProcesses(1, listening, env, on_released=lambda: None)
-    processes.start()
     image = tmp_path / "dx.dcm"
     ds = make_dx(image, rows=64, cols=48)
-    try:
-
-        def serving() -> bool:
-            try:
-                processes.check()
-            except RuntimeError:
-                return False
-            return True
-
-        wait_for(serving, 60, "the listener process to serve")
+    env = {"D2R_AE_TITLE": "D2RSEC", **_tls_env(ca, require=True)}
+    with lone_listener_process(tmp_path, env=env) as lone:
         tls = ("+tls", str(ca.client.key), str(ca.client.cert), "+cf", str(ca.ca))
-        res = storescu(port, image, flags=tls)
+        res = storescu(lone.port, image, flags=tls)
         assert res.returncode == 0, res.stdout + res.stderr
         assert store_statuses(res) == [0x0000]
-        plain = storescu(port, image)
+        plain = storescu(lone.port, image)
         assert plain.returncode != 0 and store_statuses(plain) == []
-    finally:
-        processes.stop()
-        listening.close()
-    store = StudyStore(database)  # recorded before the Success went out
+    store = StudyStore(lone.database)  # recorded before the Success went out
     try:
         (record,) = store.instances(ds.StudyInstanceUID)
         assert pydicom.dcmread(record.path).SOPInstanceUID == ds.SOPInstanceUID
