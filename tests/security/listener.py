@@ -16,8 +16,7 @@ from typing import Any
 
 from prometheus_client import REGISTRY
 
-from cli.runtime import association_rejected
-from dicom_node.scp import start_server
+from cli.runtime import start_listener
 from dicom_node.settings import NodeSettings
 from dicom_node.spool import Spool
 from dicom_node.studies import StudyStore
@@ -64,19 +63,11 @@ def running_listener(tmp: Path, **env: str) -> Iterator[Listener]:
     audit_path = tmp / "audit.jsonl"
     log = AuditLog(audit_path)
     listener_audit = ListenerAudit(log)
-    server = start_server(
-        settings,
-        spool,
-        listener_audit.recorder(store),
-        block=False,
-        extra_handlers=listener_audit.handlers(),
-        on_rejected=association_rejected(log),
-    )
+    server = start_listener(settings, spool, store, listener_audit, released=lambda: None)
     try:
         yield Listener(settings, spool, store, audit_path, server)
     finally:
-        if server is not None:
-            server.shutdown()
+        server.shutdown()
         store.close()
         log.close()
 
