@@ -71,8 +71,9 @@ def start_http(
     """
     from dicom_node.settings import ConfigError
     from observability.auth import Authenticator, FailureLimiter
-    from observability.http import ObservabilityServer, StatusPages, tls_context
+    from observability.http import ObservabilityServer, tls_context
     from observability.metrics import build_registry
+    from observability.pages import StatusPages
     from observability.settings import ObservabilitySettings
 
     obs = ObservabilitySettings.from_env(env)

@@ -16,7 +16,8 @@ from cli.commands.audit import matches, parse_since
 from dicom_node.settings import ConfigError
 from dicom_node.studies import StudyStore
 from observability import metrics
-from observability.http import ObservabilityServer, StatusPages
+from observability.http import ObservabilityServer
+from observability.pages import StatusPages
 from observability.settings import ObservabilitySettings
 from tests.observability.conftest import record_for
 

@@ -25,7 +25,8 @@ from dicom_node.settings import ConfigError, parse_networks
 from dicom_node.studies import StudyStore
 from observability import metrics
 from observability.auth import Authenticator, FailureLimiter, set_user, verify_password
-from observability.http import ObservabilityServer, StatusPages, tls_context
+from observability.http import ObservabilityServer, tls_context
+from observability.pages import StatusPages
 from observability.settings import ObservabilitySettings
 from tests.observability.conftest import record_for
 from tests.security.tls_ca import make_test_ca
