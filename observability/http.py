@@ -230,6 +230,8 @@ class ObservabilityServer:
         self.health = dict(health)
         self.ready = dict(ready)
         self.pages = pages
+        #: The request handler class bound to this server (what each connection runs).
+        self.handler_class = _handler_class(self)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -240,7 +242,7 @@ class ObservabilityServer:
         return int(self._server.server_address[1])
 
     def start(self) -> ObservabilityServer:
-        server = _Server((self.host, self.requested_port), _handler_class(self))
+        server = _Server((self.host, self.requested_port), self.handler_class)
         if self.tls is not None:  # the handshake runs in the request's thread (Handler.setup)
             server.socket = self.tls.wrap_socket(
                 server.socket, server_side=True, do_handshake_on_connect=False
