@@ -1,12 +1,13 @@
-"""Who may read what on the HTTP endpoint: roles, credentials files and the failure limiter.
+"""Who may read what on the HTTP endpoint: credentials files, the password gate and the
+failure limiter. Which role each route needs is :mod:`observability.routes`' table.
 
 =============  ===============================================================================
 role           routes
 =============  ===============================================================================
 (none)         ``/healthz``, ``/readyz``: always open, they say nothing about patients
 ``metrics``    ``/metrics``
-``viewer``     the status page: ``/``, ``/studies/<uid>``, its preview images, ``/api/...``
-``ingest``     ``/dicom-web/...`` (the STOW-RS receiver)
+``viewer``     the status page: ``/``, ``/studies/<uid>``, its preview images
+``ingest``     ``/dicom-web/studies[/<uid>]`` (the STOW-RS receiver)
 =============  ===============================================================================
 
 Any other path needs some credential (then answers 404), so an anonymous client learns nothing.
@@ -21,8 +22,10 @@ Credentials, checked in this order:
 * On HTTPS with ``D2R_HTTP_TLS_CA``, a TLS client certificate the handshake verified against
   that CA: its subject holds the ``ingest`` role only (a sender posting STOW-RS).
 
-Both files are re-read when they change. A wrong credential counts against the client address;
-after ``max_failures`` within ``window`` seconds that address gets 429 until the window passes.
+Both files are re-read when they change. Password hashing (scrypt, 16 MiB each) runs at most
+``max_hashing`` at a time; a request beyond that is answered 503 without hashing. A wrong
+credential counts against the client's address (IPv6 grouped by /64) and against a budget shared
+by all clients; over either, password checks are refused with 429 before any hashing.
 """
 
 from __future__ import annotations
@@ -44,8 +47,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from observability.routes import ANY_ROLE, ROLES
+
 __all__ = [
-    "OPEN_ROUTES",
     "ROLES",
     "Authenticator",
     "Decision",
@@ -55,35 +59,17 @@ __all__ = [
     "parse_roles",
     "read_tokens",
     "read_users",
-    "required_role",
     "set_user",
     "verify_password",
 ]
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("metrics", "viewer", "ingest")
-OPEN_ROUTES = ("/healthz", "/readyz")
-#: Route prefix of the STOW-RS receiver (role ``ingest``).
-INGEST_PREFIX = "/dicom-web/"
-#: Any authenticated role may ask for a path outside the table (and gets 404).
-ANY_ROLE = "any"
+#: A token (or any credential) holding this text is the shipped placeholder, never a secret.
+PLACEHOLDER = "change-me"
 
 # scrypt cost: 16 MiB and ~50 ms per hash (Python's documented interactive-login parameters).
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
-
-
-def required_role(route: str) -> str | None:
-    """The role ``route`` needs: None (open), a role of :data:`ROLES`, or :data:`ANY_ROLE`."""
-    if route in OPEN_ROUTES:
-        return None
-    if route == "/metrics":
-        return "metrics"
-    if route.startswith(INGEST_PREFIX) or route == INGEST_PREFIX.rstrip("/"):
-        return "ingest"
-    if route in ("/", "/index.html") or route.startswith(("/studies/", "/api/")):
-        return "viewer"
-    return ANY_ROLE
 
 
 def parse_roles(text: str) -> frozenset[str]:
@@ -168,6 +154,8 @@ def read_tokens(path: Path) -> dict[bytes, Principal]:
                     raise ValueError("a sha256: token needs 64 hex digits")
             elif len(token) < 16:
                 raise ValueError("token shorter than 16 characters")
+            elif PLACEHOLDER in token.lower():
+                raise ValueError("the token is the shipped CHANGE-ME placeholder")
             else:
                 digest = _token_digest(token)
         except ValueError as exc:
@@ -246,35 +234,81 @@ class _Watched:
 
 
 # ------------------------------------------------------------------------------ limiter
-class FailureLimiter:
-    """Failed attempts per client address in a sliding window (bounded number of addresses)."""
+def client_key(client: str) -> str:
+    """The key failures of ``client`` count under: an IPv4 address (IPv4-mapped IPv6 included)
+    as it is, an IPv6 address by its /64, so that one host cannot rotate through addresses.
 
-    def __init__(self, max_failures: int, window: float, *, max_clients: int = 10000) -> None:
+    >>> client_key("2001:db8::1") == client_key("2001:db8::ffff:2"), client_key("::ffff:10.0.0.1")
+    (True, '10.0.0.1')
+    """
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return client[:64]
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
+class FailureLimiter:
+    """Failed attempts in a sliding window: per client (:func:`client_key`) and for all clients
+    together (``max_total``), so that neither one client nor many addresses can keep guessing.
+
+    The per-client table holds at most ``max_clients`` keys; evicting the oldest cannot reopen
+    guessing, since every failure also counts against the shared budget.
+    """
+
+    def __init__(
+        self,
+        max_failures: int,
+        window: float,
+        *,
+        max_total: int | None = None,
+        max_clients: int = 10000,
+    ) -> None:
         self.max_failures = max_failures
         self.window = window
+        self.max_total = max_total if max_total is not None else 10 * max_failures
         self.max_clients = max_clients
         self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self._total: deque[float] = deque(maxlen=self.max_total)
         self._lock = threading.Lock()
+
+    def _expire(self, times: deque[float], now: float) -> None:
+        while times and times[0] <= now - self.window:
+            times.popleft()
 
     def retry_after(self, client: str, now: float | None = None) -> float:
         """Seconds until ``client`` may try again (0: not blocked)."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            times = self._failures.get(client)
+            times = self._failures.get(client_key(client))
             if not times:
                 return 0.0
-            while times and times[0] <= now - self.window:
-                times.popleft()
+            self._expire(times, now)
             if len(times) < self.max_failures:
                 return 0.0
             return max(0.0, times[0] + self.window - now)
 
-    def record_failure(self, client: str, now: float | None = None) -> None:
+    def total_retry_after(self, now: float | None = None) -> float:
+        """Seconds until the shared budget allows another attempt (0: not exhausted)."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            times = self._failures.pop(client, None) or deque(maxlen=self.max_failures)
+            self._expire(self._total, now)
+            if len(self._total) < self.max_total:
+                return 0.0
+            return max(0.0, self._total[0] + self.window - now)
+
+    def record_failure(self, client: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        key = client_key(client)
+        with self._lock:
+            times = self._failures.pop(key, None) or deque(maxlen=self.max_failures)
             times.append(now)
-            self._failures[client] = times
+            self._failures[key] = times
+            self._total.append(now)
             while len(self._failures) > self.max_clients:
                 self._failures.popitem(last=False)
 
@@ -282,7 +316,7 @@ class FailureLimiter:
 # -------------------------------------------------------------------------- authenticator
 @dataclass(frozen=True)
 class Decision:
-    """The answer to one request: ``status`` 200 (go on), 401, 403 or 429.
+    """The answer to one request: ``status`` 200 (go on), 401, 403, 429 or 503.
 
     ``reason`` is a fixed token for logs and the refusal counter (no secrets, no user input).
     """
@@ -296,8 +330,18 @@ class Decision:
 LOCAL = Principal("local", frozenset(ROLES), "local")
 
 
+class _Refused(Exception):
+    """A password check refused before hashing (status, reason, seconds to wait)."""
+
+    def __init__(self, status: int, reason: str, retry_after: float) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.retry_after = retry_after
+
+
 class Authenticator:
-    """Decides each request from its route, peer address and headers.
+    """Decides each request from the role its route needs, its peer address and its headers.
 
     Parameters
     ----------
@@ -312,7 +356,10 @@ class Authenticator:
     proxy_roles : frozenset of str
         The roles of a proxy-authenticated user.
     limiter : FailureLimiter
-        Failed attempts per client address.
+        Failed attempts per client and in all.
+    max_hashing : int
+        Password hashes (scrypt, 16 MiB each) that may run at once; a basic-auth request that
+        would need one more is answered 503 without hashing.
     """
 
     def __init__(
@@ -325,6 +372,7 @@ class Authenticator:
         proxy_header: str = "X-Forwarded-User",
         proxy_roles: frozenset[str] = frozenset({"viewer"}),
         limiter: FailureLimiter | None = None,
+        max_hashing: int = 2,
     ) -> None:
         self.required = required
         self._tokens = None if tokens_file is None else _Watched(tokens_file, read_tokens)
@@ -333,6 +381,8 @@ class Authenticator:
         self.proxy_header = proxy_header
         self.proxy_roles = proxy_roles
         self.limiter = limiter or FailureLimiter(10, 60.0)
+        self.max_hashing = max_hashing
+        self._hashing = threading.BoundedSemaphore(max_hashing)
         self._verified: OrderedDict[bytes, None] = OrderedDict()
         self._verified_lock = threading.Lock()
 
@@ -347,6 +397,18 @@ class Authenticator:
             return False
         return any(address in net for net in self.trusted_proxies)
 
+    def _hash_check(self, password: str, encoded: str) -> bool:
+        """:func:`verify_password` under the hashing gate and the shared failure budget."""
+        wait = self.limiter.total_retry_after()
+        if wait > 0:
+            raise _Refused(429, "rate_limited_all", wait)
+        if not self._hashing.acquire(blocking=False):
+            raise _Refused(503, "hashing_busy", 1.0)
+        try:
+            return verify_password(password, encoded)
+        finally:
+            self._hashing.release()
+
     def _basic(self, value: str) -> Principal | None:
         try:
             name, _, password = base64.b64decode(value, validate=True).decode().partition(":")
@@ -354,7 +416,7 @@ class Authenticator:
             return None
         entry = None if self._users is None else self._users.get().get(name)
         if entry is None:
-            verify_password(password, _dummy_hash())  # as slow as a known user: no enumeration
+            self._hash_check(password, _dummy_hash())  # as slow as a known user: no enumeration
             return None
         roles, encoded = entry
         # A verified (hash, password) pair is remembered by its digest: scrypt once per user.
@@ -362,7 +424,7 @@ class Authenticator:
         with self._verified_lock:
             known = key in self._verified
         if not known:
-            if not verify_password(password, encoded):
+            if not self._hash_check(password, encoded):
                 return None
             with self._verified_lock:
                 self._verified[key] = None
@@ -370,8 +432,11 @@ class Authenticator:
                     self._verified.popitem(last=False)
         return Principal(name, roles, "basic")
 
-    def _credential(self, client: str, headers: Mapping[str, str]) -> tuple[Principal | None, str]:
-        """(principal, "") or (None, reason) for what the request carries."""
+    def _credential(self, headers: Mapping[str, str]) -> tuple[Principal | None, str]:
+        """(principal, "") or (None, reason) for what the request carries.
+
+        Raises :class:`_Refused` when a password check is refused before hashing.
+        """
         authorization = headers.get("authorization", "")
         scheme, _, value = authorization.strip().partition(" ")
         if scheme.lower() == "bearer" and value.strip():
@@ -389,19 +454,19 @@ class Authenticator:
 
     def decide(
         self,
-        route: str,
+        role: str | None,
         client: str,
         headers: Mapping[str, str],
         *,
         certificate: str | None = None,
     ) -> Decision:
-        """The decision for a request of ``route`` from peer address ``client``.
+        """The decision for a request whose route needs ``role`` (None: open, a role of
+        :data:`ROLES`, or :data:`ANY_ROLE`), from peer address ``client``.
 
         ``headers`` has lower-case names. ``certificate`` names the subject of a TLS client
         certificate the handshake verified against ``D2R_HTTP_TLS_CA``: it holds the
         ``ingest`` role (and no other).
         """
-        role = required_role(route)
         if role is None or not self.required:
             return Decision(200, LOCAL)
         if certificate is not None and role == "ingest":
@@ -415,7 +480,12 @@ class Authenticator:
             wait = self.limiter.retry_after(client)
             if wait > 0:
                 return Decision(429, reason="rate_limited", retry_after=wait)
-            found, reason = self._credential(client, headers)
+            try:
+                found, reason = self._credential(headers)
+            except _Refused as refused:
+                return Decision(
+                    refused.status, reason=refused.reason, retry_after=refused.retry_after
+                )
             if found is None:
                 if reason != "no_credential":
                     self.limiter.record_failure(client)
@@ -424,3 +494,13 @@ class Authenticator:
         if role != ANY_ROLE and role not in principal.roles:
             return Decision(403, principal, reason="missing_role")
         return Decision(200, principal)
+
+    def identify(self, client: str, headers: Mapping[str, str]) -> Principal | None:
+        """Who the request is, if it carries a credential that holds; None otherwise (a wrong
+        one counts as a failure). For open routes that say more to a known caller."""
+        if not self.required:
+            return LOCAL
+        if not headers.get("authorization") and not headers.get(self.proxy_header.lower()):
+            return None
+        decision = self.decide(ANY_ROLE, client, headers)
+        return decision.principal if decision.status == 200 else None

@@ -1,10 +1,13 @@
-"""The HTTP endpoint of a d2r process: metrics, health, readiness and the status page.
+"""The HTTP endpoint of a d2r process: metrics, health, readiness, the status page and the
+STOW-RS receiver.
 
 Standard library only (:class:`http.server.ThreadingHTTPServer` in a daemon thread, :mod:`ssl`
-for HTTPS); read-only. Every request passes :class:`~observability.auth.Authenticator` first:
-the probes are open, everything else needs a credential with the route's role unless the endpoint
-is bound to loopback. Refusals are logged (route's role, reason, client address; never a
-credential) and counted in ``d2r_http_refusals_total{reason}``.
+for HTTPS). Each request target is parsed once by :mod:`observability.routes`; the entry it
+matches names both the role :class:`~observability.auth.Authenticator` asks for and the answer.
+A target not in normal form is answered 400. The probes are open, everything else needs a
+credential with the route's role unless the endpoint is bound to loopback. Refusals are logged
+(route's role, reason, client address; never a credential or a path) and counted in
+``d2r_http_refusals_total{reason}``.
 
 =========================  =====================================================================
 path                       answer
@@ -16,14 +19,20 @@ path                       answer
 ``/``                      recent studies (node and ``serve`` only)
 ``/studies/<uid>``         one study: timings, report text, deliveries, event timeline
 ``/studies/<uid>/preview.png``  the frontal image with the predicted boxes
-``/dicom-web/...``         the STOW-RS receiver (role ``ingest``; 404 unless the node installs it)
+``/dicom-web/studies``     the STOW-RS receiver (role ``ingest``; 404 unless the node installs it)
 =========================  =====================================================================
 
-``/healthz`` and ``/readyz`` answer ``{"status": "ok"|"fail", "checks": {name: "ok"|error}}``.
+``/healthz`` and ``/readyz`` answer ``{"status": "ok"|"fail", "checks": {name: "ok"|"fail"}}``;
+a caller with a valid credential also gets ``"errors": {name: text}``.
+
+Bounds: at most ``max_connections`` connections (``max_connections_per_client`` per client), a
+request head of at most :data:`MAX_HEAD_BYTES`, 30 s of silence per read.
 """
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import logging
 import math
@@ -32,10 +41,10 @@ import threading
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
-from urllib.parse import unquote, urlsplit
 
-from observability.auth import Authenticator, Decision, required_role
+from observability.auth import Authenticator, Decision, Principal, client_key
 from observability.pages import StatusPages
+from observability.routes import UNKNOWN, BadTarget, Route, match, parse_target
 from observability.settings import ObservabilitySettings, is_loopback
 
 __all__ = [
@@ -173,20 +182,25 @@ class ChunkedBody:
         return bytes(data)
 
 
-def run_checks(checks: Mapping[str, Check]) -> tuple[bool, dict[str, str]]:
-    """Run every check; returns whether all passed and each one's ``"ok"`` or error text."""
+def run_checks(checks: Mapping[str, Check]) -> tuple[bool, dict[str, str], dict[str, str]]:
+    """Run every check: whether all passed, each one's ``"ok"`` or ``"fail"``, and the error
+    text of each failed one (for logs and authenticated callers only: it can name hosts, users
+    and paths)."""
     results: dict[str, str] = {}
+    errors: dict[str, str] = {}
     for name, check in checks.items():
         try:
             check()
             results[name] = "ok"
         except Exception as exc:
-            results[name] = f"{type(exc).__name__}: {exc}"[:300]
-    return all(v == "ok" for v in results.values()), results
+            results[name] = "fail"
+            errors[name] = f"{type(exc).__name__}: {exc}"[:300]
+    return not errors, results, errors
 
 
 class ObservabilityServer:
-    """``/metrics``, ``/healthz``, ``/readyz`` and (with ``pages``) the status page.
+    """``/metrics``, ``/healthz``, ``/readyz``, (with ``pages``) the status page and (with
+    ``ingest``) the STOW-RS receiver; which request reaches which is :mod:`observability.routes`.
 
     Parameters
     ----------
@@ -204,8 +218,11 @@ class ObservabilityServer:
     tls : ssl.SSLContext, optional
         Serve HTTPS with this context (:func:`tls_context`).
     ingest : IngestHandler, optional
-        The STOW-RS receiver for ``/dicom-web/`` routes (role ``ingest``); without it they
-        answer 404.
+        The STOW-RS receiver for ``/dicom-web/studies`` routes (role ``ingest``); without it
+        they answer 404.
+    max_connections, max_connections_per_client : int
+        Connections served at once, in all and per client (IPv6 by /64); one more is answered
+        503 and closed without a thread.
     """
 
     def __init__(
@@ -220,6 +237,8 @@ class ObservabilityServer:
         auth: Authenticator | None = None,
         tls: ssl.SSLContext | None = None,
         ingest: IngestHandler | None = None,
+        max_connections: int = 64,
+        max_connections_per_client: int = 16,
     ) -> None:
         self.host = host
         self.ingest = ingest
@@ -230,10 +249,14 @@ class ObservabilityServer:
         self.health = dict(health)
         self.ready = dict(ready)
         self.pages = pages
+        self.max_connections = max_connections
+        self.max_connections_per_client = max_connections_per_client
         #: The request handler class bound to this server (what each connection runs).
         self.handler_class = _handler_class(self)
-        self._server: ThreadingHTTPServer | None = None
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        self._last_errors: dict[str, str] = {}
+        self._errors_lock = threading.Lock()
 
     @property
     def port(self) -> int:
@@ -242,7 +265,13 @@ class ObservabilityServer:
         return int(self._server.server_address[1])
 
     def start(self) -> ObservabilityServer:
-        server = _Server((self.host, self.requested_port), self.handler_class)
+        server = _Server(
+            (self.host, self.requested_port),
+            self.handler_class,
+            max_connections=self.max_connections,
+            max_per_client=self.max_connections_per_client,
+            tls=self.tls is not None,
+        )
         if self.tls is not None:  # the handshake runs in the request's thread (Handler.setup)
             server.socket = self.tls.wrap_socket(
                 server.socket, server_side=True, do_handshake_on_connect=False
@@ -270,7 +299,7 @@ class ObservabilityServer:
             self._thread.join(5)
 
     # -------------------------------------------------------------- request handling
-    def refused(self, method: str, route: str, client: str, decision: Decision) -> None:
+    def refused(self, method: str, route: Route, client: str, decision: Decision) -> None:
         """Log and count a refusal: the role the route needs, the reason, the address."""
         from observability import metrics
 
@@ -280,37 +309,52 @@ class ObservabilityServer:
             method,
             decision.status,
             decision.reason,
-            required_role(route),
+            route.role,
             client,
             f" as {decision.principal.name!r}" if decision.principal else "",
         )
 
-    def handle(self, path: str) -> tuple[int, str, bytes]:
-        """Answer a GET of ``path``: (status, content type, body)."""
-        route = urlsplit(path).path
-        if route == "/metrics":
+    def probe(self, name: str, *, detailed: bool) -> tuple[int, str, bytes]:
+        """``/healthz`` or ``/readyz``: each check's ``ok``/``fail``; the error texts only for a
+        caller that authenticated (``detailed``). A check's error is logged when it changes."""
+        ok, results, errors = run_checks(self.health if name == "healthz" else self.ready)
+        with self._errors_lock:
+            for check, text in errors.items():
+                if self._last_errors.get(f"{name}/{check}") != text:
+                    logger.warning("%s check %s fails: %s", name, check, text)
+            for check in results:
+                key = f"{name}/{check}"
+                if check in errors:
+                    self._last_errors[key] = errors[check]
+                elif self._last_errors.pop(key, None) is not None:
+                    logger.info("%s check %s passes again", name, check)
+        answer: dict[str, Any] = {"status": "ok" if ok else "fail", "checks": results}
+        if detailed and errors:
+            answer["errors"] = errors
+        return (200 if ok else 503), "application/json", json.dumps(answer).encode()
+
+    def answer(
+        self, route: Route, params: Mapping[str, str], principal: Principal | None
+    ) -> tuple[int, str, bytes]:
+        """Answer a GET that the route table resolved: (status, content type, body)."""
+        if route.name == "metrics":
             from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
             return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
-        if route in ("/healthz", "/readyz"):
-            ok, results = run_checks(self.health if route == "/healthz" else self.ready)
-            body = json.dumps({"status": "ok" if ok else "fail", "checks": results}).encode()
-            return (200 if ok else 503), "application/json", body
+        if route.name in ("healthz", "readyz"):
+            return self.probe(route.name, detailed=principal is not None)
         if self.pages is None:
             return _not_found()
-        if route in ("/", "/index.html"):
+        if route.name == "index":
             return 200, "text/html; charset=utf-8", self.pages.index().encode()
-        parts = route.strip("/").split("/")
-        if len(parts) in (2, 3) and parts[0] == "studies":
-            uid = unquote(parts[1])
-            if len(parts) == 2:
-                page = self.pages.study(uid)
-                if page is not None:
-                    return 200, "text/html; charset=utf-8", page.encode()
-            elif parts[2] == "preview.png":
-                png = self.pages.preview(uid)
-                if png is not None:
-                    return 200, "image/png", png
+        if route.name == "study":
+            page = self.pages.study(params["study"])
+            if page is not None:
+                return 200, "text/html; charset=utf-8", page.encode()
+        elif route.name == "preview":
+            png = self.pages.preview(params["study"])
+            if png is not None:
+                return 200, "image/png", png
         return _not_found()
 
 
@@ -318,23 +362,132 @@ def _not_found() -> tuple[int, str, bytes]:
     return 404, "application/json", b'{"status": "not found"}'
 
 
+#: Most bytes of a request line and its header fields together (431 beyond).
+MAX_HEAD_BYTES = 32 * 1024
+
+
+class _HeadLimitedReader:
+    """The connection's read stream, counting the bytes of one request's head: more than the
+    budget raises :class:`http.client.LineTooLong` (http.server answers 431)."""
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+        self._left: int | None = None
+
+    def limit(self, budget: int | None) -> None:
+        self._left = budget
+
+    def readline(self, size: int = -1, /) -> bytes:
+        if self._left is None:
+            return bytes(self._raw.readline(size))
+        want = self._left + 1 if size < 0 else min(size, self._left + 1)
+        line = bytes(self._raw.readline(want))
+        self._left -= len(line)
+        if self._left < 0:
+            raise http.client.LineTooLong("request head")
+        return line
+
+    def read(self, size: int = -1, /) -> bytes:
+        return bytes(self._raw.read(size))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
+
+
 class _Server(ThreadingHTTPServer):
+    """A thread per connection, at most ``max_connections`` in all and ``max_per_client`` per
+    client; a connection beyond either is answered 503 (plain HTTP) or closed (HTTPS) at once."""
+
     daemon_threads = True
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        *,
+        max_connections: int,
+        max_per_client: int,
+        tls: bool,
+    ) -> None:
+        super().__init__(address, handler)
+        self.max_per_client = max_per_client
+        self._tls = tls
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._per_client: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        key = client_key(str(client_address[0]))
+        with self._lock:
+            taken = self._per_client.get(key, 0) < self.max_per_client and self._slots.acquire(
+                blocking=False
+            )
+            if taken:
+                self._per_client[key] = self._per_client.get(key, 0) + 1
+        if not taken:
+            from observability import metrics
+
+            metrics.observe_http_refusal("connection_limit")
+            logger.warning("HTTP connection from %s refused: connection limit", client_address[0])
+            if not self._tls:
+                with contextlib.suppress(OSError):
+                    request.setblocking(False)
+                    request.send(_BUSY)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release(key)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release(client_key(str(client_address[0])))
+
+    def _release(self, key: str) -> None:
+        with self._lock:
+            left = self._per_client.get(key, 1) - 1
+            if left > 0:
+                self._per_client[key] = left
+            else:
+                self._per_client.pop(key, None)
+            self._slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A failed TLS handshake, a client gone mid-request: not worth a traceback on stderr.
         logger.debug("HTTP connection from %s failed", client_address[0], exc_info=True)
 
 
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 20\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+    b'{"status": "busy"}\r\n'
+)
+
+
 def _handler_class(owner: ObservabilityServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "d2r"
+        sys_version = ""
         timeout = 30  # seconds of silence before a connection (or TLS handshake) is dropped
 
         def setup(self) -> None:
             super().setup()
             if isinstance(self.connection, ssl.SSLSocket):
                 self.connection.do_handshake()
+            self.rfile = _HeadLimitedReader(self.rfile)  # type: ignore[assignment]
+
+        def handle_one_request(self) -> None:
+            self.rfile.limit(MAX_HEAD_BYTES)  # type: ignore[attr-defined]
+            super().handle_one_request()
+
+        def parse_request(self) -> bool:
+            ok = super().parse_request()
+            self.rfile.limit(None)  # type: ignore[attr-defined]
+            return ok
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
             self._serve("GET")
@@ -343,56 +496,79 @@ def _handler_class(owner: ObservabilityServer) -> type[BaseHTTPRequestHandler]:
             self._serve("POST")
 
         def _serve(self, method: str) -> None:
-            route = urlsplit(self.path).path
             client = str(self.client_address[0])
             headers = {k.lower(): v for k, v in self.headers.items()}
+            try:
+                # the request line as sent: http.server's self.path has "//" collapsed already
+                words = self.requestline.split()
+                target = parse_target(words[1] if len(words) == 3 else "")
+            except BadTarget as exc:
+                from observability import metrics
+
+                metrics.observe_http_refusal("bad_target")
+                logger.warning("HTTP %s refused: 400 %s from %s", method, exc, client)
+                self._drain_and_close(headers)
+                self._send(400, "application/json", b'{"status": "bad request target"}')
+                return
+            route, params = match(target)
             decision = owner.auth.decide(
-                route, client, headers, certificate=certificate_name(self.connection)
+                route.role, client, headers, certificate=certificate_name(self.connection)
             )
             if decision.status != 200:
                 owner.refused(method, route, client, decision)
-                self.close_connection = True  # an unread body must not be taken for a request
-                self._drain(self._body(headers))
+                self._drain_and_close(headers)
                 self._refuse(decision)
                 return
-            if required_role(route) == "ingest":
-                self._ingest(method, route, client, headers, decision)
+            if route is UNKNOWN or (route.name == "stow" and owner.ingest is None):
+                self._drain_and_close(headers)
+                self._send(*_not_found())
                 return
-            if method != "GET":  # nothing else takes a body
+            if method not in route.methods:
+                self._drain_and_close(headers)
+                self._send(
+                    405,
+                    "application/json",
+                    b'{"status": "method not allowed"}',
+                    [("Allow", ", ".join(route.methods))],
+                )
+                return
+            if route.name == "stow":
+                self._ingest(method, target.path, client, headers, decision)
+                return
+            if _declares_body(headers):  # a GET with a body: answer, then close
                 self.close_connection = True
-                self._send(405, "application/json", b'{"status": "not supported"}')
-                return
+            principal = decision.principal if route.role is not None else None
+            if route.role is None:
+                principal = owner.auth.identify(client, headers)
             try:
-                status, content_type, body = owner.handle(self.path)
+                status, content_type, body = owner.answer(route, params, principal)
             except Exception:
-                logger.exception("HTTP GET %s failed", route)
+                logger.exception("HTTP GET %s failed", route.name)
                 status, content_type, body = 500, "application/json", b'{"status": "error"}'
             self._send(status, content_type, body)
 
         def _ingest(
             self,
             method: str,
-            route: str,
+            path: str,
             client: str,
             headers: dict[str, str],
             decision: Decision,
         ) -> None:
-            """A ``/dicom-web/`` request: the body is de-framed here, answered by the receiver.
+            """A STOW-RS request: the body is de-framed here, answered by the receiver.
 
             The connection is closed after the answer: a refused body may be left unread.
             """
             self.close_connection = True
-            if owner.ingest is None:
-                self._send(404, "application/json", b'{"status": "not found"}')
-                return
+            assert owner.ingest is not None
             body = self._body(headers)
             user = decision.principal.name if decision.principal else "anonymous"
             try:
                 status, content_type, payload = owner.ingest(
-                    method, route, headers, body, client, user
+                    method, path, headers, body, client, user
                 )
             except Exception:
-                logger.exception("HTTP %s %s failed", method, route)
+                logger.exception("HTTP %s STOW-RS failed", method)
                 status, content_type, payload = 500, "application/json", b'{"status": "error"}'
             self._drain(body)
             extra = [("Connection", "close")]
@@ -405,6 +581,13 @@ def _handler_class(owner: ObservabilityServer) -> type[BaseHTTPRequestHandler]:
                 return ChunkedBody(self.rfile)
             length = headers.get("content-length", "0").strip()
             return LengthBody(self.rfile, int(length) if length.isdigit() else 0)
+
+        def _drain_and_close(self, headers: dict[str, str]) -> None:
+            """Before a refusal: the connection closes after it (an unread body must not be
+            taken for a request), and what was sent of the body is read first."""
+            self.close_connection = True
+            if _declares_body(headers):
+                self._drain(self._body(headers))
 
         def _drain(self, body: LengthBody | ChunkedBody) -> None:
             """Read what is left of a refused body (up to :data:`DRAIN_BYTES`), so that closing
@@ -423,9 +606,14 @@ def _handler_class(owner: ObservabilityServer) -> type[BaseHTTPRequestHandler]:
                     ("WWW-Authenticate", 'Basic realm="d2r", charset="UTF-8"'),
                     ("WWW-Authenticate", 'Bearer realm="d2r"'),
                 ]
-            elif decision.status == 429:
+            elif decision.status in (429, 503):
                 headers = [("Retry-After", str(max(1, math.ceil(decision.retry_after))))]
-            text = {401: "unauthorized", 403: "forbidden", 429: "too many failed attempts"}
+            text = {
+                401: "unauthorized",
+                403: "forbidden",
+                429: "too many failed attempts",
+                503: "busy",
+            }
             body = json.dumps({"status": text.get(decision.status, "refused")}).encode()
             self._send(decision.status, "application/json", body, headers)
 
@@ -440,6 +628,7 @@ def _handler_class(owner: ObservabilityServer) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Content-Type-Options", "nosniff")
             for name, value in extra or ():
                 self.send_header(name, value)
             if content_type.startswith("text/html"):
@@ -456,3 +645,8 @@ def _handler_class(owner: ObservabilityServer) -> type[BaseHTTPRequestHandler]:
             logger.debug("HTTP %s", format % args)
 
     return Handler
+
+
+def _declares_body(headers: Mapping[str, str]) -> bool:
+    length = headers.get("content-length", "").strip()
+    return "transfer-encoding" in headers or (bool(length) and length != "0")

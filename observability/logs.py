@@ -17,6 +17,14 @@ task binds its ids with :func:`bind`, and every record logged meanwhile carries 
 
 Only UIDs and task ids are carried, never patient name, ID or birth date; the formatter writes
 the message, the exception text and the ids, nothing else from the record.
+
+A text line cannot be forged by what a peer sends: :class:`TextFormatter` writes control
+characters of the message and the ids escaped (a newline as ``\\n``) and indents every line of
+an exception's text, so each record starts exactly one line that begins with its time:
+
+>>> record = logging.LogRecord("d2r", logging.WARNING, "", 0, "got %s", ("1.2\\nfake",), None)
+>>> print(TextFormatter("%(message)s").format(record))
+got 1.2\\nfake
 """
 
 from __future__ import annotations
@@ -27,14 +35,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from typing import Any
 
 __all__ = [
     "CONTEXT_FIELDS",
     "ContextFilter",
     "JsonFormatter",
+    "TextFormatter",
     "bind",
     "configure_logging",
     "current_context",
+    "escape_controls",
 ]
 
 study_instance_uid_var: ContextVar[str | None] = ContextVar("study_instance_uid", default=None)
@@ -50,6 +61,26 @@ _VARS = {
 CONTEXT_FIELDS = tuple(_VARS)
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s%(d2r_context)s"
+
+
+#: C0 and C1 controls, DEL and the Unicode line and paragraph separators, as escapes.
+_CONTROLS = {
+    c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)] if chr(c) not in "\n\r\t"
+}
+_CONTROLS |= {ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
+_CONTROLS |= {0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+_JSON_SEPARATORS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def escape_controls(text: str) -> str:
+    """``text`` as one line: control characters escaped (``\\n``, ``\\x1b`` ...).
+
+    >>> print(escape_controls("a\\r\\nb\\x1b[31m"))
+    a\\r\\nb\\x1b[31m
+    """
+    return text.translate(_CONTROLS)
 
 
 def current_context() -> dict[str, str]:
@@ -120,7 +151,37 @@ class JsonFormatter(logging.Formatter):
             out["exception"] = self.formatException(record.exc_info)
         elif record.exc_text:
             out["exception"] = record.exc_text
-        return json.dumps(out, ensure_ascii=False, default=str)
+        # JSON escapes C0 controls itself; the separators Python's splitlines() also splits on
+        # are escaped too, so a record is always one line.
+        return json.dumps(out, ensure_ascii=False, default=str).translate(_JSON_SEPARATORS)
+
+
+class TextFormatter(logging.Formatter):
+    """The text format, one line per record: the message and the bound ids with control
+    characters escaped, an exception's text indented below it."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        saved = record.message, getattr(record, "d2r_context", None)
+        record.message = escape_controls(record.message)
+        if saved[1] is not None:
+            record.d2r_context = escape_controls(saved[1])
+        try:
+            return super().formatMessage(record)
+        finally:
+            record.message = saved[0]
+            if saved[1] is not None:
+                record.d2r_context = saved[1]
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802
+        return _indented(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:  # noqa: N802
+        return _indented(stack_info)
+
+
+def _indented(text: str) -> str:
+    """Each line of ``text`` indented, its control characters escaped."""
+    return "\n".join("  " + escape_controls(line) for line in text.splitlines())
 
 
 def configure_logging(level: str = "INFO", log_format: str = "text") -> None:
@@ -137,9 +198,7 @@ def configure_logging(level: str = "INFO", log_format: str = "text") -> None:
         raise ValueError(f"log_format must be text or json, not {log_format!r}")
     handler = logging.StreamHandler()
     handler.addFilter(ContextFilter())
-    handler.setFormatter(
-        JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
-    )
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter(TEXT_FORMAT))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -360,7 +360,7 @@ def test_credentials_files_are_reread_when_they_change(tmp_path: Path) -> None:
     auth = Authenticator(required=True, tokens_file=tokens)
 
     def status(token: str) -> int:
-        return auth.decide("/metrics", "10.0.0.9", {"authorization": f"Bearer {token}"}).status
+        return auth.decide("metrics", "10.0.0.9", {"authorization": f"Bearer {token}"}).status
 
     assert (status(old), status(new)) == (200, 401)
     tokens.write_text(f"prom metrics {new}\n# rotated\n")
