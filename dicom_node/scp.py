@@ -49,6 +49,15 @@ called AE is not ours                      permanent, service user, called AE no
 ``max_associations`` already open          transient, service provider, local limit exceeded
 =========================================  =====================================================
 
+Memory per association is bounded whatever the peer sends (:func:`bound_association`): a PDU
+longer than ``max(max_pdu, MAX_ASSOCIATE_PDU)`` closes the connection before it is read
+(pynetdicom would allocate whatever length the PDU header claims, up to 4 GiB), and a command
+set over :data:`MAX_COMMAND_SET`, a data set received in memory (anything but a C-STORE
+data set, which streams to the spool) over :data:`MAX_IN_MEMORY_DATA_SET`, or more than
+:data:`MAX_PENDING_MESSAGES` requests waiting for the handler abort the association. UIDs and
+other peer text are logged through :func:`~dicom_node.spool.printable_uid` and
+:func:`~dicom_node.spool.printable` only.
+
 With ``settings.tls`` carrying a certificate and key the listener speaks DICOM TLS only
 (:func:`server_ssl_context`); ``require_client_cert`` makes the TLS handshake itself refuse
 a client without a certificate signed by the configured CA.
@@ -68,6 +77,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import pynetdicom.dimse_messages
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.presentation import PresentationContext
 
@@ -83,7 +93,13 @@ from dicom_node.selection import (
 )
 from dicom_node.settings import IPNetwork, NodeSettings
 from dicom_node.shared_port import start_shared_server
-from dicom_node.spool import IncomingFile, Spool, SpooledInstance
+from dicom_node.spool import (
+    IncomingFile,
+    Spool,
+    SpooledInstance,
+    printable,
+    printable_uid,
+)
 from dicom_node.studies import InstanceRecord
 from dicom_node.tcp import large_reads, no_delay
 
@@ -96,8 +112,10 @@ __all__ = [
     "AssociationRejected",
     "AssociationStudies",
     "StudyRecorder",
+    "bound_association",
     "build_ae",
     "listener_contexts",
+    "read_header",
     "event_handlers",
     "handle_association_request",
     "handle_echo",
@@ -132,6 +150,21 @@ PEER_NOT_ALLOWED: Final = "peer_address_not_allowed"
 
 #: Called with the association and a reason token for a rejection made by this module.
 AssociationRejected = Callable[[Any, str], None]
+
+#: Longest PDU read whatever ``max_pdu`` says: an A-ASSOCIATE-RQ (every presentation context and
+#: a user identity) fits well within it.
+MAX_ASSOCIATE_PDU: Final = 1024 * 1024
+#: Longest command set (one is a few hundred bytes).
+MAX_COMMAND_SET: Final = 64 * 1024
+#: Longest data set received in memory: no service the node offers but C-STORE, whose data set
+#: streams to the spool, carries one.
+MAX_IN_MEMORY_DATA_SET: Final = 1024 * 1024
+#: Bytes of a Deflated data set read to parse its header (twice what the parser inflates at most:
+#: deflate never shrinks data that does not compress below its size plus 5 bytes per 64 KiB).
+DEFLATED_HEADER_INPUT: Final = 8 * 1024 * 1024
+#: Most requests of one association received and waiting for the handler (peers send one at a
+#: time: the node negotiates no asynchronous operations window).
+MAX_PENDING_MESSAGES: Final = 16
 
 
 class StudyRecorder(Protocol):
@@ -219,11 +252,17 @@ class AssociationStudies:
 
 
 class _Stream:
-    """The spool an association's data sets stream into, and the one arriving now."""
+    """The spool an association's data sets stream into, and those no handler took yet."""
 
     def __init__(self, spool: Spool) -> None:
         self.spool = spool
-        self.current: IncomingFile | None = None
+        self.unclaimed: list[IncomingFile] = []
+
+    def open(self) -> IncomingFile:
+        incoming = self.spool.incoming()
+        self.unclaimed = [f for f in self.unclaimed if not f.claimed]
+        self.unclaimed.append(incoming)
+        return incoming
 
 
 #: DUL reactor thread of each open association -> its stream (pynetdicom decodes PDVs there)
@@ -242,8 +281,7 @@ def _data_set_file(*args: Any, **kwargs: Any) -> Any:
         stream = _STREAMS.get(threading.current_thread())
     if stream is None:
         return _ORIGINAL_TEMPORARY_FILE(*args, **kwargs)
-    stream.current = stream.spool.incoming()
-    return stream.current
+    return stream.open()
 
 
 def enable_streaming() -> None:
@@ -264,11 +302,72 @@ def stream_to_spool(event: evt.Event, spool: Spool) -> None:
 
 
 def _end_stream(event: evt.Event) -> None:
-    """``EVT_CONN_CLOSE``: remove a data set cut off mid-transfer (no handler took it)."""
+    """``EVT_CONN_CLOSE``: remove the data sets no handler took (cut off, or still queued)."""
     with _STREAMS_LOCK:
         stream = _STREAMS.pop(event.assoc.dul, None)
-    if stream is not None and stream.current is not None:
-        stream.current.abandon()
+    if stream is not None:
+        for incoming in stream.unclaimed:
+            incoming.abandon()
+
+
+def bound_association(event: evt.Event, max_pdu: int) -> None:
+    """``EVT_CONN_OPEN``: bound the memory the peer of this association can make it hold.
+
+    Installs :func:`~dicom_node.tcp.large_reads` with a ceiling: a PDU whose header claims more
+    than ``max(max_pdu, MAX_ASSOCIATE_PDU)`` bytes closes the connection before any of it is
+    read (``max_pdu`` 0, unlimited, sets no ceiling). Each P-DATA then goes through a check of
+    the DIMSE message being assembled (see the module docstring); a peer over a limit gets an
+    A-ABORT.
+    """
+    assoc: Any = event.assoc
+    large_reads(event)
+    address: Any = getattr(event, "address", None)
+    peer = printable(address[0]) if address else "peer"
+    transport = getattr(assoc.dul, "socket", None)
+    if max_pdu and transport is not None and hasattr(transport, "recv"):
+        ceiling = max(max_pdu, MAX_ASSOCIATE_PDU)
+        read = transport.recv
+
+        def recv(nr_bytes: int) -> Any:
+            if nr_bytes > ceiling:
+                logger.warning(
+                    "association from %s closed: PDU of %d bytes over %d", peer, nr_bytes, ceiling
+                )
+                raise OSError(f"PDU of {nr_bytes} bytes over the {ceiling}-byte limit")
+            return read(nr_bytes)
+
+        transport.recv = recv
+    dimse = assoc.dimse
+    receive = dimse.receive_primitive
+    state = {"aborted": False}
+
+    def receive_primitive(primitive: Any) -> None:
+        if state["aborted"]:
+            return  # the A-ABORT is on its way: nothing more is kept
+        receive(primitive)
+        reason = _over_limit(dimse)
+        if reason is not None:
+            state["aborted"] = True
+            dimse.message = None
+            logger.warning("association from %s aborted: %s", peer, reason)
+            assoc.dul.event_queue.put("Evt19")  # as pynetdicom answers an invalid message
+
+    dimse.receive_primitive = receive_primitive
+
+
+def _over_limit(dimse: Any) -> str | None:
+    """Why the DIMSE message being assembled breaks a memory limit (None when it does not)."""
+    if dimse.msg_queue.qsize() > MAX_PENDING_MESSAGES:
+        return f"more than {MAX_PENDING_MESSAGES} requests waiting"
+    message = dimse.message
+    if message is None:
+        return None
+    if message.encoded_command_set.tell() > MAX_COMMAND_SET:
+        return f"command set over {MAX_COMMAND_SET} bytes"
+    in_memory = getattr(message, "_data_set_file", None) is None
+    if in_memory and message.data_set.tell() > MAX_IN_MEMORY_DATA_SET:
+        return f"data set in memory over {MAX_IN_MEMORY_DATA_SET} bytes"
+    return None
 
 
 def build_ae(settings: NodeSettings) -> AE:
@@ -381,13 +480,18 @@ def handle_association_request(
         return
     calling = str(getattr(assoc.requestor.primitive, "calling_ae_title", "") or "").strip()
     logger.warning(
-        "association from %s (calling AE %r) rejected: %s", address, calling, PEER_NOT_ALLOWED
+        "association from %s (calling AE '%s') rejected: %s",
+        printable(address),
+        printable(calling, 16),
+        PEER_NOT_ALLOWED,
     )
     if on_rejected is not None:  # recorded before the peer learns of it
         try:
             on_rejected(assoc, PEER_NOT_ALLOWED)
         except Exception:
-            logger.exception("could not record the rejected association from %s", address)
+            logger.exception(
+                "could not record the rejected association from %s", printable(address)
+            )
     assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, DIAGNOSTIC_NO_REASON_GIVEN)
     assoc.kill()  # as pynetdicom does after its own rejections: the DUL waits for the close
 
@@ -405,7 +509,7 @@ def _reject(
     reason: str,
     calling_ae_title: str,
 ) -> None:
-    logger.warning("rejected SOP Instance %s: %s", sop_instance_uid, reason)
+    logger.warning("rejected SOP Instance %s: %s", printable_uid(sop_instance_uid), reason)
     try:
         store.record_rejection(
             sop_instance_uid=sop_instance_uid,
@@ -414,7 +518,9 @@ def _reject(
             calling_ae_title=calling_ae_title,
         )
     except Exception:
-        logger.exception("could not record rejection of SOP Instance %s", sop_instance_uid)
+        logger.exception(
+            "could not record rejection of SOP Instance %s", printable_uid(sop_instance_uid)
+        )
 
 
 def instance_record(
@@ -454,6 +560,8 @@ def handle_store(
     request: Any = event.request
     incoming = getattr(request, "_dataset_file", None)  # the streamed data set, if any
     try:
+        if not isinstance(incoming, IncomingFile):
+            incoming = _copy_to_spool(request, spool)
         return _handle_store(event, request, incoming, spool, store, associations)
     finally:
         if isinstance(incoming, IncomingFile):  # published, or removed here
@@ -478,7 +586,7 @@ def _spool_failed(
             calling_ae_title=calling,
         )
         return statuses.OUT_OF_RESOURCES
-    logger.error("spool write failed for SOP Instance %s: %s", sop_instance_uid, exc)
+    logger.error("spool write failed for SOP Instance %s: %s", printable_uid(sop_instance_uid), exc)
     return statuses.PROCESSING_FAILURE
 
 
@@ -501,7 +609,7 @@ def _handle_store(
                 store,
                 sop_instance_uid=sop_instance_uid,
                 study_instance_uid=None,
-                reason=f"SOP class {sop_class_uid} not supported",
+                reason=f"SOP class {printable_uid(sop_class_uid)} not supported",
                 calling_ae_title=calling,
             )
             return statuses.SOP_CLASS_NOT_SUPPORTED
@@ -528,7 +636,9 @@ def _handle_store(
                 store,
                 sop_instance_uid=sop_instance_uid,
                 study_instance_uid=study_uid,
-                reason=f"data set SOP class {header.sop_class_uid} differs from request",
+                reason=(
+                    f"data set SOP class {printable_uid(header.sop_class_uid)} differs from request"
+                ),
                 calling_ae_title=calling,
             )
             return statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS
@@ -546,7 +656,7 @@ def _handle_store(
         ):
             logger.info(
                 "Secondary Capture %s is not a chest radiograph; stored, not used",
-                sop_instance_uid,
+                printable_uid(sop_instance_uid),
             )
         try:
             if isinstance(incoming, IncomingFile):
@@ -570,38 +680,69 @@ def _handle_store(
         if associations is not None and spooled.outcome == "stored":
             associations.stored(event.assoc, study_uid)
         logger.debug(
-            "SOP Instance %s of study %s: %s", sop_instance_uid, study_uid, spooled.outcome
+            "SOP Instance %s of study %s: %s",
+            printable_uid(sop_instance_uid),
+            printable_uid(study_uid),
+            spooled.outcome,
         )
         return statuses.SUCCESS
     except Exception:
         logger.exception(
-            "C-STORE of SOP Instance %s (study %s) failed", sop_instance_uid, study_uid
+            "C-STORE of SOP Instance %s (study %s) failed",
+            printable_uid(sop_instance_uid),
+            printable_uid(study_uid or ""),
         )
         return statuses.PROCESSING_FAILURE
 
 
-def _header(request: Any, incoming: Any, transfer_syntax: str) -> Any:
+def _header(request: Any, incoming: Any, transfer_syntax: str) -> InstanceHeader:
     """The routing header, from the streamed file or from the data set in memory."""
     if not isinstance(incoming, IncomingFile):
         return parse_header(_dataset_bytes(request), transfer_syntax)
+    return read_header(incoming, transfer_syntax)
+
+
+def read_header(incoming: IncomingFile, transfer_syntax: str) -> InstanceHeader:
+    """The routing header of a spooled data set (C-STORE and STOW-RS alike), in bounded memory.
+
+    Pixel data is never read; of a Deflated data set only the first
+    :data:`DEFLATED_HEADER_INPUT` bytes are handed to the parser (which would otherwise read
+    the whole data set to inflate its start).
+
+    Raises
+    ------
+    InstanceRejected
+        The file cannot be read, or its header cannot be used (see
+        :func:`~dicom_node.metadata.parse_header`).
+    """
     try:
-        reader = incoming.dataset()
+        with incoming.dataset() as reader:
+            if UID(transfer_syntax) == DeflatedExplicitVRLittleEndian:
+                return parse_header(reader.read(DEFLATED_HEADER_INPUT), transfer_syntax)
+            return parse_header(reader, transfer_syntax)
     except (OSError, ValueError) as exc:
         raise InstanceRejected(f"unreadable data set ({type(exc).__name__})") from exc
-    with reader:
-        return parse_header(reader, transfer_syntax)
 
 
 def _dataset_bytes(request: Any) -> bytes | memoryview:
-    """The data set of a request received in memory, or in pynetdicom's own temporary file."""
+    """The data set of a request pynetdicom received in memory (chunked receive off)."""
+    return memoryview(request.DataSet.getbuffer())
+
+
+def _copy_to_spool(request: Any, spool: Spool) -> IncomingFile | None:
+    """A data set in pynetdicom's own temporary file (chunked receive without
+    :func:`stream_to_spool`), copied into the spool 1 MiB at a time; None when in memory."""
     path = getattr(request, "_dataset_path", None)
     if path is None:
-        return memoryview(request.DataSet.getbuffer())
-    with open(path, "rb") as f:  # chunked receive without stream_to_spool (not the listener)
-        data = f.read()
-    from dicom_node.spool import dataset_offset
-
-    return memoryview(data)[dataset_offset(data[:144]) :]
+        return None
+    incoming = spool.incoming()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                incoming.write(chunk)
+    except OSError as exc:
+        incoming.error = incoming.error or exc
+    return incoming
 
 
 def event_handlers(
@@ -611,11 +752,15 @@ def event_handlers(
     networks: Sequence[IPNetwork] = (),
     on_rejected: AssociationRejected | None = None,
     associations: AssociationStudies | None = None,
+    max_pdu: int = 0,
 ) -> list[Any]:
-    """Return the handler bindings for ``start_server`` (3-tuple form, no globals)."""
+    """Return the handler bindings for ``start_server`` (3-tuple form, no globals).
+
+    ``max_pdu``: the listener's Maximum Length Received (see :func:`bound_association`).
+    """
     handlers: list[Any] = [
         (evt.EVT_CONN_OPEN, no_delay),
-        (evt.EVT_CONN_OPEN, large_reads),
+        (evt.EVT_CONN_OPEN, bound_association, [max_pdu]),
         (evt.EVT_CONN_OPEN, stream_to_spool, [spool]),
         (evt.EVT_CONN_CLOSE, _end_stream),
         (evt.EVT_C_ECHO, handle_echo),
@@ -671,6 +816,7 @@ def start_server(
         networks=settings.allowed_networks,
         on_rejected=on_rejected,
         associations=associations,
+        max_pdu=settings.max_pdu,
     )
     if shared or inherited is not None:
         if block:

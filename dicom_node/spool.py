@@ -14,9 +14,12 @@ directory is fsync'ed, all before :meth:`Spool.store` returns; only then may the
 listener answer Success.
 
 The listener streams instead: :meth:`Spool.incoming` opens an :class:`IncomingFile` in
-``tmp/`` that pynetdicom's chunked receive writes each PDV into as it arrives; the file hashes
-the data set on the way and starts the write-back of every full MiB, so that after the last
-PDV :meth:`Spool.store_incoming` has only the fsync, the rename and the directory fsync left.
+``tmp/`` that pynetdicom's chunked receive (or the STOW-RS receiver) writes each fragment into
+as it arrives; the file hashes the data set on the way and starts the write-back of every full
+MiB, so that after the last fragment :meth:`Spool.store_incoming` has only the fsync, the rename
+and the directory fsync left. Memory stays bounded whatever the size of the data set: a re-send
+is written to ``tmp/`` like any other and compared by its streamed SHA-256 with the first
+copy's (remembered, or read again from the file in 1 MiB blocks), never held in memory.
 
 Duplicate policy (keyed on SOP Instance UID plus the SHA-256 of the data set bytes,
 i.e. everything after the File Meta Information):
@@ -30,7 +33,8 @@ i.e. everything after the File Meta Information):
 One process owns a spool directory; stores of the same SOP Instance UID from
 concurrent associations are serialised by a per-UID lock.
 
-UIDs are sanitised before they become path parts (see :func:`safe_name`).
+UIDs are sanitised before they become path parts (see :func:`safe_name`) and before they are
+logged (see :func:`printable_uid`; other peer text through :func:`printable`).
 
 Retention: :meth:`Spool.remove_study_files` deletes a finished study's files (the node's
 assembler decides which studies and when); it never touches anything outside the spool root.
@@ -69,6 +73,8 @@ __all__ = [
     "Spool",
     "SpooledInstance",
     "dataset_offset",
+    "printable",
+    "printable_uid",
     "safe_name",
 ]
 
@@ -84,6 +90,11 @@ _CHUNK = 1 << 20
 _WRITEBACK_EVERY = 1 << 20
 #: data set hashes of first copies kept in memory (a re-send is compared without a re-read)
 _KNOWN_HASHES = 65536
+#: longest File Meta Information (after the preamble) whose data set is hashed apart from it
+MAX_FILE_META_BYTES = 64 * 1024
+_VALID_UID = re.compile(r"[0-9][0-9.]{0,63}")
+#: longest piece of peer text that :func:`printable` keeps
+_PRINTABLE_CHARS = 128
 
 
 def safe_name(uid: str) -> str:
@@ -103,6 +114,38 @@ def safe_name(uid: str) -> str:
         return uid
     digest = hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:12]
     return f"_{_UNSAFE.sub('_', uid)[:64]}-{digest}"
+
+
+def printable(text: object, limit: int = _PRINTABLE_CHARS) -> str:
+    r"""Peer-supplied text as one line of printable ASCII, safe to log.
+
+    Control characters, backslashes and non-ASCII characters are escaped as Python escapes
+    them (so a line break cannot start a forged log line); text over ``limit`` characters is
+    cut and marked with ``...``.
+
+    >>> printable("CT1\nd2r.audit x\x1b[2J")
+    'CT1\\nd2r.audit x\\x1b[2J'
+    >>> printable("x" * 200, 4)
+    'xxxx...'
+    """
+    value = str(text)
+    escaped = value[:limit].encode("unicode_escape").decode("ascii")
+    return escaped + ("..." if len(value) > limit else "")
+
+
+def printable_uid(uid: object) -> str:
+    r"""A UID as it may be logged: a conformant-looking UID (digits and dots, at most 64
+    characters) unchanged, anything else escaped by :func:`printable` and marked as invalid.
+
+    >>> printable_uid("1.2.840.10008.1"), printable_uid(""), printable_uid("1.2\nx")
+    ('1.2.840.10008.1', '(none)', "(invalid UID '1.2\\nx')")
+    """
+    value = str(uid)
+    if not value:
+        return "(none)"
+    if _VALID_UID.fullmatch(value):
+        return value
+    return f"(invalid UID '{printable(value, 64)}')"
 
 
 def dataset_offset(head: bytes) -> int:
@@ -189,6 +232,11 @@ class IncomingFile:
     Meta Information) is computed on the way. An I/O error, also one opening the file, is kept
     in :attr:`error` and later bytes are dropped: the C-STORE handler answers it with a status
     instead of pynetdicom aborting the association.
+
+    Every byte goes to the file as it arrives; only the File Meta Information (at most
+    :data:`MAX_FILE_META_BYTES`) is kept in memory until the data set starts. A likely re-send
+    (``known`` SOP Instance UID) starts no write-back: if it is identical it is removed before
+    the page cache reaches the disk.
     """
 
     def __init__(
@@ -198,7 +246,6 @@ class IncomingFile:
         #: whether the spool holds a first copy of a SOP Instance UID (a likely re-send)
         self._known = known
         self._writeback = _start_writeback is not None
-        self._held: bytearray | None = None
         self.size = 0
         self._fh: io.FileIO | None = None
         #: what pynetdicom flushes after each PDV (unbuffered writes: nothing to flush)
@@ -208,6 +255,7 @@ class IncomingFile:
         self._head: bytearray | None = bytearray()  # until the data set offset is known
         self._started = 0  # bytes whose write-back was started
         self._claimed = False
+        self._settled = False  # published or removed by the spool: the name is no longer ours
         self._lock = threading.Lock()
         try:
             fd, name = tempfile.mkstemp(suffix=".part", dir=directory)
@@ -224,9 +272,7 @@ class IncomingFile:
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data).cast("B")
         count = len(view)
-        if self._held is not None:  # a likely re-send: kept in memory until it is compared
-            self._held += view
-        elif self.error is None and self._fh is not None:
+        if self.error is None and self._fh is not None:
             self._write_out(view)
         self._hash(view)
         self.size += count
@@ -252,15 +298,14 @@ class IncomingFile:
         try:
             offset = dataset_offset(bytes(head[:144]))
         except ValueError:
-            offset = 0  # not written by pynetdicom: hash everything (never a spool copy)
+            offset = 0  # not a spool file's layout: hash everything (never a spool copy)
+        if offset > 132 + MAX_FILE_META_BYTES:
+            offset = 0  # a File Meta Information this long is not ours: never held in memory
         if len(head) >= offset:
             self._digest.update(head[offset:])
             self._head = None
-            if len(head) == offset and self._known(_meta_sop_instance_uid(bytes(head))):
-                # most likely an identical re-send, compared and dropped without touching the
-                # disk: its data set is held in memory (as pynetdicom would without streaming)
-                self._writeback = False
-                self._held = bytearray()
+            if offset and self._known(_meta_sop_instance_uid(bytes(head[:offset]))):
+                self._writeback = False  # most likely an identical re-send, removed unsynced
 
     def sha256(self) -> str:
         return self._digest.hexdigest()
@@ -276,13 +321,16 @@ class IncomingFile:
 
     def dataset(self) -> io.BufferedReader:
         """The data set (after the File Meta Information), readable and seekable from 0."""
-        if self._held is not None:  # all of it is held: the file stops after the meta
-            return io.BufferedReader(_Window(self.name, self.dataset_start(), self._held), 1 << 16)
         return io.BufferedReader(_Window(self.name, self.dataset_start()), 1 << 16)
 
     def dataset_start(self) -> int:
         with open(self.name, "rb") as f:
             return dataset_offset(f.read(144))
+
+    @property
+    def claimed(self) -> bool:
+        """Whether a handler (or :meth:`abandon`) took the file."""
+        return self._claimed
 
     def claim(self) -> bool:
         """Take the file for the C-STORE handler; False once :meth:`abandon` took it."""
@@ -304,21 +352,34 @@ class IncomingFile:
 
     def discard(self) -> None:
         """Remove the temporary file if it is still there (not published)."""
-        if self._fh is not None:
+        if self._fh is not None and not self._settled:
+            self._settled = True
             _discard(self.path)
+
+    def _settle(self) -> None:
+        """The spool published or removed the file: :meth:`discard` must not touch its name."""
+        self._settled = True
 
     def failure(self) -> SpoolFullError | SpoolWriteError | None:
         """The error kept while writing, as the spool's exception (None when all went well)."""
         return None if self.error is None else _translate(self.error, "spool write")
 
     def sync(self) -> None:
-        """Raise the kept write error, or flush the file to stable storage and close it."""
-        if self._held is not None and self.error is None:  # not an identical re-send after all
-            held, self._held = self._held, None
-            self._write_out(memoryview(held))
+        """Raise the kept write error, or flush the file to stable storage and close it.
+
+        The file may have been closed already (a STOW-RS part waits closed for the rest of its
+        request): it is then opened again for the fsync, which covers every descriptor.
+        """
         if self.error is not None:
             raise self.error
         assert self._fh is not None  # opened, since no error was kept
+        if self._fh.closed:
+            fd = os.open(self.name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return
         os.fsync(self._fh.fileno())
         self._fh.close()
 
@@ -335,11 +396,10 @@ def _meta_sop_instance_uid(head: bytes) -> str:
 class _Window(io.RawIOBase):
     """A read-only view of a file from ``start`` on, with positions relative to ``start``."""
 
-    def __init__(self, path: str, start: int, held: bytearray | None = None) -> None:
+    def __init__(self, path: str, start: int) -> None:
         self._fd = os.open(path, os.O_RDONLY)
         self._start = start
         self._pos = 0
-        self._held = held  # the data set itself, when it is held in memory instead
 
     def readable(self) -> bool:
         return True
@@ -348,14 +408,6 @@ class _Window(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        if self._held is not None:
-            with memoryview(self._held) as held:
-                chunk = held[self._pos : self._pos + len(buffer)]
-                buffer[: len(chunk)] = chunk
-                count = len(chunk)
-                chunk.release()
-            self._pos += count
-            return count
         data = os.pread(self._fd, len(buffer), self._start + self._pos)
         buffer[: len(data)] = data
         self._pos += len(data)
@@ -366,8 +418,6 @@ class _Window(io.RawIOBase):
             self._pos = offset
         elif whence == 1:
             self._pos += offset
-        elif self._held is not None:
-            self._pos = len(self._held) + offset
         else:
             self._pos = os.fstat(self._fd).st_size - self._start + offset
         return self._pos
@@ -440,7 +490,7 @@ class Spool:
         for path in candidates:
             resolved = path.resolve()
             if not resolved.is_relative_to(root):
-                logger.warning("retention: %s is outside the spool; kept", path.name)
+                logger.warning("retention: %s is outside the spool; kept", printable(path.name))
                 continue
             try:
                 size = resolved.stat().st_size
@@ -448,7 +498,9 @@ class Spool:
             except FileNotFoundError:
                 continue
             except OSError as exc:
-                logger.warning("retention: cannot remove %s: %s", path.name, exc.strerror)
+                logger.warning(
+                    "retention: cannot remove %s: %s", printable(path.name), exc.strerror
+                )
                 continue
             removed += 1
             freed += size
@@ -529,7 +581,8 @@ class Spool:
 
         ``incoming`` holds the whole Part 10 file already; what is left is the free-space
         guard, the fsync, the atomic rename and the directory fsync. An identical re-send is
-        compared before the fsync and removed. The temporary file never outlives this call.
+        compared by its streamed SHA-256 before the fsync and removed; nothing of the data set
+        is held in memory. The temporary file never outlives this call.
         """
         tmp = incoming.path
         try:
@@ -543,7 +596,7 @@ class Spool:
                 with self._uid_lock(sop_instance_uid):
                     if self._existing_sha256(final) == sha:
                         incoming.close()
-                        _discard(tmp)
+                        incoming.discard()
                         return self._duplicate(final, sha, sop_instance_uid)
             try:
                 incoming.sync()
@@ -551,8 +604,9 @@ class Spool:
                 raise _translate(exc, "spool write") from exc
         except BaseException:
             incoming.close()
-            _discard(tmp)
+            incoming.discard()
             raise
+        incoming._settle()  # published or removed by _settle, whatever happens
         return self._settle(tmp, incoming.size, sha, final, study_instance_uid, sop_instance_uid)
 
     def _settle(
@@ -580,7 +634,8 @@ class Spool:
                 if quarantine.exists():
                     tmp.unlink()
                     logger.warning(
-                        "conflicting SOP Instance %s already quarantined", sop_instance_uid
+                        "conflicting SOP Instance %s already quarantined",
+                        printable_uid(sop_instance_uid),
                     )
                 else:
                     self._publish(tmp, quarantine)
@@ -594,15 +649,15 @@ class Spool:
         logger.warning(
             "SOP Instance %s of study %s re-sent with different content; first copy kept, "
             "new copy quarantined as %s",
-            sop_instance_uid,
-            study_instance_uid,
-            quarantine.name,
+            printable_uid(sop_instance_uid),
+            printable_uid(study_instance_uid),
+            printable(quarantine.name),
         )
         return SpooledInstance(quarantine, quarantine.stat().st_size, sha, "conflict")
 
     @staticmethod
     def _duplicate(final: Path, sha: str, sop_instance_uid: str) -> SpooledInstance:
-        logger.info("duplicate SOP Instance %s (same content)", sop_instance_uid)
+        logger.info("duplicate SOP Instance %s (same content)", printable_uid(sop_instance_uid))
         return SpooledInstance(final, final.stat().st_size, sha, "duplicate")
 
     def _existing_sha256(self, path: Path) -> str | None:
@@ -699,4 +754,4 @@ def _discard(tmp: Path) -> None:
     try:
         tmp.unlink(missing_ok=True)
     except OSError:
-        logger.warning("could not remove partial file %s", tmp.name)
+        logger.warning("could not remove partial file %s", printable(tmp.name))

@@ -2,14 +2,22 @@
 
 ``POST /dicom-web/studies`` and ``POST /dicom-web/studies/{study}`` take a
 ``multipart/related; type="application/dicom"`` body whose parts are DICOM PS3.10 files. The
-body is parsed as it arrives (:class:`multipart.PushMultipartParser`) into temporary files in
-the spool's ``tmp/`` folder, and counted against ``max_bytes``. Only a complete, well-formed
-body is stored: a truncated or malformed one is refused whole (400) and nothing of it is kept.
+body is parsed as it arrives (:class:`multipart.PushMultipartParser`, 64 KiB at a time) and
+counted against ``max_bytes``. Each part streams into its own spool file in ``tmp/``
+(:class:`~dicom_node.spool.IncomingFile`, hashed on the way): only its first
+:data:`META_PREFIX` bytes are held, until its File Meta Information is read and written as the
+spool writes it; the data set bytes follow unchanged. Memory per request is therefore bounded
+(a few hundred KiB) whatever the size of the body or its parts; ``max_bytes`` bounds the disk.
+Only a complete, well-formed body is stored: a truncated or malformed one is refused whole
+(400) and nothing of it is kept. At most ``max_concurrent`` requests are received at once;
+one more is answered 503 (the HTTP layer adds Retry-After) before its body is read.
 
 Each part then takes the C-STORE path (:mod:`dicom_node.scp`): the routing header is parsed
-without pixel data (:func:`~dicom_node.metadata.parse_header`), the data set bytes are written
-as received through :class:`~dicom_node.spool.Spool` (fsync, atomic rename; the same dedup and
-conflict policy), the instance is recorded in the study database, all before the response.
+from the spooled file without pixel data (:func:`~dicom_node.metadata.parse_header`), the file
+is made durable through :meth:`~dicom_node.spool.Spool.store_incoming` (fsync, atomic rename;
+the same dedup and conflict policy), the instance is recorded in the study database, all before
+the response. UIDs and other client text are logged through
+:func:`~dicom_node.spool.printable_uid` and :func:`~dicom_node.spool.printable` only.
 One request counts as one association for the studies it brought (``open_associations``),
 released when the response is ready, so the release-grace completion rule applies.
 
@@ -29,8 +37,9 @@ other write error, database error, anything else ``0x0110`` processing failure
 
 A re-sent instance is stored once (outcome ``duplicate``) and answered as stored, as C-STORE
 answers Success. Request status: 200 every part stored, 202 some stored and some failed (or
-warnings), 409 none stored, 503 none stored because the spool is full; 400 an unparseable or
-truncated body, 413 over ``max_bytes``, 415 not ``multipart/related`` of ``application/dicom``.
+warnings), 409 none stored, 503 none stored because the spool is full (or ``max_concurrent``
+requests are being received); 400 an unparseable or truncated body, 413 over ``max_bytes``,
+415 not ``multipart/related`` of ``application/dicom``.
 """
 
 from __future__ import annotations
@@ -38,10 +47,10 @@ from __future__ import annotations
 import errno
 import io
 import logging
-import tempfile
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any, Final, Protocol
+from typing import Any, Final, Protocol
 
 from multipart import (
     MultipartError,
@@ -50,14 +59,28 @@ from multipart import (
     parse_options_header,
 )
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import BaseTag
 
 from dicom_node import statuses
 from dicom_node.errors import InstanceRejected, NodeError, SpoolFullError, SpoolWriteError
-from dicom_node.metadata import parse_header
-from dicom_node.scp import STORAGE_SOP_CLASSES, AssociationLedger, StudyRecorder, instance_record
-from dicom_node.spool import Spool
+from dicom_node.scp import (
+    STORAGE_SOP_CLASSES,
+    AssociationLedger,
+    StudyRecorder,
+    instance_record,
+    read_header,
+)
+from dicom_node.spool import (
+    MAX_FILE_META_BYTES,
+    PREAMBLE,
+    IncomingFile,
+    Spool,
+    printable,
+    printable_uid,
+)
 
 __all__ = [
     "DICOM_JSON",
@@ -84,8 +107,8 @@ MAX_BOUNDARY: Final = 256
 MAX_PART_HEADER_BYTES: Final = 8192
 MAX_PART_HEADERS: Final = 16
 MAX_PARTS: Final = 10_000
-#: Parts up to this size stay in memory while the body is read; larger ones go to ``tmp/``.
-IN_MEMORY_PART_BYTES: Final = 8 * 1024 * 1024
+#: Bytes of a part held until its File Meta Information is read (the rest streams to ``tmp/``).
+META_PREFIX: Final = MAX_FILE_META_BYTES
 _CHUNK: Final = 1 << 16
 _FILE_META_UIDS: Final = ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID")
 
@@ -222,10 +245,75 @@ class _RelatedParser(PushMultipartParser):  # type: ignore[misc]
         return MultipartSegment(headerlist)
 
 
+class _PartFile:
+    """One ``application/dicom`` part streaming into the spool's ``tmp/``.
+
+    The first :data:`META_PREFIX` bytes (or the whole part, if shorter) are held until the File
+    Meta Information is read from them; then the preamble, that File Meta Information as the
+    spool writes it and the data set bytes go to an :class:`IncomingFile`, and every later byte
+    straight after them. A part that is not PS3.10 keeps its reason in :attr:`rejected` and the
+    rest of its bytes are dropped.
+    """
+
+    def __init__(self, spool: Spool) -> None:
+        self._spool = spool
+        self._prefix = bytearray()
+        #: SOP Class, SOP Instance and Transfer Syntax UIDs of the File Meta Information
+        self.uids: tuple[str, str, str] | None = None
+        self.incoming: IncomingFile | None = None
+        self.rejected: InstanceRejected | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.incoming is not None:
+            self.incoming.write(data)
+        elif self.rejected is None:
+            self._prefix += data
+            if len(self._prefix) >= META_PREFIX:
+                self._open(complete=False)
+
+    def finish(self) -> None:
+        """The part ended: open it if it was shorter than the prefix, close its file."""
+        if self.incoming is None and self.rejected is None:
+            self._open(complete=True)
+        if self.incoming is not None:
+            self.incoming.close()
+
+    def discard(self) -> None:
+        if self.incoming is not None:
+            self.incoming.close()
+            self.incoming.discard()
+
+    def _open(self, *, complete: bool) -> None:
+        prefix = bytes(self._prefix)
+        self._prefix = bytearray()
+        try:
+            meta, offset = _split_part10(prefix)
+            if offset >= len(prefix) and not complete:
+                raise InstanceRejected(f"File Meta Information over {META_PREFIX} bytes")
+            encoded = DicomBytesIO()
+            write_file_meta_info(encoded, meta, enforce_standard=True)
+        except InstanceRejected as exc:
+            self.rejected = exc
+            return
+        except Exception as exc:
+            self.rejected = InstanceRejected(
+                f"unwritable File Meta Information ({type(exc).__name__})"
+            )
+            return
+        self.uids = (
+            str(meta.MediaStorageSOPClassUID),
+            str(meta.MediaStorageSOPInstanceUID),
+            str(meta.TransferSyntaxUID),
+        )
+        self.incoming = self._spool.incoming()
+        self.incoming.write(PREAMBLE + encoded.getvalue())
+        self.incoming.write(memoryview(prefix)[offset:])
+
+
 @dataclass
 class _Part:
     content_type: str
-    data: IO[bytes] | None  # None: not application/dicom, its bytes were skipped
+    data: _PartFile | None  # None: not application/dicom, its bytes were skipped
     size: int = 0
 
 
@@ -234,15 +322,16 @@ class _Request:
     parts: list[_Part] = field(default_factory=list)
 
     def close(self) -> None:
+        """Remove every part file not published (all of them, for a refused request)."""
         for part in self.parts:
             if part.data is not None:
-                part.data.close()
+                part.data.discard()
 
 
 def _read_parts(
     body: RequestBody, boundary: str, *, max_bytes: int, spool: Spool, content_length: int | None
 ) -> _Request:
-    """Parse the whole body into parts (memory or unlinked files under ``spool.tmp_dir``).
+    """Parse the whole body into parts, each streamed into a file under ``spool.tmp_dir``.
 
     Raises
     ------
@@ -272,15 +361,12 @@ def _read_parts(
                 if isinstance(event, MultipartSegment):
                     # a part without Content-Type has the request's type (RFC 2387 "type")
                     media = (event.content_type or "application/dicom").lower()
-                    data = None
-                    if media == "application/dicom":
-                        # closed by _Request.close(), whatever happens next
-                        data = tempfile.SpooledTemporaryFile(  # noqa: SIM115
-                            IN_MEMORY_PART_BYTES, dir=str(spool.tmp_dir)
-                        )
-                    current = _Part(media, data)
+                    data = _PartFile(spool) if media == "application/dicom" else None
+                    current = _Part(media, data)  # removed by _Request.close() unless published
                     request.parts.append(current)
                 elif event is None:
+                    if current is not None and current.data is not None:
+                        current.data.finish()
                     current = None
                 elif current is not None:
                     current.size += len(event)
@@ -294,8 +380,8 @@ def _read_parts(
             raise StowRefused(400, "multipart body without parts")
     except MultipartError as exc:
         request.close()
-        raise StowRefused(400, f"malformed multipart body: {exc}") from None
-    except OSError as exc:  # writing a part to tmp/: disk full
+        raise StowRefused(400, f"malformed multipart body: {printable(exc)}") from None
+    except OSError as exc:  # reading a part file back: disk full, I/O error
         request.close()
         full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
         raise StowRefused(
@@ -309,7 +395,7 @@ def _read_parts(
 
 # ------------------------------------------------------------------------------ one instance
 def _split_part10(data: bytes) -> tuple[FileMetaDataset, int]:
-    """(File Meta Information, offset of the data set) of a PS3.10 file.
+    """(File Meta Information, offset of the data set) of a PS3.10 file (or its first bytes).
 
     The 128-byte preamble and ``DICM`` may be missing (as some senders write a data set that
     was never read from a file); the File Meta Information may not.
@@ -362,6 +448,8 @@ class StowReceiver:
         Counts each request as an association of the studies it brought.
     max_bytes : int
         Largest request body accepted (413 beyond).
+    max_concurrent : int
+        Most requests received at once (503 beyond, before the body is read).
     on_released : callable, optional
         Called after a request that stored instances was counted as released.
     on_instance : callable, optional
@@ -374,14 +462,19 @@ class StowReceiver:
         store: StudyRecorder,
         *,
         ledger: AssociationLedger | None = None,
-        max_bytes: int = 2 * 1024**3,
+        max_bytes: int = 1024**3,
+        max_concurrent: int = 4,
         on_released: Callable[[], None] | None = None,
         on_instance: InstanceObserver | None = None,
     ) -> None:
+        if max_concurrent < 1:
+            raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
         self.spool = spool
         self.store = store
         self.ledger = ledger
         self.max_bytes = max_bytes
+        self.max_concurrent = max_concurrent
+        self._slots = threading.BoundedSemaphore(max_concurrent)
         self.on_released = on_released
         self.on_instance = on_instance
 
@@ -399,10 +492,10 @@ class StowReceiver:
             return self._handle(method, route, headers, body, client, user)
         except StowRefused as exc:
             if exc.status >= 500 or exc.status in (400, 413, 415):
-                logger.warning("STOW-RS from %s refused: %s", client, exc)
+                logger.warning("STOW-RS from %s refused: %s", printable(client), exc)
             return exc.status, "application/json", _error_body(exc.reason)
         except Exception:
-            logger.exception("STOW-RS from %s failed", client)
+            logger.exception("STOW-RS from %s failed", printable(client))
             return 500, "application/json", _error_body("internal error")
 
     def _handle(
@@ -430,8 +523,25 @@ class StowReceiver:
         try:
             self.spool.check_free_space(length or 0)
         except SpoolFullError as exc:
-            logger.warning("STOW-RS from %s refused: spool full (%s)", client, exc)
+            logger.warning("STOW-RS from %s refused: spool full (%s)", printable(client), exc)
             raise StowRefused(503, "out of resources: the spool is full") from None
+        if not self._slots.acquire(blocking=False):
+            raise StowRefused(503, f"{self.max_concurrent} STOW-RS requests already in progress")
+        try:
+            return self._receive(body, boundary, length, study, client, user)
+        finally:
+            self._slots.release()
+
+    def _receive(
+        self,
+        body: RequestBody,
+        boundary: str,
+        length: int | None,
+        study: str | None,
+        client: str,
+        user: str,
+    ) -> tuple[int, str, bytes]:
+        """Read the body into part files, store each part, answer (one request slot held)."""
         request = _read_parts(
             body, boundary, max_bytes=self.max_bytes, spool=self.spool, content_length=length
         )
@@ -455,8 +565,8 @@ class StowReceiver:
         stored = sum(not r.failed for r in results)
         logger.info(
             "STOW-RS from %s (%s): %d of %d parts stored, HTTP %d",
-            client,
-            user,
+            printable(client),
+            printable(user),
             stored,
             len(results),
             status,
@@ -469,7 +579,9 @@ class StowReceiver:
         try:
             self.ledger.open_association(study_uid)
         except Exception:  # the study then completes by its quiet period
-            logger.exception("could not count the STOW-RS request of study %s", study_uid)
+            logger.exception(
+                "could not count the STOW-RS request of study %s", printable_uid(study_uid)
+            )
             return
         studies.append(study_uid)
 
@@ -486,7 +598,7 @@ class StowReceiver:
     def _reject(
         self, sop_class: str, sop_uid: str, study_uid: str | None, status: int, reason: str
     ) -> PartResult:
-        logger.warning("STOW-RS part %s rejected: %s", sop_uid or "(no UID)", reason)
+        logger.warning("STOW-RS part %s rejected: %s", printable_uid(sop_uid), reason)
         if status != statuses.PROCESSING_FAILURE:
             try:
                 self.store.record_rejection(
@@ -496,26 +608,52 @@ class StowReceiver:
                     calling_ae_title=STOW_CALLING_AE,
                 )
             except Exception:
-                logger.exception("could not record rejection of SOP Instance %s", sop_uid)
+                logger.exception(
+                    "could not record rejection of SOP Instance %s", printable_uid(sop_uid)
+                )
         return PartResult(sop_class, sop_uid, study_uid, status, reason=reason)
 
     def _store_part(self, part: _Part, expected_study: str | None) -> PartResult:
         """Store one part as the C-STORE handler stores one request."""
         if part.data is None:
-            reason = f"part is {part.content_type}, not application/dicom"
+            reason = f"part is {printable(part.content_type, 64)}, not application/dicom"
             return self._reject("", "", None, statuses.CANNOT_UNDERSTAND, reason)
-        part.data.seek(0)
-        data = part.data.read()
-        sop_class = sop_uid = ""
+        if part.data.rejected is not None or part.data.uids is None:
+            exc = part.data.rejected or InstanceRejected("not a DICOM PS3.10 file")
+            return self._reject(
+                "", "", exc.study_instance_uid, statuses.CANNOT_UNDERSTAND, exc.reason
+            )
+        incoming = part.data.incoming
+        assert incoming is not None  # opened with the File Meta Information
+        try:
+            return self._store_file(*part.data.uids, incoming, expected_study)
+        finally:
+            incoming.close()
+            incoming.discard()  # published, or removed here
+
+    def _store_file(
+        self,
+        sop_class: str,
+        sop_uid: str,
+        transfer_syntax: str,
+        incoming: IncomingFile,
+        expected_study: str | None,
+    ) -> PartResult:
         study_uid: str | None = None
         try:
+            failure = incoming.failure()
+            if isinstance(failure, SpoolFullError):
+                return self._reject(
+                    sop_class,
+                    sop_uid,
+                    None,
+                    statuses.OUT_OF_RESOURCES,
+                    f"out of resources: {failure}",
+                )
+            if failure is not None:
+                raise failure
             try:
-                meta, offset = _split_part10(data)
-                sop_class = str(meta.MediaStorageSOPClassUID)
-                sop_uid = str(meta.MediaStorageSOPInstanceUID)
-                transfer_syntax = str(meta.TransferSyntaxUID)
-                dataset = memoryview(data)[offset:]
-                header = parse_header(dataset, transfer_syntax)
+                header = read_header(incoming, transfer_syntax)
             except InstanceRejected as exc:
                 study_uid = exc.study_instance_uid
                 return self._reject(
@@ -523,7 +661,10 @@ class StowReceiver:
                 )
             study_uid = header.study_instance_uid
             if header.sop_class_uid != sop_class:
-                reason = f"data set SOP class {header.sop_class_uid} differs from File Meta"
+                reason = (
+                    f"data set SOP class {printable_uid(header.sop_class_uid)} "
+                    "differs from File Meta"
+                )
                 return self._reject(
                     sop_class, sop_uid, study_uid, statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, reason
                 )
@@ -533,7 +674,7 @@ class StowReceiver:
                     sop_class, sop_uid, study_uid, statuses.CANNOT_UNDERSTAND, reason
                 )
             if sop_class not in STORAGE_SOP_CLASSES:
-                reason = f"SOP class {sop_class} not supported"
+                reason = f"SOP class {printable_uid(sop_class)} not supported"
                 return self._reject(
                     sop_class, sop_uid, study_uid, statuses.SOP_CLASS_NOT_SUPPORTED, reason
                 )
@@ -541,11 +682,8 @@ class StowReceiver:
                 reason = "Study Instance UID differs from the study of the request"
                 return self._reject(sop_class, sop_uid, study_uid, STUDY_MISMATCH, reason)
             try:
-                spooled = self.spool.store(
-                    study_instance_uid=study_uid,
-                    sop_instance_uid=sop_uid,
-                    file_meta=meta,
-                    dataset=dataset,
+                spooled = self.spool.store_incoming(
+                    study_instance_uid=study_uid, sop_instance_uid=sop_uid, incoming=incoming
                 )
             except SpoolFullError as exc:
                 return self._reject(
@@ -555,11 +693,6 @@ class StowReceiver:
                     statuses.OUT_OF_RESOURCES,
                     f"out of resources: {exc}",
                 )
-            except SpoolWriteError as exc:
-                logger.error("spool write failed for SOP Instance %s: %s", sop_uid, exc)
-                return PartResult(
-                    sop_class, sop_uid, study_uid, statuses.PROCESSING_FAILURE, reason=str(exc)
-                )
             self.store.record_instance(
                 instance_record(header, spooled, transfer_syntax, STOW_CALLING_AE),
                 outcome=spooled.outcome,
@@ -567,8 +700,17 @@ class StowReceiver:
             return PartResult(
                 sop_class, sop_uid, study_uid, statuses.SUCCESS, outcome=spooled.outcome
             )
+        except SpoolWriteError as exc:
+            logger.error("spool write failed for SOP Instance %s: %s", printable_uid(sop_uid), exc)
+            return PartResult(
+                sop_class, sop_uid, study_uid, statuses.PROCESSING_FAILURE, reason=str(exc)
+            )
         except Exception:
-            logger.exception("STOW-RS of SOP Instance %s (study %s) failed", sop_uid, study_uid)
+            logger.exception(
+                "STOW-RS of SOP Instance %s (study %s) failed",
+                printable_uid(sop_uid),
+                printable_uid(study_uid or ""),
+            )
             return PartResult(
                 sop_class,
                 sop_uid,

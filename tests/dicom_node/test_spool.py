@@ -17,7 +17,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from pynetdicom.dsutils import create_file_meta
 
 from dicom_node.errors import SpoolFullError, SpoolWriteError
-from dicom_node.spool import Spool, dataset_offset, safe_name
+from dicom_node.spool import Spool, dataset_offset, printable, printable_uid, safe_name
 
 SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"
 
@@ -127,6 +127,22 @@ def test_unsafe_uids_stay_inside_the_spool(tmp_path: Path) -> None:
     assert got.path.resolve().is_relative_to((tmp_path / "s" / "instances").resolve())
     assert safe_name("../x") != safe_name("._x") and "/" not in safe_name("a/b")
     assert safe_name("1.2.840") == "1.2.840"
+
+
+@pytest.mark.parametrize(
+    "uid", ["1.2\nd2r.audit {}", "1.2\r", "\x1b[2J", "1.2\u2028x", "1.2\\x", "9" * 65, " 1.2"]
+)
+def test_a_uid_that_is_not_one_is_logged_escaped_on_one_line(uid: str) -> None:
+    shown = printable_uid(uid)
+    assert shown.isprintable() and shown.isascii()
+    assert shown.startswith("(invalid UID '") and shown != uid
+    assert printable(uid).encode("ascii").decode("unicode_escape") == uid  # nothing lost
+
+
+def test_a_uid_is_logged_as_it_is() -> None:
+    assert printable_uid("1.2.840.10008.5.1.4.1.1.1.1") == "1.2.840.10008.5.1.4.1.1.1.1"
+    assert printable_uid("") == "(none)"
+    assert printable("AE" * 100, 8) == "AEAEAEAE..."
 
 
 def test_free_space_guard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -272,7 +288,7 @@ def test_streamed_duplicate_and_conflict(tmp_path: Path) -> None:
     )
     assert other.outcome == "conflict"
     assert other.path.parent == spool.conflicts_dir / "1"
-    raw = other.path.read_bytes()  # held in memory as a likely re-send, then written out whole
+    raw = other.path.read_bytes()  # streamed to tmp/ as it arrived, then quarantined
     assert raw[dataset_offset(raw) :] == payload(fill=9)
     assert first.path.read_bytes()[-4:] == bytes([7]) * 4
     assert list(spool.tmp_dir.iterdir()) == []
@@ -366,7 +382,7 @@ def test_a_likely_resend_starts_no_write_back(
     started.clear()
     again = stream(spool, "1.1", data)
     assert started == []
-    assert again.path.stat().st_size < len(data)  # held in memory, not written
+    assert again.path.stat().st_size > len(data)  # written as it arrived, never held in memory
     with again.dataset() as reader:
         assert reader.read() == data
     assert (

@@ -44,6 +44,7 @@ from observability.http import ObservabilityServer, tls_context
 from tests.security import hostile
 from tests.security.tls_ca import make_test_ca
 from tests.support.dicom_files import make_dx
+from tests.support.processes import wait_for
 
 BOUNDARY = "d2r-test-boundary"
 RELATED = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
@@ -88,6 +89,7 @@ def site_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SiteFacto
         host: str = "127.0.0.1",
         auth: Authenticator | None = None,
         max_bytes: int = 64 * 1024 * 1024,
+        max_concurrent: int = 4,
         min_free_bytes: int = 0,
         tls: ssl.SSLContext | None = None,
     ) -> Site:
@@ -102,6 +104,7 @@ def site_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SiteFacto
             store,
             ledger=store,
             max_bytes=max_bytes,
+            max_concurrent=max_concurrent,
             on_released=lambda: released.append(1),
             on_instance=audit.stow_instance,
         )
@@ -392,6 +395,49 @@ def test_over_the_size_limit_is_413_by_header_and_while_reading(
     assert site.post(chunks()).status_code == 413
     assert site.spooled() == []
     assert list(site.spool.tmp_dir.iterdir()) == []
+
+
+def test_a_part_without_preamble_is_stored_as_a_part10_file(site: Site) -> None:
+    """Some senders post a data set never read from a file: File Meta, no preamble."""
+    (image,) = study(1)
+    raw = part10(image)[132:]
+    assert raw[:2] == b"\x02\x00"
+    rsp = site.post(multipart([("application/dicom", raw)]))
+    assert rsp.status_code == 200, rsp.text
+    (path,) = site.spooled()
+    stored = path.read_bytes()
+    assert stored[128:132] == b"DICM" and stored.endswith(bytes(image.PixelData))
+    (record,) = site.store.instances(image.StudyInstanceUID)
+    assert record.sha256 == data_set_sha256(path)
+
+
+def test_a_request_beyond_the_concurrency_limit_is_503_before_its_body_is_read(
+    site_factory: SiteFactory,
+) -> None:
+    site = site_factory(max_concurrent=1)
+    big = make_dx(None, rows=512, cols=512)  # 512 KiB of pixels: streamed to tmp/ while it arrives
+    body = multipart([("application/dicom", part10(big))])
+    (small,) = study(1)
+    small_body = multipart([("application/dicom", part10(small))])
+    port = site.server.port
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as first:
+        head = (
+            f"POST /dicom-web/studies HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: {RELATED}\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        first.sendall(head.encode() + body[: len(body) // 2])
+        wait_for(lambda: list(site.spool.tmp_dir.iterdir()), 10, "the first request's part")
+        refused = site.post(small_body)
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["Retry-After"]
+        assert site.store.instances(small.StudyInstanceUID) == []
+        first.sendall(body[len(body) // 2 :])
+        answer = b""
+        while chunk := first.recv(65536):
+            answer += chunk
+    assert answer.startswith((b"HTTP/1.0 200", b"HTTP/1.1 200")), answer[:80]
+    assert site.post(small_body).status_code == 200  # the slot is free again
+    assert {p.stem for p in site.spooled()} == {big.SOPInstanceUID, small.SOPInstanceUID}
 
 
 def test_spool_full_is_503(site_factory: SiteFactory) -> None:
