@@ -10,7 +10,8 @@ receive side translates them into DIMSE statuses, outbound failures live in
     │   ├── SpoolFullError       out of disk space / quota  -> 0xA700
     │   └── SpoolWriteError      any other write failure    -> 0x0110
     ├── InstanceRejected         the header cannot be used  -> 0xC000 range
-    │   └── MissingUIDError      no Study / SOP Instance / SOP Class UID
+    │   ├── MissingUIDError      no Study / SOP Instance / SOP Class UID
+    │   └── PixelDataTooLarge    a stored image over D2R_MAX_PIXEL_BYTES (read, not received)
     └── SchemaError              the study database's schema does not fit this release
         ├── SchemaBehindError    an older revision: ``d2r db upgrade`` (or D2R_DB_AUTO_UPGRADE)
         ├── SchemaAheadError     a newer revision than this release knows (a rollback)
@@ -23,6 +24,7 @@ __all__ = [
     "InstanceRejected",
     "MissingUIDError",
     "NodeError",
+    "PixelDataTooLarge",
     "SchemaAheadError",
     "SchemaBehindError",
     "SchemaError",
@@ -68,6 +70,13 @@ class InstanceRejected(NodeError):
 
 class MissingUIDError(InstanceRejected):
     """The data set lacks a UID the node needs to file it (Study, SOP Instance or SOP Class)."""
+
+
+class PixelDataTooLarge(InstanceRejected):
+    """A stored image's pixel data exceeds the limit (``D2R_MAX_PIXEL_BYTES``).
+
+    Raised before the pixels are read, inflated or decoded; the reason names the sizes only.
+    """
 
 
 class SchemaError(NodeError):

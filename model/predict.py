@@ -310,7 +310,7 @@ class Predictor:
         stage("decode")
         decoded = self._preprocess.decode(ds)
         stage("preprocess")
-        scaled = self._preprocess.intensity(decoded)
+        scaled = self._preprocess.intensity(decoded, in_place=True)  # decoded is ours alone
         if gate is not None and (reason := pixel_reason(scaled)):
             return self._abstain(uid, reason)
         sample = Letterbox(self.config.image_size)(scaled)

@@ -99,6 +99,8 @@ class Transform(Protocol):
     def __call__(self, sample: ImageSample) -> ImageSample: ...
 
 
+#: the most pixel data :class:`DicomToFloat` decodes; ``D2R_MAX_PIXEL_BYTES`` may not exceed it
+MAX_PIXEL_BYTES: Final = 128 * 1024**2
 #: colour photometric interpretations read as their luminance (colour scans of films)
 COLOUR_PHOTOMETRICS: Final = ("RGB", "YBR_FULL", "YBR_FULL_422")
 _BT601_LUMA: Final = (0.299, 0.587, 0.114)
@@ -114,33 +116,38 @@ class DicomToFloat:
         Apply the dataset's VOI LUT or first window (default ``True``).
     frame : int
         Frame of a multi-frame image to use.
-    max_pixels : int
-        Refuse, before decoding, a header whose Rows x Columns x frames exceeds this: a
-        hostile header (a "decompression bomb") must not make the decoder allocate gigabytes.
-        The default admits any real radiograph (e.g. 4300 x 3500 detectors) with a wide margin.
+    max_pixel_bytes : int
+        Refuse, before decoding, a header declaring more pixel data than this (Rows x Columns
+        x frames x samples x Bits Allocated / 8): a hostile header (a "decompression bomb") must
+        not make the decoder allocate gigabytes. Serving reads spooled files through
+        :mod:`dicom_node.instance_file`, which refuses beyond ``D2R_MAX_PIXEL_BYTES`` (at most
+        this default) before reading the pixels; this check guards every other caller.
     """
 
     apply_voi: bool = True
     frame: int = 0
-    max_pixels: int = 64_000_000
+    max_pixel_bytes: int = MAX_PIXEL_BYTES
 
     def _check_size(self, ds: pydicom.Dataset, uid: str) -> None:
         try:
             rows = int(ds.get("Rows", 0))
             columns = int(ds.get("Columns", 0))
             frames = int(ds.get("NumberOfFrames", 1) or 1)
+            samples = int(ds.get("SamplesPerPixel", 1) or 1)
             bits = int(ds.get("BitsAllocated", 16))
         except (TypeError, ValueError) as e:
             raise PreprocessError(f"unreadable image size (SOP Instance UID {uid})") from e
-        if rows < 2 or columns < 2 or frames < 1 or bits not in (1, 8, 16, 32):
+        if rows < 2 or columns < 2 or frames < 1 or samples < 1 or bits not in (1, 8, 16, 32):
             raise PreprocessError(
                 f"implausible image header {rows}x{columns}, {frames} frame(s), "
                 f"{bits} bits allocated (SOP Instance UID {uid})"
             )
-        if rows * columns * frames > self.max_pixels:
+        size = (rows * columns * frames * samples * bits + 7) // 8
+        if size > self.max_pixel_bytes:
             raise PreprocessError(
-                f"image of {rows}x{columns} x {frames} frame(s) exceeds the limit of "
-                f"{self.max_pixels} pixels (SOP Instance UID {uid})"
+                f"image of {rows}x{columns} x {frames} frame(s), {samples} sample(s) of {bits} "
+                f"bits: {size} bytes of pixel data exceed the limit of {self.max_pixel_bytes} "
+                f"bytes (SOP Instance UID {uid})"
             )
 
     def __call__(self, ds: pydicom.Dataset) -> ImageSample:
@@ -257,7 +264,9 @@ class ScaleToUnit:
         if not 0.0 <= self.low_percentile < self.high_percentile <= 100.0:
             raise ValueError("low_percentile/high_percentile: need 0 <= low < high <= 100")
 
-    def __call__(self, sample: ImageSample) -> ImageSample:
+    def __call__(self, sample: ImageSample, *, in_place: bool = False) -> ImageSample:
+        """The scaled sample; with ``in_place`` a float32 ``sample.pixels`` is overwritten
+        instead of copied (for a caller that owns the decoded sample: a full-size copy less)."""
         px = sample.pixels
         if self.low_percentile == 0.0 and self.high_percentile == 100.0:
             # what those percentiles are: the known range, or a pass for each, but no sort
@@ -269,7 +278,8 @@ class ScaleToUnit:
             raise PreprocessError("pixel values are not finite")
         if hi <= lo:
             return replace(sample, pixels=np.zeros_like(px, dtype=np.float32), value_range=None)
-        out = np.subtract(px, np.float32(lo), dtype=np.float32)
+        own = in_place and px.dtype == np.float32 and px.flags.writeable
+        out = np.subtract(px, np.float32(lo), dtype=np.float32, out=px if own else None)
         out *= np.float32(1.0 / (hi - lo))
         np.clip(out, 0.0, 1.0, out=out)
         return replace(sample, pixels=out, value_range=None)
@@ -329,11 +339,12 @@ class Preprocessor:
 
     def sample(self, ds: pydicom.Dataset) -> ImageSample:
         """Run every step and return the letterboxed sample."""
-        return self.finish(self.decode(ds))
+        return self.finish(self.decode(ds), in_place=True)
 
-    def finish(self, decoded: ImageSample) -> ImageSample:
-        """The steps after decoding: intensity scaling and letterbox."""
-        return Letterbox(self.size)(self.intensity(decoded))
+    def finish(self, decoded: ImageSample, *, in_place: bool = False) -> ImageSample:
+        """The steps after decoding: intensity scaling (over ``decoded``'s pixels with
+        ``in_place``) and letterbox."""
+        return Letterbox(self.size)(self.intensity(decoded, in_place=in_place))
 
     def __call__(self, ds: pydicom.Dataset) -> tuple[torch.Tensor, BoxMapping]:
         s = self.sample(ds)
@@ -345,6 +356,7 @@ __all__ = [
     "DicomToFloat",
     "ImageSample",
     "Letterbox",
+    "MAX_PIXEL_BYTES",
     "Preprocessor",
     "ScaleToUnit",
     "Transform",

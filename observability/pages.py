@@ -1,15 +1,26 @@
 """The status page's I/O: studies from the study database, headers and previews from the spool.
 
-Rendering is pure (:mod:`observability.status_page`); this module reads what it renders.
+Rendering is pure (:mod:`observability.status_page`); this module reads what it renders. Spooled
+files are read through :mod:`dicom_node.instance_file`: the patient label from the header alone
+(a Deflated one inflated at most a few megabytes), the preview only when the image's pixel data
+is within ``max_pixel_bytes`` (``D2R_MAX_PIXEL_BYTES``), one preview decoded at a time; a larger
+image has no preview (the endpoint answers 404).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from typing import Any
 
+from dicom_node.errors import InstanceRejected
+from dicom_node.instance_file import read_instance, read_instance_header
+from dicom_node.settings import DEFAULT_MAX_PIXEL_BYTES
+
 __all__ = ["StatusPages"]
+
+logger = logging.getLogger(__name__)
 
 
 class StatusPages:
@@ -21,24 +32,35 @@ class StatusPages:
         The study database.
     show_phi : bool
         Show patient name and ID, read from the first instance's header.
+    limit : int
+        Studies on the index page.
+    max_pixel_bytes : int
+        Largest pixel data decoded for a preview (``D2R_MAX_PIXEL_BYTES``).
     """
 
-    def __init__(self, store: Any, *, show_phi: bool = False, limit: int = 50) -> None:
+    def __init__(
+        self,
+        store: Any,
+        *,
+        show_phi: bool = False,
+        limit: int = 50,
+        max_pixel_bytes: int = DEFAULT_MAX_PIXEL_BYTES,
+    ) -> None:
         self.store = store
         self.show_phi = show_phi
         self.limit = limit
+        self.max_pixel_bytes = max_pixel_bytes
         self._previews: OrderedDict[tuple[str, tuple[str, ...]], bytes] = OrderedDict()
         self._lock = threading.Lock()
+        self._render_lock = threading.Lock()
 
     def _patient(self, study_uid: str) -> Any:
-        import pydicom
-
         from observability.status_page import PatientLabel
 
         for record in self.store.instances(study_uid):
             try:
-                ds = pydicom.dcmread(record.path, stop_before_pixels=True)
-            except Exception:
+                ds = read_instance_header(record.path)
+            except (InstanceRejected, OSError):
                 continue
             return PatientLabel(str(ds.get("PatientName", "")), str(ds.get("PatientID", "")))
         return None
@@ -72,9 +94,11 @@ class StatusPages:
         )
 
     def preview(self, study_uid: str) -> bytes | None:
-        """The preview PNG: the image the boxes refer to (else the first CR/DX instance)."""
-        import pydicom
+        """The preview PNG: the image the boxes refer to (else the first CR/DX instance).
 
+        None (no preview) when there is no such image, or it cannot be read, or its pixel data
+        exceeds ``max_pixel_bytes``.
+        """
         from observability.status_page import read_sr_boxes, render_preview
 
         view = self.store.get(study_uid)
@@ -92,7 +116,13 @@ class StatusPages:
         ]
         if not chosen:
             return None
-        png = render_preview(pydicom.dcmread(chosen[0].path), boxes)
+        with self._render_lock:  # one image decoded at a time, however many requests wait
+            try:
+                image = read_instance(chosen[0].path, max_pixel_bytes=self.max_pixel_bytes)
+            except (InstanceRejected, OSError) as exc:  # PixelDataTooLarge included
+                logger.warning("no preview of study %s: %s", study_uid, exc)
+                return None
+            png = render_preview(image, boxes)
         with self._lock:
             self._previews[key] = png
             while len(self._previews) > 32:

@@ -147,26 +147,58 @@ def _first(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def window_to_uint8(ds: Dataset) -> np.ndarray:
-    """The image of ``ds`` as 8-bit grey (0 black): rescale, window, invert MONOCHROME1.
+#: pixels sampled for the percentile window of an image without one (the window of a preview
+#: need not be exact; every pixel of an image up to this size)
+_WINDOW_SAMPLE = 1 << 20
 
-    The window is the header's first Window Center/Width, or the 0.5-99.5 percentiles.
-    """
-    pixels = np.asarray(ds.pixel_array, dtype=np.float32)
-    if pixels.ndim == 3 and ds.get("SamplesPerPixel", 1) == 1:
+
+def _first_plane(ds: Dataset) -> np.ndarray:
+    """The first frame of ``ds``; colour samples averaged to one grey plane."""
+    pixels = np.asarray(ds.pixel_array)
+    colour = int(ds.get("SamplesPerPixel", 1) or 1) > 1
+    if pixels.ndim == (4 if colour else 3):
         pixels = pixels[0]  # first frame
-    elif pixels.ndim == 3:
-        pixels = pixels.mean(axis=-1)
-    pixels = pixels * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0))
+    if colour and pixels.ndim == 3:
+        pixels = pixels.mean(axis=-1, dtype=np.float32)
+    return pixels
+
+
+def _grey_levels(values: np.ndarray, ds: Dataset, sample: np.ndarray) -> np.ndarray:
+    """Stored ``values`` -> 0-255 floats: rescale, window (from ``sample`` if the header has
+    none), MONOCHROME1 inverted."""
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0))
+    values = values * slope + intercept
     center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
     if center is not None and width is not None and width > 1:
         low, high = center - width / 2.0, center + width / 2.0
     else:
-        low, high = (float(v) for v in np.percentile(pixels, [0.5, 99.5]))
-    scaled = np.clip((pixels - low) / max(high - low, 1e-6), 0.0, 1.0) * 255.0
+        rescaled = sample.astype(np.float64) * slope + intercept
+        low, high = (float(v) for v in np.percentile(rescaled, [0.5, 99.5]))
+    scaled = np.clip((values - low) / max(high - low, 1e-6), 0.0, 1.0) * 255.0
     if ds.get("PhotometricInterpretation") == "MONOCHROME1":
         scaled = 255.0 - scaled
-    return np.asarray(np.round(scaled), dtype=np.uint8)
+    return np.asarray(scaled)
+
+
+def window_to_uint8(ds: Dataset) -> np.ndarray:
+    """The image of ``ds`` as 8-bit grey (0 black): rescale, window, invert MONOCHROME1.
+
+    The window is the header's first Window Center/Width, or the 0.5-99.5 percentiles (of at
+    most about a million evenly spaced pixels). Integer images of up to 16 bits are mapped
+    through a table of every stored value, so the only full-size array made besides the
+    decoded pixels is the 8-bit result.
+    """
+    pixels = _first_plane(ds)
+    flat = pixels.reshape(-1)
+    sample = flat[:: max(1, flat.size // _WINDOW_SAMPLE)]
+    if pixels.dtype.kind in "ui" and pixels.dtype.itemsize <= 2:
+        unsigned = np.dtype(f"u{pixels.dtype.itemsize}")
+        stored = np.arange(2 ** (8 * unsigned.itemsize), dtype=unsigned).view(pixels.dtype)
+        table = np.round(_grey_levels(stored.astype(np.float64), ds, sample)).astype(np.uint8)
+        return np.asarray(table[pixels.view(unsigned)])
+    grey = _grey_levels(pixels.astype(np.float32), ds, sample)
+    return np.asarray(np.round(grey), dtype=np.uint8)
 
 
 def render_preview(ds: Dataset, boxes: Sequence[Box], *, max_size: int = 512) -> bytes:

@@ -145,12 +145,13 @@ class BatchHeartbeat:
         self._thread.join(5.0)
 
 
-def _read_study(job: ReportJob) -> dict[str, Dataset | Exception]:
-    """Each image of ``job`` read from the spool, or the error that stopped the reading."""
+def _read_study(job: ReportJob, max_pixel_bytes: int) -> dict[str, Dataset | Exception]:
+    """Each image of ``job`` read from the spool (pixel data up to ``max_pixel_bytes``), or the
+    error that stopped the reading."""
     read: dict[str, Dataset | Exception] = {}
     for inst in job.instances:
         try:
-            read[inst.path] = tasks._read_image(inst.path)
+            read[inst.path] = tasks._read_image(inst.path, max_pixel_bytes)
         except Exception as exc:  # replayed, and judged, by the per-study path
             read[inst.path] = exc
             break
@@ -239,7 +240,7 @@ def _run_batch(
     reads: dict[str, dict[str, Dataset | Exception]] = {}
     for job in jobs:
         with logs.bind(study_instance_uid=job.study_instance_uid):
-            reads[job.study_instance_uid] = _read_study(job)
+            reads[job.study_instance_uid] = _read_study(job, ctx.settings.node.max_pixel_bytes)
     readable = [
         j for j in jobs if all(isinstance(v, Dataset) for v in reads[j.study_instance_uid].values())
     ]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 
+from dicom_node.errors import InstanceRejected
 from model.errors import ModelError as ModelPackageError
 from model.errors import PreprocessError
 from model.predict import StudyPrediction
@@ -144,7 +145,8 @@ def run(
     Raises
     ------
     InputRejected
-        An image cannot be parsed or decoded (the input, not the worker, is at fault).
+        An image cannot be parsed or decoded, or declares more pixel data than the reader
+        allows (the input, not the worker, is at fault).
     ModelError
         The model refused readable input.
     Exception
@@ -156,6 +158,8 @@ def run(
     for inst in job.instances:
         try:
             images.append(read_image(inst.path))
+        except InstanceRejected as exc:  # unparseable, or pixel data over D2R_MAX_PIXEL_BYTES
+            raise InputRejected(f"cannot read instance {inst.sop_instance_uid}: {exc}") from exc
         except UNREADABLE_INPUT as exc:
             raise InputRejected(
                 f"cannot read instance {inst.sop_instance_uid}: {type(exc).__name__}"

@@ -19,6 +19,7 @@ from dicom_node.settings import (
     int_at_least,
     parse_bool,
     positive_float,
+    refuse_placeholder,
 )
 
 FILESYSTEM_BROKER = "filesystem://"
@@ -36,7 +37,7 @@ def _broker_url(text: str) -> str:
     scheme, sep, _ = text.partition("://")
     if not sep or scheme not in ("redis", "rediss", "filesystem", "amqp", "amqps", "memory"):
         raise ValueError("expected redis://host:port/db (production) or filesystem:// (embedded)")
-    return text
+    return refuse_placeholder(text, "D2R_BROKER_URL")
 
 
 def _report_choice(text: str) -> str:

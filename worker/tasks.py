@@ -21,6 +21,7 @@ recording it leaves the delivery pending, and the node's reconciler queues it as
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -41,7 +42,8 @@ from delivery.content import CONTENT_FILE, FindingBox, ReportContent
 from delivery.destinations import by_name
 from delivery.errors import PermanentSendError, TransientSendError
 from dicom_node import statuses
-from dicom_node.settings import ConfigError
+from dicom_node.instance_file import read_instance
+from dicom_node.settings import DEFAULT_MAX_PIXEL_BYTES, ConfigError
 from dicom_node.studies import FAILED, StudyStore
 from observability import logs, metrics
 from observability.audit import SENT, STUDY_FAILED, AuditLog
@@ -186,8 +188,10 @@ class Deliveries:
             future.exception(timeout)
 
 
-def _read_image(path: str) -> Dataset:
-    return pydicom.dcmread(path)
+def _read_image(path: str, max_pixel_bytes: int = DEFAULT_MAX_PIXEL_BYTES) -> Dataset:
+    """A spooled image, its pixel data checked against ``max_pixel_bytes`` before it is read
+    (:func:`dicom_node.instance_file.read_instance`; not decoded yet)."""
+    return read_instance(path, max_pixel_bytes=max_pixel_bytes)
 
 
 def _timed(predict: Callable[[Sequence[Dataset]], Any]) -> Callable[[Sequence[Dataset]], Any]:
@@ -398,7 +402,7 @@ def _attempt(
     images: list[Dataset],
     deliveries: Deliveries | None = None,
     *,
-    read_image: Callable[[str], Dataset] = _read_image,
+    read_image: Callable[[str], Dataset] | None = None,
     predict: Callable[[Sequence[Dataset]], Any] | None = None,
 ) -> str:
     """Read, predict, build, write and record one claimed study; ``read_image`` and
@@ -427,7 +431,9 @@ def _attempt(
 
     result = pipeline.run(
         job,
-        read_image=read_image,
+        read_image=functools.partial(_read_image, max_pixel_bytes=settings.node.max_pixel_bytes)
+        if read_image is None
+        else read_image,
         predict=_timed(predict_one) if predict is None else predict,
         build_reports=build,
         stages=stages,

@@ -52,9 +52,14 @@ def run(args: argparse.Namespace) -> int:
     model_dir = args.model or os.environ.get("D2R_MODEL") or default_model_path()
     if not model_dir:
         return fail("predict", "no model: pass --model DIR or set D2R_MODEL", EXIT_USAGE)
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
+    from dicom_node.errors import InstanceRejected, PixelDataTooLarge
+    from dicom_node.instance_file import read_instance
+    from dicom_node.settings import (
+        DEFAULT_MAX_PIXEL_BYTES,
+        ConfigError,
+        env_setting,
+        parse_max_pixel_bytes,
+    )
     from model.backends import BackendError
     from model.errors import CheckpointError, GateMissingError, ModelError
     from model.predict import Predictor
@@ -77,14 +82,22 @@ def run(args: argparse.Namespace) -> int:
         choose_report = report_chooser(os.environ.get("D2R_REPORT_CHOICE", "consistent"))
     except ValueError as e:
         return fail("predict", f"D2R_REPORT_CHOICE: {e}", EXIT_USAGE)
+    try:
+        max_pixel_bytes = env_setting(
+            os.environ, "D2R_MAX_PIXEL_BYTES", DEFAULT_MAX_PIXEL_BYTES, parse_max_pixel_bytes
+        )
+    except ConfigError as e:
+        return fail("predict", str(e), EXIT_USAGE)
     datasets = []
     for name in args.files:
         path = Path(name)
         if not path.is_file():
             return fail("predict", f"{name}: no such file", EXIT_USAGE)
         try:
-            datasets.append(pydicom.dcmread(path))
-        except (InvalidDicomError, OSError, ValueError) as e:
+            datasets.append(read_instance(path, max_pixel_bytes=max_pixel_bytes))
+        except PixelDataTooLarge as e:
+            return fail("predict", f"{name}: {e}", EXIT_USAGE)
+        except (InstanceRejected, OSError) as e:
             return fail("predict", f"{name}: not a readable DICOM file ({e})", EXIT_USAGE)
     try:
         predictor = Predictor.from_checkpoint(

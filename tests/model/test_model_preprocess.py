@@ -10,7 +10,14 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from model.errors import PreprocessError
-from model.preprocess import BoxMapping, DicomToFloat, Letterbox, Preprocessor, ScaleToUnit
+from model.preprocess import (
+    BoxMapping,
+    DicomToFloat,
+    ImageSample,
+    Letterbox,
+    Preprocessor,
+    ScaleToUnit,
+)
 
 
 def _data(name: str) -> str:
@@ -191,3 +198,32 @@ def test_stored_value_table_matches_the_float_path(rg1: pydicom.Dataset, case: s
     unit = ScaleToUnit()(decoded).pixels
     np.testing.assert_allclose(unit, _reference_unit(ds), atol=2e-6)
     assert unit.min() == 0.0 and unit.max() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_pixel_data_over_the_limit_is_refused_before_decoding() -> None:
+    """The same measure as the serving readers (bytes of pixel data), and a ceiling that
+    ``D2R_MAX_PIXEL_BYTES`` cannot exceed: one limit, not two that disagree."""
+    from dicom_node.settings import MAX_PIXEL_BYTES_CEILING
+    from model.preprocess import MAX_PIXEL_BYTES
+
+    assert MAX_PIXEL_BYTES == MAX_PIXEL_BYTES_CEILING
+    ds = _mono1_windowed()
+    size = int(ds.Rows) * int(ds.Columns) * int(ds.BitsAllocated) // 8
+    assert DicomToFloat(max_pixel_bytes=size)(ds).pixels.shape == (ds.Rows, ds.Columns)
+    with pytest.raises(PreprocessError, match=f"{size} bytes of pixel data exceed the limit"):
+        DicomToFloat(max_pixel_bytes=size - 1)(ds)
+    rgb = pydicom.dcmread(_data("SC_rgb.dcm"))  # three samples per pixel count
+    rgb_size = int(rgb.Rows) * int(rgb.Columns) * 3 * int(rgb.BitsAllocated) // 8
+    with pytest.raises(PreprocessError, match=f"{rgb_size} bytes"):
+        DicomToFloat(max_pixel_bytes=rgb_size - 1)(rgb)
+
+
+def test_scaling_in_place_overwrites_only_when_asked() -> None:
+    pixels = np.linspace(-5.0, 20.0, 6 * 4, dtype=np.float32).reshape(6, 4)
+    sample = ImageSample(pixels.copy(), BoxMapping(6, 4), "1.2.3", (-5.0, 20.0))
+    copied = ScaleToUnit()(sample)
+    assert np.array_equal(sample.pixels, pixels)  # the input is kept by default
+    scaled = ScaleToUnit()(sample, in_place=True)
+    assert scaled.pixels is sample.pixels  # no full-size copy
+    assert np.array_equal(scaled.pixels, copied.pixels)
+    assert float(scaled.pixels.min()) == 0.0 and float(scaled.pixels.max()) == 1.0

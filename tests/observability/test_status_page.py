@@ -11,7 +11,8 @@ import pydicom
 import pytest
 from PIL import Image
 
-from dicom_node.studies import DONE, Event, StudyView
+from dicom_node.studies import DONE, Event, StudyStore, StudyView
+from observability.pages import StatusPages
 from observability.status_page import (
     BOX_COLOUR,
     PatientLabel,
@@ -21,7 +22,7 @@ from observability.status_page import (
     render_study,
     window_to_uint8,
 )
-from tests.observability.conftest import build_srs
+from tests.observability.conftest import build_srs, record_for
 
 EVIL = '<script>alert("x")</script>'
 
@@ -127,3 +128,75 @@ def test_study_page_escapes_uid(bad: str) -> None:
     page = render_study(_view(study_instance_uid=bad + EVIL), [], has_preview=True)
     assert EVIL not in page
     assert "preview.png" in page
+
+
+def _window_reference(ds: pydicom.Dataset) -> np.ndarray:
+    """The window in float over every pixel (what the lookup table must reproduce)."""
+    pixels = np.asarray(ds.pixel_array, dtype=np.float64)
+    if pixels.ndim == 3:
+        pixels = pixels[0]
+    pixels = pixels * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0))
+    if "WindowCenter" in ds:
+        low = float(ds.WindowCenter) - float(ds.WindowWidth) / 2
+        high = float(ds.WindowCenter) + float(ds.WindowWidth) / 2
+    else:
+        low, high = (float(v) for v in np.percentile(pixels, [0.5, 99.5]))
+    scaled = np.clip((pixels - low) / max(high - low, 1e-6), 0.0, 1.0) * 255.0
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        scaled = 255.0 - scaled
+    return np.round(scaled).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("bits", "signed", "photometric", "frames", "window"),
+    [
+        (16, False, "MONOCHROME2", 1, False),
+        (16, True, "MONOCHROME1", 1, False),
+        (16, True, "MONOCHROME2", 1, True),
+        (8, False, "MONOCHROME2", 1, False),
+        (8, False, "MONOCHROME1", 3, False),
+    ],
+)
+def test_window_table_matches_the_float_window(
+    bits: int, signed: bool, photometric: str, frames: int, window: bool
+) -> None:
+    """Signed, 8-bit (SC), MONOCHROME1 and multi-frame images, rescaled, with and without a
+    window in the header: the table lookup gives what windowing every pixel gives."""
+    rng = np.random.default_rng(bits + frames)
+    dtype = np.dtype(f"{'i' if signed else 'u'}{bits // 8}")
+    info = np.iinfo(dtype)
+    arr = rng.integers(max(info.min, -2000), min(info.max, 3000), (frames, 40, 30), dtype=dtype)
+    ds = pydicom.Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.Rows, ds.Columns, ds.SamplesPerPixel = 40, 30, 1
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, bits, bits - 1
+    ds.PixelRepresentation = int(signed)
+    ds.PhotometricInterpretation = photometric
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.RescaleSlope, ds.RescaleIntercept = 2, -100
+    if window:
+        ds.WindowCenter, ds.WindowWidth = 500, 1500
+    ds.PixelData = (arr if frames > 1 else arr[0]).tobytes()
+    grey = window_to_uint8(ds)
+    assert grey.shape == (40, 30) and grey.dtype == np.uint8
+    assert np.array_equal(grey, _window_reference(ds))
+    assert grey.min() < 20 and grey.max() > 235
+
+
+def test_preview_over_the_pixel_limit_is_not_rendered(
+    store: StudyStore, dx: tuple[pydicom.Dataset, Path]
+) -> None:
+    """No preview (None: the endpoint answers 404) for an image whose pixel data exceeds
+    ``max_pixel_bytes``; the page still renders, and the same image within the limit previews."""
+    image, path = dx
+    store.record_instance(record_for(image, path), outcome="stored")
+    size = 256 * 208 * 2
+    uid = str(image.StudyInstanceUID)
+    small = StatusPages(store, show_phi=True, max_pixel_bytes=size - 1)
+    assert small.preview(uid) is None
+    assert str(image.PatientID) in small.index()
+    assert "preview.png" in (small.study(uid) or "")
+    png = StatusPages(store, max_pixel_bytes=size).preview(uid)
+    assert png is not None and Image.open(io.BytesIO(png)).size == (208, 256)
