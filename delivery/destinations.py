@@ -18,6 +18,12 @@ read their credentials from files named in the query string (``?token_file=/run/
 a bearer token, ``?basic_auth_file=/run/secrets/b`` holding ``user:password``); the file is read
 when the sender is opened, so a rotated secret needs no restart of the configuration.
 
+Credentials never travel in cleartext by default: a plain ``http://`` destination with a
+credential file is refused unless its address says ``?insecure=true`` (for a receiver on the
+same host or behind a TLS tunnel). ``insecure`` applies to ``http://`` only: certificate checks
+of ``https://`` destinations cannot be turned off. An address or credential file that still
+holds the example configuration's ``CHANGE-ME`` placeholder is refused.
+
 A destination's :attr:`~DestinationAddress.name` is its canonical text: the key of its delivery
 rows in the study database, of ``d2r retry --destination`` and of the metrics and audit lines.
 
@@ -38,7 +44,12 @@ from urllib.parse import parse_qs, urlsplit
 from pydicom.dataset import Dataset
 
 from delivery.content import ReportContent
-from dicom_node.settings import ConfigError, validate_ae_title
+from dicom_node.settings import (
+    ConfigError,
+    parse_bool,
+    refuse_placeholder,
+    validate_ae_title,
+)
 
 __all__ = [
     "KINDS",
@@ -51,6 +62,7 @@ __all__ = [
     "MllpPeer",
     "StudyResults",
     "parse_destinations",
+    "refuse_placeholder_secrets",
 ]
 
 #: every kind of destination, in the order the docs list them
@@ -81,21 +93,55 @@ class HttpEndpoint:
     """An HTTP(S) service: a DICOMweb base (``dicomweb``) or a FHIR base (``fhir``).
 
     ``url`` is the plain ``http(s)://`` base; the credential files come from the query string.
+    ``insecure`` allows a credential over plain ``http://``, which is refused otherwise.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``D2R_DESTINATIONS``: a credential over ``http://`` without ``insecure``, or
+        ``insecure`` on an ``https://`` base.
     """
 
     kind: str
     url: str
     token_file: Path | None = None
     basic_auth_file: Path | None = None
+    insecure: bool = False
+
+    def __post_init__(self) -> None:
+        if self.insecure and not self.cleartext:
+            raise ConfigError(
+                _SETTING,
+                f"insecure=true applies to http:// only (it allows credentials in cleartext; "
+                f"certificate checks cannot be turned off): {self.name}",
+            )
+        if self.cleartext and self.has_credentials and not self.insecure:
+            raise ConfigError(
+                _SETTING,
+                f"{self.name} would send its credential in cleartext; use https, or add "
+                "insecure=true to the address to accept that",
+            )
+
+    @property
+    def cleartext(self) -> bool:
+        """Whether requests travel without TLS (an ``http://`` base)."""
+        return self.url.lower().startswith("http://")
+
+    @property
+    def has_credentials(self) -> bool:
+        """Whether the sender authenticates (a token or a basic-auth file)."""
+        return self.token_file is not None or self.basic_auth_file is not None
 
     @property
     def name(self) -> str:
-        """The address as configured (scheme prefix, base, credential file names)."""
+        """The address as configured (scheme prefix, base, credential file names, insecure)."""
         query = []
         if self.token_file is not None:
             query.append(f"token_file={self.token_file}")
         if self.basic_auth_file is not None:
             query.append(f"basic_auth_file={self.basic_auth_file}")
+        if self.insecure:
+            query.append("insecure=true")
         return f"{self.kind}+{self.url}" + (f"?{'&'.join(query)}" if query else "")
 
 
@@ -203,6 +249,14 @@ def _file(values: dict[str, list[str]], key: str) -> Path | None:
     return None if not found else Path(found[-1])
 
 
+def _flag(values: dict[str, list[str]], key: str, item: str) -> bool:
+    found = values.pop(key, None)
+    try:
+        return False if not found else parse_bool(found[-1])
+    except ValueError:
+        raise ConfigError(_SETTING, f"{key} must be true or false in {item!r}") from None
+
+
 def _http(kind: str, url: str, item: str) -> HttpEndpoint:
     parts = urlsplit(url)
     if parts.username is not None or parts.password is not None:
@@ -216,12 +270,15 @@ def _http(kind: str, url: str, item: str) -> HttpEndpoint:
     values = parse_qs(parts.query, keep_blank_values=True)
     token_file = _file(values, "token_file")
     basic_auth_file = _file(values, "basic_auth_file")
+    insecure = _flag(values, "insecure", item)
     if values:
         raise ConfigError(_SETTING, f"unknown query parameter(s) {sorted(values)} in {item!r}")
     if token_file is not None and basic_auth_file is not None:
         raise ConfigError(_SETTING, f"token_file and basic_auth_file exclude each other: {item!r}")
     base = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
-    return HttpEndpoint(kind, base, token_file=token_file, basic_auth_file=basic_auth_file)
+    return HttpEndpoint(
+        kind, base, token_file=token_file, basic_auth_file=basic_auth_file, insecure=insecure
+    )
 
 
 def _mllp(rest: str, item: str, tls: bool) -> MllpPeer:
@@ -244,6 +301,7 @@ def parse_destination(item: str, *, tls: bool = False) -> DestinationAddress:
     ConfigError
         Naming ``D2R_DESTINATIONS``.
     """
+    refuse_placeholder(item, _SETTING, "a destination address")
     scheme, sep, rest = item.partition("://")
     if not sep:
         return _dicom(item, item, tls)
@@ -268,6 +326,34 @@ def parse_destinations(text: str, *, tls: bool = False) -> tuple[DestinationAddr
     if len(set(names)) != len(names):
         raise ConfigError(_SETTING, "duplicate destination")
     return tuple(result)
+
+
+def refuse_placeholder_secrets(
+    addresses: Sequence[DestinationAddress],
+) -> tuple[DestinationAddress, ...]:
+    """Return ``addresses`` unless a credential file they name holds the ``CHANGE-ME``
+    placeholder.
+
+    A file that cannot be read here is left to the sender, which reads it when it is opened
+    (the node may run where only the workers have the file).
+
+    Raises
+    ------
+    ConfigError
+        Naming ``D2R_DESTINATIONS``, the destination and the file, never the content.
+    """
+    for address in addresses:
+        if not isinstance(address, HttpEndpoint):
+            continue
+        for path in (address.token_file, address.basic_auth_file):
+            if path is None:
+                continue
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                continue
+            refuse_placeholder(text, _SETTING, f"the credential file {path} of {address.name}")
+    return tuple(addresses)
 
 
 def by_name(addresses: Sequence[DestinationAddress], name: str) -> DestinationAddress:

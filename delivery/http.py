@@ -3,9 +3,12 @@ classification of HTTP answers.
 
 Credentials come from files named in the destination address (``token_file``: a bearer
 token; ``basic_auth_file``: ``user:password``), read when the sender is opened; they never
-appear in an error message or a log line. TLS verifies the server against ``D2R_TLS_CA``, else
-the system store, and presents ``D2R_TLS_CERT``/``D2R_TLS_KEY`` as the client certificate
-when both are set.
+appear in an error message or a log line, and go over plain ``http://`` only where the address
+says ``insecure=true`` (:class:`~delivery.destinations.HttpEndpoint`). TLS verifies the server
+against ``D2R_TLS_CA``, else the system store, and presents ``D2R_TLS_CERT``/``D2R_TLS_KEY`` as
+the client certificate when both are set. An answer is read into memory only up to
+:data:`MAX_ANSWER_BYTES` (after content decoding): a larger one fails the request as an
+:class:`AnswerTooLarge`, a transient error like any other failed request.
 """
 
 from __future__ import annotations
@@ -19,10 +22,21 @@ import requests
 
 from delivery.destinations import HttpEndpoint
 from delivery.errors import PermanentSendError, TransientSendError
-from dicom_node.settings import ConfigError, TlsSettings
+from dicom_node.settings import ConfigError, TlsSettings, refuse_placeholder
 
-__all__ = ["TRANSIENT_STATUSES", "describe", "http_error", "open_session", "read_secret"]
+__all__ = [
+    "MAX_ANSWER_BYTES",
+    "TRANSIENT_STATUSES",
+    "AnswerTooLarge",
+    "describe",
+    "http_error",
+    "open_session",
+    "read_secret",
+]
 
+#: Most bytes of an answer body read from an archive or FHIR server (a store response, an
+#: OperationOutcome or a transaction-response is a few kilobytes).
+MAX_ANSWER_BYTES = 8 * 1024 * 1024
 #: HTTP statuses that ask to try again later (any 5xx counts too)
 TRANSIENT_STATUSES = frozenset({408, 425, 429})
 
@@ -35,7 +49,7 @@ def read_secret(path: Path, what: str) -> str:
     Raises
     ------
     ConfigError
-        When the file cannot be read or is empty.
+        When the file cannot be read, is empty or still holds the ``CHANGE-ME`` placeholder.
     """
     try:
         text = path.read_text(encoding="utf-8").strip()
@@ -45,12 +59,36 @@ def read_secret(path: Path, what: str) -> str:
         ) from None
     if not text:
         raise ConfigError(_SETTING, f"the {what} file {path} is empty")
-    return text
+    return refuse_placeholder(text, _SETTING, f"the {what} file {path}")
+
+
+class AnswerTooLarge(requests.RequestException):
+    """An answer body larger than :data:`MAX_ANSWER_BYTES`."""
 
 
 class _Session(requests.Session):
-    """A session whose ``verify`` wins: plain :mod:`requests` lets ``REQUESTS_CA_BUNDLE`` or
-    ``CURL_CA_BUNDLE`` replace it on every request, which would silently drop ``D2R_TLS_CA``."""
+    """A session whose ``verify`` wins (plain :mod:`requests` lets ``REQUESTS_CA_BUNDLE`` or
+    ``CURL_CA_BUNDLE`` replace it on every request, which would silently drop ``D2R_TLS_CA``)
+    and whose answers are read up to :data:`MAX_ANSWER_BYTES`."""
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        kwargs["stream"] = True
+        response = super().send(request, **kwargs)
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            for chunk in response.iter_content(64 * 1024):
+                size += len(chunk)
+                if size > MAX_ANSWER_BYTES:
+                    raise AnswerTooLarge(
+                        f"answer larger than {MAX_ANSWER_BYTES} bytes", response=response
+                    )
+                chunks.append(chunk)
+        finally:
+            response.close()
+        # requests keeps a read body here; a streamed one is set the same way by iter_content
+        response._content = b"".join(chunks)
+        return response
 
     def merge_environment_settings(
         self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any

@@ -13,7 +13,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from delivery.destinations import DestinationAddress, parse_destinations
+from delivery.destinations import (
+    DestinationAddress,
+    parse_destinations,
+    refuse_placeholder_secrets,
+)
 from delivery.dimse import SendOptions
 from dicom_node.settings import (
     NodeSettings,
@@ -63,7 +67,10 @@ class DeliverySettings:
         every_tls = env_setting(env, "D2R_DESTINATIONS_TLS", False, parse_bool)
         none: tuple[DestinationAddress, ...] = ()
         destinations = env_setting(
-            env, "D2R_DESTINATIONS", none, lambda t: parse_destinations(t, tls=every_tls)
+            env,
+            "D2R_DESTINATIONS",
+            none,
+            lambda t: refuse_placeholder_secrets(parse_destinations(t, tls=every_tls)),
         )
         idle = env_setting(
             env,

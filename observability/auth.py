@@ -32,21 +32,20 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import hashlib
 import hmac
 import ipaddress
 import logging
-import os
 import secrets
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dicom_node.settings import refuse_placeholder_lines
 from observability.routes import ANY_ROLE, ROLES
 
 __all__ = [
@@ -59,14 +58,10 @@ __all__ = [
     "parse_roles",
     "read_tokens",
     "read_users",
-    "set_user",
     "verify_password",
 ]
 
 logger = logging.getLogger(__name__)
-
-#: A token (or any credential) holding this text is the shipped placeholder, never a secret.
-PLACEHOLDER = "change-me"
 
 # scrypt cost: 16 MiB and ~50 ms per hash (Python's documented interactive-login parameters).
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
@@ -117,9 +112,17 @@ def verify_password(password: str, encoded: str) -> bool:
     return hmac.compare_digest(got, expected)
 
 
-@functools.cache
+_dummy_lock = threading.Lock()
+_dummy: list[str] = []
+
+
 def _dummy_hash() -> str:
-    return hash_password(secrets.token_urlsafe(16))
+    """A hash of a random password, to check unknown users against (made once, under a lock:
+    a burst of first requests must not run one scrypt each)."""
+    with _dummy_lock:
+        if not _dummy:
+            _dummy.append(hash_password(secrets.token_urlsafe(16)))
+        return _dummy[0]
 
 
 # ------------------------------------------------------------------------------ files
@@ -137,9 +140,13 @@ def _token_digest(token: str) -> bytes:
 
 
 def read_tokens(path: Path) -> dict[bytes, Principal]:
-    """The tokens file: SHA-256 of each token -> its principal. Raises ValueError with the line."""
+    """The tokens file: SHA-256 of each token -> its principal. Raises ValueError with the line
+    (a line that still holds the examples' ``CHANGE-ME`` placeholder included)."""
     found: dict[bytes, Principal] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    text = refuse_placeholder_lines(
+        path.read_text(encoding="utf-8"), "D2R_HTTP_TOKENS_FILE", str(path)
+    )
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         parts = line.split()
@@ -154,8 +161,6 @@ def read_tokens(path: Path) -> dict[bytes, Principal]:
                     raise ValueError("a sha256: token needs 64 hex digits")
             elif len(token) < 16:
                 raise ValueError("token shorter than 16 characters")
-            elif PLACEHOLDER in token.lower():
-                raise ValueError("the token is the shipped CHANGE-ME placeholder")
             else:
                 digest = _token_digest(token)
         except ValueError as exc:
@@ -167,7 +172,10 @@ def read_tokens(path: Path) -> dict[bytes, Principal]:
 def read_users(path: Path) -> dict[str, tuple[frozenset[str], str]]:
     """The users file: name -> (roles, password hash). Raises ValueError with the line."""
     found: dict[str, tuple[frozenset[str], str]] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    text = refuse_placeholder_lines(
+        path.read_text(encoding="utf-8"), "D2R_HTTP_USERS_FILE", str(path)
+    )
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         parts = line.strip().split(":")
@@ -178,27 +186,6 @@ def read_users(path: Path) -> dict[str, tuple[frozenset[str], str]]:
         except ValueError as exc:
             raise ValueError(f"{path}:{number}: {exc}") from None
     return found
-
-
-def set_user(path: Path, name: str, roles: Iterable[str], password: str) -> bool:
-    """Add or replace ``name`` in the users file (created 0600); returns whether it was new."""
-    if not name or any(c in name for c in ":\n\r") or name != name.strip():
-        raise ValueError("a user name must be non-empty, without ':' or surrounding spaces")
-    role_text = ",".join(sorted(parse_roles(",".join(roles))))
-    if len(password) < 8:
-        raise ValueError("the password must have at least 8 characters")
-    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
-    entry = f"{name}:{role_text}:{hash_password(password)}"
-    kept = [line for line in lines if line.split(":", 1)[0] != name]
-    new = len(kept) == len(lines)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as out:
-        out.write("\n".join([*kept, entry]) + "\n")
-    if path.exists():
-        os.chmod(tmp, path.stat().st_mode & 0o777)
-    os.replace(tmp, path)
-    return new
 
 
 class _Watched:
@@ -383,6 +370,8 @@ class Authenticator:
         self.limiter = limiter or FailureLimiter(10, 60.0)
         self.max_hashing = max_hashing
         self._hashing = threading.BoundedSemaphore(max_hashing)
+        if self._users is not None:
+            _dummy_hash()  # made now, not by the first unknown user's request
         self._verified: OrderedDict[bytes, None] = OrderedDict()
         self._verified_lock = threading.Lock()
 

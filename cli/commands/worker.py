@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
+
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +46,10 @@ def run(args: argparse.Namespace) -> int:
     settings = WorkerSettings.from_env(env, default_broker=default_broker)
     obs = ObservabilitySettings.from_env(env)
     settings.require_model()
+    from cli.exposure import http_warnings
+
+    for warning in http_warnings(obs):
+        logger.warning("%s", warning)
     settings.node.spool_dir.mkdir(parents=True, exist_ok=True)
     own_metrics_dir = None
     if multiprocess_dir() is None:  # pool processes report through files in a private folder

@@ -128,7 +128,11 @@ def server(tmp_path: Path) -> Iterator[fhir_server.FhirServer]:
 
 
 def _destination(url: str, **files: Path) -> object:
-    return open_destination(HttpEndpoint("fhir", url, **files), DeliverySettings())
+    # the test server listens on loopback without TLS: credentials go in cleartext by opt-in
+    insecure = url.startswith("http://")
+    return open_destination(
+        HttpEndpoint("fhir", url, insecure=insecure, **files), DeliverySettings()
+    )
 
 
 @pytest.mark.integration

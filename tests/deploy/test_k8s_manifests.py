@@ -14,7 +14,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
-from dicom_node.settings import NodeSettings
+from dicom_node.settings import ConfigError, NodeSettings
 from observability.auth import read_tokens
 from observability.settings import ObservabilitySettings
 from tests.deploy.kustomize import (
@@ -179,6 +179,10 @@ def test_dicom_service_and_policy_use_the_configured_port(base: list[dict[str, A
 def test_configmap_and_secret_build_valid_settings(base: list[dict[str, Any]]) -> None:
     env = dict(_by_kind(base, "ConfigMap")["d2r-config"]["data"])
     env.update(_by_kind(base, "Secret")["d2r-database"]["stringData"])
+    # the shipped password is a placeholder, refused until it is replaced
+    with pytest.raises(ConfigError, match="^D2R_DATABASE_URL: .* CHANGE-ME placeholder"):
+        NodeSettings.from_env(env)
+    env["D2R_DATABASE_URL"] = env["D2R_DATABASE_URL"].replace("CHANGE-ME", "s3cret-pw")
     node = NodeSettings.from_env(env)
     worker = WorkerSettings.from_env(env)
     assert node.database_url.startswith("postgresql+psycopg://")
@@ -204,11 +208,17 @@ def test_http_credentials_are_mounted_where_the_settings_point(
                 assert ("Secret", volume["secret"]["secretName"]) in {
                     (r["kind"], r["metadata"]["name"]) for r in base
                 }
-    # The Secret's files, where the pods see them, build settings that require credentials.
+    # The Secret's files, where the pods see them, build settings that require credentials
+    # once the placeholder token is replaced (refused, naming the setting and the line, before).
     for key in ("tokens", "users"):
         (tmp_path / key).write_text(secret[key])
     env["D2R_HTTP_TOKENS_FILE"] = str(tmp_path / "tokens")
     env["D2R_HTTP_USERS_FILE"] = str(tmp_path / "users")
+    with pytest.raises(ConfigError, match="^D2R_HTTP_TOKENS_FILE: .* line 1 still holds"):
+        ObservabilitySettings.from_env(env)
+    tokens = secret["tokens"].replace("CHANGE-ME-to-the-output-of-openssl-rand-hex-32", "a" * 64)
+    assert tokens != secret["tokens"]
+    (tmp_path / "tokens").write_text(tokens)
     obs = ObservabilitySettings.from_env(env)
     assert obs.http_auth_required
     assert [p.roles for p in read_tokens(tmp_path / "tokens").values()] == [{"metrics"}]

@@ -24,7 +24,8 @@ import pytest
 from dicom_node.settings import ConfigError, parse_networks
 from dicom_node.studies import StudyStore
 from observability import metrics
-from observability.auth import Authenticator, FailureLimiter, set_user, verify_password
+from observability.auth import Authenticator, FailureLimiter, verify_password
+from observability.credentials import set_user
 from observability.http import ObservabilityServer, tls_context
 from observability.pages import StatusPages
 from observability.settings import ObservabilitySettings
