@@ -69,7 +69,7 @@ def start_http(
 
     ``ingest`` is the STOW-RS receiver of the node (``/dicom-web/``), if it runs one.
     """
-    from dicom_node.settings import ConfigError
+    from dicom_node.settings import ConfigError, NodeSettings
     from observability.auth import Authenticator, FailureLimiter
     from observability.http import ObservabilityServer, tls_context
     from observability.metrics import build_registry
@@ -86,7 +86,12 @@ def start_http(
         trusted_proxies=obs.http_trusted_proxies,
         proxy_header=obs.http_proxy_header,
         proxy_roles=obs.http_proxy_roles,
-        limiter=FailureLimiter(obs.http_auth_max_failures, obs.http_auth_window_seconds),
+        limiter=FailureLimiter(
+            obs.http_auth_max_failures,
+            obs.http_auth_window_seconds,
+            max_total=obs.http_auth_max_failures_total,
+        ),
+        max_hashing=obs.http_auth_max_hashing,
     )
     if auth.required and not auth.has_credentials and obs.http_tls_ca is None:
         logger.warning(
@@ -109,10 +114,18 @@ def start_http(
         registry=build_registry(multiprocess_dir(), collectors),
         health=health,
         ready=ready,
-        pages=None if store is None else StatusPages(store, show_phi=obs.status_page_phi),
+        pages=None
+        if store is None
+        else StatusPages(
+            store,
+            show_phi=obs.status_page_phi,
+            max_pixel_bytes=NodeSettings.from_env(env).max_pixel_bytes,
+        ),
         auth=auth,
         tls=tls,
         ingest=ingest,
+        max_connections=obs.http_max_connections,
+        max_connections_per_client=obs.http_max_connections_per_client,
     )
     try:
         return server.start()
@@ -226,6 +239,10 @@ def run_node(
     settings = WorkerSettings.from_env(env, default_broker=default_broker)
     obs = ObservabilitySettings.from_env(env)
     node = settings.node
+    from cli.exposure import exposure_warnings
+
+    for warning in exposure_warnings(node, obs):  # once: listener processes never get here
+        logger.warning("%s", warning)
     node.spool_dir.mkdir(parents=True, exist_ok=True)
     store = StudyStore(node.database_url, auto_upgrade=node.db_auto_upgrade)
     spool = Spool(node.spool_dir, min_free_bytes=node.min_free_bytes)
@@ -302,6 +319,7 @@ def run_node(
         store,
         ledger=store,
         max_bytes=node.stow_max_bytes,
+        max_concurrent=node.stow_max_concurrent,
         on_released=released,
         on_instance=listener_audit.stow_instance,
     )

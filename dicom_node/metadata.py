@@ -20,6 +20,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from dicom_node.errors import InstanceRejected, MissingUIDError
+from dicom_node.instance_file import read_instance_header
 
 __all__ = ["InstanceHeader", "header_from_dataset", "parse_header", "read_header_file"]
 
@@ -105,6 +106,19 @@ def _stop(tag: BaseTag, vr: str | None, length: int) -> bool:
     return int(tag) > _LAST_TAG
 
 
+def _inflate_head(fp: BinaryIO) -> bytes:
+    """The first :data:`_MAX_INFLATED_HEADER` bytes of a deflated stream, read from ``fp`` a
+    chunk at a time: neither the compressed nor the inflated data set is ever held whole."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = bytearray()
+    while len(out) < _MAX_INFLATED_HEADER and not inflater.eof:
+        chunk = inflater.unconsumed_tail or fp.read(64 * 1024)
+        if not chunk:
+            break
+        out += inflater.decompress(chunk, _MAX_INFLATED_HEADER - len(out))
+    return bytes(out)
+
+
 def parse_header(data: bytes | memoryview | BinaryIO, transfer_syntax_uid: str) -> InstanceHeader:
     """Parse the routing header of a data set encoded in ``transfer_syntax_uid``.
 
@@ -133,8 +147,7 @@ def parse_header(data: bytes | memoryview | BinaryIO, transfer_syntax_uid: str) 
         fp.seek(0)
     try:
         if ts == DeflatedExplicitVRLittleEndian:
-            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-            fp = io.BytesIO(inflater.decompress(fp.read(), _MAX_INFLATED_HEADER))
+            fp = io.BytesIO(_inflate_head(fp))
         if not ts.is_transfer_syntax:
             raise ValueError(f"unknown transfer syntax {ts}")
         ds = pydicom.filereader.read_dataset(
@@ -158,16 +171,16 @@ def parse_header(data: bytes | memoryview | BinaryIO, transfer_syntax_uid: str) 
 
 
 def read_header_file(path: str | PathLike[str]) -> InstanceHeader:
-    """Read the routing header of a DICOM Part 10 file, without its pixel data.
+    """Read the routing header of a DICOM Part 10 file, without its pixel data (a Deflated one
+    inflated only as far as :func:`dicom_node.instance_file.read_instance_header` does).
 
     Raises
     ------
     InstanceRejected
-        When the file cannot be parsed or lacks a required UID.
+        When the file cannot be read or parsed, or lacks a required UID.
     """
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        return header_from_dataset(ds)
+        return header_from_dataset(read_instance_header(path))
     except InstanceRejected:
         raise
     except Exception as exc:

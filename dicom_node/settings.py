@@ -31,6 +31,7 @@ __all__ = [
     "TlsSettings",
     "merged_environment",
     "parse_ae_titles",
+    "parse_max_pixel_bytes",
     "parse_networks",
     "read_config_file",
     "validate_ae_title",
@@ -43,6 +44,12 @@ _T = TypeVar("_T")
 GIB = 1024**3
 #: the most listener processes one node runs (D2R_LISTENER_PROCESSES)
 MAX_LISTENER_PROCESSES = 64
+#: D2R_MAX_PIXEL_BYTES unset: 40 MiB of pixel data per image (a 4300 x 4300 16-bit detector
+#: image is 37 MB, a 3000 x 3000 RGB film scan 27 MB), which a worker reads and preprocesses in
+#: about 4 times that
+DEFAULT_MAX_PIXEL_BYTES = 40 * 1024**2
+#: the most D2R_MAX_PIXEL_BYTES may be: what the model's preprocessing decodes at most
+MAX_PIXEL_BYTES_CEILING = 128 * 1024**2
 
 
 class ConfigError(NodeError, ValueError):
@@ -117,6 +124,47 @@ def parse_bool(text: str) -> bool:
     if low in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"expected true or false, got {text!r}")
+
+
+#: what the example configuration holds in place of a secret (matched in any case)
+PLACEHOLDER = "CHANGE-ME"
+
+
+def has_placeholder(text: str) -> bool:
+    """Whether ``text`` still holds the example configuration's ``CHANGE-ME`` placeholder.
+
+    >>> has_placeholder("postgresql://d2r:change-me@db/d2r"), has_placeholder("s3cret")
+    (True, False)
+    """
+    return PLACEHOLDER.lower() in text.lower()
+
+
+def refuse_placeholder(text: str, setting: str, where: str = "") -> str:
+    """Return ``text`` unless it holds the ``CHANGE-ME`` placeholder.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``setting`` and ``where`` (a file, a line), never ``text``: it may be a secret.
+    """
+    if has_placeholder(text):
+        place = f"{where} " if where else ""
+        raise ConfigError(
+            setting, f"{place}still holds the CHANGE-ME placeholder of the examples; replace it"
+        )
+    return text
+
+
+def refuse_placeholder_lines(text: str, setting: str, source: str) -> str:
+    """Return ``text``, a credentials file's content, unless a line holds the placeholder.
+
+    Blank lines and ``#`` comments are skipped; the :class:`ConfigError` names ``setting``,
+    ``source`` (the file) and the line number.
+    """
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            refuse_placeholder(line, setting, f"{source} line {number}")
+    return text
 
 
 def _existing_file(text: str) -> Path:
@@ -285,8 +333,14 @@ class NodeSettings:
     tls: TlsSettings = TlsSettings()
     #: delete a finished study's spooled files this long after it finished (0: keep forever)
     spool_retention_hours: float = 72.0
-    #: largest STOW-RS request body accepted (413 beyond)
-    stow_max_bytes: int = 2 * GIB
+    #: largest STOW-RS request body accepted (413 beyond); parts stream to the spool, so this
+    #: bounds the disk a request fills, not memory
+    stow_max_bytes: int = GIB
+    #: STOW-RS requests received at once (503 with Retry-After beyond, before the body is read)
+    stow_max_concurrent: int = 4
+    #: largest pixel data of one stored image that the status page and the worker read
+    #: (Rows x Columns x frames x samples x bits); checked before reading or inflating pixels
+    max_pixel_bytes: int = DEFAULT_MAX_PIXEL_BYTES
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> NodeSettings:
@@ -359,6 +413,12 @@ class NodeSettings:
             stow_max_bytes=env_setting(
                 env, "D2R_STOW_MAX_BYTES", d.stow_max_bytes, int_at_least(1024)
             ),
+            stow_max_concurrent=env_setting(
+                env, "D2R_STOW_MAX_CONCURRENT", d.stow_max_concurrent, int_at_least(1)
+            ),
+            max_pixel_bytes=env_setting(
+                env, "D2R_MAX_PIXEL_BYTES", d.max_pixel_bytes, parse_max_pixel_bytes
+            ),
         )
 
     def retry_delay(self, attempt: int) -> float:
@@ -391,8 +451,16 @@ def _listener_processes(text: str) -> int:
     return count
 
 
+def parse_max_pixel_bytes(text: str) -> int:
+    """D2R_MAX_PIXEL_BYTES: at least 1 MiB, at most :data:`MAX_PIXEL_BYTES_CEILING`."""
+    size = int_at_least(1024**2)(text)
+    if size > MAX_PIXEL_BYTES_CEILING:
+        raise ValueError(f"must be at most {MAX_PIXEL_BYTES_CEILING}, got {size}")
+    return size
+
+
 def _database_url(text: str) -> str:
     scheme, sep, _ = text.partition("://")
     if not sep or not scheme:
         raise ValueError("expected a database URL such as sqlite:///path")  # may hold a password
-    return text
+    return refuse_placeholder(text, "D2R_DATABASE_URL")

@@ -473,6 +473,7 @@ def _handler_class(owner: ObservabilityServer) -> type[BaseHTTPRequestHandler]:
         server_version = "d2r"
         sys_version = ""
         timeout = 30  # seconds of silence before a connection (or TLS handshake) is dropped
+        _unread: LengthBody | ChunkedBody | None = None  # a body to drain after the answer
 
         def setup(self) -> None:
             super().setup()
@@ -570,7 +571,7 @@ def _handler_class(owner: ObservabilityServer) -> type[BaseHTTPRequestHandler]:
             except Exception:
                 logger.exception("HTTP %s STOW-RS failed", method)
                 status, content_type, payload = 500, "application/json", b'{"status": "error"}'
-            self._drain(body)
+            self._unread = body
             extra = [("Connection", "close")]
             if status == 503:
                 extra.append(("Retry-After", "60"))
@@ -584,13 +585,14 @@ def _handler_class(owner: ObservabilityServer) -> type[BaseHTTPRequestHandler]:
 
         def _drain_and_close(self, headers: dict[str, str]) -> None:
             """Before a refusal: the connection closes after it (an unread body must not be
-            taken for a request), and what was sent of the body is read first."""
+            taken for a request), and what the client sends of the body is read after the answer
+            has gone out (:meth:`_send`)."""
             self.close_connection = True
             if _declares_body(headers):
-                self._drain(self._body(headers))
+                self._unread = self._body(headers)
 
         def _drain(self, body: LengthBody | ChunkedBody) -> None:
-            """Read what is left of a refused body (up to :data:`DRAIN_BYTES`), so that closing
+            """Read what is left of an unread body (up to :data:`DRAIN_BYTES`), so that closing
             the connection does not reset it before the client has read the answer."""
             left = DRAIN_BYTES
             try:
@@ -640,6 +642,10 @@ def _handler_class(owner: ObservabilityServer) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Strict-Transport-Security", "max-age=31536000")
             self.end_headers()
             self.wfile.write(body)
+            unread, self._unread = self._unread, None
+            if unread is not None:  # the answer first: a client that reads while it sends
+                self.wfile.flush()  # sees it at once
+                self._drain(unread)
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
             logger.debug("HTTP %s", format % args)

@@ -26,6 +26,13 @@ variable                  default                    meaning
 ``D2R_HTTP_PROXY_ROLES``  ``viewer``                 roles of a proxy-authenticated user
 ``D2R_HTTP_AUTH_MAX_FAILURES``  ``10``               wrong credentials per client address ...
 ``D2R_HTTP_AUTH_WINDOW_SECONDS``  ``60``             ... within this window before 429
+``D2R_HTTP_AUTH_MAX_FAILURES_TOTAL``  ``100``        wrong credentials of all clients together
+                                                     within the window before password checks
+                                                     answer 429 (tokens keep working)
+``D2R_HTTP_AUTH_MAX_HASHING``  ``2``                 password hashes (16 MiB each) at once;
+                                                     beyond, 503 without hashing
+``D2R_HTTP_MAX_CONNECTIONS``  ``64``                 connections served at once (503 beyond)
+``D2R_HTTP_MAX_CONNECTIONS_PER_CLIENT``  ``16``      ... from one address (IPv6: one /64)
 ``D2R_HTTP_TLS_CERT``     (none)                     PEM certificate (chain): serve HTTPS
 ``D2R_HTTP_TLS_KEY``      (none)                     its private key (set both or neither)
 ``D2R_HTTP_TLS_CA``       (none)                     PEM CA bundle: verify TLS client certificates;
@@ -56,6 +63,7 @@ from dicom_node.settings import (
     parse_bool,
     parse_networks,
     positive_float,
+    refuse_placeholder_lines,
 )
 from observability.auth import parse_roles, read_tokens, read_users
 
@@ -82,14 +90,16 @@ def _auth_mode(text: str) -> str:
     return value
 
 
-def _credentials_file(parse: Callable[[Path], object]) -> Callable[[str], Path]:
-    """A file that exists and parses (its errors name the line, never a secret)."""
+def _credentials_file(parse: Callable[[Path], object], setting: str) -> Callable[[str], Path]:
+    """A file that exists, holds no ``CHANGE-ME`` placeholder and parses (its errors name the
+    line, never a secret)."""
 
     def check(text: str) -> Path:
         path = Path(text)
         if not path.is_file():
             raise ValueError(f"{path} is not a file")
         try:
+            refuse_placeholder_lines(path.read_text(encoding="utf-8"), setting, str(path))
             parse(path)
         except OSError as exc:
             raise ValueError(f"{path}: {exc.strerror}") from None
@@ -146,6 +156,10 @@ class ObservabilitySettings:
     http_proxy_roles: frozenset[str] = frozenset({"viewer"})
     http_auth_max_failures: int = 10
     http_auth_window_seconds: float = 60.0
+    http_auth_max_failures_total: int = 100
+    http_auth_max_hashing: int = 2
+    http_max_connections: int = 64
+    http_max_connections_per_client: int = 16
     http_tls_cert: Path | None = None
     http_tls_key: Path | None = None
     http_tls_ca: Path | None = None
@@ -190,10 +204,16 @@ class ObservabilitySettings:
             status_page_phi=env_setting(env, "D2R_STATUS_PAGE_PHI", d.status_page_phi, parse_bool),
             http_auth=env_setting(env, "D2R_HTTP_AUTH", d.http_auth, _auth_mode),
             http_tokens_file=env_setting(
-                env, "D2R_HTTP_TOKENS_FILE", None, _credentials_file(read_tokens)
+                env,
+                "D2R_HTTP_TOKENS_FILE",
+                None,
+                _credentials_file(read_tokens, "D2R_HTTP_TOKENS_FILE"),
             ),
             http_users_file=env_setting(
-                env, "D2R_HTTP_USERS_FILE", None, _credentials_file(read_users)
+                env,
+                "D2R_HTTP_USERS_FILE",
+                None,
+                _credentials_file(read_users, "D2R_HTTP_USERS_FILE"),
             ),
             http_trusted_proxies=env_setting(
                 env,
@@ -212,6 +232,24 @@ class ObservabilitySettings:
             ),
             http_auth_window_seconds=env_setting(
                 env, "D2R_HTTP_AUTH_WINDOW_SECONDS", d.http_auth_window_seconds, positive_float
+            ),
+            http_auth_max_failures_total=env_setting(
+                env,
+                "D2R_HTTP_AUTH_MAX_FAILURES_TOTAL",
+                d.http_auth_max_failures_total,
+                int_at_least(1),
+            ),
+            http_auth_max_hashing=env_setting(
+                env, "D2R_HTTP_AUTH_MAX_HASHING", d.http_auth_max_hashing, int_at_least(1)
+            ),
+            http_max_connections=env_setting(
+                env, "D2R_HTTP_MAX_CONNECTIONS", d.http_max_connections, int_at_least(1)
+            ),
+            http_max_connections_per_client=env_setting(
+                env,
+                "D2R_HTTP_MAX_CONNECTIONS_PER_CLIENT",
+                d.http_max_connections_per_client,
+                int_at_least(1),
             ),
             http_tls_cert=tls_cert,
             http_tls_key=tls_key,

@@ -119,3 +119,26 @@ def test_deflated_header_is_inflated_only_as_far_as_needed() -> None:
     assert len(bomb) < 2 * 2**20
     h = parse_header(bomb, DeflatedExplicitVRLittleEndian)
     assert h.sop_instance_uid == ds.SOPInstanceUID
+
+
+class _CountingReader(io.BytesIO):
+    """Counts the bytes read from it."""
+
+    taken = 0
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        data = super().read(size)
+        self.taken += len(data)
+        return data
+
+
+def test_a_deflated_stream_is_read_only_as_far_as_the_header_needs() -> None:
+    ds = make_dx(None, rows=8, cols=8)
+    body = _dataset_bytes(ds, ExplicitVRLittleEndian)
+    packer = zlib.compressobj(0, zlib.DEFLATED, -zlib.MAX_WBITS)  # stored: 1 byte in, 1 out
+    stream = packer.compress(body) + packer.compress(b"\0" * (32 * 2**20)) + packer.flush()
+    fp = _CountingReader(stream)
+    h = parse_header(fp, DeflatedExplicitVRLittleEndian)
+    assert h.sop_instance_uid == ds.SOPInstanceUID
+    assert fp.taken < 5 * 2**20  # not the 32 MiB behind the header
+    assert fp.tell() == 0

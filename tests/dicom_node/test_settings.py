@@ -24,7 +24,7 @@ def test_defaults() -> None:
     assert (s.max_pdu, s.max_associations, s.listener_processes) == (131072, 10, 1)
     assert (s.acse_timeout, s.dimse_timeout, s.network_timeout) == (30, 60, 60)
     assert (s.send_retries, s.send_retry_delay, s.min_free_bytes) == (5, 30, 1024**3)
-    assert s.stow_max_bytes == 2 * 1024**3
+    assert (s.stow_max_bytes, s.stow_max_concurrent) == (1024**3, 4)
 
 
 def test_values_are_parsed() -> None:
@@ -38,12 +38,13 @@ def test_values_are_parsed() -> None:
             "D2R_SEND_RETRY_DELAY": "3",
             "D2R_MIN_FREE_BYTES": "0",
             "D2R_STOW_MAX_BYTES": "1048576",
+            "D2R_STOW_MAX_CONCURRENT": "2",
             "D2R_LISTENER_PROCESSES": "4",
         }
     )
     assert s.listener_processes == 4
     assert s.ae_title == "CXR_AI"
-    assert s.stow_max_bytes == 1048576
+    assert (s.stow_max_bytes, s.stow_max_concurrent) == (1048576, 2)
     assert s.port == 104
     assert s.database_url == "sqlite:////srv/d2r/d2r.db"
     assert s.study_quiet_seconds == 2.5
@@ -78,6 +79,7 @@ def test_values_are_parsed() -> None:
         ("D2R_MIN_FREE_BYTES", "1GB"),
         ("D2R_STOW_MAX_BYTES", "0"),
         ("D2R_STOW_MAX_BYTES", "2GiB"),
+        ("D2R_STOW_MAX_CONCURRENT", "0"),
     ],
 )
 def test_invalid_value_names_the_setting(setting: str, value: str) -> None:
