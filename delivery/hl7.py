@@ -108,6 +108,8 @@ _UTF8: Final = "UNICODE UTF-8"
 #: MSH-10 is ST(20) in v2.5.1
 _CONTROL_ID_LENGTH: Final = 20
 _ERROR_TEXT_LENGTH: Final = 300
+#: the longest ACK code or control ID quoted in an error message
+_QUOTED_LENGTH: Final = 64
 
 # Observation identifiers (OBX-3): (identifier, text, coding system)
 STUDY_UID_ID: Final = ("110180", "Study Instance UID", "DCM")
@@ -525,7 +527,9 @@ def parse_ack(data: bytes) -> Ack:
             validation_level=VALIDATION_LEVEL.TOLERANT,
             find_groups=False,
         )
-    except HL7apyException as exc:
+    except (HL7apyException, IndexError, KeyError, TypeError, ValueError) as exc:
+        # hl7apy also fails with IndexError and friends on a malformed MSH (e.g. five
+        # encoding characters and fewer than twelve fields)
         raise ValueError(f"unreadable acknowledgement ({type(exc).__name__})") from None
     segments = {child.name: child for child in reversed(message.children)}
     if "MSA" not in segments:
@@ -572,6 +576,16 @@ _PERMANENT_REJECT: Final = frozenset({"200", "201", "202", "203"})
 _TRANSIENT_ERROR: Final = frozenset({"206", "207"})
 
 
+def _one_line(text: str, secrets: Iterable[str]) -> str:
+    """``text`` redacted, as one line of printable characters (it ends up in logs).
+
+    >>> _one_line("busy\\x00\\x1b[2J Doe\\r\\n", ["Doe"])
+    'busy [2J ***'
+    """
+    printable = "".join(c if c.isprintable() else " " for c in redact(text, secrets))
+    return " ".join(printable.split())
+
+
 def check_ack(ack: Ack, expected_control_id: str, *, name: str, secrets: Iterable[str]) -> None:
     """Raise unless ``ack`` accepts the message ``expected_control_id`` (module docstring).
 
@@ -581,13 +595,15 @@ def check_ack(ack: Ack, expected_control_id: str, *, name: str, secrets: Iterabl
         With the ACK's code and (redacted, shortened) text.
     """
     if ack.control_id != expected_control_id:
+        got = _one_line(ack.control_id, secrets)[:_QUOTED_LENGTH]
         raise TransientSendError(
-            f"{name}: acknowledgement for message {ack.control_id!r}, not {expected_control_id!r}"
+            f"{name}: acknowledgement for message {got!r}, not {expected_control_id!r}"
         )
     if ack.code in ("AA", "CA"):
         return
-    detail = " ".join(redact(ack.text, secrets).split())[:_ERROR_TEXT_LENGTH]  # one line
-    message = f"{name} answered {ack.code or 'no MSA-1'}" + (f": {detail}" if detail else "")
+    detail = _one_line(ack.text, secrets)[:_ERROR_TEXT_LENGTH]
+    code = _one_line(ack.code, secrets)[:_QUOTED_LENGTH] or "no MSA-1"
+    message = f"{name} answered {code}" + (f": {detail}" if detail else "")
     codes = set(ack.error_codes)
     if ack.code == "AE":
         transient = bool(codes & _TRANSIENT_ERROR)

@@ -3,6 +3,9 @@
 Whatever bytes arrive, :func:`dicom_node.metadata.parse_header` either returns a header or raises
 :class:`~dicom_node.errors.InstanceRejected` (which the listener maps to a status); anything else
 would become a processing failure at best. Selection accepts any header values.
+
+These run in every test run; the coverage-guided campaign (``fuzz/dicom_header.py``, run by
+``tests/security/test_fuzz_campaign.py``) explores the same reader, and the preview, further.
 """
 
 from __future__ import annotations

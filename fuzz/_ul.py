@@ -1,0 +1,145 @@
+"""Just enough of the DICOM Upper Layer (PS3.8) to talk to a listener byte by byte.
+
+The C-STORE target builds its PDUs here rather than with pynetdicom, so that what goes on the
+wire is exactly what the input says.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "ASSOCIATE_AC",
+    "P_DATA",
+    "Response",
+    "associate_rq",
+    "c_store_rq",
+    "p_data",
+    "read_pdus",
+    "release_rq",
+    "store_responses",
+]
+
+APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+IMPLEMENTATION_CLASS = "1.2.826.0.1.3680043.8.498.1"
+ASSOCIATE_AC, ASSOCIATE_RJ, P_DATA, RELEASE_RP, ABORT = 0x02, 0x03, 0x04, 0x06, 0x07
+C_STORE_RSP = 0x8001
+
+
+def _uid(uid: str) -> bytes:
+    raw = uid.encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def _item(kind: int, payload: bytes) -> bytes:
+    return struct.pack(">BBH", kind, 0, len(payload)) + payload
+
+
+def _pdu(kind: int, payload: bytes) -> bytes:
+    return struct.pack(">BBI", kind, 0, len(payload)) + payload
+
+
+def associate_rq(
+    called: str, calling: str, contexts: Sequence[tuple[int, str, str]], max_pdu: int = 65536
+) -> bytes:
+    """A-ASSOCIATE-RQ proposing ``contexts`` as (context ID, abstract syntax, transfer syntax)."""
+    body = struct.pack(">HH", 1, 0)
+    body += called.encode("ascii").ljust(16) + calling.encode("ascii").ljust(16) + b"\x00" * 32
+    body += _item(0x10, APPLICATION_CONTEXT.encode("ascii"))
+    for context_id, abstract, transfer in contexts:
+        sub = _item(0x30, abstract.encode("ascii")) + _item(0x40, transfer.encode("ascii"))
+        body += _item(0x20, struct.pack(">BBBB", context_id, 0, 0, 0) + sub)
+    user = _item(0x51, struct.pack(">I", max_pdu))
+    user += _item(0x52, IMPLEMENTATION_CLASS.encode("ascii"))
+    body += _item(0x50, user)
+    return _pdu(0x01, body)
+
+
+def release_rq() -> bytes:
+    return _pdu(0x05, b"\x00" * 4)
+
+
+def _element(group: int, element: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", group, element, len(value)) + value
+
+
+def c_store_rq(message_id: int, sop_class: str, sop_instance: str) -> bytes:
+    """The command set of a C-STORE-RQ (implicit VR little endian, as PS3.7 requires)."""
+    elements = (
+        _element(0, 0x0002, _uid(sop_class))
+        + _element(0, 0x0100, struct.pack("<H", 0x0001))
+        + _element(0, 0x0110, struct.pack("<H", message_id & 0xFFFF))
+        + _element(0, 0x0700, struct.pack("<H", 0))
+        + _element(0, 0x0800, struct.pack("<H", 0x0000))
+        + _element(0, 0x1000, _uid(sop_instance))
+    )
+    return _element(0, 0x0000, struct.pack("<I", len(elements))) + elements
+
+
+def p_data(context_id: int, data: bytes, *, command: bool, fragment: int = 16000) -> bytes:
+    """``data`` as P-DATA-TF PDUs of one PDV each, the last one flagged as such."""
+    out = b""
+    chunks = [data[i : i + fragment] for i in range(0, len(data), fragment)] or [b""]
+    for n, chunk in enumerate(chunks):
+        header = (1 if command else 0) | (2 if n == len(chunks) - 1 else 0)
+        pdv = struct.pack(">IBB", len(chunk) + 2, context_id, header) + chunk
+        out += _pdu(P_DATA, pdv)
+    return out
+
+
+def read_pdus(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """(type, payload) of each complete PDU in ``data``."""
+    at = 0
+    while at + 6 <= len(data):
+        kind, _, length = struct.unpack(">BBI", data[at : at + 6])
+        if at + 6 + length > len(data):
+            return
+        yield kind, data[at + 6 : at + 6 + length]
+        at += 6 + length
+
+
+@dataclass(frozen=True)
+class Response:
+    """A C-STORE-RSP: its status and the SOP Instance it answers."""
+
+    status: int
+    sop_instance_uid: str
+
+
+def _command_elements(data: bytes) -> dict[int, bytes]:
+    found: dict[int, bytes] = {}
+    at = 0
+    while at + 8 <= len(data):
+        group, element, length = struct.unpack("<HHI", data[at : at + 8])
+        found[(group << 16) | element] = data[at + 8 : at + 8 + length]
+        at += 8 + length
+    return found
+
+
+def store_responses(pdus: Sequence[tuple[int, bytes]]) -> list[Response]:
+    """The C-STORE-RSP messages among the P-DATA-TF PDUs the listener sent."""
+    responses: list[Response] = []
+    command = b""
+    for kind, payload in pdus:
+        if kind != P_DATA:
+            continue
+        at = 0
+        while at + 6 <= len(payload):
+            (length,) = struct.unpack(">I", payload[at : at + 4])
+            header = payload[at + 5]
+            fragment = payload[at + 6 : at + 4 + length]
+            at += 4 + length
+            if not header & 1:
+                continue
+            command += fragment
+            if header & 2:
+                elements = _command_elements(command)
+                command = b""
+                if struct.unpack("<H", elements.get(0x00000100, b"\0\0")[:2])[0] != C_STORE_RSP:
+                    continue
+                (status,) = struct.unpack("<H", elements.get(0x00000900, b"\xff\xff")[:2])
+                uid = elements.get(0x00001000, b"").rstrip(b"\x00 ").decode("ascii", "replace")
+                responses.append(Response(status, uid))
+    return responses
