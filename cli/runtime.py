@@ -239,12 +239,13 @@ def run_node(
     settings = WorkerSettings.from_env(env, default_broker=default_broker)
     obs = ObservabilitySettings.from_env(env)
     node = settings.node
-    from cli.exposure import exposure_warnings
-
-    for warning in exposure_warnings(node, obs):  # once: listener processes never get here
-        logger.warning("%s", warning)
     node.spool_dir.mkdir(parents=True, exist_ok=True)
     store = StudyStore(node.database_url, auto_upgrade=node.db_auto_upgrade)
+    from cli.exposure import exposure_warnings
+
+    # once, by a node that starts (its database usable): listener processes never get here
+    for warning in exposure_warnings(node, obs):
+        logger.warning("%s", warning)
     spool = Spool(node.spool_dir, min_free_bytes=node.min_free_bytes)
     app = create_app(settings)
 

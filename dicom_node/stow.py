@@ -726,7 +726,7 @@ def _content_length(headers: Mapping[str, str]) -> int | None:
     text = headers.get("content-length", "").strip()
     if not text:
         raise StowRefused(411, "Content-Length or chunked Transfer-Encoding required")
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # "5³" passes isdigit() alone
         raise StowRefused(400, "invalid Content-Length")
     return int(text)
 

@@ -163,7 +163,10 @@ class DicomToFloat:
         self._check_size(ds, uid)
         try:
             arr = ds.pixel_array
-        except Exception as e:  # decoder plugins raise many types
+        except BaseException as e:  # decoder plugins raise many types, and a Rust one panics
+            # (pyo3's PanicException derives from BaseException): both are a bad image
+            if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+                raise
             tsuid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
             raise PreprocessError(
                 f"cannot decode pixel data (transfer syntax {tsuid}, SOP Instance UID {uid}): {e}"

@@ -401,7 +401,7 @@ class Authenticator:
     def _basic(self, value: str) -> Principal | None:
         try:
             name, _, password = base64.b64decode(value, validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
+        except ValueError:  # not base64 (binascii.Error), not ASCII, not UTF-8
             return None
         entry = None if self._users is None else self._users.get().get(name)
         if entry is None:

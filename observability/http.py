@@ -496,6 +496,16 @@ def _handler_class(owner: ObservabilityServer) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:  # noqa: N802
             self._serve("POST")
 
+        def do_HEAD(self) -> None:  # noqa: N802
+            self._serve("HEAD")
+
+        def _other(self) -> None:
+            """Methods no route takes: the table still decides (405 on a route, after its
+            credential; 404 elsewhere). Unknown methods get http.server's 501."""
+            self._serve(self.command)
+
+        do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _other  # noqa: N815
+
         def _serve(self, method: str) -> None:
             client = str(self.client_address[0])
             headers = {k.lower(): v for k, v in self.headers.items()}
@@ -524,13 +534,14 @@ def _handler_class(owner: ObservabilityServer) -> type[BaseHTTPRequestHandler]:
                 self._drain_and_close(headers)
                 self._send(*_not_found())
                 return
-            if method not in route.methods:
+            allowed = (*route.methods, "HEAD") if "GET" in route.methods else route.methods
+            if method not in allowed:
                 self._drain_and_close(headers)
                 self._send(
                     405,
                     "application/json",
                     b'{"status": "method not allowed"}',
-                    [("Allow", ", ".join(route.methods))],
+                    [("Allow", ", ".join(allowed))],
                 )
                 return
             if route.name == "stow":
@@ -581,7 +592,8 @@ def _handler_class(owner: ObservabilityServer) -> type[BaseHTTPRequestHandler]:
             if "chunked" in headers.get("transfer-encoding", "").lower():
                 return ChunkedBody(self.rfile)
             length = headers.get("content-length", "0").strip()
-            return LengthBody(self.rfile, int(length) if length.isdigit() else 0)
+            # ASCII digits only: str.isdigit() also holds for "5³", which int() refuses
+            return LengthBody(self.rfile, int(length) if _ascii_digits(length) else 0)
 
         def _drain_and_close(self, headers: dict[str, str]) -> None:
             """Before a refusal: the connection closes after it (an unread body must not be
@@ -641,7 +653,8 @@ def _handler_class(owner: ObservabilityServer) -> type[BaseHTTPRequestHandler]:
             if owner.tls is not None:
                 self.send_header("Strict-Transport-Security", "max-age=31536000")
             self.end_headers()
-            self.wfile.write(body)
+            if self.command != "HEAD":
+                self.wfile.write(body)
             unread, self._unread = self._unread, None
             if unread is not None:  # the answer first: a client that reads while it sends
                 self.wfile.flush()  # sees it at once
@@ -651,6 +664,10 @@ def _handler_class(owner: ObservabilityServer) -> type[BaseHTTPRequestHandler]:
             logger.debug("HTTP %s", format % args)
 
     return Handler
+
+
+def _ascii_digits(text: str) -> bool:
+    return text.isascii() and text.isdigit()
 
 
 def _declares_body(headers: Mapping[str, str]) -> bool:

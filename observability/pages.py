@@ -122,7 +122,18 @@ class StatusPages:
             except (InstanceRejected, OSError) as exc:  # PixelDataTooLarge included
                 logger.warning("no preview of study %s: %s", study_uid, exc)
                 return None
-            png = render_preview(image, boxes)
+            try:
+                png = render_preview(image, boxes)
+            except BaseException as exc:  # a malformed image: whatever pydicom, numpy or PIL
+                # raise, and a Rust decoder's panic (pyo3's PanicException, a BaseException)
+                if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
+                    raise
+                logger.warning(
+                    "no preview of study %s: cannot render its image (%s)",
+                    study_uid,
+                    type(exc).__name__,
+                )
+                return None
         with self._lock:
             self._previews[key] = png
             while len(self._previews) > 32:

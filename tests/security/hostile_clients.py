@@ -1130,7 +1130,7 @@ def _replay_stow(target: Target, data: bytes) -> str:
 
 
 def _judge_http(a: Answer) -> str:
-    if a.status >= 500 and a.status != 503:
+    if a.status >= 500 and a.status not in (501, 503):  # an unknown method; busy
         return f"BAD {a.status}"
     return str(a.status) if a.status else "closed"
 

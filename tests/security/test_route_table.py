@@ -187,6 +187,13 @@ def test_other_methods_and_no_body_leaks(site: Site) -> None:
     ingest = _bearer(site.tokens["ingest"])
     assert _request(site.port, "POST", f"/studies/{site.study}", viewer)[0] == 405
     assert _request(site.port, "GET", "/dicom-web/studies", ingest)[0] == 405
+    status, body = _request(site.port, "HEAD", "/", viewer)
+    assert (status, body) == (200, b"")  # HEAD: the page's headers only
+    assert _request(site.port, "HEAD", "/")[0] == 401
+    assert _request(site.port, "PUT", "/metrics", _bearer(site.tokens["metrics"]))[0] == 405
+    assert _request(site.port, "DELETE", f"/studies/{site.study}")[0] == 401
+    assert _request(site.port, "DELETE", "studies/x", viewer)[0] == 400
+    assert _request(site.port, "FROB", "/metrics")[0] == 501  # unknown to HTTP
     before = len(site.stored)
     assert _request(site.port, "POST", "/dicom-web/studies", ingest)[0] == 200
     assert site.stored[before:] == ["/dicom-web/studies"]
