@@ -223,8 +223,8 @@ def declared_pixel_bytes(ds: Dataset) -> int:
         frames = int(ds.get("NumberOfFrames") or 1)
         samples = int(ds.get("SamplesPerPixel") or 1)
         bits = int(ds.get("BitsAllocated") or 16)
-    except (TypeError, ValueError) as exc:
-        raise InstanceRejected("unreadable image size attributes") from exc
+    except Exception as exc:  # a lazily read value raises whatever its bytes make pydicom raise
+        raise InstanceRejected(f"unreadable image size attributes ({type(exc).__name__})") from exc
     if min(rows, columns, frames, samples, bits) < 0:
         raise InstanceRejected("negative image size attribute")
     return (rows * columns * frames * samples * bits + 7) // 8

@@ -17,7 +17,6 @@ import contextlib
 import io
 import itertools
 import tempfile
-import traceback
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -69,25 +68,7 @@ SYNTAXES = (
 PREVIEW_FAILED = "the preview of a routable instance raised"
 
 
-def _raised_in_size_check(exc: BaseException) -> bool:
-    cause = exc.__cause__
-    if not str(exc).startswith(PREVIEW_FAILED) or cause is None:
-        return False
-    return any(f.name == "declared_pixel_bytes" for f in traceback.extract_tb(cause.__traceback__))
-
-
-KNOWN_GAPS = (
-    KnownGap(
-        "an unreadable image size attribute (Columns with VR 'UW', or an odd-length US value):"
-        " pydicom raises NotImplementedError or BytesLengthException, which"
-        " declared_pixel_bytes does not turn into InstanceRejected (it catches TypeError and"
-        " ValueError); the preview raises (HTTP 500), and so would the worker's image reader",
-        where="dicom_node/instance_file.py declared_pixel_bytes (catch any Exception)",
-        test="tests/dicom_node/test_instance_file_regressions.py"
-        "::test_unreadable_size_attribute_is_rejected",
-        matches=_raised_in_size_check,
-    ),
-)
+KNOWN_GAPS: tuple[KnownGap, ...] = ()
 
 
 def part10_prefix(transfer_syntax: str) -> bytes:

@@ -66,17 +66,7 @@ _STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-5][0-9][0-9]) [^\r\n]*\r\n")
 #: http.server's error page, and a request line it answers in HTTP/0.9 (no status line)
 _STDLIB_ERROR_PAGE = b"<!DOCTYPE HTML>"
 HTTP09_ANSWER = "an answer without status line (HTTP/0.9)"
-KNOWN_GAPS = (
-    KnownGap(
-        "http.server answers in HTTP/0.9 (a body without status line or headers) to a"
-        " request line without a version ('GET /healthz') or with HTTP/0.9, and to one with an"
-        " invalid version"
-        " ('GET / HTTP/1.de', whose 400 error page then comes without a status line)",
-        where="observability/http.py (the request handler: refuse HTTP/0.9, answer 400 in 1.1)",
-        test="tests/observability/test_http_request_regressions.py::test_http09_and_bad_versions",
-        matches=lambda exc: str(exc).startswith(HTTP09_ANSWER),
-    ),
-)
+KNOWN_GAPS: tuple[KnownGap, ...] = ()
 
 
 def _has_http09_line(data: bytes) -> bool:

@@ -135,7 +135,7 @@ class DicomToFloat:
             frames = int(ds.get("NumberOfFrames", 1) or 1)
             samples = int(ds.get("SamplesPerPixel", 1) or 1)
             bits = int(ds.get("BitsAllocated", 16))
-        except (TypeError, ValueError) as e:
+        except Exception as e:  # a lazily read value raises whatever its bytes make pydicom raise
             raise PreprocessError(f"unreadable image size (SOP Instance UID {uid})") from e
         if rows < 2 or columns < 2 or frames < 1 or samples < 1 or bits not in (1, 8, 16, 32):
             raise PreprocessError(

@@ -472,6 +472,8 @@ def _handler_class(owner: ObservabilityServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "d2r"
         sys_version = ""
+        #: what an error answer before the version is known speaks (http.server: HTTP/0.9)
+        default_request_version = "HTTP/1.0"
         timeout = 30  # seconds of silence before a connection (or TLS handshake) is dropped
         _unread: LengthBody | ChunkedBody | None = None  # a body to drain after the answer
 
@@ -488,7 +490,21 @@ def _handler_class(owner: ObservabilityServer) -> type[BaseHTTPRequestHandler]:
         def parse_request(self) -> bool:
             ok = super().parse_request()
             self.rfile.limit(None)  # type: ignore[attr-defined]
+            if ok and (self.request_version == "HTTP/0.9" or len(self.requestline.split()) != 3):
+                # http.server would answer HTTP/0.9 (a body, no status line): refuse it in 1.0
+                self.request_version = "HTTP/1.0"
+                self.close_connection = True
+                self.send_error(400, "HTTP/0.9 is not supported")
+                return False
             return ok
+
+        def send_error(
+            self, code: int, message: str | None = None, explain: str | None = None
+        ) -> None:
+            # whatever the request line claimed, an error answer has a status line and headers
+            if self.request_version == "HTTP/0.9":
+                self.request_version = "HTTP/1.0"
+            super().send_error(code, message, explain)
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
             self._serve("GET")

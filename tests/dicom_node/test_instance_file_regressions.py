@@ -1,9 +1,6 @@
 """Headers found by the fuzzing campaign (``fuzz/dicom_header.py``, inputs in
 fuzz/regressions/dicom_header): a stored instance whose image size attributes cannot be read is
 refused with ``InstanceRejected`` (no preview, input rejected), whatever pydicom raises.
-
-Known gaps, marked ``xfail(strict=True)``: once fixed, remove the marker here and the matching
-``KNOWN_GAPS`` entry in fuzz/dicom_header.py.
 """
 
 from __future__ import annotations
@@ -12,7 +9,6 @@ import io
 
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.errors import BytesLengthException
 from pydicom.filereader import read_dataset
 
 from dicom_node.errors import InstanceRejected
@@ -30,15 +26,10 @@ def test_readable_size_attributes_give_the_size() -> None:
     assert declared_pixel_bytes(_header(ROWS_US, columns)) == 8 * 4 * 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(NotImplementedError, BytesLengthException),
-    reason="declared_pixel_bytes catches TypeError and ValueError only",
-)
 @pytest.mark.parametrize(
     "columns",
     [
-        b"\x28\x00\x11\x00UW\x02\x00\x08\x00",  # VR "UW": NotImplementedError
+        b"\x28\x00\x11\x00UW\x02\x00\x08\x00",  # VR "UW": pydicom's NotImplementedError
         b"\x28\x00\x11\x00US\x03\x00\x08\x00\x00",  # 3 bytes of US: BytesLengthException
     ],
 )
