@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -227,3 +228,16 @@ def test_scaling_in_place_overwrites_only_when_asked() -> None:
     assert scaled.pixels is sample.pixels  # no full-size copy
     assert np.array_equal(scaled.pixels, copied.pixels)
     assert float(scaled.pixels.min()) == 0.0 and float(scaled.pixels.max()) == 1.0
+
+
+def test_a_decoder_panic_is_a_preprocess_error(tmp_path: Path) -> None:
+    """pylibjpeg-rle panics on an RLE segment shorter than the image (a Rust panic surfaces as
+    pyo3's PanicException, a BaseException): the worker must see an unreadable image."""
+    from fuzz import REGRESSIONS_DIR
+    from fuzz.dicom_header import SYNTAXES, part10_prefix
+
+    data = (REGRESSIONS_DIR / "dicom_header" / "preview-rle-segment-too-short-panics").read_bytes()
+    path = tmp_path / "image.dcm"
+    path.write_bytes(part10_prefix(SYNTAXES[data[0] % len(SYNTAXES)]) + data[1:])
+    with pytest.raises(PreprocessError, match="cannot decode pixel data"):
+        Preprocessor(64).sample(pydicom.dcmread(path))
