@@ -17,6 +17,9 @@ Every tick it
    SRs of studies that are ``done`` or ``skipped`` and finished longer ago than that, recording a
    ``spool-purged`` event (:meth:`Assembler.purge_expired`, on the reconciler's cadence). Any
    other state keeps its files; so do instances received after the study finished.
+5. at start and on the reconciler's cadence, removes the files in the spool's ``tmp/`` that
+   nobody writes any more (:meth:`dicom_node.spool.Spool.sweep_tmp`: a crash, or an
+   association whose end was missed, left them), logging how many.
 
 The queue itself is injected (``enqueue_report``, ``enqueue_send``): this module never imports
 Celery.
@@ -205,6 +208,13 @@ class Assembler:
             purged.append(uid)
         return purged
 
+    def sweep_tmp(self, now: float | None = None) -> int:
+        """Remove the spool's abandoned temporary files; returns how many."""
+        if self.spool is None:
+            return 0
+        files, _ = self.spool.sweep_tmp(now=now)
+        return files
+
     def _enqueue(self, uid: str, generation: int, images: Sequence[InstanceRecord]) -> None:
         self.enqueue_report(uid, generation, images)
         logger.info("study %s queued (generation %d, %d image(s))", uid, generation, len(images))
@@ -220,6 +230,7 @@ class Assembler:
             if requeued:
                 logger.warning("reconciler re-queued %d study(ies)", len(requeued))
             self.purge_expired(now)
+            self.sweep_tmp(now)
         self.send_due(now)
 
     def wake_after(self, seconds: float) -> None:

@@ -5,8 +5,9 @@ arrive (:func:`stream_to_spool`: pynetdicom's chunked receive writes into a
 :class:`~dicom_node.spool.IncomingFile`, which hashes the bytes on the way); the handler then
 parses the routing header from that file (no pixel data), makes it durable through
 :meth:`~dicom_node.spool.Spool.store_incoming` (fsync, atomic rename, directory fsync),
-records the instance in the study database and only then returns Success. Failures map to
-specific statuses, never to Success:
+records the instance in the study database and only then returns Success. A data set no
+handler took is removed however its association ends (:func:`stream_to_spool`). Failures map
+to specific statuses, never to Success:
 
 ===============================================  ===============================================
 condition                                        status
@@ -211,10 +212,17 @@ class AssociationStudies:
 
     def handlers(self) -> list[Any]:
         return [
+            (evt.EVT_CONN_OPEN, self._on_open),
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_ended),
             (evt.EVT_CONN_CLOSE, self._on_ended),
         ]
+
+    def _on_open(self, event: evt.Event) -> None:
+        # an association whose DUL thread died sends neither EVT_ABORTED nor EVT_CONN_CLOSE:
+        # it stops counting when its own thread exits (a second end is a no-op)
+        assoc = event.assoc
+        on_thread_exit(assoc, lambda: self._end(assoc, released=False))
 
     def stored(self, assoc: Any, study_uid: str) -> None:
         """An instance of ``study_uid`` was recorded on ``assoc`` (its C-STORE thread)."""
@@ -257,12 +265,26 @@ class _Stream:
     def __init__(self, spool: Spool) -> None:
         self.spool = spool
         self.unclaimed: list[IncomingFile] = []
+        self._lock = threading.Lock()
+        self._ended = False
 
     def open(self) -> IncomingFile:
         incoming = self.spool.incoming()
-        self.unclaimed = [f for f in self.unclaimed if not f.claimed]
-        self.unclaimed.append(incoming)
+        with self._lock:
+            if not self._ended:
+                self.unclaimed = [f for f in self.unclaimed if not f.claimed]
+                self.unclaimed.append(incoming)
+                return incoming
+        incoming.abandon()  # the association ended: what still arrives is dropped
         return incoming
+
+    def end(self) -> None:
+        """Remove the data sets no handler took; any later one is removed as it opens."""
+        with self._lock:
+            self._ended = True
+            unclaimed, self.unclaimed = self.unclaimed, []
+        for incoming in unclaimed:
+            incoming.abandon()
 
 
 #: DUL reactor thread of each open association -> its stream (pynetdicom decodes PDVs there)
@@ -295,19 +317,62 @@ def enable_streaming() -> None:
     setattr(pynetdicom.dimse_messages, "NamedTemporaryFile", _data_set_file)  # noqa: B010
 
 
+#: seconds the end of an association's thread waits for its DUL thread to stop
+DUL_STOP_SECONDS: Final = 5.0
+
+
 def stream_to_spool(event: evt.Event, spool: Spool) -> None:
-    """``EVT_CONN_OPEN``: stream this association's data sets into ``spool`` as they arrive."""
+    """``EVT_CONN_OPEN``: stream this association's data sets into ``spool`` as they arrive.
+
+    The data sets no handler took are removed when the connection closes (:func:`_end_stream`)
+    and, whatever way the association ends (release, abort, the peer gone, its DUL thread or
+    its own thread dying on an exception), when the association's thread exits.
+    """
+    assoc: Any = event.assoc
+    stream = _Stream(spool)
     with _STREAMS_LOCK:
-        _STREAMS[event.assoc.dul] = _Stream(spool)
+        _STREAMS[assoc.dul] = stream
+    on_thread_exit(assoc, lambda: _finish(assoc, stream))
+
+
+def on_thread_exit(assoc: Any, callback: Callable[[], None]) -> None:
+    """Call ``callback`` when the thread of ``assoc`` exits, however it ends (from an
+    ``EVT_CONN_OPEN`` handler: pynetdicom starts that thread right after the event)."""
+    run = assoc.run
+
+    def run_then_callback() -> None:
+        try:
+            run()
+        finally:
+            callback()
+
+    assoc.run = run_then_callback
+
+
+def _finish(assoc: Any, stream: _Stream) -> None:
+    """The association's thread exits: stop its DUL thread if it still runs, end its stream."""
+    dul = assoc.dul
+    try:
+        if dul.is_alive():  # pynetdicom stops it on every ordinary way out: this one raised
+            dul.kill_dul()
+            dul.join(DUL_STOP_SECONDS)
+            transport = getattr(dul, "socket", None)
+            if transport is not None:
+                transport.close()
+    except Exception:
+        logger.exception("could not stop the DUL of an ended association")
+    finally:
+        with _STREAMS_LOCK:
+            _STREAMS.pop(dul, None)
+        stream.end()
 
 
 def _end_stream(event: evt.Event) -> None:
     """``EVT_CONN_CLOSE``: remove the data sets no handler took (cut off, or still queued)."""
     with _STREAMS_LOCK:
-        stream = _STREAMS.pop(event.assoc.dul, None)
+        stream = _STREAMS.get(event.assoc.dul)
     if stream is not None:
-        for incoming in stream.unclaimed:
-            incoming.abandon()
+        stream.end()
 
 
 def bound_association(event: evt.Event, max_pdu: int) -> None:

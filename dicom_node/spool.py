@@ -30,8 +30,16 @@ i.e. everything after the File Meta Information):
   content), counted in :attr:`Spool.conflicts` and logged; it is never silently
   dropped nor allowed to overwrite the first copy.
 
-One process owns a spool directory; stores of the same SOP Instance UID from
-concurrent associations are serialised by a per-UID lock.
+One node owns a spool directory (its listener processes share it); stores of the same SOP
+Instance UID from concurrent associations are serialised by a per-UID lock.
+
+Every file in ``tmp/`` is named after the process that opened it (``<pid>@<host>~...``, see
+:func:`owner_tag`). Whoever opens one removes it, whatever way its request or association ends;
+:meth:`Spool.sweep_tmp`, on the node's assembler cadence and at its start, removes what a crash
+or a missed end left behind: a file that no :class:`IncomingFile` of this process holds and
+that was not written for :data:`ORPHAN_TMP_SECONDS` when this process or a process of this
+host that no longer runs opened it, or for :data:`STALE_TMP_SECONDS` when anyone else did
+(another listener process, still running, or another host).
 
 UIDs are sanitised before they become path parts (see :func:`safe_name`) and before they are
 logged (see :func:`printable_uid`; other peer text through :func:`printable`).
@@ -51,9 +59,12 @@ import logging
 import os
 import re
 import shutil
+import socket
 import struct
 import tempfile
 import threading
+import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -72,7 +83,10 @@ __all__ = [
     "Outcome",
     "Spool",
     "SpooledInstance",
+    "ORPHAN_TMP_SECONDS",
+    "STALE_TMP_SECONDS",
     "dataset_offset",
+    "owner_tag",
     "printable",
     "printable_uid",
     "safe_name",
@@ -95,6 +109,32 @@ MAX_FILE_META_BYTES = 64 * 1024
 _VALID_UID = re.compile(r"[0-9][0-9.]{0,63}")
 #: longest piece of peer text that :func:`printable` keeps
 _PRINTABLE_CHARS = 128
+#: a file in ``tmp/`` of this process (or of a process of this host that no longer runs) that no
+#: :class:`IncomingFile` holds is removed once it was not written for this long (an IncomingFile
+#: holds its file from creation to publication and :meth:`Spool.store` writes its own without a
+#: pause: the bound only covers the instants in between)
+ORPHAN_TMP_SECONDS = 60.0
+#: a file in ``tmp/`` of another running process, another host, or of no known owner is removed
+#: once it was not written for this long: far longer than a listener process keeps a file idle
+#: (the peer's silence is bounded by ``D2R_NETWORK_TIMEOUT``, the handler's work by seconds)
+STALE_TMP_SECONDS = 3600.0
+_HOST = re.sub(r"[^0-9A-Za-z.-]", "_", socket.gethostname())[:64]
+_OWNER = re.compile(r"(\d+)@([^~]*)~")
+
+
+def owner_tag() -> str:
+    """How the names of this process's files in ``tmp/`` start: ``<pid>@<host>~``."""
+    return f"{os.getpid()}@{_HOST}~"
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: running, as another user
+        return True
+    return True
 
 
 def safe_name(uid: str) -> str:
@@ -258,12 +298,14 @@ class IncomingFile:
         self._settled = False  # published or removed by the spool: the name is no longer ours
         self._lock = threading.Lock()
         try:
-            fd, name = tempfile.mkstemp(suffix=".part", dir=directory)
+            fd, name = tempfile.mkstemp(prefix=owner_tag(), suffix=".part", dir=directory)
         except OSError as exc:
             self.error = exc
             return
         self.name = name
         self._fh = io.FileIO(fd, "wb")
+        with _HELD_LOCK:
+            _HELD.add(self)
 
     @property
     def path(self) -> Path:
@@ -318,6 +360,8 @@ class IncomingFile:
                 rest = rest[self._fh.write(rest) or 0 :]
         except OSError as exc:
             self.error = exc
+        except ValueError:  # closed: the association ended while its last PDV was written
+            self.error = OSError(errno.EBADF, "file closed")
 
     def dataset(self) -> io.BufferedReader:
         """The data set (after the File Meta Information), readable and seekable from 0."""
@@ -353,12 +397,14 @@ class IncomingFile:
     def discard(self) -> None:
         """Remove the temporary file if it is still there (not published)."""
         if self._fh is not None and not self._settled:
-            self._settled = True
+            self._settle()
             _discard(self.path)
 
     def _settle(self) -> None:
         """The spool published or removed the file: :meth:`discard` must not touch its name."""
         self._settled = True
+        with _HELD_LOCK:
+            _HELD.discard(self)
 
     def failure(self) -> SpoolFullError | SpoolWriteError | None:
         """The error kept while writing, as the spool's exception (None when all went well)."""
@@ -382,6 +428,16 @@ class IncomingFile:
             return
         os.fsync(self._fh.fileno())
         self._fh.close()
+
+
+#: the files of this process not yet published or removed (weakly: a lost one is swept later)
+_HELD: weakref.WeakSet[IncomingFile] = weakref.WeakSet()
+_HELD_LOCK = threading.Lock()
+
+
+def _held_names() -> set[str]:
+    with _HELD_LOCK:
+        return {os.path.basename(f.name) for f in _HELD}
 
 
 def _meta_sop_instance_uid(head: bytes) -> str:
@@ -508,6 +564,66 @@ class Spool:
         for parent in parents:
             with contextlib.suppress(OSError):  # not empty, or already gone
                 parent.rmdir()
+        return removed, freed
+
+    def sweep_tmp(
+        self,
+        *,
+        now: float | None = None,
+        orphan_seconds: float = ORPHAN_TMP_SECONDS,
+        stale_seconds: float = STALE_TMP_SECONDS,
+    ) -> tuple[int, int]:
+        """Remove the files in ``tmp/`` that nobody writes any more; return (files, bytes).
+
+        A file an :class:`IncomingFile` of this process holds is kept, whatever its age (a
+        STOW-RS part waits closed for the rest of its request). Any other is removed once not
+        written for ``orphan_seconds`` when this process, or a process of this host that no
+        longer runs, opened it, or for ``stale_seconds`` otherwise (see the module docstring).
+        """
+        now = time.time() if now is None else now
+        held = _held_names()
+        mine = owner_tag()
+        running: dict[int, bool] = {}
+        removed = freed = 0
+        try:
+            entries = list(os.scandir(self.tmp_dir))
+        except OSError as exc:
+            logger.warning("cannot list the spool's tmp/: %s", exc.strerror)
+            return 0, 0
+        for entry in entries:
+            if entry.name in held:
+                continue
+            try:
+                if not entry.is_file(follow_symlinks=False):
+                    continue  # the spool writes files only
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue  # published or removed meanwhile
+            limit = stale_seconds
+            owner = _OWNER.match(entry.name)
+            if entry.name.startswith(mine):
+                limit = orphan_seconds
+            elif owner is not None and owner.group(2) == _HOST:
+                pid = int(owner.group(1))
+                if pid not in running:
+                    running[pid] = _pid_running(pid)
+                if not running[pid]:
+                    limit = orphan_seconds
+            if now - st.st_mtime < limit:
+                continue
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                logger.warning("cannot remove a stale file from the spool's tmp/: %s", exc.strerror)
+                continue
+            removed += 1
+            freed += st.st_size
+        if removed:
+            logger.warning(
+                "removed %d stale file(s) (%d bytes) from the spool's tmp/", removed, freed
+            )
         return removed, freed
 
     def check_free_space(self, incoming: int) -> None:
@@ -719,7 +835,7 @@ class Spool:
         self, name: str, file_meta: FileMetaDataset, data: memoryview
     ) -> tuple[Path, int, str]:
         """Write and fsync a temp file; hash ``data`` in parallel (both release the GIL)."""
-        tmp = self.tmp_dir / f"{name}.{os.getpid()}.{threading.get_ident()}.part"
+        tmp = self.tmp_dir / f"{owner_tag()}{name}.{threading.get_ident()}.part"
         digest = hashlib.sha256()
         hasher = threading.Thread(target=digest.update, args=(data,), daemon=True)
         hasher.start()

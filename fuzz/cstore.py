@@ -86,16 +86,7 @@ RAW_IDLE_SECONDS = 0.05
 #: what the C-STORE-RQ names when the data set gives no usable UIDs
 FALLBACK_INSTANCE = "1.2.826.0.1.3680043.8.498.99"
 TMP_LEFT = "temporary files outlive the association"
-KNOWN_GAPS = (
-    KnownGap(
-        "a C-STORE whose data set streamed into spool/tmp, then an invalid PDU: pynetdicom's DUL"
-        " thread dies (InvalidEventError: 'Evt15' in 'Sta13'), EVT_CONN_CLOSE never fires and"
-        " the streamed .part file is never removed (one leaked file per such association)",
-        where="dicom_node/scp.py (_end_stream relies on EVT_CONN_CLOSE; pynetdicom fsm.py)",
-        test="tests/dicom_node/test_cstore_regressions.py::test_streamed_file_of_a_killed_dul",
-        matches=lambda exc: str(exc).startswith(TMP_LEFT),
-    ),
-)
+KNOWN_GAPS: tuple[KnownGap, ...] = ()
 
 
 def _receive_all(sock: socket.socket, *, half_close_after: float | None = None) -> bytes:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import errno
+import gc
 import hashlib
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,8 +18,19 @@ import pytest
 from pydicom.uid import UID, ExplicitVRLittleEndian
 from pynetdicom.dsutils import create_file_meta
 
+from dicom_node.assembler import Assembler, AssemblerConfig
 from dicom_node.errors import SpoolFullError, SpoolWriteError
-from dicom_node.spool import Spool, dataset_offset, printable, printable_uid, safe_name
+from dicom_node.spool import (
+    ORPHAN_TMP_SECONDS,
+    STALE_TMP_SECONDS,
+    Spool,
+    dataset_offset,
+    owner_tag,
+    printable,
+    printable_uid,
+    safe_name,
+)
+from dicom_node.studies import StudyStore
 
 SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"
 
@@ -392,3 +405,81 @@ def test_a_likely_resend_starts_no_write_back(
     other = stream(spool, "1.2", data)
     assert started
     other.abandon()
+
+
+# ------------------------------------------------------------- abandoned files in tmp/
+def aged(path: Path, seconds: float) -> Path:
+    """``path``, last written ``seconds`` ago."""
+    path.touch()
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+    return path
+
+
+def ended_pid() -> int:
+    child = subprocess.run(["sh", "-c", "echo $$"], capture_output=True, text=True, check=True)
+    return int(child.stdout)
+
+
+def test_sweep_removes_only_the_files_nobody_writes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = Spool(tmp_path)
+    tmp = spool.tmp_dir
+    host = owner_tag().split("@", 1)[1]
+    held = stream(spool, "1.1", payload()[:100])  # a STOW-RS part waiting for its request
+    held.close()
+    aged(held.path, 2 * STALE_TMP_SECONDS)
+    mine_old = aged(tmp / f"{owner_tag()}old.part", ORPHAN_TMP_SECONDS + 5)
+    mine_new = aged(tmp / f"{owner_tag()}new.part", ORPHAN_TMP_SECONDS - 5)
+    ended = aged(tmp / f"{ended_pid()}@{host}abc.part", ORPHAN_TMP_SECONDS + 5)
+    running = aged(tmp / f"{os.getppid()}@{host}abc.part", STALE_TMP_SECONDS - 5)
+    running_old = aged(tmp / f"{os.getppid()}@{host}old.part", STALE_TMP_SECONDS + 5)
+    elsewhere = aged(tmp / f"{ended_pid()}@elsewhere~abc.part", STALE_TMP_SECONDS - 5)
+    unknown_old = aged(tmp / "1.2.3.dcm.part", STALE_TMP_SECONDS + 5)
+    folder = tmp / "folder"
+    folder.mkdir()
+    with caplog.at_level("WARNING", logger="dicom_node.spool"):
+        files, size = spool.sweep_tmp()
+    left = set(tmp.iterdir())
+    assert left == {held.path, mine_new, running, elsewhere, folder}
+    assert not left & {mine_old, ended, running_old, unknown_old}
+    assert (files, size) == (4, 0)
+    assert "removed 4 stale file(s) (0 bytes)" in caplog.text
+    assert "1.2.3" not in caplog.text  # counts only, no names
+    assert held.claim()  # untouched: its handler still takes it
+    spool.store_incoming(study_instance_uid="1", sop_instance_uid="1.1", incoming=held)
+    assert spool.sweep_tmp() == (0, 0)
+
+
+def test_a_lost_incoming_file_is_swept(tmp_path: Path) -> None:
+    """An IncomingFile dropped without being published or removed no longer protects its file."""
+    spool = Spool(tmp_path)
+    incoming = stream(spool, "1.1", payload()[:100])
+    path = incoming.path
+    assert path.name.startswith(owner_tag())
+    assert spool.sweep_tmp(now=time.time() + 2 * STALE_TMP_SECONDS) == (0, 0)  # held
+    del incoming
+    gc.collect()
+    assert spool.sweep_tmp() == (0, 0)  # written just now
+    size = path.stat().st_size
+    assert spool.sweep_tmp(now=time.time() + ORPHAN_TMP_SECONDS + 1) == (1, size)
+    assert not path.exists()
+
+
+def test_the_assembler_sweeps_tmp_at_start(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    left = aged(spool.tmp_dir / f"{owner_tag()}crash.part", ORPHAN_TMP_SECONDS + 5)
+    store = StudyStore(f"sqlite:///{tmp_path / 'd2r.db'}")
+    try:
+        assembler = Assembler(
+            store,
+            AssemblerConfig(),
+            enqueue_report=lambda *_: None,
+            enqueue_send=lambda *_: None,
+            spool=spool,
+        )
+        assembler.tick()
+    finally:
+        store.close()
+    assert not left.exists()

@@ -44,8 +44,9 @@ def test_target_fuzzes_clean(target: str, tmp_path: Path) -> None:
     assert 0 < result.stats.get("peak_rss_mb", 0) < RSS_LIMIT_MB
 
 
-#: the cstore regression input of a known gap kills pynetdicom's DUL thread (InvalidEventError
-#: 'Evt15' in 'Sta13'): the thread's exception is that gap, reported with it
+#: a cstore regression input kills pynetdicom's DUL thread (InvalidEventError 'Evt15' in
+#: 'Sta13', pynetdicom's own state machine); the node cleans up after it, the thread's
+#: exception is pynetdicom's
 _DUL_THREAD_DIES = pytest.mark.filterwarnings(
     "ignore::pytest.PytestUnhandledThreadExceptionWarning"
 )
