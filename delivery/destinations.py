@@ -13,10 +13,18 @@ item                                kind      sender
 ``fhir+http(s)://host/base``        fhir      FHIR R4 transaction (:mod:`delivery.fhir`)
 ==================================  ========  ===============================================
 
+A host is a host name (RFC 1123 labels, "_" allowed), an IPv4 address or an IPv6 address in brackets
+(``[::1]``; a DICOM item also reads the unbracketed form earlier names had, its port after the
+last colon); a port is 1..65535; an AE title is 1-16 characters without backslash or control
+characters. An HTTP address is an ASCII URL without a fragment, other characters
+percent-encoded.
+
 An address never holds a secret: a URL with ``user:password@`` is refused. HTTP destinations
 read their credentials from files named in the query string (``?token_file=/run/secrets/t`` for
-a bearer token, ``?basic_auth_file=/run/secrets/b`` holding ``user:password``); the file is read
-when the sender is opened, so a rotated secret needs no restart of the configuration.
+a bearer token, ``?basic_auth_file=/run/secrets/b`` holding ``user:password``), each given once
+and percent-decoded as a query value (``%26`` for ``&``, ``%23`` for ``#``, ``+`` or ``%20``
+for a space); the file is read when the sender is opened, so a rotated secret needs no restart
+of the configuration.
 
 Credentials never travel in cleartext by default: a plain ``http://`` destination with a
 credential file is refused unless its address says ``?insecure=true`` (for a receiver on the
@@ -24,8 +32,10 @@ same host or behind a TLS tunnel). ``insecure`` applies to ``http://`` only: cer
 of ``https://`` destinations cannot be turned off. An address or credential file that still
 holds the example configuration's ``CHANGE-ME`` placeholder is refused.
 
-A destination's :attr:`~DestinationAddress.name` is its canonical text: the key of its delivery
-rows in the study database, of ``d2r retry --destination`` and of the metrics and audit lines.
+A destination's :attr:`~DestinationAddress.name` is its canonical text, which parses back to
+the same destination (file names percent-encoded, IPv6 hosts bracketed, MLLP hosts in lower
+case): the key of its delivery rows in the study database, of ``d2r retry --destination`` and
+of the metrics and audit lines.
 
 >>> [a.name for a in parse_destinations("PACS@10.0.0.5:104, mllp://ris:2575")]
 ['PACS@10.0.0.5:104', 'mllp://ris:2575']
@@ -35,11 +45,13 @@ rows in the study database, of ``d2r retry --destination`` and of the metrics an
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qsl, quote, urlencode
 
 from pydicom.dataset import Dataset
 
@@ -70,6 +82,12 @@ KINDS = ("dicom", "dicomweb", "mllp", "fhir")
 
 _SETTING = "D2R_DESTINATIONS"
 
+#: one label of a host name (RFC 1123 2.1), with "_" as resolvers take it (container and
+#: Compose service names often hold one)
+_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+#: what the path and query of an HTTP address may hold: URL characters and %XX escapes (RFC 3986)
+_URL_TEXT = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*")
+
 
 @dataclass(frozen=True)
 class DicomPeer:
@@ -83,9 +101,12 @@ class DicomPeer:
 
     @property
     def name(self) -> str:
-        """``AET@host:port`` (``tls://AET@host:port`` over TLS): configuration and logs."""
-        plain = f"{self.ae_title}@{self.host}:{self.port}"
-        return f"tls://{plain}" if self.tls else plain
+        """``AET@host:port`` (``tls://AET@host:port`` over TLS, ``dicom://`` before an AE title
+        holding ``://``): configuration and logs."""
+        plain = f"{self.ae_title}@{_host_text(self.host)}:{self.port}"
+        if self.tls:
+            return f"tls://{plain}"
+        return f"dicom://{plain}" if "://" in self.ae_title else plain
 
 
 @dataclass(frozen=True)
@@ -134,15 +155,20 @@ class HttpEndpoint:
 
     @property
     def name(self) -> str:
-        """The address as configured (scheme prefix, base, credential file names, insecure)."""
-        query = []
-        if self.token_file is not None:
-            query.append(f"token_file={self.token_file}")
-        if self.basic_auth_file is not None:
-            query.append(f"basic_auth_file={self.basic_auth_file}")
+        """The address as configured: scheme prefix, base, then the credential file and
+        ``insecure`` percent-encoded as the parser decodes them."""
+        query = [
+            (key, str(path))
+            for key, path in (
+                ("token_file", self.token_file),
+                ("basic_auth_file", self.basic_auth_file),
+            )
+            if path is not None
+        ]
         if self.insecure:
-            query.append("insecure=true")
-        return f"{self.kind}+{self.url}" + (f"?{'&'.join(query)}" if query else "")
+            query.append(("insecure", "true"))
+        text = urlencode(query, safe="/", errors="surrogateescape", quote_via=quote)
+        return f"{self.kind}+{self.url}" + (f"?{text}" if text else "")
 
 
 @dataclass(frozen=True)
@@ -226,70 +252,151 @@ def _host_text(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _port(text: str | int | None, item: str) -> int:
+def _is_host_name(text: str) -> bool:
+    """Whether ``text`` is a host name of RFC 1123 labels; one ending in a numeric label must
+    be an IPv4 address (a resolver reads ``10.1`` as the address 10.0.0.1)."""
+    labels = text.split(".")
+    if len(text) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+        return False
+    if not (labels[-1].isascii() and labels[-1].isdigit()):
+        return True
     try:
-        port = int(text) if text is not None else -1
+        ipaddress.IPv4Address(text)
     except ValueError:
-        raise ConfigError(_SETTING, f"port must be an integer in {item!r}") from None
+        return False
+    return True
+
+
+def _host(text: str, item: str) -> str:
+    """``text`` if it is a host name, an IPv4 address or a bracketed IPv6 address (returned
+    without its brackets)."""
+    if text.startswith("[") and text.endswith("]"):
+        inner = text[1:-1]
+        try:
+            ipaddress.IPv6Address(inner)
+        except ValueError:
+            pass
+        else:
+            if "%" not in inner:  # a zone (fe80::1%eth0) is no address of a remote host
+                return inner
+    elif _is_host_name(text):
+        return text
+    raise ConfigError(
+        _SETTING,
+        f"expected a host name, an IPv4 address or a bracketed IPv6 address in {item!r}",
+    )
+
+
+def _port(text: str, item: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise ConfigError(_SETTING, f"port must be an integer in {item!r}")
+    port = int(text)
     if not 1 <= port <= 65535:
         raise ConfigError(_SETTING, f"expected a port in 1..65535 in {item!r}")
     return port
 
 
-def _dicom(rest: str, item: str, tls: bool) -> DicomPeer:
-    aet, at, hostport = rest.partition("@")
-    host, colon, port = hostport.rpartition(":")
-    if not at or not colon or not host:
-        raise ConfigError(_SETTING, f"expected AET@host:port, got {item!r}")
-    return DicomPeer(validate_ae_title(aet, _SETTING), host.strip("[]"), _port(port, item), tls)
+def _host_port(text: str, item: str, *, port_required: bool) -> tuple[str, int | None]:
+    """Split ``host[:port]`` (``[IPv6][:port]``) and check both parts."""
+    bracket = text.rfind("]")
+    host, colon, port = text.rpartition(":") if ":" in text[bracket + 1 :] else (text, "", "")
+    if not host or (port_required and not colon):
+        raise ConfigError(
+            _SETTING, f"expected {'host:port' if port_required else 'a host'} in {item!r}"
+        )
+    return _host(host, item), (_port(port, item) if colon else None)
 
 
-def _file(values: dict[str, list[str]], key: str) -> Path | None:
-    found = values.pop(key, None)
-    return None if not found else Path(found[-1])
-
-
-def _flag(values: dict[str, list[str]], key: str, item: str) -> bool:
-    found = values.pop(key, None)
-    try:
-        return False if not found else parse_bool(found[-1])
-    except ValueError:
-        raise ConfigError(_SETTING, f"{key} must be true or false in {item!r}") from None
-
-
-def _http(kind: str, url: str, item: str) -> HttpEndpoint:
-    parts = urlsplit(url)
-    if parts.username is not None or parts.password is not None:
+def _refuse_userinfo(scheme: str, authority: str) -> None:
+    """Refuse ``user:password@`` naming the destination without it."""
+    if "@" in authority:
         raise ConfigError(
             _SETTING,
-            "credentials in a destination URL are refused; use ?token_file= or "
-            "?basic_auth_file= naming a file",
+            f"credentials in a destination address are refused ({scheme}://...@"
+            f"{authority.rpartition('@')[2]}); HTTP destinations name a file with "
+            "?token_file= or ?basic_auth_file=",
         )
-    if not parts.hostname:
-        raise ConfigError(_SETTING, f"expected {kind}+http(s)://host/path, got {item!r}")
-    values = parse_qs(parts.query, keep_blank_values=True)
-    token_file = _file(values, "token_file")
-    basic_auth_file = _file(values, "basic_auth_file")
+
+
+def _dicom(rest: str, item: str, tls: bool) -> DicomPeer:
+    aet, at, hostport = rest.partition("@")
+    if not at:
+        raise ConfigError(_SETTING, f"expected AET@host:port, got {item!r}")
+    try:
+        title = validate_ae_title(aet, _SETTING)
+    except ConfigError as exc:
+        raise ConfigError(_SETTING, f"{exc.message} in {item!r}") from None
+    host, colon, port = hostport.rpartition(":")
+    if ":" in host and not host.startswith("["):
+        # an IPv6 address without brackets, as names were written before: the port follows
+        # the last colon
+        hostport = f"[{host}]{colon}{port}"
+    address, number = _host_port(hostport, item, port_required=True)
+    assert number is not None
+    return DicomPeer(title, address, number, tls)
+
+
+def _http(kind: str, transport: str, rest: str, item: str) -> HttpEndpoint:
+    before, _, query = rest.partition("?")
+    authority, slash, path = before.partition("/")
+    _refuse_userinfo(f"{kind}+{transport}", authority)
+    # until the query is known to hold file names only, errors show the address without it
+    shown = f"{kind}+{transport}://{before.partition('#')[0]}"
+    if "#" in rest:
+        raise ConfigError(
+            _SETTING, f"a destination address has no fragment (write # as %23): {shown!r}"
+        )
+    values: dict[str, str] = {}
+    for key, value in parse_qsl(query, keep_blank_values=True, errors="surrogateescape"):
+        if key in values:
+            raise ConfigError(_SETTING, f"{key} is given twice in {shown!r}")
+        values[key] = value
+    unknown = sorted(set(values) - {"token_file", "basic_auth_file", "insecure"})
+    if unknown:
+        raise ConfigError(_SETTING, f"unknown query parameter(s) {unknown} in {shown!r}")
+    if not _URL_TEXT.fullmatch(rest[len(authority) :]):
+        raise ConfigError(
+            _SETTING,
+            f"expected a URL of ASCII characters, others percent-encoded, in {item!r}",
+        )
+    _host_port(authority, item, port_required=False)
+    token_file = _file(values, "token_file", shown)
+    basic_auth_file = _file(values, "basic_auth_file", shown)
     insecure = _flag(values, "insecure", item)
-    if values:
-        raise ConfigError(_SETTING, f"unknown query parameter(s) {sorted(values)} in {item!r}")
     if token_file is not None and basic_auth_file is not None:
         raise ConfigError(_SETTING, f"token_file and basic_auth_file exclude each other: {item!r}")
-    base = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+    base = f"{transport}://{authority}{(slash + path).rstrip('/')}"
     return HttpEndpoint(
         kind, base, token_file=token_file, basic_auth_file=basic_auth_file, insecure=insecure
     )
 
 
-def _mllp(rest: str, item: str, tls: bool) -> MllpPeer:
-    parts = urlsplit(f"//{rest}")
-    if not parts.hostname or parts.path.strip("/") or parts.username is not None:
-        raise ConfigError(_SETTING, f"expected mllp://host:port, got {item!r}")
+def _file(values: dict[str, str], key: str, shown: str) -> Path | None:
+    name = values.get(key)
+    if name is None:
+        return None
+    if not name or "\x00" in name:
+        raise ConfigError(_SETTING, f"{key} must name a file in {shown!r}")
+    refuse_placeholder(name, _SETTING, f"the {key} of {shown!r}")
+    return Path(name)
+
+
+def _flag(values: dict[str, str], key: str, item: str) -> bool:
+    found = values.get(key)
     try:
-        port = parts.port
+        return False if found is None else parse_bool(found)
     except ValueError:
-        raise ConfigError(_SETTING, f"expected a port in 1..65535 in {item!r}") from None
-    return MllpPeer(parts.hostname, _port(port, item), tls)
+        raise ConfigError(_SETTING, f"{key} must be true or false in {item!r}") from None
+
+
+def _mllp(rest: str, item: str, tls: bool) -> MllpPeer:
+    authority = rest.removesuffix("/")
+    _refuse_userinfo("mllp+tls" if tls else "mllp", authority)
+    if any(c in authority for c in "/?#"):
+        raise ConfigError(_SETTING, f"expected mllp://host:port, got {item!r}")
+    host, port = _host_port(authority, item, port_required=True)
+    assert port is not None
+    return MllpPeer(host.lower(), port, tls)
 
 
 def parse_destination(item: str, *, tls: bool = False) -> DestinationAddress:
@@ -314,7 +421,7 @@ def parse_destination(item: str, *, tls: bool = False) -> DestinationAddress:
         return _mllp(rest, item, scheme == "mllp+tls")
     kind, plus, transport = scheme.partition("+")
     if plus and kind in ("dicomweb", "fhir") and transport in ("http", "https"):
-        return _http(kind, f"{transport}://{rest}", item)
+        return _http(kind, transport, rest, item)
     known = "dicom://, dicom+tls://, dicomweb+http(s)://, mllp://, mllp+tls://, fhir+http(s)://"
     raise ConfigError(_SETTING, f"unknown scheme {scheme!r} in {item!r}; known: {known}")
 

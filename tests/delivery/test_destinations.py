@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from delivery import open_destination
-from delivery.destinations import DicomPeer, HttpEndpoint, MllpPeer, by_name, parse_destinations
+from delivery.destinations import (
+    DicomPeer,
+    HttpEndpoint,
+    MllpPeer,
+    by_name,
+    parse_destination,
+    parse_destinations,
+)
 from delivery.dimse import DicomDestination
 from delivery.settings import DeliverySettings
 from dicom_node.settings import ConfigError
@@ -126,3 +133,126 @@ def test_a_placeholder_credential_file_stops_the_start(tmp_path: Path) -> None:
     # a file the node cannot read is the sender's to report when it opens it
     absent = {"D2R_DESTINATIONS": f"fhir+https://h/fhir?token_file={tmp_path / 'absent'}"}
     assert len(DeliverySettings.from_env(absent).destinations) == 1
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        "dicom://PACS@a://b:104",
+        "PACS@pacs host:104",
+        "PACS@pacs-:104",
+        "PACS@-pacs:104",
+        "PACS@pacs.:104",
+        "PACS@10.0.0.256:104",
+        "PACS@10.1:104",
+        "PACS@[10.0.0.5]:104",
+        "PACS@[fe80::1%eth0]:104",
+        "PACS@[::1:104",
+        "PACS@h:+104",
+        "PACS@h:65536",
+        "mllp://ris host:2575",
+        "mllp+tls://[::g]:2576",
+        "mllp://a://b:2575",
+        "dicomweb+https://pacs$host/dicom-web",
+        "fhir+https://h:/fhir",
+        "fhir+https://h:0/fhir",
+        "fhir+https://[::1/fhir",
+        "fhir+https://h/f hir",
+        "fhir+https://h/fhir%zz",
+    ],
+)
+def test_a_host_is_a_host_name_an_ipv4_or_a_bracketed_ipv6_address(item: str) -> None:
+    with pytest.raises(ConfigError, match="D2R_DESTINATIONS") as info:
+        parse_destinations(item)
+    assert repr(item) in str(info.value)  # the destination, as written
+
+
+@pytest.mark.parametrize(
+    ("item", "name"),
+    [
+        ("PACS@pacs_host:104", "PACS@pacs_host:104"),  # a Compose service name
+        ("PACS@[::1]:104", "PACS@[::1]:104"),
+        ("PACS@::1:104", "PACS@[::1]:104"),  # the form names had before
+        ("tls://PACS@[2001:db8::5]:2762", "tls://PACS@[2001:db8::5]:2762"),
+        ("PACS@pacs-1.Example.org:104", "PACS@pacs-1.Example.org:104"),
+        ("dicom://A://B@h:104", "dicom://A://B@h:104"),
+        ("mllp://RIS.example.org:2575/", "mllp://ris.example.org:2575"),
+        ("mllp://[FE80::1]:2575", "mllp://[fe80::1]:2575"),
+        ("fhir+https://[::1]:8443/fhir/", "fhir+https://[::1]:8443/fhir"),
+        ("dicomweb+https://10.0.0.5/dicom-web%20rs", "dicomweb+https://10.0.0.5/dicom-web%20rs"),
+    ],
+)
+def test_names_are_canonical_and_parse_back(item: str, name: str) -> None:
+    (address,) = parse_destinations(item)
+    assert address.name == name
+    assert parse_destinations(name) == (address,)
+
+
+@pytest.mark.parametrize(
+    "file",
+    ["/run/a&b", "/run/a#b", "/run/a b", "/run/a+b", "/run/a=b?c", "/run/a%26b", "/run/a,b"]
+    + ["/run/clé", "/run/a\udcffb", "relative/t"],
+)
+def test_a_credential_file_name_round_trips_for_any_file(file: str) -> None:
+    for address in (
+        HttpEndpoint("dicomweb", "https://h/rs", token_file=Path(file)),
+        HttpEndpoint("fhir", "http://h/fhir", basic_auth_file=Path(file), insecure=True),
+    ):
+        assert parse_destinations(address.name) == (address,), address.name
+        assert address.name.isascii() and "," not in address.name
+
+
+def test_credential_files_are_percent_decoded_query_values() -> None:
+    (address,) = parse_destinations("fhir+https://h/fhir?token_file=/run/a%23b+c%2Bd%FF")
+    assert isinstance(address, HttpEndpoint)
+    assert address.token_file == Path("/run/a#b c+d\udcff")  # non-UTF-8 bytes as os.fsdecode
+    assert address.name == "fhir+https://h/fhir?token_file=/run/a%23b%20c%2Bd%FF"
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("fhir+https://h/fhir?token_file=/run/a#b", "fragment"),
+        ("fhir+https://h/fhir?token_file=/a&token_file=/b", "given twice"),
+        ("fhir+https://h/fhir?token_file=", "must name a file"),
+        ("fhir+https://h/fhir?token_file=/run/a%00b", "must name a file"),
+        ("fhir+https://h/fhir?token_file=/run/CHANGE%2DME", "CHANGE-ME"),
+    ],
+)
+def test_a_credential_file_is_named_once_and_plainly(item: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_destinations(item)
+    assert "'fhir+https://h/fhir" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("   @h:104", "1-16 characters"),
+        ("SEVENTEEN_CHARS_X@h:104", "1-16 characters"),
+        ("A\\B@h:104", "backslash or control"),
+        ("A\x07B@h:104", "backslash or control"),
+        ("PACSÉ@h:104", "backslash or control"),
+    ],
+)
+def test_an_ae_title_is_checked_naming_the_destination(item: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_destination(item)
+    assert repr(item) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("item", "shown"),
+    [
+        ("mllp://user:s3cret@ris:2575", "mllp://...@ris:2575"),
+        ("fhir+https://user:s3cret@h:bad/fhir", "fhir+https://...@h:bad"),
+        ("fhir+https://h/fhir?token=s3cret", "'fhir+https://h/fhir'"),
+        ("fhir+https://h/fhir?token_file=/t&api_key=s3cret", "'fhir+https://h/fhir'"),
+        ("dicomweb+https://bad_host/rs?password=s3cret", "'dicomweb+https://bad_host/rs'"),
+        ("fhir+https://h/fhir#s3cret", "'fhir+https://h/fhir'"),
+    ],
+)
+def test_a_refusal_names_the_destination_never_a_secret(item: str, shown: str) -> None:
+    with pytest.raises(ConfigError, match="D2R_DESTINATIONS") as info:
+        parse_destinations(item)
+    assert "s3cret" not in str(info.value) and shown in str(info.value)

@@ -1,16 +1,16 @@
-"""Addresses found by the fuzzing campaign (``fuzz/destination.py``, inputs in
+"""Addresses from the fuzzing campaign (``fuzz/destination.py``, inputs in
 fuzz/regressions/destination): a destination's name must parse back into the same destination,
 or the address must be refused.
-
-Both are known gaps, marked ``xfail(strict=True)``: once fixed, remove the marker here and the
-matching ``KNOWN_GAPS`` entry in fuzz/destination.py.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from delivery.destinations import parse_destination, parse_destinations
+from delivery.destinations import HttpEndpoint, parse_destination, parse_destinations
+from dicom_node.settings import ConfigError
 
 
 def _round_trips_or_is_refused(text: str) -> None:
@@ -26,20 +26,19 @@ def _round_trips_or_is_refused(text: str) -> None:
         assert again == address, address.name
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="the host of a DICOM destination is not checked"
-)
 def test_a_dicom_host_is_a_host_name() -> None:
-    # accepted as host "a://b"; its name "PACS@a://b:104" then reads as an unknown scheme
+    # "a://b" is no host; named "PACS@a://b:104" it would read as an unknown scheme
     _round_trips_or_is_refused("dicom://PACS@a://b:104")
+    with pytest.raises(ConfigError, match="host name") as info:
+        parse_destinations("dicom://PACS@a://b:104")
+    assert "PACS@a://b:104" in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="HttpEndpoint.name writes the file name unquoted"
-)
 def test_a_credential_file_name_round_trips() -> None:
-    # the file is "/run/a&b"; the name "...?token_file=/run/a&b" has an unknown parameter "b"
+    # the file is "/run/a&b"; its name must not read as a parameter "b"
     _round_trips_or_is_refused("dicomweb+https://pacs/dicom-web?token_file=/run/a%26b")
+    (address,) = parse_destinations("dicomweb+https://pacs/dicom-web?token_file=/run/a%26b")
+    assert isinstance(address, HttpEndpoint) and address.token_file == Path("/run/a&b")
 
 
 @pytest.mark.parametrize(
