@@ -31,7 +31,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fuzz import _ul
 from fuzz._harness import (
     KnownGap,
     LogWatch,
@@ -43,6 +42,7 @@ from fuzz._harness import (
     quiet_logging,
     tolerating,
 )
+from tests.support import upper_layer
 
 with instrumented("dicom_node", "pynetdicom", "pydicom", "cli", "observability"):
     from pydicom.uid import (
@@ -119,7 +119,7 @@ def _receive_all(sock: socket.socket, *, half_close_after: float | None = None) 
 def _associate(port: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=HANG_SECONDS)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.sendall(_ul.associate_rq(AE_TITLE, CALLING, CONTEXTS))
+    sock.sendall(upper_layer.associate_rq(AE_TITLE, CALLING, CONTEXTS))
     answer = b""
     while len(answer) < 6 or len(answer) < 6 + int.from_bytes(answer[2:6], "big"):
         try:
@@ -130,7 +130,7 @@ def _associate(port: int) -> socket.socket:
         if not chunk:
             break
         answer += chunk
-    if answer[:1] != bytes([_ul.ASSOCIATE_AC]):
+    if answer[:1] != bytes([upper_layer.ASSOCIATE_AC]):
         sock.close()
         raise PropertyViolation(f"the listener refused a valid association: {answer[:16]!r}")
     return sock
@@ -237,17 +237,17 @@ def one_input_with(node: _Node, watch: LogWatch) -> OneInput:
                     sock.sendall(payload)
             else:
                 instance = _affected_instance(payload, syntax)
-                command = _ul.c_store_rq(next(message_ids), abstract, instance)
+                command = upper_layer.c_store_rq(next(message_ids), abstract, instance)
                 sent_hash = hashlib.sha256(payload).hexdigest()
                 with contextlib.suppress(OSError):
                     sock.sendall(
-                        _ul.p_data(context_id, command, command=True)
-                        + _ul.p_data(context_id, payload, command=False)
-                        + _ul.release_rq()
+                        upper_layer.p_data(context_id, command, command=True)
+                        + upper_layer.p_data(context_id, payload, command=False)
+                        + upper_layer.release_rq()
                     )
             answer = _receive_all(sock, half_close_after=RAW_IDLE_SECONDS if raw else None)
         watch.raise_found()
-        for response in _ul.store_responses(list(_ul.read_pdus(answer))):
+        for response in upper_layer.store_responses(answer):
             if response.status != statuses.SUCCESS:
                 continue
             copies = node.copies(response.sop_instance_uid)

@@ -24,11 +24,12 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from fuzz import CORPUS_DIR, _ul
+from fuzz import CORPUS_DIR
 from fuzz.cstore import CONTEXTS, DX
 from fuzz.dicom_header import SYNTAXES
 from fuzz.hl7_ack import CONTROL_ID
 from fuzz.http_request import BASIC, FULL_TOKEN, METRICS_TOKEN, STUDY
+from tests.support import upper_layer
 from tests.support.dicom_files import make_cr, make_dx, make_sc
 
 __all__ = ["write_corpus"]
@@ -87,18 +88,18 @@ def cstore_seeds(images: dict[str, Dataset]) -> dict[str, bytes]:
     seeds["store-dx-rle"] = bytes([index << 1]) + _encode(rle, ExplicitVRLittleEndian)
     dx = images["dx"]
     data = _encode(dx, ExplicitVRLittleEndian)
-    command = _ul.c_store_rq(1, DX, str(dx.SOPInstanceUID))
-    pdus = _ul.p_data(1, command, command=True) + _ul.p_data(1, data, command=False)
-    seeds["raw-store-release"] = b"\x01" + pdus + _ul.release_rq()
+    command = upper_layer.c_store_rq(1, DX, str(dx.SOPInstanceUID))
+    pdus = upper_layer.p_data(1, command, command=True) + upper_layer.p_data(1, data, command=False)
+    seeds["raw-store-release"] = b"\x01" + pdus + upper_layer.release_rq()
     seeds["raw-store-fragmented"] = (
         b"\x01"
-        + _ul.p_data(1, command, command=True, fragment=20)
-        + _ul.p_data(1, data, command=False, fragment=300)
-        + _ul.release_rq()
+        + upper_layer.p_data(1, command, command=True, fragment=20)
+        + upper_layer.p_data(1, data, command=False, fragment=300)
+        + upper_layer.release_rq()
     )
     seeds["raw-store-cut"] = b"\x01" + pdus[: len(pdus) // 2]
     seeds["raw-abort"] = b"\x01" + bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0])
-    seeds["raw-release"] = b"\x01" + _ul.release_rq()
+    seeds["raw-release"] = b"\x01" + upper_layer.release_rq()
     return seeds
 
 

@@ -16,10 +16,11 @@ from pynetdicom import evt
 from pynetdicom.dul import DULServiceProvider
 
 from dicom_node.scp import AssociationStudies
-from fuzz import REGRESSIONS_DIR, _ul
+from fuzz import REGRESSIONS_DIR
 from fuzz._harness import STRICT_ENV
 from fuzz.cstore import DX, harness
 from tests.dicom_node.node_harness import Node
+from tests.support import upper_layer
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
@@ -50,11 +51,13 @@ def test_streamed_file_of_a_dead_association_thread(
 
     monkeypatch.setattr(DULServiceProvider, "idle_timer_expired", idle_timer_expired)
     with socket.create_connection(("127.0.0.1", node.port), timeout=10) as sock:
-        sock.sendall(_ul.associate_rq(node.settings.ae_title, "CUTTER", [(1, DX, EXPLICIT)]))
-        assert sock.recv(65536)[:1] == bytes([_ul.ASSOCIATE_AC])
-        data_set = _ul.p_data(1, bytes(64 * 1024), command=False, fragment=4096)
         sock.sendall(
-            _ul.p_data(1, _ul.c_store_rq(1, DX, "1.2.3.4"), command=True)
+            upper_layer.associate_rq(node.settings.ae_title, "CUTTER", [(1, DX, EXPLICIT)])
+        )
+        assert sock.recv(65536)[:1] == bytes([upper_layer.ASSOCIATE_AC])
+        data_set = upper_layer.p_data(1, bytes(64 * 1024), command=False, fragment=4096)
+        sock.sendall(
+            upper_layer.p_data(1, upper_layer.c_store_rq(1, DX, "1.2.3.4"), command=True)
             + data_set[: len(data_set) // 2]  # half the data set: the file stays open
         )
         deadline = time.monotonic() + 10

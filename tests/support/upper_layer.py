@@ -2,7 +2,8 @@
 
 pynetdicom refuses to send what a hostile peer sends (a SOP Instance UID with a newline, a
 data set it cannot frame); this client sends exactly the bytes it is given, on a real
-association over loopback, and reads back the C-STORE responses.
+association over loopback, and reads back the C-STORE responses. The hostile-client test and
+the C-STORE fuzz target both speak through it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 __all__ = [
+    "ASSOCIATE_AC",
+    "P_DATA",
     "StoreResponse",
+    "associate_rq",
     "associate",
     "c_store_rq",
     "p_data",
@@ -65,8 +69,11 @@ def _element(group: int, element: int, value: bytes) -> bytes:
     return struct.pack("<HHI", group, element, len(value)) + value
 
 
-def c_store_rq(message_id: int, sop_class: str, sop_instance: bytes) -> bytes:
-    """A C-STORE-RQ command set (implicit VR little endian); the instance UID as raw bytes."""
+def c_store_rq(message_id: int, sop_class: str, sop_instance: str | bytes) -> bytes:
+    """A C-STORE-RQ command set (implicit VR little endian, as PS3.7 requires); the instance
+    UID as text or as raw bytes (anything a hostile peer may send)."""
+    if isinstance(sop_instance, str):
+        sop_instance = sop_instance.encode("ascii")
     elements = (
         _element(0, 0x0002, _even(sop_class.encode("ascii")))
         + _element(0, 0x0100, struct.pack("<H", C_STORE_RQ))
@@ -144,6 +151,8 @@ def receive_all(sock: socket.socket, *, half_close_after: float | None = None) -
 
 @dataclass(frozen=True)
 class StoreResponse:
+    """A C-STORE-RSP: its status and the SOP Instance it answers."""
+
     status: int
     sop_instance_uid: str
 
