@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fuzz import CORPUS_DIR, CRASHES_DIR, FUZZ_DIR, REGRESSIONS_DIR, TARGETS
+from fuzz._harness import RSS_LIMIT_ENV
 
 #: libFuzzer limits of a run (the longest input, in bytes, is per target)
 RSS_LIMIT_MB = 2048
@@ -77,7 +79,9 @@ def run(
             "-m",
             f"fuzz.{target}",
             f"-max_total_time={seconds}",
-            f"-rss_limit_mb={rss_limit_mb}",
+            # libFuzzer's own limit reads ru_maxrss, which a child inherits from a large parent;
+            # the target checks its own peak instead (fuzz._harness.rss_bounded)
+            "-rss_limit_mb=0",
             f"-timeout={timeout}",
             f"-max_len={MAX_LEN[target]}",
             f"-artifact_prefix={artifacts}/",
@@ -90,6 +94,7 @@ def run(
         proc = subprocess.run(
             command,
             cwd=FUZZ_DIR.parent,
+            env={**os.environ, RSS_LIMIT_ENV: str(rss_limit_mb)},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

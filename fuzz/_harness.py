@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "RSS_LIMIT_ENV",
     "STRICT_ENV",
     "KnownGap",
     "LogWatch",
@@ -22,6 +24,8 @@ __all__ = [
     "check",
     "fuzz_main",
     "instrumented",
+    "peak_rss_mb",
+    "rss_bounded",
     "tolerating",
 ]
 
@@ -98,12 +102,49 @@ def instrumented(*include: str) -> Iterator[None]:
         yield
 
 
+#: the environment variable the runner names the memory limit in (MiB of peak RSS)
+RSS_LIMIT_ENV = "D2R_FUZZ_RSS_LIMIT_MB"
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM) in MiB.
+
+    Not ``getrusage``'s ``ru_maxrss``, which libFuzzer's own ``-rss_limit_mb`` reads: Linux
+    carries that across ``fork`` and ``exec``, so a target started from a large process (the
+    test suite) would start over the limit.
+    """
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def rss_bounded(one_input: OneInput, limit_mb: float) -> OneInput:
+    """``one_input``, raising :class:`PropertyViolation` once the process's peak RSS passes
+    ``limit_mb`` (checked after each input, at most every 50 ms)."""
+    last = 0.0
+
+    def bounded(data: bytes) -> None:
+        nonlocal last
+        one_input(data)
+        now = time.monotonic()
+        if now - last >= 0.05:
+            last = now
+            if (peak := peak_rss_mb()) > limit_mb:
+                raise PropertyViolation(f"peak RSS {peak:.0f} MiB over the limit of {limit_mb:.0f}")
+
+    return bounded
+
+
 def fuzz_main(harness: Callable[[], contextlib.AbstractContextManager[OneInput]]) -> None:
-    """Run ``harness``'s input function under atheris with this process's libFuzzer arguments."""
+    """Run ``harness``'s input function under atheris with this process's libFuzzer arguments
+    (and the memory limit the runner names in :data:`RSS_LIMIT_ENV`)."""
     import atheris
 
     with harness() as one_input:
-        atheris.Setup(sys.argv, one_input)
+        limit = float(os.environ.get(RSS_LIMIT_ENV, "0") or 0)
+        atheris.Setup(sys.argv, rss_bounded(one_input, limit) if limit > 0 else one_input)
         atheris.Fuzz()
 
 
