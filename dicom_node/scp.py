@@ -78,7 +78,6 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import pynetdicom.dimse_messages
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.presentation import PresentationContext
 
@@ -160,9 +159,6 @@ MAX_COMMAND_SET: Final = 64 * 1024
 #: Longest data set received in memory: no service the node offers but C-STORE, whose data set
 #: streams to the spool, carries one.
 MAX_IN_MEMORY_DATA_SET: Final = 1024 * 1024
-#: Bytes of a Deflated data set read to parse its header (twice what the parser inflates at most:
-#: deflate never shrinks data that does not compress below its size plus 5 bytes per 64 KiB).
-DEFLATED_HEADER_INPUT: Final = 8 * 1024 * 1024
 #: Most requests of one association received and waiting for the handler (peers send one at a
 #: time: the node negotiates no asynchronous operations window).
 MAX_PENDING_MESSAGES: Final = 16
@@ -770,9 +766,8 @@ def _header(request: Any, incoming: Any, transfer_syntax: str) -> InstanceHeader
 def read_header(incoming: IncomingFile, transfer_syntax: str) -> InstanceHeader:
     """The routing header of a spooled data set (C-STORE and STOW-RS alike), in bounded memory.
 
-    Pixel data is never read; of a Deflated data set only the first
-    :data:`DEFLATED_HEADER_INPUT` bytes are handed to the parser (which would otherwise read
-    the whole data set to inflate its start).
+    Pixel data is never read, and a Deflated data set is inflated a chunk at a time only as far
+    as the header needs (:func:`~dicom_node.metadata.parse_header`).
 
     Raises
     ------
@@ -782,8 +777,6 @@ def read_header(incoming: IncomingFile, transfer_syntax: str) -> InstanceHeader:
     """
     try:
         with incoming.dataset() as reader:
-            if UID(transfer_syntax) == DeflatedExplicitVRLittleEndian:
-                return parse_header(reader.read(DEFLATED_HEADER_INPUT), transfer_syntax)
             return parse_header(reader, transfer_syntax)
     except (OSError, ValueError) as exc:
         raise InstanceRejected(f"unreadable data set ({type(exc).__name__})") from exc

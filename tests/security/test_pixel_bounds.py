@@ -21,7 +21,6 @@ import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,8 @@ from dicom_node.settings import (
     ConfigError,
     NodeSettings,
 )
-from dicom_node.studies import InstanceRecord, StudyStore
+from dicom_node.studies import StudyStore
+from tests.observability.conftest import record_for
 from tests.support.dicom_files import make_dx, make_sc, rg1_path
 from tests.support.header_variants import build_corpus
 
@@ -344,28 +344,9 @@ def _can_reset_peak() -> bool:
     return True
 
 
-def _record(ds: Dataset, path: Path) -> InstanceRecord:
-    return InstanceRecord(
-        study_instance_uid=ds.StudyInstanceUID,
-        series_instance_uid=ds.SeriesInstanceUID,
-        sop_instance_uid=ds.SOPInstanceUID,
-        sop_class_uid=ds.SOPClassUID,
-        transfer_syntax_uid=str(pydicom.filereader.read_file_meta_info(path).TransferSyntaxUID),
-        modality=ds.Modality,
-        body_part_examined=ds.get("BodyPartExamined", ""),
-        view_position=ds.get("ViewPosition", ""),
-        series_description=ds.get("SeriesDescription", ""),
-        path=str(path),
-        size=path.stat().st_size,
-        sha256="0" * 64,
-        calling_ae_title="MODALITY",
-        received_at=datetime.now(UTC),
-    )
-
-
 def _stored(store: StudyStore, path: Path) -> str:
     header = read_instance_header(path)
-    store.record_instance(_record(header, path), outcome="stored")
+    store.record_instance(record_for(header, path), outcome="stored")
     return str(header.StudyInstanceUID)
 
 
