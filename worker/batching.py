@@ -24,6 +24,7 @@ from typing import Any
 from celery import Celery
 from pydicom import Dataset
 
+from dicom_node.instance_file import read_instance
 from dicom_node.selection import select_images
 from dicom_node.studies import StudyStore
 from observability import logs, metrics
@@ -151,7 +152,7 @@ def _read_study(job: ReportJob, max_pixel_bytes: int) -> dict[str, Dataset | Exc
     read: dict[str, Dataset | Exception] = {}
     for inst in job.instances:
         try:
-            read[inst.path] = tasks._read_image(inst.path, max_pixel_bytes)
+            read[inst.path] = read_instance(inst.path, max_pixel_bytes=max_pixel_bytes)
         except Exception as exc:  # replayed, and judged, by the per-study path
             read[inst.path] = exc
             break

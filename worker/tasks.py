@@ -43,7 +43,7 @@ from delivery.destinations import by_name
 from delivery.errors import PermanentSendError, TransientSendError
 from dicom_node import statuses
 from dicom_node.instance_file import read_instance
-from dicom_node.settings import DEFAULT_MAX_PIXEL_BYTES, ConfigError
+from dicom_node.settings import ConfigError
 from dicom_node.studies import FAILED, StudyStore
 from observability import logs, metrics
 from observability.audit import SENT, STUDY_FAILED, AuditLog
@@ -186,12 +186,6 @@ class Deliveries:
             pending = list(self._pending)
         for future in pending:
             future.exception(timeout)
-
-
-def _read_image(path: str, max_pixel_bytes: int = DEFAULT_MAX_PIXEL_BYTES) -> Dataset:
-    """A spooled image, its pixel data checked against ``max_pixel_bytes`` before it is read
-    (:func:`dicom_node.instance_file.read_instance`; not decoded yet)."""
-    return read_instance(path, max_pixel_bytes=max_pixel_bytes)
 
 
 def _timed(predict: Callable[[Sequence[Dataset]], Any]) -> Callable[[Sequence[Dataset]], Any]:
@@ -431,7 +425,7 @@ def _attempt(
 
     result = pipeline.run(
         job,
-        read_image=functools.partial(_read_image, max_pixel_bytes=settings.node.max_pixel_bytes)
+        read_image=functools.partial(read_instance, max_pixel_bytes=settings.node.max_pixel_bytes)
         if read_image is None
         else read_image,
         predict=_timed(predict_one) if predict is None else predict,

@@ -10,6 +10,7 @@ are ignored here too (the suite otherwise turns warnings into errors, also in li
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -172,10 +173,11 @@ def predictor(model_dir: Path):  # type: ignore[no-untyped-def]
 def test_worker_refuses_undecodable_images_with_a_reason(
     predictor: Any, name: str, reason: str, tmp_path: Path
 ) -> None:
+    from dicom_node.instance_file import read_instance
+    from dicom_node.settings import DEFAULT_MAX_PIXEL_BYTES
     from worker import pipeline
     from worker.errors import InputRejected
     from worker.messages import JobInstance, ReportJob
-    from worker.tasks import _read_image
 
     path, ds = STORED[name](tmp_path)
     job = ReportJob(
@@ -185,7 +187,12 @@ def test_worker_refuses_undecodable_images_with_a_reason(
         queued_at=0.0,
     )
     with pytest.raises(InputRejected) as info:
-        pipeline.run(job, read_image=_read_image, predict=predictor.predict, build_reports=_no_sr)
+        pipeline.run(
+            job,
+            read_image=functools.partial(read_instance, max_pixel_bytes=DEFAULT_MAX_PIXEL_BYTES),
+            predict=predictor.predict,
+            build_reports=_no_sr,
+        )
     assert reason in str(info.value)
 
 
