@@ -210,7 +210,7 @@ def serve(args: argparse.Namespace) -> int:
             pass
         stop.set()
 
-    store = StudyStore(node.database_url)
+    store = StudyStore(node.database_url, retry_seconds=node.db_retry_seconds)
     spool = Spool(node.spool_dir, min_free_bytes=node.min_free_bytes)
     audit = AuditLog(obs.audit_log, fsync=obs.audit_fsync)
     listener_audit = ListenerAudit(audit)

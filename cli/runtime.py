@@ -21,6 +21,15 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 logger = logging.getLogger("d2r")
 
 
+def without_credentials(broker_url: str) -> str:
+    """The broker URL for a log line: each entry of a Sentinel list without its password."""
+    entries = []
+    for entry in broker_url.split(";"):
+        scheme, sep, rest = entry.strip().partition("://")
+        entries.append(f"{scheme}{sep}{rest.rpartition('@')[2]}" if sep else entry)
+    return ";".join(entries)
+
+
 def environment(args: argparse.Namespace) -> dict[str, str]:
     """Config file values (``--config`` or ``D2R_CONFIG``) overridden by the environment."""
     path = getattr(args, "config", None) or os.environ.get("D2R_CONFIG")
@@ -64,10 +73,12 @@ def start_http(
     ready: Mapping[str, Callable[[], None]],
     store: Any = None,
     ingest: Any = None,
+    node: str | None = None,
 ) -> Any:
     """Start the HTTP endpoint of ``D2R_HTTP_HOST:D2R_HTTP_PORT``; None when the port is 0.
 
-    ``ingest`` is the STOW-RS receiver of the node (``/dicom-web/``), if it runs one.
+    ``ingest`` is the STOW-RS receiver of the node (``/dicom-web/``), if it runs one; ``node``
+    its name, a label on every metric.
     """
     from dicom_node.settings import ConfigError, NodeSettings
     from observability.auth import Authenticator, FailureLimiter
@@ -111,7 +122,7 @@ def start_http(
     server = ObservabilityServer(
         obs.http_host,
         obs.http_port,
-        registry=build_registry(multiprocess_dir(), collectors),
+        registry=build_registry(multiprocess_dir(), collectors, node=node),
         health=health,
         ready=ready,
         pages=None
@@ -189,15 +200,17 @@ def start_listener(
 ) -> Any:
     """The DICOM listener of a node process, its instances audited and recorded in ``store``."""
     from dicom_node.scp import AssociationStudies, start_server
+    from dicom_node.studies import NodeRecorder
 
+    recorder = NodeRecorder(store, node.node_name, wait_seconds=node.db_ingest_wait_seconds)
     server = start_server(
         node,
         spool,
-        listener_audit.recorder(store),
+        listener_audit.recorder(recorder),
         block=False,
         extra_handlers=listener_audit.handlers(),
         on_rejected=association_rejected(listener_audit.audit),
-        associations=AssociationStudies(store, on_released=released),
+        associations=AssociationStudies(recorder, on_released=released),
         shared=shared,
         inherited=inherited,
     )
@@ -216,7 +229,12 @@ def run_node(
     from dicom_node.assembler import Assembler, AssemblerConfig
     from dicom_node.spool import Spool
     from dicom_node.stow import StowReceiver
-    from dicom_node.studies import InstanceRecord, StudyStore
+    from dicom_node.studies import (
+        InstanceRecord,
+        NodeRecorder,
+        StudyStore,
+        hold_single_node_lock,
+    )
     from observability import metrics
     from observability.audit import STUDY_FAILED, AuditLog, ListenerAudit
     from observability.metrics import (
@@ -240,7 +258,12 @@ def run_node(
     obs = ObservabilitySettings.from_env(env)
     node = settings.node
     node.spool_dir.mkdir(parents=True, exist_ok=True)
-    store = StudyStore(node.database_url, auto_upgrade=node.db_auto_upgrade)
+    node_lock = hold_single_node_lock(node.database_url)  # SQLite: one node per database
+    store = StudyStore(
+        node.database_url,
+        auto_upgrade=node.db_auto_upgrade,
+        retry_seconds=node.db_retry_seconds,
+    )
     from cli.exposure import exposure_warnings
 
     # once, by a node that starts (its database usable): listener processes never get here
@@ -265,6 +288,15 @@ def run_node(
     def enqueue_send(uid: str, destination: str) -> None:
         app.send_task(SEND_TASK, args=[uid, destination])
 
+    def broker_identity() -> str | None:
+        """The Redis server's run id (a restart or a Sentinel failover changes it)."""
+        if not settings.broker_url.startswith(("redis://", "rediss://", "sentinel://")):
+            return None
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1)
+            info = conn.default_channel.client.info("server")
+        return str(info.get("run_id") or "") or None
+
     assembler = Assembler(
         store,
         AssemblerConfig(
@@ -275,11 +307,15 @@ def run_node(
             requeue_after=max(settings.visibility_timeout, node.study_force_seconds),
             retention_seconds=node.spool_retention_hours * 3600.0,
             max_attempts=node.max_attempts,
+            node=node.node_name,
+            heartbeat_seconds=node.node_heartbeat_seconds,
+            node_expire_seconds=node.node_expire_seconds,
         ),
         enqueue_report=enqueue_report,
         enqueue_send=enqueue_send,
         spool=spool,
         on_failed=lambda uid, stage: study_failed(uid, stage),
+        broker_identity=broker_identity,
     )
     audit = AuditLog(obs.audit_log, fsync=obs.audit_fsync)
 
@@ -315,17 +351,21 @@ def run_node(
             metrics_dir=None if metrics_dir is None else str(metrics_dir),
         )
         listeners.start()
+    recorder = NodeRecorder(store, node.node_name, wait_seconds=node.db_ingest_wait_seconds)
     stow = StowReceiver(
         spool,
-        store,
-        ledger=store,
+        recorder,
+        ledger=recorder,
         max_bytes=node.stow_max_bytes,
         max_concurrent=node.stow_max_concurrent,
         on_released=released,
         on_instance=listener_audit.stow_instance,
     )
     queues = QueueDepthCollector(
-        settings.broker_url, settings.queue_dir, (REPORT_QUEUE, SEND_QUEUE)
+        settings.broker_url,
+        settings.queue_dir,
+        (REPORT_QUEUE, SEND_QUEUE),
+        sentinel_master=settings.broker_sentinel_master,
     )
 
     def listener_bound() -> None:
@@ -335,7 +375,8 @@ def run_node(
             listeners.check()
 
     def database() -> None:
-        store.count_by_state()
+        with store.retry_budget(0.0):  # a probe answers now; it does not wait out an outage
+            store.count_by_state()
 
     http = start_http(
         env,
@@ -353,16 +394,18 @@ def run_node(
         },
         store=store,
         ingest=stow,
+        node=node.node_name,
     )
     logger.info(
-        "listening as %s on %s:%d (%d listener process%s); spool %s; broker %s",
+        "node %s listening as %s on %s:%d (%d listener process%s); spool %s; broker %s",
+        node.node_name,
         node.ae_title,
         node.host,
         node.port,
         node.listener_processes,
         "es" if node.listener_processes > 1 else "",
         node.spool_dir,
-        settings.broker_url.split("@")[-1],
+        without_credentials(settings.broker_url),
     )
     assembler.start()
     try:
@@ -376,4 +419,6 @@ def run_node(
         assembler.stop()
         store.close()
         audit.close()
+        if node_lock is not None:
+            node_lock.close()
         logger.info("node stopped")

@@ -19,7 +19,25 @@ Every tick it
    other state keeps its files; so do instances received after the study finished.
 5. at start and on the reconciler's cadence, removes the files in the spool's ``tmp/`` that
    nobody writes any more (:meth:`dicom_node.spool.Spool.sweep_tmp`: a crash, or an
-   association whose end was missed, left them), logging how many.
+   association whose end was missed, left them), logging how many;
+6. records this node's heartbeat every ``heartbeat_seconds`` and expires the open associations
+   of any node silent for ``node_expire_seconds`` (:meth:`StudyStore.expire_silent_nodes`);
+7. at start and every ``spool_check_seconds``, compares the spool with the database
+   (:meth:`Assembler.check_spool`): a first copy without a row, older than
+   :data:`UNRECORDED_GRACE_SECONDS` (its request was refused while the database was down, or
+   the node died between the rename and the record), is recorded, so the study is reported;
+   one that cannot be read is reported as an event.
+
+Several nodes on one database each run an assembler. Every step is a conditional update in
+the database (:mod:`dicom_node.studies`), so a study is queued, re-sent or handed to a
+delivery by one node only; retention and the spool check run on one node at a time, under a
+duty lease.
+
+Broker faults: a job that cannot be handed to the broker stays in memory and is sent again on
+the next tick. When the broker's identity changes (``broker_identity``: a Redis restart or a
+Sentinel failover, which may lose the messages it held), every queued study's job and every
+pending delivery is sent again at once instead of after ``requeue_after``: a worker drops the
+copy of a job whose study is already claimed.
 
 The queue itself is injected (``enqueue_report``, ``enqueue_send``): this module never imports
 Celery.
@@ -28,21 +46,29 @@ Celery.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 
 import sqlalchemy as sa
 
+from dicom_node.errors import InstanceRejected, NodeError
+from dicom_node.instance_file import read_instance_header
+from dicom_node.metadata import header_from_dataset
 from dicom_node.selection import select_images
-from dicom_node.spool import Spool
+from dicom_node.spool import Spool, printable
 from dicom_node.studies import (
     DONE,
     SKIPPED,
     InstanceRecord,
     StudyStore,
     events_table,
+    instances_table,
     studies_table,
 )
 
@@ -55,7 +81,16 @@ OnFailed = Callable[[str, str], None]
 
 #: event kind recorded when a study's files leave the spool
 SPOOL_PURGED = "spool-purged"
+#: event kind of an instance found in the spool without a row, and recorded
+SPOOL_RECOVERED = "spool-recovered"
+#: event kind of a file in the spool without a row that cannot be read
+SPOOL_UNRECORDED = "spool-unrecorded"
 _RETAINED_STATES = (DONE, SKIPPED)
+#: a first copy without a row is recorded by the spool check once it is this old (a receiver
+#: records its instance milliseconds after the rename; a younger file may be in that window)
+UNRECORDED_GRACE_SECONDS = 120.0
+#: the duties one node at a time runs, each under a lease of a few reconciler periods
+DUTY_HOUSEKEEPING = "housekeeping"
 
 
 def retention_candidates(store: StudyStore, cutoff: float, *, limit: int = 100) -> list[str]:
@@ -97,6 +132,14 @@ class AssemblerConfig:
     retention_seconds: float = 0.0
     #: worker attempts per study before an expired claim fails it
     max_attempts: int = 3
+    #: this node's name (``D2R_NODE_NAME``)
+    node: str = ""
+    #: how often the node records its heartbeat
+    heartbeat_seconds: float = 5.0
+    #: a node silent this long has its open associations expired
+    node_expire_seconds: float = 30.0
+    #: how often the spool is compared with the database (and once at start)
+    spool_check_seconds: float = 3600.0
 
 
 class Assembler:
@@ -111,8 +154,10 @@ class Assembler:
         enqueue_send: EnqueueSend,
         spool: Spool | None = None,
         on_failed: OnFailed | None = None,
+        broker_identity: Callable[[], str | None] | None = None,
     ) -> None:
         self.on_failed = on_failed
+        self.broker_identity = broker_identity
         self.store = store
         self.config = config
         self.enqueue_report = enqueue_report
@@ -124,6 +169,14 @@ class Assembler:
         self._wake_at = float("inf")
         self._thread: threading.Thread | None = None
         self._last_reconcile = float("-inf")
+        self._last_heartbeat = float("-inf")
+        self._last_spool_check = float("-inf")
+        self._last_broker_check = float("-inf")
+        self._broker: str | None = None
+        #: jobs the broker did not take: (generation, images) by study, sent again each tick
+        self._unsent: dict[str, tuple[int, Sequence[InstanceRecord]]] = {}
+        self._unsent_sends: set[tuple[str, str]] = set()
+        self._reported_files: set[str] = set()
 
     def complete_due(self, now: float | None = None) -> list[str]:
         """Queue or skip every complete study; returns the queued UIDs."""
@@ -160,6 +213,7 @@ class Assembler:
     ) -> list[str]:
         """Re-send the jobs of studies the database says are unfinished."""
         again = []
+        now = time.time() if now is None else now
         for uid, generation in self.store.requeue_candidates(
             requeue_after=self.config.requeue_after if requeue_after is None else requeue_after,
             max_attempts=self.config.max_attempts,
@@ -168,17 +222,42 @@ class Assembler:
             selection = select_images(self.store.instances(uid))
             if selection.skip_reason is not None or not selection.images:
                 continue
-            self.store.touch_queued(uid, detail=f"job re-sent by the reconciler (gen {generation})")
+            after = self.config.requeue_after if requeue_after is None else requeue_after
+            if not self.store.touch_queued(
+                uid,
+                detail=f"job re-sent by the reconciler (gen {generation})",
+                generation=generation,
+                requeue_after=after,
+                now=now,
+            ):
+                continue  # another node re-sent it, or a worker claimed it meanwhile
             self._enqueue(uid, generation, selection.images)
             again.append(uid)
         return again
 
-    def send_due(self, now: float | None = None) -> list[tuple[str, str]]:
-        due = self.store.due_deliveries(requeue_after=self.config.requeue_after, now=now)
-        for uid, dest in due:
-            self.store.mark_delivery_enqueued(uid, dest)
+    def send_due(
+        self, now: float | None = None, *, requeue_after: float | None = None
+    ) -> list[tuple[str, str]]:
+        """Hand each due delivery to the queue (one node wins each); returns those handed."""
+        now = time.time() if now is None else now
+        after = self.config.requeue_after if requeue_after is None else requeue_after
+        handed = []
+        for uid, dest in self.store.due_deliveries(requeue_after=after, now=now):
+            if not self.store.mark_delivery_enqueued(uid, dest, requeue_after=after, now=now):
+                continue
+            self._send(uid, dest)
+            handed.append((uid, dest))
+        return handed
+
+    def _send(self, uid: str, dest: str) -> None:
+        try:
             self.enqueue_send(uid, dest)
-        return due
+        except Exception as exc:  # the broker is down: sent again on the next tick
+            if not self._unsent_sends:
+                logger.warning("broker unreachable (%s); sends are kept and sent again", exc)
+            self._unsent_sends.add((uid, dest))
+        else:
+            self._unsent_sends.discard((uid, dest))
 
     def purge_expired(self, now: float | None = None) -> list[str]:
         """Apply the retention period; returns the studies whose files were removed."""
@@ -216,11 +295,187 @@ class Assembler:
         return files
 
     def _enqueue(self, uid: str, generation: int, images: Sequence[InstanceRecord]) -> None:
-        self.enqueue_report(uid, generation, images)
+        try:
+            self.enqueue_report(uid, generation, images)
+        except Exception as exc:  # the broker is down: the job waits here for the next tick
+            if not self._unsent:
+                logger.warning("broker unreachable (%s); jobs are kept and sent again", exc)
+            self._unsent[uid] = (generation, images)
+            return
+        self._unsent.pop(uid, None)
         logger.info("study %s queued (generation %d, %d image(s))", uid, generation, len(images))
+
+    def resend_unsent(self) -> int:
+        """Hand the broker the jobs and sends it refused earlier; returns how many it took."""
+        if not self._unsent and not self._unsent_sends:
+            return 0
+        before = len(self._unsent) + len(self._unsent_sends)
+        for uid, (generation, images) in list(self._unsent.items()):
+            self._enqueue(uid, generation, images)
+        for uid, dest in sorted(self._unsent_sends):
+            self._send(uid, dest)
+        after = len(self._unsent) + len(self._unsent_sends)
+        if before > after:
+            logger.info("broker reachable again: %d job(s) and send(s) handed over", before - after)
+        return before - after
+
+    def check_broker(self, now: float | None = None) -> bool:
+        """Re-send every queued job and pending delivery when the broker's identity changed
+        (it restarted or failed over, and may have lost what it held); returns whether it did."""
+        if self.broker_identity is None:
+            return False
+        try:
+            identity = self.broker_identity()
+        except Exception:  # unreachable: the identity is read again on the next tick
+            return False
+        if identity is None:
+            return False
+        previous, self._broker = self._broker, identity
+        if previous is None or previous == identity:
+            return False
+        logger.warning("the broker restarted or failed over: re-sending queued jobs and sends")
+        requeued = self.reconcile(now, requeue_after=0.0)
+        sends = self.send_due(now, requeue_after=0.0)
+        logger.warning(
+            "after the broker change: %d job(s) and %d send(s) re-sent", len(requeued), len(sends)
+        )
+        return True
+
+    # ------------------------------------------------------------ several nodes
+    def register(self) -> None:
+        """Record this node's start; expire the associations its previous run left open."""
+        if not self.config.node:
+            return
+        left = self.store.register_node(self.config.node, host=_host(), pid=os.getpid())
+        if left:
+            logger.warning(
+                "expired the open associations of %d study(ies) left by this node's last run",
+                len(left),
+            )
+        self._last_heartbeat = time.monotonic()
+
+    def beat(self, now: float | None = None) -> None:
+        """Record the heartbeat when due; expire the associations of silent nodes."""
+        if not self.config.node:
+            return
+        if time.monotonic() - self._last_heartbeat < self.config.heartbeat_seconds:
+            return
+        if not self.store.heartbeat(self.config.node):
+            self.register()  # its row was removed: record the node again
+        self._last_heartbeat = time.monotonic()
+        for node, studies in self.store.expire_silent_nodes(
+            expire_seconds=self.config.node_expire_seconds, now=now
+        ).items():
+            logger.warning(
+                "node %s is silent: expired its open associations of %d study(ies)",
+                printable(node),
+                len(studies),
+            )
+
+    def _housekeeping(self) -> bool:
+        """Whether this node holds the housekeeping duty (always, without a node name)."""
+        if not self.config.node:
+            return True
+        return self.store.hold_duty(
+            DUTY_HOUSEKEEPING, self.config.node, seconds=3 * self.config.reconcile_seconds + 30
+        )
+
+    def check_spool(self, now: float | None = None) -> tuple[int, int]:
+        """Record the first copies in the spool that have no row; returns (recorded, unreadable).
+
+        Files younger than :data:`UNRECORDED_GRACE_SECONDS` are left to the next check (their
+        receiver may be about to record them).
+        """
+        if self.spool is None:
+            return 0, 0
+        now = time.time() if now is None else now
+        recorded = unreadable = 0
+        known: dict[str, set[str]] = {}
+        for path in self.spool.instance_files():
+            study_dir = path.parent.name
+            if study_dir not in known:
+                known[study_dir] = self._recorded_paths(path.parent)
+            if str(path) in known[study_dir] or str(path) in self._reported_files:
+                continue
+            try:
+                mtime = path.stat().st_mtime
+            except OSError:
+                continue  # removed meanwhile
+            if now - mtime < UNRECORDED_GRACE_SECONDS:
+                continue
+            if self._recover(path, mtime):
+                recorded += 1
+            else:
+                unreadable += 1
+        if recorded or unreadable:
+            logger.warning(
+                "spool check: %d instance(s) found without a record were recorded, %d cannot be "
+                "read",
+                recorded,
+                unreadable,
+            )
+        return recorded, unreadable
+
+    def _recorded_paths(self, study_dir: Path) -> set[str]:
+        i = instances_table.c
+        prefix = str(study_dir) + os.sep
+        with self.store.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(i.path).where(i.path.startswith(prefix, autoescape=True))
+            ).all()
+        return {str(r.path) for r in rows}
+
+    def _recover(self, path: Path, mtime: float) -> bool:
+        """Record one first copy found without a row; False (and an event) when unreadable."""
+        try:
+            ds = read_instance_header(path)
+            header = header_from_dataset(ds)
+            sha = self.spool.data_set_sha256(path) if self.spool is not None else None
+            meta = ds.file_meta
+            record = InstanceRecord(
+                study_instance_uid=header.study_instance_uid,
+                series_instance_uid=header.series_instance_uid,
+                sop_instance_uid=header.sop_instance_uid,
+                sop_class_uid=header.sop_class_uid,
+                transfer_syntax_uid=str(meta.get("TransferSyntaxUID", "")),
+                modality=header.modality,
+                body_part_examined=header.body_part_examined,
+                view_position=header.view_position,
+                series_description=header.series_description,
+                path=str(path),
+                size=path.stat().st_size,
+                sha256=sha or "",
+                calling_ae_title=str(meta.get("SourceApplicationEntityTitle", "") or "").strip()[
+                    :16
+                ],
+                received_at=datetime.fromtimestamp(mtime, UTC),
+                received_by=self.config.node,
+            )
+        except (InstanceRejected, NodeError, OSError) as exc:
+            self._reported_files.add(str(path))
+            self.store.add_event(
+                None,
+                SPOOL_UNRECORDED,
+                f"{printable(path.parent.name)}/{printable(path.name)}: in the spool without a "
+                f"record and unreadable ({type(exc).__name__}); left in place",
+            )
+            return False
+        outcome = self.store.record_instance(record, outcome="stored")
+        self.store.add_event(
+            record.study_instance_uid,
+            SPOOL_RECOVERED,
+            f"instance {record.sop_instance_uid}: in the spool without a record; {outcome} by "
+            "the spool check",
+        )
+        return True
 
     def tick(self) -> None:
         now = time.time()
+        self.resend_unsent()
+        self.beat(now)
+        if time.monotonic() - self._last_broker_check >= 2.0:
+            self._last_broker_check = time.monotonic()
+            self.check_broker(now)
         self.complete_due(now)
         if self.reap_expired(now):
             logger.warning("re-queued the study(ies) of a lost worker")
@@ -229,8 +484,12 @@ class Assembler:
             requeued = self.reconcile(now)
             if requeued:
                 logger.warning("reconciler re-queued %d study(ies)", len(requeued))
-            self.purge_expired(now)
             self.sweep_tmp(now)
+            if self._housekeeping():
+                self.purge_expired(now)
+                if now - self._last_spool_check >= self.config.spool_check_seconds:
+                    self._last_spool_check = now
+                    self.check_spool(now)
         self.send_due(now)
 
     def wake_after(self, seconds: float) -> None:
@@ -255,6 +514,10 @@ class Assembler:
             self._wake.wait(remaining)
 
     def run(self) -> None:
+        try:
+            self.register()
+        except Exception:  # the first heartbeat registers it once the database answers
+            logger.exception("could not record this node's start; retrying with its heartbeat")
         while not self._stop.is_set():
             try:
                 self.tick()
@@ -272,3 +535,7 @@ class Assembler:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+
+
+def _host() -> str:
+    return socket.gethostname()[:255]

@@ -12,6 +12,7 @@ receive side translates them into DIMSE statuses, outbound failures live in
     ├── InstanceRejected         the header cannot be used  -> 0xC000 range
     │   ├── MissingUIDError      no Study / SOP Instance / SOP Class UID
     │   └── PixelDataTooLarge    a stored image over D2R_MAX_PIXEL_BYTES (read, not received)
+    ├── DatabaseUnavailable      the study database did not answer within the retry budget
     └── SchemaError              the study database's schema does not fit this release
         ├── SchemaBehindError    an older revision: ``d2r db upgrade`` (or D2R_DB_AUTO_UPGRADE)
         ├── SchemaAheadError     a newer revision than this release knows (a rollback)
@@ -21,6 +22,7 @@ receive side translates them into DIMSE statuses, outbound failures live in
 from __future__ import annotations
 
 __all__ = [
+    "DatabaseUnavailable",
     "InstanceRejected",
     "MissingUIDError",
     "NodeError",
@@ -76,6 +78,14 @@ class PixelDataTooLarge(InstanceRejected):
     """A stored image's pixel data exceeds the limit (``D2R_MAX_PIXEL_BYTES``).
 
     Raised before the pixels are read, inflated or decoded; the reason names the sizes only.
+    """
+
+
+class DatabaseUnavailable(NodeError):
+    """The study database could not be reached (restart, failover, network) in time.
+
+    Raised once the caller's retry budget is spent; nothing was written. A receiver answers it
+    with a failure status, a worker puts its job back on the queue.
     """
 
 

@@ -82,7 +82,12 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.presentation import PresentationContext
 
 from dicom_node import statuses
-from dicom_node.errors import InstanceRejected, SpoolFullError, SpoolWriteError
+from dicom_node.errors import (
+    DatabaseUnavailable,
+    InstanceRejected,
+    SpoolFullError,
+    SpoolWriteError,
+)
 from dicom_node.metadata import InstanceHeader, parse_header
 from dicom_node.selection import (
     CR_IMAGE_STORAGE,
@@ -167,7 +172,7 @@ MAX_PENDING_MESSAGES: Final = 16
 class StudyRecorder(Protocol):
     """What the handler needs from :class:`dicom_node.studies.StudyStore`."""
 
-    def record_instance(self, record: InstanceRecord, *, outcome: str) -> None: ...
+    def record_instance(self, record: InstanceRecord, *, outcome: str) -> str: ...
 
     def record_rejection(
         self,
@@ -735,18 +740,23 @@ def _handle_store(
                 )
         except (SpoolFullError, SpoolWriteError) as exc:
             return _spool_failed(exc, store, sop_instance_uid, study_uid, calling)
-        store.record_instance(
+        recorded = store.record_instance(
             instance_record(header, spooled, transfer_syntax, calling), outcome=spooled.outcome
         )
-        if associations is not None and spooled.outcome == "stored":
+        if associations is not None and recorded == "stored":
             associations.stored(event.assoc, study_uid)
         logger.debug(
             "SOP Instance %s of study %s: %s",
             printable_uid(sop_instance_uid),
             printable_uid(study_uid),
-            spooled.outcome,
+            recorded,
         )
         return statuses.SUCCESS
+    except DatabaseUnavailable as exc:  # spooled maybe, not recorded: the sender sends it again
+        logger.warning(
+            "C-STORE of SOP Instance %s refused: %s", printable_uid(sop_instance_uid), exc
+        )
+        return statuses.PROCESSING_FAILURE
     except Exception:
         logger.exception(
             "C-STORE of SOP Instance %s (study %s) failed",

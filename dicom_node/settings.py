@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
+import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -294,6 +296,22 @@ def non_negative_float(text: str) -> float:
     return float(_number(float, 0.0)(text))
 
 
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def parse_node_name(text: str) -> str:
+    """D2R_NODE_NAME: 1-64 letters, digits, dots, dashes or underscores."""
+    if not _NODE_NAME.fullmatch(text):
+        raise ValueError("expected 1-64 letters, digits, '.', '-' or '_' (e.g. the pod name)")
+    return text
+
+
+def default_node_name() -> str:
+    """The host name, made a valid node name."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).strip("-._")[:64]
+    return name or "d2r-node"
+
+
 @dataclass(frozen=True)
 class NodeSettings:
     """Settings of the DICOM node (listener, spool, study timers, sender).
@@ -341,6 +359,16 @@ class NodeSettings:
     #: largest pixel data of one stored image that the status page and the worker read
     #: (Rows x Columns x frames x samples x bits); checked before reading or inflating pixels
     max_pixel_bytes: int = DEFAULT_MAX_PIXEL_BYTES
+    #: this node's name among the replicas on one database (default: the host name)
+    node_name: str = field(default_factory=default_node_name)
+    #: how often a node records in the study database that it is alive
+    node_heartbeat_seconds: float = 5.0
+    #: a node silent this long is taken as dead: a survivor expires its open associations
+    node_expire_seconds: float = 30.0
+    #: how long the assembler and the workers retry their database work through an outage
+    db_retry_seconds: float = 30.0
+    #: how long an incoming instance waits for the database before a failure status
+    db_ingest_wait_seconds: float = 5.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> NodeSettings:
@@ -366,6 +394,16 @@ class NodeSettings:
         max_pdu = env_setting(env, "D2R_MAX_PDU", d.max_pdu, int_at_least(0))
         if max_pdu != 0 and max_pdu < 4096:
             raise ConfigError("D2R_MAX_PDU", f"must be 0 (unlimited) or >= 4096, got {max_pdu}")
+        heartbeat = env_setting(
+            env, "D2R_NODE_HEARTBEAT_SECONDS", d.node_heartbeat_seconds, positive_float
+        )
+        expire = env_setting(env, "D2R_NODE_EXPIRE_SECONDS", d.node_expire_seconds, positive_float)
+        if expire < 2 * heartbeat:
+            raise ConfigError(
+                "D2R_NODE_EXPIRE_SECONDS",
+                f"must be at least twice D2R_NODE_HEARTBEAT_SECONDS ({heartbeat:g} s), got "
+                f"{expire:g}: a live node would be taken as dead between two heartbeats",
+            )
         return cls(
             ae_title=env_setting(env, "D2R_AE_TITLE", d.ae_title, validate_ae_title),
             host=env_setting(env, "D2R_HOST", d.host, str),
@@ -418,6 +456,15 @@ class NodeSettings:
             ),
             max_pixel_bytes=env_setting(
                 env, "D2R_MAX_PIXEL_BYTES", d.max_pixel_bytes, parse_max_pixel_bytes
+            ),
+            node_name=env_setting(env, "D2R_NODE_NAME", d.node_name, parse_node_name),
+            node_heartbeat_seconds=heartbeat,
+            node_expire_seconds=expire,
+            db_retry_seconds=env_setting(
+                env, "D2R_DB_RETRY_SECONDS", d.db_retry_seconds, non_negative_float
+            ),
+            db_ingest_wait_seconds=env_setting(
+                env, "D2R_DB_INGEST_WAIT_SECONDS", d.db_ingest_wait_seconds, non_negative_float
             ),
         )
 

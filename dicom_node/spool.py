@@ -566,6 +566,28 @@ class Spool:
                 parent.rmdir()
         return removed, freed
 
+    def instance_files(self) -> Iterable[Path]:
+        """Every first copy in ``instances/`` (the spool check compares them with the database)."""
+        try:
+            studies = sorted(os.scandir(self.instances_dir), key=lambda e: e.name)
+        except OSError as exc:
+            logger.warning("cannot list the spool's instances/: %s", exc.strerror)
+            return
+        for study in studies:
+            if not study.is_dir(follow_symlinks=False):
+                continue
+            try:
+                names = sorted(e.name for e in os.scandir(study.path) if e.name.endswith(".dcm"))
+            except OSError:
+                continue  # removed meanwhile (retention)
+            for name in names:
+                yield Path(study.path) / name
+
+    def data_set_sha256(self, path: Path) -> str | None:
+        """The SHA-256 of the data set of the file at ``path`` (None if absent), as the
+        duplicate check computes it."""
+        return self._existing_sha256(path)
+
     def sweep_tmp(
         self,
         *,
@@ -742,9 +764,14 @@ class Spool:
                     tmp.unlink()
                     return self._duplicate(final, sha, sop_instance_uid)
                 if existing is None:
-                    self._publish(tmp, final)
-                    self._remember_published(final, sha)
-                    return SpooledInstance(final, size, sha, "stored")
+                    if self._publish_first(tmp, final):
+                        self._remember_published(final, sha)
+                        return SpooledInstance(final, size, sha, "stored")
+                    # another node published a first copy meanwhile: compare with it
+                    existing = self._existing_sha256(final)
+                    if existing == sha:
+                        tmp.unlink()
+                        return self._duplicate(final, sha, sop_instance_uid)
                 name = f"{safe_name(sop_instance_uid)}.{sha[:16]}.dcm"
                 quarantine = self.conflicts_dir / safe_name(study_instance_uid) / name
                 if quarantine.exists():
@@ -853,6 +880,32 @@ class Spool:
         finally:
             hasher.join()
         return tmp, size, digest.hexdigest()
+
+    @staticmethod
+    def _publish_first(tmp: Path, final: Path) -> bool:
+        """Publish ``tmp`` as ``final`` unless a file of that name exists (False then).
+
+        A hard link fails when the name exists, also when another node sharing the spool
+        publishes the same instance at the same moment; where links are not supported, the
+        rename of :meth:`_publish` is used.
+        """
+        parent = final.parent
+        created = not parent.exists()
+        parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                raise
+            os.replace(tmp, final)
+        else:
+            tmp.unlink()
+        _fsync_dir(parent)
+        if created:
+            _fsync_dir(parent.parent)
+        return True
 
     @staticmethod
     def _publish(tmp: Path, final: Path) -> None:

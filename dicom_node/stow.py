@@ -65,7 +65,13 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import BaseTag
 
 from dicom_node import statuses
-from dicom_node.errors import InstanceRejected, NodeError, SpoolFullError, SpoolWriteError
+from dicom_node.errors import (
+    DatabaseUnavailable,
+    InstanceRejected,
+    NodeError,
+    SpoolFullError,
+    SpoolWriteError,
+)
 from dicom_node.scp import (
     STORAGE_SOP_CLASSES,
     AssociationLedger,
@@ -99,6 +105,9 @@ logger = logging.getLogger(__name__)
 DICOM_JSON: Final = "application/dicom+json"
 #: What the study database records as the "calling AE title" of an instance stored over STOW-RS.
 STOW_CALLING_AE: Final = "STOW-RS"
+#: why a part was refused while the study database did not answer (a request all of whose parts
+#: were refused so is answered 503, to be sent again)
+DATABASE_DOWN: Final = "the study database is unavailable; send again later"
 #: FailureReason of an instance whose Study Instance UID is not the request's ``{study}``.
 STUDY_MISMATCH: Final = 0xC122
 #: Longest multipart boundary accepted: RFC 2046 says 70, Orthanc 1.10 sends 73.
@@ -561,6 +570,8 @@ class StowReceiver:
         finally:
             request.close()
             self._release(studies)
+        if results and all(r.reason == DATABASE_DOWN for r in results):
+            raise StowRefused(503, DATABASE_DOWN)
         status = request_status(results)
         stored = sum(not r.failed for r in results)
         logger.info(
@@ -693,12 +704,15 @@ class StowReceiver:
                     statuses.OUT_OF_RESOURCES,
                     f"out of resources: {exc}",
                 )
-            self.store.record_instance(
+            recorded = self.store.record_instance(
                 instance_record(header, spooled, transfer_syntax, STOW_CALLING_AE),
                 outcome=spooled.outcome,
             )
+            return PartResult(sop_class, sop_uid, study_uid, statuses.SUCCESS, outcome=recorded)
+        except DatabaseUnavailable as exc:  # spooled maybe, not recorded: the client sends again
+            logger.warning("STOW-RS of SOP Instance %s refused: %s", printable_uid(sop_uid), exc)
             return PartResult(
-                sop_class, sop_uid, study_uid, statuses.SUCCESS, outcome=spooled.outcome
+                sop_class, sop_uid, study_uid, statuses.PROCESSING_FAILURE, reason=DATABASE_DOWN
             )
         except SpoolWriteError as exc:
             logger.error("spool write failed for SOP Instance %s: %s", printable_uid(sop_uid), exc)

@@ -37,25 +37,45 @@ in this database, so a node restarted between the release and the completion sti
 study on time. An association cut by a crash of the node is never counted as released: its
 studies fall back to the quiet period.
 
+Several nodes (PostgreSQL): every node runs the same receivers and the same assembler on one
+database. Each state change is a conditional update, so whichever node's update wins does the
+work (queues the job, re-sends it, hands a delivery to the queue) and the others find nothing to
+do. Each node records a heartbeat (``nodes``) and which of its associations are open for which
+study (``node_associations``); a surviving node expires the open associations of a node that
+stopped beating (:meth:`StudyStore.expire_silent_nodes`), so a study is never held by a dead
+node. Duties that must run on one node at a time (retention, the spool check) take a short lease
+(:meth:`StudyStore.hold_duty`).
+
+Database outages: a restart or failover of the database raises connection errors. Every public
+method retries them with a short backoff for ``retry_seconds`` (a transaction that failed was
+rolled back, so running it again is safe), then raises
+:class:`~dicom_node.errors.DatabaseUnavailable`. Callers that must answer quickly (the
+receivers, the probes) narrow the budget with :meth:`StudyStore.retry_budget`.
+
 Times are stored as UTC seconds since the epoch (floats), so SQLite and PostgreSQL behave the
 same."""
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import json
 import logging
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, ParamSpec, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from dicom_node import schema
+from dicom_node.errors import DatabaseUnavailable
+from dicom_node.settings import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +148,35 @@ instances_table = sa.Table(
     sa.Column("received_at", sa.Float, nullable=False),
     sa.Column("duplicates", sa.Integer, nullable=False, default=0),
     sa.Column("conflicts", sa.Integer, nullable=False, default=0),
+    # the node (D2R_NODE_NAME) whose receiver recorded the instance
+    sa.Column("received_by", sa.String(64), nullable=True),
+)
+
+nodes_table = sa.Table(
+    "nodes",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("heartbeat_at", sa.Float, nullable=False),
+)
+
+node_associations_table = sa.Table(
+    "node_associations",
+    metadata,
+    sa.Column("node", sa.String(64), primary_key=True),
+    sa.Column("study_instance_uid", sa.String(64), primary_key=True),
+    # associations of this node that brought an instance of the study and are still open
+    sa.Column("open", sa.Integer, nullable=False),
+)
+
+duties_table = sa.Table(
+    "duties",
+    metadata,
+    sa.Column("name", sa.String(32), primary_key=True),
+    sa.Column("holder", sa.String(64), nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
 )
 
 deliveries_table = sa.Table(
@@ -184,18 +233,24 @@ class InstanceRecord:
     sha256: str
     calling_ae_title: str
     received_at: datetime
+    #: the node whose receiver recorded it (``D2R_NODE_NAME``; empty when not known)
+    received_by: str = ""
 
     def to_row(self) -> dict[str, Any]:
         row = {f: getattr(self, f) for f in self.__dataclass_fields__}
         row["received_at"] = self.received_at.timestamp()
+        row["received_by"] = self.received_by or None
         return row
 
     @classmethod
     def from_row(cls, row: Any) -> InstanceRecord:
         m = row._mapping
         return cls(
-            **{f: m[f] for f in cls.__dataclass_fields__ if f != "received_at"},
+            **{
+                f: m[f] for f in cls.__dataclass_fields__ if f not in ("received_at", "received_by")
+            },
             received_at=datetime.fromtimestamp(m["received_at"], UTC),
+            received_by=m["received_by"] or "",
         )
 
 
@@ -207,6 +262,18 @@ class Delivery:
     next_attempt_at: float | None
     last_error: str | None
     sent_at: float | None
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """One node of the study database, as ``d2r status`` shows it."""
+
+    name: str
+    host: str
+    pid: int
+    started_at: float
+    heartbeat_at: float
+    open_associations: int
 
 
 @dataclass(frozen=True)
@@ -243,10 +310,90 @@ class StudyView:
     stage: str | None = None
     #: when the study entered its state (falls back to the last update on older rows)
     state_since: float | None = None
+    #: (node, instances) for each node that received instances of the study
+    received_by: tuple[tuple[str, int], ...] = ()
 
 
 def _now() -> float:
     return time.time()
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+#: the retry budget of the calls in this context (None: the store's ``retry_seconds``)
+_BUDGET: ContextVar[float | None] = ContextVar("d2r_db_retry_budget", default=None)
+#: set while a public method runs, so that the methods it calls do not retry on their own
+_RETRYING: ContextVar[bool] = ContextVar("d2r_db_retrying", default=False)
+#: SQLSTATE classes of errors a new transaction may not meet: connection exception (08),
+#: insufficient resources (53, e.g. too many connections), operator intervention (57, e.g. the
+#: server shutting down or starting up), transaction rollback (40: serialization, deadlock)
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57")
+
+
+def transient_database_error(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database is (momentarily) unreachable or busy, not that the
+    statement is wrong: the transaction was rolled back and may simply run again."""
+    if not isinstance(exc, sa.exc.DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    if not isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError):
+        return False
+    orig = exc.orig
+    if type(orig).__module__.startswith("sqlite3"):
+        return "locked" in str(orig) or "busy" in str(orig)
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate is None:  # no answer from a server at all: refused, reset, closed
+        return True
+    return str(sqlstate)[:2] in _TRANSIENT_SQLSTATE_CLASSES
+
+
+def _brief(exc: BaseException) -> str:
+    """One line naming a database error (no statement, no parameters)."""
+    orig = getattr(exc, "orig", None) or exc
+    first = str(orig).strip().splitlines()[0] if str(orig).strip() else ""
+    return f"{type(orig).__name__}: {first[:200]}"
+
+
+def _retrying(method: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run a :class:`StudyStore` method again while the database is unreachable, within the
+    budget; then raise :class:`DatabaseUnavailable`."""
+
+    @functools.wraps(method)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if _RETRYING.get():
+            return method(*args, **kwargs)
+        store = args[0]
+        budget = _BUDGET.get()
+        if budget is None:
+            budget = float(getattr(store, "retry_seconds", 0.0))
+        deadline = time.monotonic() + budget
+        delay = 0.1
+        token = _RETRYING.set(True)
+        try:
+            while True:
+                try:
+                    return method(*args, **kwargs)
+                except sa.exc.DBAPIError as exc:
+                    if not transient_database_error(exc):
+                        raise
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise DatabaseUnavailable(
+                            f"the study database did not answer within {budget:g} s ({_brief(exc)})"
+                        ) from exc
+                    logger.warning(
+                        "study database unreachable (%s); retrying %s for up to %.0f s",
+                        _brief(exc),
+                        method.__name__,
+                        left,
+                    )
+                    time.sleep(min(delay, left))
+                    delay = min(delay * 2, 2.0)
+        finally:
+            _RETRYING.reset(token)
+
+    return run
 
 
 class StudyStore:
@@ -260,12 +407,16 @@ class StudyStore:
     auto_upgrade : bool
         Upgrade a database at an older schema revision instead of refusing it
         (:func:`dicom_node.schema.prepare`, which raises a :class:`~dicom_node.errors.SchemaError`).
+    retry_seconds : float
+        How long each call retries while the database is unreachable before it raises
+        :class:`~dicom_node.errors.DatabaseUnavailable` (``D2R_DB_RETRY_SECONDS``).
     """
 
-    def __init__(self, url: str, *, auto_upgrade: bool = False) -> None:
+    def __init__(self, url: str, *, auto_upgrade: bool = False, retry_seconds: float = 0.0) -> None:
         if not isinstance(url, str) or not url:
             raise ValueError("url must be a non-empty SQLAlchemy URL")
         self.url = url
+        self.retry_seconds = retry_seconds
         self.engine: Engine = make_engine(url)
         try:
             schema.prepare(self.engine, auto_upgrade=auto_upgrade)
@@ -281,6 +432,16 @@ class StudyStore:
         with self.engine.begin() as conn:
             yield conn
 
+    @staticmethod
+    @contextmanager
+    def retry_budget(seconds: float) -> Iterator[None]:
+        """Calls in this block retry an unreachable database for ``seconds`` at most (0: once)."""
+        token = _BUDGET.set(max(0.0, seconds))
+        try:
+            yield
+        finally:
+            _BUDGET.reset(token)
+
     # ----------------------------------------------------------------- events
     def _event(self, conn: Connection, study_uid: str | None, kind: str, detail: str) -> None:
         conn.execute(
@@ -289,11 +450,13 @@ class StudyStore:
             )
         )
 
+    @_retrying
     def add_event(self, study_uid: str | None, kind: str, detail: str) -> None:
         """Append one event (no PHI: UIDs, states and reasons only)."""
         with self._tx() as conn:
             self._event(conn, study_uid, kind, detail)
 
+    @_retrying
     def events(self, study_uid: str) -> list[Event]:
         with self._tx() as conn:
             rows = conn.execute(
@@ -304,14 +467,21 @@ class StudyStore:
         return [Event(at=r.at, kind=r.kind, detail=r.detail) for r in rows]
 
     # -------------------------------------------------------------- node side
-    def record_instance(self, record: InstanceRecord, *, outcome: str) -> None:
-        """Record a durably spooled instance (``outcome``: stored, duplicate or conflict)."""
+    @_retrying
+    def record_instance(self, record: InstanceRecord, *, outcome: str) -> str:
+        """Record a durably spooled instance; returns the outcome recorded.
+
+        ``outcome`` is the spool's: stored, duplicate or conflict. The spool compares with the
+        files it holds, the database with what was acknowledged: a duplicate or a conflict of an
+        instance without a row (its first copy was spooled while the database was unreachable,
+        and refused) is recorded as ``stored``, pointing at the copy this request brought. So a
+        duplicate is only ever answered against a recorded instance.
+        """
         if outcome not in ("stored", "duplicate", "conflict"):
             raise ValueError(f"outcome must be stored, duplicate or conflict, not {outcome!r}")
         for attempt in range(3):
             try:
-                self._record_instance(record, outcome)
-                return
+                return self._record_instance(record, outcome)
             except sa.exc.IntegrityError:
                 # Two associations delivered the first instances of one study at once, or the
                 # same instance twice: the loser re-reads and takes the other branch.
@@ -319,6 +489,7 @@ class StudyStore:
                     raise
                 if outcome == "stored" and self._has_instance(record.sop_instance_uid):
                     outcome = "duplicate"
+        raise AssertionError("unreachable")
 
     def _has_instance(self, sop_uid: str) -> bool:
         with self._tx() as conn:
@@ -329,32 +500,40 @@ class StudyStore:
             ).first()
         return row is not None
 
-    def _record_instance(self, record: InstanceRecord, outcome: str) -> None:
+    def _record_instance(self, record: InstanceRecord, outcome: str) -> str:
         now = record.received_at.timestamp()
         study_uid = record.study_instance_uid
         with self._tx() as conn:
-            if outcome == "stored":
-                conn.execute(instances_table.insert().values(**record.to_row()))
-            else:
+            if outcome != "stored":
                 column = "duplicates" if outcome == "duplicate" else "conflicts"
-                conn.execute(
+                counted = conn.execute(
                     instances_table.update()
                     .where(instances_table.c.sop_instance_uid == record.sop_instance_uid)
                     .values({column: instances_table.c[column] + 1})
                 )
+                if counted.rowcount:
+                    self._event(
+                        conn,
+                        study_uid,
+                        outcome,
+                        f"instance {record.sop_instance_uid}: "
+                        + (
+                            "same bytes received again; kept one copy"
+                            if outcome == "duplicate"
+                            else "different bytes under the same SOP Instance UID; first copy "
+                            f"kept, new copy quarantined at {record.path}"
+                        ),
+                    )
+                    return outcome
                 self._event(
                     conn,
                     study_uid,
-                    outcome,
-                    f"instance {record.sop_instance_uid}: "
-                    + (
-                        "same bytes received again; kept one copy"
-                        if outcome == "duplicate"
-                        else f"different bytes under the same SOP Instance UID; first copy kept, "
-                        f"new copy quarantined at {record.path}"
-                    ),
+                    "recorded-late",
+                    f"instance {record.sop_instance_uid}: its file was in the spool but never "
+                    "recorded (the earlier request was refused); recorded now",
                 )
-                return
+                outcome = "stored"
+            conn.execute(instances_table.insert().values(**record.to_row()))
             study = conn.execute(
                 sa.select(studies_table)
                 .where(studies_table.c.study_instance_uid == study_uid)
@@ -373,7 +552,7 @@ class StudyStore:
                     )
                 )
                 self._event(conn, study_uid, "received", "first instance received")
-                return
+                return outcome
             values: dict[str, Any] = {
                 "last_received_at": max(now, study.last_received_at),
                 "updated_at": _now(),
@@ -400,7 +579,9 @@ class StudyStore:
                 .where(studies_table.c.study_instance_uid == study_uid)
                 .values(**values)
             )
+        return outcome
 
+    @_retrying
     def record_rejection(
         self,
         *,
@@ -421,6 +602,7 @@ class StudyStore:
                 )
             )
 
+    @_retrying
     def rejections(self, limit: int = 100) -> list[dict[str, Any]]:
         with self._tx() as conn:
             rows = conn.execute(
@@ -428,6 +610,7 @@ class StudyStore:
             ).all()
         return [dict(r._mapping) for r in rows]
 
+    @_retrying
     def instances(self, study_uid: str) -> list[InstanceRecord]:
         with self._tx() as conn:
             rows = conn.execute(
@@ -437,42 +620,223 @@ class StudyStore:
             ).all()
         return [InstanceRecord.from_row(r) for r in rows]
 
-    def open_association(self, study_uid: str) -> None:
-        """An association brought its first instance of ``study_uid`` (after it was recorded)."""
+    @_retrying
+    def open_association(self, study_uid: str, *, node: str = "") -> None:
+        """An association of ``node`` brought its first instance of ``study_uid`` (after it was
+        recorded)."""
         s = studies_table.c
+        a = node_associations_table.c
         with self._tx() as conn:
-            conn.execute(
+            counted = conn.execute(
                 studies_table.update()
                 .where(s.study_instance_uid == study_uid)
                 .values(open_associations=s.open_associations + 1)
             )
+            if not counted.rowcount:
+                return
+            held = conn.execute(
+                node_associations_table.update()
+                .where(a.node == node, a.study_instance_uid == study_uid)
+                .values(open=a.open + 1)
+            )
+            if not held.rowcount:  # the study row is locked: no other insert can race this one
+                conn.execute(
+                    node_associations_table.insert().values(
+                        node=node, study_instance_uid=study_uid, open=1
+                    )
+                )
 
-    def close_association(self, study_uids: Sequence[str], *, released: bool) -> None:
-        """An association that brought instances of ``study_uids`` ended.
+    @_retrying
+    def close_association(
+        self, study_uids: Sequence[str], *, released: bool, node: str = ""
+    ) -> None:
+        """An association of ``node`` that brought instances of ``study_uids`` ended.
 
         ``released``: it ended with an A-RELEASE. Then each study whose last open association
         this was records ``released_at`` (the early-completion rule); an aborted association
-        only stops counting, leaving its studies to the quiet period.
+        only stops counting, leaving its studies to the quiet period. An association whose
+        count a surviving node already expired (:meth:`expire_silent_nodes`) is not counted
+        twice.
         """
         if not study_uids:
             return
-        s = studies_table.c
         now = _now()
         with self._tx() as conn:
             for uid in study_uids:
-                values: dict[str, Any] = {
-                    "open_associations": sa.case(
-                        (s.open_associations > 0, s.open_associations - 1), else_=0
-                    )
-                }
-                if released:
-                    values["released_at"] = sa.case(
-                        (s.open_associations <= 1, now), else_=s.released_at
-                    )
-                conn.execute(
-                    studies_table.update().where(s.study_instance_uid == uid).values(**values)
-                )
+                self._close_one(conn, uid, node, 1, released=released, now=now)
 
+    def _close_one(
+        self, conn: Connection, uid: str, node: str, count: int, *, released: bool, now: float
+    ) -> int:
+        """Stop counting up to ``count`` open associations of ``node`` for ``uid``; returns how
+        many were open."""
+        s = studies_table.c
+        a = node_associations_table.c
+        conn.execute(
+            sa.select(s.study_instance_uid).where(s.study_instance_uid == uid).with_for_update()
+        )
+        held = conn.execute(
+            sa.select(a.open).where(a.node == node, a.study_instance_uid == uid)
+        ).scalar_one_or_none()
+        closing = min(count, int(held or 0))
+        if closing <= 0:
+            return 0
+        if closing >= int(held or 0):
+            conn.execute(
+                node_associations_table.delete().where(a.node == node, a.study_instance_uid == uid)
+            )
+        else:
+            conn.execute(
+                node_associations_table.update()
+                .where(a.node == node, a.study_instance_uid == uid)
+                .values(open=a.open - closing)
+            )
+        values: dict[str, Any] = {
+            "open_associations": sa.case(
+                (s.open_associations > closing, s.open_associations - closing), else_=0
+            )
+        }
+        if released:
+            values["released_at"] = sa.case(
+                (s.open_associations <= closing, now), else_=s.released_at
+            )
+        conn.execute(studies_table.update().where(s.study_instance_uid == uid).values(**values))
+        return closing
+
+    # ------------------------------------------------------------------ nodes
+    @_retrying
+    def register_node(self, name: str, *, host: str, pid: int) -> list[str]:
+        """Record that node ``name`` started; returns the studies whose open associations its
+        previous run left (a crash), now expired."""
+        now = _now()
+        n = nodes_table.c
+        with self._tx() as conn:
+            seen = conn.execute(
+                nodes_table.update()
+                .where(n.name == name)
+                .values(host=host, pid=pid, started_at=now, heartbeat_at=now)
+            )
+            if not seen.rowcount:
+                conn.execute(
+                    nodes_table.insert().values(
+                        name=name, host=host, pid=pid, started_at=now, heartbeat_at=now
+                    )
+                )
+            return self._expire_node(conn, name, why="its node restarted", now=now)
+
+    @_retrying
+    def heartbeat(self, name: str) -> bool:
+        """Record that node ``name`` is alive; False when its row is gone (it re-registers)."""
+        with self._tx() as conn:
+            res = conn.execute(
+                nodes_table.update().where(nodes_table.c.name == name).values(heartbeat_at=_now())
+            )
+        return bool(res.rowcount)
+
+    @_retrying
+    def expire_silent_nodes(
+        self, *, expire_seconds: float, now: float | None = None
+    ) -> dict[str, list[str]]:
+        """Stop counting the open associations of every node silent for ``expire_seconds``.
+
+        Returns {node: studies}. An expired association counts as aborted: its studies complete
+        by their quiet period, or by the release rule of a later association.
+        """
+        now = _now() if now is None else now
+        n = nodes_table.c
+        a = node_associations_table.c
+        expired: dict[str, list[str]] = {}
+        with self._tx() as conn:
+            silent = conn.execute(
+                sa.select(n.name).where(
+                    n.heartbeat_at <= now - expire_seconds,
+                    sa.exists(sa.select(a.node).where(a.node == n.name)),
+                )
+            ).all()
+            for row in silent:
+                studies = self._expire_node(
+                    conn,
+                    str(row.name),
+                    why=f"its node sent no heartbeat for {expire_seconds:g} s",
+                    now=now,
+                )
+                if studies:
+                    expired[str(row.name)] = studies
+        return expired
+
+    def _expire_node(self, conn: Connection, name: str, *, why: str, now: float) -> list[str]:
+        a = node_associations_table.c
+        rows = conn.execute(
+            sa.select(a.study_instance_uid, a.open)
+            .where(a.node == name)
+            .order_by(a.study_instance_uid)
+        ).all()
+        studies = []
+        for row in rows:
+            uid = str(row.study_instance_uid)
+            if self._close_one(conn, uid, name, int(row.open), released=False, now=now):
+                self._event(
+                    conn,
+                    uid,
+                    "association-expired",
+                    f"{int(row.open)} open association(s) on node {name} expired: {why}",
+                )
+                studies.append(uid)
+        return studies
+
+    @_retrying
+    def nodes(self) -> list[NodeView]:
+        """Every node that ever recorded a heartbeat, with its open associations."""
+        n = nodes_table.c
+        a = node_associations_table.c
+        opened = (
+            sa.select(sa.func.coalesce(sa.func.sum(a.open), 0))
+            .where(a.node == n.name)
+            .scalar_subquery()
+        )
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(n.name, n.host, n.pid, n.started_at, n.heartbeat_at, opened).order_by(
+                    n.name
+                )
+            ).all()
+        return [
+            NodeView(
+                name=str(r[0]),
+                host=str(r[1]),
+                pid=int(r[2]),
+                started_at=float(r[3]),
+                heartbeat_at=float(r[4]),
+                open_associations=int(r[5]),
+            )
+            for r in rows
+        ]
+
+    @_retrying
+    def hold_duty(self, duty: str, holder: str, *, seconds: float) -> bool:
+        """Take or renew the lease on ``duty`` for ``seconds``; False while another holds it."""
+        now = _now()
+        d = duties_table.c
+        with self._tx() as conn:
+            res = conn.execute(
+                duties_table.update()
+                .where(d.name == duty, sa.or_(d.holder == holder, d.expires_at <= now))
+                .values(holder=holder, expires_at=now + seconds)
+            )
+            if res.rowcount:
+                return True
+            if conn.execute(sa.select(d.name).where(d.name == duty)).first() is not None:
+                return False
+        try:
+            with self._tx() as conn:
+                conn.execute(
+                    duties_table.insert().values(name=duty, holder=holder, expires_at=now + seconds)
+                )
+        except sa.exc.IntegrityError:  # another node created it first
+            return False
+        return True
+
+    @_retrying
     def due_for_completion(
         self,
         *,
@@ -492,6 +856,7 @@ class StudyStore:
             )
         ]
 
+    @_retrying
     def completion_due(
         self,
         *,
@@ -532,6 +897,7 @@ class StudyStore:
             ).all()
         return [(str(r.study_instance_uid), str(r.why)) for r in rows]
 
+    @_retrying
     def force_complete(self, study_uid: str) -> bool:
         """Make a receiving study due now (manual force-complete)."""
         with self._tx() as conn:
@@ -547,6 +913,7 @@ class StudyStore:
                 self._event(conn, study_uid, "force-complete", "completed by operator")
         return bool(res.rowcount)
 
+    @_retrying
     def mark_queued(self, study_uid: str, *, reason: str = "study complete") -> int:
         """receiving -> queued; returns the new generation (0 if the study was not receiving)."""
         s = studies_table.c
@@ -575,9 +942,11 @@ class StudyStore:
             self._event(conn, study_uid, "queued", f"{reason}; generation {generation}")
         return int(generation)
 
+    @_retrying
     def mark_skipped(self, study_uid: str, reason: str) -> None:
         self._set_state(study_uid, SKIPPED, reason, from_states=(RECEIVING,))
 
+    @_retrying
     def requeue_candidates(
         self,
         *,
@@ -606,6 +975,7 @@ class StudyStore:
             ).all()
         return [(r.study_instance_uid, r.generation) for r in rows]
 
+    @_retrying
     def fail_exhausted(self, *, max_attempts: int, now: float | None = None) -> list[str]:
         """Fail processing studies whose claim expired after their last allowed attempt.
 
@@ -648,24 +1018,53 @@ class StudyStore:
                     failed.append(str(r.study_instance_uid))
         return failed
 
-    def touch_queued(self, study_uid: str, *, detail: str) -> None:
-        """Record a re-send of a study's job; expired processing leases go back to queued."""
+    @_retrying
+    def touch_queued(
+        self,
+        study_uid: str,
+        *,
+        detail: str,
+        generation: int | None = None,
+        requeue_after: float | None = None,
+        now: float | None = None,
+    ) -> bool:
+        """Record a re-send of a study's job; expired processing leases go back to queued.
+
+        With ``generation``, only while the study is still a candidate of
+        :meth:`requeue_candidates` (same generation, lease expired or, with ``requeue_after``,
+        queued that long): of several nodes reconciling at once, one wins and re-sends the job.
+        Returns whether this call re-queued it.
+        """
         s = studies_table.c
-        now = _now()
+        now = _now() if now is None else now
+        cond: list[Any] = [s.study_instance_uid == study_uid]
+        if generation is None:
+            cond.append(s.state.in_((QUEUED, PROCESSING)))
+        else:
+            due = [sa.and_(s.state == PROCESSING, s.lease_expires_at <= now)]
+            if requeue_after is not None and requeue_after != float("inf"):
+                due.append(sa.and_(s.state == QUEUED, s.queued_at <= now - requeue_after))
+            cond += [s.generation == generation, sa.or_(*due)]
         with self._tx() as conn:
-            conn.execute(
+            res = conn.execute(
                 studies_table.update()
-                .where(s.study_instance_uid == study_uid, s.state == PROCESSING)
-                .values(state_changed_at=now)
+                .where(*cond)
+                .values(
+                    state=QUEUED,
+                    queued_at=now,
+                    owner=None,
+                    lease_expires_at=None,
+                    state_changed_at=sa.case(
+                        (s.state == PROCESSING, now), else_=s.state_changed_at
+                    ),
+                )
             )
-            conn.execute(
-                studies_table.update()
-                .where(s.study_instance_uid == study_uid, s.state.in_((QUEUED, PROCESSING)))
-                .values(state=QUEUED, queued_at=now, owner=None, lease_expires_at=None)
-            )
-            self._event(conn, study_uid, "requeued", detail)
+            if res.rowcount:
+                self._event(conn, study_uid, "requeued", detail)
+        return bool(res.rowcount)
 
     # ------------------------------------------------------------ worker side
+    @_retrying
     def queued_studies(
         self,
         *,
@@ -696,6 +1095,7 @@ class StudyStore:
             ).all()
         return [(str(r.study_instance_uid), int(r.generation)) for r in rows]
 
+    @_retrying
     def claim(
         self,
         study_uid: str,
@@ -708,9 +1108,10 @@ class StudyStore:
         """Atomically take a study for processing; each claim counts one attempt.
 
         Succeeds for a queued study of the same generation, or for a study already processing
-        under the same owner (a redelivered message) or with an expired lease, while it has
-        attempts left (``max_attempts``; None: unbounded). The claim holds for
-        ``lease_seconds``; the worker renews it with :meth:`renew_lease` while it works.
+        under the same owner (a redelivered message, which continues its attempt) or with an
+        expired lease, while it has attempts left (``max_attempts``; None: unbounded). The claim
+        holds for ``lease_seconds``; the worker renews it with :meth:`renew_lease` while it
+        works.
         """
         now = _now()
         s = studies_table.c
@@ -726,7 +1127,9 @@ class StudyStore:
             ),
         ]
         if max_attempts is not None:
-            cond.append(s.attempts < max_attempts)
+            cond.append(
+                sa.or_(s.attempts < max_attempts, sa.and_(s.state == PROCESSING, s.owner == owner))
+            )
         with self._tx() as conn:
             res = conn.execute(
                 studies_table.update()
@@ -735,7 +1138,12 @@ class StudyStore:
                     state=PROCESSING,
                     owner=owner,
                     lease_expires_at=now + lease_seconds,
-                    attempts=s.attempts + 1,
+                    # the same job again (redelivered, or retried after a database outage)
+                    # continues its attempt; anything else is a new one
+                    attempts=sa.case(
+                        (sa.and_(s.state == PROCESSING, s.owner == owner), s.attempts),
+                        else_=s.attempts + 1,
+                    ),
                     stage=None,
                     updated_at=now,
                     state_changed_at=now,
@@ -754,6 +1162,7 @@ class StudyStore:
                 )
         return bool(res.rowcount)
 
+    @_retrying
     def renew_lease(
         self,
         study_uid: str,
@@ -782,6 +1191,7 @@ class StudyStore:
             )
         return bool(res.rowcount)
 
+    @_retrying
     def record_failed_attempt(
         self, study_uid: str, *, owner: str, stage: str, reason: str, max_attempts: int
     ) -> str:
@@ -826,6 +1236,7 @@ class StudyStore:
                 self._event(conn, study_uid, FAILED, reason)
         return new
 
+    @_retrying
     def mark_reported(
         self,
         study_uid: str,
@@ -895,6 +1306,7 @@ class StudyStore:
             )
         return True
 
+    @_retrying
     def due_deliveries(
         self, *, requeue_after: float, now: float | None = None
     ) -> list[tuple[str, str]]:
@@ -911,17 +1323,34 @@ class StudyStore:
             ).all()
         return [(r.study_instance_uid, r.destination) for r in rows]
 
-    def mark_delivery_enqueued(self, study_uid: str, destination: str) -> None:
-        with self._tx() as conn:
-            conn.execute(
-                deliveries_table.update()
-                .where(
-                    deliveries_table.c.study_instance_uid == study_uid,
-                    deliveries_table.c.destination == destination,
-                )
-                .values(enqueued_at=_now())
-            )
+    @_retrying
+    def mark_delivery_enqueued(
+        self,
+        study_uid: str,
+        destination: str,
+        *,
+        requeue_after: float | None = None,
+        now: float | None = None,
+    ) -> bool:
+        """Note that a delivery's attempt was handed to the queue; returns whether this call did.
 
+        With ``requeue_after``, only while it is still due (:meth:`due_deliveries`): of several
+        nodes handing out due deliveries at once, one wins.
+        """
+        now = _now() if now is None else now
+        d = deliveries_table.c
+        cond: list[Any] = [d.study_instance_uid == study_uid, d.destination == destination]
+        if requeue_after is not None:
+            cond += [
+                d.state == DELIVERY_PENDING,
+                d.next_attempt_at <= now,
+                sa.or_(d.enqueued_at.is_(None), d.enqueued_at <= now - requeue_after),
+            ]
+        with self._tx() as conn:
+            res = conn.execute(deliveries_table.update().where(*cond).values(enqueued_at=now))
+        return bool(res.rowcount)
+
+    @_retrying
     def delivery(self, study_uid: str, destination: str) -> Delivery | None:
         with self._tx() as conn:
             row = conn.execute(
@@ -932,6 +1361,7 @@ class StudyStore:
             ).first()
         return None if row is None else _delivery(row)
 
+    @_retrying
     def record_delivery_attempt(
         self,
         study_uid: str,
@@ -1018,6 +1448,7 @@ class StudyStore:
         if res.rowcount:
             self._event(conn, study_uid, new, reason or "every destination acknowledged")
 
+    @_retrying
     def mark_failed(self, study_uid: str, reason: str, *, owner: str | None = None) -> None:
         """processing -> failed with a reason (input rejected, model error)."""
         s = studies_table.c
@@ -1040,6 +1471,7 @@ class StudyStore:
             if res.rowcount:
                 self._event(conn, study_uid, FAILED, reason)
 
+    @_retrying
     def reset_for_retry(
         self, study_uid: str, *, reprocess: bool = False, destination: str | None = None
     ) -> str:
@@ -1167,14 +1599,17 @@ class StudyStore:
         return bool(res.rowcount)
 
     # ------------------------------------------------------------------ views
+    @_retrying
     def get(self, study_uid: str) -> StudyView | None:
         views = self._views(studies_table.c.study_instance_uid == study_uid, limit=1)
         return views[0] if views else None
 
+    @_retrying
     def recent(self, limit: int = 50, *, state: str | None = None) -> list[StudyView]:
         cond = studies_table.c.state == state if state else sa.true()
         return self._views(cond, limit=limit)
 
+    @_retrying
     def stuck(
         self, *, older_than: float, now: float | None = None, limit: int = 100
     ) -> list[StudyView]:
@@ -1189,6 +1624,7 @@ class StudyStore:
             key=lambda v: v.state_since or 0.0,
         )
 
+    @_retrying
     def oldest_unfinished_age(self, now: float | None = None) -> float:
         """Seconds since the oldest unfinished study entered its state (0 when none)."""
         now = _now() if now is None else now
@@ -1200,6 +1636,7 @@ class StudyStore:
             ).scalar_one()
         return 0.0 if oldest is None else max(0.0, now - float(oldest))
 
+    @_retrying
     def count_by_state(self) -> dict[str, int]:
         with self._tx() as conn:
             rows = conn.execute(
@@ -1224,6 +1661,13 @@ class StudyStore:
                 n = conn.execute(
                     sa.select(sa.func.count()).where(instances_table.c.study_instance_uid == uid)
                 ).scalar_one()
+                i = instances_table.c
+                by_node = conn.execute(
+                    sa.select(i.received_by, sa.func.count())
+                    .where(i.study_instance_uid == uid)
+                    .group_by(i.received_by)
+                    .order_by(i.received_by)
+                ).all()
                 dels = conn.execute(
                     sa.select(deliveries_table)
                     .where(deliveries_table.c.study_instance_uid == uid)
@@ -1251,9 +1695,55 @@ class StudyStore:
                         attempts=int(r.attempts or 0),
                         stage=r.stage,
                         state_since=r.state_changed_at or r.updated_at,
+                        received_by=tuple((str(b[0] or ""), int(b[1])) for b in by_node),
                     )
                 )
         return out
+
+
+class NodeRecorder:
+    """The study database as one node's receivers (C-STORE, STOW-RS) use it.
+
+    Every instance and association is recorded under the node's name, and each call waits for
+    an unreachable database ``wait_seconds`` at most before it raises
+    :class:`~dicom_node.errors.DatabaseUnavailable`: the receiver then answers a failure status
+    rather than keep the sender waiting. The end of an association is not on the answer's path
+    and retries for the store's whole budget.
+    """
+
+    def __init__(self, store: StudyStore, node: str, *, wait_seconds: float) -> None:
+        self.store = store
+        self.node = node
+        self.wait_seconds = wait_seconds
+
+    def record_instance(self, record: InstanceRecord, *, outcome: str) -> str:
+        with self.store.retry_budget(self.wait_seconds):
+            return self.store.record_instance(
+                replace(record, received_by=self.node), outcome=outcome
+            )
+
+    def record_rejection(
+        self,
+        *,
+        sop_instance_uid: str | None,
+        study_instance_uid: str | None,
+        reason: str,
+        calling_ae_title: str,
+    ) -> None:
+        with self.store.retry_budget(self.wait_seconds):
+            self.store.record_rejection(
+                sop_instance_uid=sop_instance_uid,
+                study_instance_uid=study_instance_uid,
+                reason=reason,
+                calling_ae_title=calling_ae_title,
+            )
+
+    def open_association(self, study_uid: str) -> None:
+        with self.store.retry_budget(self.wait_seconds):
+            self.store.open_association(study_uid, node=self.node)
+
+    def close_association(self, study_uids: Sequence[str], *, released: bool) -> None:
+        self.store.close_association(study_uids, released=released, node=self.node)
 
 
 def _delivery(row: Any) -> Delivery:
@@ -1265,6 +1755,38 @@ def _delivery(row: Any) -> Delivery:
         last_error=row.last_error,
         sent_at=row.sent_at,
     )
+
+
+def hold_single_node_lock(url: str) -> IO[bytes] | None:
+    """Hold, for this process's life, the lock that makes a SQLite database one node's alone.
+
+    Several nodes share a PostgreSQL database; a SQLite file is one host's, and the assembler
+    of a second node on it would compete for its write lock. Returns the open lock file (keep
+    it), or None for other databases.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``D2R_DATABASE_URL``, when another running node holds the lock.
+    """
+    parsed = sa.engine.make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database:
+        return None
+    if parsed.database == ":memory:":
+        return None
+    path = Path(f"{parsed.database}.node-lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "ab")  # noqa: SIM115 - held open for the life of the process
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ConfigError(
+            "D2R_DATABASE_URL",
+            f"another d2r node uses the SQLite database {parsed.database}; several nodes need "
+            "one PostgreSQL database (postgresql+psycopg://...)",
+        ) from None
+    return handle
 
 
 def make_engine(url: str) -> Engine:
@@ -1294,4 +1816,8 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return sa.create_engine(url, pool_pre_ping=True)
+    connect_args: dict[str, Any] = {}
+    if sa.engine.make_url(url).get_backend_name() == "postgresql":
+        # a database host that does not answer at all fails a connection attempt in seconds
+        connect_args["connect_timeout"] = 5
+    return sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)

@@ -58,9 +58,10 @@ class _Recording:
         self.instances: list[tuple[InstanceRecord, str]] = []
         self.rejections = 0
 
-    def record_instance(self, record: InstanceRecord, *, outcome: str) -> None:
-        self.store.record_instance(record, outcome=outcome)
-        self.instances.append((record, outcome))
+    def record_instance(self, record: InstanceRecord, *, outcome: str) -> str:
+        recorded = self.store.record_instance(record, outcome=outcome)
+        self.instances.append((record, recorded))
+        return recorded
 
     def record_rejection(self, **kwargs: Any) -> None:
         self.store.record_rejection(**kwargs)

@@ -328,13 +328,14 @@ class AuditingRecorder:
         self._store = store
         self._audit = audit
 
-    def record_instance(self, record: Any, *, outcome: str) -> None:
-        self._store.record_instance(record, outcome=outcome)
+    def record_instance(self, record: Any, *, outcome: str) -> str:
+        recorded = str(self._store.record_instance(record, outcome=outcome))
         self._audit._note(
             record.sop_instance_uid,
-            outcome=outcome,
+            outcome=recorded,
             study_instance_uid=record.study_instance_uid,
         )
+        return recorded
 
     def record_rejection(
         self,

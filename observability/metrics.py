@@ -51,6 +51,7 @@ from dicom_node import statuses
 from dicom_node.studies import DONE, STUDY_STATES, StudyView
 
 __all__ = [
+    "NodeLabelled",
     "OldestUnfinishedCollector",
     "QueueDepthCollector",
     "StudiesByStateCollector",
@@ -302,18 +303,32 @@ class QueueDepthCollector(Collector):
     Parameters
     ----------
     broker_url : str
-        ``redis://`` / ``rediss://`` (``LLEN`` of each queue and its priority lists) or
-        ``filesystem://`` (files named ``*.<queue>.msg`` in ``queue_dir / "messages"``).
+        ``redis://`` / ``rediss://`` (``LLEN`` of each queue and its priority lists),
+        ``sentinel://host:port;sentinel://host:port;...`` (the same, on the master the sentinels
+        currently name) or ``filesystem://`` (files named ``*.<queue>.msg`` in
+        ``queue_dir / "messages"``).
     queue_dir : Path
         Folder of the embedded queue.
     queues : iterable of str
         Queue names.
+    sentinel_master : str
+        The Sentinel master group of a ``sentinel://`` URL (``D2R_BROKER_SENTINEL_MASTER``).
     """
 
-    def __init__(self, broker_url: str, queue_dir: Path, queues: Iterable[str]) -> None:
+    _REDIS_SCHEMES = ("redis://", "rediss://", "sentinel://")
+
+    def __init__(
+        self,
+        broker_url: str,
+        queue_dir: Path,
+        queues: Iterable[str],
+        *,
+        sentinel_master: str = "d2r",
+    ) -> None:
         self.broker_url = broker_url
         self.messages_dir = Path(queue_dir) / "messages"
         self.queues = tuple(queues)
+        self.sentinel_master = sentinel_master
         self._redis: Any = None
 
     def depths(self) -> dict[str, int]:
@@ -326,7 +341,7 @@ class QueueDepthCollector(Collector):
                 if queue is not None:
                     counts[queue] += 1
             return counts
-        if self.broker_url.startswith(("redis://", "rediss://")):
+        if self.broker_url.startswith(self._REDIS_SCHEMES):
             client = self.redis()
             # kombu keeps priority levels in lists named "<queue>\x06\x16<n>"
             return {
@@ -338,17 +353,44 @@ class QueueDepthCollector(Collector):
         return {}
 
     def redis(self) -> Any:
+        """The Redis client; behind Sentinel, each new connection goes to the current master."""
         if self._redis is None:
             import redis
 
-            self._redis = redis.Redis.from_url(
-                self.broker_url, socket_timeout=2.0, socket_connect_timeout=2.0
-            )
+            if self.broker_url.startswith("sentinel://"):
+                self._redis = self._sentinel_master()
+            else:
+                self._redis = redis.Redis.from_url(
+                    self.broker_url, socket_timeout=2.0, socket_connect_timeout=2.0
+                )
         return self._redis
 
+    def _sentinel_master(self) -> Any:
+        """A client of the master the sentinels of ``broker_url`` name; the password and
+        database are those of the URL's first entry (every entry carries the same)."""
+        from urllib.parse import unquote, urlsplit
+
+        from redis.sentinel import Sentinel
+
+        entries = [urlsplit(entry.strip()) for entry in self.broker_url.split(";")]
+        first = entries[0]
+        sentinels = Sentinel(
+            [(e.hostname or "127.0.0.1", e.port or 26379) for e in entries],
+            socket_timeout=2.0,
+            socket_connect_timeout=2.0,
+        )
+        return sentinels.master_for(
+            self.sentinel_master,
+            socket_timeout=2.0,
+            socket_connect_timeout=2.0,
+            db=int(first.path.strip("/") or 0),
+            username=unquote(first.username) if first.username else None,
+            password=unquote(first.password) if first.password else None,
+        )
+
     def ping(self) -> None:
-        """Raise unless the broker is reachable."""
-        if self.broker_url.startswith(("redis://", "rediss://")):
+        """Raise unless the broker is reachable (behind Sentinel: its current master)."""
+        if self.broker_url.startswith(self._REDIS_SCHEMES):
             self.redis().ping()
         elif self.broker_url.startswith("filesystem://") and not os.access(
             self.messages_dir, os.W_OK
@@ -369,14 +411,40 @@ class QueueDepthCollector(Collector):
         yield family
 
 
+class NodeLabelled(Collector):
+    """Every metric of ``registry`` with a ``node`` label (``D2R_NODE_NAME``), so the series of
+    several active nodes behind one address stay apart."""
+
+    def __init__(self, registry: CollectorRegistry, node: str) -> None:
+        self._registry = registry
+        self._node = node
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            for sample in family.samples:
+                labelled.add_sample(
+                    sample.name,
+                    {**sample.labels, "node": self._node},
+                    sample.value,
+                    sample.timestamp,
+                    sample.exemplar,
+                )
+            yield labelled
+
+
 def build_registry(
-    multiprocess_dir: Path | None, collectors: Iterable[Collector] = ()
+    multiprocess_dir: Path | None,
+    collectors: Iterable[Collector] = (),
+    *,
+    node: str | None = None,
 ) -> CollectorRegistry:
     """The registry the HTTP endpoint serves.
 
     With ``multiprocess_dir`` (the ``PROMETHEUS_MULTIPROC_DIR`` this process was started with)
     a fresh registry aggregating every process's metric files; otherwise this process's default
-    registry. ``collectors`` (the scrape-time gauges) are registered on it.
+    registry. ``collectors`` (the scrape-time gauges) are registered on it. With ``node`` every
+    series carries that ``node`` label.
     """
     if multiprocess_dir is not None:
         registry = CollectorRegistry()
@@ -385,4 +453,8 @@ def build_registry(
         registry = REGISTRY
     for collector in collectors:
         registry.register(collector)
-    return registry
+    if node is None:
+        return registry
+    labelled = CollectorRegistry(auto_describe=False)
+    labelled.register(NodeLabelled(registry, node))
+    return labelled

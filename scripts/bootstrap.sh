@@ -11,7 +11,7 @@ want_test=0
 
 apt_pkgs=(python3-venv dcmtk)
 if (( want_test )); then
-  apt_pkgs+=(orthanc orthanc-dicomweb dicom3tools redis-server postgresql chromium default-jre-headless systemd)
+  apt_pkgs+=(orthanc orthanc-dicomweb dicom3tools redis-server postgresql haproxy chromium default-jre-headless systemd)
   # npm fetches the prebuilt OHIF viewer; a Node.js from another source may already bundle it
   # (and conflict with Debian's npm package), so ask apt only when the command is missing.
   command -v npm >/dev/null || apt_pkgs+=(nodejs npm)

@@ -17,10 +17,34 @@ from celery import Celery
 
 from dicom_node.settings import merged_environment
 from worker.messages import REPORT_QUEUE, REPORT_TASK, SEND_QUEUE, SEND_TASK
-from worker.settings import FILESYSTEM_BROKER, WorkerSettings
+from worker.settings import FILESYSTEM_BROKER, SENTINEL_BROKER, WorkerSettings
 
 if TYPE_CHECKING:
     from observability.audit import AuditLog
+
+
+#: seconds a connection to a sentinel or the master waits to connect, or for an answer
+SENTINEL_SOCKET_TIMEOUT = 5.0
+#: how long sending a task to a ``sentinel://`` broker retries before the caller sees the error
+SENTINEL_PUBLISH_RETRY_SECONDS = 15.0
+
+
+def sentinel_publish_retry_policy(settings: WorkerSettings) -> dict[str, Any]:
+    """Celery's publish retry policy for a ``sentinel://`` broker.
+
+    The sentinels take ``down-after-milliseconds`` plus an election (a few seconds) to promote
+    a replica; until then a publish fails. It is tried again after 0, 0.5, then every 1 s for
+    :data:`SENTINEL_PUBLISH_RETRY_SECONDS` (the node then keeps a job it could not send and
+    sends it again on its next tick). kombu tries every sentinel entry once per interval, so
+    the retry count is per entry.
+    """
+    entries = settings.broker_url.count(";") + 1
+    return {
+        "max_retries": (int(SENTINEL_PUBLISH_RETRY_SECONDS) + 1) * entries,
+        "interval_start": 0.0,
+        "interval_step": 0.5,
+        "interval_max": 1.0,
+    }
 
 
 def celery_config(settings: WorkerSettings) -> dict[str, Any]:
@@ -44,10 +68,27 @@ def celery_config(settings: WorkerSettings) -> dict[str, Any]:
             "unacked_restore_interval": 5,
             "unacked_restore_throttle": 1,
         }
-    return {
+    sentinel = settings.broker_url.startswith(SENTINEL_BROKER)
+    if sentinel:
+        transport.update(
+            {
+                # the sentinels name the current master of this group on every (re)connection
+                "master_name": settings.broker_sentinel_master,
+                # a master or sentinel host that vanished fails in seconds, not after TCP's
+                # retransmission timeout, so the client moves on to the new master
+                "socket_connect_timeout": SENTINEL_SOCKET_TIMEOUT,
+                "socket_timeout": SENTINEL_SOCKET_TIMEOUT,
+                # a publish that finds no connection retries this long to establish one
+                # (else Celery's broker_connection_timeout, 4 s: shorter than a failover)
+                "connect_retries_timeout": SENTINEL_PUBLISH_RETRY_SECONDS,
+            }
+        )
+    config: dict[str, Any] = {
         "broker_url": settings.broker_url,
         "broker_transport_options": transport,
         "broker_connection_retry_on_startup": True,
+        # the worker reconnects after losing the broker (to the new master after a failover)
+        "broker_connection_retry": True,
         "task_serializer": "json",
         "accept_content": ["json"],
         "result_serializer": "json",
@@ -65,6 +106,9 @@ def celery_config(settings: WorkerSettings) -> dict[str, Any]:
         "task_default_queue": REPORT_QUEUE,
         "task_routes": {REPORT_TASK: {"queue": REPORT_QUEUE}, SEND_TASK: {"queue": SEND_QUEUE}},
     }
+    if sentinel:
+        config["task_publish_retry_policy"] = sentinel_publish_retry_policy(settings)
+    return config
 
 
 def create_app(

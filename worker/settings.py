@@ -7,9 +7,11 @@ broker, the model and the task limits. Every invalid value raises
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from delivery.settings import DeliverySettings
 from dicom_node.settings import (
@@ -23,6 +25,11 @@ from dicom_node.settings import (
 )
 
 FILESYSTEM_BROKER = "filesystem://"
+#: ``D2R_BROKER_URL`` of a Redis behind Sentinel starts with this; ``;`` separates the sentinels
+SENTINEL_BROKER = "sentinel://"
+#: a sentinel's port when an entry names none
+SENTINEL_PORT = 26379
+_SENTINEL_MASTER = re.compile(r"[A-Za-z0-9._-]{1,128}")
 #: the checkpoint shipped in the repository: trained on the synthetic phantom only, every SR it
 #: produces is labelled "not for diagnostic use"; ``D2R_MODEL`` replaces it
 BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "models" / "d2r-demo-phantom"
@@ -35,9 +42,62 @@ _BACKEND_PACKAGES = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}
 
 def _broker_url(text: str) -> str:
     scheme, sep, _ = text.partition("://")
-    if not sep or scheme not in ("redis", "rediss", "filesystem", "amqp", "amqps", "memory"):
-        raise ValueError("expected redis://host:port/db (production) or filesystem:// (embedded)")
+    if scheme == "sentinel" and sep:
+        _sentinel_list(text)
+        text = ";".join(entry.strip() for entry in text.split(";"))
+    elif not sep or scheme not in ("redis", "rediss", "filesystem", "amqp", "amqps", "memory"):
+        raise ValueError(
+            "expected redis://host:port/db (production), "
+            "sentinel://host:port;sentinel://host:port;... (Redis Sentinel) "
+            "or filesystem:// (embedded)"
+        )
     return refuse_placeholder(text, "D2R_BROKER_URL")
+
+
+def _sentinel_list(text: str) -> list[tuple[str, int]]:
+    """The ``(host, port)`` of each entry of a ``sentinel://...;sentinel://...`` list.
+
+    Every entry may carry the master's password and database (``sentinel://:pw@host:port/0``),
+    and then all carry the same: the broker client takes them from whichever sentinel it is
+    using. Spaces around ``;`` are allowed. Messages name the entry by position, never its
+    text (it may hold a password).
+    """
+    sentinels: list[tuple[str, int]] = []
+    first: tuple[str | None, str | None, str] | None = None
+    for n, entry in enumerate(text.split(";"), start=1):
+        where = f"sentinel entry {n}"
+        parts = urlsplit(entry.strip())
+        if parts.scheme != "sentinel":
+            raise ValueError(f"{where}: expected sentinel://host:port, each entry separated by ;")
+        host = parts.hostname
+        try:
+            port = SENTINEL_PORT if parts.port is None else parts.port
+        except ValueError:
+            port = 0
+        if port == 0:
+            raise ValueError(f"{where}: the port is not a number in 1-65535")
+        if not host:
+            raise ValueError(f"{where}: no host")
+        if parts.query or parts.fragment:
+            raise ValueError(f"{where}: unexpected ?query or #fragment")
+        db = parts.path.strip("/")
+        if db and not db.isdigit():
+            raise ValueError(f"{where}: the database must be a number (/0), not a name")
+        auth = (parts.username, parts.password, db or "0")
+        if first is None:
+            first = auth
+        elif auth != first:
+            raise ValueError(f"{where}: every entry must name the same password and database")
+        sentinels.append((host, port))
+    return sentinels
+
+
+def _sentinel_master(text: str) -> str:
+    if not _SENTINEL_MASTER.fullmatch(text):
+        raise ValueError(
+            f"expected the Sentinel master name: letters, digits, '.', '-' and '_', got {text!r}"
+        )
+    return text
 
 
 def _report_choice(text: str) -> str:
@@ -136,6 +196,8 @@ class WorkerSettings:
     #: where the results go (``D2R_DESTINATIONS``) and how the senders connect
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     broker_url: str = "redis://127.0.0.1:6379/0"
+    #: the Sentinel master group a ``sentinel://`` broker URL names (``D2R_BROKER_SENTINEL_MASTER``)
+    broker_sentinel_master: str = "d2r"
     model_path: Path | None = None
     device: str = "cpu"
     backend: str = "torch"
@@ -224,6 +286,9 @@ class WorkerSettings:
             delivery=DeliverySettings.from_env(env, node),
             broker_url=env_setting(
                 env, "D2R_BROKER_URL", default_broker or d.broker_url, _broker_url
+            ),
+            broker_sentinel_master=env_setting(
+                env, "D2R_BROKER_SENTINEL_MASTER", d.broker_sentinel_master, _sentinel_master
             ),
             model_path=model,
             device=device,

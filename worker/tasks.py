@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import pydicom
 from celery import Celery, Task
+from celery.exceptions import Retry
 from celery.signals import worker_process_init, worker_process_shutdown, worker_shutdown
 from pydicom import Dataset
 
@@ -42,6 +43,7 @@ from delivery.content import CONTENT_FILE, FindingBox, ReportContent
 from delivery.destinations import by_name
 from delivery.errors import PermanentSendError, TransientSendError
 from dicom_node import statuses
+from dicom_node.errors import DatabaseUnavailable
 from dicom_node.instance_file import read_instance
 from dicom_node.settings import ConfigError
 from dicom_node.studies import FAILED, StudyStore
@@ -105,7 +107,10 @@ class WorkerContext:
         with self._lock:
             self._check_pid()
             if self._store is None:
-                self._store = StudyStore(self.settings.node.database_url)
+                self._store = StudyStore(
+                    self.settings.node.database_url,
+                    retry_seconds=self.settings.node.db_retry_seconds,
+                )
             return self._store
 
     @property
@@ -151,8 +156,14 @@ class Deliveries:
     handed over.
     """
 
-    def __init__(self, send: Callable[[str, str], Any]) -> None:
+    def __init__(
+        self,
+        send: Callable[[str, str], Any],
+        *,
+        requeue: Callable[[str, str], Any] | None = None,
+    ) -> None:
         self._send = send
+        self._requeue = requeue
         self._lock = threading.Lock()
         self._pid = -1
         self._executor: ThreadPoolExecutor | None = None
@@ -171,6 +182,15 @@ class Deliveries:
     def _run(self, study_uid: str, destination: str) -> None:
         try:
             self._send(study_uid, destination)
+        except DatabaseUnavailable as exc:  # the send task retries it, database outage or not
+            logger.warning(
+                "send of study %s to %s handed to the queue: %s", study_uid, destination, exc
+            )
+            if self._requeue is not None:
+                try:
+                    self._requeue(study_uid, destination)
+                except Exception:
+                    logger.exception("could not queue the send; the reconciler queues it again")
         except Exception:  # the delivery stays pending: the reconciler queues it again
             logger.exception("send of study %s to %s failed", study_uid, destination)
 
@@ -322,6 +342,8 @@ def _settle_attempt(
         outcome = attempt()
         _log_timings(uid, stages, claim_seconds)
         return outcome
+    except DatabaseUnavailable:  # no attempt spent: the job goes back to the queue
+        raise
     except (InputRejected, ModelError) as exc:
         logger.warning("study %s failed: %s", uid, exc)
         store.mark_failed(uid, str(exc), owner=task_id)
@@ -681,20 +703,56 @@ def _send_reports(ctx: WorkerContext, study_uid: str, destination: str) -> str:
     return state
 
 
+#: times a task goes back to the queue because the study database did not answer; with the
+#: store's own retries (``D2R_DB_RETRY_SECONDS`` each time) this outlasts a database failover
+DATABASE_RETRIES = 10
+
+
+def _database_retry(task: Task, exc: DatabaseUnavailable, what: str) -> BaseException:
+    """Put the task's message back on the queue (after a backoff) instead of acknowledging it
+    away; after :data:`DATABASE_RETRIES` the study is left to the node's reconciler."""
+    retries = int(task.request.retries or 0)
+    if retries >= DATABASE_RETRIES:
+        logger.error(
+            "%s task given up after %d database retries (%s); the node's reconciler re-sends it",
+            what,
+            retries,
+            exc,
+        )
+        return exc
+    countdown = min(60.0, 2.0 * 2**retries)
+    logger.warning("%s task back on the queue in %.0f s: %s", what, countdown, exc)
+    try:
+        task.retry(exc=exc, countdown=countdown, max_retries=DATABASE_RETRIES)
+    except Retry as retry:  # the new message is on the queue: raise this to acknowledge this one
+        requeued: BaseException = retry
+        return requeued
+    return exc
+
+
 def register_tasks(
     app: Celery, settings: WorkerSettings, *, audit: AuditLog | None = None
 ) -> WorkerContext:
     """Register the tasks on ``app``; the model loads once per worker process."""
     ctx = WorkerContext(settings, audit=audit)
-    deliveries = Deliveries(lambda uid, dest: send_reports(ctx, uid, dest))
+    deliveries = Deliveries(
+        lambda uid, dest: send_reports(ctx, uid, dest),
+        requeue=lambda uid, dest: app.send_task(SEND_TASK, args=[uid, dest]),
+    )
 
     @app.task(name="d2r.report_study", bind=True)  # type: ignore[untyped-decorator]
     def report_study_task(self: Task, job: dict[str, Any]) -> str:
-        return report_study(ctx, app, job, self.request.id or "unknown", deliveries)
+        try:
+            return report_study(ctx, app, job, self.request.id or "unknown", deliveries)
+        except DatabaseUnavailable as exc:
+            raise _database_retry(self, exc, "report") from None
 
     @app.task(name=SEND_TASK, bind=True)  # type: ignore[untyped-decorator]
     def send_reports_task(self: Task, study_uid: str, destination: str) -> str:
-        return send_reports(ctx, study_uid, destination, self.request.id)
+        try:
+            return send_reports(ctx, study_uid, destination, self.request.id)
+        except DatabaseUnavailable as exc:
+            raise _database_retry(self, exc, "send") from None
 
     @worker_process_init.connect(weak=False)  # type: ignore[untyped-decorator]
     def _load_model(**_: Any) -> None:

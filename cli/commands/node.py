@@ -24,7 +24,8 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(env)
     node = NodeSettings.from_env(env)
     if node.listener_processes > 1 and multiprocess_dir() is None:
-        # one /metrics for all listener processes: each writes to this folder
-        use_multiprocess_metrics(node.spool_dir.parent / "metrics", clean=True)
+        # one /metrics for all listener processes: each writes to this folder, one per node
+        # name (nodes sharing the data folder must not clean each other's files)
+        use_multiprocess_metrics(node.spool_dir.parent / "metrics" / node.node_name, clean=True)
     run_node(env, stop_event_on_signals(), default_broker=None)
     return 0

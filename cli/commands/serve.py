@@ -48,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
     StudyStore(settings.node.database_url, auto_upgrade=settings.node.db_auto_upgrade).close()
     stop = stop_event_on_signals()
     # One /metrics for the node and the worker child: both write to this folder.
-    metrics_dir = use_multiprocess_metrics(settings.node.spool_dir.parent / "metrics", clean=True)
+    metrics_dir = use_multiprocess_metrics(
+        settings.node.spool_dir.parent / "metrics" / settings.node.node_name, clean=True
+    )
     from observability.metrics import build_registry, mark_process_dead, model_loaded
 
     child_env = dict(os.environ)

@@ -11,6 +11,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state", help="only studies in this state (e.g. failed)")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument(
+        "--nodes", action="store_true", help="the nodes on this database and their heartbeats"
+    )
+    parser.add_argument(
         "--stuck",
         nargs="?",
         const=900.0,
@@ -26,6 +29,14 @@ def _ts(value: float | None) -> str:
     if not value:
         return "-"
     return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _received_by(nodes: tuple[tuple[str, int], ...]) -> str:
+    """`` (received by node-a: 1, node-b: 1)``, or nothing for instances of no named node."""
+    named = [(name, count) for name, count in nodes if name]
+    if not named:
+        return ""
+    return " (received by " + ", ".join(f"{name}: {count}" for name, count in named) + ")"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,14 +58,24 @@ def run(args: argparse.Namespace) -> int:
                 print(f"d2r status: no study {args.study_uid}", file=sys.stderr)
                 return 1
             events = store.events(args.study_uid)
+            records = store.instances(args.study_uid)
             if args.json:
                 out = dataclasses.asdict(view)
+                out["instances"] = [
+                    {
+                        "sop_instance_uid": i.sop_instance_uid,
+                        "view_position": i.view_position,
+                        "received_at": i.received_at.timestamp(),
+                        "received_by": i.received_by,
+                    }
+                    for i in records
+                ]
                 out["events"] = [dataclasses.asdict(e) for e in events]
                 print(json.dumps(out, indent=2))
                 return 0
             print(f"Study     {view.study_instance_uid}")
             print(f"State     {view.state}" + (f" ({view.reason})" if view.reason else ""))
-            print(f"Instances {view.instance_count}")
+            print(f"Instances {view.instance_count}" + _received_by(view.received_by))
             print(
                 f"Attempts  {view.attempts}" + (f" (last stage {view.stage})" if view.stage else "")
             )
@@ -68,9 +89,31 @@ def run(args: argparse.Namespace) -> int:
                     f"Delivery  {d.destination}: {d.state}, {d.attempts} attempt(s)"
                     + (f", last error: {d.last_error}" if d.last_error else "")
                 )
+            print("Received:")
+            for i in records:
+                print(
+                    f"  {_ts(i.received_at.timestamp())}  {i.received_by or '-':<16} "
+                    f"{i.view_position or '-':<4} {i.sop_instance_uid}"
+                )
             print("Events:")
             for e in events:
                 print(f"  {_ts(e.at)}  {e.kind:<14} {e.detail}")
+            return 0
+        if args.nodes:
+            nodes = store.nodes()
+            if args.json:
+                print(json.dumps([dataclasses.asdict(n) for n in nodes], indent=2))
+                return 0
+            expire = settings.node_expire_seconds
+            print(f"{'NODE':<24} {'HEARTBEAT':<20} {'AGE (s)':>8} {'OPEN':>4}  STATE / HOST")
+            now = time.time()
+            for n in nodes:
+                age = now - n.heartbeat_at
+                state = "alive" if age < expire else "silent"
+                print(
+                    f"{n.name:<24} {_ts(n.heartbeat_at):<20} {age:>8.0f} "
+                    f"{n.open_associations:>4}  {state} / {n.host} pid {n.pid}"
+                )
             return 0
         if args.stuck is not None:
             stuck = store.stuck(older_than=args.stuck, limit=args.limit)
@@ -93,12 +136,16 @@ def run(args: argparse.Namespace) -> int:
             return 0
         counts = store.count_by_state()
         print("  ".join(f"{k}={v}" for k, v in counts.items()))
-        print(f"{'LAST RECEIVED':<20} {'STATE':<10} {'INST':>4} {'LES':>3}  STUDY / REASON")
+        print(
+            f"{'LAST RECEIVED':<20} {'STATE':<10} {'INST':>4} {'LES':>3} {'NODE':<16}  "
+            "STUDY / REASON"
+        )
         for v in views:
             lesions = "-" if v.lesion_count is None else str(v.lesion_count)
+            node = ",".join(name or "-" for name, _ in v.received_by) or "-"
             print(
-                f"{_ts(v.last_received_at):<20} {v.state:<10} {v.instance_count:>4} {lesions:>3}  "
-                f"{v.study_instance_uid}" + (f"  ({v.reason})" if v.reason else "")
+                f"{_ts(v.last_received_at):<20} {v.state:<10} {v.instance_count:>4} {lesions:>3} "
+                f"{node:<16}  {v.study_instance_uid}" + (f"  ({v.reason})" if v.reason else "")
             )
         return 0
     finally:

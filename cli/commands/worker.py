@@ -67,7 +67,10 @@ def run(args: argparse.Namespace) -> int:
     audit = AuditLog(obs.audit_log, fsync=obs.audit_fsync)
     app = create_app(settings, include_tasks=True, audit=audit)
     queues = QueueDepthCollector(
-        settings.broker_url, settings.queue_dir, (REPORT_QUEUE, SEND_QUEUE)
+        settings.broker_url,
+        settings.queue_dir,
+        (REPORT_QUEUE, SEND_QUEUE),
+        sentinel_master=settings.broker_sentinel_master,
     )
     loaded = build_registry(multiprocess_dir())
 

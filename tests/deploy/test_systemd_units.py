@@ -1,8 +1,10 @@
-"""systemd units, sysusers.d and tmpfiles.d snippets, and the example environment file.
+"""systemd units, sysusers.d and tmpfiles.d snippets, the example environment file, and the
+example HAProxy configuration for two nodes.
 
 ``systemd-analyze verify`` runs on every unit with ``ExecStart`` pointed at a stub executable
 (the product's path, ``/opt/d2r/venv/bin/d2r``, does not exist on a build machine); the
-sysusers and tmpfiles snippets are applied by the real systemd tools to a scratch root.
+sysusers and tmpfiles snippets are applied by the real systemd tools to a scratch root; HAProxy
+(Debian package ``haproxy``, where installed) checks its example with ``haproxy -c``.
 """
 
 from __future__ import annotations
@@ -17,11 +19,24 @@ import yaml
 
 from dicom_node.settings import NodeSettings, read_config_file
 from observability.settings import ObservabilitySettings
+from tests.deploy.readme import documented_settings
 from worker.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 SYSTEMD = ROOT / "deploy" / "systemd"
 UNITS = sorted(SYSTEMD.glob("*.service"))
+HAPROXY_EXAMPLE = SYSTEMD / "haproxy-d2r.cfg.example"
+HAPROXY_SECTIONS = ("global", "defaults", "frontend", "backend", "listen")
+# The settings of several nodes on one database, commented out in d2r.env.example.
+HA_SETTINGS = (
+    "D2R_NODE_NAME",
+    "D2R_NODE_HEARTBEAT_SECONDS",
+    "D2R_NODE_EXPIRE_SECONDS",
+    "D2R_DB_RETRY_SECONDS",
+    "D2R_DB_INGEST_WAIT_SECONDS",
+    "D2R_BROKER_URL",
+    "D2R_BROKER_SENTINEL_MASTER",
+)
 INSTALLED_D2R = "/opt/d2r/venv/bin/d2r"
 SANDBOX = {
     "NoNewPrivileges": "yes",
@@ -137,16 +152,12 @@ def test_example_env_file_builds_valid_settings() -> None:
     assert worker.delivery.destinations and node.port == 11112
     assert worker.broker_url.startswith("redis://")
     assert worker.visibility_timeout > worker.task_time_limit
-    # Every documented D2R_* setting appears in the example.
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    documented = {
-        word.strip("`")
-        for line in readme.splitlines()
-        if line.startswith("| `D2R_")
-        for word in line.split("|")[1].replace("/", " ").split()
-    }
+    # Every documented D2R_* setting appears in the example, which names no other.
+    documented = documented_settings()
     text = (SYSTEMD / "d2r.env.example").read_text(encoding="utf-8")
     assert {name for name in documented if name not in text} - {"D2R_CONFIG"} == set()
+    named = set(re.findall(r"^#? ?(D2R_[A-Z0-9_]+)=", text, flags=re.M))
+    assert named - documented == set()
 
 
 def test_example_env_file_leaves_per_gpu_settings_to_the_worker_unit() -> None:
@@ -237,3 +248,134 @@ def test_prometheus_scrape_jobs_match_the_http_ports() -> None:
             "type": "Bearer",
             "credentials_file": "/etc/prometheus/secrets/d2r-metrics-token",
         }, name
+
+
+def _commented_examples(path: Path) -> dict[str, str]:
+    """``# D2R_X=value`` lines of an environment file, uncommented (the last one of each name)."""
+    found = re.findall(r"^# (D2R_[A-Z0-9_]+)=(\S*)$", path.read_text(encoding="utf-8"), re.M)
+    return dict(found)
+
+
+def test_example_env_file_documents_several_nodes() -> None:
+    env_file = SYSTEMD / "d2r.env.example"
+    env = read_config_file(env_file)
+    examples = _commented_examples(env_file)
+    assert set(HA_SETTINGS) <= set(examples)
+    # Commented out: a host's own name is its own, and the defaults serve one node as well.
+    assert (set(HA_SETTINGS) - {"D2R_BROKER_URL"}) & set(env) == set()
+    # Uncommented, the examples build valid settings: two nodes, Redis Sentinel.
+    env.update({name: examples[name] for name in HA_SETTINGS})
+    env["D2R_DATABASE_URL"] = "postgresql+psycopg://d2r:s3cret-pw@db.example.org/d2r"
+    node = NodeSettings.from_env(env)
+    worker = WorkerSettings.from_env(env)
+    assert node.node_name == examples["D2R_NODE_NAME"]
+    assert node.node_expire_seconds >= 2 * node.node_heartbeat_seconds
+    assert (node.db_retry_seconds, node.db_ingest_wait_seconds) == (30.0, 5.0)
+    assert worker.broker_url.count("sentinel://") == 3
+    assert worker.broker_sentinel_master == "d2r"
+
+
+def test_node_and_workers_wait_for_the_spool_mount() -> None:
+    for name in ("d2r-node.service", "d2r-worker@.service"):
+        values = parse_unit(SYSTEMD / name)
+        env = read_config_file(SYSTEMD / "d2r.env.example")
+        assert values["RequiresMountsFor"] == [env["D2R_SPOOL_DIR"]], name
+
+
+def parse_haproxy(text: str) -> dict[str, list[list[str]]]:
+    """``"frontend NAME"`` (or ``"global"``, ``"defaults"``) -> its keyword lines, as words."""
+    sections: dict[str, list[list[str]]] = {}
+    current: list[list[str]] | None = None
+    for raw in text.splitlines():
+        words = raw.split("#", 1)[0].split()
+        if not words:
+            continue
+        if words[0] in HAPROXY_SECTIONS:
+            assert not raw[0].isspace(), raw
+            current = sections.setdefault(" ".join(words[:2]), [])
+        else:
+            assert current is not None and raw[0].isspace(), raw
+            current.append(words)
+    return sections
+
+
+def _lines(section: list[list[str]], keyword: str) -> list[list[str]]:
+    return [words[1:] for words in section if words[0] == keyword]
+
+
+def test_haproxy_example_balances_two_nodes_in_tcp_mode_with_health_checks() -> None:
+    sections = parse_haproxy(HAPROXY_EXAMPLE.read_text(encoding="utf-8"))
+    env = read_config_file(SYSTEMD / "d2r.env.example")
+    http_port = re.search(
+        r"^# D2R_HTTP_PORT=(\d+)$", (SYSTEMD / "d2r.env.example").read_text(), re.M
+    )
+    assert http_port
+    assert _lines(sections["defaults"], "mode") == [["tcp"]]
+    frontends = {k.split()[1]: v for k, v in sections.items() if k.startswith("frontend ")}
+    backends = {k.split()[1]: v for k, v in sections.items() if k.startswith("backend ")}
+    assert "listen" not in {k.split()[0] for k in sections}
+    ports = set()
+    for name, section in {**frontends, **backends}.items():
+        assert _lines(section, "mode") in ([], [["tcp"]]), name  # TCP, never http
+    for name, frontend in frontends.items():
+        [[target]] = _lines(frontend, "default_backend")
+        assert target in backends, name
+        [[address]] = _lines(frontend, "bind")
+        ports.add(address.rpartition(":")[2])
+        # the PACS addresses are checked here: the nodes see the proxy's
+        assert [words for words in _lines(frontend, "tcp-request") if "reject" in words], name
+    assert ports == {env["D2R_PORT"], http_port.group(1)}
+    for name, backend in backends.items():
+        servers = _lines(backend, "server")
+        # two nodes or more, each on a host of its own
+        assert len({s[1].rpartition(":")[0] for s in servers}) == len(servers) >= 2, name
+        # health checks ask /readyz on the nodes' HTTP port
+        assert ["option", "httpchk"] in backend, name
+        checks = _lines(backend, "http-check")
+        assert checks[0][:5] == ["send", "meth", "GET", "uri", "/readyz"], name
+        assert ["expect", "status", "200"] in checks, name
+        [default_server] = _lines(backend, "default-server")
+        assert "check" in default_server, name
+        if "port" in default_server:
+            assert default_server[default_server.index("port") + 1] == http_port.group(1)
+        else:
+            assert {s[1].rpartition(":")[2] for s in servers} == {http_port.group(1)}, name
+        assert _lines(backend, "balance") in ([["leastconn"]], [["roundrobin"]]), name
+    [dicom] = [
+        backend
+        for backend in backends.values()
+        if {s[1].rpartition(":")[2] for s in _lines(backend, "server")} == {env["D2R_PORT"]}
+    ]
+    # a node marked down has its associations cut, so the PACS retries on the other
+    assert "on-marked-down" in _lines(dicom, "default-server")[0]
+    assert ["redispatch", "1"] in _lines(sections["defaults"], "option")
+
+
+def _haproxy() -> str:
+    found = shutil.which("haproxy") or next(
+        (p for p in ("/usr/sbin/haproxy", "/usr/bin/haproxy") if Path(p).exists()), None
+    )
+    if found is None:
+        pytest.skip("haproxy is not installed (Debian package haproxy)")
+    return found
+
+
+def _haproxy_check(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [_haproxy(), "-c", "-f", str(path)], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_haproxy_accepts_the_example() -> None:
+    result = _haproxy_check(HAPROXY_EXAMPLE)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Configuration file is valid" in result.stdout + result.stderr
+
+
+def test_haproxy_check_catches_a_broken_example(tmp_path: Path) -> None:
+    broken = tmp_path / "haproxy.cfg"
+    text = HAPROXY_EXAMPLE.read_text(encoding="utf-8")
+    assert "balance leastconn" in text
+    broken.write_text(text.replace("balance leastconn", "balance leastconnection", 1))
+    result = _haproxy_check(broken)
+    assert result.returncode != 0

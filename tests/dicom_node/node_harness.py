@@ -27,9 +27,10 @@ class Recorder:
     rejections: list[dict[str, Any]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def record_instance(self, record: InstanceRecord, *, outcome: str) -> None:
+    def record_instance(self, record: InstanceRecord, *, outcome: str) -> str:
         with self.lock:
             self.instances.append((record, outcome))
+        return outcome
 
     def record_rejection(
         self,

@@ -9,6 +9,7 @@ import subprocess
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -28,10 +29,11 @@ from pydicom.uid import (
 from pynetdicom.presentation import PresentationContext
 
 from dicom_node import statuses
+from dicom_node.errors import DatabaseUnavailable
 from dicom_node.scp import SharedSyntaxContext, build_ae
 from dicom_node.selection import select_images
 from dicom_node.spool import dataset_offset
-from dicom_node.studies import InstanceRecord
+from dicom_node.studies import InstanceRecord, StudyStore
 from tests.dicom_node.node_harness import Node, NodeFactory, Recorder
 from tests.support.dicom_files import chest_pixels, make_dx, rg1_path
 
@@ -274,7 +276,7 @@ def test_full_spool_refuses_with_out_of_resources(
 
 
 class BrokenDatabase(Recorder):
-    def record_instance(self, record: InstanceRecord, *, outcome: str) -> None:
+    def record_instance(self, record: InstanceRecord, *, outcome: str) -> str:
         raise RuntimeError("database is locked")
 
 
@@ -283,8 +285,51 @@ def test_database_failure_is_never_success(node_factory: NodeFactory, tmp_path: 
     ds = make_dx(tmp_path / "a.dcm", rows=16, cols=16)
     res = storescu(node, tmp_path / "a.dcm")
     assert store_statuses(res) == [statuses.PROCESSING_FAILURE]
-    # the bytes are durable; a re-send is answered from the spool as a duplicate
+    # the bytes are durable (the re-send is recorded then, or the spool check records them)
     assert node.spool.path_for(ds.StudyInstanceUID, ds.SOPInstanceUID).exists()
+
+
+class DatabaseDownOnce:
+    """A real study database that is unreachable for the first instance recorded."""
+
+    def __init__(self, store: StudyStore) -> None:
+        self.store = store
+        self.refused = 0
+
+    def record_instance(self, record: InstanceRecord, *, outcome: str) -> str:
+        if not self.refused:
+            self.refused += 1
+            raise DatabaseUnavailable("the study database did not answer within 0 s")
+        return self.store.record_instance(record, outcome=outcome)
+
+    def record_rejection(self, **kwargs: Any) -> None:
+        self.store.record_rejection(**kwargs)
+
+
+def test_resend_after_a_database_outage_is_recorded_not_answered_as_a_duplicate(
+    node_factory: NodeFactory, tmp_path: Path
+) -> None:
+    """Refused while the database was down, the spooled copy is not enough: the sender's retry
+    finds no row behind it, so the instance is recorded then, as stored, and only then is the
+    answer Success."""
+    store = StudyStore(f"sqlite:///{tmp_path / 'd2r.db'}")
+    try:
+        node = node_factory(store=DatabaseDownOnce(store))
+        ds = make_dx(tmp_path / "a.dcm", rows=16, cols=16)
+        assert store_statuses(storescu(node, tmp_path / "a.dcm")) == [statuses.PROCESSING_FAILURE]
+        assert store.get(ds.StudyInstanceUID) is None
+        assert store_statuses(storescu(node, tmp_path / "a.dcm")) == [statuses.SUCCESS]
+        view = store.get(ds.StudyInstanceUID)
+        assert view is not None and view.state == "receiving" and view.instance_count == 1
+        (row,) = store.instances(ds.StudyInstanceUID)
+        assert row.path == str(node.spool.path_for(ds.StudyInstanceUID, ds.SOPInstanceUID))
+        assert "recorded-late" in [e.kind for e in store.events(ds.StudyInstanceUID)]
+        # a third copy is now a true duplicate of a recorded instance
+        assert store_statuses(storescu(node, tmp_path / "a.dcm")) == [statuses.SUCCESS]
+        assert store.instances(ds.StudyInstanceUID)[0].sop_instance_uid == ds.SOPInstanceUID
+        assert "duplicate" in [e.kind for e in store.events(ds.StudyInstanceUID)]
+    finally:
+        store.close()
 
 
 def test_unwritable_spool_is_processing_failure(node_factory: NodeFactory, tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian
 
 from dicom_node import statuses
+from dicom_node.errors import DatabaseUnavailable
 from dicom_node.spool import Spool, dataset_offset
 from dicom_node.stow import (
     STOW_CALLING_AE,
@@ -92,6 +93,7 @@ def site_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SiteFacto
         max_concurrent: int = 4,
         min_free_bytes: int = 0,
         tls: ssl.SSLContext | None = None,
+        recorder: Callable[[StudyStore], Any] | None = None,
     ) -> Site:
         root = tmp_path_factory.mktemp("stow")
         spool = Spool(root / "spool", min_free_bytes=min_free_bytes)
@@ -101,7 +103,7 @@ def site_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SiteFacto
         released: list[int] = []
         receiver = StowReceiver(
             spool,
-            store,
+            store if recorder is None else recorder(store),
             ledger=store,
             max_bytes=max_bytes,
             max_concurrent=max_concurrent,
@@ -447,6 +449,45 @@ def test_spool_full_is_503(site_factory: SiteFactory) -> None:
     assert rsp.status_code == 503
     assert rsp.headers["Retry-After"]
     assert site.spooled() == []
+
+
+class DatabaseDown:
+    """The study database as the receiver sees it while ``down`` is set: unreachable."""
+
+    def __init__(self, store: StudyStore) -> None:
+        self.store = store
+        self.down = True
+
+    def record_instance(self, record: Any, *, outcome: str) -> str:
+        if self.down:
+            raise DatabaseUnavailable("the study database did not answer within 5 s")
+        return self.store.record_instance(record, outcome=outcome)
+
+    def record_rejection(self, **kwargs: Any) -> None:
+        self.store.record_rejection(**kwargs)
+
+
+def test_a_database_outage_is_503_and_the_resent_request_is_recorded(
+    site_factory: SiteFactory,
+) -> None:
+    down: list[DatabaseDown] = []
+
+    def recorder(store: StudyStore) -> DatabaseDown:
+        down.append(DatabaseDown(store))
+        return down[0]
+
+    site = site_factory(recorder=recorder)
+    (image,) = study(1)
+    body = multipart([("application/dicom", part10(image))])
+    rsp = site.post(body)
+    assert rsp.status_code == 503 and rsp.headers["Retry-After"]
+    assert site.store.get(image.StudyInstanceUID) is None  # never success without a record
+    down[0].down = False
+    rsp = site.post(body)
+    assert rsp.status_code == 200, rsp.text
+    assert [i.sop_instance_uid for i in site.store.instances(image.StudyInstanceUID)] == [
+        image.SOPInstanceUID
+    ]
 
 
 def test_a_non_loopback_bind_needs_an_ingest_credential(

@@ -3,59 +3,13 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from dicom_node.assembler import Assembler, AssemblerConfig
-from dicom_node.studies import InstanceRecord, StudyStore
-from tests.support.postgres import postgres_server, scratch_database
-
-
-def _record(
-    study: str, sop: str, *, view: str = "PA", modality: str = "CR", t: float = 1000.0
-) -> InstanceRecord:
-    return InstanceRecord(
-        study_instance_uid=study,
-        series_instance_uid=study + ".1",
-        sop_instance_uid=sop,
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-        modality=modality,
-        body_part_examined="CHEST",
-        view_position=view,
-        series_description="",
-        path=f"/spool/{sop}.dcm",
-        size=10,
-        sha256="0" * 64,
-        calling_ae_title="PACS",
-        received_at=datetime.fromtimestamp(t, UTC),
-    )
-
-
-@pytest.fixture(scope="module")
-def postgres_admin_url() -> Iterator[str]:
-    """A private PostgreSQL cluster, or the one named by D2R_TEST_POSTGRES_URL."""
-    with postgres_server() as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StudyStore]:
-    if request.param == "sqlite":
-        s = StudyStore(f"sqlite:///{tmp_path / 'd2r.db'}")
-        yield s
-        s.close()
-        return
-    with scratch_database(request.getfixturevalue("postgres_admin_url"), "d2r_test") as url:
-        s = StudyStore(url)
-        try:
-            yield s
-        finally:
-            s.close()
+from dicom_node.studies import StudyStore
+from tests.dicom_node.conftest import instance_row as _record
 
 
 def test_first_instance_opens_a_receiving_study(store: StudyStore) -> None:

@@ -162,3 +162,25 @@ def test_model_loaded_reads_the_info_gauge() -> None:
     metrics.set_model_info("d2r-net", "9.9")
     assert metrics.model_loaded(REGISTRY)
     assert not metrics.model_loaded(CollectorRegistry())
+
+
+def test_every_series_of_a_named_node_carries_its_node_label(tmp_path: Path) -> None:
+    """Several active nodes behind one DICOM address: one scrape per node, told apart."""
+    store = StudyStore(f"sqlite:///{tmp_path / 'd2r.db'}")
+    try:
+        ds = make_dx(tmp_path / "a.dcm", rows=8, cols=8)
+        store.record_instance(record_for(ds, tmp_path / "a.dcm"), outcome="stored")
+        registry = CollectorRegistry()
+        registry.register(metrics.StudiesByStateCollector(store.count_by_state))
+        outer = CollectorRegistry(auto_describe=False)
+        outer.register(metrics.NodeLabelled(registry, "node-b"))
+        text = generate_latest(outer).decode()
+        samples = [line for line in text.splitlines() if line and not line.startswith("#")]
+        assert len(samples) == len(STUDY_STATES)
+        assert all('node="node-b"' in line for line in samples)
+        assert 'd2r_studies{node="node-b",state="receiving"} 1.0' in samples
+        served = generate_latest(metrics.build_registry(None, node="node-a")).decode()
+        served_samples = [ln for ln in served.splitlines() if ln and not ln.startswith("#")]
+        assert served_samples and all('node="node-a"' in ln for ln in served_samples)
+    finally:
+        store.close()

@@ -149,7 +149,11 @@ class Stack:
 
 
 def make_stack(orthanc_factory: Any, model_dir: Path, tmp: Path, **env: str) -> Stack:
-    """Orthanc (routing to the node), Redis, and the settings; node and workers not started."""
+    """Orthanc (routing to the node), Redis, and the settings; node and workers not started.
+
+    With ``D2R_BROKER_URL`` in ``env`` the caller runs the broker (a Sentinel cluster, say) and
+    no Redis is started.
+    """
     node_port = free_port()
     orthanc = None
     if orthanc_factory is not None:
@@ -160,7 +164,8 @@ def make_stack(orthanc_factory: Any, model_dir: Path, tmp: Path, **env: str) -> 
     stack = Stack(
         tmp, stack_env(model_dir, tmp, D2R_PORT=str(node_port), **env), orthanc, node_port
     )
-    stack.start_redis()
+    if "D2R_BROKER_URL" not in env:
+        stack.start_redis()
     return stack
 
 
