@@ -289,13 +289,15 @@ def run_node(
         app.send_task(SEND_TASK, args=[uid, destination])
 
     def broker_identity() -> str | None:
-        """The Redis server's run id (a restart or a Sentinel failover changes it)."""
+        """The Redis master's run and replication ids (a restart, a promotion or a resync
+        changes them)."""
         if not settings.broker_url.startswith(("redis://", "rediss://", "sentinel://")):
             return None
         with app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1)
-            info = conn.default_channel.client.info("server")
-        return str(info.get("run_id") or "") or None
+            info = conn.default_channel.client.info()
+        run_id = str(info.get("run_id") or "")
+        return f"{run_id}/{info.get('master_replid', '')}" if run_id else None
 
     assembler = Assembler(
         store,

@@ -37,7 +37,9 @@ Broker faults: a job that cannot be handed to the broker stays in memory and is 
 the next tick. When the broker's identity changes (``broker_identity``: a Redis restart or a
 Sentinel failover, which may lose the messages it held), every queued study's job and every
 pending delivery is sent again at once instead of after ``requeue_after``: a worker drops the
-copy of a job whose study is already claimed.
+copy of a job whose study is already claimed. For :data:`BROKER_INCIDENT_SECONDS` after any
+broker incident the reconciler also re-sends what stayed queued for
+:data:`BROKER_INCIDENT_REQUEUE_SECONDS`, for losses that show only later.
 
 The queue itself is injected (``enqueue_report``, ``enqueue_send``): this module never imports
 Celery.
@@ -91,6 +93,11 @@ _RETAINED_STATES = (DONE, SKIPPED)
 UNRECORDED_GRACE_SECONDS = 120.0
 #: the duties one node at a time runs, each under a lease of a few reconciler periods
 DUTY_HOUSEKEEPING = "housekeeping"
+#: after a broker incident (unreachable, restarted, failed over) the reconciler re-sends jobs
+#: queued this long, instead of ``requeue_after``, for :data:`BROKER_INCIDENT_SECONDS`: a
+#: failover's losses are not always visible when it is detected (a demoted master resyncs later)
+BROKER_INCIDENT_REQUEUE_SECONDS = 60.0
+BROKER_INCIDENT_SECONDS = 300.0
 
 
 def retention_candidates(store: StudyStore, cutoff: float, *, limit: int = 100) -> list[str]:
@@ -173,6 +180,7 @@ class Assembler:
         self._last_spool_check = float("-inf")
         self._last_broker_check = float("-inf")
         self._broker: str | None = None
+        self._broker_incident_until = float("-inf")
         #: jobs the broker did not take: (generation, images) by study, sent again each tick
         self._unsent: dict[str, tuple[int, Sequence[InstanceRecord]]] = {}
         self._unsent_sends: set[tuple[str, str]] = set()
@@ -256,6 +264,7 @@ class Assembler:
             if not self._unsent_sends:
                 logger.warning("broker unreachable (%s); sends are kept and sent again", exc)
             self._unsent_sends.add((uid, dest))
+            self._broker_incident()
         else:
             self._unsent_sends.discard((uid, dest))
 
@@ -301,6 +310,7 @@ class Assembler:
             if not self._unsent:
                 logger.warning("broker unreachable (%s); jobs are kept and sent again", exc)
             self._unsent[uid] = (generation, images)
+            self._broker_incident()
             return
         self._unsent.pop(uid, None)
         logger.info("study %s queued (generation %d, %d image(s))", uid, generation, len(images))
@@ -327,12 +337,14 @@ class Assembler:
         try:
             identity = self.broker_identity()
         except Exception:  # unreachable: the identity is read again on the next tick
+            self._broker_incident()
             return False
         if identity is None:
             return False
         previous, self._broker = self._broker, identity
         if previous is None or previous == identity:
             return False
+        self._broker_incident()
         logger.warning("the broker restarted or failed over: re-sending queued jobs and sends")
         requeued = self.reconcile(now, requeue_after=0.0)
         sends = self.send_due(now, requeue_after=0.0)
@@ -340,6 +352,15 @@ class Assembler:
             "after the broker change: %d job(s) and %d send(s) re-sent", len(requeued), len(sends)
         )
         return True
+
+    def _broker_incident(self) -> None:
+        self._broker_incident_until = time.monotonic() + BROKER_INCIDENT_SECONDS
+
+    def _requeue_after(self) -> float:
+        """``requeue_after``, shortened for a while after a broker incident."""
+        if time.monotonic() < self._broker_incident_until:
+            return min(self.config.requeue_after, BROKER_INCIDENT_REQUEUE_SECONDS)
+        return self.config.requeue_after
 
     # ------------------------------------------------------------ several nodes
     def register(self) -> None:
@@ -481,7 +502,7 @@ class Assembler:
             logger.warning("re-queued the study(ies) of a lost worker")
         if now - self._last_reconcile >= self.config.reconcile_seconds:
             self._last_reconcile = now
-            requeued = self.reconcile(now)
+            requeued = self.reconcile(now, requeue_after=self._requeue_after())
             if requeued:
                 logger.warning("reconciler re-queued %d study(ies)", len(requeued))
             self.sweep_tmp(now)
@@ -490,7 +511,7 @@ class Assembler:
                 if now - self._last_spool_check >= self.config.spool_check_seconds:
                     self._last_spool_check = now
                     self.check_spool(now)
-        self.send_due(now)
+        self.send_due(now, requeue_after=self._requeue_after())
 
     def wake_after(self, seconds: float) -> None:
         """Run a tick ``seconds`` from now as well (an association was released: the study may

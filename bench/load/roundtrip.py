@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.reliability.stack import make_stack  # noqa: E402
 from tests.support.dicom_files import make_dx  # noqa: E402
-from tests.support.orthanc import OrthancServer  # noqa: E402
+from tests.support.orthanc import OrthancServers  # noqa: E402
 
 
 def main() -> int:
@@ -37,13 +37,7 @@ def main() -> int:
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the node")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="d2r-roundtrip-"))
-    servers: list[OrthancServer] = []
-
-    def orthanc_factory(**kwargs: object) -> OrthancServer:
-        server = OrthancServer(work / f"orthanc{len(servers)}", **kwargs)  # type: ignore[arg-type]
-        servers.append(server)
-        server.start()
-        return server
+    orthanc_factory = OrthancServers(work)
 
     env = {
         "D2R_STUDY_QUIET_SECONDS": "10",
@@ -55,7 +49,7 @@ def main() -> int:
     try:
         stack.start_node()
         stack.start_worker()
-        orthanc = servers[0]
+        orthanc = orthanc_factory.servers[0]
         for n in range(args.studies + 1):  # the first one warms the worker up, not counted
             path = work / f"study{n}.dcm"
             ds = make_dx(path, rows=512, cols=416, seed=100 + n)
@@ -72,8 +66,7 @@ def main() -> int:
                 print(f"study {n}: {latencies[-1]:.2f} s", flush=True)
     finally:
         stack.stop()
-        for server in servers:
-            server.stop(graceful=False)
+        orthanc_factory.stop()
         shutil.rmtree(work, ignore_errors=True)
     print(
         f"last instance acknowledged -> SRs acknowledged: p50 {statistics.median(latencies):.2f} s,"

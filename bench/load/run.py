@@ -47,8 +47,8 @@ from tests.reliability.stack import (  # noqa: E402
     send_datasets,
 )
 from tests.support.dicom_files import make_dx  # noqa: E402
-from tests.support.orthanc import OrthancServer  # noqa: E402
-from tests.support.processes import base_env, run_d2r  # noqa: E402
+from tests.support.orthanc import OrthancServers  # noqa: E402
+from tests.support.processes import small_random_checkpoint  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -182,20 +182,10 @@ def main() -> int:
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="d2r-load-"))
     work.mkdir(parents=True, exist_ok=True)
-    model = args.model
+    model = args.model or small_random_checkpoint(work / "model")
     if model is None:
-        model = work / "model"
-        res = run_d2r("init-model", "--out", str(model), "--preset", "small", env=base_env())
-        if res.returncode != 0:
-            print(res.stderr, file=sys.stderr)
-            return 1
-    servers: list[OrthancServer] = []
-
-    def orthanc_factory(**kwargs: object) -> OrthancServer:
-        server = OrthancServer(work / f"orthanc{len(servers)}", **kwargs)  # type: ignore[arg-type]
-        servers.append(server)
-        server.start()
-        return server
+        return 1
+    orthanc_factory = OrthancServers(work)
 
     stack = make_stack(orthanc_factory, model, work, D2R_STUDY_QUIET_SECONDS="1")
     try:
@@ -213,8 +203,7 @@ def main() -> int:
         breakdown = stage_breakdown([w.log_tail(10**9) for w in stack.workers])
     finally:
         stack.stop()
-        for server in servers:
-            server.stop(graceful=False)
+        orthanc_factory.stop()
     print(json.dumps(asdict(result), indent=2))
     print(
         "| senders x studies | done | exactly once | wall s | p50 s | p95 s | max s "

@@ -390,3 +390,34 @@ def test_status_shows_which_node_received_each_instance(tmp_path: Path) -> None:
     assert rows and "node-b" in rows[0] and "LL" in rows[0]
     listing = run_d2r("status", env=env)
     assert "node-a,node-b" in listing.stdout
+
+
+def test_after_a_broker_incident_the_reconciler_looks_sooner(store: StudyStore) -> None:
+    """A failover's losses may show only later (a demoted master resyncs): for a while after
+    any broker incident, jobs queued a minute are re-sent, not only after ``requeue_after``."""
+    sent: list[str] = []
+    reachable = [True]
+
+    def identity() -> str:
+        if not reachable[0]:
+            raise ConnectionError("broker unreachable")
+        return "run-1"
+
+    def build() -> Assembler:
+        return Assembler(
+            store,
+            AssemblerConfig(quiet_seconds=1, force_seconds=10, requeue_after=3600),
+            enqueue_report=lambda uid, generation, images: sent.append(uid),
+            enqueue_send=lambda *a: None,
+            broker_identity=identity,
+        )
+
+    store.record_instance(instance_row("1.2", "1.2.1", t=1000), outcome="stored")
+    store.mark_queued("1.2")
+    with store.engine.begin() as conn:  # queued two minutes ago; its message lost
+        conn.execute(sa.text("UPDATE studies SET queued_at = :t"), {"t": time.time() - 120})
+    build().tick()
+    assert sent == []  # no incident: the reconciler waits requeue_after (an hour)
+    reachable[0] = False
+    build().tick()
+    assert sent == ["1.2"]

@@ -428,3 +428,22 @@ class OrthancServer:
         body = json.dumps({"AET": aet, "Host": host, "Port": port}).encode()
         self.request("PUT", f"/modalities/{name}", body, content_type="application/json")
         self.modalities[name] = (aet, host, port)
+
+
+class OrthancServers:
+    """Orthanc servers started under one folder on demand (a benchmark's ``orthanc_factory``):
+    call with :class:`OrthancServer`'s keyword arguments; :meth:`stop` stops them all."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = Path(workdir)
+        self.servers: list[OrthancServer] = []
+
+    def __call__(self, **kwargs: Any) -> OrthancServer:
+        server = OrthancServer(self.workdir / f"orthanc{len(self.servers)}", **kwargs)
+        self.servers.append(server)
+        server.start()
+        return server
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop(graceful=False)

@@ -111,6 +111,16 @@ def run_d2r(
     )
 
 
+def small_random_checkpoint(out: Path) -> Path | None:
+    """Write a small randomly initialised D2R-Net checkpoint (``d2r init-model``) to ``out``;
+    None, with the command's error printed, when it fails."""
+    res = run_d2r("init-model", "--out", str(out), "--preset", "small", env=base_env())
+    if res.returncode != 0:
+        print(res.stderr, file=sys.stderr)
+        return None
+    return out
+
+
 def start_redis(workdir: Path, port: int | None = None) -> tuple[Process, str]:
     """A private redis-server on loopback (a free port unless given); returns it and its URL.
 

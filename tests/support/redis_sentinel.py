@@ -232,17 +232,19 @@ class SentinelCluster:
         except TimeoutError as exc:
             raise RuntimeError(f"{exc}\n{self.logs()}") from exc
         elapsed = time.monotonic() - killed
-        self.servers[old].stop()
-        self._start_server(old)
-        remaining = max(deadline - time.monotonic(), 5.0)
+        # Restart the old master only once every sentinel names the new one: a sentinel still
+        # naming the old address would take the restarted, empty server back as the master (as
+        # a Redis pod that waits for its Sentinels before it starts does in Kubernetes).
         try:
             wait_for(
-                lambda: all(port == new for _, port in self._reported()),
-                remaining,
+                lambda: [port for _, port in self._reported()] == [new] * SENTINELS,
+                max(deadline - time.monotonic(), 5.0),
                 "every sentinel to name the new master",
             )
         except TimeoutError as exc:
             raise RuntimeError(f"{exc}\n{self.logs()}") from exc
+        self.servers[old].stop()
+        self._start_server(old)
         self.wait_ready(max(deadline - time.monotonic(), 5.0))
         return elapsed
 
