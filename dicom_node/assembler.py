@@ -367,7 +367,22 @@ class Assembler:
         """Record this node's start; expire the associations its previous run left open."""
         if not self.config.node:
             return
-        left = self.store.register_node(self.config.node, host=_host(), pid=os.getpid())
+        host, pid = _host(), os.getpid()
+        for seen in self.store.nodes():
+            if (
+                seen.name == self.config.node
+                and (seen.host, seen.pid) != (host, pid)
+                and time.time() - seen.heartbeat_at < self.config.node_expire_seconds
+            ):
+                logger.warning(
+                    "node name %s was alive %.0f s ago on host %s (pid %d): if that node still "
+                    "runs, give each node its own D2R_NODE_NAME",
+                    printable(self.config.node),
+                    time.time() - seen.heartbeat_at,
+                    printable(seen.host),
+                    seen.pid,
+                )
+        left = self.store.register_node(self.config.node, host=host, pid=pid)
         if left:
             logger.warning(
                 "expired the open associations of %d study(ies) left by this node's last run",

@@ -421,3 +421,20 @@ def test_after_a_broker_incident_the_reconciler_looks_sooner(store: StudyStore) 
     reachable[0] = False
     build().tick()
     assert sent == ["1.2"]
+
+
+def test_a_node_name_still_alive_elsewhere_is_warned_about(
+    store: StudyStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    store.register_node("node-a", host="other-host", pid=1)
+    asm = Assembler(
+        store,
+        AssemblerConfig(node="node-a"),
+        enqueue_report=lambda *a: None,
+        enqueue_send=lambda *a: None,
+    )
+    asm.register()
+    assert "give each node its own D2R_NODE_NAME" in caplog.text
+    caplog.clear()
+    asm.register()  # this process again: a restart, not another node
+    assert "D2R_NODE_NAME" not in caplog.text
