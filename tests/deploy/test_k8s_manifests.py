@@ -552,7 +552,8 @@ def _redis_start(tmp_path: Path, pod: str, role: str, answers: dict[str, list[st
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "ANSWERS": str(answer_dir)}
     for e in container["containers"][0]["env"]:
         env[e["name"]] = e.get("value", "")
-    env.update(POD_NAMESPACE="d2r", MASTER_NAME="d2r")
+    # a loaded test machine may take longer than the pods' 2 s to run the stand-in redis-cli
+    env.update(POD_NAMESPACE="d2r", MASTER_NAME="d2r", SENTINEL_QUERY_SECONDS="30")
     result = subprocess.run(
         ["sh", str(tmp_path / "start.sh"), role],
         env=env,

@@ -38,6 +38,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 CHROMIUM = "/usr/bin/chromium"
 
 
+NODE_NAME = "node-x"
+
+
 def _get(url: str) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=30) as rsp:
@@ -52,7 +55,10 @@ def _samples(base: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     out = {}
     for family in text_string_to_metric_families(body.decode()):
         for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+            labels = dict(s.labels)
+            # the node serves every series with its name (D2R_NODE_NAME)
+            assert labels.pop("node", None) == NODE_NAME, s
+            out[(s.name, tuple(sorted(labels.items())))] = s.value
     return out
 
 
@@ -99,6 +105,7 @@ def test_serve_metrics_probes_audit_and_status_page(tmp_path: Path) -> None:
         D2R_RECONCILE_SECONDS="2",
         D2R_MIN_FREE_BYTES="0",
         D2R_LOG_FORMAT="json",
+        D2R_NODE_NAME=NODE_NAME,
     )
     base = f"http://127.0.0.1:{http_port}"
     source = pydicom.dcmread(image_path, stop_before_pixels=True)

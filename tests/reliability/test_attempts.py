@@ -21,6 +21,7 @@ from observability.audit import STUDY_FAILED, read_audit
 from tests.reliability.stack import Stack, make_stack, send_datasets
 from tests.support.dicom_files import make_dx
 from tests.support.processes import free_port, run_d2r, wait_for
+from tests.support.prometheus import sample_value
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -93,7 +94,8 @@ def test_a_fault_in_each_stage_fails_the_study_after_bounded_attempts(
         for stage in (*REPORT_STAGES, "send"):
             assert _sample(worker_metrics, "d2r_attempt_failures_total", stage) == 3, stage
             assert _sample(worker_metrics, "d2r_studies_failed_after_attempts_total", stage) == 1
-        assert "d2r_oldest_unfinished_study_age_seconds 0.0" in _metrics(node_http)
+        oldest = sample_value(_metrics(node_http), "d2r_oldest_unfinished_study_age_seconds")
+        assert oldest == 0.0
 
         audit_path = Path(s.env["D2R_AUDIT_LOG"])
         failed = {
@@ -135,12 +137,9 @@ def test_status_stuck_lists_a_study_that_stays_in_its_state(
         wait_for(lambda: s.state(uid) == "queued", 60, "queued")
         wait_for(
             lambda: (
-                float(
-                    next(
-                        line.split()[-1]
-                        for line in _metrics(node_http).splitlines()
-                        if line.startswith("d2r_oldest_unfinished_study_age_seconds ")
-                    )
+                (
+                    sample_value(_metrics(node_http), "d2r_oldest_unfinished_study_age_seconds")
+                    or 0.0
                 )
                 >= 2.0
             ),
