@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from dicom_node.settings import merged_environment
+from d2r_core.config import merged_environment
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -80,7 +80,8 @@ def start_http(
     ``ingest`` is the STOW-RS receiver of the node (``/dicom-web/``), if it runs one; ``node``
     its name, a label on every metric.
     """
-    from dicom_node.settings import ConfigError, NodeSettings
+    from d2r_core.errors import ConfigError
+    from dicom_node.settings import NodeSettings
     from observability.auth import Authenticator, FailureLimiter
     from observability.http import ObservabilityServer, tls_context
     from observability.metrics import build_registry

@@ -77,6 +77,6 @@ def open_destination(
 
         session = open_session(address, settings.tls)
         return FhirDestination(address, session, settings.timeout)
-    from dicom_node.settings import ConfigError
+    from d2r_core.errors import ConfigError
 
     raise ConfigError("D2R_DESTINATIONS", f"no sender for {address.kind} destinations yet")

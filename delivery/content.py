@@ -5,11 +5,11 @@ prediction; the HL7 and FHIR senders read it instead of parsing the SR content t
 holds no patient data: patient and order identifiers come from the SR headers, which copy the
 source image's Patient and General Study modules.
 
->>> c = ReportContent(findings="Small left effusion.", impression="Effusion.",
+>>> c = DeliveryContent(findings="Small left effusion.", impression="Effusion.",
 ...     lesions=(FindingBox("Pleural effusion", 0.47, (10.0, 20.0, 30.0, 40.0),
 ...                         sentence="Small left effusion."),),
 ...     model_name="d2r-net", model_version="3.1.0", sr_sop_instance_uid="1.2.3")
->>> ReportContent.from_json(c.to_json()) == c
+>>> DeliveryContent.from_json(c.to_json()) == c
 True
 """
 
@@ -19,7 +19,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["CONTENT_FILE", "FindingBox", "ReportContent"]
+__all__ = ["CONTENT_FILE", "FindingBox", "DeliveryContent"]
 
 #: name of the content file in a study's results folder
 CONTENT_FILE = "report.json"
@@ -29,7 +29,7 @@ CONTENT_FILE = "report.json"
 class FindingBox:
     """One lesion as the report presents it."""
 
-    #: one of the 22 VinDr-CXR local labels (``model.classes``)
+    #: one of the 22 VinDr-CXR local labels (``d2r_core.classes``)
     class_name: str
     score: float
     #: x_min, y_min, x_max, y_max in source-image pixels
@@ -41,7 +41,7 @@ class FindingBox:
 
 
 @dataclass(frozen=True)
-class ReportContent:
+class DeliveryContent:
     """A study's draft report as the model produced it (no patient data)."""
 
     findings: str
@@ -63,7 +63,7 @@ class ReportContent:
         return json.dumps(asdict(self), sort_keys=True, ensure_ascii=False, indent=1)
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> ReportContent:
+    def from_json(cls, text: str | bytes) -> DeliveryContent:
         """Parse :meth:`to_json`'s output.
 
         Raises

@@ -55,13 +55,9 @@ from urllib.parse import parse_qsl, quote, urlencode
 
 from pydicom.dataset import Dataset
 
-from delivery.content import ReportContent
-from dicom_node.settings import (
-    ConfigError,
-    parse_bool,
-    refuse_placeholder,
-    validate_ae_title,
-)
+from d2r_core.config import parse_bool, refuse_placeholder, validate_ae_title
+from d2r_core.errors import ConfigError
+from delivery.content import DeliveryContent
 
 __all__ = [
     "KINDS",
@@ -201,7 +197,7 @@ class StudyResults:
     study_instance_uid: str
     reports: tuple[Dataset, ...]
     #: the report content written beside the SRs (None: results of an older release)
-    content: ReportContent | None = None
+    content: DeliveryContent | None = None
     #: the files ``reports`` were read from, in the same order (empty: not from files); the
     #: DICOM sender sends their bytes as written
     files: tuple[str, ...] = ()

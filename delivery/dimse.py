@@ -47,11 +47,12 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 
+from d2r_core import statuses
+from d2r_core.config import TlsSettings
+from d2r_core.tcp import no_delay, quick_ack
 from delivery.destinations import Delivered, DeliveredItem, DicomPeer, StudyResults
 from delivery.errors import PermanentSendError, TransientSendError
-from dicom_node import statuses
-from dicom_node.settings import NodeSettings, TlsSettings
-from dicom_node.tcp import no_delay, quick_ack
+from dicom_node.settings import NodeSettings
 
 __all__ = [
     "AssociationPool",

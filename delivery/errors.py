@@ -13,10 +13,12 @@ Invalid destination settings raise :class:`dicom_node.settings.ConfigError`, lik
 
 from __future__ import annotations
 
+from d2r_core.errors import D2RError
+
 __all__ = ["DeliveryError", "PermanentSendError", "SendError", "TransientSendError"]
 
 
-class DeliveryError(Exception):
+class DeliveryError(D2RError):
     """Base class of every error raised on purpose by :mod:`delivery`."""
 
 

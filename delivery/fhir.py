@@ -62,7 +62,7 @@ from fhir.resources.R4B.reference import Reference
 from fhir.resources.R4B.resource import Resource
 from pydicom.dataset import Dataset
 
-from delivery.content import FindingBox, ReportContent
+from delivery.content import DeliveryContent, FindingBox
 from delivery.destinations import Delivered, DeliveredItem, HttpEndpoint, StudyResults
 from delivery.errors import PermanentSendError, TransientSendError
 from delivery.fhir_codes import FINDINGS, LOCAL_SYSTEM, LOINC, REPORT_CODE, SNOMED
@@ -92,7 +92,7 @@ def _uuid(*parts: str) -> str:
     return f"urn:uuid:{uuid.uuid5(_NAMESPACE, '|'.join(parts))}"
 
 
-def report_identifier(study_uid: str, content: ReportContent) -> str:
+def report_identifier(study_uid: str, content: DeliveryContent) -> str:
     """The DiagnosticReport's identifier value: the same for the same study and model."""
     return _uuid(study_uid, content.model_name, content.model_version, "DiagnosticReport")
 
@@ -258,7 +258,7 @@ def _observation(
     return observation
 
 
-def _presented_text(content: ReportContent) -> str:
+def _presented_text(content: DeliveryContent) -> str:
     if content.abstained:
         return (
             "NOT ASSESSED: the study was not assessed by the model.\n"

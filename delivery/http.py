@@ -20,9 +20,10 @@ from typing import Any
 
 import requests
 
+from d2r_core.config import TlsSettings, refuse_placeholder
+from d2r_core.errors import ConfigError
 from delivery.destinations import HttpEndpoint
 from delivery.errors import PermanentSendError, TransientSendError
-from dicom_node.settings import ConfigError, TlsSettings, refuse_placeholder
 
 __all__ = [
     "MAX_ANSWER_BYTES",

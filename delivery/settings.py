@@ -13,19 +13,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from d2r_core.config import TlsSettings, env_setting, non_negative_float, parse_bool
 from delivery.destinations import (
     DestinationAddress,
     parse_destinations,
     refuse_placeholder_secrets,
 )
 from delivery.dimse import SendOptions
-from dicom_node.settings import (
-    NodeSettings,
-    TlsSettings,
-    env_setting,
-    non_negative_float,
-    parse_bool,
-)
+from dicom_node.settings import NodeSettings
 
 __all__ = ["DeliverySettings"]
 

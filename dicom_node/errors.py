@@ -21,6 +21,8 @@ receive side translates them into DIMSE statuses, outbound failures live in
 
 from __future__ import annotations
 
+from d2r_core.errors import D2RError
+
 __all__ = [
     "DatabaseUnavailable",
     "InstanceRejected",
@@ -37,7 +39,7 @@ __all__ = [
 ]
 
 
-class NodeError(Exception):
+class NodeError(D2RError):
     """Base class of every error raised on purpose by :mod:`dicom_node`."""
 
 

@@ -81,7 +81,9 @@ import pynetdicom.dimse_messages
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.presentation import PresentationContext
 
-from dicom_node import statuses
+from d2r_core import statuses
+from d2r_core.config import IPNetwork
+from d2r_core.tcp import large_reads, no_delay
 from dicom_node.errors import (
     DatabaseUnavailable,
     InstanceRejected,
@@ -96,7 +98,7 @@ from dicom_node.selection import (
     SECONDARY_CAPTURE,
     is_chest_body_part,
 )
-from dicom_node.settings import IPNetwork, NodeSettings
+from dicom_node.settings import NodeSettings
 from dicom_node.shared_port import start_shared_server
 from dicom_node.spool import (
     IncomingFile,
@@ -106,7 +108,6 @@ from dicom_node.spool import (
     printable_uid,
 )
 from dicom_node.studies import InstanceRecord
-from dicom_node.tcp import large_reads, no_delay
 
 if TYPE_CHECKING:
     from pynetdicom.transport import ThreadedAssociationServer
@@ -379,7 +380,7 @@ def _end_stream(event: evt.Event) -> None:
 def bound_association(event: evt.Event, max_pdu: int) -> None:
     """``EVT_CONN_OPEN``: bound the memory the peer of this association can make it hold.
 
-    Installs :func:`~dicom_node.tcp.large_reads` with a ceiling: a PDU whose header claims more
+    Installs :func:`~d2r_core.tcp.large_reads` with a ceiling: a PDU whose header claims more
     than ``max(max_pdu, MAX_ASSOCIATE_PDU)`` bytes closes the connection before any of it is
     read (``max_pdu`` 0, unlimited, sets no ceiling). Each P-DATA then goes through a check of
     the DIMSE message being assembled (see the module docstring); a peer over a limit gets an

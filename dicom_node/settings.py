@@ -1,10 +1,10 @@
 """Node configuration: :class:`NodeSettings`, built once by an entry point.
 
 Values come from ``D2R_*`` variables: a config file in systemd ``EnvironmentFile``
-syntax (:func:`read_config_file`) overridden by the process environment
-(:func:`merged_environment`). Core code receives a :class:`NodeSettings` and never
-reads ``os.environ``. Every invalid value raises :class:`ConfigError`, whose
-one-line message names the setting.
+syntax (:func:`~d2r_core.config.read_config_file`) overridden by the process environment
+(:func:`~d2r_core.config.merged_environment`). Core code receives a :class:`NodeSettings` and
+never reads ``os.environ``. Every invalid value raises :class:`~d2r_core.errors.ConfigError`,
+whose one-line message names the setting.
 
 >>> s = NodeSettings.from_env({"D2R_AE_TITLE": "CXR_AI", "D2R_PORT": "11112"})
 >>> s.ae_title, s.port
@@ -15,35 +15,38 @@ The destinations are the delivery package's (:class:`delivery.settings.DeliveryS
 
 from __future__ import annotations
 
-import ipaddress
-import os
 import re
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
-from dicom_node.errors import NodeError
+from d2r_core.config import (
+    GIB,
+    IPNetwork,
+    TlsSettings,
+    env_setting,
+    existing_file,
+    int_at_least,
+    non_negative_float,
+    parse_ae_titles,
+    parse_bool,
+    parse_networks,
+    parse_port,
+    positive_float,
+    refuse_placeholder,
+    validate_ae_title,
+)
+from d2r_core.errors import ConfigError
 
 __all__ = [
-    "ConfigError",
-    "IPNetwork",
+    "DEFAULT_MAX_PIXEL_BYTES",
     "NodeSettings",
-    "TlsSettings",
-    "merged_environment",
-    "parse_ae_titles",
+    "default_node_name",
     "parse_max_pixel_bytes",
-    "parse_networks",
-    "read_config_file",
-    "validate_ae_title",
+    "parse_node_name",
 ]
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-_T = TypeVar("_T")
-
-GIB = 1024**3
 #: the most listener processes one node runs (D2R_LISTENER_PROCESSES)
 MAX_LISTENER_PROCESSES = 64
 #: D2R_MAX_PIXEL_BYTES unset: 40 MiB of pixel data per image (a 4300 x 4300 16-bit detector
@@ -52,248 +55,6 @@ MAX_LISTENER_PROCESSES = 64
 DEFAULT_MAX_PIXEL_BYTES = 40 * 1024**2
 #: the most D2R_MAX_PIXEL_BYTES may be: what the model's preprocessing decodes at most
 MAX_PIXEL_BYTES_CEILING = 128 * 1024**2
-
-
-class ConfigError(NodeError, ValueError):
-    """An invalid setting; ``str()`` is one line naming the setting.
-
-    Parameters
-    ----------
-    setting : str
-        The variable name, e.g. ``D2R_PORT``.
-    message : str
-        What is wrong with its value.
-    """
-
-    def __init__(self, setting: str, message: str) -> None:
-        super().__init__(f"{setting}: {message}")
-        self.setting = setting
-        self.message = message
-
-
-def validate_ae_title(value: str, setting: str = "D2R_AE_TITLE") -> str:
-    """Return ``value`` stripped if it is a valid AE title, else raise :class:`ConfigError`.
-
-    An AE title is 1-16 characters of the default repertoire, without backslash
-    or control characters (PS3.5 Table 6.2-1, VR AE).
-    """
-    title = value.strip()
-    if not 1 <= len(title) <= 16:
-        raise ConfigError(setting, f"AE title must be 1-16 characters, got {len(title)}")
-    if any(c == "\\" or ord(c) < 0x20 or ord(c) > 0x7E for c in title):
-        raise ConfigError(setting, "AE title must not contain backslash or control characters")
-    return title
-
-
-def _parse_port(text: str, setting: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise ConfigError(setting, f"port must be an integer, got {text!r}") from None
-    if not 1 <= port <= 65535:
-        raise ConfigError(setting, f"port must be in 1..65535, got {port}")
-    return port
-
-
-def parse_ae_titles(text: str, setting: str = "D2R_ALLOWED_CALLING_AETS") -> tuple[str, ...]:
-    """Parse a comma-separated list of AE titles (duplicates dropped, order kept)."""
-    titles = [validate_ae_title(t, setting) for t in text.split(",") if t.strip()]
-    return tuple(dict.fromkeys(titles))
-
-
-def parse_networks(text: str, setting: str = "D2R_ALLOWED_NETWORKS") -> tuple[IPNetwork, ...]:
-    """Parse a comma-separated list of IP addresses and CIDR networks.
-
-    >>> [str(n) for n in parse_networks("10.1.0.0/16, 192.168.5.7, ::1")]
-    ['10.1.0.0/16', '192.168.5.7/32', '::1/128']
-    """
-    networks: list[IPNetwork] = []
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
-            continue
-        try:
-            networks.append(ipaddress.ip_network(item, strict=False))
-        except ValueError:
-            raise ConfigError(setting, f"expected an IP address or CIDR, got {item!r}") from None
-    return tuple(networks)
-
-
-def parse_bool(text: str) -> bool:
-    """``true/yes/on/1`` or ``false/no/off/0`` (case-insensitive); ``ValueError`` otherwise."""
-    low = text.lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true or false, got {text!r}")
-
-
-#: what the example configuration holds in place of a secret (matched in any case)
-PLACEHOLDER = "CHANGE-ME"
-
-
-def has_placeholder(text: str) -> bool:
-    """Whether ``text`` still holds the example configuration's ``CHANGE-ME`` placeholder.
-
-    >>> has_placeholder("postgresql://d2r:change-me@db/d2r"), has_placeholder("s3cret")
-    (True, False)
-    """
-    return PLACEHOLDER.lower() in text.lower()
-
-
-def refuse_placeholder(text: str, setting: str, where: str = "") -> str:
-    """Return ``text`` unless it holds the ``CHANGE-ME`` placeholder.
-
-    Raises
-    ------
-    ConfigError
-        Naming ``setting`` and ``where`` (a file, a line), never ``text``: it may be a secret.
-    """
-    if has_placeholder(text):
-        place = f"{where} " if where else ""
-        raise ConfigError(
-            setting, f"{place}still holds the CHANGE-ME placeholder of the examples; replace it"
-        )
-    return text
-
-
-def refuse_placeholder_lines(text: str, setting: str, source: str) -> str:
-    """Return ``text``, a credentials file's content, unless a line holds the placeholder.
-
-    Blank lines and ``#`` comments are skipped; the :class:`ConfigError` names ``setting``,
-    ``source`` (the file) and the line number.
-    """
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip() and not line.lstrip().startswith("#"):
-            refuse_placeholder(line, setting, f"{source} line {number}")
-    return text
-
-
-def _existing_file(text: str) -> Path:
-    path = Path(text)
-    if not path.is_file():
-        raise ValueError(f"{text} is not a readable file")
-    return path
-
-
-@dataclass(frozen=True)
-class TlsSettings:
-    """DICOM TLS files (PEM) of the listener and the sender.
-
-    Parameters
-    ----------
-    cert, key : Path or None
-        Our certificate (chain) and its private key, unencrypted. The listener uses TLS when
-        both are set; the sender presents them as its client certificate.
-    ca : Path or None
-        Trusted CA certificates: verify the destinations' server certificates (else the system
-        store) and the listener's clients.
-    require_client_cert : bool
-        The listener refuses a TLS client without a certificate signed by ``ca``.
-    """
-
-    cert: Path | None = None
-    key: Path | None = None
-    ca: Path | None = None
-    require_client_cert: bool = False
-
-    @property
-    def listener_enabled(self) -> bool:
-        return self.cert is not None and self.key is not None
-
-
-def _unquote(value: str) -> str:
-    value = value.strip()
-    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-        return value[1:-1]
-    return value
-
-
-def read_config_file(path: str | os.PathLike[str]) -> dict[str, str]:
-    """Read ``KEY=VALUE`` lines as in a systemd ``EnvironmentFile``.
-
-    Blank lines and lines starting with ``#`` or ``;`` are ignored, an optional
-    ``export`` prefix is dropped, and values may be wrapped in single or double quotes.
-
-    Raises
-    ------
-    ConfigError
-        When the file cannot be read or a line has no ``=``.
-    """
-    setting = "D2R_CONFIG"
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(setting, f"cannot read {path}: {exc.strerror}") from exc
-    values: dict[str, str] = {}
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if not line or line[0] in "#;":
-            continue
-        if line.startswith("export "):
-            line = line[len("export ") :].lstrip()
-        key, eq, value = line.partition("=")
-        key = key.strip()
-        if not eq or not key:
-            raise ConfigError(setting, f"{path} line {number}: expected KEY=VALUE")
-        values[key] = _unquote(value)
-    return values
-
-
-def merged_environment(
-    config_path: str | os.PathLike[str] | None, environ: Mapping[str, str]
-) -> dict[str, str]:
-    """Return the config file's values overridden by ``environ`` (the process environment)."""
-    merged = read_config_file(config_path) if config_path else {}
-    merged.update(environ)
-    return merged
-
-
-def env_setting(
-    env: Mapping[str, str], setting: str, default: _T, parse: Callable[[str], _T]
-) -> _T:
-    raw = env.get(setting)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        return parse(raw.strip())
-    except ConfigError:
-        raise
-    except ValueError as exc:
-        raise ConfigError(setting, str(exc)) from None
-
-
-def _number(
-    kind: type[int] | type[float], minimum: float, *, exclusive: bool = False
-) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise ValueError(
-                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
-            ) from None
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError(f"expected a finite number, got {text!r}")
-        if value < minimum or (exclusive and value == minimum):
-            op = ">" if exclusive else ">="
-            raise ValueError(f"must be {op} {minimum:g}, got {text}")
-        return value
-
-    return parse
-
-
-def int_at_least(minimum: int) -> Callable[[str], int]:
-    parse = _number(int, minimum)
-    return lambda text: int(parse(text))
-
-
-def positive_float(text: str) -> float:
-    return float(_number(float, 0.0, exclusive=True)(text))
-
-
-def non_negative_float(text: str) -> float:
-    return float(_number(float, 0.0)(text))
 
 
 _NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -407,7 +168,7 @@ class NodeSettings:
         return cls(
             ae_title=env_setting(env, "D2R_AE_TITLE", d.ae_title, validate_ae_title),
             host=env_setting(env, "D2R_HOST", d.host, str),
-            port=env_setting(env, "D2R_PORT", d.port, lambda t: _parse_port(t, "D2R_PORT")),
+            port=env_setting(env, "D2R_PORT", d.port, lambda t: parse_port(t, "D2R_PORT")),
             spool_dir=spool_dir,
             database_url=database_url,
             db_auto_upgrade=env_setting(env, "D2R_DB_AUTO_UPGRADE", False, parse_bool),
@@ -476,9 +237,9 @@ class NodeSettings:
 
 
 def _tls_settings(env: Mapping[str, str]) -> TlsSettings:
-    cert = env_setting(env, "D2R_TLS_CERT", None, _existing_file)
-    key = env_setting(env, "D2R_TLS_KEY", None, _existing_file)
-    ca = env_setting(env, "D2R_TLS_CA", None, _existing_file)
+    cert = env_setting(env, "D2R_TLS_CERT", None, existing_file)
+    key = env_setting(env, "D2R_TLS_KEY", None, existing_file)
+    ca = env_setting(env, "D2R_TLS_CA", None, existing_file)
     require = env_setting(env, "D2R_TLS_REQUIRE_CLIENT_CERT", False, parse_bool)
     if (cert is None) != (key is None):
         missing = "D2R_TLS_KEY" if key is None else "D2R_TLS_CERT"

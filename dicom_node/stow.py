@@ -64,7 +64,7 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import BaseTag
 
-from dicom_node import statuses
+from d2r_core import statuses
 from dicom_node.errors import (
     DatabaseUnavailable,
     InstanceRejected,

@@ -73,9 +73,9 @@ from typing import IO, Any, ParamSpec, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from d2r_core.errors import ConfigError
 from dicom_node import schema
 from dicom_node.errors import DatabaseUnavailable
-from dicom_node.settings import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -55,7 +55,7 @@ with instrumented("dicom_node", "pynetdicom", "pydicom", "cli", "observability")
     )
 
     from cli.runtime import start_listener
-    from dicom_node import statuses
+    from d2r_core import statuses
     from dicom_node.errors import InstanceRejected
     from dicom_node.metadata import parse_header
     from dicom_node.settings import NodeSettings

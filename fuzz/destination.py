@@ -21,8 +21,8 @@ from fuzz._harness import (
 )
 
 with instrumented("delivery", "dicom_node", "urllib"):
+    from d2r_core.errors import ConfigError
     from delivery.destinations import parse_destination, parse_destinations
-    from dicom_node.settings import ConfigError
 
 NOT_STABLE = "does not round-trip"
 

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from model.classes import VINDR_CLASSES
+from d2r_core.classes import VINDR_CLASSES
 from model.config import ModelConfig, get_preset
-from model.errors import CheckpointError, ConfigError, TokenizerError
+from model.errors import CheckpointError, ModelConfigError, TokenizerError
 from model.files import (
     CHECKPOINT_FILES,
     CLASSES,
@@ -171,7 +171,7 @@ def load_checkpoint(path: Path, *, device: str = "cpu") -> LoadedCheckpoint:
     info = ModelInfo.from_dict(_read_json(path / INFO))
     try:
         config = ModelConfig.from_dict(_read_json(path / CONFIG))
-    except ConfigError as e:
+    except ModelConfigError as e:
         raise CheckpointError(f"{CONFIG}: {e}") from e
     try:
         tokenizer = Tokenizer.from_dict(_read_json(path / VOCAB))
@@ -238,7 +238,7 @@ def load_detector_state(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor
         raise CheckpointError(f"{path}: not a checkpoint directory")
     try:
         config = ModelConfig.from_dict(_read_json(path / CONFIG))
-    except ConfigError as e:
+    except ModelConfigError as e:
         raise CheckpointError(f"{CONFIG}: {e}") from e
     try:
         state = load_file(str(path / WEIGHTS), device="cpu")

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from model.errors import ConfigError
+from model.errors import ModelConfigError
 
 RESNET_NAMES: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
@@ -142,19 +142,19 @@ class ModelConfig:
             if expected is not None and (
                 not isinstance(value, expected) or (expected is int and isinstance(value, bool))
             ):
-                raise ConfigError(
+                raise ModelConfigError(
                     f"{f.name}: expected {expected.__name__}, got {type(value).__name__}"
                 )
         if not isinstance(self.crop_channels, tuple) or not all(
             isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in self.crop_channels
         ):
-            raise ConfigError("crop_channels: expected a tuple of positive ints")
+            raise ModelConfigError("crop_channels: expected a tuple of positive ints")
         self._check()
 
     def _check(self) -> None:
         def need(ok: bool, name: str, what: str) -> None:
             if not ok:
-                raise ConfigError(f"{name}: {what}, got {getattr(self, name)!r}")
+                raise ModelConfigError(f"{name}: {what}, got {getattr(self, name)!r}")
 
         need(
             self.image_size > 0 and self.image_size % DETECTOR_STRIDES[-1] == 0,
@@ -235,11 +235,11 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Build a config from :meth:`to_dict` output; errors name the bad field."""
         if not isinstance(data, dict):
-            raise ConfigError(f"config: expected a JSON object, got {type(data).__name__}")
+            raise ModelConfigError(f"config: expected a JSON object, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ConfigError(f"{unknown[0]}: unknown config field")
+            raise ModelConfigError(f"{unknown[0]}: unknown config field")
         required = [
             f.name
             for f in dataclasses.fields(cls)
@@ -247,11 +247,11 @@ class ModelConfig:
         ]
         for name in required:
             if name not in data:
-                raise ConfigError(f"{name}: missing config field")
+                raise ModelConfigError(f"{name}: missing config field")
         values = dict(data)
         if "crop_channels" in values:
             if not isinstance(values["crop_channels"], list | tuple):
-                raise ConfigError("crop_channels: expected a list of ints")
+                raise ModelConfigError("crop_channels: expected a list of ints")
             values["crop_channels"] = tuple(values["crop_channels"])
         return cls(**values)
 
@@ -291,7 +291,7 @@ def get_preset(name: str) -> ModelConfig:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ConfigError(
+        raise ModelConfigError(
             f"preset: unknown preset {name!r}, expected one of {sorted(PRESETS)}"
         ) from None
 

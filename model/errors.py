@@ -3,7 +3,7 @@
 ::
 
     ModelError
-    ├── ConfigError          invalid ModelConfig field (names the field)
+    ├── ModelConfigError     invalid ModelConfig field (names the field)
     ├── CheckpointError      missing/corrupt checkpoint file or field (names it)
     │   └── GateMissingError no input-gate statistics while the gate is on
     ├── TokenizerError       invalid vocabulary file or token ids
@@ -15,12 +15,14 @@
 
 from __future__ import annotations
 
+from d2r_core.errors import D2RError
 
-class ModelError(Exception):
+
+class ModelError(D2RError):
     """Base class of every error raised by :mod:`model`."""
 
 
-class ConfigError(ModelError, ValueError):
+class ModelConfigError(ModelError, ValueError):
     """A :class:`model.config.ModelConfig` field has a wrong type or value."""
 
 
@@ -55,7 +57,7 @@ class EngineMismatchError(BackendError):
 __all__ = [
     "BackendError",
     "CheckpointError",
-    "ConfigError",
+    "ModelConfigError",
     "EngineMismatchError",
     "ExportError",
     "GateMissingError",

@@ -34,7 +34,7 @@ from torchvision.models.detection.fcos import FCOSHead
 from torchvision.ops import batched_nms, nms
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from model.classes import CHEXPERT_OBSERVATIONS
+from d2r_core.classes import CHEXPERT_OBSERVATIONS
 from model.config import DETECTOR_STRIDES, NARROW_RESNET, ModelConfig
 from model.errors import ModelError
 from model.tokenizer import BOS_ID, EOS_ID, PAD_ID, SEP_ID

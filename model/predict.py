@@ -11,9 +11,10 @@ from pathlib import Path
 import pydicom
 import torch
 
+from d2r_core.classes import VINDR_CLASSES
+from d2r_core.geometry import Box
 from model.backends import TORCH, InferenceBackend, create_backend, run_graphs
 from model.checkpoint import LoadedCheckpoint, load_checkpoint
-from model.classes import VINDR_CLASSES
 from model.errors import GateMissingError, ModelError, PreprocessError
 from model.gate import GATE_FILE, gate_features, header_reason, pixel_reason, score_reason
 from model.modeling import Detections, Hypothesis
@@ -21,7 +22,6 @@ from model.preprocess import BoxMapping, Letterbox, Preprocessor
 
 logger = logging.getLogger(__name__)
 
-Box = tuple[float, float, float, float]
 #: Chooses one of the beam's reports: ``(candidates, boxes, columns, rows) -> index``, with the
 #: candidates as ``(findings, impression)`` texts, most probable first, and the study's lesions
 #: as ``(class name, box)`` in source-image pixels of an image ``columns`` x ``rows``.

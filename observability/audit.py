@@ -266,7 +266,7 @@ class ListenerAudit:
             entry = self._associations.get(id(event.assoc))
             if entry is not None:
                 entry["instances"] += 1
-        from dicom_node import statuses
+        from d2r_core import statuses
 
         failed = statuses.is_failure(status)
         outcome = "rejected" if failed and noted else "failed" if failed else noted.get("outcome")
@@ -298,7 +298,7 @@ class ListenerAudit:
         Counted and audited as a C-STORE response: a ``received`` line with ``calling_ae_title``
         ``STOW-RS``, the client address and the authenticated ``user``.
         """
-        from dicom_node import statuses
+        from d2r_core import statuses
 
         failed = statuses.is_failure(result.status)
         self._metrics.observe_store_response(result.status, None if failed else result.outcome)

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dicom_node.settings import refuse_placeholder_lines
+from d2r_core.config import refuse_placeholder_lines
 from observability.routes import ANY_ROLE, ROLES
 
 __all__ = [

@@ -47,7 +47,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, mult
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import REGISTRY, Collector
 
-from dicom_node import statuses
+from d2r_core import statuses
 from dicom_node.studies import DONE, STUDY_STATES, StudyView
 
 __all__ = [

@@ -54,10 +54,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicom_node.settings import (
-    ConfigError,
+from d2r_core.config import (
     IPNetwork,
-    NodeSettings,
     env_setting,
     int_at_least,
     parse_bool,
@@ -65,6 +63,8 @@ from dicom_node.settings import (
     positive_float,
     refuse_placeholder_lines,
 )
+from d2r_core.errors import ConfigError
+from dicom_node.settings import NodeSettings
 from observability.auth import parse_roles, read_tokens, read_users
 
 __all__ = ["HTTP_AUTH_MODES", "LOG_FORMATS", "ObservabilitySettings", "is_loopback"]

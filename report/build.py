@@ -62,6 +62,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from d2r_core.geometry import Box
 from report.codes import (
     AIR_PROCESSING_ALGORITHM,
     BOUNDED_BY,
@@ -192,8 +193,6 @@ _PIXELS: Final = Code("{pixels}", "UCUM", "Pixels")
 _CONTAINS: Final = hd.sr.RelationshipTypeValues.CONTAINS
 _HAS_ACQ_CONTEXT: Final = hd.sr.RelationshipTypeValues.HAS_ACQ_CONTEXT
 _HAS_CONCEPT_MOD: Final = hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD
-
-Box = tuple[float, float, float, float]
 
 
 def _check_text(value: object, name: str, *, max_length: int | None = None) -> str:

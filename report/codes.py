@@ -32,6 +32,8 @@ from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from d2r_core.classes import VINDR_CLASSES
+
 __all__ = [
     "BOUNDED_BY",
     "CERTAINTY_OF_FINDING",
@@ -48,37 +50,10 @@ __all__ = [
     "PROCESSING_EQUIPMENT",
     "AIR_PROCESSING_ALGORITHM",
     "QUALITATIVE_EVALUATIONS",
-    "VINDR_CLASSES",
     "FindingCodes",
     "finding_codes",
     "private_coding_scheme",
 ]
-
-#: The 22 VinDr-CXR local labels (detector classes), in detector class order.
-VINDR_CLASSES: Final[tuple[str, ...]] = (
-    "Aortic enlargement",
-    "Atelectasis",
-    "Calcification",
-    "Cardiomegaly",
-    "Clavicle fracture",
-    "Consolidation",
-    "Edema",
-    "Emphysema",
-    "Enlarged PA",
-    "ILD",
-    "Infiltration",
-    "Lung Opacity",
-    "Lung cavity",
-    "Lung cyst",
-    "Mediastinal shift",
-    "Nodule/Mass",
-    "Pleural effusion",
-    "Pleural thickening",
-    "Pneumothorax",
-    "Pulmonary fibrosis",
-    "Rib fracture",
-    "Other lesion",
-)
 
 #: Coding Scheme Designator of the private scheme for classes without a verified code.
 PRIVATE_SCHEME_DESIGNATOR: Final = "99D2R"

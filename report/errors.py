@@ -15,10 +15,12 @@ Argument validation in the dataclass constructors raises plain ``TypeError`` or
 
 from __future__ import annotations
 
+from d2r_core.errors import D2RError
+
 __all__ = ["ReportBuildError", "ReportError", "SourceImageError"]
 
 
-class ReportError(Exception):
+class ReportError(D2RError):
     """Base class of every error raised by :mod:`report`."""
 
 

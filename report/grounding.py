@@ -46,6 +46,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from d2r_core.geometry import Box
+
 __all__ = [
     "GLOBAL_NORMAL",
     "REPORT_CHOICES",
@@ -64,7 +66,6 @@ __all__ = [
     "split_sentences",
 ]
 
-Box = tuple[float, float, float, float]
 
 RIGHT: Final = "right"
 LEFT: Final = "left"

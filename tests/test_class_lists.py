@@ -1,12 +1,12 @@
-"""The detector's classes and the SR's finding table are one list, kept in two leaf packages.
+"""The detector's classes and the SR's finding table are one list, held by the kernel.
 
-``model`` and ``report`` may not import each other (see the import-linter contracts), so each
-holds the 22 VinDr-CXR strings; this test keeps them identical, order included.
+``model`` and ``report`` may not import each other (see the import-linter contracts); both read
+the 22 VinDr-CXR strings from :mod:`d2r_core.classes`, and the SR's code table covers them all.
 """
 
-from model.classes import VINDR_CLASSES as MODEL_CLASSES
+from d2r_core.classes import VINDR_CLASSES as MODEL_CLASSES
+from d2r_core.classes import VINDR_CLASSES as REPORT_CLASSES
 from report.codes import FINDING_CODES
-from report.codes import VINDR_CLASSES as REPORT_CLASSES
 
 
 def test_model_and_report_share_the_class_list() -> None:

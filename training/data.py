@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.classes import VINDR_CLASSES
+from d2r_core.classes import VINDR_CLASSES
 from model.modeling import Detections, select_boxes
 from model.preprocess import BoxMapping, ImageSample, Letterbox, Preprocessor, ScaleToUnit
 from model.tokenizer import EOS_ID, PAD_ID, Tokenizer

@@ -34,12 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.classes import VINDR_CLASSES
+from d2r_core.classes import VINDR_CLASSES
+from d2r_core.geometry import Box, iou
 from training.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 
-Box = tuple[float, float, float, float]
 FUSION_IOU = 0.4
 SPLITS = ("train", "val", "test")
 
@@ -164,15 +164,6 @@ def mimic_image_path(
 # --------------------------------------------------------------------------- VinDr-CXR
 
 
-def _iou(a: Box, b: Box) -> float:
-    iw = min(a[2], b[2]) - max(a[0], b[0])
-    ih = min(a[3], b[3]) - max(a[1], b[1])
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    inter = iw * ih
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
-
-
 def fuse_reader_boxes(
     boxes: Sequence[tuple[str, Box]], *, iou_threshold: float = FUSION_IOU, min_readers: int = 2
 ) -> list[Box]:
@@ -194,7 +185,7 @@ def fuse_reader_boxes(
                 ri = {r for r, _ in clusters[i]}
                 if ri & {r for r, _ in clusters[j]}:
                     continue
-                link = min(_iou(a, b) for _, a in clusters[i] for _, b in clusters[j])
+                link = min(iou(a, b) for _, a in clusters[i] for _, b in clusters[j])
                 if link >= best:
                     best, pair = link, (i, j)
         if pair is None:

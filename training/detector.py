@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from model.classes import VINDR_CLASSES
+from d2r_core.classes import VINDR_CLASSES
 from model.modeling import D2RNet
 from training.data import (
     Sample,

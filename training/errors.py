@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+from d2r_core.errors import D2RError
 
-class TrainingError(Exception):
+
+class TrainingError(D2RError):
     """Base of the training package's errors."""
 
 

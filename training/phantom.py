@@ -31,11 +31,12 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
+from d2r_core.geometry import Box
+
 FloatArray = npt.NDArray[np.float32]
 Arr = npt.NDArray[Any]  # float32 or float64 working arrays
-Box = tuple[float, float, float, float]
 
-#: The VinDr-CXR classes the phantom draws (a subset of ``model.classes.VINDR_CLASSES``).
+#: The VinDr-CXR classes the phantom draws (a subset of ``d2r_core.classes.VINDR_CLASSES``).
 PHANTOM_CLASSES: tuple[str, ...] = (
     "Aortic enlargement",
     "Atelectasis",

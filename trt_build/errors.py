@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+from d2r_core.errors import D2RError
 
-class TrtBuildError(Exception):
+
+class TrtBuildError(D2RError):
     """Base class of every error raised by :mod:`trt_build`."""
 
 

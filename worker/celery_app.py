@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 
-from dicom_node.settings import merged_environment
+from d2r_core.config import merged_environment
 from worker.messages import REPORT_QUEUE, REPORT_TASK, SEND_QUEUE, SEND_TASK
 from worker.settings import FILESYSTEM_BROKER, SENTINEL_BROKER, WorkerSettings
 

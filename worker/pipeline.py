@@ -15,13 +15,12 @@ from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 
 from dicom_node.errors import InstanceRejected
-from model.errors import ModelError as ModelPackageError
-from model.errors import PreprocessError
+from model.errors import ModelError, PreprocessError
 from model.predict import StudyPrediction
 from report.build import LesionFinding, ReportContent
 from report.errors import SourceImageError
 from report.grounding import ground
-from worker.errors import InputRejected, ModelError
+from worker.errors import InputRejected, PredictionError
 from worker.messages import ReportJob
 from worker.stages import Stage, StageTracker
 
@@ -86,7 +85,7 @@ def report_content(prediction: StudyPrediction, images: Sequence[Dataset]) -> Re
     try:
         image = by_uid[prediction.sop_instance_uid]
     except KeyError:
-        raise ModelError(
+        raise PredictionError(
             f"prediction refers to {prediction.sop_instance_uid}, not one of the study's images"
         ) from None
     comments = () if prediction.input_gate else (GATE_OFF_COMMENT,)
@@ -147,7 +146,7 @@ def run(
     InputRejected
         An image cannot be parsed or decoded, or declares more pixel data than the reader
         allows (the input, not the worker, is at fault).
-    ModelError
+    PredictionError
         The model refused readable input.
     Exception
         Anything else is unexpected: the caller counts it as a failed attempt.
@@ -168,8 +167,8 @@ def run(
         prediction = predict(images)
     except PreprocessError as exc:
         raise InputRejected(f"cannot decode the image: {exc}") from exc
-    except ModelPackageError as exc:
-        raise ModelError(f"model failed: {type(exc).__name__}: {exc}") from exc
+    except ModelError as exc:
+        raise PredictionError(f"model failed: {type(exc).__name__}: {exc}") from exc
     stages.enter(Stage.SR_BUILD)
     try:
         content = report_content(prediction, images)

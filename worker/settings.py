@@ -13,16 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from delivery.settings import DeliverySettings
-from dicom_node.settings import (
-    ConfigError,
-    NodeSettings,
+from d2r_core.config import (
     env_setting,
     int_at_least,
     parse_bool,
     positive_float,
     refuse_placeholder,
 )
+from d2r_core.errors import ConfigError
+from delivery.settings import DeliverySettings
+from dicom_node.settings import NodeSettings
 
 FILESYSTEM_BROKER = "filesystem://"
 #: ``D2R_BROKER_URL`` of a Redis behind Sentinel starts with this; ``;`` separates the sentinels

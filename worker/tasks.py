@@ -38,19 +38,19 @@ from celery.exceptions import Retry
 from celery.signals import worker_process_init, worker_process_shutdown, worker_shutdown
 from pydicom import Dataset
 
+from d2r_core import statuses
+from d2r_core.errors import ConfigError
 from delivery import Delivered, StudyResults, open_destination
-from delivery.content import CONTENT_FILE, FindingBox, ReportContent
+from delivery.content import CONTENT_FILE, DeliveryContent, FindingBox
 from delivery.destinations import by_name
 from delivery.errors import PermanentSendError, TransientSendError
-from dicom_node import statuses
 from dicom_node.errors import DatabaseUnavailable
 from dicom_node.instance_file import read_instance
-from dicom_node.settings import ConfigError
 from dicom_node.studies import FAILED, StudyStore
 from observability import logs, metrics
 from observability.audit import SENT, STUDY_FAILED, AuditLog
 from worker import pipeline
-from worker.errors import InputRejected, ModelError
+from worker.errors import InputRejected, PredictionError
 from worker.messages import REPORT_TASK, SEND_TASK, ReportJob
 from worker.settings import WorkerSettings
 from worker.stages import Stage, StageTracker, failure_reason
@@ -137,7 +137,7 @@ class WorkerContext:
                     self.settings.verify_model_sha256(self._predictor.checkpoint_sha256)
                 except Exception as exc:
                     self._predictor = None
-                    raise ModelError(f"cannot load the model from {path}: {exc}") from exc
+                    raise PredictionError(f"cannot load the model from {path}: {exc}") from exc
                 logger.info(
                     "model %s %s loaded (sha256 %s)",
                     self._predictor.name,
@@ -344,7 +344,7 @@ def _settle_attempt(
         return outcome
     except DatabaseUnavailable:  # no attempt spent: the job goes back to the queue
         raise
-    except (InputRejected, ModelError) as exc:
+    except (InputRejected, PredictionError) as exc:
         logger.warning("study %s failed: %s", uid, exc)
         store.mark_failed(uid, str(exc), owner=task_id)
         metrics.observe_report("failed")
@@ -491,12 +491,12 @@ def _attempt(
     return outcome
 
 
-def _content(result: pipeline.ReportResult) -> ReportContent:
+def _content(result: pipeline.ReportResult) -> DeliveryContent:
     """What the HL7 and FHIR senders send: what the SRs say (the grounded lesions, each with
     its sentence, and the checked impression), tied to the TID 1500 SR."""
     pred = result.prediction
     said = result.content
-    return ReportContent(
+    return DeliveryContent(
         findings=said.findings,
         impression=said.impression,
         lesions=tuple(
@@ -513,13 +513,13 @@ def _content(result: pipeline.ReportResult) -> ReportContent:
     )
 
 
-def _read_content(paths: Sequence[str]) -> ReportContent | None:
+def _read_content(paths: Sequence[str]) -> DeliveryContent | None:
     """The content file beside the SRs, or None for results written before it existed."""
     if not paths:
         return None
     path = Path(paths[0]).parent / CONTENT_FILE
     try:
-        return ReportContent.from_json(path.read_bytes())
+        return DeliveryContent.from_json(path.read_bytes())
     except FileNotFoundError:
         return None
 

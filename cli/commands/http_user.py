@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from cli.runtime import environment
-    from dicom_node.settings import has_placeholder
+    from d2r_core.config import has_placeholder
     from observability.credentials import remove_user, set_user, units_loading
 
     path = args.file or environment(args).get("D2R_HTTP_USERS_FILE")

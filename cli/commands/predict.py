@@ -52,14 +52,11 @@ def run(args: argparse.Namespace) -> int:
     model_dir = args.model or os.environ.get("D2R_MODEL") or default_model_path()
     if not model_dir:
         return fail("predict", "no model: pass --model DIR or set D2R_MODEL", EXIT_USAGE)
+    from d2r_core.config import env_setting
+    from d2r_core.errors import ConfigError
     from dicom_node.errors import InstanceRejected, PixelDataTooLarge
     from dicom_node.instance_file import read_instance
-    from dicom_node.settings import (
-        DEFAULT_MAX_PIXEL_BYTES,
-        ConfigError,
-        env_setting,
-        parse_max_pixel_bytes,
-    )
+    from dicom_node.settings import DEFAULT_MAX_PIXEL_BYTES, parse_max_pixel_bytes
     from model.backends import BackendError
     from model.errors import CheckpointError, GateMissingError, ModelError
     from model.predict import Predictor
@@ -71,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         "--engine-dir" if args.engine_dir else "D2R_ENGINE_DIR" if engine_dir else "--engine-dir"
     )
 
-    from dicom_node.settings import parse_bool
+    from d2r_core.config import parse_bool
     from report.grounding import report_chooser
 
     try:

@@ -31,8 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _canonical(name: str) -> str:
     """The destination's name as the study database keys it (``mllp://RIS:2575/`` and
     ``mllp://ris:2575`` are one destination); a name that does not parse is taken as given."""
+    from d2r_core.errors import ConfigError
     from delivery.destinations import parse_destination
-    from dicom_node.settings import ConfigError
 
     try:
         return parse_destination(name.strip()).name

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
     from model.checkpoint import save_checkpoint
     from model.config import get_preset
-    from model.errors import ConfigError
+    from model.errors import ModelConfigError
     from model.modeling import D2RNet
     from training.data import build_tokenizer, prepare_samples
     from training.detector import DetectorTrainConfig, train_detector
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
         cfg = get_preset(args.preset)
-    except (ValueError, ConfigError) as exc:
+    except (ValueError, ModelConfigError) as exc:
         print(f"d2r train-detector: {exc}", file=sys.stderr)
         return 2
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from dicom_node.settings import ConfigError
+from d2r_core.errors import ConfigError
 from dicom_node.studies import InstanceRecord, StudyStore, studies_table
 from tests.support.processes import wait_for
 from worker.batching import BatchHeartbeat, claim_more

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.settings import ConfigError
+from d2r_core.errors import ConfigError
 from tests.support.processes import base_env, run_d2r
 from worker.settings import WorkerSettings
 

@@ -12,7 +12,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from delivery.content import FindingBox, ReportContent
+from delivery.content import DeliveryContent, FindingBox
 from delivery.destinations import StudyResults
 
 #: the phantom patient (synthetic; no real person)
@@ -92,7 +92,7 @@ def phantom_results(
     for ds, sop in zip(reports, sops, strict=True):
         if sop:
             ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID(sop)
-    content = ReportContent(
+    content = DeliveryContent(
         findings="" if abstained else "Small left pleural effusion. The heart is enlarged.",
         impression="" if abstained else "Small left pleural effusion; cardiomegaly.",
         lesions=() if abstained else lesions,

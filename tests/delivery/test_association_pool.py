@@ -16,11 +16,11 @@ from pydicom.uid import BasicTextSRStorage, ExplicitVRLittleEndian, ImplicitVRLi
 from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
+from d2r_core import statuses
 from delivery import dimse
 from delivery.destinations import DicomPeer, StudyResults
 from delivery.dimse import AssociationPool, DicomDestination, SendOptions, send_datasets
 from delivery.errors import TransientSendError
-from dicom_node import statuses
 from tests.delivery.test_dimse_integration import FAST, STORESCP, _wait_port, basic_text_sr
 from tests.dicom_node.node_harness import free_port
 

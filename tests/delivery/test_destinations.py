@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from d2r_core.errors import ConfigError
 from delivery import open_destination
 from delivery.destinations import (
     DicomPeer,
@@ -17,7 +18,6 @@ from delivery.destinations import (
 )
 from delivery.dimse import DicomDestination
 from delivery.settings import DeliverySettings
-from dicom_node.settings import ConfigError
 
 
 def test_every_kind_of_address_is_parsed() -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from d2r_core.errors import ConfigError
 from delivery.destinations import HttpEndpoint, parse_destination, parse_destinations
-from dicom_node.settings import ConfigError
 
 
 def _round_trips_or_is_refused(text: str) -> None:

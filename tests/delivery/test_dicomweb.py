@@ -13,12 +13,13 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
+from d2r_core.config import TlsSettings
+from d2r_core.errors import ConfigError
 from delivery import DeliverySettings, open_destination
 from delivery.destinations import HttpEndpoint
 from delivery.dicomweb import store_outcome
 from delivery.dimse import SendOptions
 from delivery.errors import PermanentSendError, TransientSendError
-from dicom_node.settings import ConfigError, TlsSettings
 from tests.delivery.samples import phantom_results
 from tests.security.tls_ca import make_test_ca
 from tests.support.processes import free_port

@@ -14,10 +14,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import BasicTextSRStorage, ExplicitVRLittleEndian, generate_uid
 
+from d2r_core import statuses
 from delivery.destinations import DicomPeer
 from delivery.dimse import SendOptions, echo, send_datasets
 from delivery.errors import PermanentSendError, TransientSendError
-from dicom_node import statuses
 from tests.dicom_node.node_harness import Node, free_port
 
 pytestmark = pytest.mark.integration

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 
+from d2r_core.classes import VINDR_CLASSES
+from d2r_core.errors import ConfigError
 from delivery import DeliverySettings, open_destination
 from delivery.destinations import HttpEndpoint, StudyResults
 from delivery.errors import PermanentSendError, TransientSendError
 from delivery.fhir import build_bundle, report_identifier
 from delivery.fhir_codes import FINDINGS, LOCAL_SYSTEM, SNOMED
-from dicom_node.settings import ConfigError
-from model.classes import VINDR_CLASSES
 from report.codes import FINDING_CODES
 from tests.delivery.samples import (
     LESIONS,

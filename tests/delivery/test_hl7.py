@@ -16,7 +16,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 
-from delivery.content import FindingBox, ReportContent
+from d2r_core.classes import VINDR_CLASSES
+from delivery.content import DeliveryContent, FindingBox
 from delivery.destinations import StudyResults
 from delivery.errors import PermanentSendError, TransientSendError
 from delivery.hl7 import (
@@ -29,7 +30,7 @@ from delivery.hl7 import (
     patient_identifiers,
     unescape,
 )
-from report.codes import FINDING_CODES, PRIVATE_SCHEME_DESIGNATOR, VINDR_CLASSES
+from report.codes import FINDING_CODES, PRIVATE_SCHEME_DESIGNATOR
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 NOW = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
@@ -51,7 +52,7 @@ def header(**values: Any) -> Dataset:
     return ds
 
 
-def content(**values: Any) -> ReportContent:
+def content(**values: Any) -> DeliveryContent:
     fields: dict[str, Any] = {
         "findings": "Small left pleural effusion.\nNo pneumothorax.",
         "impression": "Left pleural effusion.",
@@ -64,10 +65,10 @@ def content(**values: Any) -> ReportContent:
         "sr_sop_instance_uid": "1.2.826.0.1.3680043.8.498.2",
     }
     fields.update(values)
-    return ReportContent(**fields)
+    return DeliveryContent(**fields)
 
 
-def oru(ds: Dataset | None = None, report: ReportContent | None = None) -> bytes:
+def oru(ds: Dataset | None = None, report: DeliveryContent | None = None) -> bytes:
     results = StudyResults(STUDY, (ds or header(),), report or content())
     return encode(build_oru(results, sending_application="D2R", now=NOW))
 

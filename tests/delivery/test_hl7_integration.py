@@ -17,12 +17,12 @@ from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_message
 from pydicom.dataset import Dataset
 
+from d2r_core.config import TlsSettings
 from delivery import DeliverySettings, open_destination
 from delivery.destinations import MllpPeer, StudyResults
 from delivery.dimse import SendOptions
 from delivery.errors import PermanentSendError, TransientSendError
 from delivery.hl7 import Hl7Destination, build_oru, control_id, unescape
-from dicom_node.settings import TlsSettings
 from tests.security.tls_ca import Pki, make_test_ca
 from tests.support.hl7_receiver import Hl7Receiver
 from tests.support.hl7_sample import phantom_results

@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 
+from d2r_core.config import TlsSettings
+from d2r_core.errors import ConfigError
 from delivery.destinations import HttpEndpoint
 from delivery.errors import PermanentSendError, TransientSendError
 from delivery.http import MAX_ANSWER_BYTES, AnswerTooLarge, http_error, open_session
-from dicom_node.settings import ConfigError, TlsSettings
 
 
 @pytest.mark.parametrize("status", [408, 425, 429, 500, 502, 503, 504])

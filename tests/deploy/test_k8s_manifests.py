@@ -21,7 +21,8 @@ from urllib.parse import urlsplit
 import kubernetes_validate
 import pytest
 
-from dicom_node.settings import ConfigError, NodeSettings
+from d2r_core.errors import ConfigError
+from dicom_node.settings import NodeSettings
 from observability.auth import read_tokens
 from observability.settings import ObservabilitySettings
 from tests.deploy.kustomize import (

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dicom_node.settings import NodeSettings, read_config_file
+from d2r_core.config import read_config_file
+from dicom_node.settings import NodeSettings
 from observability.settings import ObservabilitySettings
 from tests.deploy.readme import documented_settings
 from worker.settings import WorkerSettings

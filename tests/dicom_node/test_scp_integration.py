@@ -28,7 +28,7 @@ from pydicom.uid import (
 )
 from pynetdicom.presentation import PresentationContext
 
-from dicom_node import statuses
+from d2r_core import statuses
 from dicom_node.errors import DatabaseUnavailable
 from dicom_node.scp import SharedSyntaxContext, build_ae
 from dicom_node.selection import select_images

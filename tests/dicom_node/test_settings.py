@@ -6,13 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.errors import NodeError
-from dicom_node.settings import (
-    ConfigError,
-    NodeSettings,
-    merged_environment,
-    read_config_file,
-)
+from d2r_core.config import merged_environment, read_config_file
+from d2r_core.errors import ConfigError, D2RError
+from dicom_node.settings import NodeSettings
 
 
 def test_defaults() -> None:
@@ -89,7 +85,7 @@ def test_invalid_value_names_the_setting(setting: str, value: str) -> None:
     message = str(info.value)
     assert message.startswith(f"{setting}: ")
     assert "\n" not in message
-    assert isinstance(info.value, NodeError)
+    assert isinstance(info.value, D2RError)
 
 
 def test_database_url_password_not_echoed() -> None:
@@ -152,11 +148,11 @@ def test_attempts_and_claim_lease_settings() -> None:
     custom = WorkerSettings.from_env(env)
     assert (custom.node.max_attempts, custom.claim_lease_seconds) == (5, 12.0)
     assert custom.claim_heartbeat_seconds == 4.0
-    with pytest.raises(NodeError, match="D2R_CLAIM_HEARTBEAT_SECONDS"):
+    with pytest.raises(D2RError, match="D2R_CLAIM_HEARTBEAT_SECONDS"):
         WorkerSettings.from_env(
             {"D2R_CLAIM_LEASE_SECONDS": "10", "D2R_CLAIM_HEARTBEAT_SECONDS": "10"}
         )
-    with pytest.raises(NodeError, match="D2R_MAX_ATTEMPTS"):
+    with pytest.raises(D2RError, match="D2R_MAX_ATTEMPTS"):
         NodeSettings.from_env({"D2R_MAX_ATTEMPTS": "0"})
 
 
@@ -167,7 +163,7 @@ def test_sr_roi_encoding_setting() -> None:
     assert WorkerSettings.from_env({}).sr_roi_encoding == "tid1410"
     assert WorkerSettings.from_env({"D2R_SR_ROI_ENCODING": "TID1501"}).sr_roi_encoding == "tid1501"
     assert set(SR_ROI_ENCODINGS) == {e.value for e in RoiEncoding}
-    with pytest.raises(NodeError, match="D2R_SR_ROI_ENCODING"):
+    with pytest.raises(D2RError, match="D2R_SR_ROI_ENCODING"):
         WorkerSettings.from_env({"D2R_SR_ROI_ENCODING": "tid1411"})
 
 
@@ -176,7 +172,7 @@ def test_report_choice_setting() -> None:
 
     assert WorkerSettings.from_env({}).report_choice == "consistent"
     assert WorkerSettings.from_env({"D2R_REPORT_CHOICE": "probable"}).report_choice == "probable"
-    with pytest.raises(NodeError, match="D2R_REPORT_CHOICE"):
+    with pytest.raises(D2RError, match="D2R_REPORT_CHOICE"):
         WorkerSettings.from_env({"D2R_REPORT_CHOICE": "best"})
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from d2r_core.errors import ConfigError
 from dicom_node.assembler import (
     SPOOL_RECOVERED,
     SPOOL_UNRECORDED,
@@ -22,7 +23,6 @@ from dicom_node.assembler import (
     AssemblerConfig,
 )
 from dicom_node.errors import DatabaseUnavailable
-from dicom_node.settings import ConfigError
 from dicom_node.spool import Spool, dataset_offset
 from dicom_node.studies import (
     NodeRecorder,

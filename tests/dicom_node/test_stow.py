@@ -26,7 +26,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian
 
-from dicom_node import statuses
+from d2r_core import statuses
 from dicom_node.errors import DatabaseUnavailable
 from dicom_node.spool import Spool, dataset_offset
 from dicom_node.stow import (

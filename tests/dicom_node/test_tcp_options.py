@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from dicom_node.tcp import quick_ack
+from d2r_core.tcp import quick_ack
 
 
 class _Socket:

@@ -154,7 +154,7 @@ def test_calibrate_gate_then_predict_uses_the_new_statistics(
 
 
 def test_worker_refuses_a_checkpoint_without_statistics(model_dir: Path) -> None:
-    from dicom_node.settings import ConfigError
+    from d2r_core.errors import ConfigError
     from worker.settings import WorkerSettings
 
     settings = WorkerSettings.from_env({"D2R_MODEL": str(model_dir)})

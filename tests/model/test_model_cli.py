@@ -9,7 +9,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from model.classes import VINDR_CLASSES
+from d2r_core.classes import VINDR_CLASSES
 
 REPO = Path(__file__).resolve().parents[2]
 

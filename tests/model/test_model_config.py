@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from model.classes import VINDR_CLASSES
+from d2r_core.classes import VINDR_CLASSES
 from model.config import PAPER, PRESETS, SMALL, ModelConfig, get_preset
-from model.errors import ConfigError
+from model.errors import ModelConfigError
 
 
 def test_vindr_classes_exact() -> None:
@@ -52,17 +52,17 @@ def test_round_trip_through_json(cfg: ModelConfig) -> None:
 )
 def test_from_dict_names_the_bad_field(change: dict[str, object], field: str) -> None:
     data = {**SMALL.to_dict(), **change}
-    with pytest.raises(ConfigError, match=f"^{field}:"):
+    with pytest.raises(ModelConfigError, match=f"^{field}:"):
         ModelConfig.from_dict(data)
 
 
 def test_missing_field_named() -> None:
     data = SMALL.to_dict()
     del data["image_size"]
-    with pytest.raises(ConfigError, match="^image_size: missing"):
+    with pytest.raises(ModelConfigError, match="^image_size: missing"):
         ModelConfig.from_dict(data)
 
 
 def test_unknown_preset() -> None:
-    with pytest.raises(ConfigError, match="preset"):
+    with pytest.raises(ModelConfigError, match="preset"):
         get_preset("huge")

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from cli.commands.audit import matches, parse_since
-from dicom_node.settings import ConfigError
+from d2r_core.errors import ConfigError
 from dicom_node.studies import StudyStore
 from observability import metrics
 from observability.http import ObservabilityServer

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
-from dicom_node import statuses
+from d2r_core import statuses
 from dicom_node.studies import DONE, STUDY_STATES, Delivery, StudyStore, StudyView
 from observability import metrics
 from tests.observability.conftest import record_for

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node import statuses
+from d2r_core import statuses
+from d2r_core.errors import ConfigError
 from dicom_node.assembler import SPOOL_PURGED, Assembler, AssemblerConfig
-from dicom_node.settings import ConfigError, NodeSettings
+from dicom_node.settings import NodeSettings
 from dicom_node.spool import Spool
 from dicom_node.studies import InstanceRecord, StudyStore
 from tests.security.listener import running_listener, store_statuses, storescu

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from pydicom.sr.codedict import codes
 
+from d2r_core.classes import VINDR_CLASSES
 from report.codes import (
     FINDING_CODES,
     PRIVATE_SCHEME_DESIGNATOR,
-    VINDR_CLASSES,
     finding_codes,
     private_coding_scheme,
 )

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 from pynetdicom import AE
 
-from dicom_node.settings import ConfigError, NodeSettings
+from d2r_core.errors import ConfigError
+from dicom_node.settings import NodeSettings
 from tests.security.listener import AE_TITLE, running_listener, sample, storescu
 from tests.support.dicom_files import make_dx
 from tests.support.processes import wait_for

@@ -22,7 +22,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 from pynetdicom import AE, _config
 
-from dicom_node import statuses
+from d2r_core import statuses
 from dicom_node.scp import STORAGE_SOP_CLASSES
 from dicom_node.selection import select_images
 from dicom_node.spool import dataset_offset

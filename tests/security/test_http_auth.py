@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.settings import ConfigError, parse_networks
+from d2r_core.config import parse_networks
+from d2r_core.errors import ConfigError
 from dicom_node.studies import StudyStore
 from observability import metrics
 from observability.auth import Authenticator, FailureLimiter, verify_password

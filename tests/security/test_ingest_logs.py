@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE
 
-from dicom_node import statuses
+from d2r_core import statuses
 from dicom_node.spool import Spool
 from dicom_node.stow import StowReceiver
 from dicom_node.studies import StudyStore

@@ -37,7 +37,7 @@ from pydicom.uid import (
 from pynetdicom import AE
 from pynetdicom.dsutils import encode
 
-from dicom_node import statuses
+from d2r_core import statuses
 from tests.security.ingest_node import AE_TITLE
 from tests.security.listener import store_statuses, storescu
 from tests.support.dicom_files import make_dx

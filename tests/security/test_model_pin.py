@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.settings import ConfigError
+from d2r_core.errors import ConfigError
 from model.checkpoint import checkpoint_sha256
 from worker.settings import WorkerSettings
 

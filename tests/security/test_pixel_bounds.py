@@ -32,6 +32,7 @@ from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless
 
+from d2r_core.errors import ConfigError
 from dicom_node.errors import InstanceRejected, PixelDataTooLarge
 from dicom_node.instance_file import (
     MAX_HEADER_BYTES,
@@ -40,12 +41,7 @@ from dicom_node.instance_file import (
     read_instance,
     read_instance_header,
 )
-from dicom_node.settings import (
-    DEFAULT_MAX_PIXEL_BYTES,
-    MAX_PIXEL_BYTES_CEILING,
-    ConfigError,
-    NodeSettings,
-)
+from dicom_node.settings import DEFAULT_MAX_PIXEL_BYTES, MAX_PIXEL_BYTES_CEILING, NodeSettings
 from dicom_node.studies import StudyStore
 from tests.observability.conftest import record_for
 from tests.support.dicom_files import make_dx, make_sc, rg1_path

@@ -15,14 +15,14 @@ import yaml
 
 from cli.commands.http_user import when_effective
 from cli.exposure import exposure_warnings
-from dicom_node.settings import (
-    ConfigError,
-    NodeSettings,
+from d2r_core.config import (
     TlsSettings,
     has_placeholder,
     refuse_placeholder,
     refuse_placeholder_lines,
 )
+from d2r_core.errors import ConfigError
+from dicom_node.settings import NodeSettings
 from observability.auth import read_users
 from observability.credentials import remove_user, units_loading, without_user
 from observability.settings import ObservabilitySettings

@@ -12,11 +12,13 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from d2r_core.config import TlsSettings
+from d2r_core.errors import ConfigError
 from delivery.destinations import DicomPeer
 from delivery.dimse import SendOptions, send_datasets
 from delivery.errors import TransientSendError
 from delivery.settings import DeliverySettings
-from dicom_node.settings import ConfigError, NodeSettings, TlsSettings
+from dicom_node.settings import NodeSettings
 from dicom_node.studies import StudyStore
 from tests.security.listener import running_listener, store_statuses, storescu
 from tests.security.tls_ca import Pki, make_test_ca

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime
 
-from delivery.content import FindingBox, ReportContent
+from delivery.content import DeliveryContent, FindingBox
 from delivery.destinations import StudyResults
 from delivery.hl7 import build_oru, encode
 from report.build import AlgorithmInfo, LesionFinding, build_reports
@@ -49,7 +49,7 @@ def phantom_results(
         AlgorithmInfo("d2r-net", "3.1.0"),
         content_datetime=(when or CLOCK).replace(tzinfo=None) if fixed or when else None,
     )
-    content = ReportContent(
+    content = DeliveryContent(
         findings=findings,
         impression=IMPRESSION,
         lesions=tuple(FindingBox(le.class_name, le.score, le.box) for le in lesions),

@@ -6,13 +6,13 @@ import json
 
 import pytest
 
+from d2r_core.geometry import iou
 from report.grounding import Grounding, LesionGrounding, Sentence, mentions
 from training.evaluation import evaluate_records
 from training.evaluation.grounding import (
     GroundingCase,
     compute_grounding,
     contradictions,
-    iou,
     score_case,
 )
 from training.evaluation.records import record_from_dict

@@ -258,12 +258,12 @@ def test_cli_train_detector_then_pseudo_label(phantom: Path, tmp_path: Path) -> 
 
 def test_narrow_backbones_of_the_small_preset() -> None:
     from model.config import ModelConfig, is_backbone_name
-    from model.errors import ConfigError
+    from model.errors import ModelConfigError
     from model.modeling import count_parameters
 
     assert is_backbone_name("resnet18_w32") and is_backbone_name("resnet101")
     assert not is_backbone_name("resnet18_w30") and not is_backbone_name("resnet12_w32")
-    with pytest.raises(ConfigError, match="^detector_backbone"):
+    with pytest.raises(ModelConfigError, match="^detector_backbone"):
         ModelConfig.from_dict({**SMALL.to_dict(), "detector_backbone": "resnet12_w32"})
     model = D2RNet(SMALL.replace(vocab_size=58))
     # about 6 M parameters: an fp32 checkpoint stays under 30 MB

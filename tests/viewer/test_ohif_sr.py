@@ -28,6 +28,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
+from d2r_core.classes import VINDR_CLASSES
 from report.build import (
     OHIF_RECTANGLE_ROI_TRACKING_IDENTIFIER,
     AlgorithmInfo,
@@ -37,7 +38,7 @@ from report.build import (
     build_reports,
     finding_label,
 )
-from report.codes import VINDR_CLASSES, finding_codes
+from report.codes import finding_codes
 from tests.support.dicom_files import make_sc
 from tests.support.fixtures import OrthancFactory
 from tests.support.ohif import (

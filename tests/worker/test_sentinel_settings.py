@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.settings import ConfigError
+from d2r_core.errors import ConfigError
 from observability.metrics import QueueDepthCollector
 from worker.celery_app import (
     SENTINEL_PUBLISH_RETRY_SECONDS,

@@ -13,21 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from model.classes import VINDR_CLASSES
+from d2r_core.classes import VINDR_CLASSES
+from d2r_core.geometry import Box, iou
 
-BoxT = tuple[float, float, float, float]
 IOU_THRESHOLD = 0.5
-
-
-def iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """Intersection over union of two ``[x_min, y_min, x_max, y_max]`` boxes."""
-    iw = min(a[2], b[2]) - max(a[0], b[0])
-    ih = min(a[3], b[3]) - max(a[1], b[1])
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def average_precision(tp: Sequence[bool], n_gt: int) -> float:
@@ -48,8 +37,8 @@ def average_precision(tp: Sequence[bool], n_gt: int) -> float:
 
 
 def compute_detection(
-    gt: Mapping[str, Sequence[tuple[str, BoxT]]],
-    pred: Mapping[str, Sequence[tuple[str, float, BoxT]]],
+    gt: Mapping[str, Sequence[tuple[str, Box]]],
+    pred: Mapping[str, Sequence[tuple[str, float, Box]]],
     *,
     classes: Sequence[str] = VINDR_CLASSES,
     iou_threshold: float = IOU_THRESHOLD,
@@ -93,4 +82,4 @@ def compute_detection(
     }
 
 
-__all__ = ["IOU_THRESHOLD", "average_precision", "compute_detection", "iou"]
+__all__ = ["IOU_THRESHOLD", "average_precision", "compute_detection"]

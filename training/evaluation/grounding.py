@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from d2r_core.geometry import Box, iou
 from report.grounding import (
     BILATERAL,
     MIDLINE_CLASSES,
@@ -25,7 +26,6 @@ from report.grounding import (
     ground,
 )
 
-Box = tuple[float, float, float, float]
 IOU_THRESHOLD = 0.5
 
 
@@ -43,21 +43,6 @@ class GroundingCase:
     gt_sentences: tuple[tuple[int, ...], ...]
     columns: int
     rows: int
-
-
-def iou(a: Box, b: Box) -> float:
-    """Intersection over union of two ``(x_min, y_min, x_max, y_max)`` boxes.
-
-    >>> iou((0, 0, 10, 10), (5, 0, 15, 10))
-    0.3333333333333333
-    """
-    w = min(a[2], b[2]) - max(a[0], b[0])
-    h = min(a[3], b[3]) - max(a[1], b[1])
-    if w <= 0 or h <= 0:
-        return 0.0
-    inter = w * h
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def _hits(box: tuple[str, Box], truth: Sequence[tuple[str, Box]], indices: Sequence[int]) -> bool:
@@ -145,6 +130,5 @@ __all__ = [
     "GroundingCase",
     "compute_grounding",
     "contradictions",
-    "iou",
     "score_case",
 ]

@@ -42,7 +42,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from model.classes import CHEXPERT_OBSERVATIONS
+from d2r_core.classes import CHEXPERT_OBSERVATIONS
 
 if TYPE_CHECKING:
     from spacy.language import Language

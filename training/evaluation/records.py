@@ -9,10 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from model.classes import VINDR_CLASSES
+from d2r_core.classes import VINDR_CLASSES
+from d2r_core.geometry import Box
 from training.errors import EvaluationInputError
-
-Box = tuple[float, float, float, float]
 
 
 @dataclass(frozen=True)
