@@ -184,9 +184,9 @@ def serve(args: argparse.Namespace) -> int:
     from cli.runtime import configure_logging, start_listener, stop_event_on_signals
     from dicom_node.settings import NodeSettings
     from dicom_node.spool import Spool
-    from dicom_node.studies import StudyStore
     from observability.audit import AuditLog, ListenerAudit
     from observability.settings import ObservabilitySettings
+    from studydb.store import StudyStore
 
     multiprocessing.current_process().name = f"listener-{args.index}"  # its log lines say so
     env = dict(os.environ)

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from d2r_core.errors import ConfigError
-    from dicom_node.errors import SchemaError
+    from studydb.errors import SchemaError
 
     try:
         return int(args._run(args))

@@ -201,7 +201,7 @@ def start_listener(
 ) -> Any:
     """The DICOM listener of a node process, its instances audited and recorded in ``store``."""
     from dicom_node.scp import AssociationStudies, start_server
-    from dicom_node.studies import NodeRecorder
+    from studydb.ingest import NodeRecorder
 
     recorder = NodeRecorder(store, node.node_name, wait_seconds=node.db_ingest_wait_seconds)
     server = start_server(
@@ -230,12 +230,6 @@ def run_node(
     from dicom_node.assembler import Assembler, AssemblerConfig
     from dicom_node.spool import Spool
     from dicom_node.stow import StowReceiver
-    from dicom_node.studies import (
-        InstanceRecord,
-        NodeRecorder,
-        StudyStore,
-        hold_single_node_lock,
-    )
     from observability import metrics
     from observability.audit import STUDY_FAILED, AuditLog, ListenerAudit
     from observability.metrics import (
@@ -244,6 +238,10 @@ def run_node(
         StudiesByStateCollector,
     )
     from observability.settings import ObservabilitySettings
+    from studydb.engine import hold_single_node_lock
+    from studydb.ingest import NodeRecorder
+    from studydb.records import InstanceRecord
+    from studydb.store import StudyStore
     from worker.celery_app import create_app
     from worker.messages import (
         REPORT_QUEUE,

@@ -3,7 +3,7 @@
 Every tick it
 1. completes studies whose quiet period (or force timeout) elapsed, or whose last association
    was released ``release_grace_seconds`` ago with no other association of the study open
-   (:meth:`dicom_node.studies.StudyStore.completion_due`): the eligible frontal images are
+   (:meth:`studydb.store.StudyStore.completion_due`): the eligible frontal images are
    chosen by :func:`dicom_node.selection.select_images`; a study with nothing eligible is
    ``skipped`` with the reason, the others are queued with ``enqueue_report``;
 2. re-sends jobs the database says are unfinished: a processing claim whose short lease expired
@@ -29,7 +29,7 @@ Every tick it
    one that cannot be read is reported as an event.
 
 Several nodes on one database each run an assembler. Every step is a conditional update in
-the database (:mod:`dicom_node.studies`), so a study is queued, re-sent or handed to a
+the database (:mod:`studydb`), so a study is queued, re-sent or handed to a
 delivery by one node only; retention and the spool check run on one node at a time, under a
 duty lease.
 
@@ -57,22 +57,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import sqlalchemy as sa
-
 from dicom_node.errors import InstanceRejected, NodeError
 from dicom_node.instance_file import read_instance_header
 from dicom_node.metadata import header_from_dataset
 from dicom_node.selection import select_images
 from dicom_node.spool import Spool, printable
-from dicom_node.studies import (
-    DONE,
-    SKIPPED,
-    InstanceRecord,
-    StudyStore,
-    events_table,
-    instances_table,
-    studies_table,
-)
+from studydb.records import RETAINED_STATES, SPOOL_PURGED, InstanceRecord
+from studydb.store import StudyStore
 
 logger = logging.getLogger(__name__)
 
@@ -81,13 +72,10 @@ EnqueueSend = Callable[[str, str], None]
 #: (StudyInstanceUID, stage) of a study the reconciler failed after its last attempt
 OnFailed = Callable[[str, str], None]
 
-#: event kind recorded when a study's files leave the spool
-SPOOL_PURGED = "spool-purged"
 #: event kind of an instance found in the spool without a row, and recorded
 SPOOL_RECOVERED = "spool-recovered"
 #: event kind of a file in the spool without a row that cannot be read
 SPOOL_UNRECORDED = "spool-unrecorded"
-_RETAINED_STATES = (DONE, SKIPPED)
 #: a first copy without a row is recorded by the spool check once it is this old (a receiver
 #: records its instance milliseconds after the rename; a younger file may be in that window)
 UNRECORDED_GRACE_SECONDS = 120.0
@@ -98,30 +86,6 @@ DUTY_HOUSEKEEPING = "housekeeping"
 #: failover's losses are not always visible when it is detected (a demoted master resyncs later)
 BROKER_INCIDENT_REQUEUE_SECONDS = 60.0
 BROKER_INCIDENT_SECONDS = 300.0
-
-
-def retention_candidates(store: StudyStore, cutoff: float, *, limit: int = 100) -> list[str]:
-    """``done``/``skipped`` studies finished before ``cutoff`` and not purged since."""
-    s = studies_table.c
-    e = events_table.c
-    purged_since = sa.select(e.id).where(
-        e.study_instance_uid == s.study_instance_uid,
-        e.kind == SPOOL_PURGED,
-        e.at >= s.finished_at,
-    )
-    query = (
-        sa.select(s.study_instance_uid)
-        .where(
-            s.state.in_(_RETAINED_STATES),
-            s.finished_at.is_not(None),
-            s.finished_at < cutoff,
-            ~sa.exists(purged_since),
-        )
-        .order_by(s.finished_at)
-        .limit(limit)
-    )
-    with store.engine.connect() as conn:
-        return [str(r[0]) for r in conn.execute(query).all()]
 
 
 @dataclass(frozen=True)
@@ -275,9 +239,9 @@ class Assembler:
         now = time.time() if now is None else now
         cutoff = now - self.config.retention_seconds
         purged = []
-        for uid in retention_candidates(self.store, cutoff):
+        for uid in self.store.retention_candidates(cutoff):
             view = self.store.get(uid)  # re-read: a late instance may have re-opened it
-            if view is None or view.state not in _RETAINED_STATES:
+            if view is None or view.state not in RETAINED_STATES:
                 continue
             if view.finished_at is None or view.finished_at >= cutoff:
                 continue
@@ -430,7 +394,7 @@ class Assembler:
         for path in self.spool.instance_files():
             study_dir = path.parent.name
             if study_dir not in known:
-                known[study_dir] = self._recorded_paths(path.parent)
+                known[study_dir] = self.store.recorded_paths_under(path.parent)
             if str(path) in known[study_dir] or str(path) in self._reported_files:
                 continue
             try:
@@ -451,15 +415,6 @@ class Assembler:
                 unreadable,
             )
         return recorded, unreadable
-
-    def _recorded_paths(self, study_dir: Path) -> set[str]:
-        i = instances_table.c
-        prefix = str(study_dir) + os.sep
-        with self.store.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(i.path).where(i.path.startswith(prefix, autoescape=True))
-            ).all()
-        return {str(r.path) for r in rows}
 
     def _recover(self, path: Path, mtime: float) -> bool:
         """Record one first copy found without a row; False (and an event) when unreadable."""

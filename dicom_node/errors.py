@@ -5,18 +5,12 @@ receive side translates them into DIMSE statuses, outbound failures live in
 :mod:`delivery.errors`::
 
     NodeError
-    ├── ConfigError              (dicom_node.settings) an invalid setting
     ├── SpoolError               the spool could not persist an instance
     │   ├── SpoolFullError       out of disk space / quota  -> 0xA700
     │   └── SpoolWriteError      any other write failure    -> 0x0110
-    ├── InstanceRejected         the header cannot be used  -> 0xC000 range
-    │   ├── MissingUIDError      no Study / SOP Instance / SOP Class UID
-    │   └── PixelDataTooLarge    a stored image over D2R_MAX_PIXEL_BYTES (read, not received)
-    ├── DatabaseUnavailable      the study database did not answer within the retry budget
-    └── SchemaError              the study database's schema does not fit this release
-        ├── SchemaBehindError    an older revision: ``d2r db upgrade`` (or D2R_DB_AUTO_UPGRADE)
-        ├── SchemaAheadError     a newer revision than this release knows (a rollback)
-        └── UnknownSchemaError   tables without a revision that are not the baseline schema
+    └── InstanceRejected         the header cannot be used  -> 0xC000 range
+        ├── MissingUIDError      no Study / SOP Instance / SOP Class UID
+        └── PixelDataTooLarge    a stored image over D2R_MAX_PIXEL_BYTES (read, not received)
 """
 
 from __future__ import annotations
@@ -24,18 +18,13 @@ from __future__ import annotations
 from d2r_core.errors import D2RError
 
 __all__ = [
-    "DatabaseUnavailable",
     "InstanceRejected",
     "MissingUIDError",
     "NodeError",
     "PixelDataTooLarge",
-    "SchemaAheadError",
-    "SchemaBehindError",
-    "SchemaError",
     "SpoolError",
     "SpoolFullError",
     "SpoolWriteError",
-    "UnknownSchemaError",
 ]
 
 
@@ -81,27 +70,3 @@ class PixelDataTooLarge(InstanceRejected):
 
     Raised before the pixels are read, inflated or decoded; the reason names the sizes only.
     """
-
-
-class DatabaseUnavailable(NodeError):
-    """The study database could not be reached (restart, failover, network) in time.
-
-    Raised once the caller's retry budget is spent; nothing was written. A receiver answers it
-    with a failure status, a worker puts its job back on the queue.
-    """
-
-
-class SchemaError(NodeError):
-    """The study database cannot be used by this release as it is; ``str()`` is one line."""
-
-
-class SchemaBehindError(SchemaError):
-    """The database is at an older revision than this release needs."""
-
-
-class SchemaAheadError(SchemaError):
-    """The database is at a revision this release does not know (written by a newer release)."""
-
-
-class UnknownSchemaError(SchemaError):
-    """The database holds tables, but no revision and not the baseline schema."""

@@ -84,12 +84,7 @@ from pynetdicom.presentation import PresentationContext
 from d2r_core import statuses
 from d2r_core.config import IPNetwork
 from d2r_core.tcp import large_reads, no_delay
-from dicom_node.errors import (
-    DatabaseUnavailable,
-    InstanceRejected,
-    SpoolFullError,
-    SpoolWriteError,
-)
+from dicom_node.errors import InstanceRejected, SpoolFullError, SpoolWriteError
 from dicom_node.metadata import InstanceHeader, parse_header
 from dicom_node.selection import (
     CR_IMAGE_STORAGE,
@@ -107,7 +102,8 @@ from dicom_node.spool import (
     printable,
     printable_uid,
 )
-from dicom_node.studies import InstanceRecord
+from studydb.errors import DatabaseUnavailable
+from studydb.records import InstanceRecord
 
 if TYPE_CHECKING:
     from pynetdicom.transport import ThreadedAssociationServer
@@ -171,7 +167,7 @@ MAX_PENDING_MESSAGES: Final = 16
 
 
 class StudyRecorder(Protocol):
-    """What the handler needs from :class:`dicom_node.studies.StudyStore`."""
+    """What the handler needs from :class:`studydb.store.StudyStore`."""
 
     def record_instance(self, record: InstanceRecord, *, outcome: str) -> str: ...
 
@@ -186,7 +182,7 @@ class StudyRecorder(Protocol):
 
 
 class AssociationLedger(Protocol):
-    """What :class:`AssociationStudies` needs from :class:`dicom_node.studies.StudyStore`."""
+    """What :class:`AssociationStudies` needs from :class:`studydb.store.StudyStore`."""
 
     def open_association(self, study_uid: str) -> None: ...
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
-    from dicom_node.studies import InstanceRecord
+    from studydb.records import InstanceRecord
 
 __all__ = [
     "ACCEPTED_SOP_CLASSES",

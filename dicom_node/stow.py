@@ -65,13 +65,7 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import BaseTag
 
 from d2r_core import statuses
-from dicom_node.errors import (
-    DatabaseUnavailable,
-    InstanceRejected,
-    NodeError,
-    SpoolFullError,
-    SpoolWriteError,
-)
+from dicom_node.errors import InstanceRejected, NodeError, SpoolFullError, SpoolWriteError
 from dicom_node.scp import (
     STORAGE_SOP_CLASSES,
     AssociationLedger,
@@ -87,6 +81,7 @@ from dicom_node.spool import (
     printable,
     printable_uid,
 )
+from studydb.errors import DatabaseUnavailable
 
 __all__ = [
     "DICOM_JSON",

@@ -60,8 +60,8 @@ with instrumented("dicom_node", "pynetdicom", "pydicom", "cli", "observability")
     from dicom_node.metadata import parse_header
     from dicom_node.settings import NodeSettings
     from dicom_node.spool import Spool, dataset_offset, safe_name
-    from dicom_node.studies import StudyStore
     from observability.audit import AuditLog, ListenerAudit
+    from studydb.store import StudyStore
 
 AE_TITLE = "D2RFUZZ"
 CALLING = "FUZZSCU"

@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from fuzz._harness import (
     KnownGap,
@@ -50,8 +51,11 @@ with instrumented("dicom_node", "observability", "pydicom", "PIL"):
 
     from dicom_node.errors import InstanceRejected
     from dicom_node.metadata import parse_header
-    from dicom_node.studies import DONE, InstanceRecord, StudyView
     from observability.pages import StatusPages
+    from studydb.records import DONE, InstanceRecord, StudyView
+
+if TYPE_CHECKING:
+    from studydb.views import Views
 
 #: the transfer syntax of an input is SYNTAXES[first byte % len(SYNTAXES)]
 SYNTAXES = (
@@ -137,7 +141,7 @@ def one_input_with(folder: Path) -> OneInput:
     prefixes = {ts: part10_prefix(ts) for ts in SYNTAXES}
     path = folder / "instance.dcm"
     store = _OneFileStore(path)
-    pages = StatusPages(store)
+    pages = StatusPages(cast("Views", store))  # the pages read instances() only here
     studies = itertools.count()
 
     def one_input(data: bytes) -> None:

@@ -45,10 +45,11 @@ with instrumented("observability", "dicom_node", "http", "multipart"):
 
     from dicom_node.spool import Spool
     from dicom_node.stow import StowReceiver
-    from dicom_node.studies import InstanceRecord, StudyStore
     from observability.auth import Authenticator, FailureLimiter, hash_password
     from observability.http import ObservabilityServer
     from observability.pages import StatusPages
+    from studydb.records import InstanceRecord
+    from studydb.store import StudyStore
 
 #: a token holding every role, and one holding ``metrics`` only (the seeds carry both)
 FULL_TOKEN = "fuzz-full-token-0123456789abcdef"

@@ -37,7 +37,8 @@ from fuzz._harness import (
 with instrumented("dicom_node", "multipart", "pydicom"):
     from dicom_node.spool import Spool, dataset_offset
     from dicom_node.stow import StowReceiver
-    from dicom_node.studies import InstanceRecord, StudyStore
+    from studydb.records import InstanceRecord
+    from studydb.store import StudyStore
 
 #: the statuses a STOW-RS request may get here (the spool never runs full, the route is valid)
 ANSWERS = frozenset({200, 202, 400, 409, 411, 413, 415})

@@ -317,7 +317,7 @@ class ListenerAudit:
             )
 
     def recorder(self, store: Any) -> AuditingRecorder:
-        """Wrap ``store`` (a :class:`~dicom_node.studies.StudyStore`) for the C-STORE handler."""
+        """Wrap ``store`` (a :class:`~studydb.store.StudyStore`) for the C-STORE handler."""
         return AuditingRecorder(store, self)
 
 

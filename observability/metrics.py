@@ -48,7 +48,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import REGISTRY, Collector
 
 from d2r_core import statuses
-from dicom_node.studies import DONE, STUDY_STATES, StudyView
+from studydb.records import DONE, STUDY_STATES, StudyView
 
 __all__ = [
     "NodeLabelled",

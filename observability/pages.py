@@ -17,6 +17,7 @@ from typing import Any
 from dicom_node.errors import InstanceRejected
 from dicom_node.instance_file import read_instance, read_instance_header
 from dicom_node.settings import DEFAULT_MAX_PIXEL_BYTES
+from studydb.views import Views
 
 __all__ = ["StatusPages"]
 
@@ -28,8 +29,8 @@ class StatusPages:
 
     Parameters
     ----------
-    store : StudyStore
-        The study database.
+    store : Views
+        The study database's read views.
     show_phi : bool
         Show patient name and ID, read from the first instance's header.
     limit : int
@@ -40,7 +41,7 @@ class StatusPages:
 
     def __init__(
         self,
-        store: Any,
+        store: Views,
         *,
         show_phi: bool = False,
         limit: int = 50,

@@ -25,7 +25,7 @@ import pydicom
 from PIL import Image, ImageDraw
 from pydicom.dataset import Dataset
 
-from dicom_node.studies import DONE, Event, StudyView
+from studydb.records import DONE, Event, StudyView
 
 __all__ = [
     "BOX_COLOUR",

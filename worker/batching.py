@@ -26,8 +26,8 @@ from pydicom import Dataset
 
 from dicom_node.instance_file import read_instance
 from dicom_node.selection import select_images
-from dicom_node.studies import StudyStore
 from observability import logs, metrics
+from studydb.store import StudyStore
 from worker import tasks
 from worker.messages import JobInstance, ReportJob
 from worker.settings import WorkerSettings

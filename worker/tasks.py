@@ -44,11 +44,12 @@ from delivery import Delivered, StudyResults, open_destination
 from delivery.content import CONTENT_FILE, DeliveryContent, FindingBox
 from delivery.destinations import by_name
 from delivery.errors import PermanentSendError, TransientSendError
-from dicom_node.errors import DatabaseUnavailable
 from dicom_node.instance_file import read_instance
-from dicom_node.studies import FAILED, StudyStore
 from observability import logs, metrics
 from observability.audit import SENT, STUDY_FAILED, AuditLog
+from studydb.errors import DatabaseUnavailable
+from studydb.records import FAILED
+from studydb.store import StudyStore
 from worker import pipeline
 from worker.errors import InputRejected, PredictionError
 from worker.messages import REPORT_TASK, SEND_TASK, ReportJob

@@ -57,7 +57,7 @@ from pydicom.uid import generate_uid  # noqa: E402
 from dicom_node.scp import start_server  # noqa: E402
 from dicom_node.settings import NodeSettings  # noqa: E402
 from dicom_node.spool import Spool  # noqa: E402
-from dicom_node.studies import StudyStore  # noqa: E402
+from studydb.store import StudyStore  # noqa: E402
 from tests.support.dicom_files import chest_pixels, make_dx  # noqa: E402
 
 STORESCU = "/usr/bin/storescu"

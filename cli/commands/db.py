@@ -19,9 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cli.runtime import configure_logging, environment
-    from dicom_node import schema
     from dicom_node.settings import NodeSettings
-    from dicom_node.studies import make_engine
+    from studydb import schema
+    from studydb.engine import make_engine
 
     env = environment(args)
     configure_logging(env)

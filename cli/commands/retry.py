@@ -10,7 +10,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from dicom_node.studies import StudyStore
+    from studydb.store import StudyStore
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
 
     from cli.runtime import environment
     from dicom_node.settings import NodeSettings
-    from dicom_node.studies import RECEIVING, SENDING, StudyStore
+    from studydb.records import RECEIVING, SENDING
+    from studydb.store import StudyStore
 
     settings = NodeSettings.from_env(environment(args))
     store = StudyStore(settings.database_url)

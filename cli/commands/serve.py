@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(env)
     settings = WorkerSettings.from_env(env, default_broker=FILESYSTEM_BROKER)
     settings.require_model()
-    from dicom_node.studies import StudyStore
+    from studydb.store import StudyStore
 
     # The schema check (or upgrade) before the worker child starts, which only checks.
     StudyStore(settings.node.database_url, auto_upgrade=settings.node.db_auto_upgrade).close()

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
     from cli.runtime import environment
     from dicom_node.settings import NodeSettings
-    from dicom_node.studies import StudyStore
+    from studydb.store import StudyStore
 
     settings = NodeSettings.from_env(environment(args))
     store = StudyStore(settings.database_url)

@@ -56,9 +56,9 @@ def run(args: argparse.Namespace) -> int:
         own_metrics_dir = Path(tempfile.mkdtemp(prefix=f"d2r-worker-metrics-{os.getpid()}-"))
         use_multiprocess_metrics(own_metrics_dir, clean=False)
 
-    from dicom_node.studies import StudyStore
     from observability.audit import AuditLog
     from observability.metrics import QueueDepthCollector, build_registry, model_loaded
+    from studydb.store import StudyStore
     from worker.celery_app import create_app
     from worker.messages import REPORT_QUEUE, SEND_QUEUE
 

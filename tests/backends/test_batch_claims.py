@@ -10,7 +10,9 @@ import pytest
 import sqlalchemy as sa
 
 from d2r_core.errors import ConfigError
-from dicom_node.studies import InstanceRecord, StudyStore, studies_table
+from studydb.records import InstanceRecord
+from studydb.store import StudyStore
+from studydb.tables import studies_table
 from tests.support.processes import wait_for
 from worker.batching import BatchHeartbeat, claim_more
 from worker.settings import WorkerSettings

@@ -35,7 +35,8 @@ import cli.main, cli.runtime, cli.commands.node
 from dicom_node.assembler import Assembler, AssemblerConfig
 from dicom_node.scp import start_server
 from dicom_node.spool import Spool
-from dicom_node.studies import InstanceRecord, StudyStore
+from studydb.records import InstanceRecord
+from studydb.store import StudyStore
 from worker.celery_app import create_app
 from worker.messages import REPORT_TASK, SEND_TASK, JobInstance, ReportJob
 from worker.settings import WorkerSettings

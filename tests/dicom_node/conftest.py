@@ -12,7 +12,8 @@ import pytest
 from dicom_node.scp import start_server
 from dicom_node.settings import NodeSettings
 from dicom_node.spool import Spool
-from dicom_node.studies import InstanceRecord, StudyStore
+from studydb.records import InstanceRecord
+from studydb.store import StudyStore
 from tests.dicom_node.node_harness import Node, NodeFactory, Recorder, free_port
 from tests.support.postgres import postgres_server, scratch_database
 

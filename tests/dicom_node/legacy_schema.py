@@ -1,6 +1,6 @@
 """The study database of d2r releases before migrations: their ``metadata.create_all`` tables.
 
-A frozen copy of ``dicom_node/studies.py``'s tables as they were then; never change it. Tests
+A frozen copy of the study tables as they were then; never change it. Tests
 build a "previous release" database with it and upgrade that.
 """
 

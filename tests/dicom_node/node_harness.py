@@ -10,7 +10,7 @@ from typing import Any
 
 from dicom_node.settings import NodeSettings
 from dicom_node.spool import Spool
-from dicom_node.studies import InstanceRecord
+from studydb.records import InstanceRecord
 
 
 def free_port() -> int:

@@ -30,9 +30,12 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from dicom_node import schema
-from dicom_node.errors import SchemaAheadError, SchemaBehindError, UnknownSchemaError
-from dicom_node.studies import STUDY_STATES, InstanceRecord, StudyStore, make_engine, metadata
+from studydb import schema
+from studydb.engine import make_engine
+from studydb.errors import SchemaAheadError, SchemaBehindError, UnknownSchemaError
+from studydb.records import STUDY_STATES, InstanceRecord
+from studydb.store import StudyStore
+from studydb.tables import metadata
 from tests.dicom_node import legacy_schema
 from tests.support.dicom_files import rg1_path
 from tests.support.postgres import postgres_server, scratch_database
@@ -319,7 +322,7 @@ def test_a_start_behind_stops_until_upgraded(
 
     # d2r node of the later release refuses with one line naming the command, before it binds.
     prelude = (
-        "import pathlib, dicom_node.schema as s\n"
+        "import pathlib, studydb.schema as s\n"
         f"s.SCRIPT_LOCATION = pathlib.Path({str(later_scripts)!r})"
     )
     refused = d2r("node", url=db_url, tmp_path=tmp_path, prelude=prelude)

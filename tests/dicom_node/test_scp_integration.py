@@ -29,11 +29,12 @@ from pydicom.uid import (
 from pynetdicom.presentation import PresentationContext
 
 from d2r_core import statuses
-from dicom_node.errors import DatabaseUnavailable
 from dicom_node.scp import SharedSyntaxContext, build_ae
 from dicom_node.selection import select_images
 from dicom_node.spool import dataset_offset
-from dicom_node.studies import InstanceRecord, StudyStore
+from studydb.errors import DatabaseUnavailable
+from studydb.records import InstanceRecord
+from studydb.store import StudyStore
 from tests.dicom_node.node_harness import Node, NodeFactory, Recorder
 from tests.support.dicom_files import chest_pixels, make_dx, rg1_path
 

@@ -15,7 +15,7 @@ from dicom_node.selection import (
     SECONDARY_CAPTURE,
     select_images,
 )
-from dicom_node.studies import InstanceRecord
+from studydb.records import InstanceRecord
 
 _seq = count(1)
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

@@ -22,14 +22,11 @@ from dicom_node.assembler import (
     Assembler,
     AssemblerConfig,
 )
-from dicom_node.errors import DatabaseUnavailable
 from dicom_node.spool import Spool, dataset_offset
-from dicom_node.studies import (
-    NodeRecorder,
-    StudyStore,
-    hold_single_node_lock,
-    transient_database_error,
-)
+from studydb.engine import hold_single_node_lock, transient_database_error
+from studydb.errors import DatabaseUnavailable
+from studydb.ingest import NodeRecorder
+from studydb.store import StudyStore
 from tests.dicom_node.conftest import instance_row
 from tests.support.dicom_files import make_dx
 from tests.support.postgres import private_postgres_server

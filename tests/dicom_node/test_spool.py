@@ -30,7 +30,7 @@ from dicom_node.spool import (
     printable_uid,
     safe_name,
 )
-from dicom_node.studies import StudyStore
+from studydb.store import StudyStore
 
 SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"
 

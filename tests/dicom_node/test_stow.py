@@ -27,7 +27,6 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian
 
 from d2r_core import statuses
-from dicom_node.errors import DatabaseUnavailable
 from dicom_node.spool import Spool, dataset_offset
 from dicom_node.stow import (
     STOW_CALLING_AE,
@@ -37,11 +36,12 @@ from dicom_node.stow import (
     request_status,
     store_response,
 )
-from dicom_node.studies import StudyStore
 from observability import metrics
 from observability.audit import AuditLog, ListenerAudit, read_audit
 from observability.auth import Authenticator
 from observability.http import ObservabilityServer, tls_context
+from studydb.errors import DatabaseUnavailable
+from studydb.store import StudyStore
 from tests.security import hostile
 from tests.security.tls_ca import make_test_ca
 from tests.support.dicom_files import make_dx

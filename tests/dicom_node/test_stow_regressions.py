@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dicom_node.spool import Spool
 from dicom_node.stow import StowReceiver
-from dicom_node.studies import StudyStore
+from studydb.store import StudyStore
 
 
 def test_content_length_not_ascii_digits(tmp_path: Path) -> None:

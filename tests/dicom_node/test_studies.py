@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from dicom_node.assembler import Assembler, AssemblerConfig
-from dicom_node.studies import StudyStore
+from studydb.store import StudyStore
 from tests.dicom_node.conftest import instance_row as _record
 
 

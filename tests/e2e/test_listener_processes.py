@@ -20,7 +20,8 @@ from pydicom.uid import DigitalXRayImageStorageForPresentation, generate_uid
 from pynetdicom import AE
 from pynetdicom.association import Association
 
-from dicom_node.studies import QUEUED, StudyStore
+from studydb.records import QUEUED
+from studydb.store import StudyStore
 from tests.support.dicom_files import make_dx
 from tests.support.listener_process import lone_listener_process
 from tests.support.processes import (

@@ -9,7 +9,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_node.studies import InstanceRecord, StudyStore
+from studydb.records import InstanceRecord
+from studydb.store import StudyStore
 from tests.support.dicom_files import make_dx
 
 

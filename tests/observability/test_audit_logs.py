@@ -18,9 +18,9 @@ from prometheus_client import REGISTRY
 from dicom_node.scp import start_server
 from dicom_node.settings import NodeSettings
 from dicom_node.spool import Spool
-from dicom_node.studies import StudyStore
 from observability import logs
 from observability.audit import ASSOCIATION, RECEIVED, SENT, AuditLog, ListenerAudit, read_audit
+from studydb.store import StudyStore
 from tests.support.dicom_files import make_dx
 from tests.support.processes import free_port
 

@@ -14,11 +14,11 @@ from prometheus_client import CollectorRegistry
 
 from cli.commands.audit import matches, parse_since
 from d2r_core.errors import ConfigError
-from dicom_node.studies import StudyStore
 from observability import metrics
 from observability.http import ObservabilityServer
 from observability.pages import StatusPages
 from observability.settings import ObservabilitySettings
+from studydb.store import StudyStore
 from tests.observability.conftest import record_for
 
 

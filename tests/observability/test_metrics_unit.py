@@ -9,8 +9,9 @@ from pathlib import Path
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
 from d2r_core import statuses
-from dicom_node.studies import DONE, STUDY_STATES, Delivery, StudyStore, StudyView
 from observability import metrics
+from studydb.records import DONE, STUDY_STATES, Delivery, StudyView
+from studydb.store import StudyStore
 from tests.observability.conftest import record_for
 from tests.support.dicom_files import make_dx
 

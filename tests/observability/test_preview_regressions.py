@@ -11,10 +11,10 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_node.studies import StudyStore
 from fuzz import REGRESSIONS_DIR
 from fuzz.dicom_header import SYNTAXES, part10_prefix
 from observability.pages import StatusPages
+from studydb.store import StudyStore
 from tests.observability.conftest import record_for
 from tests.support.dicom_files import make_dx
 

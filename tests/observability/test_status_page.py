@@ -11,7 +11,6 @@ import pydicom
 import pytest
 from PIL import Image
 
-from dicom_node.studies import DONE, Event, StudyStore, StudyView
 from observability.pages import StatusPages
 from observability.status_page import (
     BOX_COLOUR,
@@ -22,6 +21,8 @@ from observability.status_page import (
     render_study,
     window_to_uint8,
 )
+from studydb.records import DONE, Event, StudyView
+from studydb.store import StudyStore
 from tests.observability.conftest import build_srs, record_for
 
 EVIL = '<script>alert("x")</script>'

@@ -15,7 +15,8 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 
-from dicom_node.studies import StudyStore, StudyView
+from studydb.records import StudyView
+from studydb.store import StudyStore
 from tests.support.orthanc import OrthancServer
 from tests.support.processes import (
     Process,

@@ -14,10 +14,11 @@ import pytest
 
 from d2r_core import statuses
 from d2r_core.errors import ConfigError
-from dicom_node.assembler import SPOOL_PURGED, Assembler, AssemblerConfig
+from dicom_node.assembler import Assembler, AssemblerConfig
 from dicom_node.settings import NodeSettings
 from dicom_node.spool import Spool
-from dicom_node.studies import InstanceRecord, StudyStore
+from studydb.records import SPOOL_PURGED, InstanceRecord
+from studydb.store import StudyStore
 from tests.security.listener import running_listener, store_statuses, storescu
 from tests.support.dicom_files import make_dx
 

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from pynetdicom import AE
 from pynetdicom.association import Association
 
-from dicom_node.studies import studies_table
+from studydb.tables import studies_table
 from tests.reliability.stack import Stack, make_stack
 from tests.support.dicom_files import make_dx
 from tests.support.processes import wait_for

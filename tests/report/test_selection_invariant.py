@@ -13,7 +13,6 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from dicom_node.selection import ACCEPTED_SOP_CLASSES, select_images
-from dicom_node.studies import InstanceRecord
 from report.build import (
     REFERENCEABLE_SOP_CLASSES,
     AlgorithmInfo,
@@ -22,6 +21,7 @@ from report.build import (
     build_reports,
     source_modality,
 )
+from studydb.records import InstanceRecord
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

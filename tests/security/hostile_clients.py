@@ -57,7 +57,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 from pynetdicom import AE
 
-from dicom_node.studies import InstanceRecord, StudyStore, instances_table
+from studydb.records import InstanceRecord
+from studydb.store import StudyStore
+from studydb.tables import instances_table
 from tests.security.hostile import encode, write_raw
 from tests.support import upper_layer
 from tests.support.dicom_files import make_dx

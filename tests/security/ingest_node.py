@@ -17,10 +17,10 @@ from cli.runtime import start_listener
 from dicom_node.settings import NodeSettings
 from dicom_node.spool import Spool
 from dicom_node.stow import StowReceiver
-from dicom_node.studies import StudyStore
 from observability import metrics
 from observability.audit import AuditLog, ListenerAudit
 from observability.http import ObservabilityServer
+from studydb.store import StudyStore
 from tests.support.processes import free_port
 
 AE_TITLE = "D2RMEM"

@@ -19,8 +19,8 @@ from prometheus_client import REGISTRY
 from cli.runtime import start_listener
 from dicom_node.settings import NodeSettings
 from dicom_node.spool import Spool
-from dicom_node.studies import StudyStore
 from observability.audit import AuditLog, ListenerAudit, read_audit
+from studydb.store import StudyStore
 from tests.support.processes import free_port
 
 STORESCU = "/usr/bin/storescu"

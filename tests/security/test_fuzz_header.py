@@ -25,7 +25,7 @@ from pydicom.uid import (
 from dicom_node.errors import InstanceRejected
 from dicom_node.metadata import InstanceHeader, parse_header
 from dicom_node.selection import select_images
-from dicom_node.studies import InstanceRecord
+from studydb.records import InstanceRecord
 from tests.security.hostile import encode
 from tests.support.dicom_files import make_dx
 

@@ -23,13 +23,13 @@ import pytest
 
 from d2r_core.config import parse_networks
 from d2r_core.errors import ConfigError
-from dicom_node.studies import StudyStore
 from observability import metrics
 from observability.auth import Authenticator, FailureLimiter, verify_password
 from observability.credentials import set_user
 from observability.http import ObservabilityServer, tls_context
 from observability.pages import StatusPages
 from observability.settings import ObservabilitySettings
+from studydb.store import StudyStore
 from tests.observability.conftest import record_for
 from tests.security.tls_ca import make_test_ca
 from tests.support.dicom_files import make_dx

@@ -24,9 +24,9 @@ from pynetdicom import AE
 from d2r_core import statuses
 from dicom_node.spool import Spool
 from dicom_node.stow import StowReceiver
-from dicom_node.studies import StudyStore
 from observability import metrics
 from observability.http import ObservabilityServer
+from studydb.store import StudyStore
 from tests.security.listener import AE_TITLE, running_listener
 from tests.support.dicom_files import make_dx
 

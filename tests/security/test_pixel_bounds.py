@@ -42,7 +42,7 @@ from dicom_node.instance_file import (
     read_instance_header,
 )
 from dicom_node.settings import DEFAULT_MAX_PIXEL_BYTES, MAX_PIXEL_BYTES_CEILING, NodeSettings
-from dicom_node.studies import StudyStore
+from studydb.store import StudyStore
 from tests.observability.conftest import record_for
 from tests.support.dicom_files import make_dx, make_sc, rg1_path
 from tests.support.header_variants import build_corpus
@@ -293,7 +293,7 @@ _MEASURE = """
 import gc, json, sys
 from dicom_node.instance_file import read_instance
 from dicom_node.settings import DEFAULT_MAX_PIXEL_BYTES
-from dicom_node.studies import StudyStore
+from studydb.store import StudyStore
 from observability.pages import StatusPages
 from model.preprocess import Preprocessor
 
@@ -409,7 +409,7 @@ def test_the_largest_allowed_image_stays_under_200_mib(tmp_path: Path) -> None:
 # ----------------------------------------------------------- status page, real server
 _SERVE = """
 import sys, time
-from dicom_node.studies import StudyStore
+from studydb.store import StudyStore
 from observability.http import ObservabilityServer
 from observability.metrics import build_registry
 from observability.pages import StatusPages

@@ -18,12 +18,12 @@ from typing import Any
 
 import pytest
 
-from dicom_node.studies import StudyStore
 from observability import metrics
 from observability.auth import Authenticator, FailureLimiter
 from observability.http import ObservabilityServer
 from observability.pages import StatusPages
 from observability.routes import ROUTES, BadTarget, match, parse_target
+from studydb.store import StudyStore
 from tests.observability.conftest import record_for
 from tests.security.test_http_auth import ROLES, _basic, _bearer, write_credentials
 from tests.support.dicom_files import make_dx

@@ -19,7 +19,7 @@ from delivery.dimse import SendOptions, send_datasets
 from delivery.errors import TransientSendError
 from delivery.settings import DeliverySettings
 from dicom_node.settings import NodeSettings
-from dicom_node.studies import StudyStore
+from studydb.store import StudyStore
 from tests.security.listener import running_listener, store_statuses, storescu
 from tests.security.tls_ca import Pki, make_test_ca
 from tests.support.dicom_files import make_dx

@@ -39,7 +39,7 @@ def lone_listener_process(
     on_released: Callable[[], None] = lambda: None,
 ) -> Iterator[LoneListener]:
     """Start it with ``D2R_*`` overrides ``env``, wait until it serves; stop it after."""
-    from dicom_node.studies import StudyStore
+    from studydb.store import StudyStore
 
     database = f"sqlite:///{tmp / 'd2r.db'}"
     StudyStore(database, auto_upgrade=True).close()

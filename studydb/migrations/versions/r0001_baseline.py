@@ -1,7 +1,7 @@
 """Baseline: the study database as created by d2r releases before migrations existed.
 
 A database that has these tables but no ``alembic_version`` table is recognised as this revision
-and stamped (:func:`dicom_node.schema.prepare`). Never edit this file: a schema change is a new
+and stamped (:func:`studydb.schema.prepare`). Never edit this file: a schema change is a new
 revision (see ../README.md).
 
 Revision ID: 0001

@@ -1,6 +1,6 @@
 """Revision of the study database: the start-up check and ``d2r db upgrade`` (Alembic).
 
-The migration scripts ship inside the package (:data:`SCRIPT_LOCATION`, ``dicom_node/migrations``),
+The migration scripts ship inside the package (:data:`SCRIPT_LOCATION`, ``studydb/migrations``),
 so an installed wheel upgrades its own database. What a database is, at start:
 
 ===========  ==================================================================================
@@ -40,7 +40,7 @@ from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
 from sqlalchemy.engine import Connection, Engine
 
-from dicom_node.errors import SchemaAheadError, SchemaBehindError, UnknownSchemaError
+from studydb.errors import SchemaAheadError, SchemaBehindError, UnknownSchemaError
 
 __all__ = [
     "BASELINE",
@@ -130,7 +130,7 @@ def current_state(engine: Engine, *, script_location: Path | None = None) -> Sch
 @functools.cache
 def _baseline_columns() -> dict[str, frozenset[str]]:
     """Tables and column names of the baseline revision, built in an in-memory SQLite."""
-    from dicom_node.migrations.versions import r0001_baseline
+    from studydb.migrations.versions import r0001_baseline
 
     engine = sa.create_engine("sqlite://")
     try:

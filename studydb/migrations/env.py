@@ -1,6 +1,6 @@
 """Alembic environment of the study database.
 
-d2r runs migrations through :mod:`dicom_node.schema`, which hands over an open connection in
+d2r runs migrations through :mod:`studydb.schema`, which hands over an open connection in
 ``config.attributes["connection"]`` (inside its migration lock). The ``alembic`` command line
 (developers writing a migration) passes the database as ``-x url=sqlite:////tmp/dev.db``.
 SQLite runs table changes in batch mode (copy and move), which is how it alters columns.
@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from dicom_node.studies import metadata
+from studydb.tables import metadata
 
 
 def _run(connection: Connection) -> None:
