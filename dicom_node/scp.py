@@ -6,8 +6,9 @@ arrive (:func:`stream_to_spool`: pynetdicom's chunked receive writes into a
 parses the routing header from that file (no pixel data), makes it durable through
 :meth:`~dicom_node.spool.Spool.store_incoming` (fsync, atomic rename, directory fsync),
 records the instance in the study database and only then returns Success. A data set no
-handler took is removed however its association ends (:func:`stream_to_spool`). Failures map
-to specific statuses, never to Success:
+handler took is removed however its association ends (:func:`stream_to_spool`). The checks,
+the spooling and the recording are the ingest service's (:mod:`dicom_node.ingest`), shared with
+STOW-RS; failures map to specific statuses, never to Success:
 
 ===============================================  ===============================================
 condition                                        status
@@ -19,8 +20,7 @@ SOP class not accepted                           ``SOP_CLASS_NOT_SUPPORTED`` (0x
 other write error, database error, anything else ``PROCESSING_FAILURE`` (0x0110)
 ===============================================  ===============================================
 
-Every refusal except a processing failure is also recorded with
-``StudyStore.record_rejection``.
+Every refusal except a processing failure is also recorded with ``record_rejection``.
 
 Secondary Capture policy: SC images are accepted and stored whatever their header
 says; :mod:`dicom_node.selection` uses one only when its Modality is CR/DX and its
@@ -74,25 +74,26 @@ import tempfile
 import threading
 import weakref
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import pynetdicom.dimse_messages
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.presentation import PresentationContext
 
 from d2r_core import statuses
 from d2r_core.config import IPNetwork
 from d2r_core.tcp import large_reads, no_delay
-from dicom_node.errors import InstanceRejected, SpoolFullError, SpoolWriteError
-from dicom_node.metadata import InstanceHeader, parse_header
-from dicom_node.selection import (
-    CR_IMAGE_STORAGE,
-    DX_FOR_PRESENTATION,
-    DX_FOR_PROCESSING,
-    SECONDARY_CAPTURE,
-    is_chest_body_part,
+from dicom_node.errors import SpoolFullError, SpoolWriteError
+from dicom_node.ingest import (
+    STORAGE_SOP_CLASSES,
+    Accepted,
+    Envelope,
+    IngestService,
+    Source,
+    StudyRecorder,
+    read_header,
 )
+from dicom_node.metadata import InstanceHeader, parse_header
 from dicom_node.settings import NodeSettings
 from dicom_node.shared_port import start_shared_server
 from dicom_node.spool import (
@@ -102,22 +103,17 @@ from dicom_node.spool import (
     printable,
     printable_uid,
 )
-from studydb.errors import DatabaseUnavailable
-from studydb.records import InstanceRecord
 
 if TYPE_CHECKING:
     from pynetdicom.transport import ThreadedAssociationServer
 
 __all__ = [
     "PEER_NOT_ALLOWED",
-    "STORAGE_SOP_CLASSES",
     "AssociationRejected",
     "AssociationStudies",
-    "StudyRecorder",
     "bound_association",
     "build_ae",
     "listener_contexts",
-    "read_header",
     "event_handlers",
     "handle_association_request",
     "handle_echo",
@@ -131,16 +127,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 VERIFICATION: Final = "1.2.840.10008.1.1"
-#: Storage SOP classes the listener negotiates, each with every transfer syntax: the chest
-#: radiograph classes first, then every other storage class, stored and skipped (see above).
-STORAGE_SOP_CLASSES: Final = tuple(
-    dict.fromkeys(
-        [CR_IMAGE_STORAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING, SECONDARY_CAPTURE]
-        + [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
-    )
-)
-
-
 #: A-ASSOCIATE-RJ result "rejected (permanent)" (PS3.8 Table 9-21).
 REJECTED_PERMANENT: Final = 0x01
 #: A-ASSOCIATE-RJ source "DICOM UL service-user".
@@ -164,21 +150,6 @@ MAX_IN_MEMORY_DATA_SET: Final = 1024 * 1024
 #: Most requests of one association received and waiting for the handler (peers send one at a
 #: time: the node negotiates no asynchronous operations window).
 MAX_PENDING_MESSAGES: Final = 16
-
-
-class StudyRecorder(Protocol):
-    """What the handler needs from :class:`studydb.store.StudyStore`."""
-
-    def record_instance(self, record: InstanceRecord, *, outcome: str) -> str: ...
-
-    def record_rejection(
-        self,
-        *,
-        sop_instance_uid: str,
-        study_instance_uid: str | None,
-        reason: str,
-        calling_ae_title: str,
-    ) -> None: ...
 
 
 class AssociationLedger(Protocol):
@@ -564,48 +535,48 @@ def handle_echo(event: evt.Event) -> int:
     return statuses.SUCCESS
 
 
-def _reject(
-    store: StudyRecorder,
-    *,
-    sop_instance_uid: str,
-    study_instance_uid: str | None,
-    reason: str,
-    calling_ae_title: str,
-) -> None:
-    logger.warning("rejected SOP Instance %s: %s", printable_uid(sop_instance_uid), reason)
-    try:
-        store.record_rejection(
-            sop_instance_uid=sop_instance_uid,
-            study_instance_uid=study_instance_uid,
-            reason=reason,
-            calling_ae_title=calling_ae_title,
-        )
-    except Exception:
-        logger.exception(
-            "could not record rejection of SOP Instance %s", printable_uid(sop_instance_uid)
-        )
-
-
-def instance_record(
-    header: InstanceHeader, spooled: SpooledInstance, transfer_syntax: str, calling_ae_title: str
-) -> InstanceRecord:
-    """The study-database row of an instance just spooled (C-STORE and STOW-RS alike)."""
-    return InstanceRecord(
-        study_instance_uid=header.study_instance_uid,
-        series_instance_uid=header.series_instance_uid,
-        sop_instance_uid=header.sop_instance_uid,
-        sop_class_uid=header.sop_class_uid,
-        transfer_syntax_uid=transfer_syntax,
-        modality=header.modality,
-        body_part_examined=header.body_part_examined,
-        view_position=header.view_position,
-        series_description=header.series_description,
-        path=str(spooled.path),
-        size=spooled.size,
-        sha256=spooled.sha256,
+def _source(calling_ae_title: str) -> Source:
+    """How the C-STORE handler's refusals are recorded, logged and named."""
+    return Source(
         calling_ae_title=calling_ae_title,
-        received_at=datetime.now(UTC),
+        protocol="C-STORE",
+        envelope="request",
+        rejected_log="rejected SOP Instance %s: %s",
     )
+
+
+class _RequestPayload:
+    """A C-STORE data set: streamed into the spool, or held in memory by pynetdicom."""
+
+    def __init__(self, event: evt.Event, request: Any, incoming: IncomingFile | None) -> None:
+        self.event = event
+        self.request = request
+        self.incoming = incoming
+
+    def claim(self) -> bool:
+        return self.incoming is None or self.incoming.claim()
+
+    def failure(self) -> SpoolFullError | SpoolWriteError | None:
+        return None if self.incoming is None else self.incoming.failure()
+
+    def header(self, transfer_syntax: str) -> InstanceHeader:
+        if self.incoming is None:
+            return parse_header(_dataset_bytes(self.request), transfer_syntax)
+        return read_header(self.incoming, transfer_syntax)
+
+    def store(self, spool: Spool, study_uid: str, sop_instance_uid: str) -> SpooledInstance:
+        if self.incoming is not None:
+            return spool.store_incoming(
+                study_instance_uid=study_uid,
+                sop_instance_uid=sop_instance_uid,
+                incoming=self.incoming,
+            )
+        return spool.store(
+            study_instance_uid=study_uid,
+            sop_instance_uid=sop_instance_uid,
+            file_meta=self.event.file_meta,
+            dataset=_dataset_bytes(self.request),
+        )
 
 
 def handle_store(
@@ -614,7 +585,7 @@ def handle_store(
     store: StudyRecorder,
     associations: AssociationStudies | None = None,
 ) -> int:
-    """Persist one C-STORE request and return its DIMSE status.
+    """Persist one C-STORE request and return its DIMSE status (:mod:`dicom_node.ingest`).
 
     Bind with ``(evt.EVT_C_STORE, handle_store, [spool, store])`` (or
     ``[spool, store, associations]`` to count the association of each newly stored instance's
@@ -625,168 +596,35 @@ def handle_store(
     try:
         if not isinstance(incoming, IncomingFile):
             incoming = _copy_to_spool(request, spool)
-        return _handle_store(event, request, incoming, spool, store, associations)
+        return _store(event, request, incoming, IngestService(spool, store), associations)
     finally:
         if isinstance(incoming, IncomingFile):  # published, or removed here
             incoming.close()
             incoming.discard()
 
 
-def _spool_failed(
-    exc: SpoolFullError | SpoolWriteError,
-    store: StudyRecorder,
-    sop_instance_uid: str,
-    study_uid: str | None,
-    calling: str,
-) -> int:
-    """The status of an instance the spool could not keep (a full spool is also recorded)."""
-    if isinstance(exc, SpoolFullError):
-        _reject(
-            store,
-            sop_instance_uid=sop_instance_uid,
-            study_instance_uid=study_uid,
-            reason=f"out of resources: {exc}",
-            calling_ae_title=calling,
-        )
-        return statuses.OUT_OF_RESOURCES
-    logger.error("spool write failed for SOP Instance %s: %s", printable_uid(sop_instance_uid), exc)
-    return statuses.PROCESSING_FAILURE
-
-
-def _handle_store(
+def _store(
     event: evt.Event,
     request: Any,
-    incoming: Any,
-    spool: Spool,
-    store: StudyRecorder,
+    incoming: IncomingFile | None,
+    service: IngestService,
     associations: AssociationStudies | None,
 ) -> int:
     sop_instance_uid = str(request.AffectedSOPInstanceUID or "")
-    study_uid: str | None = None
-    calling = str(event.assoc.requestor.ae_title).strip()
     try:
-        sop_class_uid = str(request.AffectedSOPClassUID or "")
-        transfer_syntax = str(event.context.transfer_syntax)
-        if sop_class_uid not in STORAGE_SOP_CLASSES:
-            _reject(
-                store,
-                sop_instance_uid=sop_instance_uid,
-                study_instance_uid=None,
-                reason=f"SOP class {printable_uid(sop_class_uid)} not supported",
-                calling_ae_title=calling,
-            )
-            return statuses.SOP_CLASS_NOT_SUPPORTED
-        if isinstance(incoming, IncomingFile):
-            if not incoming.claim():
-                return statuses.PROCESSING_FAILURE  # the association ended: already removed
-            failure = incoming.failure()
-            if failure is not None:  # the data set could not be written while it arrived
-                return _spool_failed(failure, store, sop_instance_uid, None, calling)
-        try:
-            header = _header(request, incoming, transfer_syntax)
-        except InstanceRejected as exc:
-            _reject(
-                store,
-                sop_instance_uid=sop_instance_uid,
-                study_instance_uid=exc.study_instance_uid,
-                reason=exc.reason,
-                calling_ae_title=calling,
-            )
-            return statuses.CANNOT_UNDERSTAND
-        study_uid = header.study_instance_uid
-        if header.sop_class_uid != sop_class_uid:
-            _reject(
-                store,
-                sop_instance_uid=sop_instance_uid,
-                study_instance_uid=study_uid,
-                reason=(
-                    f"data set SOP class {printable_uid(header.sop_class_uid)} differs from request"
-                ),
-                calling_ae_title=calling,
-            )
-            return statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS
-        if header.sop_instance_uid != sop_instance_uid:
-            _reject(
-                store,
-                sop_instance_uid=sop_instance_uid,
-                study_instance_uid=study_uid,
-                reason="data set SOP Instance UID differs from request",
-                calling_ae_title=calling,
-            )
-            return statuses.CANNOT_UNDERSTAND
-        if header.sop_class_uid == SECONDARY_CAPTURE and not (
-            header.modality in ("CR", "DX") and is_chest_body_part(header.body_part_examined)
-        ):
-            logger.info(
-                "Secondary Capture %s is not a chest radiograph; stored, not used",
-                printable_uid(sop_instance_uid),
-            )
-        try:
-            if isinstance(incoming, IncomingFile):
-                spooled = spool.store_incoming(
-                    study_instance_uid=study_uid,
-                    sop_instance_uid=sop_instance_uid,
-                    incoming=incoming,
-                )
-            else:
-                spooled = spool.store(
-                    study_instance_uid=study_uid,
-                    sop_instance_uid=sop_instance_uid,
-                    file_meta=event.file_meta,
-                    dataset=_dataset_bytes(request),
-                )
-        except (SpoolFullError, SpoolWriteError) as exc:
-            return _spool_failed(exc, store, sop_instance_uid, study_uid, calling)
-        recorded = store.record_instance(
-            instance_record(header, spooled, transfer_syntax, calling), outcome=spooled.outcome
+        envelope = Envelope(
+            sop_class_uid=str(request.AffectedSOPClassUID or ""),
+            sop_instance_uid=sop_instance_uid,
+            transfer_syntax_uid=str(event.context.transfer_syntax),
         )
-        if associations is not None and recorded == "stored":
-            associations.stored(event.assoc, study_uid)
-        logger.debug(
-            "SOP Instance %s of study %s: %s",
-            printable_uid(sop_instance_uid),
-            printable_uid(study_uid),
-            recorded,
-        )
-        return statuses.SUCCESS
-    except DatabaseUnavailable as exc:  # spooled maybe, not recorded: the sender sends it again
-        logger.warning(
-            "C-STORE of SOP Instance %s refused: %s", printable_uid(sop_instance_uid), exc
-        )
-        return statuses.PROCESSING_FAILURE
+        source = _source(str(event.assoc.requestor.ae_title).strip())
     except Exception:
-        logger.exception(
-            "C-STORE of SOP Instance %s (study %s) failed",
-            printable_uid(sop_instance_uid),
-            printable_uid(study_uid or ""),
-        )
+        logger.exception("C-STORE of SOP Instance %s failed", printable_uid(sop_instance_uid))
         return statuses.PROCESSING_FAILURE
-
-
-def _header(request: Any, incoming: Any, transfer_syntax: str) -> InstanceHeader:
-    """The routing header, from the streamed file or from the data set in memory."""
-    if not isinstance(incoming, IncomingFile):
-        return parse_header(_dataset_bytes(request), transfer_syntax)
-    return read_header(incoming, transfer_syntax)
-
-
-def read_header(incoming: IncomingFile, transfer_syntax: str) -> InstanceHeader:
-    """The routing header of a spooled data set (C-STORE and STOW-RS alike), in bounded memory.
-
-    Pixel data is never read, and a Deflated data set is inflated a chunk at a time only as far
-    as the header needs (:func:`~dicom_node.metadata.parse_header`).
-
-    Raises
-    ------
-    InstanceRejected
-        The file cannot be read, or its header cannot be used (see
-        :func:`~dicom_node.metadata.parse_header`).
-    """
-    try:
-        with incoming.dataset() as reader:
-            return parse_header(reader, transfer_syntax)
-    except (OSError, ValueError) as exc:
-        raise InstanceRejected(f"unreadable data set ({type(exc).__name__})") from exc
+    result = service.accept(envelope, _RequestPayload(event, request, incoming), source)
+    if isinstance(result, Accepted) and result.outcome == "stored" and associations is not None:
+        associations.stored(event.assoc, result.study_instance_uid)
+    return result.status
 
 
 def _dataset_bytes(request: Any) -> bytes | memoryview:

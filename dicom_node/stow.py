@@ -66,22 +66,27 @@ from pydicom.tag import BaseTag
 
 from d2r_core import statuses
 from dicom_node.errors import InstanceRejected, NodeError, SpoolFullError, SpoolWriteError
-from dicom_node.scp import (
-    STORAGE_SOP_CLASSES,
-    AssociationLedger,
+from dicom_node.ingest import (
+    DATABASE_DOWN,
+    STUDY_MISMATCH,
+    Accepted,
+    Envelope,
+    IngestService,
+    Source,
     StudyRecorder,
-    instance_record,
     read_header,
 )
+from dicom_node.metadata import InstanceHeader
+from dicom_node.scp import AssociationLedger
 from dicom_node.spool import (
     MAX_FILE_META_BYTES,
     PREAMBLE,
     IncomingFile,
     Spool,
+    SpooledInstance,
     printable,
     printable_uid,
 )
-from studydb.errors import DatabaseUnavailable
 
 __all__ = [
     "DICOM_JSON",
@@ -100,11 +105,6 @@ logger = logging.getLogger(__name__)
 DICOM_JSON: Final = "application/dicom+json"
 #: What the study database records as the "calling AE title" of an instance stored over STOW-RS.
 STOW_CALLING_AE: Final = "STOW-RS"
-#: why a part was refused while the study database did not answer (a request all of whose parts
-#: were refused so is answered 503, to be sent again)
-DATABASE_DOWN: Final = "the study database is unavailable; send again later"
-#: FailureReason of an instance whose Study Instance UID is not the request's ``{study}``.
-STUDY_MISMATCH: Final = 0xC122
 #: Longest multipart boundary accepted: RFC 2046 says 70, Orthanc 1.10 sends 73.
 MAX_BOUNDARY: Final = 256
 #: Limits of the multipart parser: part header lines and their count, parts per request.
@@ -475,6 +475,7 @@ class StowReceiver:
             raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
         self.spool = spool
         self.store = store
+        self.ingest = IngestService(spool, store)
         self.ledger = ledger
         self.max_bytes = max_bytes
         self.max_concurrent = max_concurrent
@@ -604,23 +605,21 @@ class StowReceiver:
     def _reject(
         self, sop_class: str, sop_uid: str, study_uid: str | None, status: int, reason: str
     ) -> PartResult:
-        logger.warning("STOW-RS part %s rejected: %s", printable_uid(sop_uid), reason)
-        if status != statuses.PROCESSING_FAILURE:
-            try:
-                self.store.record_rejection(
-                    sop_instance_uid=sop_uid,
-                    study_instance_uid=study_uid,
-                    reason=reason,
-                    calling_ae_title=STOW_CALLING_AE,
-                )
-            except Exception:
-                logger.exception(
-                    "could not record rejection of SOP Instance %s", printable_uid(sop_uid)
-                )
-        return PartResult(sop_class, sop_uid, study_uid, status, reason=reason)
+        refused = self.ingest.refuse(sop_uid, study_uid, status, reason, self._source(None))
+        return PartResult(sop_class, sop_uid, study_uid, refused.status, reason=refused.reason)
+
+    @staticmethod
+    def _source(expected_study: str | None) -> Source:
+        return Source(
+            calling_ae_title=STOW_CALLING_AE,
+            protocol="STOW-RS",
+            envelope="File Meta",
+            rejected_log="STOW-RS part %s rejected: %s",
+            expected_study=expected_study,
+        )
 
     def _store_part(self, part: _Part, expected_study: str | None) -> PartResult:
-        """Store one part as the C-STORE handler stores one request."""
+        """Store one part as the C-STORE handler stores one request (:mod:`dicom_node.ingest`)."""
         if part.data is None:
             reason = f"part is {printable(part.content_type, 64)}, not application/dicom"
             return self._reject("", "", None, statuses.CANNOT_UNDERSTAND, reason)
@@ -631,102 +630,44 @@ class StowReceiver:
             )
         incoming = part.data.incoming
         assert incoming is not None  # opened with the File Meta Information
+        sop_class, sop_uid, transfer_syntax = part.data.uids
         try:
-            return self._store_file(*part.data.uids, incoming, expected_study)
+            result = self.ingest.accept(
+                Envelope(sop_class, sop_uid, transfer_syntax),
+                _PartPayload(incoming),
+                self._source(expected_study),
+            )
         finally:
             incoming.close()
             incoming.discard()  # published, or removed here
+        if isinstance(result, Accepted):
+            return PartResult(
+                sop_class, sop_uid, result.study_instance_uid, result.status, outcome=result.outcome
+            )
+        return PartResult(
+            sop_class, sop_uid, result.study_instance_uid, result.status, reason=result.reason
+        )
 
-    def _store_file(
-        self,
-        sop_class: str,
-        sop_uid: str,
-        transfer_syntax: str,
-        incoming: IncomingFile,
-        expected_study: str | None,
-    ) -> PartResult:
-        study_uid: str | None = None
-        try:
-            failure = incoming.failure()
-            if isinstance(failure, SpoolFullError):
-                return self._reject(
-                    sop_class,
-                    sop_uid,
-                    None,
-                    statuses.OUT_OF_RESOURCES,
-                    f"out of resources: {failure}",
-                )
-            if failure is not None:
-                raise failure
-            try:
-                header = read_header(incoming, transfer_syntax)
-            except InstanceRejected as exc:
-                study_uid = exc.study_instance_uid
-                return self._reject(
-                    sop_class, sop_uid, study_uid, statuses.CANNOT_UNDERSTAND, exc.reason
-                )
-            study_uid = header.study_instance_uid
-            if header.sop_class_uid != sop_class:
-                reason = (
-                    f"data set SOP class {printable_uid(header.sop_class_uid)} "
-                    "differs from File Meta"
-                )
-                return self._reject(
-                    sop_class, sop_uid, study_uid, statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS, reason
-                )
-            if header.sop_instance_uid != sop_uid:
-                reason = "data set SOP Instance UID differs from File Meta"
-                return self._reject(
-                    sop_class, sop_uid, study_uid, statuses.CANNOT_UNDERSTAND, reason
-                )
-            if sop_class not in STORAGE_SOP_CLASSES:
-                reason = f"SOP class {printable_uid(sop_class)} not supported"
-                return self._reject(
-                    sop_class, sop_uid, study_uid, statuses.SOP_CLASS_NOT_SUPPORTED, reason
-                )
-            if expected_study is not None and study_uid != expected_study:
-                reason = "Study Instance UID differs from the study of the request"
-                return self._reject(sop_class, sop_uid, study_uid, STUDY_MISMATCH, reason)
-            try:
-                spooled = self.spool.store_incoming(
-                    study_instance_uid=study_uid, sop_instance_uid=sop_uid, incoming=incoming
-                )
-            except SpoolFullError as exc:
-                return self._reject(
-                    sop_class,
-                    sop_uid,
-                    study_uid,
-                    statuses.OUT_OF_RESOURCES,
-                    f"out of resources: {exc}",
-                )
-            recorded = self.store.record_instance(
-                instance_record(header, spooled, transfer_syntax, STOW_CALLING_AE),
-                outcome=spooled.outcome,
-            )
-            return PartResult(sop_class, sop_uid, study_uid, statuses.SUCCESS, outcome=recorded)
-        except DatabaseUnavailable as exc:  # spooled maybe, not recorded: the client sends again
-            logger.warning("STOW-RS of SOP Instance %s refused: %s", printable_uid(sop_uid), exc)
-            return PartResult(
-                sop_class, sop_uid, study_uid, statuses.PROCESSING_FAILURE, reason=DATABASE_DOWN
-            )
-        except SpoolWriteError as exc:
-            logger.error("spool write failed for SOP Instance %s: %s", printable_uid(sop_uid), exc)
-            return PartResult(
-                sop_class, sop_uid, study_uid, statuses.PROCESSING_FAILURE, reason=str(exc)
-            )
-        except Exception:
-            logger.exception(
-                "STOW-RS of SOP Instance %s (study %s) failed",
-                printable_uid(sop_uid),
-                printable_uid(study_uid or ""),
-            )
-            return PartResult(
-                sop_class,
-                sop_uid,
-                study_uid,
-                statuses.PROCESSING_FAILURE,
-                reason="processing failure",
-            )
+
+class _PartPayload:
+    """A STOW-RS part's data set, written to the spool as the request body was read."""
+
+    def __init__(self, incoming: IncomingFile) -> None:
+        self.incoming = incoming
+
+    def claim(self) -> bool:
+        return True  # the request's own file: no other handler can take it
+
+    def failure(self) -> SpoolFullError | SpoolWriteError | None:
+        return self.incoming.failure()
+
+    def header(self, transfer_syntax: str) -> InstanceHeader:
+        return read_header(self.incoming, transfer_syntax)
+
+    def store(self, spool: Spool, study_uid: str, sop_instance_uid: str) -> SpooledInstance:
+        return spool.store_incoming(
+            study_instance_uid=study_uid, sop_instance_uid=sop_instance_uid, incoming=self.incoming
+        )
 
 
 def _content_length(headers: Mapping[str, str]) -> int | None:

@@ -63,3 +63,7 @@ Modules, one per role: :mod:`studydb.engine` (engine, transactions, retries),
 :mod:`studydb.views` (what status, the status page and the metrics read), and
 :mod:`studydb.store`, whose :class:`~studydb.store.StudyStore` holds them all.
 """
+
+import logging
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())

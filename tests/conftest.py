@@ -11,6 +11,23 @@ import pytest
 from tests.support.fixtures import orthanc, orthanc_factory  # noqa: F401
 from tests.support.processes import base_env, run_d2r
 
+#: folders whose every test runs the product end to end
+E2E_FOLDERS = ("e2e", "reliability")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``e2e`` every test that talks to real peers or runs the product's processes, so
+    ``pytest -m "not e2e"`` is the quick suite of units."""
+    root = Path(__file__).parent
+    for item in items:
+        folder = item.path.relative_to(root).parts[0] if item.path.is_relative_to(root) else ""
+        if (
+            folder in E2E_FOLDERS
+            or item.get_closest_marker("integration") is not None
+            or item.get_closest_marker("viewer") is not None
+        ):
+            item.add_marker(pytest.mark.e2e)
+
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -10,11 +10,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cli.node import run_node
     from cli.runtime import (
         configure_logging,
         environment,
         multiprocess_dir,
-        run_node,
         stop_event_on_signals,
         use_multiprocess_metrics,
     )

@@ -27,12 +27,12 @@ def run(args: argparse.Namespace) -> int:
     import threading
     import time
 
+    from cli.node import run_node
     from cli.runtime import (
         MULTIPROC_ENV,
         configure_logging,
         environment,
         logger,
-        run_node,
         stop_event_on_signals,
         use_multiprocess_metrics,
     )

@@ -23,7 +23,7 @@ from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 from pynetdicom import AE, _config
 
 from d2r_core import statuses
-from dicom_node.scp import STORAGE_SOP_CLASSES
+from dicom_node.ingest import STORAGE_SOP_CLASSES
 from dicom_node.selection import select_images
 from dicom_node.spool import dataset_offset
 from tests.security import hostile
