@@ -38,15 +38,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from model.decoder import ReportDecoder
+from model.decoding import Hypothesis, beam_hypotheses
+from model.detector import Detections, select_boxes
 from model.errors import BackendError, EngineMismatchError, ModelError
-from model.modeling import (
-    D2RNet,
-    Detections,
-    Hypothesis,
-    ReportDecoder,
-    beam_hypotheses,
-    select_boxes,
-)
+from model.modeling import D2RNet
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +86,7 @@ class InferenceBackend(Protocol):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Newest ids ``(B,1)``, memory ``(B,M,d)``, cache ``(B,2N,P,d)`` and the image ->
         ``logprobs (B,V)``, ``memory_out (B,M,d)``, ``cache_out (B,2N,1,d)`` (see
-        :meth:`model.modeling.ReportDecoder.step`)."""
+        :meth:`model.decoder.ReportDecoder.step`)."""
         ...
 
 
@@ -98,7 +94,7 @@ class InferenceBackend(Protocol):
 
 
 class _StepDecoder:
-    """What :func:`model.modeling.beam_hypotheses` needs of a decoder, over a backend: the
+    """What :func:`model.decoding.beam_hypotheses` needs of a decoder, over a backend: the
     backend's dense step and the host decoder's parameter-free ``initial_state()``."""
 
     def __init__(self, backend: InferenceBackend, host: ReportDecoder) -> None:

@@ -15,9 +15,10 @@ from d2r_core.classes import VINDR_CLASSES
 from d2r_core.geometry import Box
 from model.backends import TORCH, InferenceBackend, create_backend, run_graphs
 from model.checkpoint import LoadedCheckpoint, load_checkpoint
+from model.decoding import Hypothesis
+from model.detector import Detections
 from model.errors import GateMissingError, ModelError, PreprocessError
 from model.gate import GATE_FILE, gate_features, header_reason, pixel_reason, score_reason
-from model.modeling import Detections, Hypothesis
 from model.preprocess import BoxMapping, Letterbox, Preprocessor
 
 logger = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from d2r_core.classes import VINDR_CLASSES
-from model.modeling import Detections, select_boxes
+from model.detector import Detections, select_boxes
 from model.preprocess import BoxMapping, ImageSample, Letterbox, Preprocessor, ScaleToUnit
 from model.tokenizer import EOS_ID, PAD_ID, Tokenizer
 from training.datasets import StudyRecord
@@ -265,7 +265,7 @@ class SampleDataset(torch.utils.data.Dataset[tuple[int, Sample]]):
 def generator_boxes(sample: Sample, num_boxes: int) -> tuple[Tensor, Tensor, Tensor]:
     """The top ``num_boxes`` boxes by score -> ``(K,4)`` boxes, ``(K,)`` mask and ``(K,C)``
     class scores (the box's score at its class: 1 for an annotated box, the pseudo-label
-    score for a pseudo-box), built by :func:`model.modeling.select_boxes` as at inference."""
+    score for a pseudo-box), built by :func:`model.detector.select_boxes` as at inference."""
     found = Detections(sample.boxes, sample.scores, sample.labels)
     boxes, mask, scores = select_boxes([found], num_boxes, len(VINDR_CLASSES))
     return boxes[0], mask[0], scores[0]

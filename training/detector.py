@@ -1,6 +1,6 @@
 """Semi-supervised lesion detector training (Unbiased-Teacher style) and pseudo-labelling.
 
-Two stages on :class:`model.modeling.LesionDetector` (FCOS), as in D2R-Net's detector stage:
+Two stages on :class:`model.detector.LesionDetector` (FCOS), as in D2R-Net's detector stage:
 
 1. **Burn-in**: supervised FCOS loss on box-labelled images.
 2. **Teacher-student**: the teacher starts as a copy of the burnt-in student and follows it as

@@ -55,11 +55,12 @@ from torch.nn import functional as F
 
 from model.checkpoint import load_detector_state, save_checkpoint
 from model.config import ModelConfig, get_preset
-from model.modeling import AlignmentLosses, D2RNet, lm_loss
+from model.modeling import D2RNet
 from model.tokenizer import BOS_ID, EOS_ID, PAD_ID, SEP_ID, Tokenizer, clean_report
 from training.data import Sample, SampleDataset, build_tokenizer, collate_reports, prepare_samples
 from training.datasets import StudyRecord, load_datasets, read_r2gen
 from training.errors import DatasetError, TrainingError
+from training.losses import AlignmentLosses, lm_loss
 
 logger = logging.getLogger(__name__)
 
@@ -690,7 +691,131 @@ def _train(
     out: Path,
     main: bool,
 ) -> Path:
-    distributed = world > 1
+    run = _build_run(config, resume, rank, world, device, out, main)
+    while run.progress["epoch"] < config.epochs:
+        epoch = run.progress["epoch"]
+        batches = _epoch_batches(run, epoch)
+        sums, seen, stop = _train_epoch(run, epoch, batches)
+        if stop and run.progress["step_in_epoch"] < len(batches):
+            _save_state(run)  # stopped mid-epoch: resume continues from this batch
+            break
+        row = _epoch_row(run, epoch, sums, seen)
+        if main:
+            _select(run, epoch, row)
+        if _end_epoch(run, epoch) or stop:
+            break
+    return _finish(run)
+
+
+@dataclass
+class _Run:
+    """What the steps of one training run share, built once by :func:`_build_run`;
+    ``progress`` (epoch, step, best score, history) is saved in ``state/last.pt``."""
+
+    config: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    main: bool
+    tokenizer: Tokenizer
+    model: D2RNet
+    train_samples: list[Sample]
+    val_samples: list[Sample]
+    dataset: SampleDataset
+    align: AlignmentLosses | None
+    text_enc: TextEncoding
+    trunk: nn.Sequential  # stem + first freeze_global_trunk stages (frozen when > 0)
+    frozen: FrozenInputs
+    module: TrainModule
+    observations: Tensor | None  # (N,14) report labels of the training images
+    params: list[nn.Parameter]
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    sampler: torch.utils.data.DistributedSampler[int]
+    progress: dict[str, Any]
+    net: nn.Module  # ``module``, wrapped in DistributedDataParallel when distributed
+    tb: Any
+    data_desc: str
+    started: float
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def use_amp(self) -> bool:
+        return self.config.amp and self.device.type == "cuda"
+
+    @property
+    def state_path(self) -> Path:
+        return self.out / "state" / STATE_FILE
+
+
+def _build_run(
+    config: TrainConfig,
+    resume: bool,
+    rank: int,
+    world: int,
+    device: torch.device,
+    out: Path,
+    main: bool,
+) -> _Run:
+    """Data, model, losses, optimizer and progress of a run, in the order that fixes its
+    random draws; ``resume`` restores them from ``state/last.pt``."""
+    records, tokenizer, model, train_samples, val_samples = _load_data(config, world, out, main)
+    cfg = model.config
+    from training.data import strong_augment
+
+    dataset = SampleDataset(train_samples, strong_augment if config.augment else None, config.seed)
+    built, text_enc = build_alignment(cfg, tokenizer, config)
+    align = built if cfg.lab_weight or cfg.gab_weight else None
+    trunk, frozen = _freeze(model, config, train_samples, device)
+    module = TrainModule(
+        model,
+        align,
+        train_detector=config.train_detector,
+        observation_weight=config.observation_weight,
+    ).to(device)
+    # report labels, computed once per training image
+    observations = (
+        observation_labels([x.findings for x in train_samples])
+        if config.observation_weight
+        else None
+    )
+    params, opt, sched, scaler = _optimizer(module, config, device)
+    sampler: torch.utils.data.DistributedSampler[int] = torch.utils.data.DistributedSampler(
+        dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.seed
+    )
+    progress: dict[str, Any] = {
+        "epoch": 0,
+        "step_in_epoch": 0,
+        "global_step": 0,
+        "best_score": -1.0,
+        "best_epoch": -1,
+        "bad_epochs": 0,
+        "history": [],
+    }
+    if resume:
+        _load_state(out / "state" / STATE_FILE, rank, module, opt, sched, scaler, progress)
+    net = _parallel(module, world, device)
+    tb = _tensorboard(out) if main else None
+    return _Run(
+        config=config, rank=rank, world=world, device=device, out=out, main=main,
+        tokenizer=tokenizer, model=model, train_samples=train_samples, val_samples=val_samples,
+        dataset=dataset, align=align, text_enc=text_enc, trunk=trunk, frozen=frozen,
+        module=module, observations=observations, params=params, opt=opt, sched=sched,
+        scaler=scaler, sampler=sampler, progress=progress, net=net, tb=tb,
+        data_desc=describe_data(config.data, records), started=time.perf_counter(),
+    )  # fmt: skip
+
+
+def _load_data(
+    config: TrainConfig, world: int, out: Path, main: bool
+) -> tuple[list[StudyRecord], Tokenizer, D2RNet, list[Sample], list[Sample]]:
+    """Records, vocabulary, model and the prepared training and validation samples; rank 0
+    writes ``config.resolved.json`` and ``vocab.json``."""
     records = read_records(Path(config.data))
     tokenizer = build_tokenizer(records, min_frequency=config.min_frequency)
     model = build_model(config, tokenizer)
@@ -712,14 +837,14 @@ def _train(
         train_recs, cfg.image_size, tokenizer, max_tokens=cfg.max_tokens
     )
     val_samples = prepare_samples(val_recs, cfg.image_size, tokenizer, max_tokens=cfg.max_tokens)
-    from training.data import strong_augment
+    return records, tokenizer, model, train_samples, val_samples
 
-    dataset = SampleDataset(train_samples, strong_augment if config.augment else None, config.seed)
-    built, text_enc = build_alignment(cfg, tokenizer, config)
-    align: AlignmentLosses | None = built
-    if not (cfg.lab_weight or cfg.gab_weight):
-        align = None
-    detector_trained = bool(config.init_detector) or config.train_detector
+
+def _freeze(
+    model: D2RNet, config: TrainConfig, train_samples: Sequence[Sample], device: torch.device
+) -> tuple[nn.Sequential, FrozenInputs]:
+    """Freeze the detector (unless trained) and the first ``freeze_global_trunk`` stages of
+    the global trunk; without augmentation, precompute what they give each training image."""
     if not config.train_detector:
         model.detector.requires_grad_(False)
     stages = config.freeze_global_trunk
@@ -737,18 +862,18 @@ def _train(
         if not config.augment
         else FrozenInputs()
     )
-    module = TrainModule(
-        model,
-        align,
-        train_detector=config.train_detector,
-        observation_weight=config.observation_weight,
-    ).to(device)
-    # report labels, computed once per training image
-    observations = (
-        observation_labels([x.findings for x in train_samples])
-        if config.observation_weight
-        else None
-    )
+    return trunk, frozen
+
+
+def _optimizer(
+    module: nn.Module, config: TrainConfig, device: torch.device
+) -> tuple[
+    list[nn.Parameter],
+    torch.optim.Optimizer,
+    torch.optim.lr_scheduler.LRScheduler,
+    torch.amp.GradScaler,
+]:
+    """The trainable parameters, Adam, the cosine schedule and the fp16 gradient scaler."""
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.Adam(
         params, lr=config.lr, weight_decay=config.weight_decay, amsgrad=config.amsgrad
@@ -756,240 +881,294 @@ def _train(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(
         opt, T_max=config.t_max or config.epochs, eta_min=config.eta_min
     )
-    use_amp = config.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    sampler: torch.utils.data.DistributedSampler[int] = torch.utils.data.DistributedSampler(
-        dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.seed
+    scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
+    return params, opt, sched, scaler
+
+
+def _load_state(
+    state_path: Path,
+    rank: int,
+    module: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    progress: dict[str, Any],
+) -> None:
+    """Restore a run from ``state/last.pt``: weights, optimizer, schedule, scaler, progress
+    and this rank's RNG states."""
+    if not state_path.is_file():
+        raise TrainingError(f"resume: no training state at {state_path}")
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    module.load_state_dict(state["module"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    progress.update(state["progress"])
+    _set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+    logger.info("resumed at epoch %d step %d", progress["epoch"], progress["step_in_epoch"])
+
+
+def _parallel(module: nn.Module, world: int, device: torch.device) -> nn.Module:
+    """``module`` itself, or wrapped in ``DistributedDataParallel`` over ``world`` ranks."""
+    if world <= 1:
+        return module
+    return nn.parallel.DistributedDataParallel(
+        module,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=True,
     )
-    progress: dict[str, Any] = {
-        "epoch": 0,
-        "step_in_epoch": 0,
-        "global_step": 0,
-        "best_score": -1.0,
-        "best_epoch": -1,
-        "bad_epochs": 0,
-        "history": [],
-    }
-    state_path = out / "state" / STATE_FILE
-    if resume:
-        if not state_path.is_file():
-            raise TrainingError(f"resume: no training state at {state_path}")
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        module.load_state_dict(state["module"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        progress.update(state["progress"])
-        _set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
-        logger.info("resumed at epoch %d step %d", progress["epoch"], progress["step_in_epoch"])
-    net: nn.Module = module
-    if distributed:
-        net = nn.parallel.DistributedDataParallel(
-            module,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=True,
-        )
-    tb = _tensorboard(out) if main else None
 
-    def save_state() -> None:
-        rng = [_rng_state()]
-        if distributed:
-            gathered: list[Any] = [None] * world
-            torch.distributed.all_gather_object(gathered, rng[0])
-            rng = gathered
-        if not main:
-            return
-        state_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = state_path.with_suffix(".tmp")
-        torch.save(
-            {
-                "module": module.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": rng,
-                "progress": progress,
-            },
-            tmp,
-        )
-        tmp.replace(state_path)
 
-    def set_modes() -> None:
-        module.train()
-        if not config.train_detector:
-            model.detector.eval()
-        if stages:
-            trunk.eval()
+def _save_state(run: _Run) -> None:
+    """Write ``state/last.pt`` (rank 0), with every rank's RNG states."""
+    rng = [_rng_state()]
+    if run.distributed:
+        gathered: list[Any] = [None] * run.world
+        torch.distributed.all_gather_object(gathered, rng[0])
+        rng = gathered
+    if not run.main:
+        return
+    run.state_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = run.state_path.with_suffix(".tmp")
+    torch.save(
+        {
+            "module": run.module.state_dict(),
+            "optimizer": run.opt.state_dict(),
+            "scheduler": run.sched.state_dict(),
+            "scaler": run.scaler.state_dict(),
+            "rng": rng,
+            "progress": run.progress,
+        },
+        tmp,
+    )
+    tmp.replace(run.state_path)
 
-    history: list[dict[str, Any]] = progress["history"]
-    data_desc = describe_data(config.data, records)
+
+def _epoch_batches(run: _Run, epoch: int) -> list[list[int]]:
+    """This rank's sample indices of ``epoch`` (a function of the seed and epoch), batched."""
+    run.sampler.set_epoch(epoch)
+    run.dataset.set_epoch(epoch)
+    order = list(run.sampler)
+    size = run.config.batch_size
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+def _set_modes(run: _Run) -> None:
+    """Training mode, except for the frozen detector and frozen trunk stages."""
+    run.module.train()
+    if not run.config.train_detector:
+        run.model.detector.eval()
+    if run.config.freeze_global_trunk:
+        run.trunk.eval()
+
+
+def _train_epoch(
+    run: _Run, epoch: int, batches: Sequence[list[int]]
+) -> tuple[dict[str, float], int, bool]:
+    """Train on the epoch's batches from ``step_in_epoch`` on: the summed loss terms, the
+    number of steps taken and whether ``max_steps`` stopped the run."""
+    progress = run.progress
+    _set_modes(run)
+    sums: dict[str, float] = {}
+    seen = 0
     stop = False
-    started = time.perf_counter()
-    while progress["epoch"] < config.epochs and not stop:
-        epoch = progress["epoch"]
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
-        order = list(sampler)
-        batches = [
-            order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)
-        ]
-        set_modes()
-        sums: dict[str, float] = {}
-        seen = 0
-        bar = _progress(len(batches), f"epoch {epoch + 1}", config.progress and main)
-        if bar is not None and progress["step_in_epoch"]:
-            bar.update(progress["step_in_epoch"])
-        for b in range(progress["step_in_epoch"], len(batches)):
-            batch = collate_reports([dataset[i] for i in batches[b]], cfg.num_boxes)
-            text = None
-            if align is not None:
-                text = tuple(
-                    t.to(device)
-                    for t in text_enc(batch["tokens"], batch["findings"], batch["impressions"])
-                )
-            for key in ("images", "tokens", "boxes", "box_mask", "box_scores"):
-                batch[key] = batch[key].to(device)
-            index = batch["index"]
-            if frozen.boxes is not None:
-                batch["boxes"], batch["box_mask"], batch["box_scores"] = (
-                    t[index].to(device) for t in frozen.boxes
-                )
-            elif config.generator_boxes == "detector":
-                batch["boxes"], batch["box_mask"], batch["box_scores"] = model.generator_boxes(
-                    batch["images"]
-                )
-            batch["trunk_stages"] = stages
-            if observations is not None:
-                batch["observations"] = observations[index].to(device)
-            if frozen.trunk is not None:
-                batch["trunk"] = frozen.trunk[index].to(device)
-            elif stages:
-                with torch.no_grad():
-                    batch["trunk"] = trunk(model.stem(batch["images"]))
-            batch["targets"] = [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                losses = net(batch, text)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(losses["loss"]).backward()
-            scaler.unscale_(opt)
-            if config.grad_clip_value > 0:
-                torch.nn.utils.clip_grad_value_(params, config.grad_clip_value)
-            scaler.step(opt)
-            scaler.update()
-            progress["step_in_epoch"] = b + 1
-            progress["global_step"] += 1
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            seen += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(losses['loss'].detach()):.3f}")
-            if main and progress["global_step"] % config.log_every == 0:
-                logger.info(
-                    "epoch %d step %d loss %.4f (%.0f s)",
-                    epoch + 1,
-                    progress["global_step"],
-                    float(losses["loss"].detach()),
-                    time.perf_counter() - started,
-                )
-                if tb is not None:
-                    for k, v in losses.items():
-                        tb.add_scalar(f"train/{k}", float(v.detach()), progress["global_step"])
-            if config.max_steps and progress["global_step"] >= config.max_steps:
-                stop = True
-                break
+    bar = _progress(len(batches), f"epoch {epoch + 1}", run.config.progress and run.main)
+    if bar is not None and progress["step_in_epoch"]:
+        bar.update(progress["step_in_epoch"])
+    for b in range(progress["step_in_epoch"], len(batches)):
+        batch, text = _collate(run, batches[b])
+        losses = _optimize(run, batch, text)
+        progress["step_in_epoch"] = b + 1
+        progress["global_step"] += 1
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        seen += 1
         if bar is not None:
-            bar.close()
-        if stop and progress["step_in_epoch"] < len(batches):
-            save_state()  # stopped mid-epoch: resume continues from this batch
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(losses['loss'].detach()):.3f}")
+        _log_step(run, epoch, losses)
+        if run.config.max_steps and progress["global_step"] >= run.config.max_steps:
+            stop = True
             break
-        # ---- end of epoch: validate (rank 0), schedule, checkpoint
-        sched.step()
-        row: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "global_step": progress["global_step"],
-            "lr": float(opt.param_groups[0]["lr"]),
-            "train_loss": sums.get("loss", 0.0) / max(1, seen),
-            **{f"train_{k}": v / max(1, seen) for k, v in sums.items() if k != "loss"},
-            "val_bleu4": None,
-            "val_ce_f1": None,
-            "elapsed_s": round(time.perf_counter() - started, 1),
-        }
-        improved = False
-        if main:
-            if val_samples:
-                gen = generate_reports(
-                    model,
-                    val_samples,
-                    tokenizer,
-                    detector_boxes=detector_trained,
-                    beam_size=config.val_beam_size,
-                    device=device,
-                )
-                refs, found = [s.findings for s in val_samples], [g[0] for g in gen]
-                row["val_bleu4"] = bleu4(refs, found)
-                row["val_ce_f1"] = ce_f1(refs, found)
-                improved = row[f"val_{config.select_metric}"] > progress["best_score"]
-            else:
-                improved = True
-            if improved:
-                score = row[f"val_{config.select_metric}"]
-                progress["best_score"] = score if score is not None else -1.0
-                progress["best_epoch"] = epoch + 1
-                progress["bad_epochs"] = 0
-                save_checkpoint(
-                    model,
-                    tokenizer,
-                    out / "best",
-                    name=config.name,
-                    version=config.version,
-                    training_data=data_desc,
-                    half=config.half,
-                )
-            else:
-                progress["bad_epochs"] += 1
-            history.append(row)
-            _write_metrics(out, history)
-            if tb is not None:
-                for k, v in row.items():
-                    if isinstance(v, float) and k != "elapsed_s":
-                        tb.add_scalar(f"epoch/{k}", v, epoch + 1)
-            logger.info(
-                "epoch %d: train loss %.4f, val BLEU-4 %s, val CE F1 %s (best %s %.4f at %d)",
-                epoch + 1,
-                row["train_loss"],
-                "n/a" if row["val_bleu4"] is None else f"{row['val_bleu4']:.4f}",
-                "n/a" if row["val_ce_f1"] is None else f"{row['val_ce_f1']:.4f}",
-                config.select_metric,
-                progress["best_score"],
-                progress["best_epoch"],
-            )
-        progress["epoch"] = epoch + 1
-        progress["step_in_epoch"] = 0
-        early = progress["bad_epochs"] >= config.patience > 0
-        if distributed:
-            flag = torch.tensor([1 if early else 0], device=device)
-            torch.distributed.broadcast(flag, src=0)
-            early = bool(flag.item())
-        save_state()
-        if early:
-            logger.info(
-                "early stop: no %s gain for %d epochs", config.select_metric, config.patience
-            )
-            break
-    final = out / "model"
-    if main:
-        if tb is not None:
-            tb.close()
-        best = out / "best"
+    if bar is not None:
+        bar.close()
+    return sums, seen, stop
+
+
+def _collate(run: _Run, indices: Sequence[int]) -> tuple[dict[str, Any], tuple[Tensor, ...] | None]:
+    """One training batch on the run's device, with the local branch's boxes, the frozen
+    trunk features and the observation labels, and the alignment text ids (or ``None``)."""
+    config, device, model = run.config, run.device, run.model
+    batch = collate_reports([run.dataset[i] for i in indices], model.config.num_boxes)
+    text = None
+    if run.align is not None:
+        text = tuple(
+            t.to(device)
+            for t in run.text_enc(batch["tokens"], batch["findings"], batch["impressions"])
+        )
+    for key in ("images", "tokens", "boxes", "box_mask", "box_scores"):
+        batch[key] = batch[key].to(device)
+    index = batch["index"]
+    if run.frozen.boxes is not None:
+        batch["boxes"], batch["box_mask"], batch["box_scores"] = (
+            t[index].to(device) for t in run.frozen.boxes
+        )
+    elif config.generator_boxes == "detector":
+        batch["boxes"], batch["box_mask"], batch["box_scores"] = model.generator_boxes(
+            batch["images"]
+        )
+    batch["trunk_stages"] = config.freeze_global_trunk
+    if run.observations is not None:
+        batch["observations"] = run.observations[index].to(device)
+    if run.frozen.trunk is not None:
+        batch["trunk"] = run.frozen.trunk[index].to(device)
+    elif config.freeze_global_trunk:
+        with torch.no_grad():
+            batch["trunk"] = run.trunk(model.stem(batch["images"]))
+    batch["targets"] = [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]
+    return batch, text
+
+
+def _optimize(
+    run: _Run, batch: dict[str, Any], text: tuple[Tensor, ...] | None
+) -> dict[str, Tensor]:
+    """One optimizer step (autocast, scaled backward, gradient clipping); the loss terms."""
+    with torch.autocast(device_type=run.device.type, dtype=torch.float16, enabled=run.use_amp):
+        losses: dict[str, Tensor] = run.net(batch, text)
+    run.opt.zero_grad(set_to_none=True)
+    run.scaler.scale(losses["loss"]).backward()  # type: ignore[no-untyped-call]
+    run.scaler.unscale_(run.opt)
+    if run.config.grad_clip_value > 0:
+        torch.nn.utils.clip_grad_value_(run.params, run.config.grad_clip_value)
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    return losses
+
+
+def _log_step(run: _Run, epoch: int, losses: dict[str, Tensor]) -> None:
+    """Every ``log_every`` steps (rank 0): the loss line and the TensorBoard scalars."""
+    step = run.progress["global_step"]
+    if not run.main or step % run.config.log_every:
+        return
+    logger.info(
+        "epoch %d step %d loss %.4f (%.0f s)",
+        epoch + 1,
+        step,
+        float(losses["loss"].detach()),
+        time.perf_counter() - run.started,
+    )
+    if run.tb is not None:
+        for k, v in losses.items():
+            run.tb.add_scalar(f"train/{k}", float(v.detach()), step)
+
+
+def _epoch_row(run: _Run, epoch: int, sums: dict[str, float], seen: int) -> dict[str, Any]:
+    """Advance the learning-rate schedule; the epoch's ``metrics.csv`` row (no validation)."""
+    run.sched.step()
+    return {
+        "epoch": epoch + 1,
+        "global_step": run.progress["global_step"],
+        "lr": float(run.opt.param_groups[0]["lr"]),
+        "train_loss": sums.get("loss", 0.0) / max(1, seen),
+        **{f"train_{k}": v / max(1, seen) for k, v in sums.items() if k != "loss"},
+        "val_bleu4": None,
+        "val_ce_f1": None,
+        "elapsed_s": round(time.perf_counter() - run.started, 1),
+    }
+
+
+def _validate(run: _Run, row: dict[str, Any]) -> bool:
+    """Fill ``row``'s validation BLEU-4 and CE F1; whether the selection metric improved
+    (always, without validation samples)."""
+    if not run.val_samples:
+        return True
+    gen = generate_reports(
+        run.model,
+        run.val_samples,
+        run.tokenizer,
+        detector_boxes=bool(run.config.init_detector) or run.config.train_detector,
+        beam_size=run.config.val_beam_size,
+        device=run.device,
+    )
+    refs, found = [s.findings for s in run.val_samples], [g[0] for g in gen]
+    row["val_bleu4"] = bleu4(refs, found)
+    row["val_ce_f1"] = ce_f1(refs, found)
+    return bool(row[f"val_{run.config.select_metric}"] > run.progress["best_score"])
+
+
+def _select(run: _Run, epoch: int, row: dict[str, Any]) -> None:
+    """Rank 0 at the end of an epoch: validate, keep the best checkpoint in ``best/``, count
+    epochs without gain, write ``metrics.csv`` and log the epoch."""
+    config, progress = run.config, run.progress
+    if _validate(run, row):
+        score = row[f"val_{config.select_metric}"]
+        progress["best_score"] = score if score is not None else -1.0
+        progress["best_epoch"] = epoch + 1
+        progress["bad_epochs"] = 0
+        save_checkpoint(
+            run.model,
+            run.tokenizer,
+            run.out / "best",
+            name=config.name,
+            version=config.version,
+            training_data=run.data_desc,
+            half=config.half,
+        )
+    else:
+        progress["bad_epochs"] += 1
+    progress["history"].append(row)
+    _write_metrics(run.out, progress["history"])
+    if run.tb is not None:
+        for k, v in row.items():
+            if isinstance(v, float) and k != "elapsed_s":
+                run.tb.add_scalar(f"epoch/{k}", v, epoch + 1)
+    logger.info(
+        "epoch %d: train loss %.4f, val BLEU-4 %s, val CE F1 %s (best %s %.4f at %d)",
+        epoch + 1,
+        row["train_loss"],
+        "n/a" if row["val_bleu4"] is None else f"{row['val_bleu4']:.4f}",
+        "n/a" if row["val_ce_f1"] is None else f"{row['val_ce_f1']:.4f}",
+        config.select_metric,
+        progress["best_score"],
+        progress["best_epoch"],
+    )
+
+
+def _end_epoch(run: _Run, epoch: int) -> bool:
+    """Close the epoch: advance the progress, save the state; whether to stop early (rank 0
+    decides, every rank follows)."""
+    progress = run.progress
+    progress["epoch"] = epoch + 1
+    progress["step_in_epoch"] = 0
+    early = bool(progress["bad_epochs"] >= run.config.patience > 0)
+    if run.distributed:
+        flag = torch.tensor([1 if early else 0], device=run.device)
+        torch.distributed.broadcast(flag, src=0)
+        early = bool(flag.item())
+    _save_state(run)
+    if early:
+        logger.info(
+            "early stop: no %s gain for %d epochs", run.config.select_metric, run.config.patience
+        )
+    return early
+
+
+def _finish(run: _Run) -> Path:
+    """Rank 0: copy ``best/`` (or, if no epoch ended, the current weights) to ``model/`` and
+    fit its input gate; every rank waits for it."""
+    final = run.out / "model"
+    if run.main:
+        if run.tb is not None:
+            run.tb.close()
+        best = run.out / "best"
         if not best.is_dir():  # stopped before any epoch ended: keep the current weights
             save_checkpoint(
-                model,
-                tokenizer,
+                run.model,
+                run.tokenizer,
                 best,
-                name=config.name,
-                version=config.version,
-                training_data=data_desc,
+                name=run.config.name,
+                version=run.config.version,
+                training_data=run.data_desc,
             )
         if final.exists():
             shutil.rmtree(final)
@@ -997,8 +1176,8 @@ def _train(
         from model.checkpoint import load_checkpoint
         from training.gate import write_gate
 
-        write_gate(load_checkpoint(final).model, train_samples, final)
-    if distributed:
+        write_gate(load_checkpoint(final).model, run.train_samples, final)
+    if run.distributed:
         torch.distributed.barrier()
     return final
 

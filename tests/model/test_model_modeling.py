@@ -7,18 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.branches import box_geometry, crop_boxes
 from model.config import PAPER, SMALL, ModelConfig
-from model.modeling import (
-    AlignmentLosses,
-    D2RNet,
-    beam_search,
-    box_geometry,
-    count_parameters,
-    crop_boxes,
-    lm_loss,
-    select_boxes,
-)
+from model.decoding import beam_search
+from model.detector import select_boxes
+from model.modeling import D2RNet, count_parameters
 from model.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from training.losses import AlignmentLosses, lm_loss
 
 REPORTS = [
     ("The heart is normal. The lungs are clear.", "No acute disease."),
@@ -227,7 +222,7 @@ def test_crop_boxes_zero_pads_and_normalises() -> None:
 
 
 def test_select_boxes_pads_and_orders() -> None:
-    from model.modeling import Detections
+    from model.detector import Detections
 
     det = Detections(
         torch.tensor([[0.0, 0, 5, 5], [1, 1, 9, 9]]), torch.tensor([0.2, 0.9]), torch.tensor([0, 1])

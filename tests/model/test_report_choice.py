@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from model.config import SMALL
+from model.decoding import beam_hypotheses, beam_search
 from model.errors import ModelError
-from model.modeling import D2RNet, beam_hypotheses, beam_search
+from model.modeling import D2RNet
 from model.predict import CHOICE_BEAM_SIZE, Predictor
 from model.tokenizer import BOS_ID, EOS_ID
 
