@@ -81,9 +81,10 @@ def start_http(
     its name, a label on every metric.
     """
     from d2r_core.errors import ConfigError
+    from d2r_http.auth import Authenticator, FailureLimiter
+    from d2r_http.server import tls_context
     from dicom_node.settings import NodeSettings
-    from observability.auth import Authenticator, FailureLimiter
-    from observability.http import ObservabilityServer, tls_context
+    from observability.http import ObservabilityServer
     from observability.metrics import build_registry
     from observability.pages import StatusPages
     from observability.settings import ObservabilitySettings

@@ -1,7 +1,7 @@
 """Fuzz target: the request line and headers of the HTTP endpoint (:mod:`observability.http`).
 
 The endpoint is built as the node builds it (:class:`~observability.http.ObservabilityServer`
-with an :class:`~observability.auth.Authenticator` requiring credentials, the status pages and
+with an :class:`~d2r_http.auth.Authenticator` requiring credentials, the status pages and
 the STOW-RS receiver), and each input is the raw bytes a client sends on one connection: they
 are written into one end of a socket pair, which is then half-closed, and the server's request
 handler class runs on the other end in this thread (so an exception escaping it is seen here).
@@ -43,9 +43,9 @@ with instrumented("observability", "dicom_node", "http", "multipart"):
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import UID, ExplicitVRLittleEndian
 
+    from d2r_http.auth import Authenticator, FailureLimiter, hash_password
     from dicom_node.spool import Spool
     from dicom_node.stow import StowReceiver
-    from observability.auth import Authenticator, FailureLimiter, hash_password
     from observability.http import ObservabilityServer
     from observability.pages import StatusPages
     from studydb.records import InstanceRecord

@@ -142,7 +142,7 @@ _REJECTION_REASONS: Final = {
 
 # ------------------------------------------------------------------------------------- hooks
 def observe_http_refusal(reason: str) -> None:
-    """Count one refused HTTP request (``reason``: a fixed token of :mod:`observability.auth`)."""
+    """Count one refused HTTP request (``reason``: a fixed token of :mod:`d2r_http.auth`)."""
     HTTP_REFUSALS.labels(reason).inc()
 
 

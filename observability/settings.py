@@ -64,8 +64,8 @@ from d2r_core.config import (
     refuse_placeholder_lines,
 )
 from d2r_core.errors import ConfigError
+from d2r_http.auth import parse_roles, read_tokens, read_users
 from dicom_node.settings import NodeSettings
-from observability.auth import parse_roles, read_tokens, read_users
 
 __all__ = ["HTTP_AUTH_MODES", "LOG_FORMATS", "ObservabilitySettings", "is_loopback"]
 

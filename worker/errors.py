@@ -1,4 +1,4 @@
-"""Exceptions of the worker, mapped by :mod:`worker.tasks` to give-up or retry::
+"""Exceptions of the worker, mapped by :mod:`worker.attempt` to give-up or retry::
 
     WorkerError
     ├── InputRejected    the study's images cannot be used (unreadable, undecodable): study failed

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
     from cli.runtime import environment
     from d2r_core.config import has_placeholder
-    from observability.credentials import remove_user, set_user, units_loading
+    from d2r_http.credentials import remove_user, set_user, units_loading
 
     path = args.file or environment(args).get("D2R_HTTP_USERS_FILE")
     if not path:

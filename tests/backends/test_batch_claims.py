@@ -14,7 +14,8 @@ from studydb.records import InstanceRecord
 from studydb.store import StudyStore
 from studydb.tables import studies_table
 from tests.support.processes import wait_for
-from worker.batching import BatchHeartbeat, claim_more
+from worker.claims import claim_more
+from worker.lease import LeaseHeartbeat as BatchHeartbeat
 from worker.settings import WorkerSettings
 from worker.stages import Stage, StageTracker
 

@@ -22,8 +22,8 @@ import kubernetes_validate
 import pytest
 
 from d2r_core.errors import ConfigError
+from d2r_http.auth import read_tokens
 from dicom_node.settings import NodeSettings
-from observability.auth import read_tokens
 from observability.settings import ObservabilitySettings
 from tests.deploy.kustomize import (
     apply_json6902,

@@ -27,6 +27,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian
 
 from d2r_core import statuses
+from d2r_http.auth import Authenticator
+from d2r_http.server import tls_context
 from dicom_node.spool import Spool, dataset_offset
 from dicom_node.stow import (
     STOW_CALLING_AE,
@@ -38,8 +40,7 @@ from dicom_node.stow import (
 )
 from observability import metrics
 from observability.audit import AuditLog, ListenerAudit, read_audit
-from observability.auth import Authenticator
-from observability.http import ObservabilityServer, tls_context
+from observability.http import ObservabilityServer
 from studydb.errors import DatabaseUnavailable
 from studydb.store import StudyStore
 from tests.security import hostile

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import CollectorRegistry
 
-from observability.auth import Authenticator
+from d2r_http.auth import Authenticator
 from observability.http import ObservabilityServer
 
 

@@ -17,9 +17,10 @@ from typing import Any
 
 import pytest
 
+from d2r_http.auth import Authenticator, FailureLimiter, client_key
+from d2r_http.server import MAX_HEAD_BYTES
 from observability import metrics
-from observability.auth import Authenticator, FailureLimiter, client_key
-from observability.http import MAX_HEAD_BYTES, ObservabilityServer
+from observability.http import ObservabilityServer
 from tests.security.test_http_auth import _basic, _bearer, write_credentials
 
 

@@ -23,10 +23,11 @@ import pytest
 
 from d2r_core.config import parse_networks
 from d2r_core.errors import ConfigError
+from d2r_http.auth import Authenticator, FailureLimiter, verify_password
+from d2r_http.credentials import set_user
+from d2r_http.server import tls_context
 from observability import metrics
-from observability.auth import Authenticator, FailureLimiter, verify_password
-from observability.credentials import set_user
-from observability.http import ObservabilityServer, tls_context
+from observability.http import ObservabilityServer
 from observability.pages import StatusPages
 from observability.settings import ObservabilitySettings
 from studydb.store import StudyStore

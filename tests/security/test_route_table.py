@@ -1,4 +1,4 @@
-"""One route table decides both access and answer: every route of ``observability.routes.ROUTES``
+"""One route table decides both access and answer: every route of ``d2r_http.routes.ROUTES``
 x every role x {no, wrong, right credential} x spellings of its path, over real HTTP connections.
 
 A spelling that is not an absolute path in normal form (no leading slash, ``./``, ``//``,
@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
+from d2r_http.auth import Authenticator, FailureLimiter
+from d2r_http.routes import ROUTES, BadTarget, match, parse_target
 from observability import metrics
-from observability.auth import Authenticator, FailureLimiter
 from observability.http import ObservabilityServer
 from observability.pages import StatusPages
-from observability.routes import ROUTES, BadTarget, match, parse_target
 from studydb.store import StudyStore
 from tests.observability.conftest import record_for
 from tests.security.test_http_auth import ROLES, _basic, _bearer, write_credentials

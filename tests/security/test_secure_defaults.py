@@ -22,9 +22,9 @@ from d2r_core.config import (
     refuse_placeholder_lines,
 )
 from d2r_core.errors import ConfigError
+from d2r_http.auth import read_users
+from d2r_http.credentials import remove_user, units_loading, without_user
 from dicom_node.settings import NodeSettings
-from observability.auth import read_users
-from observability.credentials import remove_user, units_loading, without_user
 from observability.settings import ObservabilitySettings
 from tests.support.processes import REPO, Process, base_env, d2r_cmd, free_port, wait_for
 from worker.settings import WorkerSettings

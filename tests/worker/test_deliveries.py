@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from worker.tasks import Deliveries
+from worker.sending import Deliveries
 
 
 def test_sends_run_in_the_background_and_drain_waits_for_them() -> None:

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from observability.auth import hash_password, parse_roles
+from d2r_http.auth import hash_password, parse_roles
 
 __all__ = ["remove_user", "set_user", "units_loading", "without_user"]
 

@@ -1,5 +1,5 @@
 """Who may read what on the HTTP endpoint: credentials files, the password gate and the
-failure limiter. Which role each route needs is :mod:`observability.routes`' table.
+failure limiter. Which role each route needs is :mod:`d2r_http.routes`' table.
 
 =============  ===============================================================================
 role           routes
@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from d2r_core.config import refuse_placeholder_lines
-from observability.routes import ANY_ROLE, ROLES
+from d2r_http.routes import ANY_ROLE, ROLES
 
 __all__ = [
     "ROLES",
@@ -55,6 +55,7 @@ __all__ = [
     "FailureLimiter",
     "Principal",
     "hash_password",
+    "is_loopback",
     "parse_roles",
     "read_tokens",
     "read_users",
@@ -62,6 +63,17 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the endpoint on this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
 
 # scrypt cost: 16 MiB and ~50 ms per hash (Python's documented interactive-login parameters).
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1

@@ -12,7 +12,7 @@ any credential is looked at, so no two readings of one path exist.
 >>> parse_target("studies/1.2.3")
 Traceback (most recent call last):
 ...
-observability.routes.BadTarget: not an absolute path
+d2r_http.routes.BadTarget: not an absolute path
 """
 
 from __future__ import annotations
