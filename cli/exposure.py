@@ -19,8 +19,9 @@ Each is one line, logged once by the node process (its listener processes do not
 
 from __future__ import annotations
 
+from d2r_http.auth import is_loopback
 from dicom_node.settings import NodeSettings
-from observability.settings import ObservabilitySettings, is_loopback
+from observability.settings import ObservabilitySettings
 
 __all__ = ["exposure_warnings", "http_warnings"]
 

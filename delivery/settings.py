@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-from d2r_core.config import TlsSettings, env_setting, non_negative_float, parse_bool
+from d2r_core.config import TlsSettings, non_negative_float, parse_bool
+from d2r_core.settings_spec import Group, Setting
 from delivery.destinations import (
     DestinationAddress,
     parse_destinations,
@@ -22,7 +24,42 @@ from delivery.destinations import (
 from delivery.dimse import SendOptions
 from dicom_node.settings import NodeSettings
 
-__all__ = ["DeliverySettings"]
+__all__ = ["SETTINGS", "DeliverySettings"]
+
+DESTINATIONS_TLS = Setting(
+    "D2R_DESTINATIONS_TLS",
+    False,
+    parse_bool,
+    "send to every destination over TLS (or prefix one with `tls://`)",
+    Group.ACCESS,
+)
+DESTINATIONS: Setting[tuple[DestinationAddress, ...]] = Setting(
+    "D2R_DESTINATIONS",
+    (),
+    lambda t: refuse_placeholder_secrets(parse_destinations(t)),
+    "comma-separated destinations: `AET@host:port` or `dicom://AET@host:port` (C-STORE), "
+    "`dicom+tls://…` (DICOM TLS), `dicomweb+http(s)://host/path` (STOW-RS of the SRs), "
+    "`mllp://host:port` / `mllp+tls://…` (HL7 v2 ORU^R01), `fhir+http(s)://base` (FHIR R4 "
+    "transaction Bundle, `docs/fhir.md`); HTTP credentials from a file: `?token_file=PATH` "
+    "(bearer) or `?basic_auth_file=PATH` (`user:password`), over `https://` (plain `http://` "
+    "only with `&insecure=true`)",
+    Group.DELIVERY,
+)
+DICOM_ASSOCIATION_IDLE_SECONDS = Setting(
+    "D2R_DICOM_ASSOCIATION_IDLE_SECONDS",
+    10.0,
+    non_negative_float,
+    "a worker keeps its association to a DICOM destination open this long after a send, for "
+    "the next study's SRs (`0`: one association per send); keep it below the PACS's own idle "
+    "timeout",
+    Group.DELIVERY,
+)
+#: every setting :class:`DeliverySettings` reads besides the node's
+SETTINGS: tuple[Setting[Any], ...] = (
+    DESTINATIONS,
+    DESTINATIONS_TLS,
+    DICOM_ASSOCIATION_IDLE_SECONDS,
+)
 
 
 @dataclass(frozen=True)
@@ -37,7 +74,7 @@ class DeliverySettings:
     options: SendOptions = field(default_factory=SendOptions)
     #: ``D2R_DICOM_ASSOCIATION_IDLE_SECONDS``: an association to a DICOM destination is kept
     #: this long after a send for the next study's reports (0: one association per send)
-    association_idle_seconds: float = 10.0
+    association_idle_seconds: float = DICOM_ASSOCIATION_IDLE_SECONDS.default
 
     @property
     def tls(self) -> TlsSettings:
@@ -59,20 +96,11 @@ class DeliverySettings:
             Naming the first invalid setting.
         """
         node = node if node is not None else NodeSettings.from_env(env)
-        every_tls = env_setting(env, "D2R_DESTINATIONS_TLS", False, parse_bool)
-        none: tuple[DestinationAddress, ...] = ()
-        destinations = env_setting(
-            env,
-            "D2R_DESTINATIONS",
-            none,
-            lambda t: refuse_placeholder_secrets(parse_destinations(t, tls=every_tls)),
+        every_tls = DESTINATIONS_TLS.read(env)
+        destinations = DESTINATIONS.read(
+            env, parse=lambda t: refuse_placeholder_secrets(parse_destinations(t, tls=every_tls))
         )
-        idle = env_setting(
-            env,
-            "D2R_DICOM_ASSOCIATION_IDLE_SECONDS",
-            cls.association_idle_seconds,
-            non_negative_float,
-        )
+        idle = DICOM_ASSOCIATION_IDLE_SECONDS.read(env)
         return cls(
             destinations=destinations,
             ae_title=node.ae_title,

@@ -10,7 +10,9 @@ whose one-line message names the setting.
 >>> s.ae_title, s.port
 ('CXR_AI', 11112)
 
-The destinations are the delivery package's (:class:`delivery.settings.DeliverySettings`).
+Each setting is declared once below (:class:`~d2r_core.settings_spec.Setting`: name, default,
+parser, documentation); :data:`SETTINGS` lists them. The destinations are the delivery
+package's (:class:`delivery.settings.DeliverySettings`).
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from d2r_core.config import (
     GIB,
     IPNetwork,
     TlsSettings,
-    env_setting,
     existing_file,
     int_at_least,
     non_negative_float,
@@ -38,9 +40,11 @@ from d2r_core.config import (
     validate_ae_title,
 )
 from d2r_core.errors import ConfigError
+from d2r_core.settings_spec import Group, Setting
 
 __all__ = [
     "DEFAULT_MAX_PIXEL_BYTES",
+    "SETTINGS",
     "NodeSettings",
     "default_node_name",
     "parse_max_pixel_bytes",
@@ -73,185 +77,6 @@ def default_node_name() -> str:
     return name or "d2r-node"
 
 
-@dataclass(frozen=True)
-class NodeSettings:
-    """Settings of the DICOM node (listener, spool, study timers, sender).
-
-    Build with :meth:`from_env`; the defaults below are those of an unset variable.
-    """
-
-    ae_title: str = "D2R"
-    host: str = "0.0.0.0"
-    port: int = 11112
-    spool_dir: Path = Path("d2r-data/spool")
-    database_url: str = "sqlite:///d2r-data/d2r.db"
-    #: upgrade a database at an older schema revision at start, under a lock (single-host installs)
-    db_auto_upgrade: bool = False
-    study_quiet_seconds: float = 10.0
-    study_force_seconds: float = 600.0
-    #: complete a study this long after its last association was released (see studies.py)
-    study_release_grace_seconds: float = 2.0
-    reconcile_seconds: float = 30.0
-    #: worker attempts per study (claims, each ended by an unexpected error or a lost worker)
-    max_attempts: int = 3
-    max_pdu: int = 131072
-    #: associations each listener process accepts at once
-    max_associations: int = 10
-    #: processes accepting associations on the one port (the first runs the assembler and HTTP)
-    listener_processes: int = 1
-    acse_timeout: float = 30.0
-    dimse_timeout: float = 60.0
-    network_timeout: float = 60.0
-    send_retries: int = 5
-    send_retry_delay: float = 30.0
-    min_free_bytes: int = GIB
-    #: calling AE titles allowed to associate (empty: any)
-    allowed_calling_aets: tuple[str, ...] = ()
-    #: peer addresses allowed to associate (empty: any)
-    allowed_networks: tuple[IPNetwork, ...] = ()
-    tls: TlsSettings = TlsSettings()
-    #: delete a finished study's spooled files this long after it finished (0: keep forever)
-    spool_retention_hours: float = 72.0
-    #: largest STOW-RS request body accepted (413 beyond); parts stream to the spool, so this
-    #: bounds the disk a request fills, not memory
-    stow_max_bytes: int = GIB
-    #: STOW-RS requests received at once (503 with Retry-After beyond, before the body is read)
-    stow_max_concurrent: int = 4
-    #: largest pixel data of one stored image that the status page and the worker read
-    #: (Rows x Columns x frames x samples x bits); checked before reading or inflating pixels
-    max_pixel_bytes: int = DEFAULT_MAX_PIXEL_BYTES
-    #: this node's name among the replicas on one database (default: the host name)
-    node_name: str = field(default_factory=default_node_name)
-    #: how often a node records in the study database that it is alive
-    node_heartbeat_seconds: float = 5.0
-    #: a node silent this long is taken as dead: a survivor expires its open associations
-    node_expire_seconds: float = 30.0
-    #: how long the assembler and the workers retry their database work through an outage
-    db_retry_seconds: float = 30.0
-    #: how long an incoming instance waits for the database before a failure status
-    db_ingest_wait_seconds: float = 5.0
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> NodeSettings:
-        """Build settings from ``D2R_*`` variables in ``env``.
-
-        Raises
-        ------
-        ConfigError
-            Naming the first invalid setting.
-        """
-        d = cls()
-        spool_dir = env_setting(env, "D2R_SPOOL_DIR", d.spool_dir, Path)
-        default_db = f"sqlite:///{spool_dir.parent / 'd2r.db'}"
-        database_url = env_setting(env, "D2R_DATABASE_URL", default_db, _database_url)
-        quiet = env_setting(env, "D2R_STUDY_QUIET_SECONDS", d.study_quiet_seconds, positive_float)
-        force = env_setting(env, "D2R_STUDY_FORCE_SECONDS", d.study_force_seconds, positive_float)
-        if force < quiet:
-            raise ConfigError(
-                "D2R_STUDY_FORCE_SECONDS",
-                f"must be >= D2R_STUDY_QUIET_SECONDS ({quiet:g}), got {force:g}",
-            )
-        tls = _tls_settings(env)
-        max_pdu = env_setting(env, "D2R_MAX_PDU", d.max_pdu, int_at_least(0))
-        if max_pdu != 0 and max_pdu < 4096:
-            raise ConfigError("D2R_MAX_PDU", f"must be 0 (unlimited) or >= 4096, got {max_pdu}")
-        heartbeat = env_setting(
-            env, "D2R_NODE_HEARTBEAT_SECONDS", d.node_heartbeat_seconds, positive_float
-        )
-        expire = env_setting(env, "D2R_NODE_EXPIRE_SECONDS", d.node_expire_seconds, positive_float)
-        if expire < 2 * heartbeat:
-            raise ConfigError(
-                "D2R_NODE_EXPIRE_SECONDS",
-                f"must be at least twice D2R_NODE_HEARTBEAT_SECONDS ({heartbeat:g} s), got "
-                f"{expire:g}: a live node would be taken as dead between two heartbeats",
-            )
-        return cls(
-            ae_title=env_setting(env, "D2R_AE_TITLE", d.ae_title, validate_ae_title),
-            host=env_setting(env, "D2R_HOST", d.host, str),
-            port=env_setting(env, "D2R_PORT", d.port, lambda t: parse_port(t, "D2R_PORT")),
-            spool_dir=spool_dir,
-            database_url=database_url,
-            db_auto_upgrade=env_setting(env, "D2R_DB_AUTO_UPGRADE", False, parse_bool),
-            study_quiet_seconds=quiet,
-            study_force_seconds=force,
-            study_release_grace_seconds=env_setting(
-                env,
-                "D2R_STUDY_RELEASE_GRACE_SECONDS",
-                d.study_release_grace_seconds,
-                non_negative_float,
-            ),
-            reconcile_seconds=env_setting(
-                env, "D2R_RECONCILE_SECONDS", d.reconcile_seconds, positive_float
-            ),
-            max_pdu=max_pdu,
-            max_associations=env_setting(
-                env, "D2R_MAX_ASSOCIATIONS", d.max_associations, int_at_least(1)
-            ),
-            listener_processes=env_setting(
-                env, "D2R_LISTENER_PROCESSES", d.listener_processes, _listener_processes
-            ),
-            acse_timeout=env_setting(env, "D2R_ACSE_TIMEOUT", d.acse_timeout, positive_float),
-            dimse_timeout=env_setting(env, "D2R_DIMSE_TIMEOUT", d.dimse_timeout, positive_float),
-            network_timeout=env_setting(
-                env, "D2R_NETWORK_TIMEOUT", d.network_timeout, positive_float
-            ),
-            send_retries=env_setting(env, "D2R_SEND_RETRIES", d.send_retries, int_at_least(0)),
-            max_attempts=env_setting(env, "D2R_MAX_ATTEMPTS", d.max_attempts, int_at_least(1)),
-            send_retry_delay=env_setting(
-                env, "D2R_SEND_RETRY_DELAY", d.send_retry_delay, non_negative_float
-            ),
-            min_free_bytes=env_setting(
-                env, "D2R_MIN_FREE_BYTES", d.min_free_bytes, int_at_least(0)
-            ),
-            allowed_calling_aets=env_setting(env, "D2R_ALLOWED_CALLING_AETS", (), parse_ae_titles),
-            allowed_networks=env_setting(env, "D2R_ALLOWED_NETWORKS", (), parse_networks),
-            tls=tls,
-            spool_retention_hours=env_setting(
-                env, "D2R_SPOOL_RETENTION_HOURS", d.spool_retention_hours, non_negative_float
-            ),
-            stow_max_bytes=env_setting(
-                env, "D2R_STOW_MAX_BYTES", d.stow_max_bytes, int_at_least(1024)
-            ),
-            stow_max_concurrent=env_setting(
-                env, "D2R_STOW_MAX_CONCURRENT", d.stow_max_concurrent, int_at_least(1)
-            ),
-            max_pixel_bytes=env_setting(
-                env, "D2R_MAX_PIXEL_BYTES", d.max_pixel_bytes, parse_max_pixel_bytes
-            ),
-            node_name=env_setting(env, "D2R_NODE_NAME", d.node_name, parse_node_name),
-            node_heartbeat_seconds=heartbeat,
-            node_expire_seconds=expire,
-            db_retry_seconds=env_setting(
-                env, "D2R_DB_RETRY_SECONDS", d.db_retry_seconds, non_negative_float
-            ),
-            db_ingest_wait_seconds=env_setting(
-                env, "D2R_DB_INGEST_WAIT_SECONDS", d.db_ingest_wait_seconds, non_negative_float
-            ),
-        )
-
-    def retry_delay(self, attempt: int) -> float:
-        """Seconds before retry ``attempt`` (1-based): the base delay doubled per attempt."""
-        if attempt < 1:
-            raise ValueError(f"attempt must be >= 1, got {attempt}")
-        return float(self.send_retry_delay * 2.0 ** (attempt - 1))
-
-
-def _tls_settings(env: Mapping[str, str]) -> TlsSettings:
-    cert = env_setting(env, "D2R_TLS_CERT", None, existing_file)
-    key = env_setting(env, "D2R_TLS_KEY", None, existing_file)
-    ca = env_setting(env, "D2R_TLS_CA", None, existing_file)
-    require = env_setting(env, "D2R_TLS_REQUIRE_CLIENT_CERT", False, parse_bool)
-    if (cert is None) != (key is None):
-        missing = "D2R_TLS_KEY" if key is None else "D2R_TLS_CERT"
-        raise ConfigError(missing, "D2R_TLS_CERT and D2R_TLS_KEY must be set together")
-    if require and (cert is None or ca is None):
-        raise ConfigError(
-            "D2R_TLS_REQUIRE_CLIENT_CERT",
-            "needs D2R_TLS_CERT, D2R_TLS_KEY and D2R_TLS_CA (to verify the clients)",
-        )
-    return TlsSettings(cert=cert, key=key, ca=ca, require_client_cert=require)
-
-
 def _listener_processes(text: str) -> int:
     count = int_at_least(1)(text)
     if count > MAX_LISTENER_PROCESSES:
@@ -272,3 +97,468 @@ def _database_url(text: str) -> str:
     if not sep or not scheme:
         raise ValueError("expected a database URL such as sqlite:///path")  # may hold a password
     return refuse_placeholder(text, "D2R_DATABASE_URL")
+
+
+# --- the node's settings, declared once (README.md "Configuration" is made from them) ---
+
+AE_TITLE = Setting(
+    "D2R_AE_TITLE",
+    "D2R",
+    validate_ae_title,
+    "our AE title (called AE of the listener, calling AE of the sender)",
+    Group.LISTENER,
+)
+HOST = Setting("D2R_HOST", "0.0.0.0", str, "listen address", Group.LISTENER)
+PORT = Setting("D2R_PORT", 11112, lambda t: parse_port(t, "D2R_PORT"), "DICOM port", Group.LISTENER)
+MAX_PDU = Setting(
+    "D2R_MAX_PDU",
+    131072,
+    int_at_least(0),
+    "maximum PDU the listener accepts (`0`: unlimited, else at least 4096)",
+    Group.LISTENER,
+)
+MAX_ASSOCIATIONS = Setting(
+    "D2R_MAX_ASSOCIATIONS",
+    10,
+    int_at_least(1),
+    "concurrent associations, per listener process",
+    Group.LISTENER,
+)
+LISTENER_PROCESSES = Setting(
+    "D2R_LISTENER_PROCESSES",
+    1,
+    _listener_processes,
+    "processes receiving on the DICOM port (`d2r node`, `d2r serve`, up to 64): the first binds "
+    "the port and also runs the assembler, reconciler and HTTP endpoint; each further one "
+    "inherits the listening socket, and a process already serving associations leaves the next "
+    "one to an idle process. One process receives at most about one core's worth (about "
+    "300 MB/s on a 2-vCPU development machine); when a PACS sends over several associations at "
+    "once, set it to the cores the node may use",
+    Group.LISTENER,
+)
+ACSE_TIMEOUT = Setting(
+    "D2R_ACSE_TIMEOUT",
+    30.0,
+    positive_float,
+    "seconds to wait for association negotiation and release (ACSE)",
+    Group.LISTENER,
+)
+DIMSE_TIMEOUT = Setting(
+    "D2R_DIMSE_TIMEOUT",
+    60.0,
+    positive_float,
+    "seconds to wait for a DIMSE message",
+    Group.LISTENER,
+)
+NETWORK_TIMEOUT = Setting(
+    "D2R_NETWORK_TIMEOUT",
+    60.0,
+    positive_float,
+    "seconds of network silence before a DICOM connection is dropped; also the connect and "
+    "read timeout of the DICOMweb and FHIR senders",
+    Group.LISTENER,
+)
+MIN_FREE_BYTES = Setting(
+    "D2R_MIN_FREE_BYTES",
+    GIB,
+    int_at_least(0),
+    "below this free space the node answers 0xA700 (out of resources)",
+    Group.LISTENER,
+    shown="1 GiB",
+)
+SPOOL_DIR = Setting(
+    "D2R_SPOOL_DIR",
+    Path("d2r-data/spool"),
+    Path,
+    "received instances (as received) and the SRs written",
+    Group.STORAGE,
+)
+
+
+def _default_database_url(env: Mapping[str, str]) -> str:
+    """The SQLite file beside the spool."""
+    return f"sqlite:///{SPOOL_DIR.read(env).parent / 'd2r.db'}"
+
+
+DATABASE_URL = Setting(
+    "D2R_DATABASE_URL",
+    "sqlite:///d2r-data/d2r.db",
+    _database_url,
+    "study database: SQLite file or `postgresql+psycopg://...`",
+    Group.STORAGE,
+    shown="`sqlite:///<spool>/../d2r.db`",
+    secret=True,
+    default_from=_default_database_url,
+)
+DB_AUTO_UPGRADE = Setting(
+    "D2R_DB_AUTO_UPGRADE",
+    False,
+    parse_bool,
+    "upgrade an older database schema at start, under a lock (single-host installs); otherwise "
+    "node, worker and serve stop and name `d2r db upgrade`",
+    Group.STORAGE,
+)
+SPOOL_RETENTION_HOURS = Setting(
+    "D2R_SPOOL_RETENTION_HOURS",
+    72.0,
+    non_negative_float,
+    "remove a finished study's spooled files after this long; `0` keeps them",
+    Group.STORAGE,
+)
+MAX_PIXEL_BYTES = Setting(
+    "D2R_MAX_PIXEL_BYTES",
+    DEFAULT_MAX_PIXEL_BYTES,
+    parse_max_pixel_bytes,
+    "largest pixel data of one stored image (Rows × Columns × frames × samples × bits "
+    "allocated) that the status page previews and the worker reads; checked from the header "
+    "before the pixels are read or inflated. A larger image gets no preview and its study fails "
+    "with the sizes in the reason. 1 MiB to 128 MiB",
+    Group.STORAGE,
+    shown=f"40 MiB (`{DEFAULT_MAX_PIXEL_BYTES}`)",
+)
+NODE_NAME = Setting(
+    "D2R_NODE_NAME",
+    "",
+    parse_node_name,
+    "this node's name among the nodes sharing one database (letters, digits, `.`, `-`, `_`; at "
+    "most 64): recorded with each received instance, shown by `d2r status`, a label on "
+    "`/metrics`. Must be unique per node (Kubernetes: the pod name)",
+    Group.NODES,
+    shown="the host name",
+    default_from=lambda env: default_node_name(),
+)
+NODE_HEARTBEAT_SECONDS = Setting(
+    "D2R_NODE_HEARTBEAT_SECONDS",
+    5.0,
+    positive_float,
+    "how often a node records in the study database that it is alive",
+    Group.NODES,
+)
+NODE_EXPIRE_SECONDS = Setting(
+    "D2R_NODE_EXPIRE_SECONDS",
+    30.0,
+    positive_float,
+    "a node silent this long is taken as dead: a surviving node expires the associations it "
+    "held open, so their studies complete; at least twice the heartbeat",
+    Group.NODES,
+)
+DB_RETRY_SECONDS = Setting(
+    "D2R_DB_RETRY_SECONDS",
+    30.0,
+    non_negative_float,
+    "how long the assembler and the workers retry their database work through a database outage "
+    "(a PostgreSQL restart or failover) before giving up; the study is then left to the "
+    "reconciler",
+    Group.NODES,
+)
+DB_INGEST_WAIT_SECONDS = Setting(
+    "D2R_DB_INGEST_WAIT_SECONDS",
+    5.0,
+    non_negative_float,
+    "how long an incoming instance (C-STORE, STOW-RS) waits for the database before it is "
+    "refused with a failure status (C-STORE `0x0110`, STOW-RS 503): never success without a "
+    "durable record",
+    Group.NODES,
+)
+STUDY_QUIET_SECONDS = Setting(
+    "D2R_STUDY_QUIET_SECONDS",
+    10.0,
+    positive_float,
+    "a study is complete after this long without a new instance",
+    Group.ASSEMBLY,
+)
+STUDY_FORCE_SECONDS = Setting(
+    "D2R_STUDY_FORCE_SECONDS",
+    600.0,
+    positive_float,
+    "... or this long after its first instance, whatever happens (at least the quiet period)",
+    Group.ASSEMBLY,
+)
+STUDY_RELEASE_GRACE_SECONDS = Setting(
+    "D2R_STUDY_RELEASE_GRACE_SECONDS",
+    2.0,
+    non_negative_float,
+    "... or this long after the association that brought its last instance was released, when "
+    "no other association of the study is open (set it to the quiet period or more to rely on "
+    "the quiet period alone)",
+    Group.ASSEMBLY,
+)
+RECONCILE_SECONDS = Setting(
+    "D2R_RECONCILE_SECONDS",
+    30.0,
+    positive_float,
+    "how often the reconciler looks for queued studies whose message may be lost (expired "
+    "claims are checked every half second)",
+    Group.ASSEMBLY,
+)
+MAX_ATTEMPTS = Setting(
+    "D2R_MAX_ATTEMPTS",
+    3,
+    int_at_least(1),
+    "worker attempts per study: each claim counts one; an unexpected error or a lost worker on "
+    "the last one fails the study with its stage and reason",
+    Group.ASSEMBLY,
+)
+SEND_RETRIES = Setting(
+    "D2R_SEND_RETRIES",
+    5,
+    int_at_least(0),
+    "retries after a failed send (transient errors)",
+    Group.DELIVERY,
+)
+SEND_RETRY_DELAY = Setting(
+    "D2R_SEND_RETRY_DELAY",
+    30.0,
+    non_negative_float,
+    "seconds before the first retry, doubled for each next one",
+    Group.DELIVERY,
+)
+STOW_MAX_BYTES = Setting(
+    "D2R_STOW_MAX_BYTES",
+    GIB,
+    int_at_least(1024),
+    "largest STOW-RS request (`POST /dicom-web/studies` on `D2R_HTTP_PORT`); larger ones get "
+    "413. Parts stream to the spool, so this bounds disk, not memory",
+    Group.HTTP,
+    shown="1 GiB",
+)
+STOW_MAX_CONCURRENT = Setting(
+    "D2R_STOW_MAX_CONCURRENT",
+    4,
+    int_at_least(1),
+    "STOW-RS requests received at once; one more gets 503 with `Retry-After` before its body is "
+    "read",
+    Group.HTTP,
+)
+ALLOWED_CALLING_AETS: Setting[tuple[str, ...]] = Setting(
+    "D2R_ALLOWED_CALLING_AETS",
+    (),
+    parse_ae_titles,
+    "comma-separated calling AE titles allowed to associate (with `D2R_ALLOWED_NETWORKS` also "
+    "unset and `D2R_HOST` off loopback, the node warns at start)",
+    Group.ACCESS,
+    shown="any",
+)
+ALLOWED_NETWORKS: Setting[tuple[IPNetwork, ...]] = Setting(
+    "D2R_ALLOWED_NETWORKS",
+    (),
+    parse_networks,
+    "comma-separated IP addresses / CIDR networks allowed to connect",
+    Group.ACCESS,
+    shown="any",
+)
+TLS_CERT: Setting[Path | None] = Setting(
+    "D2R_TLS_CERT",
+    None,
+    existing_file,
+    "DICOM TLS on the listener: PEM certificate (chain), set with `D2R_TLS_KEY`; also the "
+    "client certificate of TLS destinations (DICOM TLS, HTTPS)",
+    Group.ACCESS,
+)
+TLS_KEY: Setting[Path | None] = Setting(
+    "D2R_TLS_KEY",
+    None,
+    existing_file,
+    "the private key of `D2R_TLS_CERT` (PEM, unencrypted; set both or neither)",
+    Group.ACCESS,
+)
+TLS_CA: Setting[Path | None] = Setting(
+    "D2R_TLS_CA",
+    None,
+    existing_file,
+    "CA bundle: verifies clients (listener) and the destinations' certificates (DICOM TLS, and "
+    "HTTPS for DICOMweb and FHIR; else the system store)",
+    Group.ACCESS,
+)
+TLS_REQUIRE_CLIENT_CERT = Setting(
+    "D2R_TLS_REQUIRE_CLIENT_CERT",
+    False,
+    parse_bool,
+    "refuse TLS clients without a certificate signed by `D2R_TLS_CA`; DICOM TLS without it (or "
+    "without `D2R_TLS_CA`) is warned at start",
+    Group.ACCESS,
+)
+#: every setting :class:`NodeSettings` reads, in declaration order
+SETTINGS: tuple[Setting[Any], ...] = (
+    AE_TITLE,
+    HOST,
+    PORT,
+    MAX_PDU,
+    MAX_ASSOCIATIONS,
+    LISTENER_PROCESSES,
+    ACSE_TIMEOUT,
+    DIMSE_TIMEOUT,
+    NETWORK_TIMEOUT,
+    MIN_FREE_BYTES,
+    SPOOL_DIR,
+    DATABASE_URL,
+    DB_AUTO_UPGRADE,
+    SPOOL_RETENTION_HOURS,
+    MAX_PIXEL_BYTES,
+    NODE_NAME,
+    NODE_HEARTBEAT_SECONDS,
+    NODE_EXPIRE_SECONDS,
+    DB_RETRY_SECONDS,
+    DB_INGEST_WAIT_SECONDS,
+    STUDY_QUIET_SECONDS,
+    STUDY_FORCE_SECONDS,
+    STUDY_RELEASE_GRACE_SECONDS,
+    RECONCILE_SECONDS,
+    MAX_ATTEMPTS,
+    SEND_RETRIES,
+    SEND_RETRY_DELAY,
+    STOW_MAX_BYTES,
+    STOW_MAX_CONCURRENT,
+    ALLOWED_CALLING_AETS,
+    ALLOWED_NETWORKS,
+    TLS_CERT,
+    TLS_KEY,
+    TLS_CA,
+    TLS_REQUIRE_CLIENT_CERT,
+)
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """Settings of the DICOM node (listener, spool, study timers, sender).
+
+    Build with :meth:`from_env`; the defaults below are those of an unset variable.
+    """
+
+    ae_title: str = AE_TITLE.default
+    host: str = HOST.default
+    port: int = PORT.default
+    spool_dir: Path = SPOOL_DIR.default
+    database_url: str = DATABASE_URL.default
+    #: upgrade a database at an older schema revision at start, under a lock (single-host installs)
+    db_auto_upgrade: bool = DB_AUTO_UPGRADE.default
+    study_quiet_seconds: float = STUDY_QUIET_SECONDS.default
+    study_force_seconds: float = STUDY_FORCE_SECONDS.default
+    #: complete a study this long after its last association was released (see studies.py)
+    study_release_grace_seconds: float = STUDY_RELEASE_GRACE_SECONDS.default
+    reconcile_seconds: float = RECONCILE_SECONDS.default
+    #: worker attempts per study (claims, each ended by an unexpected error or a lost worker)
+    max_attempts: int = MAX_ATTEMPTS.default
+    max_pdu: int = MAX_PDU.default
+    #: associations each listener process accepts at once
+    max_associations: int = MAX_ASSOCIATIONS.default
+    #: processes accepting associations on the one port (the first runs the assembler and HTTP)
+    listener_processes: int = LISTENER_PROCESSES.default
+    acse_timeout: float = ACSE_TIMEOUT.default
+    dimse_timeout: float = DIMSE_TIMEOUT.default
+    network_timeout: float = NETWORK_TIMEOUT.default
+    send_retries: int = SEND_RETRIES.default
+    send_retry_delay: float = SEND_RETRY_DELAY.default
+    min_free_bytes: int = MIN_FREE_BYTES.default
+    #: calling AE titles allowed to associate (empty: any)
+    allowed_calling_aets: tuple[str, ...] = ALLOWED_CALLING_AETS.default
+    #: peer addresses allowed to associate (empty: any)
+    allowed_networks: tuple[IPNetwork, ...] = ALLOWED_NETWORKS.default
+    tls: TlsSettings = TlsSettings()
+    #: delete a finished study's spooled files this long after it finished (0: keep forever)
+    spool_retention_hours: float = SPOOL_RETENTION_HOURS.default
+    #: largest STOW-RS request body accepted (413 beyond); parts stream to the spool, so this
+    #: bounds the disk a request fills, not memory
+    stow_max_bytes: int = STOW_MAX_BYTES.default
+    #: STOW-RS requests received at once (503 with Retry-After beyond, before the body is read)
+    stow_max_concurrent: int = STOW_MAX_CONCURRENT.default
+    #: largest pixel data of one stored image that the status page and the worker read
+    #: (Rows x Columns x frames x samples x bits); checked before reading or inflating pixels
+    max_pixel_bytes: int = MAX_PIXEL_BYTES.default
+    #: this node's name among the replicas on one database (default: the host name)
+    node_name: str = field(default_factory=default_node_name)
+    #: how often a node records in the study database that it is alive
+    node_heartbeat_seconds: float = NODE_HEARTBEAT_SECONDS.default
+    #: a node silent this long is taken as dead: a survivor expires its open associations
+    node_expire_seconds: float = NODE_EXPIRE_SECONDS.default
+    #: how long the assembler and the workers retry their database work through an outage
+    db_retry_seconds: float = DB_RETRY_SECONDS.default
+    #: how long an incoming instance waits for the database before a failure status
+    db_ingest_wait_seconds: float = DB_INGEST_WAIT_SECONDS.default
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> NodeSettings:
+        """Build settings from ``D2R_*`` variables in ``env``.
+
+        Raises
+        ------
+        ConfigError
+            Naming the first invalid setting.
+        """
+        spool_dir = SPOOL_DIR.read(env)
+        database_url = DATABASE_URL.read(env)
+        quiet = STUDY_QUIET_SECONDS.read(env)
+        force = STUDY_FORCE_SECONDS.read(env)
+        if force < quiet:
+            raise ConfigError(
+                STUDY_FORCE_SECONDS.name,
+                f"must be >= D2R_STUDY_QUIET_SECONDS ({quiet:g}), got {force:g}",
+            )
+        tls = _tls_settings(env)
+        max_pdu = MAX_PDU.read(env)
+        if max_pdu != 0 and max_pdu < 4096:
+            raise ConfigError(MAX_PDU.name, f"must be 0 (unlimited) or >= 4096, got {max_pdu}")
+        heartbeat = NODE_HEARTBEAT_SECONDS.read(env)
+        expire = NODE_EXPIRE_SECONDS.read(env)
+        if expire < 2 * heartbeat:
+            raise ConfigError(
+                NODE_EXPIRE_SECONDS.name,
+                f"must be at least twice D2R_NODE_HEARTBEAT_SECONDS ({heartbeat:g} s), got "
+                f"{expire:g}: a live node would be taken as dead between two heartbeats",
+            )
+        return cls(
+            ae_title=AE_TITLE.read(env),
+            host=HOST.read(env),
+            port=PORT.read(env),
+            spool_dir=spool_dir,
+            database_url=database_url,
+            db_auto_upgrade=DB_AUTO_UPGRADE.read(env),
+            study_quiet_seconds=quiet,
+            study_force_seconds=force,
+            study_release_grace_seconds=STUDY_RELEASE_GRACE_SECONDS.read(env),
+            reconcile_seconds=RECONCILE_SECONDS.read(env),
+            max_pdu=max_pdu,
+            max_associations=MAX_ASSOCIATIONS.read(env),
+            listener_processes=LISTENER_PROCESSES.read(env),
+            acse_timeout=ACSE_TIMEOUT.read(env),
+            dimse_timeout=DIMSE_TIMEOUT.read(env),
+            network_timeout=NETWORK_TIMEOUT.read(env),
+            send_retries=SEND_RETRIES.read(env),
+            max_attempts=MAX_ATTEMPTS.read(env),
+            send_retry_delay=SEND_RETRY_DELAY.read(env),
+            min_free_bytes=MIN_FREE_BYTES.read(env),
+            allowed_calling_aets=ALLOWED_CALLING_AETS.read(env),
+            allowed_networks=ALLOWED_NETWORKS.read(env),
+            tls=tls,
+            spool_retention_hours=SPOOL_RETENTION_HOURS.read(env),
+            stow_max_bytes=STOW_MAX_BYTES.read(env),
+            stow_max_concurrent=STOW_MAX_CONCURRENT.read(env),
+            max_pixel_bytes=MAX_PIXEL_BYTES.read(env),
+            node_name=NODE_NAME.read(env),
+            node_heartbeat_seconds=heartbeat,
+            node_expire_seconds=expire,
+            db_retry_seconds=DB_RETRY_SECONDS.read(env),
+            db_ingest_wait_seconds=DB_INGEST_WAIT_SECONDS.read(env),
+        )
+
+    def retry_delay(self, attempt: int) -> float:
+        """Seconds before retry ``attempt`` (1-based): the base delay doubled per attempt."""
+        if attempt < 1:
+            raise ValueError(f"attempt must be >= 1, got {attempt}")
+        return float(self.send_retry_delay * 2.0 ** (attempt - 1))
+
+
+def _tls_settings(env: Mapping[str, str]) -> TlsSettings:
+    cert = TLS_CERT.read(env)
+    key = TLS_KEY.read(env)
+    ca = TLS_CA.read(env)
+    require = TLS_REQUIRE_CLIENT_CERT.read(env)
+    if (cert is None) != (key is None):
+        missing = "D2R_TLS_KEY" if key is None else "D2R_TLS_CERT"
+        raise ConfigError(missing, "D2R_TLS_CERT and D2R_TLS_KEY must be set together")
+    if require and (cert is None or ca is None):
+        raise ConfigError(
+            "D2R_TLS_REQUIRE_CLIENT_CERT",
+            "needs D2R_TLS_CERT, D2R_TLS_KEY and D2R_TLS_CA (to verify the clients)",
+        )
+    return TlsSettings(cert=cert, key=key, ca=ca, require_client_cert=require)

@@ -1,44 +1,9 @@
 """Observability configuration: :class:`ObservabilitySettings`, built once by an entry point.
 
-========================  =========================  =============================================
-variable                  default                    meaning
-========================  =========================  =============================================
-``D2R_HTTP_HOST``         ``127.0.0.1``              bind address of the HTTP endpoint; the status
-                                                     page shows study details, so it listens on
-                                                     loopback unless set (``0.0.0.0`` for probes
-                                                     and scrapes from other hosts)
-``D2R_HTTP_PORT``         ``8080``                   ``/metrics``, ``/healthz``, ``/readyz`` and the
-                                                     status page; ``0`` disables the endpoint
-``D2R_AUDIT_LOG``         ``<spool>/../audit.jsonl`` append-only audit log (JSON lines)
-``D2R_AUDIT_FSYNC``       ``false``                  fsync the audit log after every line
-``D2R_LOG_FORMAT``        ``text``                   ``text`` or ``json`` (one object per line)
-``D2R_STATUS_PAGE_PHI``   ``false``                  show patient name and ID on the status page
-``D2R_HTTP_AUTH``         ``auto``                   ``auto``: credentials needed (except for
-                                                     ``/healthz``, ``/readyz``) unless
-                                                     ``D2R_HTTP_HOST`` is loopback; ``required``:
-                                                     on loopback too
-``D2R_HTTP_TOKENS_FILE``  (none)                     bearer tokens: ``NAME ROLES TOKEN`` lines
-``D2R_HTTP_USERS_FILE``   (none)                     basic-auth users: ``NAME:ROLES:scrypt$...``
-                                                     lines (``d2r http-user``)
-``D2R_HTTP_TRUSTED_PROXIES``  (none)                 addresses/networks of reverse proxies whose
-                                                     user header is believed
-``D2R_HTTP_PROXY_HEADER`` ``X-Forwarded-User``       that header
-``D2R_HTTP_PROXY_ROLES``  ``viewer``                 roles of a proxy-authenticated user
-``D2R_HTTP_AUTH_MAX_FAILURES``  ``10``               wrong credentials per client address ...
-``D2R_HTTP_AUTH_WINDOW_SECONDS``  ``60``             ... within this window before 429
-``D2R_HTTP_AUTH_MAX_FAILURES_TOTAL``  ``100``        wrong credentials of all clients together
-                                                     within the window before password checks
-                                                     answer 429 (tokens keep working)
-``D2R_HTTP_AUTH_MAX_HASHING``  ``2``                 password hashes (16 MiB each) at once;
-                                                     beyond, 503 without hashing
-``D2R_HTTP_MAX_CONNECTIONS``  ``64``                 connections served at once (503 beyond)
-``D2R_HTTP_MAX_CONNECTIONS_PER_CLIENT``  ``16``      ... from one address (IPv6: one /64)
-``D2R_HTTP_TLS_CERT``     (none)                     PEM certificate (chain): serve HTTPS
-``D2R_HTTP_TLS_KEY``      (none)                     its private key (set both or neither)
-``D2R_HTTP_TLS_CA``       (none)                     PEM CA bundle: verify TLS client certificates;
-                                                     a verified one holds the ``ingest`` role
-                                                     (STOW-RS senders); needs the two above
-========================  =========================  =============================================
+The settings (``D2R_HTTP_*``, ``D2R_AUDIT_*``, ``D2R_LOG_*``, ``D2R_STATUS_PAGE_PHI``) are
+declared once below, each with its default and meaning (:data:`SETTINGS`); the README's
+configuration table is made from them. The HTTP endpoint listens on loopback unless
+``D2R_HTTP_HOST`` says otherwise: the status page shows study details.
 
 Roles and routes: :mod:`observability.auth`.
 
@@ -49,14 +14,13 @@ Roles and routes: :mod:`observability.auth`.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from d2r_core.config import (
     IPNetwork,
-    env_setting,
     int_at_least,
     parse_bool,
     parse_networks,
@@ -64,23 +28,14 @@ from d2r_core.config import (
     refuse_placeholder_lines,
 )
 from d2r_core.errors import ConfigError
-from d2r_http.auth import parse_roles, read_tokens, read_users
-from dicom_node.settings import NodeSettings
+from d2r_core.settings_spec import Group, Setting
+from d2r_http.auth import is_loopback, parse_roles, read_tokens, read_users
+from dicom_node.settings import SPOOL_DIR
 
-__all__ = ["HTTP_AUTH_MODES", "LOG_FORMATS", "ObservabilitySettings", "is_loopback"]
+__all__ = ["HTTP_AUTH_MODES", "LOG_FORMATS", "SETTINGS", "ObservabilitySettings"]
 
 LOG_FORMATS = ("text", "json")
 HTTP_AUTH_MODES = ("auto", "required")
-
-
-def is_loopback(host: str) -> bool:
-    """Whether binding ``host`` keeps the endpoint on this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _auth_mode(text: str) -> str:
@@ -138,31 +93,225 @@ def _log_format(text: str) -> str:
     return value
 
 
+def _default_audit_log(env: Mapping[str, str]) -> Path:
+    """``audit.jsonl`` beside the spool."""
+    return SPOOL_DIR.read(env).parent / "audit.jsonl"
+
+
+# --- the settings of the HTTP endpoint, audit log and logs, declared once ---
+
+HTTP_HOST = Setting(
+    "D2R_HTTP_HOST",
+    "127.0.0.1",
+    str,
+    "bind address of the HTTP endpoint (`0.0.0.0` for probes and scrapes); off loopback every "
+    "route but `/healthz` and `/readyz` needs a credential",
+    Group.HTTP,
+)
+HTTP_PORT = Setting(
+    "D2R_HTTP_PORT",
+    8080,
+    _http_port,
+    "`/metrics`, `/healthz`, `/readyz` and the status page; `0` disables",
+    Group.HTTP,
+)
+HTTP_AUTH = Setting(
+    "D2R_HTTP_AUTH",
+    "auto",
+    _auth_mode,
+    "`auto`: credentials unless `D2R_HTTP_HOST` is loopback; `required`: on loopback too",
+    Group.HTTP,
+)
+HTTP_TOKENS_FILE: Setting[Path | None] = Setting(
+    "D2R_HTTP_TOKENS_FILE",
+    None,
+    _credentials_file(read_tokens, "D2R_HTTP_TOKENS_FILE"),
+    "bearer tokens, lines `NAME ROLES TOKEN` (roles `metrics`, `viewer`, `ingest`; TOKEN or "
+    "`sha256:<hex>`)",
+    Group.HTTP,
+)
+HTTP_USERS_FILE: Setting[Path | None] = Setting(
+    "D2R_HTTP_USERS_FILE",
+    None,
+    _credentials_file(read_users, "D2R_HTTP_USERS_FILE"),
+    "basic-auth users, lines `NAME:ROLES:scrypt$...` written by `d2r http-user` (`--remove` "
+    "takes one away). Both files are re-read when they change; the systemd units hand over a "
+    "copy made at start (`LoadCredential=`), so there a change needs `systemctl restart`",
+    Group.HTTP,
+)
+HTTP_TRUSTED_PROXIES: Setting[tuple[IPNetwork, ...]] = Setting(
+    "D2R_HTTP_TRUSTED_PROXIES",
+    (),
+    lambda t: parse_networks(t, "D2R_HTTP_TRUSTED_PROXIES"),
+    "addresses / CIDR networks of reverse proxies whose user header is believed",
+    Group.HTTP,
+)
+HTTP_PROXY_HEADER = Setting(
+    "D2R_HTTP_PROXY_HEADER",
+    "X-Forwarded-User",
+    _header_name,
+    "the header naming the user the proxy authenticated",
+    Group.HTTP,
+)
+HTTP_PROXY_ROLES: Setting[frozenset[str]] = Setting(
+    "D2R_HTTP_PROXY_ROLES",
+    frozenset({"viewer"}),
+    parse_roles,
+    "roles of a proxy-authenticated user",
+    Group.HTTP,
+)
+HTTP_AUTH_MAX_FAILURES = Setting(
+    "D2R_HTTP_AUTH_MAX_FAILURES",
+    10,
+    int_at_least(1),
+    "wrong credentials per client address within `D2R_HTTP_AUTH_WINDOW_SECONDS` before it gets 429",
+    Group.HTTP,
+)
+HTTP_AUTH_WINDOW_SECONDS = Setting(
+    "D2R_HTTP_AUTH_WINDOW_SECONDS",
+    60.0,
+    positive_float,
+    "the window (seconds) in which wrong credentials are counted",
+    Group.HTTP,
+)
+HTTP_AUTH_MAX_FAILURES_TOTAL = Setting(
+    "D2R_HTTP_AUTH_MAX_FAILURES_TOTAL",
+    100,
+    int_at_least(1),
+    "wrong credentials of all clients together within the window before password checks get "
+    "429 (tokens keep working)",
+    Group.HTTP,
+)
+HTTP_AUTH_MAX_HASHING = Setting(
+    "D2R_HTTP_AUTH_MAX_HASHING",
+    2,
+    int_at_least(1),
+    "password hashes (scrypt, 16 MiB each) at once; a login beyond gets 503 without hashing",
+    Group.HTTP,
+)
+HTTP_MAX_CONNECTIONS = Setting(
+    "D2R_HTTP_MAX_CONNECTIONS",
+    64,
+    int_at_least(1),
+    "connections the HTTP endpoint serves at once; one more gets 503",
+    Group.HTTP,
+)
+HTTP_MAX_CONNECTIONS_PER_CLIENT = Setting(
+    "D2R_HTTP_MAX_CONNECTIONS_PER_CLIENT",
+    16,
+    int_at_least(1),
+    "... from one client address (an IPv6 client by its /64); one more gets 503",
+    Group.HTTP,
+)
+HTTP_TLS_CERT: Setting[Path | None] = Setting(
+    "D2R_HTTP_TLS_CERT",
+    None,
+    _existing_path,
+    "serve the HTTP endpoint over HTTPS: PEM certificate chain (set with `D2R_HTTP_TLS_KEY`)",
+    Group.HTTP,
+)
+HTTP_TLS_KEY: Setting[Path | None] = Setting(
+    "D2R_HTTP_TLS_KEY",
+    None,
+    _existing_path,
+    "the private key of `D2R_HTTP_TLS_CERT` (PEM; set both or neither)",
+    Group.HTTP,
+)
+HTTP_TLS_CA: Setting[Path | None] = Setting(
+    "D2R_HTTP_TLS_CA",
+    None,
+    _existing_path,
+    "with HTTPS: verify TLS client certificates against this CA; **every** certificate it signs "
+    "holds the `ingest` role (STOW-RS senders) and may store images, which the node warns of at "
+    "start. Needs `D2R_HTTP_TLS_CERT` and `D2R_HTTP_TLS_KEY`",
+    Group.HTTP,
+)
+STATUS_PAGE_PHI = Setting(
+    "D2R_STATUS_PAGE_PHI",
+    False,
+    parse_bool,
+    "show patient name and ID on the status page",
+    Group.HTTP,
+)
+AUDIT_LOG = Setting(
+    "D2R_AUDIT_LOG",
+    Path("d2r-data/audit.jsonl"),
+    Path,
+    "append-only audit log of associations, received and sent objects",
+    Group.AUDIT,
+    shown="`<spool>/../audit.jsonl`",
+    default_from=_default_audit_log,
+)
+AUDIT_FSYNC = Setting(
+    "D2R_AUDIT_FSYNC", False, parse_bool, "fsync the audit log after every line", Group.AUDIT
+)
+LOG_LEVEL = Setting(
+    "D2R_LOG_LEVEL",
+    "INFO",
+    str,
+    "logs carry UIDs, never patient name, ID or birth date",
+    Group.LOGGING,
+)
+LOG_FORMAT = Setting(
+    "D2R_LOG_FORMAT",
+    "text",
+    _log_format,
+    "`json`: one object per line with study UID, SOP UID and task id",
+    Group.LOGGING,
+)
+#: every setting of this package: those :class:`ObservabilitySettings` reads, and
+#: ``D2R_LOG_LEVEL`` (a :mod:`logging` level name; an unknown one means INFO)
+SETTINGS: tuple[Setting[Any], ...] = (
+    HTTP_PORT,
+    HTTP_HOST,
+    HTTP_AUTH,
+    HTTP_TOKENS_FILE,
+    HTTP_USERS_FILE,
+    HTTP_TRUSTED_PROXIES,
+    HTTP_PROXY_HEADER,
+    HTTP_PROXY_ROLES,
+    HTTP_AUTH_MAX_FAILURES,
+    HTTP_AUTH_WINDOW_SECONDS,
+    HTTP_AUTH_MAX_FAILURES_TOTAL,
+    HTTP_AUTH_MAX_HASHING,
+    HTTP_MAX_CONNECTIONS,
+    HTTP_MAX_CONNECTIONS_PER_CLIENT,
+    HTTP_TLS_CERT,
+    HTTP_TLS_KEY,
+    HTTP_TLS_CA,
+    STATUS_PAGE_PHI,
+    AUDIT_LOG,
+    AUDIT_FSYNC,
+    LOG_LEVEL,
+    LOG_FORMAT,
+)
+
+
 @dataclass(frozen=True)
 class ObservabilitySettings:
     """Settings of the HTTP endpoint, the audit log and the log format."""
 
-    http_host: str = "127.0.0.1"
-    http_port: int = 8080
-    audit_log: Path = Path("d2r-data/audit.jsonl")
-    audit_fsync: bool = False
-    log_format: str = "text"
-    status_page_phi: bool = False
-    http_auth: str = "auto"
-    http_tokens_file: Path | None = None
-    http_users_file: Path | None = None
-    http_trusted_proxies: tuple[IPNetwork, ...] = ()
-    http_proxy_header: str = "X-Forwarded-User"
-    http_proxy_roles: frozenset[str] = frozenset({"viewer"})
-    http_auth_max_failures: int = 10
-    http_auth_window_seconds: float = 60.0
-    http_auth_max_failures_total: int = 100
-    http_auth_max_hashing: int = 2
-    http_max_connections: int = 64
-    http_max_connections_per_client: int = 16
-    http_tls_cert: Path | None = None
-    http_tls_key: Path | None = None
-    http_tls_ca: Path | None = None
+    http_host: str = HTTP_HOST.default
+    http_port: int = HTTP_PORT.default
+    audit_log: Path = AUDIT_LOG.default
+    audit_fsync: bool = AUDIT_FSYNC.default
+    log_format: str = LOG_FORMAT.default
+    status_page_phi: bool = STATUS_PAGE_PHI.default
+    http_auth: str = HTTP_AUTH.default
+    http_tokens_file: Path | None = HTTP_TOKENS_FILE.default
+    http_users_file: Path | None = HTTP_USERS_FILE.default
+    http_trusted_proxies: tuple[IPNetwork, ...] = HTTP_TRUSTED_PROXIES.default
+    http_proxy_header: str = HTTP_PROXY_HEADER.default
+    http_proxy_roles: frozenset[str] = HTTP_PROXY_ROLES.default
+    http_auth_max_failures: int = HTTP_AUTH_MAX_FAILURES.default
+    http_auth_window_seconds: float = HTTP_AUTH_WINDOW_SECONDS.default
+    http_auth_max_failures_total: int = HTTP_AUTH_MAX_FAILURES_TOTAL.default
+    http_auth_max_hashing: int = HTTP_AUTH_MAX_HASHING.default
+    http_max_connections: int = HTTP_MAX_CONNECTIONS.default
+    http_max_connections_per_client: int = HTTP_MAX_CONNECTIONS_PER_CLIENT.default
+    http_tls_cert: Path | None = HTTP_TLS_CERT.default
+    http_tls_key: Path | None = HTTP_TLS_KEY.default
+    http_tls_ca: Path | None = HTTP_TLS_CA.default
 
     @property
     def http_auth_required(self) -> bool:
@@ -178,79 +327,40 @@ class ObservabilitySettings:
         ConfigError
             Naming the first invalid setting.
         """
-        d = cls()
-        spool_dir = env_setting(env, "D2R_SPOOL_DIR", NodeSettings().spool_dir, Path)
-        audit_log = env_setting(env, "D2R_AUDIT_LOG", spool_dir.parent / "audit.jsonl", Path)
+        audit_log = AUDIT_LOG.read(env)
         if audit_log.exists() and audit_log.is_dir():
             raise ConfigError("D2R_AUDIT_LOG", f"{audit_log} is a directory, expected a file")
-        tls_cert = env_setting(env, "D2R_HTTP_TLS_CERT", None, _existing_path)
-        tls_key = env_setting(env, "D2R_HTTP_TLS_KEY", None, _existing_path)
+        tls_cert = HTTP_TLS_CERT.read(env)
+        tls_key = HTTP_TLS_KEY.read(env)
         if (tls_cert is None) != (tls_key is None):
             missing = "D2R_HTTP_TLS_KEY" if tls_key is None else "D2R_HTTP_TLS_CERT"
             raise ConfigError(
                 missing, "D2R_HTTP_TLS_CERT and D2R_HTTP_TLS_KEY must be set together"
             )
-        tls_ca = env_setting(env, "D2R_HTTP_TLS_CA", None, _existing_path)
+        tls_ca = HTTP_TLS_CA.read(env)
         if tls_ca is not None and tls_cert is None:
             raise ConfigError(
                 "D2R_HTTP_TLS_CA", "needs D2R_HTTP_TLS_CERT and D2R_HTTP_TLS_KEY (HTTPS)"
             )
         return cls(
-            http_host=env_setting(env, "D2R_HTTP_HOST", d.http_host, str),
-            http_port=env_setting(env, "D2R_HTTP_PORT", d.http_port, _http_port),
+            http_host=HTTP_HOST.read(env),
+            http_port=HTTP_PORT.read(env),
             audit_log=audit_log,
-            audit_fsync=env_setting(env, "D2R_AUDIT_FSYNC", d.audit_fsync, parse_bool),
-            log_format=env_setting(env, "D2R_LOG_FORMAT", d.log_format, _log_format),
-            status_page_phi=env_setting(env, "D2R_STATUS_PAGE_PHI", d.status_page_phi, parse_bool),
-            http_auth=env_setting(env, "D2R_HTTP_AUTH", d.http_auth, _auth_mode),
-            http_tokens_file=env_setting(
-                env,
-                "D2R_HTTP_TOKENS_FILE",
-                None,
-                _credentials_file(read_tokens, "D2R_HTTP_TOKENS_FILE"),
-            ),
-            http_users_file=env_setting(
-                env,
-                "D2R_HTTP_USERS_FILE",
-                None,
-                _credentials_file(read_users, "D2R_HTTP_USERS_FILE"),
-            ),
-            http_trusted_proxies=env_setting(
-                env,
-                "D2R_HTTP_TRUSTED_PROXIES",
-                (),
-                lambda t: parse_networks(t, "D2R_HTTP_TRUSTED_PROXIES"),
-            ),
-            http_proxy_header=env_setting(
-                env, "D2R_HTTP_PROXY_HEADER", d.http_proxy_header, _header_name
-            ),
-            http_proxy_roles=env_setting(
-                env, "D2R_HTTP_PROXY_ROLES", d.http_proxy_roles, parse_roles
-            ),
-            http_auth_max_failures=env_setting(
-                env, "D2R_HTTP_AUTH_MAX_FAILURES", d.http_auth_max_failures, int_at_least(1)
-            ),
-            http_auth_window_seconds=env_setting(
-                env, "D2R_HTTP_AUTH_WINDOW_SECONDS", d.http_auth_window_seconds, positive_float
-            ),
-            http_auth_max_failures_total=env_setting(
-                env,
-                "D2R_HTTP_AUTH_MAX_FAILURES_TOTAL",
-                d.http_auth_max_failures_total,
-                int_at_least(1),
-            ),
-            http_auth_max_hashing=env_setting(
-                env, "D2R_HTTP_AUTH_MAX_HASHING", d.http_auth_max_hashing, int_at_least(1)
-            ),
-            http_max_connections=env_setting(
-                env, "D2R_HTTP_MAX_CONNECTIONS", d.http_max_connections, int_at_least(1)
-            ),
-            http_max_connections_per_client=env_setting(
-                env,
-                "D2R_HTTP_MAX_CONNECTIONS_PER_CLIENT",
-                d.http_max_connections_per_client,
-                int_at_least(1),
-            ),
+            audit_fsync=AUDIT_FSYNC.read(env),
+            log_format=LOG_FORMAT.read(env),
+            status_page_phi=STATUS_PAGE_PHI.read(env),
+            http_auth=HTTP_AUTH.read(env),
+            http_tokens_file=HTTP_TOKENS_FILE.read(env),
+            http_users_file=HTTP_USERS_FILE.read(env),
+            http_trusted_proxies=HTTP_TRUSTED_PROXIES.read(env),
+            http_proxy_header=HTTP_PROXY_HEADER.read(env),
+            http_proxy_roles=HTTP_PROXY_ROLES.read(env),
+            http_auth_max_failures=HTTP_AUTH_MAX_FAILURES.read(env),
+            http_auth_window_seconds=HTTP_AUTH_WINDOW_SECONDS.read(env),
+            http_auth_max_failures_total=HTTP_AUTH_MAX_FAILURES_TOTAL.read(env),
+            http_auth_max_hashing=HTTP_AUTH_MAX_HASHING.read(env),
+            http_max_connections=HTTP_MAX_CONNECTIONS.read(env),
+            http_max_connections_per_client=HTTP_MAX_CONNECTIONS_PER_CLIENT.read(env),
             http_tls_cert=tls_cert,
             http_tls_key=tls_key,
             http_tls_ca=tls_ca,

@@ -1,7 +1,8 @@
 """Worker configuration: :class:`WorkerSettings`, built once by an entry point.
 
 Shares the node's settings (spool, database, destinations, AE title, send retries) and adds the
-broker, the model and the task limits. Every invalid value raises
+broker, the model and the task limits, each declared once below (:data:`SETTINGS`) with its
+default, parser and documentation. Every invalid value raises
 :class:`dicom_node.settings.ConfigError` naming the setting.
 """
 
@@ -11,16 +12,17 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from d2r_core.config import (
-    env_setting,
     int_at_least,
     parse_bool,
     positive_float,
     refuse_placeholder,
 )
 from d2r_core.errors import ConfigError
+from d2r_core.settings_spec import Group, Setting
 from delivery.settings import DeliverySettings
 from dicom_node.settings import NodeSettings
 
@@ -188,6 +190,194 @@ def default_model_path() -> Path | None:
     return BUNDLED_MODEL if (BUNDLED_MODEL / "model.json").is_file() else None
 
 
+# --- the worker's settings, declared once (README.md "Configuration" is made from them) ---
+
+BROKER_URL = Setting(
+    "D2R_BROKER_URL",
+    "redis://127.0.0.1:6379/0",
+    _broker_url,
+    "Celery broker; Redis Sentinel: the sentinels separated by `;`, "
+    "`sentinel://host:26379;sentinel://host2:26379;sentinel://host3:26379`",
+    Group.QUEUE,
+    shown="`redis://127.0.0.1:6379/0` (`serve`: embedded `filesystem://`)",
+    secret=True,
+)
+BROKER_SENTINEL_MASTER = Setting(
+    "D2R_BROKER_SENTINEL_MASTER",
+    "d2r",
+    _sentinel_master,
+    "the Redis Sentinel master name, used when `D2R_BROKER_URL` is a `sentinel://` list",
+    Group.QUEUE,
+)
+TASK_TIME_LIMIT = Setting(
+    "D2R_TASK_TIME_LIMIT",
+    600.0,
+    positive_float,
+    "hard limit of one report task (seconds); a claim is never renewed beyond it",
+    Group.QUEUE,
+)
+VISIBILITY_TIMEOUT = Setting(
+    "D2R_VISIBILITY_TIMEOUT",
+    720.0,
+    positive_float,
+    "Redis visibility timeout; must exceed the time limit",
+    Group.QUEUE,
+    shown="time limit + 120",
+    default_from=lambda env: TASK_TIME_LIMIT.read(env) + 120.0,
+)
+CLAIM_LEASE_SECONDS = Setting(
+    "D2R_CLAIM_LEASE_SECONDS",
+    30.0,
+    positive_float,
+    "a worker's claim on a study expires this long after its last renewal; the reconciler then "
+    "re-queues the study",
+    Group.ASSEMBLY,
+)
+CLAIM_HEARTBEAT_SECONDS = Setting(
+    "D2R_CLAIM_HEARTBEAT_SECONDS",
+    10.0,
+    positive_float,
+    "how often a working worker renews its claim; must be shorter than the lease",
+    Group.ASSEMBLY,
+)
+MODEL: Setting[Path | None] = Setting(
+    "D2R_MODEL",
+    None,
+    Path,
+    "D2R-Net checkpoint directory",
+    Group.MODEL,
+    shown="the bundled demo model",
+    default_from=lambda env: default_model_path(),
+)
+WORKER_CONCURRENCY = Setting(
+    "D2R_WORKER_CONCURRENCY",
+    1,
+    int_at_least(1),
+    "pool processes per worker (one model each)",
+    Group.MODEL,
+)
+DEVICE = Setting("D2R_DEVICE", "cpu", _device, "`cpu`, `cuda` or `cuda:N`", Group.MODEL)
+BATCH_MAX = Setting(
+    "D2R_BATCH_MAX",
+    1,
+    int_at_least(1),
+    "studies a worker runs through the model as one batch: it claims up to this many queued "
+    "studies, each with its own lease, and builds and sends each study's SRs separately",
+    Group.MODEL,
+    shown="`8` on `cuda`, `1` on `cpu`",
+    default_from=lambda env: default_batch_max(DEVICE.read(env)),
+)
+BATCH_WAIT_MS = Setting(
+    "D2R_BATCH_WAIT_MS",
+    20.0,
+    _batch_wait_ms,
+    "how long a worker waits for more queued studies to fill a batch (milliseconds; `0`: only "
+    "those already queued)",
+    Group.MODEL,
+)
+MODEL_SHA256: Setting[str | None] = Setting(
+    "D2R_MODEL_SHA256",
+    None,
+    _sha256,
+    "the checkpoint hash the worker must load (`d2r init-model` and `d2r train` print it)",
+    Group.MODEL,
+)
+BACKEND = Setting(
+    "D2R_BACKEND",
+    "torch",
+    _backend,
+    "`torch`, `onnxruntime` or `tensorrt` (see `docs/backends.md`)",
+    Group.MODEL,
+)
+ENGINE_DIR: Setting[Path | None] = Setting(
+    "D2R_ENGINE_DIR",
+    None,
+    Path,
+    "ONNX export or TensorRT engine directory for those backends",
+    Group.MODEL,
+)
+TORCH_COMPILE = Setting(
+    "D2R_TORCH_COMPILE",
+    False,
+    parse_bool,
+    "run the torch backend through `torch.compile`",
+    Group.MODEL,
+)
+LESION_MIN_SCORE: Setting[float | None] = Setting(
+    "D2R_LESION_MIN_SCORE",
+    None,
+    _unit_interval,
+    "report lesions from this detector score up (0..1)",
+    Group.OUTPUT,
+    shown="the checkpoint's",
+)
+INPUT_GATE = Setting(
+    "D2R_INPUT_GATE",
+    True,
+    parse_bool,
+    "decline images outside the checkpoint's validated inputs (abstention SR, study `done` with "
+    "reason `abstained: ...`); a checkpoint without `gate.safetensors` is refused at start (fit "
+    "one with `d2r calibrate-gate --model DIR --data DIR`); `off` writes a note saying so in "
+    "every SR",
+    Group.OUTPUT,
+    shown="`on`",
+)
+REPORT_CHOICE = Setting(
+    "D2R_REPORT_CHOICE",
+    "consistent",
+    _report_choice,
+    "which of the report generator's beam hypotheses (5) becomes the report: `consistent`, the "
+    "one that agrees best with the detected boxes (fewest boxes the text denies, then most "
+    "boxes it states, then fewest findings without a box, then the most probable; "
+    "`docs/model.md`), or `probable`, the most probable (beam of the checkpoint's `beam_size`)",
+    Group.OUTPUT,
+)
+TEXT_SR = Setting("D2R_TEXT_SR", True, parse_bool, "also send the Basic Text SR", Group.DELIVERY)
+SR_TRACKING_IDENTIFIER = Setting(
+    "D2R_SR_TRACKING_IDENTIFIER",
+    "lesion",
+    str,
+    "prefix of each lesion's Tracking Identifier; `Cornerstone3DTools@^0.1.0:RectangleROI` (used "
+    "verbatim) lets OHIF turn the boxes into editable rectangles",
+    Group.DELIVERY,
+)
+SR_ROI_ENCODING = Setting(
+    "D2R_SR_ROI_ENCODING",
+    "tid1410",
+    _roi_encoding,
+    "how the TID 1500 SR holds each box: `tid1410` planar ROI groups (what 3D Slicer, highdicom "
+    'and IHE AIR consumers read as a bounding box; OHIF labels a box "Certainty of Finding: '
+    '87.00 %"), or `tid1501` groups with the box under the Certainty NUM and Comment labels, '
+    'which OHIF shows as "Pleural effusion 47 %" plus the grounded sentence '
+    '(`docs/air-conformance.md`, "Box labels in OHIF")',
+    Group.DELIVERY,
+)
+#: every setting :class:`WorkerSettings` reads besides the node's and the delivery's
+SETTINGS: tuple[Setting[Any], ...] = (
+    BROKER_URL,
+    BROKER_SENTINEL_MASTER,
+    TASK_TIME_LIMIT,
+    VISIBILITY_TIMEOUT,
+    CLAIM_LEASE_SECONDS,
+    CLAIM_HEARTBEAT_SECONDS,
+    MODEL,
+    WORKER_CONCURRENCY,
+    DEVICE,
+    BATCH_MAX,
+    BATCH_WAIT_MS,
+    MODEL_SHA256,
+    BACKEND,
+    ENGINE_DIR,
+    TORCH_COMPILE,
+    LESION_MIN_SCORE,
+    INPUT_GATE,
+    REPORT_CHOICE,
+    TEXT_SR,
+    SR_TRACKING_IDENTIFIER,
+    SR_ROI_ENCODING,
+)
+
+
 @dataclass(frozen=True)
 class WorkerSettings:
     """Settings of a worker process (and of the node's view of the queue)."""
@@ -195,41 +385,41 @@ class WorkerSettings:
     node: NodeSettings
     #: where the results go (``D2R_DESTINATIONS``) and how the senders connect
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
-    broker_url: str = "redis://127.0.0.1:6379/0"
+    broker_url: str = BROKER_URL.default
     #: the Sentinel master group a ``sentinel://`` broker URL names (``D2R_BROKER_SENTINEL_MASTER``)
-    broker_sentinel_master: str = "d2r"
-    model_path: Path | None = None
-    device: str = "cpu"
-    backend: str = "torch"
+    broker_sentinel_master: str = BROKER_SENTINEL_MASTER.default
+    model_path: Path | None = MODEL.default
+    device: str = DEVICE.default
+    backend: str = BACKEND.default
     #: ONNX export (onnxruntime) or TensorRT engine (tensorrt) directory, ``D2R_ENGINE_DIR``
-    engine_dir: Path | None = None
+    engine_dir: Path | None = ENGINE_DIR.default
     #: wrap the torch backend's graphs in ``torch.compile`` (``D2R_TORCH_COMPILE``)
-    torch_compile: bool = False
-    task_time_limit: float = 600.0
-    visibility_timeout: float = 720.0
+    torch_compile: bool = TORCH_COMPILE.default
+    task_time_limit: float = TASK_TIME_LIMIT.default
+    visibility_timeout: float = VISIBILITY_TIMEOUT.default
     #: a claim holds this long unless renewed (``D2R_CLAIM_LEASE_SECONDS``)
-    claim_lease_seconds: float = 30.0
+    claim_lease_seconds: float = CLAIM_LEASE_SECONDS.default
     #: the worker renews its claim this often while it works (``D2R_CLAIM_HEARTBEAT_SECONDS``)
-    claim_heartbeat_seconds: float = 10.0
-    concurrency: int = 1
-    text_sr: bool = True
-    tracking_identifier_prefix: str = "lesion"
+    claim_heartbeat_seconds: float = CLAIM_HEARTBEAT_SECONDS.default
+    concurrency: int = WORKER_CONCURRENCY.default
+    text_sr: bool = TEXT_SR.default
+    tracking_identifier_prefix: str = SR_TRACKING_IDENTIFIER.default
     #: lesion groups as TID 1410 planar ROIs (default) or as TID 1501 groups whose box sits
     #: under the Certainty NUM, with "<finding> <NN> %" Comments OHIF shows as box labels
     #: (``D2R_SR_ROI_ENCODING``)
-    sr_roi_encoding: str = "tid1410"
+    sr_roi_encoding: str = SR_ROI_ENCODING.default
     #: lesions below this score are not reported (None: the checkpoint's own threshold)
-    lesion_min_score: float | None = None
+    lesion_min_score: float | None = LESION_MIN_SCORE.default
     #: the checkpoint hash the worker must load (None: any checkpoint at ``model_path``)
-    model_sha256: str | None = None
+    model_sha256: str | None = MODEL_SHA256.default
     #: decline images outside the checkpoint's validated inputs (``D2R_INPUT_GATE``)
-    input_gate: bool = True
+    input_gate: bool = INPUT_GATE.default
     #: which of the beam's reports is written (``D2R_REPORT_CHOICE``): ``consistent``, the one
     #: that agrees best with the detected boxes, or ``probable``, the most probable
-    report_choice: str = "consistent"
+    report_choice: str = REPORT_CHOICE.default
     #: studies one worker runs through the model as one batch (``D2R_BATCH_MAX``; default
     #: :func:`default_batch_max` of the device)
-    batch_max: int = 1
+    batch_max: int = BATCH_MAX.default
     #: how long a worker waits for more queued studies to fill a batch (``D2R_BATCH_WAIT_MS``)
     batch_wait_seconds: float = 0.02
 
@@ -256,40 +446,33 @@ class WorkerSettings:
         ``default_broker`` replaces the Redis default when ``D2R_BROKER_URL`` is unset
         (``d2r serve`` passes ``filesystem://``).
         """
-        d = cls(node=NodeSettings())
-        time_limit = env_setting(env, "D2R_TASK_TIME_LIMIT", d.task_time_limit, positive_float)
-        visibility = env_setting(env, "D2R_VISIBILITY_TIMEOUT", time_limit + 120.0, positive_float)
+        time_limit = TASK_TIME_LIMIT.read(env)
+        visibility = VISIBILITY_TIMEOUT.read(env)
         if visibility <= time_limit:
             raise ConfigError(
-                "D2R_VISIBILITY_TIMEOUT",
+                VISIBILITY_TIMEOUT.name,
                 f"must exceed D2R_TASK_TIME_LIMIT ({time_limit:g} s) or a healthy task runs twice",
             )
-        lease = env_setting(env, "D2R_CLAIM_LEASE_SECONDS", d.claim_lease_seconds, positive_float)
-        heartbeat = env_setting(
-            env, "D2R_CLAIM_HEARTBEAT_SECONDS", d.claim_heartbeat_seconds, positive_float
-        )
+        lease = CLAIM_LEASE_SECONDS.read(env)
+        heartbeat = CLAIM_HEARTBEAT_SECONDS.read(env)
         if heartbeat >= lease:
             raise ConfigError(
-                "D2R_CLAIM_HEARTBEAT_SECONDS",
+                CLAIM_HEARTBEAT_SECONDS.name,
                 f"must be shorter than D2R_CLAIM_LEASE_SECONDS ({lease:g} s) or a live claim "
                 "expires between renewals",
             )
-        model = env_setting(env, "D2R_MODEL", default_model_path(), Path)
-        backend = env_setting(env, "D2R_BACKEND", d.backend, _backend)
-        device = env_setting(env, "D2R_DEVICE", d.device, _device)
-        engine_dir = env_setting(env, "D2R_ENGINE_DIR", None, Path)
-        torch_compile = env_setting(env, "D2R_TORCH_COMPILE", d.torch_compile, parse_bool)
+        model = MODEL.read(env)
+        backend = BACKEND.read(env)
+        device = DEVICE.read(env)
+        engine_dir = ENGINE_DIR.read(env)
+        torch_compile = TORCH_COMPILE.read(env)
         _check_backend_settings(backend, device, engine_dir, torch_compile)
         node = NodeSettings.from_env(env)
         return cls(
             node=node,
             delivery=DeliverySettings.from_env(env, node),
-            broker_url=env_setting(
-                env, "D2R_BROKER_URL", default_broker or d.broker_url, _broker_url
-            ),
-            broker_sentinel_master=env_setting(
-                env, "D2R_BROKER_SENTINEL_MASTER", d.broker_sentinel_master, _sentinel_master
-            ),
+            broker_url=BROKER_URL.read(env, default=default_broker or BROKER_URL.default),
+            broker_sentinel_master=BROKER_SENTINEL_MASTER.read(env),
             model_path=model,
             device=device,
             backend=backend,
@@ -299,23 +482,16 @@ class WorkerSettings:
             visibility_timeout=visibility,
             claim_lease_seconds=lease,
             claim_heartbeat_seconds=heartbeat,
-            concurrency=env_setting(env, "D2R_WORKER_CONCURRENCY", d.concurrency, int_at_least(1)),
-            text_sr=env_setting(env, "D2R_TEXT_SR", d.text_sr, parse_bool),
-            tracking_identifier_prefix=env_setting(
-                env, "D2R_SR_TRACKING_IDENTIFIER", d.tracking_identifier_prefix, str
-            ),
-            sr_roi_encoding=env_setting(
-                env, "D2R_SR_ROI_ENCODING", d.sr_roi_encoding, _roi_encoding
-            ),
-            lesion_min_score=env_setting(env, "D2R_LESION_MIN_SCORE", None, _unit_interval),
-            model_sha256=env_setting(env, "D2R_MODEL_SHA256", None, _sha256),
-            input_gate=env_setting(env, "D2R_INPUT_GATE", d.input_gate, parse_bool),
-            report_choice=env_setting(env, "D2R_REPORT_CHOICE", d.report_choice, _report_choice),
-            batch_max=env_setting(env, "D2R_BATCH_MAX", default_batch_max(device), int_at_least(1)),
-            batch_wait_seconds=env_setting(
-                env, "D2R_BATCH_WAIT_MS", d.batch_wait_seconds * 1000.0, _batch_wait_ms
-            )
-            / 1000.0,
+            concurrency=WORKER_CONCURRENCY.read(env),
+            text_sr=TEXT_SR.read(env),
+            tracking_identifier_prefix=SR_TRACKING_IDENTIFIER.read(env),
+            sr_roi_encoding=SR_ROI_ENCODING.read(env),
+            lesion_min_score=LESION_MIN_SCORE.read(env),
+            model_sha256=MODEL_SHA256.read(env),
+            input_gate=INPUT_GATE.read(env),
+            report_choice=REPORT_CHOICE.read(env),
+            batch_max=BATCH_MAX.read(env),
+            batch_wait_seconds=BATCH_WAIT_MS.read(env) / 1000.0,
         )
 
     def require_model(self) -> Path:

@@ -1,10 +1,15 @@
-"""``d2r predict``: run D2R-Net on DICOM files and print the report and lesions."""
+"""``d2r predict``: run D2R-Net on DICOM files and print the report and lesions.
+
+The model, backend, engine directory, device, input gate, report choice and pixel-data limit
+are the worker's settings (``D2R_MODEL``, ``D2R_BACKEND``, ...), read from the configuration
+file of ``--config`` under the environment as every command reads them; the command's flags
+override them.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from cli.offline import EXIT_FAILURE, EXIT_USAGE, fail
@@ -23,19 +28,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="checkpoint directory (default: D2R_MODEL, else the bundled demo model)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument(
+        "--device", default=None, help="torch device (default: D2R_DEVICE, else cpu)"
+    )
     parser.add_argument(
         "--backend",
         default=None,
         choices=("torch", "onnxruntime", "tensorrt"),
-        help="inference backend (default: environment D2R_BACKEND, else torch)",
+        help="inference backend (default: D2R_BACKEND, else torch)",
     )
     parser.add_argument(
         "--engine-dir",
         metavar="DIR",
         default=None,
-        help="ONNX export (onnxruntime) or engine (tensorrt) directory "
-        "(default: environment D2R_ENGINE_DIR)",
+        help="ONNX export (onnxruntime) or engine (tensorrt) directory (default: D2R_ENGINE_DIR)",
     )
     parser.add_argument(
         "--min-score",
@@ -47,44 +53,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from worker.settings import default_model_path
+    from cli.runtime import environment
+    from d2r_core.errors import ConfigError
+    from dicom_node.settings import MAX_PIXEL_BYTES
+    from worker.settings import BACKEND, DEVICE, ENGINE_DIR, INPUT_GATE, MODEL, REPORT_CHOICE
 
-    model_dir = args.model or os.environ.get("D2R_MODEL") or default_model_path()
+    env = environment(args)  # the config file (--config, D2R_CONFIG) under the environment
+    model_dir = args.model or MODEL.read(env)
     if not model_dir:
         return fail("predict", "no model: pass --model DIR or set D2R_MODEL", EXIT_USAGE)
-    from d2r_core.config import env_setting
-    from d2r_core.errors import ConfigError
     from dicom_node.errors import InstanceRejected, PixelDataTooLarge
     from dicom_node.instance_file import read_instance
-    from dicom_node.settings import DEFAULT_MAX_PIXEL_BYTES, parse_max_pixel_bytes
+
+    # D2R_BACKEND is checked by the backend factory, whose one-line error names the setting
+    backend = args.backend or BACKEND.read(env, parse=str)
+    backend_setting = "--backend" if args.backend else BACKEND.name
+    engine_dir = args.engine_dir or ENGINE_DIR.read(env)
+    engine_setting = (
+        "--engine-dir" if args.engine_dir else ENGINE_DIR.name if engine_dir else "--engine-dir"
+    )
+    from report.grounding import report_chooser
+
+    try:
+        device = args.device or DEVICE.read(env)
+        input_gate = INPUT_GATE.read(env)
+        choose_report = report_chooser(REPORT_CHOICE.read(env))
+        max_pixel_bytes = MAX_PIXEL_BYTES.read(env)
+    except ConfigError as e:
+        return fail("predict", str(e), EXIT_USAGE)
     from model.backends import BackendError
     from model.errors import CheckpointError, GateMissingError, ModelError
     from model.predict import Predictor
 
-    backend = args.backend or os.environ.get("D2R_BACKEND") or "torch"
-    backend_setting = "--backend" if args.backend else "D2R_BACKEND"
-    engine_dir = args.engine_dir or os.environ.get("D2R_ENGINE_DIR") or None
-    engine_setting = (
-        "--engine-dir" if args.engine_dir else "D2R_ENGINE_DIR" if engine_dir else "--engine-dir"
-    )
-
-    from d2r_core.config import parse_bool
-    from report.grounding import report_chooser
-
-    try:
-        input_gate = parse_bool(os.environ.get("D2R_INPUT_GATE", "on"))
-    except ValueError as e:
-        return fail("predict", f"D2R_INPUT_GATE: {e}", EXIT_USAGE)
-    try:
-        choose_report = report_chooser(os.environ.get("D2R_REPORT_CHOICE", "consistent"))
-    except ValueError as e:
-        return fail("predict", f"D2R_REPORT_CHOICE: {e}", EXIT_USAGE)
-    try:
-        max_pixel_bytes = env_setting(
-            os.environ, "D2R_MAX_PIXEL_BYTES", DEFAULT_MAX_PIXEL_BYTES, parse_max_pixel_bytes
-        )
-    except ConfigError as e:
-        return fail("predict", str(e), EXIT_USAGE)
     datasets = []
     for name in args.files:
         path = Path(name)
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         predictor = Predictor.from_checkpoint(
             Path(model_dir),
-            device=args.device,
+            device=device,
             lesion_score_threshold=args.min_score,
             backend=backend,
             engine_dir=Path(engine_dir) if engine_dir else None,
