@@ -65,6 +65,8 @@ def multiprocess_dir() -> Path | None:
     return Path(value) if value else None
 
 
+# Longer than a screen: the endpoint's settings mapped one to one onto the authenticator, TLS and
+# server parameters
 def start_http(
     env: Mapping[str, str],
     *,

@@ -406,6 +406,8 @@ _BUSY = (
 )
 
 
+# Longer than a screen: the request handler class, whose methods are each short, closes over the
+# server it answers for
 def _handler_class(owner: HttpServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "d2r"

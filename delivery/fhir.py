@@ -277,6 +277,8 @@ def _entry(
     )
 
 
+# Longer than a screen: the FHIR resources of one transaction Bundle, built and cross-referenced
+# in one place
 def build_bundle(results: StudyResults) -> Bundle:
     """The transaction Bundle for ``results`` (see the module docstring), validated by the models.
 

@@ -476,6 +476,7 @@ class NodeSettings:
     #: how long an incoming instance waits for the database before a failure status
     db_ingest_wait_seconds: float = DB_INGEST_WAIT_SECONDS.default
 
+    # Longer than a screen: one line per setting of the node, each read through its declaration
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> NodeSettings:
         """Build settings from ``D2R_*`` variables in ``env``.

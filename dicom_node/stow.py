@@ -332,6 +332,8 @@ class _Request:
                 part.data.discard()
 
 
+# Longer than a screen: the streaming multipart parser's event loop: each event's handling is a
+# few lines and they share the parser's state
 def _read_parts(
     body: RequestBody, boundary: str, *, max_bytes: int, spool: Spool, content_length: int | None
 ) -> _Request:

@@ -273,6 +273,8 @@ class OnnxRuntimeBackend(_NamedGraphs):
 
     name = ONNXRUNTIME
 
+    # Longer than a screen: the onnxruntime session options, providers and the export's checks, in
+    # the order the session needs them
     def __init__(
         self,
         export_dir: Path,

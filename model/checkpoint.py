@@ -160,6 +160,7 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path.name}: not valid JSON: {e}") from e
 
 
+# Longer than a screen: one check per file of the checkpoint, each naming the file it refuses
 def load_checkpoint(path: Path, *, device: str = "cpu") -> LoadedCheckpoint:
     """Validate every file of a checkpoint directory and build the model (eval mode)."""
     from safetensors import SafetensorError

@@ -151,6 +151,7 @@ class ModelConfig:
             raise ModelConfigError("crop_channels: expected a tuple of positive ints")
         self._check()
 
+    # Longer than a screen: one validation line per configuration field
     def _check(self) -> None:
         def need(ok: bool, name: str, what: str) -> None:
             if not ok:

@@ -34,6 +34,8 @@ class Hypothesis:
     logprob: float
 
 
+# Longer than a screen: the beam search loop, with tensor shapes commented at each step, reads
+# best as one piece
 @torch.no_grad()
 def beam_hypotheses(
     decoder: ReportDecoder,

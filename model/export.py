@@ -140,6 +140,7 @@ def example_inputs(
     )
 
 
+# Longer than a screen: one block per exported graph, each with its dynamic axes
 def export_onnx(
     model: D2RNet, out_dir: Path, *, parts: tuple[str, ...] = ("detector", "visual", "decoder_step")
 ) -> dict[str, Path]:

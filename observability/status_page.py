@@ -312,6 +312,7 @@ def render_index(
     return _page(title, "".join(parts))
 
 
+# Longer than a screen: an HTML page template: one section per part of the study
 def render_study(
     view: StudyView,
     events: Sequence[Event],

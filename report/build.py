@@ -481,6 +481,8 @@ def _usable_imager_pixel_spacing(image: Dataset) -> tuple[float, float] | None:
     return None
 
 
+# Longer than a screen: TID 1601/1602/1603 items, one per descriptor of the template, in template
+# order
 def _image_library_entry(image: Dataset) -> hd.sr.ImageContentItem:
     """TID 1601 entry with TID 1602/1603 descriptors; spacing only when it is usable."""
     modality = source_modality(image)
@@ -633,6 +635,7 @@ def _box_coordinates(polyline: npt.NDArray[np.float32], image: Dataset) -> hd.sr
     )
 
 
+# Longer than a screen: the TID 1410/1501 items of one measurement group, in template order
 def _lesion_group(
     lesion: LesionFinding,
     box: Box,
@@ -885,6 +888,8 @@ def _document(
     return document
 
 
+# Longer than a screen: the two SR documents and their shared header, in the order of the
+# templates
 def build_reports(
     content: ReportContent,
     algorithm: AlgorithmInfo,

@@ -69,6 +69,9 @@ class IngestBook(Database):
             ).first()
         return row is not None
 
+    # Longer than a screen: one transaction must decide stored, duplicate or conflict and re-open
+    # the study; split, the steps would need the same open connection and row state passed between
+    # them
     def _record_instance(self, record: InstanceRecord, outcome: str) -> str:
         now = record.received_at.timestamp()
         study_uid = record.study_instance_uid

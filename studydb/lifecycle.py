@@ -528,6 +528,8 @@ class Lifecycle(Database):
             if res.rowcount:
                 write_event(conn, study_uid, FAILED, reason)
 
+    # Longer than a screen: one transaction re-opens the study and each failed delivery together,
+    # so a retry is all or nothing
     @retrying
     def reset_for_retry(
         self, study_uid: str, *, reprocess: bool = False, destination: str | None = None

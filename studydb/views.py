@@ -83,6 +83,8 @@ class Views(Database):
         counts.update({r[0]: int(r[1]) for r in rows})
         return counts
 
+    # Longer than a screen: the study rows, then for each its instance count, its nodes and its
+    # deliveries, assembled into one view; the columns read sit beside the fields they fill
     def _views(self, cond: Any, *, limit: int) -> list[StudyView]:
         s = studies_table.c
         with self.transaction() as conn:

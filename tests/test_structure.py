@@ -148,3 +148,62 @@ def test_the_cycle_check_finds_a_cycle() -> None:
     graph.add_import(importer="worker.b", imported="worker.c")
     graph.add_import(importer="worker.c", imported="worker.a")
     assert _cycles(graph) == [["worker.a", "worker.b", "worker.c"]]
+
+
+#: the packages that run in the node and the workers (offline tools are not held to it)
+RUNTIME = (
+    *("d2r_core", "d2r_http", "studydb", "cli", "dicom_node", "delivery", "observability"),
+    *("worker", "model", "report"),
+)
+#: lines a function body may take (its docstring not counted) without a reason beside it
+SCREEN = 50
+REASON = "# Longer than a screen:"
+
+
+def long_functions_without_reason(path: Path, root: Path = ROOT) -> list[str]:
+    """Functions of ``path`` longer than :data:`SCREEN` lines with no :data:`REASON` comment
+    in the comment block above the ``def`` (or above its decorators)."""
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    found = []
+    for node in ast.walk(ast.parse(text)):
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        first = node.body[0]
+        docstring = isinstance(first, ast.Expr) and isinstance(
+            getattr(first, "value", None), ast.Constant
+        )
+        start = first.end_lineno + 1 if docstring and first.end_lineno else first.lineno
+        assert node.end_lineno is not None
+        if node.end_lineno - start + 1 <= SCREEN:
+            continue
+        top = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+        comments = []  # the comment block right above the def (or its decorators)
+        for line in reversed(lines[: top - 1]):
+            if not line.strip().startswith("#"):
+                break
+            comments.append(line.strip())
+        if not any(c.startswith(REASON) for c in comments):
+            found.append(f"{path.relative_to(root)}:{node.lineno} {node.name}")
+    return found
+
+
+def test_no_runtime_function_is_longer_than_a_screen_without_a_reason() -> None:
+    found = [
+        entry
+        for package in RUNTIME
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if "migrations" not in path.parts
+        for entry in long_functions_without_reason(path)
+    ]
+    assert found == []
+
+
+def test_the_length_check_finds_a_long_function(tmp_path: Path) -> None:
+    body = "\n".join(f"    x{i} = {i}" for i in range(SCREEN + 1))
+    plain = tmp_path / "plain.py"
+    plain.write_text(f"def f() -> None:\n{body}\n")
+    explained = tmp_path / "explained.py"
+    explained.write_text(f"{REASON} one table\ndef f() -> None:\n{body}\n")
+    assert [e.split()[1] for e in long_functions_without_reason(plain, tmp_path)] == ["f"]
+    assert long_functions_without_reason(explained, tmp_path) == []

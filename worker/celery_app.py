@@ -47,6 +47,7 @@ def sentinel_publish_retry_policy(settings: WorkerSettings) -> dict[str, Any]:
     }
 
 
+# Longer than a screen: a table of Celery settings, one line each
 def celery_config(settings: WorkerSettings) -> dict[str, Any]:
     """The Celery configuration for ``settings`` (pure)."""
     transport: dict[str, Any]

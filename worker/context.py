@@ -95,22 +95,12 @@ class WorkerContext:
             return self._predictor
 
     def _load(self) -> Any:
-        from model.predict import Predictor
-        from report.grounding import report_chooser
+        from worker.predictor import ModelOptions, open_predictor
 
         settings = self.settings
         path = settings.require_model()
         try:
-            predictor = Predictor.from_checkpoint(
-                path,
-                device=settings.device,
-                lesion_score_threshold=settings.lesion_min_score,
-                backend=settings.backend,
-                engine_dir=settings.engine_dir,
-                torch_compile=settings.torch_compile,
-                input_gate=settings.input_gate,
-                choose_report=report_chooser(settings.report_choice),
-            )
+            predictor = open_predictor(ModelOptions.from_settings(settings))
             # a pinned hash must match what was actually loaded
             settings.verify_model_sha256(predictor.checkpoint_sha256)
         except Exception as exc:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from cli.offline import EXIT_FAILURE, EXIT_USAGE, checkpoint_problem, fail
@@ -31,7 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model_dir = args.model or os.environ.get("D2R_MODEL")
+    from cli.runtime import environment
+    from worker.settings import MODEL
+
+    # D2R_MODEL from the config file under the environment, as every command reads it (no
+    # bundled default here: an engine is built for a checkpoint named on purpose); the
+    # checkpoint check below names what is wrong with it
+    model_dir = args.model or environment(args).get(MODEL.name, "").strip() or None
     if problem := checkpoint_problem(model_dir):
         return fail("build-engine", problem, EXIT_USAGE)
     assert model_dir is not None  # checked above

@@ -51,12 +51,23 @@ def _predict_records(model: str, data: str, split: str, choice: str) -> list[Any
     from pathlib import Path
 
     from training.evaluation.predictions import predict_phantom_records
+    from worker.predictor import ModelOptions, open_predictor
 
+    predictor = open_predictor(ModelOptions(Path(model), report_choice=choice))
     return predict_phantom_records(
-        Path(model), Path(data), None if split == "all" else split, report_choice=choice
+        Path(model), Path(data), None if split == "all" else split, predictor=predictor
     )
 
 
+def _report_choice(env: dict[str, str]) -> str:
+    """``D2R_REPORT_CHOICE`` as the node reads it (unchecked: :func:`run` names a bad value)."""
+    from worker.settings import REPORT_CHOICE
+
+    return REPORT_CHOICE.read(env, parse=str)
+
+
+# Longer than a screen: argument checks, the records, the metrics and the printed summary of one
+# command, read top to bottom
 def run(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
@@ -70,9 +81,9 @@ def run(args: argparse.Namespace) -> int:
     if bool(args.predictions) == bool(args.model):
         print("d2r evaluate: give either --predictions or --model/--data", file=sys.stderr)
         return 2
-    import os
+    from cli.runtime import environment
 
-    choice = args.report_choice or os.environ.get("D2R_REPORT_CHOICE") or "consistent"
+    choice = args.report_choice or _report_choice(environment(args))
     if choice not in ("consistent", "probable"):
         print("d2r evaluate: D2R_REPORT_CHOICE: expected consistent or probable", file=sys.stderr)
         return 2

@@ -19,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# Longer than a screen: the supervisor of the worker child and the node it runs beside share the
+# stop event and the metrics folder of one process
 def run(args: argparse.Namespace) -> int:
     import os
     import shutil

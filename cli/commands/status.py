@@ -39,6 +39,8 @@ def _received_by(nodes: tuple[tuple[str, int], ...]) -> str:
     return " (received by " + ", ".join(f"{name}: {count}" for name, count in named) + ")"
 
 
+# Longer than a screen: the command's four views (one study, the nodes, the stuck studies, the
+# list), each in text and in JSON
 def run(args: argparse.Namespace) -> int:
     import dataclasses
     import json

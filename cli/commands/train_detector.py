@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", default="0.1.0")
 
 
+# Longer than a screen: the offline command's argument checks, training and checkpoint writing,
+# read top to bottom
 def run(args: argparse.Namespace) -> int:
     import dataclasses
     import logging

@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hostname", default=None, help="Celery node name")
 
 
+# Longer than a screen: the Celery worker's start-up: schema check, metrics folder, HTTP endpoint
+# and the worker itself, in the order they must happen
 def run(args: argparse.Namespace) -> int:
     import os
     import shutil

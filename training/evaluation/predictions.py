@@ -8,11 +8,18 @@ from typing import Any
 
 
 def predict_phantom_records(
-    model_dir: Path, data: Path, split: str | None = None, *, report_choice: str = "consistent"
+    model_dir: Path,
+    data: Path,
+    split: str | None = None,
+    *,
+    report_choice: str = "consistent",
+    predictor: Any = None,
 ) -> list[Any]:
     """One record per study of ``data/studies.jsonl`` (``split`` None: every study).
 
-    ``report_choice`` picks the report among the beam's hypotheses as ``D2R_REPORT_CHOICE``
+    ``predictor`` is the model as ``d2r evaluate`` opens it (``worker.predictor``, the node's
+    own path); without one the checkpoint in ``model_dir`` is opened on the CPU with
+    ``report_choice`` picking the report among the beam's hypotheses as ``D2R_REPORT_CHOICE``
     does on the node (:func:`report.grounding.report_chooser`).
 
     Studies written without DICOM files (``d2r synth --dicom-size 0``) cannot be run and are
@@ -24,7 +31,10 @@ def predict_phantom_records(
     from report.grounding import report_chooser
     from training.evaluation.records import record_from_dict
 
-    predictor = Predictor.from_checkpoint(model_dir, choose_report=report_chooser(report_choice))
+    if predictor is None:
+        predictor = Predictor.from_checkpoint(
+            model_dir, choose_report=report_chooser(report_choice)
+        )
     records = []
     for line in (data / "studies.jsonl").read_text().splitlines():
         entry = json.loads(line)
