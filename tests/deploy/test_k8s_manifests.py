@@ -508,16 +508,18 @@ def test_every_deployed_setting_is_documented_and_read_by_the_product(
 
 FAKE_REDIS_CLI = """#!/bin/sh
 # Answers `-h HOST -p 26379 sentinel get-master-addr-by-name NAME` from $ANSWERS/HOST: its first
-# line (removed once a later one remains); no file: the Sentinel is not reachable.
+# line (removed once a later one remains); no file: the Sentinel is not reachable. The answer is
+# consumed before it is printed: the script reads one line and closes the pipe, which may end
+# this process before anything after the output runs.
 while [ $# -gt 0 ]; do
   if [ "$1" = -h ]; then host=$2; fi
   shift
 done
 file="$ANSWERS/$host"
 [ -f "$file" ] || { echo "Could not connect to Redis at $host:26379" >&2; exit 1; }
-head -n 1 "$file"
-echo 6379
+answer=$(head -n 1 "$file")
 if [ "$(wc -l < "$file")" -gt 1 ]; then sed -i 1d "$file"; fi
+printf '%s\\n6379\\n' "$answer"
 """
 FAKE_REDIS_SERVER = """#!/bin/sh
 echo "redis-server $*"
