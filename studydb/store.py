@@ -18,15 +18,6 @@ class StudyStore(IngestBook, Lifecycle, Deliveries, Retention, Views):
     signature (the status page :class:`~studydb.views.Views`, the receivers
     :class:`~studydb.ingest.IngestBook`), so what it may do is visible in its type.
 
-    Parameters
-    ----------
-    url : str
-        SQLAlchemy URL, e.g. ``sqlite:////var/lib/d2r/d2r.db`` or
-        ``postgresql+psycopg://d2r@db/d2r``. An empty database is created by the migrations.
-    auto_upgrade : bool
-        Upgrade a database at an older schema revision instead of refusing it
-        (:func:`studydb.schema.prepare`, which raises a :class:`~studydb.errors.SchemaError`).
-    retry_seconds : float
-        How long each call retries while the database is unreachable before it raises
-        :class:`~studydb.errors.DatabaseUnavailable` (``D2R_DB_RETRY_SECONDS``).
+    Its parameters are :class:`~studydb.engine.Database`'s: the URL, ``auto_upgrade`` and
+    ``retry_seconds``.
     """

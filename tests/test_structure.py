@@ -9,20 +9,10 @@ from pathlib import Path
 import grimp
 import pytest
 
+from tests.test_packaging import product_packages
+
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = (
-    "d2r_core",
-    "studydb",
-    "cli",
-    "dicom_node",
-    "delivery",
-    "observability",
-    "worker",
-    "model",
-    "report",
-    "training",
-    "trt_build",
-)
+PACKAGES = tuple(sorted(product_packages()))
 
 
 def _module_name(path: Path) -> str:
