@@ -36,7 +36,7 @@ status=0
 # torch.compile runs in its own process under its own limit: inductor can outlast an in-process
 # alarm. Worst case with the kill grace periods: 265 + 145 + 70 s = 8 minutes.
 timeout --signal=TERM --kill-after=10 255 "$py" bench/inference/gpu.py --budget 225 \
-  --stages eager,export,tensorrt,batching --out "$out" "$@" || status=$?
+  --stages eager,export,tensorrt,batching,auto --out "$out" "$@" || status=$?
 timeout --signal=TERM --kill-after=10 135 "$py" bench/inference/gpu.py --budget 125 \
   --stages compile --append --out "$out" "$@" || status=$?
 echo

@@ -2,8 +2,9 @@
 
 :class:`Node` composes what a node runs over one study database and one spool: the DICOM
 listener (and its extra listener processes), the STOW-RS receiver, the assembler with its
-reconciler, the audit log and the HTTP endpoint. :meth:`Node.start` brings them up in order,
-:meth:`Node.stop` takes them down in reverse; each part is built by a named step.
+reconciler, the audit log, the HTTP endpoint and, when ``D2R_HL7_LISTEN_PORT`` is set, the
+MLLP listener for signed reports (:mod:`feedback.hl7_listener`). :meth:`Node.start` brings them
+up in order, :meth:`Node.stop` takes them down in reverse; each part is built by a named step.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ class Node:
         The broker when ``D2R_BROKER_URL`` is unset (``d2r serve``: the embedded one).
     extra_ready : mapping, optional
         More readiness checks for ``/readyz`` (``d2r serve``: the worker and its model).
+    extra_details : mapping, optional
+        Facts ``/readyz`` tells an authenticated caller (``d2r serve``: the worker's backend).
     """
 
     def __init__(
@@ -41,15 +44,19 @@ class Node:
         *,
         default_broker: str | None,
         extra_ready: Mapping[str, Callable[[], None]] | None = None,
+        extra_details: Mapping[str, Callable[[], str]] | None = None,
     ) -> None:
+        from feedback.settings import FeedbackSettings
         from observability.settings import ObservabilitySettings
         from worker.settings import WorkerSettings
 
         self.env = env
         self.settings = WorkerSettings.from_env(env, default_broker=default_broker)
         self.obs = ObservabilitySettings.from_env(env)
+        self.feedback = FeedbackSettings.from_env(env)
         self.config = self.settings.node
         self.extra_ready = dict(extra_ready or {})
+        self.extra_details = dict(extra_details or {})
         self._node_lock: IO[bytes] | None = None
         self.store: Any = None
         self.spool: Any = None
@@ -60,6 +67,8 @@ class Node:
         self.server: Any = None
         self.listeners: ListenerProcesses | None = None
         self.http: Any = None
+        self.hl7: Any = None
+        self.scorer: Any = None
 
     def run(self, stop: threading.Event) -> None:
         """Start, serve until ``stop`` is set, then stop."""
@@ -75,6 +84,7 @@ class Node:
         self._open_spool_and_queue()
         self._build_assembler()
         self._start_listeners()
+        self._start_hl7()
         self._start_http()
         node = self.config
         logger.info(
@@ -94,6 +104,10 @@ class Node:
         """Stop every part, the HTTP endpoint first and the database last."""
         if self.http is not None:
             self.http.stop()
+        if self.hl7 is not None:
+            self.hl7.stop()
+        if self.scorer is not None:
+            self.scorer.stop()
         if self.listeners is not None:
             self.listeners.stop()
         if self.server is not None:
@@ -134,8 +148,9 @@ class Node:
         self.app = create_app(self.settings)
 
     def enqueue_report(self, uid: str, generation: int, images: Sequence[Any]) -> None:
-        """Send the report job of a study complete with ``images`` (instance records)."""
-        from worker.messages import REPORT_TASK, JobInstance, ReportJob
+        """Send the report job of a study complete with ``images`` (instance records), with
+        the study's priority as the message's (:func:`worker.messages.broker_priority`)."""
+        from worker.messages import REPORT_TASK, JobInstance, ReportJob, broker_priority
 
         job = ReportJob(
             study_instance_uid=uid,
@@ -145,13 +160,18 @@ class Node:
             ),
             queued_at=time.time(),
         )
-        self.app.send_task(REPORT_TASK, args=[job.to_dict()])
+        priority = self.store.message_priority(
+            uid, aging_seconds=self.config.priority_aging_seconds
+        )
+        self.app.send_task(REPORT_TASK, args=[job.to_dict()], priority=broker_priority(priority))
 
     def enqueue_send(self, uid: str, destination: str) -> None:
-        """Send the job that delivers a study's results to one destination."""
-        from worker.messages import SEND_TASK
+        """Send the job that delivers a study's results to one destination (an urgent study's
+        ahead of routine retries)."""
+        from worker.messages import SEND_TASK, broker_priority
 
-        self.app.send_task(SEND_TASK, args=[uid, destination])
+        priority = broker_priority(self.store.priority_of(uid))
+        self.app.send_task(SEND_TASK, args=[uid, destination], priority=priority)
 
     def broker_identity(self) -> str | None:
         """The Redis master's run and replication ids (a restart, a promotion or a resync
@@ -182,6 +202,8 @@ class Node:
                 node=node.node_name,
                 heartbeat_seconds=node.node_heartbeat_seconds,
                 node_expire_seconds=node.node_expire_seconds,
+                priority_aging_seconds=node.priority_aging_seconds,
+                urgent_quiet_seconds=node.urgent_quiet_seconds,
             ),
             enqueue_report=self.enqueue_report,
             enqueue_send=self.enqueue_send,
@@ -232,6 +254,43 @@ class Node:
             )
             self.listeners.start()
 
+    def _start_hl7(self) -> None:
+        """The MLLP listener for signed reports, when ``D2R_HL7_LISTEN_PORT`` is set."""
+        from dicom_node.scp import server_ssl_context
+        from feedback.hl7_listener import Hl7Listener
+
+        settings = self.feedback
+        if settings.port == 0:
+            return
+        if settings.score_seconds > 0:
+            from cli.scoring import Scorer
+
+            self.scorer = Scorer(self.store, settings.score_seconds)
+            self.scorer.start()
+        node = self.config
+        self.hl7 = Hl7Listener(
+            self.store,
+            settings,
+            host=node.host,
+            sending_application=node.ae_title,
+            ssl_context=server_ssl_context(node) if settings.tls else None,
+        )
+        self.hl7.start()
+        logger.info(
+            "signed reports: HL7 listener on %s:%d%s",
+            node.host,
+            self.hl7.port,
+            " (TLS)" if settings.tls else "",
+        )
+
+    def agreement(self) -> dict[str, dict[str, Any]]:
+        """The drafts against the signed reports, all time and in the sliding window."""
+        from feedback.scoring import windowed_summaries
+
+        return windowed_summaries(
+            self.store.report_scores, window_days=self.feedback.window_days, now=time.time()
+        )
+
     def _stow_receiver(self) -> Any:
         from dicom_node.stow import StowReceiver
         from studydb.ingest import NodeRecorder
@@ -248,6 +307,7 @@ class Node:
             max_concurrent=node.stow_max_concurrent,
             on_released=self.released,
             on_instance=self.listener_audit.stow_instance,
+            priority=node.priority,
         )
 
     def listener_bound(self) -> None:
@@ -264,7 +324,9 @@ class Node:
 
     def _start_http(self) -> None:
         from observability.metrics import (
+            AgreementCollector,
             OldestUnfinishedCollector,
+            QueuedByPriorityCollector,
             QueueDepthCollector,
             StudiesByStateCollector,
         )
@@ -281,7 +343,9 @@ class Node:
             self.env,
             collectors=[
                 StudiesByStateCollector(self.store.count_by_state),
+                QueuedByPriorityCollector(self.store.count_by_priority),
                 OldestUnfinishedCollector(self.store.oldest_unfinished_age),
+                AgreementCollector(self.agreement),
                 queues,
             ],
             health={"database": self.database},
@@ -291,6 +355,7 @@ class Node:
                 "broker": queues.ping,
                 **self.extra_ready,
             },
+            details=self.extra_details,
             store=self.store,
             ingest=stow,
             node=self.config.node_name,
@@ -303,6 +368,9 @@ def run_node(
     *,
     default_broker: str | None,
     extra_ready: Mapping[str, Callable[[], None]] | None = None,
+    extra_details: Mapping[str, Callable[[], str]] | None = None,
 ) -> None:
     """Run a :class:`Node` until ``stop`` is set."""
-    Node(env, default_broker=default_broker, extra_ready=extra_ready).run(stop)
+    Node(
+        env, default_broker=default_broker, extra_ready=extra_ready, extra_details=extra_details
+    ).run(stop)

@@ -73,6 +73,7 @@ def start_http(
     collectors: Sequence[Any] = (),
     health: Mapping[str, Callable[[], None]],
     ready: Mapping[str, Callable[[], None]],
+    details: Mapping[str, Callable[[], str]] | None = None,
     store: Any = None,
     ingest: Any = None,
     node: str | None = None,
@@ -129,6 +130,7 @@ def start_http(
         registry=build_registry(multiprocess_dir(), collectors, node=node),
         health=health,
         ready=ready,
+        details=details,
         pages=None
         if store is None
         else StatusPages(

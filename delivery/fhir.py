@@ -168,6 +168,8 @@ def _imaging_study(
     instances: dict[str, list[ImagingStudySeriesInstance]] = {}
     descriptions: dict[str, str] = {}
     for ds in reports:
+        if ds.get("Modality") != "SR":  # the presentation state and overlay image are not listed
+            continue
         descriptions.setdefault(str(ds.SeriesInstanceUID), _text(ds, "SeriesDescription"))
         instances.setdefault(str(ds.SeriesInstanceUID), []).append(
             ImagingStudySeriesInstance(

@@ -6,6 +6,9 @@ Every tick it
    (:meth:`studydb.store.StudyStore.completion_due`): the eligible frontal images are
    chosen by :func:`dicom_node.selection.select_images`; a study with nothing eligible is
    ``skipped`` with the reason, the others are queued with ``enqueue_report``;
+   queued studies whose priority rose after their job was sent (``d2r retry --priority``,
+   or a routine study aged past ``priority_aging_seconds``) have their job sent again at the
+   new priority (:meth:`Assembler.promote_queued`);
 2. re-sends jobs the database says are unfinished: a processing claim whose short lease expired
    (its worker died) on every tick, a study queued too long (a lost broker message) at start and
    every ``reconcile_seconds``, so a restart, a killed worker or a lost message never loses a
@@ -111,6 +114,10 @@ class AssemblerConfig:
     node_expire_seconds: float = 30.0
     #: how often the spool is compared with the database (and once at start)
     spool_check_seconds: float = 3600.0
+    #: a routine or low study queued this long is served as urgent (0: never)
+    priority_aging_seconds: float = 0.0
+    #: the quiet period of urgent and stat studies (None: ``quiet_seconds``)
+    urgent_quiet_seconds: float | None = None
 
 
 class Assembler:
@@ -158,6 +165,7 @@ class Assembler:
             force_seconds=self.config.force_seconds,
             release_grace_seconds=self.config.release_grace_seconds,
             now=now,
+            urgent_quiet_seconds=self.config.urgent_quiet_seconds,
         ):
             selection = select_images(self.store.instances(uid))
             if selection.skip_reason is not None:
@@ -169,6 +177,21 @@ class Assembler:
                 self._enqueue(uid, generation, selection.images)
                 queued.append(uid)
         return queued
+
+    def promote_queued(self, now: float | None = None) -> list[str]:
+        """Send again, at their new priority, the jobs of queued studies whose priority rose
+        since their job was sent (an operator's ``d2r retry --priority``, or the starvation
+        guard's ageing); the first message finds the study claimed and is dropped."""
+        promoted = []
+        for uid, generation in self.store.promotion_candidates(
+            aging_seconds=self.config.priority_aging_seconds, now=now
+        ):
+            selection = select_images(self.store.instances(uid))
+            if selection.skip_reason is not None or not selection.images:
+                continue
+            self._enqueue(uid, generation, selection.images)
+            promoted.append(uid)
+        return promoted
 
     def reap_expired(self, now: float | None = None) -> list[str]:
         """Fail studies whose claim expired on their last attempt; re-send the others' jobs."""
@@ -468,6 +491,7 @@ class Assembler:
             self._last_broker_check = time.monotonic()
             self.check_broker(now)
         self.complete_due(now)
+        self.promote_queued(now)
         if self.reap_expired(now):
             logger.warning("re-queued the study(ies) of a lost worker")
         if now - self._last_reconcile >= self.config.reconcile_seconds:

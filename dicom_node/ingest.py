@@ -31,7 +31,7 @@ the log only through :func:`~dicom_node.spool.printable` and
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Final, Protocol
 
@@ -40,6 +40,7 @@ from pynetdicom import AllStoragePresentationContexts
 from d2r_core import statuses
 from dicom_node.errors import InstanceRejected, SpoolFullError, SpoolWriteError
 from dicom_node.metadata import InstanceHeader, parse_header
+from dicom_node.priority import PriorityPolicy, decide_priority
 from dicom_node.selection import (
     CR_IMAGE_STORAGE,
     DX_FOR_PRESENTATION,
@@ -142,6 +143,9 @@ class Source:
         The log line of a rejection (``%s`` for the SOP Instance UID and the reason).
     expected_study : str or None
         The Study Instance UID a STOW-RS request names in its route.
+    called_ae_title, address, dimse_priority
+        What the priority rules and the C-STORE Priority decide a study's priority from
+        (:mod:`dicom_node.priority`).
     """
 
     calling_ae_title: str
@@ -149,6 +153,12 @@ class Source:
     envelope: str
     rejected_log: str
     expected_study: str | None = None
+    #: the called AE title (C-STORE) the association used
+    called_ae_title: str = ""
+    #: the sender's IP address, as the transport saw it
+    address: str = ""
+    #: the C-STORE request's Priority (0 medium, 1 high, 2 low); None for STOW-RS
+    dimse_priority: int | None = None
 
 
 @dataclass(frozen=True)
@@ -188,6 +198,7 @@ def instance_record(
         sha256=spooled.sha256,
         calling_ae_title=calling_ae_title,
         received_at=datetime.now(UTC),
+        accession_number=header.accession_number,
     )
 
 
@@ -220,11 +231,18 @@ class IngestService:
     recorder : StudyRecorder
         The study database's ingest bookkeeping (a node's
         :class:`~studydb.ingest.NodeRecorder`, audited or not).
+    priority : PriorityPolicy, optional
+        The routing rules and default priority (``D2R_PRIORITY_RULES``,
+        ``D2R_PRIORITY_DEFAULT``); each recorded instance carries the priority decided from
+        them, its header and its source (:func:`~dicom_node.priority.decide_priority`).
     """
 
-    def __init__(self, spool: Spool, recorder: StudyRecorder) -> None:
+    def __init__(
+        self, spool: Spool, recorder: StudyRecorder, *, priority: PriorityPolicy | None = None
+    ) -> None:
         self.spool = spool
         self.recorder = recorder
+        self.priority = priority or PriorityPolicy()
 
     def accept(self, envelope: Envelope, payload: Payload, source: Source) -> Accepted | Rejected:
         """Answer one instance: spooled and recorded, or refused with a status and a reason."""
@@ -313,8 +331,17 @@ class IngestService:
         except SpoolFullError as exc:
             reason = f"out of resources: {exc}"
             return self.refuse(sop_uid, study_uid, statuses.OUT_OF_RESOURCES, reason, source)
-        record = instance_record(
-            header, spooled, envelope.transfer_syntax_uid, source.calling_ae_title
+        record = replace(
+            instance_record(header, spooled, envelope.transfer_syntax_uid, source.calling_ae_title),
+            priority=decide_priority(
+                self.priority.rules,
+                calling_ae_title=source.calling_ae_title,
+                called_ae_title=source.called_ae_title,
+                address=source.address,
+                header_priorities=header.priorities,
+                dimse_priority=source.dimse_priority,
+                default=self.priority.default,
+            ),
         )
         recorded = self.recorder.record_instance(record, outcome=spooled.outcome)
         logger.debug(

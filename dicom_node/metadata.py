@@ -2,7 +2,7 @@
 
 The receive path calls :func:`parse_header` on the C-STORE data set exactly as it
 arrived (any transfer syntax, Deflated included); parsing stops before the first
-element after Series Instance UID (0020,000E), so pixel data is never read.
+element after Requested Procedure Priority (0040,1003), so pixel data is never read.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ __all__ = ["InstanceHeader", "header_from_dataset", "parse_header", "read_header
 
 logger = logging.getLogger(__name__)
 
-_LAST_TAG = 0x0020000E  # Series Instance UID: every element we need sorts at or before it
+_LAST_TAG = 0x00401003  # Requested Procedure Priority: every element we need sorts at or before it
 #: The header we route on sits in the first few kilobytes; a Deflated data set is inflated only
 #: this far, so a deflate bomb cannot exhaust memory in the listener.
 _MAX_INFLATED_HEADER = 4 * 1024 * 1024
@@ -53,6 +53,32 @@ class InstanceHeader:
     body_part_examined: str
     view_position: str
     series_description: str
+    #: (attribute, value) of each Requested Procedure Priority (0040,1003) the header names, at
+    #: the top level and in the Request Attributes Sequence (0040,0275); printable text
+    priorities: tuple[tuple[str, str], ...] = ()
+    #: the AccessionNumber (0008,0050), an order identifier: stored so that signed reports
+    #: from the RIS can be matched by it, never logged
+    accession_number: str = ""
+
+
+def _priorities(ds: Dataset) -> tuple[tuple[str, str], ...]:
+    """The Requested Procedure Priority values of ``ds`` and of its Request Attributes items.
+
+    A malformed element here costs the instance its header priority, never its acceptance.
+    """
+    found = []
+    try:
+        top = _text(ds, "RequestedProcedurePriority")
+        if top:
+            found.append(("Requested Procedure Priority", top))
+        items: Any = ds.get("RequestAttributesSequence") or ()
+        for item in items:
+            value = _text(item, "RequestedProcedurePriority")
+            if value:
+                found.append(("Request Attributes Sequence priority", value))
+    except Exception:  # malformed or truncated: no priority from the header
+        logger.debug("priority elements unreadable")
+    return tuple(found)
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -99,6 +125,8 @@ def header_from_dataset(ds: Dataset) -> InstanceHeader:
         body_part_examined=_text(ds, "BodyPartExamined"),
         view_position=_text(ds, "ViewPosition"),
         series_description=_text(ds, "SeriesDescription"),
+        priorities=_priorities(ds),
+        accession_number=_text(ds, "AccessionNumber")[:64],
     )
 
 

@@ -94,6 +94,7 @@ from dicom_node.ingest import (
     read_header,
 )
 from dicom_node.metadata import InstanceHeader, parse_header
+from dicom_node.priority import PriorityPolicy
 from dicom_node.settings import NodeSettings
 from dicom_node.shared_port import start_shared_server
 from dicom_node.spool import (
@@ -535,13 +536,36 @@ def handle_echo(event: evt.Event) -> int:
     return statuses.SUCCESS
 
 
-def _source(calling_ae_title: str) -> Source:
-    """How the C-STORE handler's refusals are recorded, logged and named."""
+def _source(
+    calling_ae_title: str,
+    *,
+    called_ae_title: str = "",
+    address: str = "",
+    dimse_priority: int | None = None,
+) -> Source:
+    """How the C-STORE handler's refusals are recorded, logged and named, and what the priority
+    rules see of the request."""
     return Source(
         calling_ae_title=calling_ae_title,
         protocol="C-STORE",
         envelope="request",
         rejected_log="rejected SOP Instance %s: %s",
+        called_ae_title=called_ae_title,
+        address=address,
+        dimse_priority=dimse_priority,
+    )
+
+
+def _request_source(event: evt.Event, request: Any) -> Source:
+    """The :class:`Source` of one C-STORE request: the association's AE titles and peer, and
+    the request's Priority."""
+    assoc = event.assoc
+    priority = getattr(request, "Priority", None)
+    return _source(
+        str(assoc.requestor.ae_title).strip(),
+        called_ae_title=str(assoc.acceptor.ae_title).strip(),
+        address=str(assoc.requestor.address or ""),
+        dimse_priority=priority if isinstance(priority, int) else None,
     )
 
 
@@ -584,19 +608,22 @@ def handle_store(
     spool: Spool,
     store: StudyRecorder,
     associations: AssociationStudies | None = None,
+    priority: PriorityPolicy | None = None,
 ) -> int:
     """Persist one C-STORE request and return its DIMSE status (:mod:`dicom_node.ingest`).
 
     Bind with ``(evt.EVT_C_STORE, handle_store, [spool, store])`` (or
     ``[spool, store, associations]`` to count the association of each newly stored instance's
-    study for the early-completion rule).
+    study for the early-completion rule; ``[spool, store, associations, priority]`` to decide
+    priorities with the node's rules).
     """
     request: Any = event.request
     incoming = getattr(request, "_dataset_file", None)  # the streamed data set, if any
     try:
         if not isinstance(incoming, IncomingFile):
             incoming = _copy_to_spool(request, spool)
-        return _store(event, request, incoming, IngestService(spool, store), associations)
+        service = IngestService(spool, store, priority=priority)
+        return _store(event, request, incoming, service, associations)
     finally:
         if isinstance(incoming, IncomingFile):  # published, or removed here
             incoming.close()
@@ -617,7 +644,7 @@ def _store(
             sop_instance_uid=sop_instance_uid,
             transfer_syntax_uid=str(event.context.transfer_syntax),
         )
-        source = _source(str(event.assoc.requestor.ae_title).strip())
+        source = _request_source(event, request)
     except Exception:
         logger.exception("C-STORE of SOP Instance %s failed", printable_uid(sop_instance_uid))
         return statuses.PROCESSING_FAILURE
@@ -656,10 +683,12 @@ def event_handlers(
     on_rejected: AssociationRejected | None = None,
     associations: AssociationStudies | None = None,
     max_pdu: int = 0,
+    priority: PriorityPolicy | None = None,
 ) -> list[Any]:
     """Return the handler bindings for ``start_server`` (3-tuple form, no globals).
 
-    ``max_pdu``: the listener's Maximum Length Received (see :func:`bound_association`).
+    ``max_pdu``: the listener's Maximum Length Received (see :func:`bound_association`);
+    ``priority``: the rules and default each stored instance's priority is decided with.
     """
     handlers: list[Any] = [
         (evt.EVT_CONN_OPEN, no_delay),
@@ -667,7 +696,7 @@ def event_handlers(
         (evt.EVT_CONN_OPEN, stream_to_spool, [spool]),
         (evt.EVT_CONN_CLOSE, _end_stream),
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [spool, store, associations]),
+        (evt.EVT_C_STORE, handle_store, [spool, store, associations, priority]),
     ]
     if associations is not None:
         handlers.extend(associations.handlers())
@@ -720,6 +749,7 @@ def start_server(
         on_rejected=on_rejected,
         associations=associations,
         max_pdu=settings.max_pdu,
+        priority=settings.priority,
     )
     if shared or inherited is not None:
         if block:

@@ -40,7 +40,9 @@ from d2r_core.config import (
     validate_ae_title,
 )
 from d2r_core.errors import ConfigError
+from d2r_core.priority import Priority
 from d2r_core.settings_spec import Group, Setting
+from dicom_node.priority import PriorityPolicy, PriorityRule, parse_priority_rules
 
 __all__ = [
     "DEFAULT_MAX_PIXEL_BYTES",
@@ -267,6 +269,15 @@ STUDY_QUIET_SECONDS = Setting(
     "a study is complete after this long without a new instance",
     Group.ASSEMBLY,
 )
+URGENT_QUIET_SECONDS: Setting[float | None] = Setting(
+    "D2R_URGENT_QUIET_SECONDS",
+    None,
+    positive_float,
+    "... an urgent or stat study after this long instead (a shorter quiet period for the studies "
+    "that need their draft first)",
+    Group.ASSEMBLY,
+    shown="the quiet period",
+)
 STUDY_FORCE_SECONDS = Setting(
     "D2R_STUDY_FORCE_SECONDS",
     600.0,
@@ -281,6 +292,32 @@ STUDY_RELEASE_GRACE_SECONDS = Setting(
     "... or this long after the association that brought its last instance was released, when "
     "no other association of the study is open (set it to the quiet period or more to rely on "
     "the quiet period alone)",
+    Group.ASSEMBLY,
+)
+PRIORITY_RULES: Setting[tuple[PriorityRule, ...]] = Setting(
+    "D2R_PRIORITY_RULES",
+    (),
+    parse_priority_rules,
+    "priority by sender, ahead of the headers: `KEY[,KEY...]=PRIORITY` rules separated by `;`, "
+    "a key a calling AE title, `called:TITLE` or an IP network, a priority `stat`, `urgent`, "
+    "`routine` or `low` (e.g. `ED_CR1,ICU_DX=stat; 10.2.0.0/16=urgent`; docs/operations.md, "
+    '"Priority")',
+    Group.ASSEMBLY,
+    shown="none",
+)
+PRIORITY_DEFAULT = Setting(
+    "D2R_PRIORITY_DEFAULT",
+    Priority.ROUTINE,
+    Priority.parse,
+    "the priority of a study that no rule, header or C-STORE Priority names",
+    Group.ASSEMBLY,
+)
+PRIORITY_AGING_SECONDS = Setting(
+    "D2R_PRIORITY_AGING_SECONDS",
+    1800.0,
+    non_negative_float,
+    "a routine or low study queued this long is served as urgent, so a stream of urgent work "
+    "never starves it (0: never)",
     Group.ASSEMBLY,
 )
 RECONCILE_SECONDS = Setting(
@@ -401,8 +438,12 @@ SETTINGS: tuple[Setting[Any], ...] = (
     DB_RETRY_SECONDS,
     DB_INGEST_WAIT_SECONDS,
     STUDY_QUIET_SECONDS,
+    URGENT_QUIET_SECONDS,
     STUDY_FORCE_SECONDS,
     STUDY_RELEASE_GRACE_SECONDS,
+    PRIORITY_RULES,
+    PRIORITY_DEFAULT,
+    PRIORITY_AGING_SECONDS,
     RECONCILE_SECONDS,
     MAX_ATTEMPTS,
     SEND_RETRIES,
@@ -433,6 +474,8 @@ class NodeSettings:
     #: upgrade a database at an older schema revision at start, under a lock (single-host installs)
     db_auto_upgrade: bool = DB_AUTO_UPGRADE.default
     study_quiet_seconds: float = STUDY_QUIET_SECONDS.default
+    #: the quiet period of urgent and stat studies (None: the quiet period)
+    urgent_quiet_seconds: float | None = URGENT_QUIET_SECONDS.default
     study_force_seconds: float = STUDY_FORCE_SECONDS.default
     #: complete a study this long after its last association was released (see studies.py)
     study_release_grace_seconds: float = STUDY_RELEASE_GRACE_SECONDS.default
@@ -475,6 +518,10 @@ class NodeSettings:
     db_retry_seconds: float = DB_RETRY_SECONDS.default
     #: how long an incoming instance waits for the database before a failure status
     db_ingest_wait_seconds: float = DB_INGEST_WAIT_SECONDS.default
+    #: the routing rules and the default priority the receivers decide priorities with
+    priority: PriorityPolicy = PriorityPolicy()
+    #: a routine or low study queued this long is served as urgent (0: never)
+    priority_aging_seconds: float = PRIORITY_AGING_SECONDS.default
 
     # Longer than a screen: one line per setting of the node, each read through its declaration
     @classmethod
@@ -515,6 +562,7 @@ class NodeSettings:
             database_url=database_url,
             db_auto_upgrade=DB_AUTO_UPGRADE.read(env),
             study_quiet_seconds=quiet,
+            urgent_quiet_seconds=URGENT_QUIET_SECONDS.read(env),
             study_force_seconds=force,
             study_release_grace_seconds=STUDY_RELEASE_GRACE_SECONDS.read(env),
             reconcile_seconds=RECONCILE_SECONDS.read(env),
@@ -540,6 +588,8 @@ class NodeSettings:
             node_expire_seconds=expire,
             db_retry_seconds=DB_RETRY_SECONDS.read(env),
             db_ingest_wait_seconds=DB_INGEST_WAIT_SECONDS.read(env),
+            priority=PriorityPolicy(PRIORITY_RULES.read(env), PRIORITY_DEFAULT.read(env)),
+            priority_aging_seconds=PRIORITY_AGING_SECONDS.read(env),
         )
 
     def retry_delay(self, attempt: int) -> float:

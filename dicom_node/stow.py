@@ -77,6 +77,7 @@ from dicom_node.ingest import (
     read_header,
 )
 from dicom_node.metadata import InstanceHeader
+from dicom_node.priority import PriorityPolicy
 from dicom_node.scp import AssociationLedger
 from dicom_node.spool import (
     MAX_FILE_META_BYTES,
@@ -460,6 +461,9 @@ class StowReceiver:
         Called after a request that stored instances was counted as released.
     on_instance : callable, optional
         Called for each part with its :class:`PartResult`, the client address and the user.
+    priority : PriorityPolicy, optional
+        The rules (by the client's network) and default each part's priority is decided with;
+        STOW-RS has no DIMSE Priority, so the header and the network rules speak.
     """
 
     def __init__(
@@ -472,12 +476,13 @@ class StowReceiver:
         max_concurrent: int = 4,
         on_released: Callable[[], None] | None = None,
         on_instance: InstanceObserver | None = None,
+        priority: PriorityPolicy | None = None,
     ) -> None:
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
         self.spool = spool
         self.store = store
-        self.ingest = IngestService(spool, store)
+        self.ingest = IngestService(spool, store, priority=priority)
         self.ledger = ledger
         self.max_bytes = max_bytes
         self.max_concurrent = max_concurrent
@@ -556,7 +561,7 @@ class StowReceiver:
         studies: list[str] = []
         try:
             for part in request.parts:
-                result = self._store_part(part, study)
+                result = self._store_part(part, study, client)
                 results.append(result)
                 if result.outcome == "stored" and result.study_instance_uid not in studies:
                     self._open(result.study_instance_uid, studies)
@@ -611,16 +616,17 @@ class StowReceiver:
         return PartResult(sop_class, sop_uid, study_uid, refused.status, reason=refused.reason)
 
     @staticmethod
-    def _source(expected_study: str | None) -> Source:
+    def _source(expected_study: str | None, client: str = "") -> Source:
         return Source(
             calling_ae_title=STOW_CALLING_AE,
             protocol="STOW-RS",
             envelope="File Meta",
             rejected_log="STOW-RS part %s rejected: %s",
             expected_study=expected_study,
+            address=client,
         )
 
-    def _store_part(self, part: _Part, expected_study: str | None) -> PartResult:
+    def _store_part(self, part: _Part, expected_study: str | None, client: str = "") -> PartResult:
         """Store one part as the C-STORE handler stores one request (:mod:`dicom_node.ingest`)."""
         if part.data is None:
             reason = f"part is {printable(part.content_type, 64)}, not application/dicom"
@@ -637,7 +643,7 @@ class StowReceiver:
             result = self.ingest.accept(
                 Envelope(sop_class, sop_uid, transfer_syntax),
                 _PartPayload(incoming),
-                self._source(expected_study),
+                self._source(expected_study, client),
             )
         finally:
             incoming.close()

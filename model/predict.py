@@ -13,6 +13,7 @@ import torch
 
 from d2r_core.classes import VINDR_CLASSES
 from d2r_core.geometry import Box
+from model.backend_choice import BackendChoice
 from model.backends import TORCH, InferenceBackend, create_backend, run_graphs
 from model.checkpoint import LoadedCheckpoint, load_checkpoint
 from model.decoding import Hypothesis
@@ -118,6 +119,8 @@ class Predictor:
         self._preprocess = Preprocessor(self.config.image_size)
         #: the most studies one call of the backend takes (None: no limit of its own)
         self.max_batch: int | None = getattr(self.backend, "max_batch", None)
+        #: which backend runs and why (``worker.predictor.open_predictor`` sets ``auto``'s)
+        self.backend_choice = BackendChoice(self.backend.name, device=device)
 
     @classmethod
     def from_checkpoint(
@@ -188,6 +191,7 @@ class Predictor:
             gate_text,
             report_text,
             f"checkpoint sha256: {self.checkpoint_sha256[:16]}",
+            f"backend: {self.backend_choice.describe()}",
         )
 
     @staticmethod

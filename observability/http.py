@@ -65,6 +65,13 @@ def _count_refusal(reason: str) -> None:
     metrics.observe_http_refusal(reason)
 
 
+def _detail(fn: Callable[[], str]) -> str:
+    try:
+        return fn()
+    except Exception as exc:  # a fact that cannot be read is not a failed probe
+        return f"unknown ({type(exc).__name__})"
+
+
 class ObservabilityServer(HttpServer):
     """``/metrics``, ``/healthz``, ``/readyz``, (with ``pages``) the status page and (with
     ``ingest``) the STOW-RS receiver, on one :class:`~d2r_http.server.HttpServer`.
@@ -77,6 +84,8 @@ class ObservabilityServer(HttpServer):
         What ``/metrics`` serves.
     health, ready : mapping of str to Check
         The checks of ``/healthz`` and ``/readyz``.
+    details : mapping of str to callable, optional
+        Facts ``/readyz`` adds for a caller that authenticated, e.g. the inference backend.
     pages : StatusPages, optional
         The status page; without it ``/`` answers 404.
     auth, tls, ingest, max_connections, max_connections_per_client
@@ -92,6 +101,7 @@ class ObservabilityServer(HttpServer):
         health: Mapping[str, Check],
         ready: Mapping[str, Check],
         pages: StatusPages | None = None,
+        details: Mapping[str, Callable[[], str]] | None = None,
         auth: Authenticator | None = None,
         tls: ssl.SSLContext | None = None,
         ingest: IngestHandler | None = None,
@@ -101,6 +111,7 @@ class ObservabilityServer(HttpServer):
         self.registry = registry
         self.health = dict(health)
         self.ready = dict(ready)
+        self.details = dict(details or {})
         self.pages = pages
         self._last_errors: dict[str, str] = {}
         self._errors_lock = threading.Lock()
@@ -140,6 +151,8 @@ class ObservabilityServer(HttpServer):
         answer: dict[str, Any] = {"status": "ok" if ok else "fail", "checks": results}
         if detailed and errors:
             answer["errors"] = errors
+        if detailed and name == "readyz" and self.details:
+            answer["details"] = {key: _detail(fn) for key, fn in self.details.items()}
         return (200 if ok else 503), "application/json", json.dumps(answer).encode()
 
     def _metrics(

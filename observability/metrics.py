@@ -19,6 +19,7 @@ metric                                 type       labels
 ``d2r_instances_received_total``       counter    ``outcome`` (stored/duplicate/conflict)
 ``d2r_instances_rejected_total``       counter    ``reason`` (a DIMSE status name)
 ``d2r_studies``                        gauge      ``state`` (collector, from the database)
+``d2r_queued_studies``                 gauge      ``priority`` (collector, from the database)
 ``d2r_queue_depth``                    gauge      ``queue`` (collector, from the broker)
 ``d2r_study_end_to_end_seconds``       histogram  first instance received -> SRs acknowledged
 ``d2r_inference_seconds``              histogram  one model prediction (a batch: one call)
@@ -39,7 +40,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -48,15 +49,19 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import REGISTRY, Collector
 
 from d2r_core import statuses
+from d2r_core.priority import PRIORITY_VALUES
 from studydb.records import DONE, STUDY_STATES, StudyView
 
 __all__ = [
+    "AgreementCollector",
     "NodeLabelled",
     "OldestUnfinishedCollector",
     "QueueDepthCollector",
+    "QueuedByPriorityCollector",
     "StudiesByStateCollector",
     "build_registry",
     "mark_process_dead",
+    "loaded_backends",
     "model_loaded",
     "observe_association",
     "observe_http_refusal",
@@ -67,6 +72,7 @@ __all__ = [
     "observe_store_response",
     "observe_study_done",
     "rejection_reason",
+    "set_backend_info",
     "set_model_info",
     "study_done_latency",
 ]
@@ -127,6 +133,20 @@ MODEL_INFO = Gauge(
     "The model a worker process has loaded (1 while loaded)",
     ["name", "version"],
     multiprocess_mode="livemax",
+)
+
+BACKEND_INFO = Gauge(
+    "d2r_backend_info",
+    "The inference backend a worker process runs (1 while loaded): policy auto or explicit, "
+    "fallback the reason auto runs torch instead of its first choice (none otherwise)",
+    ["backend", "device", "policy", "fallback"],
+    multiprocess_mode="livemax",
+)
+BACKEND_FALLBACKS = Counter(
+    "d2r_backend_fallbacks",
+    "Worker processes that started torch because D2R_BACKEND=auto could not use its first "
+    "choice (export failed, parity check failed, export or engine did not load)",
+    ["reason"],
 )
 
 #: failure status -> the ``reason`` label of ``d2r_instances_rejected_total``
@@ -248,6 +268,29 @@ def set_model_info(name: str, version: str) -> None:
     MODEL_INFO.labels(name, version).set(1)
 
 
+def set_backend_info(backend: str, device: str, policy: str, fallback: str | None) -> None:
+    """Record the backend this process runs; count a fallback of ``D2R_BACKEND=auto``."""
+    BACKEND_INFO.labels(backend, device, policy, fallback or "none").set(1)
+    if fallback is not None:
+        BACKEND_FALLBACKS.labels(fallback).inc()
+
+
+def loaded_backends(registry: CollectorRegistry) -> str:
+    """The backends the processes feeding ``registry`` run, e.g. ``onnxruntime on cpu (auto)``
+    ("" before one has loaded)."""
+    seen = set()
+    for family in registry.collect():
+        if family.name == "d2r_backend_info":
+            for sample in family.samples:
+                if sample.value >= 1:
+                    labels = sample.labels
+                    text = f"{labels['backend']} on {labels['device']} ({labels['policy']}"
+                    if labels.get("fallback", "none") != "none":
+                        text += f", fallback {labels['fallback']}"
+                    seen.add(text + ")")
+    return "; ".join(sorted(seen))
+
+
 def model_loaded(registry: CollectorRegistry) -> bool:
     """Whether any process feeding ``registry`` reports a loaded model."""
     for family in registry.collect():
@@ -274,6 +317,90 @@ class StudiesByStateCollector(Collector):
             return
         for state in STUDY_STATES:
             family.add_metric([state], counts.get(state, 0))
+        yield family
+
+
+class AgreementCollector(Collector):
+    """The drafts against the radiologists' signed reports, read from the database, per
+    ``window`` (``all``, and the last ``D2R_FEEDBACK_WINDOW_DAYS``): ``d2r_feedback_studies``,
+    ``d2r_feedback_abstention_ratio``, ``d2r_feedback_agreement_ratio``, and per
+    ``observation`` ``d2r_feedback_sensitivity``, ``d2r_feedback_ppv`` and
+    ``d2r_feedback_observations{agreement}`` (both_positive, both_negative, ai_only,
+    radiologist_only). A ratio without a denominator has no sample.
+
+    ``summaries`` returns window -> the summary ``d2r feedback report --json`` prints.
+    """
+
+    def __init__(self, summaries: Callable[[], Mapping[str, Mapping[str, Any]]]) -> None:
+        self._summaries = summaries
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            summaries = self._summaries()
+        except Exception as exc:  # a scrape must still answer while the database is down
+            logger.warning("cannot read the signed-report agreement: %s", exc)
+            return
+        w, wo = ["window"], ["window", "observation"]
+        studies = GaugeMetricFamily(
+            "d2r_feedback_studies",
+            "Studies whose draft was scored against a signed report",
+            labels=w,
+        )
+        abstention = GaugeMetricFamily(
+            "d2r_feedback_abstention_ratio", "Scored studies where the model abstained", labels=w
+        )
+        agreement = GaugeMetricFamily(
+            "d2r_feedback_agreement_ratio",
+            "Observations where draft and signed report agree (both positive or both negative)",
+            labels=w,
+        )
+        sensitivity = GaugeMetricFamily(
+            "d2r_feedback_sensitivity", "Draft sensitivity against the signed report", labels=wo
+        )
+        ppv = GaugeMetricFamily(
+            "d2r_feedback_ppv",
+            "Draft positive predictive value against the signed report",
+            labels=wo,
+        )
+        counts = GaugeMetricFamily(
+            "d2r_feedback_observations",
+            "Scored studies by observation and agreement",
+            labels=[*wo, "agreement"],
+        )
+        for window, summary in summaries.items():
+            studies.add_metric([window], summary["studies"])
+            for family, key in ((abstention, "abstention_rate"), (agreement, "agreement_rate")):
+                if summary[key] is not None:
+                    family.add_metric([window], summary[key])
+            for observation, figures in summary["observations"].items():
+                for family, key in ((sensitivity, "sensitivity"), (ppv, "ppv")):
+                    if figures[key] is not None:
+                        family.add_metric([window, observation], figures[key])
+                for kind in ("both_positive", "both_negative", "ai_only", "radiologist_only"):
+                    counts.add_metric([window, observation, kind], figures[kind])
+        yield from (studies, abstention, agreement, sensitivity, ppv, counts)
+
+
+class QueuedByPriorityCollector(Collector):
+    """``d2r_queued_studies{priority}``: queued studies of each priority (stat, urgent,
+    routine, low), read from the database."""
+
+    def __init__(self, count_by_priority: Callable[[], dict[str, int]]) -> None:
+        self._count = count_by_priority
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "d2r_queued_studies",
+            "Queued studies of each priority (from the study database)",
+            labels=["priority"],
+        )
+        try:
+            counts = self._count()
+        except Exception as exc:  # a scrape must still answer while the database is down
+            logger.warning("cannot count queued studies by priority: %s", exc)
+            return
+        for priority in PRIORITY_VALUES:
+            family.add_metric([priority], counts.get(priority, 0))
         yield family
 
 

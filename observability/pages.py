@@ -77,7 +77,12 @@ class StatusPages:
                 for v in views
                 if (p := self._patient(v.study_instance_uid)) is not None
             }
-        return render_index(views, counts=self.store.count_by_state(), patients=patients)
+        return render_index(
+            views,
+            counts=self.store.count_by_state(),
+            queued=self.store.count_by_priority(),
+            patients=patients,
+        )
 
     def study(self, study_uid: str) -> str | None:
         from observability.status_page import read_sr_boxes, render_study

@@ -267,10 +267,12 @@ def render_index(
     views: Sequence[StudyView],
     *,
     counts: Mapping[str, int] | None = None,
+    queued: Mapping[str, int] | None = None,
     patients: Mapping[str, PatientLabel] | None = None,
     title: str = "d2r",
 ) -> str:
-    """The recent-studies page; ``patients`` (study UID -> label) only with PHI enabled."""
+    """The recent-studies page; ``queued``: queued studies by priority; ``patients`` (study
+    UID -> label) only with PHI enabled."""
     parts = [f"<h1>{_e(title)}: recent studies</h1>"]
     if counts:
         parts.append(
@@ -278,7 +280,13 @@ def render_index(
             + ", ".join(f"{_e(state)}: {int(n)}" for state, n in counts.items())
             + "</p>"
         )
-    head = ["Study Instance UID", "State", "Reason", "Instances", "Received", "Queued"]
+    if queued:
+        parts.append(
+            "<p id=queued>queued by priority: "
+            + ", ".join(f"{_e(p)}: {int(n)}" for p, n in queued.items())
+            + "</p>"
+        )
+    head = ["Study Instance UID", "State", "Priority", "Reason", "Instances", "Received", "Queued"]
     head += ["Processed", "Finished", "End-to-end (s)", "Model", "Lesions", "Impression"]
     if patients is not None:
         head[1:1] = ["Patient", "Patient ID"]
@@ -289,6 +297,7 @@ def render_index(
             f'<a class=uid href="{_e(_study_href(v.study_instance_uid))}">'
             f"{_e(v.study_instance_uid)}</a>",
             f"<span class={_e(v.state)}>{_e(v.state)}</span>",
+            f"<span class=priority-{_e(v.priority)}>{_e(v.priority)}</span>",
             _e(v.reason),
             _e(v.instance_count),
             _e(_time(v.first_received_at)),
@@ -326,6 +335,7 @@ def render_study(
     rows = [
         ("Study Instance UID", view.study_instance_uid),
         ("State", view.state),
+        ("Priority", view.priority),
         ("Reason", view.reason),
         ("Instances", view.instance_count),
         ("Received", _time(view.first_received_at)),

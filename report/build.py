@@ -7,7 +7,7 @@ The first document is a Comprehensive SR (1.2.840.10008.5.1.4.1.1.88.33) holding
 DICOM PS3.16 TID 1500 "Imaging Measurement Report"::
 
     CONTAINER (126000,DCM,"Imaging Measurement Report")                     TID 1500
-     |- language, observer context (Device), procedure reported (399208008,SCT)
+     |- language, observer context (Device), procedure reported (43468-8,LN), CID 100
      |- CONTAINER (111028,DCM,"Image Library") > (126200,DCM,"Image Library Group") > IMAGE
      |- CONTAINER (126010,DCM,"Imaging Measurements")                        (only with lesions)
      |   '- CONTAINER (125007,DCM,"Measurement Group") per lesion               TID 1410
@@ -27,8 +27,18 @@ grounded sentence. That is the form OHIF 3.13 draws labels from (docs/air-confor
 "Box labels in OHIF"); the default TID 1410 form is what 3D Slicer and highdicom read as a
 planar ROI.
 
-The second (optional, on by default) is a Basic Text SR (…88.11) with root
-(18748-4,LN,"Diagnostic Imaging Report") and the same two TEXT items, in its own series.
+The second (optional, on by default) is a Basic Text SR (…88.11) holding a PS3.16 TID 2000
+"Basic Diagnostic Imaging Report", in its own series::
+
+    CONTAINER (18748-4,LN,"Diagnostic Imaging Report")                      TID 2000
+     |- language, observer context (Device)
+     |- CONTAINER (59776-5,LN,"Findings") > TEXT (121071,DCM,"Finding")     TID 2001/2002
+     |- CONTAINER (19005-8,LN,"Impressions") > TEXT (121073,DCM,"Impression")
+     '- [CONTAINER (55111-9,LN,"Current Procedure Descriptions")
+           > TEXT (121065,DCM,"Procedure Description") per comment]
+
+Values a source image carries that its VR forbids (:mod:`report.source_values`) are not
+copied into either document.
 
 Both are COMPLETE, UNVERIFIED, PRELIMINARY drafts in UTF-8 (ISO_IR 192), Explicit VR
 Little Endian, with Series and SOP Instance UIDs derived from (StudyInstanceUID,
@@ -69,11 +79,16 @@ from report.codes import (
     CERTAINTY_OF_FINDING,
     DEVICE,
     DIAGNOSTIC_IMAGING_REPORT,
+    FINDING,
     FINDINGS,
+    FINDINGS_HEADING,
     IMAGING_MEASUREMENT_REPORT,
     IMPRESSION,
+    IMPRESSIONS_HEADING,
     PERCENT,
-    PLAIN_CHEST_XRAY,
+    PROCEDURE_DESCRIPTION,
+    PROCEDURE_DESCRIPTIONS_HEADING,
+    PROCEDURE_REPORTED,
     PROCESSING_EQUIPMENT,
     QUALITATIVE_EVALUATIONS,
     finding_codes,
@@ -81,6 +96,7 @@ from report.codes import (
 )
 from report.errors import ReportBuildError, SourceImageError
 from report.sop import BASIC_TEXT_SR_VALUE_TYPES, BasicTextSR
+from report.source_values import source_header
 
 __all__ = [
     "COMPREHENSIVE_SR_SERIES_NUMBER",
@@ -92,6 +108,7 @@ __all__ = [
     "SR_SPECIFIC_CHARACTER_SET",
     "TEXT_SR_SERIES_NUMBER",
     "AlgorithmInfo",
+    "algorithm_equipment",
     "LesionFinding",
     "ReportContent",
     "build_reports",
@@ -176,18 +193,6 @@ _REQUIRED_SOURCE_ATTRIBUTES: Final = (
     "SeriesInstanceUID",
     "Rows",
     "Columns",
-)
-#: Type 2 patient/study attributes highdicom copies from the source; empty when absent.
-_TYPE2_SOURCE_ATTRIBUTES: Final = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
 )
 _PIXELS: Final = Code("{pixels}", "UCUM", "Pixels")
 _CONTAINS: Final = hd.sr.RelationshipTypeValues.CONTAINS
@@ -329,6 +334,9 @@ class ReportContent:
     comments : Sequence[str]
         Further statements about how the result was produced (e.g. that the input gate was
         off), each a TEXT (121106,DCM,"Comment") after the findings and impression.
+    abstain_reason : str or None
+        Set when the model declined the study (then `lesions` is empty): why. The presentation
+        state then says "Not assessed by AI: <reason>" and no overlay image is made.
     """
 
     findings: str
@@ -337,6 +345,7 @@ class ReportContent:
     image: Dataset
     evidence: Sequence[Dataset] = field(default=())
     comments: Sequence[str] = field(default=())
+    abstain_reason: str | None = None
 
     def __post_init__(self) -> None:
         _check_text(self.findings, "findings")
@@ -364,6 +373,10 @@ class ReportContent:
                 evidence.append(ds)
         for comment in self.comments:
             _check_text(comment, "comments", max_length=_UT_MAX)
+        if self.abstain_reason is not None:
+            _check_text(self.abstain_reason, "abstain_reason")
+            if self.lesions:
+                raise ValueError("an abstention (abstain_reason set) has no lesions")
         object.__setattr__(self, "lesions", tuple(self.lesions))
         object.__setattr__(self, "evidence", tuple(evidence))
         object.__setattr__(self, "comments", tuple(self.comments))
@@ -459,15 +472,8 @@ def _tracking_identifier(prefix: str, number: int) -> str:
 
 
 def _source_header(image: Dataset) -> Dataset:
-    """Copy the header (no pixel data) and fill absent type 2 patient/study attributes."""
-    header = Dataset()
-    for element in image:
-        if element.keyword not in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
-            header.add(element)
-    for keyword in _TYPE2_SOURCE_ATTRIBUTES:
-        if keyword not in header:
-            setattr(header, keyword, None)
-    return header
+    """:func:`report.source_values.source_header`: no pixel data, no value its VR forbids."""
+    return source_header(image)
 
 
 def _usable_imager_pixel_spacing(image: Dataset) -> tuple[float, float] | None:
@@ -604,10 +610,9 @@ def _region_source(image: Dataset) -> hd.sr.SourceImageForRegion:
 def _algorithm_identification(algorithm: AlgorithmInfo) -> hd.sr.AlgorithmIdentification:
     """TID 4019 items of every measurement group, built once per algorithm (see
     :func:`_observer_context`)."""
-    return hd.sr.AlgorithmIdentification(
+    return hd.sr.AlgorithmIdentification(  # no manufacturer: TID 4019 has no such row
         name=algorithm.name,
         version=algorithm.version,
-        manufacturer=algorithm.manufacturer,
         parameters=list(algorithm.parameters) or None,
     )
 
@@ -773,7 +778,7 @@ def _measurement_report(
     items.append(
         hd.sr.CodeContentItem(
             name=codes.DCM.ProcedureReported,
-            value=PLAIN_CHEST_XRAY,
+            value=PROCEDURE_REPORTED,
             relationship_type=_HAS_CONCEPT_MOD,
         )
     )
@@ -797,12 +802,27 @@ def _measurement_report(
     return root
 
 
+def _section(heading: Code, items: Sequence[hd.sr.ContentItem]) -> hd.sr.ContainerContentItem:
+    """TID 2001 section: a CID 7001 heading CONTAINS its TID 2002 observations."""
+    section = hd.sr.ContainerContentItem(name=heading, relationship_type=_CONTAINS)
+    section.ContentSequence = hd.sr.ContentSequence(items)
+    return section
+
+
 def _text_report(content: ReportContent, algorithm: AlgorithmInfo) -> hd.sr.ContainerContentItem:
-    root = hd.sr.ContainerContentItem(name=DIAGNOSTIC_IMAGING_REPORT)
+    """TID 2000 Basic Diagnostic Imaging Report: a Findings and an Impressions section."""
+    root = hd.sr.ContainerContentItem(name=DIAGNOSTIC_IMAGING_REPORT, template_id="2000")
     items = hd.sr.ContentSequence()
     items.extend(hd.sr.LanguageOfContentItemAndDescendants(DEFAULT_LANGUAGE))
     items.extend(_observer_context(algorithm))
-    items.extend(_text_items(content))
+    findings, impression, *comments = _text_items(content)
+    findings.ConceptNameCodeSequence = [hd.sr.CodedConcept.from_code(FINDING)]
+    items.append(_section(FINDINGS_HEADING, [findings]))
+    items.append(_section(IMPRESSIONS_HEADING, [impression]))
+    if comments:  # how the result was produced: a procedure description (CID 7002)
+        for comment in comments:
+            comment.ConceptNameCodeSequence = [hd.sr.CodedConcept.from_code(PROCEDURE_DESCRIPTION)]
+        items.append(_section(PROCEDURE_DESCRIPTIONS_HEADING, comments))
     root.ContentSequence = items
     return root
 
@@ -813,7 +833,7 @@ def device_uid(algorithm: AlgorithmInfo) -> str:
     return derive_uid(algorithm.manufacturer, algorithm.name, algorithm.version, "device")
 
 
-def _algorithm_equipment(
+def algorithm_equipment(
     algorithm: AlgorithmInfo, when: datetime.datetime
 ) -> hd.ContributingEquipment:
     """The Contributing Equipment item that IHE AIR 6.5.3.1 asks for: Purpose of Reference
@@ -985,14 +1005,14 @@ def build_reports(
         "is_complete": True,
         "is_final": False,
         "is_verified": False,
-        "institution_name": content.image.get("InstitutionName") or None,
-        "institutional_department_name": content.image.get("InstitutionalDepartmentName") or None,
+        "institution_name": evidence[0].get("InstitutionName") or None,
+        "institutional_department_name": evidence[0].get("InstitutionalDepartmentName") or None,
         "specific_character_set": SR_SPECIFIC_CHARACTER_SET,
         "content_date": content_datetime.date(),
         "content_time": content_datetime.time(),
         "series_date": content_datetime.date(),
         "series_time": content_datetime.time(),
-        "contributing_equipment": [_algorithm_equipment(algorithm, content_datetime)],
+        "contributing_equipment": [algorithm_equipment(algorithm, content_datetime)],
     }
     identity = (study_uid, algorithm.name, algorithm.version)
     try:

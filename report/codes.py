@@ -45,6 +45,12 @@ __all__ = [
     "IMPRESSION",
     "PERCENT",
     "PLAIN_CHEST_XRAY",
+    "PROCEDURE_REPORTED",
+    "FINDINGS_HEADING",
+    "FINDING",
+    "IMPRESSIONS_HEADING",
+    "PROCEDURE_DESCRIPTION",
+    "PROCEDURE_DESCRIPTIONS_HEADING",
     "PRIVATE_SCHEME_DESIGNATOR",
     "PRIVATE_SCHEME_NAME",
     "PROCESSING_EQUIPMENT",
@@ -67,8 +73,17 @@ DIAGNOSTIC_IMAGING_REPORT: Final = codes.LN.DiagnosticImagingReport  # (18748-4,
 QUALITATIVE_EVALUATIONS: Final = Code("C0034375", "UMLS", "Qualitative Evaluations")
 FINDINGS: Final = codes.DCM.Findings  # (121070, DCM)
 IMPRESSION: Final = codes.DCM.Impression  # (121073, DCM)
-#: Procedure reported; not in pydicom's dictionary, verify in a SNOMED CT browser.
+#: The procedure in HL7 orders (OBR-4) when the source names none; not in pydicom's dictionary.
 PLAIN_CHEST_XRAY: Final = Code("399208008", "SCT", "Plain chest X-ray")
+#: TID 1500 row 4 "Procedure reported" (DCID 100 "Quantitative Diagnostic Imaging Procedures"):
+#: the group's only projection radiography concept, (43468-8, LN, "XR unspecified body region")
+PROCEDURE_REPORTED: Final = codes.LN.XRUnspecifiedBodyRegion
+#: TID 2000 section headings (CID 7001) and their TID 2002 report elements (CID 7002)
+FINDINGS_HEADING: Final = codes.LN.Findings  # (59776-5, LN)
+FINDING: Final = codes.DCM.Finding  # (121071, DCM)
+IMPRESSIONS_HEADING: Final = codes.LN.Impressions  # (19005-8, LN)
+PROCEDURE_DESCRIPTIONS_HEADING: Final = codes.LN.CurrentProcedureDescriptions  # (55111-9, LN)
+PROCEDURE_DESCRIPTION: Final = codes.DCM.ProcedureDescription  # (121065, DCM)
 DEVICE: Final = codes.DCM.Device  # (121007, DCM), observer type
 BOUNDED_BY: Final = codes.SCT.BoundedBy  # (75958009, SCT), CID 219
 CERTAINTY_OF_FINDING: Final = codes.DCM.CertaintyOfFinding  # (111012, DCM)

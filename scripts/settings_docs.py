@@ -96,8 +96,14 @@ SYSTEMD: dict[str, Example] = {
     ),
     "D2R_NODE_NAME": Example("d2r-a"),
     "D2R_STUDY_QUIET_SECONDS": _set(),
+    "D2R_URGENT_QUIET_SECONDS": Example("3"),
     "D2R_STUDY_FORCE_SECONDS": _set(),
     "D2R_STUDY_RELEASE_GRACE_SECONDS": _set(),
+    "D2R_PRIORITY_RULES": Example(
+        "ED_CR1,ICU_DX=stat;10.2.0.0/16=urgent",
+        note="Urgent studies first: rules by sender, ahead of the headers' priority "
+        '(docs/operations.md, "Priority").',
+    ),
     "D2R_RECONCILE_SECONDS": _set(),
     "D2R_MAX_ATTEMPTS": _set(),
     "D2R_CLAIM_LEASE_SECONDS": _set(),
@@ -132,6 +138,11 @@ SYSTEMD: dict[str, Example] = {
     "D2R_BATCH_WAIT_MS": _set(),
     "D2R_MODEL_SHA256": Example("<64 hex digits printed by d2r train / d2r init-model>"),
     "D2R_ENGINE_DIR": Example("/opt/d2r/engines/d2r-net"),
+    "D2R_BACKEND_CACHE_DIR": Example(
+        "/var/lib/d2r/backend-cache",
+        note="Unset, it is backend-cache beside the spool; on a read-only or shared spool host, "
+        "name a local folder the worker may write.",
+    ),
     "D2R_LESION_MIN_SCORE": Example("0.3"),
     "D2R_INPUT_GATE": _set("on"),
     "D2R_REPORT_CHOICE": _set(),

@@ -8,6 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from studydb.engine import Database, retrying
+from studydb.ordering import rank_of
 from studydb.records import (
     DELIVERY_FAILED,
     DELIVERY_PENDING,
@@ -16,6 +17,7 @@ from studydb.records import (
 )
 from studydb.tables import (
     deliveries_table,
+    studies_table,
 )
 from studydb.transitions import delivery_view, now_seconds, settle_study, write_event
 
@@ -31,16 +33,25 @@ class Deliveries(Database):
     def due_deliveries(
         self, *, requeue_after: float, now: float | None = None
     ) -> list[tuple[str, str]]:
-        """Pending deliveries whose next attempt is due and that are not in flight."""
+        """Pending deliveries whose next attempt is due and that are not in flight: those of
+        the highest study priority first, the longest due first within one priority."""
         now = now_seconds() if now is None else now
         d = deliveries_table.c
+        s = studies_table.c
         with self.transaction() as conn:
             rows = conn.execute(
-                sa.select(d.study_instance_uid, d.destination).where(
+                sa.select(d.study_instance_uid, d.destination)
+                .select_from(
+                    deliveries_table.outerjoin(
+                        studies_table, s.study_instance_uid == d.study_instance_uid
+                    )
+                )
+                .where(
                     d.state == DELIVERY_PENDING,
                     d.next_attempt_at <= now,
                     sa.or_(d.enqueued_at.is_(None), d.enqueued_at <= now - requeue_after),
                 )
+                .order_by(rank_of(s.priority), d.next_attempt_at, d.study_instance_uid)
             ).all()
         return [(r.study_instance_uid, r.destination) for r in rows]
 

@@ -11,8 +11,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from d2r_core.priority import Priority
 from studydb.engine import Database, retrying
 from studydb.records import (
+    PRIORITY_EVENT,
     QUEUED,
     RECEIVING,
     SKIPPED,
@@ -111,6 +113,7 @@ class IngestBook(Database):
                 .where(studies_table.c.study_instance_uid == study_uid)
                 .with_for_update()
             ).first()
+            decision = record.priority
             if study is None:
                 conn.execute(
                     studies_table.insert().values(
@@ -121,14 +124,26 @@ class IngestBook(Database):
                         last_received_at=now,
                         updated_at=now,
                         state_changed_at=now,
+                        priority=str(decision.priority if decision else Priority.ROUTINE),
                     )
                 )
                 write_event(conn, study_uid, "received", "first instance received")
+                if decision is not None:
+                    write_event(conn, study_uid, PRIORITY_EVENT, decision.describe())
                 return outcome
             values: dict[str, Any] = {
                 "last_received_at": max(now, study.last_received_at),
                 "updated_at": now_seconds(),
             }
+            if decision is not None and decision.priority.higher_than(study.priority):
+                values["priority"] = str(decision.priority)
+                write_event(
+                    conn,
+                    study_uid,
+                    PRIORITY_EVENT,
+                    f"raised from {study.priority} to {decision.describe()} by instance "
+                    f"{record.sop_instance_uid}",
+                )
             if study.state in (QUEUED, SKIPPED):
                 values.update(
                     state=RECEIVING, reason=None, queued_at=None, state_changed_at=now_seconds()

@@ -10,12 +10,15 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from d2r_core.priority import Priority
 from studydb.engine import Database, retrying
+from studydb.ordering import BY_RANK, effective_rank, rank_of, waiting_since
 from studydb.records import (
     DELIVERY_FAILED,
     DELIVERY_PENDING,
     DONE,
     FAILED,
+    PRIORITY_EVENT,
     PROCESSING,
     QUEUED,
     RECEIVING,
@@ -64,16 +67,26 @@ class Lifecycle(Database):
         force_seconds: float,
         release_grace_seconds: float | None = None,
         now: float | None = None,
+        urgent_quiet_seconds: float | None = None,
     ) -> list[tuple[str, str]]:
         """Studies still receiving that are complete, each with why.
 
         Why is ``quiet period``, ``force timeout`` or, with ``release_grace_seconds``,
         ``association released``: the association that brought the last instance was released
-        that long ago and no other association of the study is open.
+        that long ago and no other association of the study is open. With
+        ``urgent_quiet_seconds`` an urgent or stat study's quiet period is that long instead.
         """
         now = now_seconds() if now is None else now
         s = studies_table.c
         quiet = s.last_received_at <= now - quiet_seconds
+        if urgent_quiet_seconds is not None:
+            quiet = sa.or_(
+                quiet,
+                sa.and_(
+                    rank_of(s.priority) <= Priority.URGENT.rank,
+                    s.last_received_at <= now - urgent_quiet_seconds,
+                ),
+            )
         forced = s.first_received_at <= now - force_seconds
         conditions = [quiet, forced]
         if release_grace_seconds is not None:
@@ -130,6 +143,7 @@ class Lifecycle(Database):
                 .values(
                     state=QUEUED,
                     generation=generation,
+                    queued_priority=None,
                     queued_at=now_seconds(),
                     reason=None,
                     attempts=0,
@@ -270,8 +284,12 @@ class Lifecycle(Database):
         limit: int,
         exclude: Collection[str] = (),
         max_attempts: int | None = None,
+        aging_seconds: float | None = None,
+        now: float | None = None,
     ) -> list[tuple[str, int]]:
-        """The longest-queued studies, (StudyInstanceUID, generation), oldest first.
+        """Queued studies, (StudyInstanceUID, generation): the highest priority first, the
+        longest queued first within one priority. A routine or low study queued longer than
+        ``aging_seconds`` counts as urgent (the starvation guard; None: off).
 
         A worker filling a batch claims them with :meth:`claim`, which alone decides: a study
         another worker claims first is simply not claimed here, and its own job message finds
@@ -280,6 +298,7 @@ class Lifecycle(Database):
         if limit <= 0:
             return []
         s = studies_table.c
+        now = now_seconds() if now is None else now
         cond = [s.state == QUEUED]
         if exclude:
             cond.append(s.study_instance_uid.not_in(list(exclude)))
@@ -289,10 +308,90 @@ class Lifecycle(Database):
             rows = conn.execute(
                 sa.select(s.study_instance_uid, s.generation)
                 .where(*cond)
-                .order_by(s.queued_at, s.study_instance_uid)
+                .order_by(effective_rank(now, aging_seconds), waiting_since(), s.study_instance_uid)
                 .limit(limit)
             ).all()
         return [(str(r.study_instance_uid), int(r.generation)) for r in rows]
+
+    @retrying
+    def message_priority(
+        self, study_uid: str, *, aging_seconds: float | None = None, now: float | None = None
+    ) -> Priority:
+        """The priority to send ``study_uid``'s job with (its own, or ``urgent`` once a
+        routine or low study waited ``aging_seconds`` in the queue); recorded as the priority
+        of its queued job, so :meth:`promotion_candidates` finds it when it rises again."""
+        s = studies_table.c
+        now = now_seconds() if now is None else now
+        with self.transaction() as conn:
+            row = conn.execute(
+                sa.select(s.priority, s.queued_priority, effective_rank(now, aging_seconds)).where(
+                    s.study_instance_uid == study_uid
+                )
+            ).first()
+            if row is None:
+                return Priority.ROUTINE
+            stored = Priority.parse(row.priority)
+            effective = BY_RANK[int(row[2])]
+            conn.execute(
+                studies_table.update()
+                .where(s.study_instance_uid == study_uid)
+                .values(queued_priority=str(effective))
+            )
+            sent = Priority.parse(row.queued_priority or stored)
+            if effective.higher_than(stored) and effective.higher_than(sent):
+                write_event(
+                    conn,
+                    study_uid,
+                    PRIORITY_EVENT,
+                    f"{stored} study queued for over {aging_seconds:g} s: served as {effective}",
+                )
+        return effective
+
+    @retrying
+    def promotion_candidates(
+        self, *, aging_seconds: float | None = None, now: float | None = None
+    ) -> list[tuple[str, int]]:
+        """Queued studies whose job was sent with a lower priority than they now have (raised
+        by an operator, or aged); (StudyInstanceUID, generation). The caller sends the job
+        again, with :meth:`message_priority`; the first message is dropped as stale."""
+        s = studies_table.c
+        now = now_seconds() if now is None else now
+        with self.transaction() as conn:
+            rows = conn.execute(
+                sa.select(s.study_instance_uid, s.generation).where(
+                    s.state == QUEUED,
+                    s.queued_priority.is_not(None),
+                    effective_rank(now, aging_seconds) < rank_of(s.queued_priority),
+                )
+            ).all()
+        return [(str(r.study_instance_uid), int(r.generation)) for r in rows]
+
+    @retrying
+    def set_priority(self, study_uid: str, priority: Priority, *, source: str) -> Priority:
+        """Set a study's priority by hand (``d2r retry --priority``); returns the one before.
+
+        Raises
+        ------
+        KeyError
+            No such study.
+        """
+        s = studies_table.c
+        with self.transaction() as conn:
+            before = conn.execute(
+                sa.select(s.priority).where(s.study_instance_uid == study_uid).with_for_update()
+            ).scalar_one_or_none()
+            if before is None:
+                raise KeyError(study_uid)
+            if before != str(priority):
+                conn.execute(
+                    studies_table.update()
+                    .where(s.study_instance_uid == study_uid)
+                    .values(priority=str(priority), updated_at=now_seconds())
+                )
+                write_event(
+                    conn, study_uid, PRIORITY_EVENT, f"set from {before} to {priority} ({source})"
+                )
+        return Priority.parse(before)
 
     @retrying
     def claim(
@@ -499,7 +598,7 @@ class Lifecycle(Database):
                 study_uid,
                 "reported",
                 f"{model_name} {model_version}: {lesion_count} lesion(s), "
-                f"{len(result_paths)} SR object(s)"
+                f"{len(result_paths)} DICOM object(s)"
                 + ("" if destinations else "; no destinations configured")
                 + (f"; {outcome}" if outcome else ""),
             )

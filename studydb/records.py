@@ -7,12 +7,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from d2r_core.priority import Priority, PriorityDecision
+
 __all__ = [
     "DELIVERY_FAILED",
     "DELIVERY_PENDING",
     "DELIVERY_SENT",
     "DONE",
     "FAILED",
+    "PRIORITY_EVENT",
     "PROCESSING",
     "QUEUED",
     "RECEIVING",
@@ -44,6 +47,8 @@ UNFINISHED_STATES = (RECEIVING, QUEUED, PROCESSING, SENDING)
 RETAINED_STATES = (DONE, SKIPPED)
 #: event kind recorded when a study's files leave the spool
 SPOOL_PURGED = "spool-purged"
+#: event kind recorded when a study's priority is decided or changes, with its source
+PRIORITY_EVENT = "priority"
 
 DELIVERY_PENDING = "pending"
 DELIVERY_SENT = "sent"
@@ -70,22 +75,34 @@ class InstanceRecord:
     received_at: datetime
     #: the node whose receiver recorded it (``D2R_NODE_NAME``; empty when not known)
     received_by: str = ""
+    #: the priority the receiver decided for it, and why (None: no decision; the study keeps
+    #: its own); the source goes to the study's events, the priority to the row
+    priority: PriorityDecision | None = None
+    #: the header's AccessionNumber (empty when absent): an order identifier, stored to match
+    #: signed reports by it, never logged
+    accession_number: str = ""
 
     def to_row(self) -> dict[str, Any]:
-        row = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        row = {f: getattr(self, f) for f in self.__dataclass_fields__ if f != "priority"}
         row["received_at"] = self.received_at.timestamp()
         row["received_by"] = self.received_by or None
+        row["accession_number"] = self.accession_number or None
+        row["priority"] = None if self.priority is None else str(self.priority.priority)
         return row
 
     @classmethod
     def from_row(cls, row: Any) -> InstanceRecord:
         m = row._mapping
+        special = ("received_at", "received_by", "priority", "accession_number")
+        priority = m.get("priority")
         return cls(
-            **{
-                f: m[f] for f in cls.__dataclass_fields__ if f not in ("received_at", "received_by")
-            },
+            **{f: m[f] for f in cls.__dataclass_fields__ if f not in special},
             received_at=datetime.fromtimestamp(m["received_at"], UTC),
             received_by=m["received_by"] or "",
+            accession_number=m.get("accession_number") or "",
+            priority=None
+            if not priority
+            else PriorityDecision(Priority.parse(priority), "recorded"),
         )
 
 
@@ -147,3 +164,5 @@ class StudyView:
     state_since: float | None = None
     #: (node, instances) for each node that received instances of the study
     received_by: tuple[tuple[str, int], ...] = ()
+    #: stat, urgent, routine or low
+    priority: str = "routine"

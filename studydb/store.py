@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from studydb.deliveries import Deliveries
+from studydb.feedback import SignedReports
 from studydb.ingest import IngestBook
 from studydb.lifecycle import Lifecycle
 from studydb.retention import Retention
@@ -11,8 +12,8 @@ from studydb.views import Views
 __all__ = ["StudyStore"]
 
 
-class StudyStore(IngestBook, Lifecycle, Deliveries, Retention, Views):
-    """Study, instance, delivery and event records in a SQLAlchemy database.
+class StudyStore(IngestBook, Lifecycle, Deliveries, Retention, Views, SignedReports):
+    """Study, instance, delivery, event and signed-report records in a SQLAlchemy database.
 
     One engine serves every role. A caller that needs one role names that role's class in its
     signature (the status page :class:`~studydb.views.Views`, the receivers

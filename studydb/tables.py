@@ -38,6 +38,12 @@ studies_table = sa.Table(
     sa.Column("open_associations", sa.Integer, nullable=False, server_default="0", default=0),
     # when the last of those associations was released (the early-completion rule)
     sa.Column("released_at", sa.Float, nullable=True),
+    # stat, urgent, routine or low: the highest any instance brought, or set by an operator
+    sa.Column(
+        "priority", sa.String(8), nullable=False, server_default="routine", default="routine"
+    ),
+    # the priority the study's current job message was sent with (a higher one re-sends it)
+    sa.Column("queued_priority", sa.String(8), nullable=True),
 )
 
 instances_table = sa.Table(
@@ -61,6 +67,11 @@ instances_table = sa.Table(
     sa.Column("conflicts", sa.Integer, nullable=False, default=0),
     # the node (D2R_NODE_NAME) whose receiver recorded the instance
     sa.Column("received_by", sa.String(64), nullable=True),
+    # the priority this instance brought (NULL: recorded without a decision)
+    sa.Column("priority", sa.String(8), nullable=True),
+    # the header's AccessionNumber (NULL: none, or recorded by an older release); signed
+    # reports coming back from the RIS are matched to their study by it
+    sa.Column("accession_number", sa.String(64), nullable=True, index=True),
 )
 
 nodes_table = sa.Table(
@@ -123,4 +134,60 @@ rejections_table = sa.Table(
     sa.Column("calling_ae_title", sa.String(16), nullable=False),
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("at", sa.Float, nullable=False),
+)
+
+signed_reports_table = sa.Table(
+    "signed_reports",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("study_instance_uid", sa.String(64), nullable=False, index=True),
+    # 1 for the first signed report of the study, one more for each correction
+    sa.Column("version", sa.Integer, nullable=False),
+    # the HL7 result status (OBR-25): F final, C corrected
+    sa.Column("result_status", sa.String(1), nullable=False),
+    sa.Column("report_text", sa.Text, nullable=False),
+    # where it came from, e.g. "hl7:RIS^HOSPITAL" (MSH-3 and MSH-4)
+    sa.Column("source", sa.String(255), nullable=False),
+    sa.Column("received_at", sa.Float, nullable=False),
+    sa.Column("message_control_id", sa.String(64), nullable=False),
+    # when a later version replaced it (NULL: the study's current signed report)
+    sa.Column("superseded_at", sa.Float, nullable=True),
+    sa.UniqueConstraint("study_instance_uid", "version", name="uq_signed_reports_version"),
+)
+
+# every signed-report message received, whatever became of it (stored, repeated, preliminary,
+# unmatched, rejected): the answer given and why
+report_messages_table = sa.Table(
+    "report_messages",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("received_at", sa.Float, nullable=False, index=True),
+    sa.Column("message_control_id", sa.String(64), nullable=False),
+    sa.Column("source", sa.String(255), nullable=False),
+    sa.Column("result_status", sa.String(8), nullable=False),
+    sa.Column("accession_number", sa.String(64), nullable=True),
+    # the matched study (NULL: none matched)
+    sa.Column("study_instance_uid", sa.String(64), nullable=True, index=True),
+    # stored, corrected, repeat, not-final, unmatched, ambiguous, rejected
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("ack_code", sa.String(2), nullable=False),
+    sa.Column("note", sa.Text, nullable=False),
+    # the report text of a message not stored as a signed report (kept for a later match)
+    sa.Column("report_text", sa.Text, nullable=True),
+)
+
+# the draft scored against a signed report version: CheXpert-style labels of both texts
+report_scores_table = sa.Table(
+    "report_scores",
+    metadata,
+    sa.Column("study_instance_uid", sa.String(64), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("scored_at", sa.Float, nullable=False),
+    # the model abstained: its draft states no findings
+    sa.Column("abstained", sa.Boolean, nullable=False),
+    # JSON objects: observation -> 1 (positive), 0 (negative), -1 (uncertain) or null
+    sa.Column("draft_labels", sa.Text, nullable=False),
+    sa.Column("signed_labels", sa.Text, nullable=False),
+    # the labeler's name and version
+    sa.Column("labeler", sa.String(64), nullable=False),
 )

@@ -8,8 +8,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from d2r_core.priority import PRIORITY_VALUES, Priority
 from studydb.engine import Database, retrying
 from studydb.records import (
+    QUEUED,
     STUDY_STATES,
     UNFINISHED_STATES,
     Event,
@@ -83,6 +85,30 @@ class Views(Database):
         counts.update({r[0]: int(r[1]) for r in rows})
         return counts
 
+    @retrying
+    def priority_of(self, study_uid: str) -> Priority:
+        """A study's priority (``routine`` for an unknown study)."""
+        s = studies_table.c
+        with self.transaction() as conn:
+            value = conn.execute(
+                sa.select(s.priority).where(s.study_instance_uid == study_uid)
+            ).scalar_one_or_none()
+        return Priority.ROUTINE if value is None else Priority.parse(value)
+
+    @retrying
+    def count_by_priority(self, state: str = QUEUED) -> dict[str, int]:
+        """Studies in ``state`` by priority, every priority present (queued ones by default)."""
+        s = studies_table.c
+        with self.transaction() as conn:
+            rows = conn.execute(
+                sa.select(s.priority, sa.func.count()).where(s.state == state).group_by(s.priority)
+            ).all()
+        counts = dict.fromkeys(PRIORITY_VALUES, 0)
+        for value, n in rows:
+            key = value if value in counts else str(Priority.ROUTINE)
+            counts[key] += int(n)
+        return counts
+
     # Longer than a screen: the study rows, then for each its instance count, its nodes and its
     # deliveries, assembled into one view; the columns read sit beside the fields they fill
     def _views(self, cond: Any, *, limit: int) -> list[StudyView]:
@@ -135,6 +161,7 @@ class Views(Database):
                         stage=r.stage,
                         state_since=r.state_changed_at or r.updated_at,
                         received_by=tuple((str(b[0] or ""), int(b[1])) for b in by_node),
+                        priority=str(r.priority or Priority.ROUTINE),
                     )
                 )
         return out

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.fixtures import orthanc, orthanc_factory  # noqa: F401
-from tests.support.processes import base_env, run_d2r
+from tests.support.processes import base_env, run_d2r, use_backend_cache
 
 #: folders whose every test runs the product end to end
 E2E_FOLDERS = ("e2e", "reliability")
@@ -27,6 +27,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             or item.get_closest_marker("viewer") is not None
         ):
             item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _shared_backend_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """One export cache of ``D2R_BACKEND=auto`` for every ``d2r`` process of the session: each
+    checkpoint is exported and checked once, as on a host whose workers share the default."""
+    use_backend_cache(tmp_path_factory.mktemp("backend-cache"))
 
 
 @pytest.fixture(scope="session")

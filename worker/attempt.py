@@ -26,17 +26,19 @@ from studydb.records import FAILED, QUEUED
 from worker import pipeline
 from worker.context import WorkerContext
 from worker.errors import InputRejected, PredictionError
-from worker.messages import REPORT_TASK, SEND_TASK, ReportJob
+from worker.messages import REPORT_TASK, SEND_TASK, ReportJob, broker_priority
 from worker.outcomes import Outcome
 from worker.results import write_results
 from worker.sending import Deliveries
 from worker.settings import WorkerSettings
 from worker.stages import Stage, StageTracker, failure_reason
 
-__all__ = ["ClaimedStudy", "ReportTask", "finish", "settle"]
+__all__ = ["SOURCE_VALUES_LEFT_OUT", "ClaimedStudy", "ReportTask", "finish", "settle"]
 
 #: the logger these lines have always come from (operators' log filters name it)
 logger = logging.getLogger("worker.tasks")
+#: the study event naming source attributes left out of d2r's objects (invalid for their VR)
+SOURCE_VALUES_LEFT_OUT = "source-values-left-out"
 
 
 @dataclass(frozen=True)
@@ -145,11 +147,12 @@ def finish(task: ReportTask, study: ClaimedStudy, model: Any) -> Outcome:
     if isinstance(model, Exception):
         raise model
     settings = task.ctx.settings
+    dropped: list[str] = []
     result = pipeline.run(
         study.job,
         read_image=study.read_image,
         predict=study.predict,
-        build_reports=_sr_builder(settings, model),
+        build_reports=_sr_builder(settings, model, dropped),
         stages=study.stages,
         images=study.headers,
     )
@@ -171,28 +174,42 @@ def finish(task: ReportTask, study: ClaimedStudy, model: Any) -> Outcome:
         outcome=f"abstained: {pred.abstain_reason}" if pred.abstained else None,
     ):
         return Outcome.STALE
+    if dropped:  # keywords only: the values themselves may identify the patient
+        task.ctx.store.add_event(
+            study.uid,
+            SOURCE_VALUES_LEFT_OUT,
+            f"left out of every object d2r wrote, their value invalid for their VR: "
+            f"{', '.join(dropped)}",
+        )
     outcome = Outcome.ABSTAINED if pred.abstained else Outcome.REPORTED
     metrics.observe_report(outcome)
     _hand_over(task, study.uid, destinations)
     return outcome
 
 
-def _sr_builder(settings: WorkerSettings, predictor: Any) -> pipeline.BuildReports:
-    """The SRs of a report, signed with the model's name, version and parameters."""
-    from report.build import AlgorithmInfo, RoiEncoding, build_reports
+def _sr_builder(
+    settings: WorkerSettings, predictor: Any, dropped: list[str]
+) -> pipeline.BuildReports:
+    """The objects of a report (``D2R_OUTPUTS``), signed with the model's name, version and
+    parameters; the keywords of source values left out for their VR are added to ``dropped``."""
+    from report.build import AlgorithmInfo, RoiEncoding
+    from report.outputs import Output, build_outputs
 
     algorithm = AlgorithmInfo(
         name=predictor.name, version=predictor.version, parameters=predictor.parameters
     )
+    outputs = [Output(o) for o in settings.outputs if settings.text_sr or o != Output.TEXT]
 
     def build(content: Any) -> list[Dataset]:
-        return build_reports(
+        built = build_outputs(
             content,
             algorithm,
-            text_sr=settings.text_sr,
+            outputs,
             tracking_identifier_prefix=settings.tracking_identifier_prefix,
             roi_encoding=RoiEncoding(settings.sr_roi_encoding),
         )
+        dropped[:] = built.dropped
+        return built.datasets
 
     return build
 
@@ -207,7 +224,8 @@ def _hand_over(task: ReportTask, uid: str, destinations: Sequence[str]) -> None:
         if task.deliveries is not None:
             task.deliveries.submit(uid, dest)
         else:
-            task.app.send_task(SEND_TASK, args=[uid, dest])
+            priority = broker_priority(task.ctx.store.priority_of(uid))
+            task.app.send_task(SEND_TASK, args=[uid, dest], priority=priority)
 
 
 def _spend_attempt(task: ReportTask, study: ClaimedStudy, exc: Exception) -> Outcome:
@@ -237,7 +255,12 @@ def _spend_attempt(task: ReportTask, study: ClaimedStudy, exc: Exception) -> Out
         _audit_failed(task.ctx, study.uid, stage, exc, reason)
         return Outcome.FAILED
     if state == QUEUED:
-        task.app.send_task(REPORT_TASK, args=[study.job.to_dict()])
+        priority = task.ctx.store.message_priority(
+            study.uid, aging_seconds=task.ctx.settings.node.priority_aging_seconds
+        )
+        task.app.send_task(
+            REPORT_TASK, args=[study.job.to_dict()], priority=broker_priority(priority)
+        )
     return Outcome.RETRY
 
 

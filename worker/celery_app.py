@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery
 
 from d2r_core.config import merged_environment
-from worker.messages import REPORT_QUEUE, REPORT_TASK, SEND_QUEUE, SEND_TASK
+from worker.messages import (
+    BROKER_PRIORITY_STEPS,
+    REPORT_QUEUE,
+    REPORT_TASK,
+    SEND_QUEUE,
+    SEND_TASK,
+)
 from worker.settings import FILESYSTEM_BROKER, SENTINEL_BROKER, WorkerSettings
 
 if TYPE_CHECKING:
@@ -65,6 +71,8 @@ def celery_config(settings: WorkerSettings) -> dict[str, Any]:
         transport = {
             # Must exceed the longest task, or a healthy task is delivered twice.
             "visibility_timeout": settings.visibility_timeout,
+            # one list per study priority (worker.messages.broker_priority); 0 is served first
+            "priority_steps": list(BROKER_PRIORITY_STEPS),
             # Restore messages of a killed worker promptly (kombu's default sweep is ~100 s).
             "unacked_restore_interval": 5,
             "unacked_restore_throttle": 1,

@@ -44,7 +44,9 @@ def claim_more(
     want: int,
     exclude: Sequence[str],
 ) -> list[ReportJob]:
-    """Claim up to ``want`` queued studies for ``owner`` within ``D2R_BATCH_WAIT_MS``.
+    """Claim up to ``want`` queued studies for ``owner`` within ``D2R_BATCH_WAIT_MS``: the
+    highest priority first, the longest queued first within one priority (a routine or low study
+    queued ``D2R_PRIORITY_AGING_SECONDS`` counts as urgent).
 
     Each is claimed at its queued generation (:func:`claim`); the job is rebuilt from the
     database (the images :func:`dicom_node.selection.select_images` chooses, as the reconciler
@@ -55,7 +57,10 @@ def claim_more(
     jobs: list[ReportJob] = []
     while True:
         for uid, generation in store.queued_studies(
-            limit=want - len(jobs), exclude=seen, max_attempts=settings.node.max_attempts
+            limit=want - len(jobs),
+            exclude=seen,
+            max_attempts=settings.node.max_attempts,
+            aging_seconds=settings.node.priority_aging_seconds,
         ):
             seen.add(uid)
             if not claim(store, settings, uid, generation, owner=owner):

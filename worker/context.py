@@ -105,11 +105,14 @@ class WorkerContext:
             settings.verify_model_sha256(predictor.checkpoint_sha256)
         except Exception as exc:
             raise PredictionError(f"cannot load the model from {path}: {exc}") from exc
+        choice = predictor.backend_choice
         logger.info(
-            "model %s %s loaded (sha256 %s)",
+            "model %s %s loaded (sha256 %s), backend %s",
             predictor.name,
             predictor.version,
             predictor.checkpoint_sha256[:12],
+            choice.describe(),
         )
         metrics.set_model_info(predictor.name, predictor.version)
+        metrics.set_backend_info(choice.backend, choice.device, choice.policy, choice.fallback)
         return predictor

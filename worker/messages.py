@@ -6,10 +6,30 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from d2r_core.priority import Priority
+
 REPORT_TASK = "d2r.report_study"
 SEND_TASK = "d2r.send_reports"
 REPORT_QUEUE = "d2r.report"
 SEND_QUEUE = "d2r.send"
+
+#: the Celery message priority of each study priority on the Redis transport, where 0 is
+#: served first; kombu keeps one list per step of ``priority_steps`` (0, 3, 6, 9), so the four
+#: priorities never share a list. The embedded ``filesystem://`` queue ignores it (first in,
+#: first out): there only the claims' order serves urgent studies first.
+BROKER_PRIORITY_STEPS = (0, 3, 6, 9)
+_BROKER_PRIORITY = dict(
+    zip(sorted(Priority, key=lambda p: p.rank), BROKER_PRIORITY_STEPS, strict=True)
+)
+
+
+def broker_priority(priority: Priority | str) -> int:
+    """The Celery ``priority`` a study's job (or send) is queued with.
+
+    >>> broker_priority("stat"), broker_priority(Priority.ROUTINE), broker_priority("low")
+    (0, 6, 9)
+    """
+    return _BROKER_PRIORITY[Priority.parse(priority)]
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,8 @@ BuildReports = Callable[[ReportContent], list[Dataset]]
 
 @dataclass(frozen=True)
 class ReportResult:
-    """The SR objects of one study (TID 1500 first), the prediction and what the SRs say
+    """The objects of one study (the SRs first, TID 1500 first; then the presentation state
+    and the overlay image, as ``D2R_OUTPUTS`` chose), the prediction and what the SRs say
     (``content``: the grounded lesions and the checked impression)."""
 
     reports: list[Dataset]
@@ -91,7 +92,8 @@ def report_content(prediction: StudyPrediction, images: Sequence[Dataset]) -> Re
     comments = () if prediction.input_gate else (GATE_OFF_COMMENT,)
     if prediction.abstained:
         findings, impression = abstention_text(prediction)
-        return ReportContent(findings, impression, [], image, list(images), comments)
+        why = prediction.abstain_reason or "no reason given"  # the presentation state says it
+        return ReportContent(findings, impression, [], image, list(images), comments, why)
     grounding = ground(
         prediction.findings,
         prediction.impression,
@@ -176,7 +178,7 @@ def run(
     except SourceImageError as exc:  # the header cannot be referenced: retrying cannot help
         raise InputRejected(f"cannot reference the image in an SR: {exc}") from exc
     logger.info(
-        "study %s: %d lesion(s) reported of %d detected, %d SR object(s)",
+        "study %s: %d lesion(s) reported of %d detected, %d DICOM object(s)",
         job.study_instance_uid,
         len(content.lesions),
         len(prediction.lesions),

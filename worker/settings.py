@@ -22,6 +22,7 @@ from d2r_core.config import (
     refuse_placeholder,
 )
 from d2r_core.errors import ConfigError
+from d2r_core.outputs import DEFAULT_OUTPUT_NAMES, parse_output_names
 from d2r_core.settings_spec import Group, Setting
 from delivery.settings import DeliverySettings
 from dicom_node.settings import NodeSettings
@@ -35,7 +36,8 @@ _SENTINEL_MASTER = re.compile(r"[A-Za-z0-9._-]{1,128}")
 #: the checkpoint shipped in the repository: trained on the synthetic phantom only, every SR it
 #: produces is labelled "not for diagnostic use"; ``D2R_MODEL`` replaces it
 BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "models" / "d2r-demo-phantom"
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+#: ``D2R_BACKEND``: ``auto`` chooses among the other three (``model.backend_choice``)
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 #: ``D2R_SR_ROI_ENCODING``: how the TID 1500 SR holds each box (``report.build.RoiEncoding``)
 SR_ROI_ENCODINGS = ("tid1410", "tid1501")
 #: the Python package each backend needs (checked before the worker starts)
@@ -157,6 +159,11 @@ def _check_backend_settings(
         raise ConfigError("D2R_DEVICE", f"D2R_BACKEND=tensorrt needs cuda, got {device!r}")
     if torch_compile and backend != "torch":
         raise ConfigError("D2R_TORCH_COMPILE", f"applies only to D2R_BACKEND=torch, not {backend}")
+
+
+def default_backend_cache_dir(spool_dir: Path) -> Path:
+    """``D2R_BACKEND_CACHE_DIR`` when unset: ``backend-cache`` beside the spool."""
+    return spool_dir.parent / "backend-cache"
 
 
 def default_batch_max(device: str) -> int:
@@ -284,9 +291,19 @@ MODEL_SHA256: Setting[str | None] = Setting(
 )
 BACKEND = Setting(
     "D2R_BACKEND",
-    "torch",
+    "auto",
     _backend,
-    "`torch`, `onnxruntime` or `tensorrt` (see `docs/backends.md`)",
+    "`auto` (the fastest backend verified for this checkpoint and device: onnxruntime on "
+    "the CPU, TensorRT or torch on a GPU), or exactly `torch`, `onnxruntime` or `tensorrt` "
+    "(see `docs/backends.md`)",
+    Group.MODEL,
+)
+BACKEND_CACHE_DIR: Setting[Path | None] = Setting(
+    "D2R_BACKEND_CACHE_DIR",
+    None,
+    Path,
+    "where `D2R_BACKEND=auto` keeps its checked ONNX exports, one per checkpoint "
+    "(default `backend-cache` beside the spool)",
     Group.MODEL,
 )
 ENGINE_DIR: Setting[Path | None] = Setting(
@@ -332,7 +349,25 @@ REPORT_CHOICE = Setting(
     "`docs/model.md`), or `probable`, the most probable (beam of the checkpoint's `beam_size`)",
     Group.OUTPUT,
 )
-TEXT_SR = Setting("D2R_TEXT_SR", True, parse_bool, "also send the Basic Text SR", Group.DELIVERY)
+TEXT_SR = Setting(
+    "D2R_TEXT_SR",
+    True,
+    parse_bool,
+    "also send the Basic Text SR; `false` removes `text` from `D2R_OUTPUTS`",
+    Group.DELIVERY,
+)
+
+
+OUTPUTS: Setting[tuple[str, ...]] = Setting(
+    "D2R_OUTPUTS",
+    DEFAULT_OUTPUT_NAMES,
+    parse_output_names,
+    "the objects sent for each study, comma-separated: `tid1500` (the TID 1500 SR), `text` "
+    "(the Basic Text SR), `gsps` (a presentation state drawing the boxes in most viewers), `sc` "
+    "(a Secondary Capture with the boxes burned in); at least one SR "
+    "(`docs/what-the-reader-sees.md`)",
+    Group.DELIVERY,
+)
 SR_TRACKING_IDENTIFIER = Setting(
     "D2R_SR_TRACKING_IDENTIFIER",
     "lesion",
@@ -367,12 +402,14 @@ SETTINGS: tuple[Setting[Any], ...] = (
     BATCH_WAIT_MS,
     MODEL_SHA256,
     BACKEND,
+    BACKEND_CACHE_DIR,
     ENGINE_DIR,
     TORCH_COMPILE,
     LESION_MIN_SCORE,
     INPUT_GATE,
     REPORT_CHOICE,
     TEXT_SR,
+    OUTPUTS,
     SR_TRACKING_IDENTIFIER,
     SR_ROI_ENCODING,
 )
@@ -391,8 +428,12 @@ class WorkerSettings:
     model_path: Path | None = MODEL.default
     device: str = DEVICE.default
     backend: str = BACKEND.default
-    #: ONNX export (onnxruntime) or TensorRT engine (tensorrt) directory, ``D2R_ENGINE_DIR``
+    #: ONNX export (onnxruntime) or TensorRT engine (tensorrt, or auto on a GPU) directory,
+    #: ``D2R_ENGINE_DIR``
     engine_dir: Path | None = ENGINE_DIR.default
+    #: the checked ONNX exports of ``D2R_BACKEND=auto`` (``D2R_BACKEND_CACHE_DIR``; None: beside
+    #: the spool, :attr:`backend_cache`)
+    backend_cache_dir: Path | None = BACKEND_CACHE_DIR.default
     #: wrap the torch backend's graphs in ``torch.compile`` (``D2R_TORCH_COMPILE``)
     torch_compile: bool = TORCH_COMPILE.default
     task_time_limit: float = TASK_TIME_LIMIT.default
@@ -403,6 +444,9 @@ class WorkerSettings:
     claim_heartbeat_seconds: float = CLAIM_HEARTBEAT_SECONDS.default
     concurrency: int = WORKER_CONCURRENCY.default
     text_sr: bool = TEXT_SR.default
+    #: the objects written and sent for each study (``D2R_OUTPUTS``; ``report.outputs.Output``
+    #: values); ``text`` only while :attr:`text_sr` is on
+    outputs: tuple[str, ...] = OUTPUTS.default
     tracking_identifier_prefix: str = SR_TRACKING_IDENTIFIER.default
     #: lesion groups as TID 1410 planar ROIs (default) or as TID 1501 groups whose box sits
     #: under the Certainty NUM, with "<finding> <NN> %" Comments OHIF shows as box labels
@@ -427,6 +471,11 @@ class WorkerSettings:
     def queue_dir(self) -> Path:
         """Folder of the embedded ``filesystem://`` broker, beside the spool."""
         return self.node.spool_dir.parent / "queue"
+
+    @property
+    def backend_cache(self) -> Path:
+        """The export cache of ``D2R_BACKEND=auto`` (:func:`default_backend_cache_dir`)."""
+        return self.backend_cache_dir or default_backend_cache_dir(self.node.spool_dir)
 
     @property
     def results_dir(self) -> Path:
@@ -477,6 +526,7 @@ class WorkerSettings:
             device=device,
             backend=backend,
             engine_dir=engine_dir,
+            backend_cache_dir=BACKEND_CACHE_DIR.read(env),
             torch_compile=torch_compile,
             task_time_limit=time_limit,
             visibility_timeout=visibility,
@@ -484,6 +534,7 @@ class WorkerSettings:
             claim_heartbeat_seconds=heartbeat,
             concurrency=WORKER_CONCURRENCY.read(env),
             text_sr=TEXT_SR.read(env),
+            outputs=OUTPUTS.read(env),
             tracking_identifier_prefix=SR_TRACKING_IDENTIFIER.read(env),
             sr_roi_encoding=SR_ROI_ENCODING.read(env),
             lesion_min_score=LESION_MIN_SCORE.read(env),
@@ -535,7 +586,7 @@ class WorkerSettings:
         ConfigError
             Naming ``D2R_BACKEND`` or ``D2R_ENGINE_DIR``.
         """
-        if self.backend == "torch":
+        if self.backend in ("torch", "auto"):  # auto never refuses: it falls back to torch
             return
         import importlib.util
         import json

@@ -24,7 +24,7 @@ from observability.audit import AuditLog
 from studydb.errors import DatabaseUnavailable
 from worker.attempt import ReportTask
 from worker.context import WorkerContext
-from worker.messages import REPORT_TASK, SEND_TASK, ReportJob
+from worker.messages import REPORT_TASK, SEND_TASK, ReportJob, broker_priority
 from worker.outcomes import Outcome
 from worker.run import report_batch
 from worker.sending import Deliveries, send_reports
@@ -63,7 +63,9 @@ def register_tasks(
     ctx = WorkerContext(settings, audit=audit)
     deliveries = Deliveries(
         lambda uid, dest: send_reports(ctx, uid, dest),
-        requeue=lambda uid, dest: app.send_task(SEND_TASK, args=[uid, dest]),
+        requeue=lambda uid, dest: app.send_task(
+            SEND_TASK, args=[uid, dest], priority=broker_priority(ctx.store.priority_of(uid))
+        ),
     )
 
     @app.task(name=REPORT_TASK, bind=True)  # type: ignore[untyped-decorator]

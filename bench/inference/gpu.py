@@ -152,6 +152,51 @@ class OutOfTime(Exception):
     """The stage ran past the check's time budget."""
 
 
+def auto_rows(
+    ckpt_dir: Path, device: torch.device, batch: int, iters: int, work: Path, out: str | None
+) -> list[list[str]]:
+    """``D2R_BACKEND=auto`` as the worker opens it (``worker.predictor.open_predictor``): what it
+    chose on this machine, and ``Predictor.predict`` at 1 and ``batch`` studies per call."""
+    try:
+        from worker.predictor import ModelOptions, open_predictor
+
+        options = ModelOptions(
+            ckpt_dir,
+            device=str(device),
+            backend="auto",
+            cache_dir=work / "backend-cache",
+            input_gate=False,
+            report_choice="probable",
+        )
+        t0 = time.perf_counter()
+        predictor = open_predictor(options)
+        opened = time.perf_counter() - t0
+        studies = synthetic_datasets(batch, predictor.config.image_size)
+        reps = max(1, iters // 2)
+        alone_t, alone = timed(lambda: [predictor.predict([ds]) for ds in studies], reps, device)
+        batch_t, _ = timed(lambda: predictor.predict_batch([[ds] for ds in studies]), reps, device)
+        tokens = str(len((alone[0].findings + " " + alone[0].impression).split()))
+        chose = predictor.backend_choice.describe()
+        return [
+            [
+                "D2R_BACKEND=auto, 1 study per call",
+                f"{alone_t / batch * 1000:.0f}",
+                f"{batch / alone_t:.2f}",
+                tokens,
+                f"chose {chose}; opened in {opened:.0f} s (export and parity check included)",
+            ],
+            [
+                f"D2R_BACKEND=auto, {batch} studies per call",
+                f"{batch_t / batch * 1000:.0f}",
+                f"{batch / batch_t:.2f}",
+                tokens,
+                "Predictor.predict_batch",
+            ],
+        ]
+    except Exception as e:  # report, do not stop the check
+        return [["D2R_BACKEND=auto", "", "", "", failure(e, out, "auto")]]
+
+
 def _alarm(signum: int, frame: Any) -> None:
     raise OutOfTime("time budget spent")
 
@@ -168,8 +213,9 @@ def main() -> int:
     parser.add_argument("--out", default=os.environ.get("OUT") or None)
     parser.add_argument(
         "--stages",
-        default="eager,batching,export,tensorrt,compile",
-        help="comma-separated subset of eager (fp32 + fp16), batching, export, tensorrt, compile",
+        default="eager,batching,export,tensorrt,auto,compile",
+        help="comma-separated subset of eager (fp32 + fp16), batching, export, tensorrt, auto "
+        "(the worker's default backend policy), compile",
     )
     parser.add_argument(
         "--append", action="store_true", help="add to the rows already in OUT/gpu_check.json"
@@ -409,6 +455,8 @@ def main() -> int:
     else:
         rows.append(["Predictor.predict_batch", "", "", "", "skipped (time budget)"])
 
+    if "auto" in stages:
+        rows.extend(auto_rows(ckpt_dir, device, args.batch, args.iters, work, args.out))
     render()
     label = "torch.compile decoder step" + (" + CUDA graphs" if device.type == "cuda" else "")
     if "compile" not in stages:

@@ -10,6 +10,12 @@ Usage::
 
     python bench/load/run.py [--senders 4] [--studies 50] [--model DIR] [--work DIR]
                              [--batch-max N] [--batch-wait-ms MS] [--env D2R_...=...]
+                             [--against D2R_BACKEND=torch]
+
+The worker starts with the README's defaults (``D2R_BACKEND=auto``: on a new cache it first
+exports and checks the ONNX graphs); the load starts once it has loaded its model, and that
+start is reported beside the drain. ``--against`` adds a second run, on a fresh stack, with
+other worker settings, such as the previous default ``D2R_BACKEND=torch``.
 
 Without ``--model`` a small randomly initialised checkpoint is written first (``d2r init-model``).
 
@@ -34,6 +40,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -162,6 +169,53 @@ def stage_breakdown(logs: list[str]) -> dict[str, float]:
     return {k: round(v, 1) for k, v in out.items()}
 
 
+def wait_model_loaded(stack: Stack, timeout: float) -> float:
+    """Seconds from now until every worker logged its loaded model and backend (a worker on
+    ``D2R_BACKEND=auto`` makes and checks its ONNX export first, on a new cache)."""
+    started = time.monotonic()
+    while not all(" loaded (sha256 " in w.log_tail(10**9) for w in stack.workers):
+        if time.monotonic() - started > timeout or not all(w.alive() for w in stack.workers):
+            raise RuntimeError("the worker did not load its model:\n" + stack.logs())
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
+_BACKEND_LINE = re.compile(r"backend (\S+ on \S+ \([^)]*\))")
+
+
+def run_once(args: argparse.Namespace, work: Path, model: Path, env: list[str]) -> dict[str, Any]:
+    """One stack (node, worker, Redis, Orthanc) with the worker settings ``env``, measured."""
+    work.mkdir(parents=True, exist_ok=True)
+    orthanc_factory = OrthancServers(work)
+    stack = make_stack(orthanc_factory, model, work, D2R_STUDY_QUIET_SECONDS="1")
+    try:
+        stack.start_node()
+        batching = {
+            name: str(value)
+            for name, value in (
+                ("D2R_BATCH_MAX", args.batch_max),
+                ("D2R_BATCH_WAIT_MS", args.batch_wait_ms),
+            )
+            if value is not None
+        }
+        stack.start_worker(**batching, **dict(e.split("=", 1) for e in env))
+        ready = wait_model_loaded(stack, args.timeout)
+        result = run_load(stack, senders=args.senders, studies=args.studies, timeout=args.timeout)
+        logs = [w.log_tail(10**9) for w in stack.workers]
+    finally:
+        stack.stop()
+        orthanc_factory.stop()
+    backend = _BACKEND_LINE.search(logs[0]) if logs else None
+    return {
+        "worker settings": " ".join(env) or "defaults",
+        "backend": backend.group(1) if backend else "?",
+        "start to model loaded s": round(ready, 1),
+        "result": result,
+        "breakdown": stage_breakdown(logs),
+    }
+
+
+# Longer than a screen: the arguments, one run per configuration, and the printed table
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--senders", type=int, default=4)
@@ -179,45 +233,44 @@ def main() -> int:
         default=[],
         help="NAME=VALUE for the worker, e.g. D2R_BACKEND=onnxruntime (repeatable)",
     )
+    parser.add_argument(
+        "--against",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a second run with these worker settings, e.g. D2R_BACKEND=torch (the previous "
+        "default), on a fresh stack after the first (repeatable: all go in that run)",
+    )
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="d2r-load-"))
     work.mkdir(parents=True, exist_ok=True)
     model = args.model or small_random_checkpoint(work / "model")
     if model is None:
         return 1
-    orthanc_factory = OrthancServers(work)
-
-    stack = make_stack(orthanc_factory, model, work, D2R_STUDY_QUIET_SECONDS="1")
-    try:
-        stack.start_node()
-        batching = {
-            name: str(value)
-            for name, value in (
-                ("D2R_BATCH_MAX", args.batch_max),
-                ("D2R_BATCH_WAIT_MS", args.batch_wait_ms),
-            )
-            if value is not None
-        }
-        stack.start_worker(**batching, **dict(e.split("=", 1) for e in args.env))
-        result = run_load(stack, senders=args.senders, studies=args.studies, timeout=args.timeout)
-        breakdown = stage_breakdown([w.log_tail(10**9) for w in stack.workers])
-    finally:
-        stack.stop()
-        orthanc_factory.stop()
-    print(json.dumps(asdict(result), indent=2))
+    runs = [run_once(args, work / "run1", model, args.env)]
+    if args.against:
+        runs.append(run_once(args, work / "run2", model, [*args.env, *args.against]))
     print(
-        "| senders x studies | done | exactly once | wall s | p50 s | p95 s | max s "
-        "| node peak RSS MiB | worker peak RSS MiB |\n|---|---|---|---|---|---|---|---|---|\n"
-        f"| {result.senders} x {result.studies // result.senders} | {result.done} "
-        f"| {result.exactly_once} | {result.wall_seconds} | {result.p50_seconds} "
-        f"| {result.p95_seconds} | {result.max_seconds} | {result.node_peak_rss_mib} "
-        f"| {result.worker_peak_rss_mib} |"
+        "| worker settings | backend | start to model loaded s | senders x studies | done "
+        "| exactly once | wall s | studies/s | p50 s | p95 s | max s | node peak RSS MiB "
+        "| worker peak RSS MiB | model ms / study | outside it ms / study |"
     )
-    print(f"studies/s: {result.done / result.wall_seconds:.2f}")
-    print("worker, median ms per study: " + json.dumps(breakdown))
+    print("|" + "---|" * 15)
+    for run in runs:
+        r: LoadResult = run["result"]
+        b = run["breakdown"]
+        print(
+            f"| {run['worker settings']} | {run['backend']} | {run['start to model loaded s']} "
+            f"| {r.senders} x {r.studies // r.senders} | {r.done} | {r.exactly_once} "
+            f"| {r.wall_seconds} | {r.done / r.wall_seconds:.2f} | {r.p50_seconds} "
+            f"| {r.p95_seconds} | {r.max_seconds} | {r.node_peak_rss_mib} "
+            f"| {r.worker_peak_rss_mib} | {b.get('predict', '?')} | {b.get('outside model', '?')} |"
+        )
+    for run in runs:
+        print(json.dumps({**run, "result": asdict(run["result"])}))
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
-    return 0 if result.exactly_once == result.studies else 1
+    return 0 if all(run["result"].exactly_once == run["result"].studies for run in runs) else 1
 
 
 if __name__ == "__main__":

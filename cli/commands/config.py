@@ -43,10 +43,11 @@ def declared_settings() -> tuple[Setting[Any], ...]:
     from d2r_core.settings_spec import catalogue
     from delivery.settings import SETTINGS as DELIVERY
     from dicom_node.settings import SETTINGS as NODE
+    from feedback.settings import SETTINGS as FEEDBACK
     from observability.settings import SETTINGS as OBSERVABILITY
     from worker.settings import SETTINGS as WORKER
 
-    return catalogue(NODE, DELIVERY, WORKER, OBSERVABILITY)
+    return catalogue(NODE, DELIVERY, FEEDBACK, WORKER, OBSERVABILITY)
 
 
 def validate(env: Mapping[str, str]) -> None:
@@ -58,10 +59,12 @@ def validate(env: Mapping[str, str]) -> None:
         Naming the first invalid setting.
     """
     from dicom_node.settings import NodeSettings
+    from feedback.settings import FeedbackSettings
     from observability.settings import ObservabilitySettings
     from worker.settings import WorkerSettings
 
     NodeSettings.from_env(env)
+    FeedbackSettings.from_env(env)
     WorkerSettings.from_env(env)  # also the delivery settings
     ObservabilitySettings.from_env(env)
 

@@ -47,13 +47,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _predict_records(model: str, data: str, split: str, choice: str) -> list[Any]:
+def _predict_records(
+    model: str, data: str, split: str, choice: str, env: dict[str, str]
+) -> list[Any]:
     from pathlib import Path
 
+    from dicom_node.settings import SPOOL_DIR
     from training.evaluation.predictions import predict_phantom_records
     from worker.predictor import ModelOptions, open_predictor
+    from worker.settings import BACKEND, BACKEND_CACHE_DIR, default_backend_cache_dir
 
-    predictor = open_predictor(ModelOptions(Path(model), report_choice=choice))
+    # the backend policy of the worker (D2R_BACKEND, default auto), so the figures are its own
+    options = ModelOptions(
+        Path(model),
+        backend=BACKEND.read(env),
+        cache_dir=BACKEND_CACHE_DIR.read(env) or default_backend_cache_dir(SPOOL_DIR.read(env)),
+        report_choice=choice,
+    )
+    predictor = open_predictor(options)
     return predict_phantom_records(
         Path(model), Path(data), None if split == "all" else split, predictor=predictor
     )
@@ -83,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from cli.runtime import environment
 
-    choice = args.report_choice or _report_choice(environment(args))
+    env = environment(args)
+    choice = args.report_choice or _report_choice(env)
     if choice not in ("consistent", "probable"):
         print("d2r evaluate: D2R_REPORT_CHOICE: expected consistent or probable", file=sys.stderr)
         return 2
@@ -91,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         if args.predictions:
             records = read_records(Path(args.predictions))
         else:
-            records = _predict_records(args.model, args.data, args.split, choice)
+            records = _predict_records(args.model, args.data, args.split, choice, env)
         metrics = evaluate_records(
             records,
             nlg_mode=args.nlg_mode,

@@ -35,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend",
         default=None,
-        choices=("torch", "onnxruntime", "tensorrt"),
-        help="inference backend (default: D2R_BACKEND, else torch)",
+        choices=("auto", "torch", "onnxruntime", "tensorrt"),
+        help="inference backend (default: D2R_BACKEND, else auto: see docs/backends.md)",
     )
     parser.add_argument(
         "--engine-dir",
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         result = predictor.predict(datasets)
     except ModelError as e:
         return fail("predict", f"{args.files[0]}: {e}", EXIT_FAILURE)
-    _print(result, datasets[0], as_json=args.json)
+    _print(result, datasets[0], as_json=args.json, backend=predictor.backend_choice.describe())
     return 0
 
 
@@ -81,16 +81,18 @@ def _options(args: argparse.Namespace, env: dict[str, str]) -> tuple[int, Any] |
     """The pixel-data limit and the model options from the settings under the flags, or the
     exit status of a usage error."""
     from d2r_core.errors import ConfigError
-    from dicom_node.settings import MAX_PIXEL_BYTES
+    from dicom_node.settings import MAX_PIXEL_BYTES, SPOOL_DIR
     from report.grounding import report_chooser
     from worker.predictor import ModelOptions
     from worker.settings import (
         BACKEND,
+        BACKEND_CACHE_DIR,
         DEVICE,
         ENGINE_DIR,
         INPUT_GATE,
         MODEL,
         REPORT_CHOICE,
+        default_backend_cache_dir,
         default_model_path,
     )
 
@@ -110,6 +112,7 @@ def _options(args: argparse.Namespace, env: dict[str, str]) -> tuple[int, Any] |
         report_choice = REPORT_CHOICE.read(env)
         report_chooser(report_choice)  # an unknown choice fails here, before the model loads
         max_pixel_bytes = MAX_PIXEL_BYTES.read(env)
+        cache_dir = BACKEND_CACHE_DIR.read(env) or default_backend_cache_dir(SPOOL_DIR.read(env))
     except ConfigError as e:
         return fail("predict", str(e), EXIT_USAGE)
     return max_pixel_bytes, ModelOptions(
@@ -117,6 +120,7 @@ def _options(args: argparse.Namespace, env: dict[str, str]) -> tuple[int, Any] |
         device=device,
         backend=backend,
         engine_dir=Path(engine_dir) if engine_dir else None,
+        cache_dir=cache_dir,
         input_gate=input_gate,
         report_choice=report_choice,
         lesion_min_score=args.min_score,
@@ -160,8 +164,8 @@ def _open(model: Any) -> Any:
         return fail("predict", str(e), EXIT_USAGE)
 
 
-def _print(result: Any, image: Any, *, as_json: bool) -> None:
-    """The report: one JSON object, or text for a person."""
+def _print(result: Any, image: Any, *, as_json: bool, backend: str) -> None:
+    """The report: one JSON object, or text for a person; ``backend`` is what ran it."""
     gate = {
         "input_gate": "on" if result.input_gate else "off",
         "abstained": result.abstained,
@@ -169,7 +173,7 @@ def _print(result: Any, image: Any, *, as_json: bool) -> None:
         "ood_score": None if result.ood_score is None else round(result.ood_score, 3),
         "ood_threshold": None if result.ood_threshold is None else round(result.ood_threshold, 3),
     }
-    model = {"name": result.model_name, "version": result.model_version}
+    model = {"name": result.model_name, "version": result.model_version, "backend": backend}
     if as_json and result.abstained:  # no lesions and no text
         answer = {**gate, "model": model, "sop_instance_uid": result.sop_instance_uid}
         print(json.dumps(answer, indent=1))
@@ -188,7 +192,7 @@ def _print(result: Any, image: Any, *, as_json: bool) -> None:
         answer.update(model=model, sop_instance_uid=result.sop_instance_uid)
         print(json.dumps(answer, indent=1))
         return
-    _print_text(result, grounding)
+    _print_text(result, grounding, backend)
 
 
 def _grounded(result: Any, grounding: Any) -> dict[str, Any]:
@@ -221,8 +225,9 @@ def _grounded(result: Any, grounding: Any) -> dict[str, Any]:
     }
 
 
-def _print_text(result: Any, grounding: Any) -> None:
+def _print_text(result: Any, grounding: Any, backend: str) -> None:
     print(f"Model: {result.model_name} {result.model_version}")
+    print(f"Backend: {backend}")
     print(f"Image: {result.sop_instance_uid}")
     if result.abstained:
         print(f"\nNOT ASSESSED: {result.abstain_reason}")

@@ -1,13 +1,17 @@
 """``d2r retry STUDY_UID``: re-send a failed study's reports (or reprocess it).
 
 ``--destination NAME`` re-sends to that destination only (as ``d2r status`` names it, or as
-written in ``D2R_DESTINATIONS``).
+written in ``D2R_DESTINATIONS``). ``--priority stat|urgent|routine|low`` sets the study's
+priority first (recorded in its events); alone, on a study that is not failed, it only changes
+the priority: a queued study's job is sent again at the new priority by the running node.
 """
 
 from __future__ import annotations
 
 import argparse
 from typing import TYPE_CHECKING
+
+from d2r_core.priority import PRIORITY_VALUES
 
 if TYPE_CHECKING:
     from studydb.store import StudyStore
@@ -25,6 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--destination",
         metavar="NAME",
         help="re-send only this destination's failed delivery (e.g. mllp://ris:2575)",
+    )
+    parser.add_argument(
+        "--priority",
+        choices=PRIORITY_VALUES,
+        help="set the study's priority (a queued study is served at it; deliveries follow it)",
     )
 
 
@@ -51,6 +60,14 @@ def run(args: argparse.Namespace) -> int:
     settings = NodeSettings.from_env(environment(args))
     store = StudyStore(settings.database_url)
     try:
+        if args.priority:
+            changed = _set_priority(store, args.study_uid, args.priority)
+            if changed is None:
+                return 1
+            if not args.reprocess and not args.destination:
+                view = store.get(args.study_uid)
+                if view is None or view.state != "failed":
+                    return 0
         if args.destination:
             return _retry_destination(store, args.study_uid, _canonical(args.destination))
         try:
@@ -95,3 +112,21 @@ def _retry_destination(store: StudyStore, study_uid: str, destination: str) -> i
     store.reset_for_retry(study_uid, destination=destination)
     print(f"{study_uid}: reports will be re-sent to {destination} by the running node")
     return 0
+
+
+def _set_priority(store: StudyStore, study_uid: str, priority: str) -> bool | None:
+    """Set the study's priority; None when there is no such study."""
+    import sys
+
+    from d2r_core.priority import Priority
+
+    try:
+        before = store.set_priority(study_uid, Priority.parse(priority), source="operator")
+    except KeyError:
+        print(f"d2r retry: no study {study_uid}", file=sys.stderr)
+        return None
+    if before == priority:
+        print(f"{study_uid}: priority is already {priority}")
+        return False
+    print(f"{study_uid}: priority {before} -> {priority}")
+    return True

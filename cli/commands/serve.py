@@ -53,7 +53,12 @@ def run(args: argparse.Namespace) -> int:
     metrics_dir = use_multiprocess_metrics(
         settings.node.spool_dir.parent / "metrics" / settings.node.node_name, clean=True
     )
-    from observability.metrics import build_registry, mark_process_dead, model_loaded
+    from observability.metrics import (
+        build_registry,
+        loaded_backends,
+        mark_process_dead,
+        model_loaded,
+    )
 
     child_env = dict(os.environ)
     child_env.update(env)
@@ -104,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
             stop,
             default_broker=FILESYSTEM_BROKER,
             extra_ready={"worker": worker_running, "model": model},
+            extra_details={"backend": lambda: loaded_backends(worker_metrics)},
         )
     finally:
         stop.set()

@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
                 return 0
             print(f"Study     {view.study_instance_uid}")
             print(f"State     {view.state}" + (f" ({view.reason})" if view.reason else ""))
+            print(f"Priority  {view.priority}")
             print(f"Instances {view.instance_count}" + _received_by(view.received_by))
             print(
                 f"Attempts  {view.attempts}" + (f" (last stage {view.stage})" if view.stage else "")
@@ -138,15 +139,18 @@ def run(args: argparse.Namespace) -> int:
             return 0
         counts = store.count_by_state()
         print("  ".join(f"{k}={v}" for k, v in counts.items()))
+        queued = store.count_by_priority()
+        print("queued by priority: " + "  ".join(f"{k}={v}" for k, v in queued.items()))
         print(
-            f"{'LAST RECEIVED':<20} {'STATE':<10} {'INST':>4} {'LES':>3} {'NODE':<16}  "
-            "STUDY / REASON"
+            f"{'LAST RECEIVED':<20} {'STATE':<10} {'PRIO':<7} {'INST':>4} {'LES':>3} "
+            f"{'NODE':<16}  STUDY / REASON"
         )
         for v in views:
             lesions = "-" if v.lesion_count is None else str(v.lesion_count)
             node = ",".join(name or "-" for name, _ in v.received_by) or "-"
             print(
-                f"{_ts(v.last_received_at):<20} {v.state:<10} {v.instance_count:>4} {lesions:>3} "
+                f"{_ts(v.last_received_at):<20} {v.state:<10} {v.priority:<7} "
+                f"{v.instance_count:>4} {lesions:>3} "
                 f"{node:<16}  {v.study_instance_uid}" + (f"  ({v.reason})" if v.reason else "")
             )
         return 0

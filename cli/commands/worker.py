@@ -48,6 +48,12 @@ def run(args: argparse.Namespace) -> int:
     settings = WorkerSettings.from_env(env, default_broker=default_broker)
     obs = ObservabilitySettings.from_env(env)
     settings.require_model()
+    from worker.predictor import ModelOptions, prepare_backend
+
+    # D2R_BACKEND=auto: the checked ONNX export is made here, once, before the pool starts
+    choice = prepare_backend(ModelOptions.from_settings(settings))
+    if choice is not None:
+        logger.info("inference backend: %s", choice.describe())
     from cli.exposure import http_warnings
 
     for warning in http_warnings(obs):
@@ -59,7 +65,12 @@ def run(args: argparse.Namespace) -> int:
         use_multiprocess_metrics(own_metrics_dir, clean=False)
 
     from observability.audit import AuditLog
-    from observability.metrics import QueueDepthCollector, build_registry, model_loaded
+    from observability.metrics import (
+        QueueDepthCollector,
+        build_registry,
+        loaded_backends,
+        model_loaded,
+    )
     from studydb.store import StudyStore
     from worker.celery_app import create_app
     from worker.messages import REPORT_QUEUE, SEND_QUEUE
@@ -88,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         collectors=[queues],
         health={"database": database},
         ready={"model": model, "broker": queues.ping},
+        details={"backend": lambda: loaded_backends(loaded)},
     )
     argv = [
         "worker",

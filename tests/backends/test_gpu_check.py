@@ -62,7 +62,8 @@ def test_inference_check_dry_run(model_dir: Path, tmp_path: Path) -> None:
     # the worker's path, one study per call against predict_batch, appended by its own process
     res = _run(
         ["bench/inference/gpu.py", "--device", "cpu", "--checkpoint", str(model_dir),
-         "--iters", "1", "--batch", "2", "--budget", "240", "--stages", "batching", "--append"],
+         "--iters", "1", "--batch", "2", "--budget", "240", "--stages", "batching,auto",
+         "--append"],
         tmp_path, timeout=600,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
@@ -71,6 +72,9 @@ def test_inference_check_dry_run(model_dir: Path, tmp_path: Path) -> None:
     batched = rows["Predictor.predict_batch, 2 studies per call"]
     assert float(alone[1]) > 0 and float(batched[1]) > 0
     assert batched[3].startswith("text same as each study alone"), batched
+    auto = rows["D2R_BACKEND=auto, 1 study per call"]  # the worker's policy on this device
+    assert auto[3].startswith("chose onnxruntime on cpu (D2R_BACKEND=auto: ONNX export of"), auto
+    assert float(rows["D2R_BACKEND=auto, 2 studies per call"][1]) > 0
     # torch.compile runs in a second process that appends its row, as in gpu_check.sh
     res = _run(
         ["bench/inference/gpu.py", "--device", "cpu", "--checkpoint", str(model_dir),

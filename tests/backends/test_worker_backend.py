@@ -22,6 +22,7 @@ from worker.settings import WorkerSettings
         ({"D2R_BACKEND": "onnxruntime", "D2R_ENGINE_DIR": "/e", "D2R_TORCH_COMPILE": "1"},
          "D2R_TORCH_COMPILE"),
         ({"D2R_TORCH_COMPILE": "maybe"}, "D2R_TORCH_COMPILE"),
+        ({"D2R_TORCH_COMPILE": "true"}, "D2R_TORCH_COMPILE"),  # auto may choose onnxruntime
     ],
 )  # fmt: skip
 def test_settings_name_the_bad_setting(env: dict[str, str], setting: str) -> None:
@@ -31,7 +32,12 @@ def test_settings_name_the_bad_setting(env: dict[str, str], setting: str) -> Non
 
 
 def test_settings_accept_each_backend(tmp_path: Path) -> None:
-    s = WorkerSettings.from_env({"D2R_TORCH_COMPILE": "true"})
+    s = WorkerSettings.from_env({})
+    assert (s.backend, s.engine_dir) == ("auto", None)
+    assert s.backend_cache == s.node.spool_dir.parent / "backend-cache"
+    s = WorkerSettings.from_env({"D2R_BACKEND_CACHE_DIR": str(tmp_path)})
+    assert s.backend_cache == tmp_path
+    s = WorkerSettings.from_env({"D2R_BACKEND": "torch", "D2R_TORCH_COMPILE": "true"})
     assert (s.backend, s.torch_compile, s.engine_dir) == ("torch", True, None)
     s = WorkerSettings.from_env(
         {"D2R_BACKEND": "tensorrt", "D2R_DEVICE": "cuda:1", "D2R_ENGINE_DIR": str(tmp_path)}

@@ -4,6 +4,7 @@ server's validator), conditional update against that server, and the failure sem
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import logging
 from collections.abc import Iterator
@@ -77,6 +78,19 @@ def test_the_bundle_is_a_valid_transaction_with_one_observation_per_lesion() -> 
     assert sr_uids == {str(ds.SOPInstanceUID) for ds in results.reports}
     (patient,) = _resources(bundle, "Patient")
     assert patient["identifier"][0]["system"] == "urn:oid:1.2.826.0.1.3680043.10.999"
+
+
+def test_the_imaging_study_lists_the_srs_not_the_presentation_state() -> None:
+    results = phantom_results()
+    state = copy.deepcopy(results.reports[0])
+    state.Modality, state.SOPClassUID = "PR", "1.2.840.10008.5.1.4.1.1.11.1"
+    state.SOPInstanceUID = state.SeriesInstanceUID = "1.2.3.4"
+    with_state = StudyResults(
+        results.study_instance_uid, (*results.reports, state), results.content
+    )
+    (study,) = _resources(build_bundle(with_state), "ImagingStudy")
+    listed = {i["uid"] for s in study["series"] for i in s["instance"]}
+    assert listed == {str(ds.SOPInstanceUID) for ds in results.reports}
 
 
 def test_identifiers_derive_from_the_study_and_the_model_version() -> None:

@@ -35,11 +35,14 @@ import cli.main, cli.runtime, cli.node, cli.commands.node
 from dicom_node.assembler import Assembler, AssemblerConfig
 from dicom_node.scp import start_server
 from dicom_node.spool import Spool
+from feedback.hl7_listener import Hl7Listener
 from studydb.records import InstanceRecord
 from studydb.store import StudyStore
 from worker.celery_app import create_app
 from worker.messages import REPORT_TASK, SEND_TASK, JobInstance, ReportJob
 from worker.settings import WorkerSettings
+# the node reads every worker setting from the shared configuration, D2R_OUTPUTS included
+WorkerSettings.from_env({"D2R_OUTPUTS": "tid1500,text,gsps,sc", "D2R_BACKEND": "auto"})
 top = {n.split(".")[0] for n, m in sys.modules.items() if m is not None and n not in already}
 dists = metadata.packages_distributions()
 loaded = sorted({d for t in top for d in dists.get(t, [])})
@@ -135,6 +138,7 @@ def test_node_requirements_cover_what_the_node_imports() -> None:
         "dicom_node",
         "delivery",
         "observability",
+        "feedback",
         "worker",
         "model",
         "report",
@@ -168,6 +172,6 @@ def test_node_requirements_cover_what_the_node_imports() -> None:
         for line in (DOCKER / "Dockerfile.node").read_text(encoding="utf-8").splitlines()
         if line.startswith("COPY ") and line.split()[1] in own
     }
-    assert {"cli", "dicom_node", "delivery", "observability", "worker"} <= copied
+    assert {"cli", "dicom_node", "delivery", "observability", "feedback", "worker"} <= copied
     assert not copied & {"model", "report", "training", "trt_build"}
     assert set(loaded["modules"]) & own <= copied

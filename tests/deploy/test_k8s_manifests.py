@@ -49,7 +49,16 @@ REDIS_PORT = 6379
 SENTINEL_PORT = 26379
 HOSTNAME_TOPOLOGY = "kubernetes.io/hostname"
 # Python packages whose code reads D2R_* settings.
-PRODUCT_PACKAGES = ("cli", "dicom_node", "worker", "observability", "delivery", "report", "model")
+PRODUCT_PACKAGES = (
+    "cli",
+    "dicom_node",
+    "worker",
+    "observability",
+    "delivery",
+    "report",
+    "model",
+    "feedback",
+)
 
 
 def _kind_name(resource: dict[str, Any]) -> str:

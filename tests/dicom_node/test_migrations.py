@@ -479,3 +479,134 @@ def test_a_start_on_a_previous_release_database_stamps_it_as_the_baseline(
         history = MigrationContext.configure(conn).get_current_heads()
     assert history == (found.head,)
     assert snapshot(engine) == before
+
+
+def test_revision_0005_gives_every_study_a_priority_and_its_queued_job_routine(
+    engine: sa.Engine, db_url: str
+) -> None:
+    """Studies written at revision 0004 are routine after the upgrade; the jobs of those queued
+    or processing count as sent routine, so only a higher priority sends them again."""
+    schema.upgrade(engine, target="0004")
+    with engine.begin() as conn:
+        for n, state in enumerate(["receiving", "queued", "processing", "done"]):
+            uid = f"1.5.{n}"
+            conn.execute(
+                sa.text(
+                    "INSERT INTO studies (study_instance_uid, state, generation, "
+                    "first_received_at, last_received_at, queued_at, updated_at, attempts, "
+                    "state_changed_at, open_associations) VALUES "
+                    "(:uid, :state, 1, 1000, 1000, 1001, 1001, 0, 1001, 0)"
+                ),
+                {"uid": uid, "state": state},
+            )
+            conn.execute(
+                sa.text(
+                    "INSERT INTO instances (sop_instance_uid, study_instance_uid, "
+                    "series_instance_uid, sop_class_uid, transfer_syntax_uid, modality, "
+                    "body_part_examined, view_position, series_description, path, size, sha256, "
+                    "calling_ae_title, received_at, duplicates, conflicts) VALUES "
+                    "(:sop, :uid, :uid, '1.2.840.10008.5.1.4.1.1.1', '1.2.840.10008.1.2.1', "
+                    "'CR', 'CHEST', 'PA', '', '/spool/x.dcm', 1, '', 'PACS', 1000, 0, 0)"
+                ),
+                {"sop": uid + ".1", "uid": uid},
+            )
+    _, after = schema.upgrade(engine)
+    assert after.current == after.head
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT study_instance_uid, priority, queued_priority FROM studies "
+                "ORDER BY study_instance_uid"
+            )
+        ).all()
+    assert [tuple(r) for r in rows] == [
+        ("1.5.0", "routine", None),
+        ("1.5.1", "routine", "routine"),
+        ("1.5.2", "routine", "routine"),
+        ("1.5.3", "routine", None),
+    ]
+    store = StudyStore(db_url)
+    try:
+        assert store.get("1.5.1").priority == "routine"  # type: ignore[union-attr]
+        assert [i.priority for i in store.instances("1.5.1")] == [None]
+        assert store.queued_studies(limit=5) == [("1.5.1", 1)]
+        assert store.count_by_priority() == {"stat": 0, "urgent": 0, "routine": 1, "low": 0}
+        assert store.promotion_candidates() == []
+    finally:
+        store.close()
+    from alembic import command
+    from alembic.config import Config
+
+    with engine.begin() as conn:  # and back: the downgrade drops the columns
+        cfg = Config()
+        cfg.set_main_option("script_location", str(schema.SCRIPT_LOCATION))
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0004")
+    with engine.connect() as conn:
+        columns = {c["name"] for c in sa.inspect(conn).get_columns("studies")}
+    assert "priority" not in columns and "queued_priority" not in columns
+
+
+def test_revision_0006_adds_accession_numbers_and_the_signed_report_tables(
+    engine: sa.Engine, db_url: str
+) -> None:
+    """Instances of revision 0005 keep their rows with no accession number; the signed reports
+    of a study are stored, superseded and read back; the downgrade drops it all again."""
+    from studydb.feedback import ReportMessage, SignedReport
+
+    schema.upgrade(engine, target="0005")
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO studies (study_instance_uid, state, generation, first_received_at, "
+                "last_received_at, updated_at, attempts, open_associations, priority) VALUES "
+                "('1.6.1', 'done', 1, 1000, 1000, 1001, 1, 0, 'routine')"
+            )
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO instances (sop_instance_uid, study_instance_uid, "
+                "series_instance_uid, sop_class_uid, transfer_syntax_uid, modality, "
+                "body_part_examined, view_position, series_description, path, size, sha256, "
+                "calling_ae_title, received_at, duplicates, conflicts) VALUES "
+                "('1.6.1.1', '1.6.1', '1.6.1.2', '1.2.840.10008.5.1.4.1.1.1', "
+                "'1.2.840.10008.1.2.1', 'CR', 'CHEST', 'PA', '', '/spool/x.dcm', 1, '', 'PACS', "
+                "1000, 0, 0)"
+            )
+        )
+    _, after = schema.upgrade(engine)
+    assert after.current == after.head == "0006"
+    store = StudyStore(db_url)
+    try:
+        assert [i.accession_number for i in store.instances("1.6.1")] == [""]
+        assert store.studies_with_accession("A1") == []
+        assert store.known_studies(["1.6.9", "1.6.1"]) == ["1.6.1"]
+        for status, text, control in (("F", "Clear lungs.", "M1"), ("C", "Small effusion.", "M2")):
+            store.store_signed_report(
+                SignedReport("1.6.1", 0, status, text, "hl7:RIS^H", 2000.0, control)
+            )
+        reports = store.signed_reports("1.6.1")
+        assert [(r.version, r.result_status, r.superseded_at is None) for r in reports] == [
+            (1, "F", False),
+            (2, "C", True),
+        ]
+        store.record_report_message(
+            ReportMessage(2000.0, "M3", "hl7:RIS^H", "P", "A1", None, "not-final", "AA", "n")
+        )
+        assert [m.outcome for m in store.report_messages()] == ["not-final"]
+    finally:
+        store.close()
+    from alembic import command
+    from alembic.config import Config
+
+    with engine.begin() as conn:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(schema.SCRIPT_LOCATION))
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0005")
+    with engine.connect() as conn:
+        inspector = sa.inspect(conn)
+        columns = {c["name"] for c in inspector.get_columns("instances")}
+        tables = set(inspector.get_table_names())
+    assert "accession_number" not in columns
+    assert not tables & {"signed_reports", "report_messages", "report_scores"}

@@ -63,6 +63,9 @@ def test_dicomweb_archive_down_then_back_failed_then_retried(
         assert s.sr_classes(late_uid) == sorted([COMPREHENSIVE_SR, BASIC_TEXT_SR])
         srs = [i for i in orthanc.find_instances(late_uid) if i.get("Modality") == "SR"]
         assert {i["StudyInstanceUID"] for i in srs} == {late_uid}
+        # the presentation state (D2R_OUTPUTS default) is stored over STOW-RS too
+        states = [i for i in orthanc.find_instances(late_uid) if i.get("Modality") == "PR"]
+        assert [i["SOPClassUID"] for i in states] == ["1.2.840.10008.5.1.4.1.1.11.1"]
 
         # The failed study is retried by the operator and delivered.
         retry = run_d2r("retry", failing_uid, env=s.env)

@@ -100,7 +100,8 @@ def _first_images(folder: Path) -> list[Path]:
 
 def test_demo_model_declines_real_radiographs_and_accepts_phantoms(phantom_dir: Path) -> None:
     predictor = Predictor.from_checkpoint(DEMO)
-    lesion_threshold, gate, report, checkpoint = predictor.parameters  # in every SR group
+    lesion_threshold, gate, report, checkpoint, backend = predictor.parameters  # every SR group
+    assert backend == "backend: torch on cpu (set explicitly)"
     assert report == "report: the most probable of a beam of 3"
     assert lesion_threshold == f"lesion score threshold: {predictor.lesion_score_threshold:g}"
     assert gate.startswith("input gate: on, threshold 19.3")

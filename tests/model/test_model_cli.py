@@ -10,6 +10,7 @@ import pydicom
 import pytest
 
 from d2r_core.classes import VINDR_CLASSES
+from tests.support.processes import backend_cache_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,7 +26,7 @@ def _d2r(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
         capture_output=True,
         text=True,
         cwd=REPO,
-        env={**base, **(env or {})},
+        env={**base, **backend_cache_env(), **(env or {})},  # not the checkout's d2r-data/
         timeout=300,
     )
 
@@ -52,6 +53,8 @@ def test_init_model_then_predict_json_on_rg1(tmp_path: Path, rg1_path: Path) -> 
     data = json.loads(res.stdout)
     assert {"findings", "impression", "lesions", "model"} <= set(data)
     assert data["input_gate"] == "off" and data["abstained"] is False
+    backend = data["model"].pop("backend")  # D2R_BACKEND=auto: the checked ONNX export
+    assert backend.startswith("onnxruntime on cpu (D2R_BACKEND=auto: ONNX export of ")
     assert data["model"] == {"name": "d2r-net-random", "version": "0.0.0"}
     ds = pydicom.dcmread(rg1_path, stop_before_pixels=True)
     assert data["lesions"]

@@ -178,11 +178,27 @@ def test_serve_metrics_probes_audit_and_status_page(tmp_path: Path) -> None:
             status, body = _get(base + probe)
             assert status == 200 and json.loads(body)["status"] == "ok", body
 
+        # ---- the default backend (D2R_BACKEND=auto): the checked ONNX export, named everywhere
+        backends = [dict(labels) for (n, labels), v in m.items() if n == "d2r_backend_info" and v]
+        assert backends == [
+            {"backend": "onnxruntime", "device": "cpu", "policy": "auto", "fallback": "none"}
+        ]
+        assert _value(m, "d2r_backend_fallbacks_total", reason="parity_failed") == 0
+        details = json.loads(_get(base + "/readyz")[1])["details"]  # loopback: a local caller
+        assert details == {"backend": "onnxruntime on cpu (auto)"}
+        assert "inference backend: onnxruntime on cpu (D2R_BACKEND=auto: ONNX export of" in (
+            serve.log_tail(10_000_000)
+        )
+
         # ---- audit: the association, the received object, the SR objects sent
         status_json = json.loads(run_d2r("status", "--json", study_uid, env=env).stdout)
         sr_files = sorted(received.iterdir())
         sent_uids = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in sr_files}
-        assert len(sent_uids) == len(status_json["result_paths"]) == 2
+        assert len(sent_uids) == len(status_json["result_paths"]) == 3  # 2 SRs and the GSPS
+        # the TID 4019 algorithm parameters of the grounded SR name the backend that ran
+        assert any(
+            b"backend: onnxruntime on cpu (D2R_BACKEND=auto" in p.read_bytes() for p in sr_files
+        )
         audit = run_d2r("audit", "--json", env=env)
         assert audit.returncode == 0, audit.stderr
         lines = [json.loads(x) for x in audit.stdout.splitlines()]
@@ -201,7 +217,7 @@ def test_serve_metrics_probes_audit_and_status_page(tmp_path: Path) -> None:
         assert {x["sop_instance_uid"] for x in sent} == sent_uids
         assert all(x["destination"] == dest and x["status"] == "0x0000" for x in sent)
         by_study = run_d2r("audit", "--study", study_uid, env=env)
-        assert by_study.returncode == 0 and by_study.stdout.count(study_uid) == 3
+        assert by_study.returncode == 0 and by_study.stdout.count(study_uid) == 4  # 1 in, 3 out
 
         # ---- the status page in a real browser
         dom = _chromium("--dump-dom", base + "/")

@@ -139,9 +139,13 @@ class Stack:
         )
 
     def assert_reported_exactly_once(self, study_uid: str, *, text_sr: bool = True) -> None:
-        """One SR pair in the PACS and one ``reported`` event per generation."""
+        """One SR pair and one presentation state (the default ``D2R_OUTPUTS``) in the PACS,
+        and one ``reported`` event per generation."""
         expected = sorted([COMPREHENSIVE_SR, BASIC_TEXT_SR] if text_sr else [COMPREHENSIVE_SR])
         assert self.sr_classes(study_uid) == expected, study_uid
+        assert self.orthanc is not None
+        states = [i for i in self.orthanc.find_instances(study_uid) if i.get("Modality") == "PR"]
+        assert len(states) == 1, study_uid
         events = self.store.events(study_uid)
         reported = [e for e in events if e.kind == "reported"]
         view = self.view(study_uid)

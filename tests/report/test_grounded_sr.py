@@ -65,10 +65,14 @@ def test_only_stated_boxes_become_groups_with_their_sentence(
     for ds in (comprehensive, text):
         (impression,) = [str(i.TextValue) for i in _walk(ds) if _code(i) == "121073"]
         assert impression == "Left pleural effusion."
-        (findings,) = [str(i.TextValue) for i in _walk(ds) if _code(i) == "121070"]
+        (findings,) = [
+            str(i.TextValue)
+            for i in _walk(ds)
+            if i.ValueType == "TEXT" and _code(i) in ("121070", "121071")
+        ]
         assert findings == FINDINGS
     # the text SR carries no grounding: text items only, as before
-    assert {i.ValueType for i in _walk(text) if _code(i) in ("121070", "121073")} == {"TEXT"}
+    assert {i.ValueType for i in _walk(text) if _code(i) in ("121071", "121073")} == {"TEXT"}
     assert not any(_code(i) in ("125007", "C0034375") for i in _walk(text))
 
 

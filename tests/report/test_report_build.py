@@ -74,12 +74,16 @@ def find_concept(ds: Dataset, value: str) -> list[Dataset]:
     ]
 
 
+#: the findings and impression TEXT items: (121070) in the TID 1500 SR, (121071) "Finding" in
+#: the TID 2000 text SR's Findings section
+_TEXT_KEYS = {"121070": "Findings", "121071": "Findings", "121073": "Impression"}
+
+
 def text_values(ds: Dataset) -> dict[str, str]:
     return {
-        item.ConceptNameCodeSequence[0].CodeMeaning: item.TextValue
+        _TEXT_KEYS[item.ConceptNameCodeSequence[0].CodeValue]: item.TextValue
         for item in walk(list(ds.ContentSequence))
-        if item.ValueType == "TEXT"
-        and item.ConceptNameCodeSequence[0].CodeValue in {"121070", "121073"}
+        if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue in _TEXT_KEYS
     }
 
 
@@ -289,6 +293,7 @@ def test_basic_text_sr_validates(
     assert ds.SOPClassUID == BasicTextSRStorage
     assert ds.ConceptNameCodeSequence[0].CodeValue == "18748-4"
     assert ds.ConceptNameCodeSequence[0].CodingSchemeDesignator == "LN"
+    assert ds.ContentTemplateSequence[0].TemplateIdentifier == "2000"
     assert ds.SpecificCharacterSet == "ISO_IR 192"
     assert (ds.CompletionFlag, ds.VerificationFlag, ds.PreliminaryFlag) == (
         "COMPLETE",

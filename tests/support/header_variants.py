@@ -9,6 +9,7 @@ dcmtk's ``dcmcjpeg`` (by absolute path), the way a film digitiser's output looks
 from __future__ import annotations
 
 import subprocess
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ from pydicom.uid import (
 from tests.support.dicom_files import chest_pixels, make_cr, make_dx, make_sc, rg1_path
 
 DCMCJPEG = Path("/usr/bin/dcmcjpeg")
+#: the attributes the ``sc-invalid-values`` variant carries with values their VR forbids
+INVALID_VALUE_KEYWORDS = ("InstitutionName", "PatientAge", "PatientBirthDate")
 MULTIFRAME_GRAYSCALE_BYTE_SC = UID("1.2.840.10008.5.1.4.1.1.7.2")
 
 
@@ -42,6 +45,8 @@ class Variant:
     #: send each instance on its own association (a study arriving in pieces)
     separate_associations: bool = False
     study_uid: str = field(default="")
+    #: source attributes whose values their VR forbids: left out of every object d2r writes
+    left_out: tuple[str, ...] = ()
 
 
 def _rg1(step: int = 4) -> tuple[Dataset, np.ndarray]:
@@ -215,6 +220,16 @@ def build_corpus(folder: Path) -> list[Variant]:
         ds.PixelData = frames.tobytes()
         return [_save(ds, sub / "multiframe.dcm")]
 
+    def invalid_values(study: str, sub: Path) -> list[Path]:
+        ds = _sc(study, "CR", 24)
+        _set_pixels(ds, chest_pixels(384, 320, bits_stored=8, seed=24), "MONOCHROME2")
+        with warnings.catch_warnings():  # values their VR forbids, as some sources send them
+            warnings.simplefilter("ignore")
+            ds.PatientAge = "51"  # no unit: days, weeks, months or years?
+            ds.PatientBirthDate = "1975-03-01"
+            ds.InstitutionName = "Department of radiology of a hospital with a rather long name, W7"
+        return [_save(ds, sub / "sc-invalid-values.dcm")]
+
     def several_associations(study: str, sub: Path) -> list[Path]:
         parts = [
             make_cr(None, study_uid=study, rows=320, cols=272, seed=21),
@@ -224,6 +239,7 @@ def build_corpus(folder: Path) -> list[Variant]:
         return [_save(ds, sub / f"part{n}.dcm") for n, ds in enumerate(parts)]
 
     add("sc-cr-jpeg-baseline", sc_cr_jpeg)
+    add("sc-invalid-values", invalid_values, left_out=INVALID_VALUE_KEYWORDS)
     add("sc-dx", sc_dx)
     add("sc-rgb", sc_rgb)
     add("sc-ybr-full-422-jpeg", sc_ybr_jpeg)

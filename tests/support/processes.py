@@ -149,11 +149,27 @@ def start_redis(workdir: Path, port: int | None = None) -> tuple[Process, str]:
     return proc, f"redis://127.0.0.1:{port}/0"
 
 
+#: ``D2R_BACKEND_CACHE_DIR`` of every ``d2r`` child the tests start (``use_backend_cache``)
+_backend_cache: list[Path] = []
+
+
+def use_backend_cache(folder: Path) -> None:
+    """Let every ``d2r`` child of this test session share one export cache of
+    ``D2R_BACKEND=auto``, so each checkpoint is exported and checked once per session."""
+    _backend_cache[:] = [folder]
+
+
+def backend_cache_env() -> dict[str, str]:
+    """``D2R_BACKEND_CACHE_DIR`` of the session's shared export cache (empty outside pytest)."""
+    return {"D2R_BACKEND_CACHE_DIR": str(_backend_cache[0])} if _backend_cache else {}
+
+
 def base_env(**overrides: str) -> dict[str, str]:
     """The environment for a ``d2r`` child: this one, without D2R_* leaking in, plus overrides."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("D2R_")}
     # the shared random-weights test checkpoint has no training images, hence no input-gate
     # statistics: tests run it with the gate off; the gate's own tests turn it on
     env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "D2R_INPUT_GATE": "off"})
+    env.update(backend_cache_env())
     env.update(overrides)
     return env

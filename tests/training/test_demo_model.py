@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from model.checkpoint import load_checkpoint
+from tests.support.processes import backend_cache_env
 from worker.settings import BUNDLED_MODEL, WorkerSettings, default_model_path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,6 +27,7 @@ def _d2r(*args: str, cwd: Path, timeout: int) -> str:
     env = {k: v for k, v in os.environ.items() if k != "D2R_MODEL"}
     env["PYTHONPATH"] = str(REPO)
     env["OMP_NUM_THREADS"] = "2"
+    env.update(backend_cache_env())  # one export of the demo checkpoint per session
     done = subprocess.run(
         [*D2R, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )

@@ -1,0 +1,133 @@
+"""Settings of the signed-report listener: :class:`FeedbackSettings`, built once by ``d2r
+node`` (each declared once in :data:`SETTINGS`).
+
+The listener listens on the node's address (``D2R_HOST``); with ``D2R_HL7_LISTEN_TLS`` it
+speaks TLS with the node's certificate and key (``D2R_TLS_CERT``, ``D2R_TLS_KEY``; clients
+checked against ``D2R_TLS_CA`` as the DICOM listener checks them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from d2r_core.config import (
+    int_at_least,
+    non_negative_float,
+    parse_bool,
+    parse_port,
+    positive_float,
+)
+from d2r_core.errors import ConfigError
+from d2r_core.settings_spec import Group, Setting
+
+__all__ = ["SETTINGS", "FeedbackSettings"]
+
+
+def _listen_port(text: str) -> int:
+    return 0 if text == "0" else parse_port(text, "D2R_HL7_LISTEN_PORT")
+
+
+HL7_LISTEN_PORT = Setting(
+    "D2R_HL7_LISTEN_PORT",
+    0,
+    _listen_port,
+    "port of the HL7 v2 MLLP listener (`d2r node`) that takes signed reports (ORU^R01) back "
+    'from the RIS; `0`: off (docs/operations.md, "Signed reports and agreement")',
+    Group.FEEDBACK,
+)
+HL7_LISTEN_TLS = Setting(
+    "D2R_HL7_LISTEN_TLS",
+    False,
+    parse_bool,
+    "the HL7 listener speaks TLS with the node's certificate and key (`D2R_TLS_CERT`, "
+    "`D2R_TLS_KEY`)",
+    Group.FEEDBACK,
+)
+HL7_MAX_MESSAGE_BYTES = Setting(
+    "D2R_HL7_MAX_MESSAGE_BYTES",
+    1 << 20,
+    int_at_least(1024),
+    "the largest HL7 message the listener reads; a larger one is answered `AR` and the "
+    "connection closed",
+    Group.FEEDBACK,
+    shown="`1048576` (1 MiB)",
+)
+HL7_IDLE_SECONDS = Setting(
+    "D2R_HL7_IDLE_SECONDS",
+    60.0,
+    positive_float,
+    "the HL7 listener closes a connection that sends nothing for this long (also mid-message)",
+    Group.FEEDBACK,
+)
+HL7_MAX_CONNECTIONS = Setting(
+    "D2R_HL7_MAX_CONNECTIONS",
+    16,
+    int_at_least(1),
+    "connections the HL7 listener serves at once; further ones wait in the listen queue",
+    Group.FEEDBACK,
+)
+FEEDBACK_SCORE_SECONDS = Setting(
+    "D2R_FEEDBACK_SCORE_SECONDS",
+    60.0,
+    non_negative_float,
+    "`d2r node` scores new signed reports against the drafts this often, where the labeler "
+    "of `d2r evaluate` is installed (`0`: only `d2r feedback score` does)",
+    Group.FEEDBACK,
+)
+FEEDBACK_WINDOW_DAYS = Setting(
+    "D2R_FEEDBACK_WINDOW_DAYS",
+    30.0,
+    positive_float,
+    "the sliding window of the agreement figures in `/metrics` (beside all time), in days",
+    Group.FEEDBACK,
+)
+#: every setting :class:`FeedbackSettings` reads
+SETTINGS: tuple[Setting[Any], ...] = (
+    HL7_LISTEN_PORT,
+    HL7_LISTEN_TLS,
+    HL7_MAX_MESSAGE_BYTES,
+    HL7_IDLE_SECONDS,
+    HL7_MAX_CONNECTIONS,
+    FEEDBACK_SCORE_SECONDS,
+    FEEDBACK_WINDOW_DAYS,
+)
+
+
+@dataclass(frozen=True)
+class FeedbackSettings:
+    """How the signed-report listener listens (port 0: off)."""
+
+    port: int = HL7_LISTEN_PORT.default
+    tls: bool = HL7_LISTEN_TLS.default
+    max_message_bytes: int = HL7_MAX_MESSAGE_BYTES.default
+    idle_seconds: float = HL7_IDLE_SECONDS.default
+    max_connections: int = HL7_MAX_CONNECTIONS.default
+    score_seconds: float = FEEDBACK_SCORE_SECONDS.default
+    window_days: float = FEEDBACK_WINDOW_DAYS.default
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> FeedbackSettings:
+        """Build from ``D2R_*`` variables.
+
+        Raises
+        ------
+        ConfigError
+            Naming the first invalid setting (``D2R_HL7_LISTEN_TLS`` without the node's
+            certificate and key).
+        """
+        settings = cls(
+            port=HL7_LISTEN_PORT.read(env),
+            tls=HL7_LISTEN_TLS.read(env),
+            max_message_bytes=HL7_MAX_MESSAGE_BYTES.read(env),
+            idle_seconds=HL7_IDLE_SECONDS.read(env),
+            max_connections=HL7_MAX_CONNECTIONS.read(env),
+            score_seconds=FEEDBACK_SCORE_SECONDS.read(env),
+            window_days=FEEDBACK_WINDOW_DAYS.read(env),
+        )
+        if settings.tls and not (env.get("D2R_TLS_CERT") and env.get("D2R_TLS_KEY")):
+            raise ConfigError(
+                "D2R_HL7_LISTEN_TLS", "needs the node's certificate: D2R_TLS_CERT and D2R_TLS_KEY"
+            )
+        return settings
