@@ -53,6 +53,10 @@ def sentinel_publish_retry_policy(settings: WorkerSettings) -> dict[str, Any]:
     }
 
 
+#: kombu's file-system transport, filing messages by priority (``D2R_BROKER_URL=filesystem://``)
+EMBEDDED_TRANSPORT = "worker.embedded_queue:Transport"
+
+
 # Longer than a screen: a table of Celery settings, one line each
 def celery_config(settings: WorkerSettings) -> dict[str, Any]:
     """The Celery configuration for ``settings`` (pure)."""
@@ -94,6 +98,10 @@ def celery_config(settings: WorkerSettings) -> dict[str, Any]:
         )
     config: dict[str, Any] = {
         "broker_url": settings.broker_url,
+        # the embedded queue serves messages by priority, as Redis does (worker.embedded_queue)
+        "broker_transport": EMBEDDED_TRANSPORT
+        if settings.broker_url.startswith(FILESYSTEM_BROKER)
+        else None,
         "broker_transport_options": transport,
         "broker_connection_retry_on_startup": True,
         # the worker reconnects after losing the broker (to the new master after a failover)

@@ -4,6 +4,7 @@ deliveries, and the order a real Redis broker hands job messages out in."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -168,6 +169,28 @@ def test_redis_hands_out_job_messages_by_priority(redis_url: str) -> None:
     order = [Priority.ROUTINE, Priority.LOW, Priority.URGENT, Priority.ROUTINE, Priority.STAT]
     for n, priority in enumerate(order):
         app.send_task(REPORT_TASK, args=[f"{priority}-{n}"], priority=broker_priority(priority))
+    received = []
+    with app.connection_for_read() as conn:
+        queue = conn.SimpleQueue(REPORT_QUEUE)
+        for _ in order:
+            message = queue.get(timeout=5)
+            received.append(message.payload[0][0])
+            message.ack()
+        queue.close()
+    assert received == ["stat-4", "urgent-2", "routine-0", "routine-3", "low-1"]
+
+
+def test_the_embedded_queue_hands_out_job_messages_by_priority(tmp_path: Path) -> None:
+    """``d2r serve``'s file-system queue serves the most urgent message first, as Redis does."""
+    settings = WorkerSettings.from_env(
+        {"D2R_SPOOL_DIR": str(tmp_path / "spool")}, default_broker="filesystem://"
+    )
+    app = create_app(settings)
+    order = [Priority.ROUTINE, Priority.LOW, Priority.URGENT, Priority.ROUTINE, Priority.STAT]
+    for n, priority in enumerate(order):
+        app.send_task(REPORT_TASK, args=[f"{priority}-{n}"], priority=broker_priority(priority))
+    files = sorted(os.listdir(settings.queue_dir / "messages"))
+    assert all(name.endswith(f".{REPORT_QUEUE}.msg") for name in files)  # the depth gauge's form
     received = []
     with app.connection_for_read() as conn:
         queue = conn.SimpleQueue(REPORT_QUEUE)
