@@ -412,9 +412,12 @@ class Authenticator:
 
     def _basic(self, value: str) -> Principal | None:
         try:
-            name, _, password = base64.b64decode(value, validate=True).decode().partition(":")
+            raw = base64.b64decode(value, validate=True)
+            name, _, password = raw.decode().partition(":")
         except ValueError:  # not base64 (binascii.Error), not ASCII, not UTF-8
             return None
+        if base64.b64encode(raw).decode() != value:  # one spelling per credential: canonical
+            return None  # (stray bits in the last character would decode to the same bytes)
         entry = None if self._users is None else self._users.get().get(name)
         if entry is None:
             self._hash_check(password, _dummy_hash())  # as slow as a known user: no enumeration

@@ -197,6 +197,25 @@ def test_probes_are_open_and_other_paths_need_a_credential(site: Site) -> None:
     assert _get(site.port, "/", viewer, method="POST")[0] == 405
 
 
+def _stray_bits(encoded: str) -> str:
+    """The same bytes in a non-canonical Base64 spelling: unused bits of the last character set
+    (found by the fuzzing campaign, ``fuzz/regressions/http_request``)."""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    body = encoded.rstrip("=")
+    unused = {1: 0b11, 2: 0b1111}[encoded.count("=")]  # bits after the last byte's
+    last = alphabet[alphabet.index(body[-1]) | unused]
+    return body[:-1] + last + "=" * encoded.count("=")
+
+
+def test_a_basic_credential_is_read_in_its_canonical_spelling_only(site: Site) -> None:
+    credential = f"viewer-user:{site.passwords['viewer']}".encode()  # 28 bytes: padded
+    encoded = base64.b64encode(credential).decode()
+    stray = _stray_bits(encoded)
+    assert stray != encoded and base64.b64decode(stray) == credential
+    assert _get(site.port, "/", {"Authorization": f"Basic {encoded}"})[0] == 200
+    assert _get(site.port, "/", {"Authorization": f"Basic {stray}"})[0] == 401
+
+
 def test_proxy_header_only_from_a_trusted_address(site: Site) -> None:
     header = {"X-Auth-User": "dr.house"}
     status, _, body = _get(site.port, "/", header, source=PROXY)
