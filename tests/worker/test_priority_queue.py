@@ -163,21 +163,33 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
         proc.stop()
 
 
-@pytest.mark.integration
-def test_redis_hands_out_job_messages_by_priority(redis_url: str) -> None:
-    app = create_app(WorkerSettings.from_env({"D2R_BROKER_URL": redis_url}))
-    order = [Priority.ROUTINE, Priority.LOW, Priority.URGENT, Priority.ROUTINE, Priority.STAT]
-    for n, priority in enumerate(order):
+#: the priorities of five job messages, in the order they are sent
+SENT = [Priority.ROUTINE, Priority.LOW, Priority.URGENT, Priority.ROUTINE, Priority.STAT]
+
+
+def _send_jobs(app: Any) -> None:
+    for n, priority in enumerate(SENT):
         app.send_task(REPORT_TASK, args=[f"{priority}-{n}"], priority=broker_priority(priority))
+
+
+def _received(app: Any) -> list[str]:
+    """The jobs' arguments in the order the broker hands them out."""
     received = []
     with app.connection_for_read() as conn:
         queue = conn.SimpleQueue(REPORT_QUEUE)
-        for _ in order:
+        for _ in SENT:
             message = queue.get(timeout=5)
             received.append(message.payload[0][0])
             message.ack()
         queue.close()
-    assert received == ["stat-4", "urgent-2", "routine-0", "routine-3", "low-1"]
+    return received
+
+
+@pytest.mark.integration
+def test_redis_hands_out_job_messages_by_priority(redis_url: str) -> None:
+    app = create_app(WorkerSettings.from_env({"D2R_BROKER_URL": redis_url}))
+    _send_jobs(app)
+    assert _received(app) == ["stat-4", "urgent-2", "routine-0", "routine-3", "low-1"]
 
 
 def test_the_embedded_queue_hands_out_job_messages_by_priority(tmp_path: Path) -> None:
@@ -186,17 +198,7 @@ def test_the_embedded_queue_hands_out_job_messages_by_priority(tmp_path: Path) -
         {"D2R_SPOOL_DIR": str(tmp_path / "spool")}, default_broker="filesystem://"
     )
     app = create_app(settings)
-    order = [Priority.ROUTINE, Priority.LOW, Priority.URGENT, Priority.ROUTINE, Priority.STAT]
-    for n, priority in enumerate(order):
-        app.send_task(REPORT_TASK, args=[f"{priority}-{n}"], priority=broker_priority(priority))
+    _send_jobs(app)
     files = sorted(os.listdir(settings.queue_dir / "messages"))
     assert all(name.endswith(f".{REPORT_QUEUE}.msg") for name in files)  # the depth gauge's form
-    received = []
-    with app.connection_for_read() as conn:
-        queue = conn.SimpleQueue(REPORT_QUEUE)
-        for _ in order:
-            message = queue.get(timeout=5)
-            received.append(message.payload[0][0])
-            message.ack()
-        queue.close()
-    assert received == ["stat-4", "urgent-2", "routine-0", "routine-3", "low-1"]
+    assert _received(app) == ["stat-4", "urgent-2", "routine-0", "routine-3", "low-1"]
