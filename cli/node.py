@@ -2,8 +2,10 @@
 
 :class:`Node` composes what a node runs over one study database and one spool: the DICOM
 listener (and its extra listener processes), the STOW-RS receiver, the assembler with its
-reconciler, the audit log, the HTTP endpoint and, when ``D2R_HL7_LISTEN_PORT`` is set, the
-MLLP listener for signed reports (:mod:`feedback.hl7_listener`). :meth:`Node.start` brings them
+reconciler, the audit log, the HTTP endpoint (with the FHIR endpoint for signed reports,
+:mod:`feedback.fhir`) and, when ``D2R_HL7_LISTEN_PORT`` is set, the MLLP listener for signed
+reports (:mod:`feedback.hl7_listener`); SRs the PACS sends as signed reports go through the
+listeners' report intake (:func:`cli.runtime.report_intake`). :meth:`Node.start` brings them
 up in order, :meth:`Node.stop` takes them down in reverse; each part is built by a named step.
 """
 
@@ -85,6 +87,7 @@ class Node:
         self._build_assembler()
         self._start_listeners()
         self._start_hl7()
+        self._start_scorer()
         self._start_http()
         node = self.config
         logger.info(
@@ -262,11 +265,6 @@ class Node:
         settings = self.feedback
         if settings.port == 0:
             return
-        if settings.score_seconds > 0:
-            from cli.scoring import Scorer
-
-            self.scorer = Scorer(self.store, settings.score_seconds)
-            self.scorer.start()
         node = self.config
         self.hl7 = Hl7Listener(
             self.store,
@@ -283,6 +281,15 @@ class Node:
             " (TLS)" if settings.tls else "",
         )
 
+    def _start_scorer(self) -> None:
+        """Score signed reports (HL7, FHIR or DICOM SR alike) every
+        ``D2R_FEEDBACK_SCORE_SECONDS``."""
+        if self.feedback.score_seconds > 0:
+            from cli.scoring import Scorer
+
+            self.scorer = Scorer(self.store, self.feedback.score_seconds)
+            self.scorer.start()
+
     def agreement(self) -> dict[str, dict[str, Any]]:
         """The drafts against the signed reports, all time and in the sliding window."""
         from feedback.scoring import windowed_summaries
@@ -291,7 +298,16 @@ class Node:
             self.store.report_scores, window_days=self.feedback.window_days, now=time.time()
         )
 
+    def agreement_report(self) -> dict[str, Any]:
+        """The status page's section: both summaries and the window's daily series."""
+        from feedback.scoring import windowed_report
+
+        return windowed_report(
+            self.store.iter_report_scores, window_days=self.feedback.window_days, now=time.time()
+        )
+
     def _stow_receiver(self) -> Any:
+        from cli.runtime import report_intake
         from dicom_node.stow import StowReceiver
         from studydb.ingest import NodeRecorder
 
@@ -308,6 +324,7 @@ class Node:
             on_released=self.released,
             on_instance=self.listener_audit.stow_instance,
             priority=node.priority,
+            reports=report_intake(node, self.store),
         )
 
     def listener_bound(self) -> None:
@@ -323,16 +340,22 @@ class Node:
             self.store.count_by_state()
 
     def _start_http(self) -> None:
+        from feedback.fhir import FhirReceiver
         from observability.metrics import (
-            AgreementCollector,
             OldestUnfinishedCollector,
             QueuedByPriorityCollector,
             QueueDepthCollector,
             StudiesByStateCollector,
+            feedback_collectors,
         )
         from worker.messages import REPORT_QUEUE, SEND_QUEUE
 
         stow = self._stow_receiver()
+        fhir = FhirReceiver(
+            self.store,
+            max_bytes=self.feedback.fhir_max_bytes,
+            wait_seconds=self.config.db_ingest_wait_seconds,
+        )
         queues = QueueDepthCollector(
             self.settings.broker_url,
             self.settings.queue_dir,
@@ -345,7 +368,7 @@ class Node:
                 StudiesByStateCollector(self.store.count_by_state),
                 QueuedByPriorityCollector(self.store.count_by_priority),
                 OldestUnfinishedCollector(self.store.oldest_unfinished_age),
-                AgreementCollector(self.agreement),
+                *feedback_collectors(self.store, self.feedback, self.agreement),
                 queues,
             ],
             health={"database": self.database},
@@ -358,6 +381,8 @@ class Node:
             details=self.extra_details,
             store=self.store,
             ingest=stow,
+            receivers={"fhir": fhir},
+            agreement=self.agreement_report,
             node=self.config.node_name,
         )
 

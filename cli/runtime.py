@@ -76,12 +76,15 @@ def start_http(
     details: Mapping[str, Callable[[], str]] | None = None,
     store: Any = None,
     ingest: Any = None,
+    receivers: Mapping[str, Any] | None = None,
+    agreement: Callable[[], Mapping[str, Any]] | None = None,
     node: str | None = None,
 ) -> Any:
     """Start the HTTP endpoint of ``D2R_HTTP_HOST:D2R_HTTP_PORT``; None when the port is 0.
 
-    ``ingest`` is the STOW-RS receiver of the node (``/dicom-web/``), if it runs one; ``node``
-    its name, a label on every metric.
+    ``ingest`` is the STOW-RS receiver of the node (``/dicom-web/``), if it runs one;
+    ``receivers`` what answers the other POST routes (``fhir``); ``agreement`` the figures of
+    the status page's section on signed reports; ``node`` its name, a label on every metric.
     """
     from d2r_core.errors import ConfigError
     from d2r_http.auth import Authenticator, FailureLimiter
@@ -137,10 +140,12 @@ def start_http(
             store,
             show_phi=obs.status_page_phi,
             max_pixel_bytes=NodeSettings.from_env(env).max_pixel_bytes,
+            agreement=agreement,
         ),
         auth=auth,
         tls=tls,
         ingest=ingest,
+        receivers=receivers,
         max_connections=obs.http_max_connections,
         max_connections_per_client=obs.http_max_connections_per_client,
     )
@@ -204,7 +209,8 @@ def start_listener(
     shared: bool = False,
     inherited: socket.socket | None = None,
 ) -> Any:
-    """The DICOM listener of a node process, its instances audited and recorded in ``store``."""
+    """The DICOM listener of a node process, its instances audited and recorded in ``store``,
+    its signed-report SRs taken by :func:`report_intake`."""
     from dicom_node.scp import AssociationStudies, start_server
     from studydb.ingest import NodeRecorder
 
@@ -219,6 +225,19 @@ def start_listener(
         associations=AssociationStudies(recorder, on_released=released),
         shared=shared,
         inherited=inherited,
+        reports=report_intake(node, store),
     )
     assert server is not None
     return server
+
+
+def report_intake(node: Any, store: Any) -> Any:
+    """The signed-report path for SRs from the PACS (:class:`feedback.dicom_sr.SrIntake`), or
+    None when ``D2R_SIGNED_SR_MAX_BYTES`` is 0."""
+    if node.signed_sr_max_bytes == 0:
+        return None
+    from feedback.dicom_sr import SrIntake
+
+    return SrIntake(
+        store, max_bytes=node.signed_sr_max_bytes, wait_seconds=node.db_ingest_wait_seconds
+    )

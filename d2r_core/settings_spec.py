@@ -59,7 +59,7 @@ class Group(enum.Enum):
     MODEL = "Worker: model, device and inference backend"
     OUTPUT = "Model output"
     DELIVERY = "Reports and their destinations (SRs go back into the same study)"
-    FEEDBACK = "Signed reports back from the RIS (HL7 v2 ORU^R01 over MLLP)"
+    FEEDBACK = "Signed reports, agreement and drift (HL7 v2, FHIR, DICOM SR)"
     HTTP = "HTTP: /metrics, /healthz, /readyz, the status page and STOW-RS"
     AUDIT = "Audit log: one JSON line per association, received object and sent object"
     ACCESS = "Access control and DICOM TLS (docs/security.md)"

@@ -3,8 +3,8 @@ table (:mod:`d2r_http.routes`), authentication (:mod:`d2r_http.auth`) and the cr
 (:mod:`d2r_http.credentials`).
 
 What is served is mounted by the packages that own it: :mod:`observability.http` (metrics,
-probes, the status page) and the node's STOW-RS receiver (:mod:`dicom_node.stow`). This package
-imports neither.
+probes, the status page), the node's STOW-RS receiver (:mod:`dicom_node.stow`) and its FHIR
+endpoint for signed reports (:mod:`feedback.fhir`). This package imports none of them.
 """
 
 import logging

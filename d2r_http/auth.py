@@ -8,6 +8,7 @@ role           routes
 ``metrics``    ``/metrics``
 ``viewer``     the status page: ``/``, ``/studies/<uid>``, its preview images
 ``ingest``     ``/dicom-web/studies[/<uid>]`` (the STOW-RS receiver)
+``feedback``   ``POST /fhir/DiagnosticReport`` (signed reports from the RIS, :mod:`feedback.fhir`)
 =============  ===============================================================================
 
 Any other path needs some credential (then answers 404), so an anonymous client learns nothing.
@@ -83,7 +84,7 @@ def parse_roles(text: str) -> frozenset[str]:
     """``"metrics,viewer"`` -> the roles; raises ValueError naming an unknown one."""
     roles = frozenset(r.strip() for r in text.split(",") if r.strip())
     if not roles:
-        raise ValueError("no role given (metrics, viewer, ingest)")
+        raise ValueError(f"no role given ({', '.join(ROLES)})")
     if unknown := sorted(roles - set(ROLES)):
         raise ValueError(f"unknown role {', '.join(unknown)} (roles: {', '.join(ROLES)})")
     return roles

@@ -9,6 +9,8 @@ any credential is looked at, so no two readings of one path exist.
 (Route(name='preview', role='viewer', methods=('GET',)), {'study': '1.2.3'})
 >>> match(parse_target("/metrics?x=1"))[0].role
 'metrics'
+>>> match(parse_target("/fhir/DiagnosticReport"))[0]
+Route(name='fhir', role='feedback', methods=('POST',))
 >>> parse_target("studies/1.2.3")
 Traceback (most recent call last):
 ...
@@ -33,7 +35,7 @@ __all__ = [
 ]
 
 #: The roles a credential can hold.
-ROLES: Final = ("metrics", "viewer", "ingest")
+ROLES: Final = ("metrics", "viewer", "ingest", "feedback")
 #: What a path outside the table needs: any credential (it then answers 404), so an anonymous
 #: client learns nothing about the routes.
 ANY_ROLE: Final = "any"
@@ -80,6 +82,7 @@ ROUTES: Final[tuple[tuple[re.Pattern[str], Route], ...]] = (
     (re.compile(rf"/studies/{_UID}/preview\.png"), Route("preview", "viewer")),
     (re.compile(r"/dicom-web/studies"), Route("stow", "ingest", ("POST",))),
     (re.compile(rf"/dicom-web/studies/{_UID}"), Route("stow", "ingest", ("POST",))),
+    (re.compile(r"/fhir/DiagnosticReport"), Route("fhir", "feedback", ("POST",))),
 )
 #: Any other path: any credential, then 404.
 UNKNOWN: Final = Route("unknown", ANY_ROLE, ())

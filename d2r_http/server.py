@@ -10,7 +10,9 @@ credential with the route's role unless the endpoint is bound to loopback. Refus
 
 Packages mount what they serve on the routes of the table: :mod:`observability.http` the
 metrics, the probes and the status page; the node the STOW-RS receiver of
-:mod:`dicom_node.stow` (``/dicom-web/studies``). A route with nothing mounted answers 404.
+:mod:`dicom_node.stow` (``/dicom-web/studies``) and the FHIR endpoint of :mod:`feedback.fhir`
+(``/fhir/DiagnosticReport``), each a :class:`IngestHandler` of a POST route (``receivers``). A
+route with nothing mounted answers 404.
 
 Bounds: at most ``max_connections`` connections (``max_connections_per_client`` per client), a
 request head of at most :data:`MAX_HEAD_BYTES`, 30 s of silence per read.
@@ -89,7 +91,8 @@ def certificate_name(connection: Any) -> str | None:
 
 
 class IngestHandler(Protocol):
-    """The STOW-RS receiver the node installs for ``/dicom-web/`` routes.
+    """What answers a POST route: the STOW-RS receiver the node installs for ``/dicom-web/``
+    routes, the FHIR endpoint for ``/fhir/DiagnosticReport``.
 
     Called with the method, the route, the lower-case headers, the de-framed body, the client
     address and the authenticated user's name; returns (status, content type, body).
@@ -186,6 +189,9 @@ class HttpServer:
     ingest : IngestHandler, optional
         The STOW-RS receiver for ``/dicom-web/studies`` routes (role ``ingest``); without it
         they answer 404.
+    receivers : mapping of str to IngestHandler, optional
+        What answers each other POST route, by the route's name (``fhir``: the FHIR endpoint,
+        role ``feedback``); a POST route without one answers 404.
     max_connections, max_connections_per_client : int
         Connections served at once, in all and per client (IPv6 by /64); one more is answered
         503 and closed without a thread.
@@ -202,6 +208,7 @@ class HttpServer:
         auth: Authenticator | None = None,
         tls: ssl.SSLContext | None = None,
         ingest: IngestHandler | None = None,
+        receivers: Mapping[str, IngestHandler] | None = None,
         max_connections: int = 64,
         max_connections_per_client: int = 16,
         on_refusal: RefusalObserver | None = None,
@@ -209,6 +216,7 @@ class HttpServer:
         self.host = host
         self.handlers = dict(handlers)
         self.ingest = ingest
+        self.receivers = dict(receivers or {})
         self.auth = auth or Authenticator(required=not is_loopback(host))
         self.tls = tls
         self.requested_port = port
@@ -246,12 +254,13 @@ class HttpServer:
         self._thread.start()
         served = ", ".join(n for n in ("metrics", "healthz", "readyz") if n in self.handlers)
         logger.info(
-            "HTTP endpoint on %s://%s:%d/ (%s%s); credentials %s",
+            "HTTP endpoint on %s://%s:%d/ (%s%s%s); credentials %s",
             "https" if self.tls else "http",
             self.host,
             self.port,
             served,
             ", STOW-RS at /dicom-web/studies" if self.ingest is not None else "",
+            ", FHIR at /fhir/DiagnosticReport" if "fhir" in self.receivers else "",
             "required" if self.auth.required else "not required (loopback)",
         )
         return self
@@ -284,6 +293,12 @@ class HttpServer:
                 self.on_refusal(reason)
             except Exception:
                 logger.exception("could not count an HTTP refusal")
+
+    def receiver(self, route: Route) -> IngestHandler | None:
+        """What answers a POST route (the STOW-RS receiver for ``stow``), if anything."""
+        if route.name == "stow":
+            return self.ingest
+        return self.receivers.get(route.name)
 
     def answer(
         self, route: Route, params: Mapping[str, str], principal: Principal | None
@@ -484,7 +499,8 @@ def _handler_class(owner: HttpServer) -> type[BaseHTTPRequestHandler]:
                 self._drain_and_close(headers)
                 self._refuse(decision)
                 return
-            if route is UNKNOWN or (route.name == "stow" and owner.ingest is None):
+            receiver = owner.receiver(route)
+            if route is UNKNOWN or ("POST" in route.methods and receiver is None):
                 self._drain_and_close(headers)
                 self._send(*not_found())
                 return
@@ -498,8 +514,8 @@ def _handler_class(owner: HttpServer) -> type[BaseHTTPRequestHandler]:
                     [("Allow", ", ".join(allowed))],
                 )
                 return
-            if route.name == "stow":
-                self._ingest(method, target.path, client, headers, decision)
+            if receiver is not None:
+                self._ingest(receiver, route, method, target.path, client, headers, decision)
                 return
             if _declares_body(headers):  # a GET with a body: answer, then close
                 self.close_connection = True
@@ -515,26 +531,26 @@ def _handler_class(owner: HttpServer) -> type[BaseHTTPRequestHandler]:
 
         def _ingest(
             self,
+            receiver: IngestHandler,
+            route: Route,
             method: str,
             path: str,
             client: str,
             headers: dict[str, str],
             decision: Decision,
         ) -> None:
-            """A STOW-RS request: the body is de-framed here, answered by the receiver.
+            """A request to a POST route (STOW-RS, FHIR): the body is de-framed here, answered
+            by the route's receiver.
 
             The connection is closed after the answer: a refused body may be left unread.
             """
             self.close_connection = True
-            assert owner.ingest is not None
             body = self._body(headers)
             user = decision.principal.name if decision.principal else "anonymous"
             try:
-                status, content_type, payload = owner.ingest(
-                    method, path, headers, body, client, user
-                )
+                status, content_type, payload = receiver(method, path, headers, body, client, user)
             except Exception:
-                logger.exception("HTTP %s STOW-RS failed", method)
+                logger.exception("HTTP %s of route %s failed", method, route.name)
                 status, content_type, payload = 500, "application/json", b'{"status": "error"}'
             self._unread = body
             extra = [("Connection", "close")]

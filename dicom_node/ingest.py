@@ -26,20 +26,34 @@ Otherwise the instance is made durable in the spool, recorded in the study datab
 then :class:`Accepted` (outcome ``stored``, ``duplicate`` or ``conflict``). Peer text reaches
 the log only through :func:`~dicom_node.spool.printable` and
 :func:`~dicom_node.spool.printable_uid`.
+
+Signed reports. With a :class:`ReportIntake` (``d2r node``: :class:`feedback.dicom_sr.SrIntake`),
+a Structured Report of one of its SOP classes is read whole (at most its ``max_bytes``;
+:func:`~dicom_node.metadata.read_document`) and offered to it. An SR it takes (one another
+system made: the radiologist's report) is no instance of its study: it is made durable under
+the spool's ``reports/``, then the intake records it (matched, stored as the study's signed
+report or recorded as a report message), and only then :class:`Accepted` with outcome
+:data:`SIGNED_REPORT`. The study is not touched: its state, its instances and its queue stay
+as they were, so a signed report never re-opens a study or sends it to the model again. An SR
+the intake leaves (d2r's own, coming back with the study), one larger than ``max_bytes`` or
+one that cannot be read whole is stored and recorded as any other instance. The checks above
+come first, and a database the intake cannot reach refuses it with ``PROCESSING_FAILURE``.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Final, Protocol
 
+from pydicom.dataset import Dataset
 from pynetdicom import AllStoragePresentationContexts
 
 from d2r_core import statuses
 from dicom_node.errors import InstanceRejected, SpoolFullError, SpoolWriteError
-from dicom_node.metadata import InstanceHeader, parse_header
+from dicom_node.metadata import InstanceHeader, parse_header, read_document
 from dicom_node.priority import PriorityPolicy, decide_priority
 from dicom_node.selection import (
     CR_IMAGE_STORAGE,
@@ -54,6 +68,7 @@ from studydb.records import InstanceRecord
 
 __all__ = [
     "DATABASE_DOWN",
+    "SIGNED_REPORT",
     "STORAGE_SOP_CLASSES",
     "STUDY_MISMATCH",
     "Accepted",
@@ -61,9 +76,11 @@ __all__ = [
     "IngestService",
     "Payload",
     "Rejected",
+    "ReportIntake",
     "Source",
     "StudyRecorder",
     "instance_record",
+    "read_whole_dataset",
     "read_header",
 ]
 
@@ -81,6 +98,8 @@ STORAGE_SOP_CLASSES: Final = tuple(
 DATABASE_DOWN: Final = "the study database is unavailable; send again later"
 #: FailureReason of an instance whose Study Instance UID is not the request's ``{study}``.
 STUDY_MISMATCH: Final = 0xC122
+#: the outcome of an SR taken as a signed report (durable under ``reports/``, not an instance)
+SIGNED_REPORT: Final = "signed-report"
 
 
 class StudyRecorder(Protocol):
@@ -98,6 +117,26 @@ class StudyRecorder(Protocol):
     ) -> None: ...
 
 
+class ReportIntake(Protocol):
+    """Where a Structured Report another system made goes: the node's signed-report path
+    (:class:`feedback.dicom_sr.SrIntake`)."""
+
+    @property
+    def sop_classes(self) -> Collection[str]:
+        """The SR SOP classes it reads."""
+        ...
+
+    @property
+    def max_bytes(self) -> int:
+        """The largest data set read whole for it; a larger one is stored as an instance."""
+        ...
+
+    def accept(self, dataset: Dataset, calling_ae_title: str) -> Callable[[], str] | None:
+        """The call that records ``dataset`` once it is durable (returning what it did), or
+        None when it is not one for the intake (it is then stored as an instance)."""
+        ...
+
+
 class Payload(Protocol):
     """A received data set, streamed into the spool or held by the transport."""
 
@@ -113,8 +152,16 @@ class Payload(Protocol):
         """The routing header (no pixel data); raises :class:`InstanceRejected`."""
         ...
 
-    def store(self, spool: Spool, study_uid: str, sop_instance_uid: str) -> SpooledInstance:
-        """Make the data set durable in the spool (fsync, atomic rename)."""
+    def dataset(self, transfer_syntax: str, max_bytes: int) -> Dataset | None:
+        """The whole data set, or None when longer than ``max_bytes``; raises
+        :class:`InstanceRejected` when it cannot be read."""
+        ...
+
+    def store(
+        self, spool: Spool, study_uid: str, sop_instance_uid: str, *, report: bool = False
+    ) -> SpooledInstance:
+        """Make the data set durable in the spool (fsync, atomic rename); ``report``: under
+        ``reports/``."""
         ...
 
 
@@ -202,6 +249,24 @@ def instance_record(
     )
 
 
+def read_whole_dataset(
+    incoming: IncomingFile, transfer_syntax: str, max_bytes: int
+) -> Dataset | None:
+    """The whole data set of a spooled file (C-STORE and STOW-RS alike), or None when longer
+    than ``max_bytes`` (:func:`~dicom_node.metadata.read_document`).
+
+    Raises
+    ------
+    InstanceRejected
+        The file cannot be read, or its data set cannot be parsed.
+    """
+    try:
+        with incoming.dataset() as reader:
+            return read_document(reader, transfer_syntax, max_bytes)
+    except OSError as exc:
+        raise InstanceRejected(f"unreadable data set ({type(exc).__name__})") from exc
+
+
 def read_header(incoming: IncomingFile, transfer_syntax: str) -> InstanceHeader:
     """The routing header of a spooled data set (C-STORE and STOW-RS alike), in bounded memory.
 
@@ -235,14 +300,23 @@ class IngestService:
         The routing rules and default priority (``D2R_PRIORITY_RULES``,
         ``D2R_PRIORITY_DEFAULT``); each recorded instance carries the priority decided from
         them, its header and its source (:func:`~dicom_node.priority.decide_priority`).
+    reports : ReportIntake, optional
+        Where the SRs of its SOP classes are offered first (module docstring); without it
+        every SR is an instance.
     """
 
     def __init__(
-        self, spool: Spool, recorder: StudyRecorder, *, priority: PriorityPolicy | None = None
+        self,
+        spool: Spool,
+        recorder: StudyRecorder,
+        *,
+        priority: PriorityPolicy | None = None,
+        reports: ReportIntake | None = None,
     ) -> None:
         self.spool = spool
         self.recorder = recorder
         self.priority = priority or PriorityPolicy()
+        self.reports = reports
 
     def accept(self, envelope: Envelope, payload: Payload, source: Source) -> Accepted | Rejected:
         """Answer one instance: spooled and recorded, or refused with a status and a reason."""
@@ -252,6 +326,9 @@ class IngestService:
             if isinstance(header, Rejected):
                 return header
             study_uid = header.study_instance_uid
+            taken = self._signed_report(envelope, payload, source, header)
+            if taken is not None:
+                return taken
             return self._spool_and_record(envelope, payload, source, header)
         except DatabaseUnavailable as exc:  # spooled maybe, not recorded: the sender sends again
             logger.warning(
@@ -313,6 +390,45 @@ class IngestService:
         if refusal is not None:
             return self.refuse(sop_uid, study_uid, *refusal, source)
         return header
+
+    def _signed_report(
+        self, envelope: Envelope, payload: Payload, source: Source, header: InstanceHeader
+    ) -> Accepted | Rejected | None:
+        """An SR the intake takes: durable under ``reports/``, recorded by the intake; None
+        for anything else (module docstring)."""
+        intake = self.reports
+        if intake is None or header.sop_class_uid not in intake.sop_classes:
+            return None
+        sop_uid = envelope.sop_instance_uid
+        study_uid = header.study_instance_uid
+        try:
+            dataset = payload.dataset(envelope.transfer_syntax_uid, intake.max_bytes)
+        except InstanceRejected as exc:
+            logger.info("SR %s not read (%s): stored as an instance", printable_uid(sop_uid), exc)
+            return None
+        if dataset is None:
+            logger.info(
+                "SR %s is larger than %d bytes: stored as an instance, not read as a report",
+                printable_uid(sop_uid),
+                intake.max_bytes,
+            )
+            return None
+        record = intake.accept(dataset, source.calling_ae_title)
+        if record is None:
+            return None
+        try:
+            payload.store(self.spool, study_uid, sop_uid, report=True)
+        except SpoolFullError as exc:
+            reason = f"out of resources: {exc}"
+            return self.refuse(sop_uid, study_uid, statuses.OUT_OF_RESOURCES, reason, source)
+        outcome = record()
+        logger.debug(
+            "SR %s of study %s: signed report %s",
+            printable_uid(sop_uid),
+            printable_uid(study_uid),
+            outcome,
+        )
+        return Accepted(study_uid, SIGNED_REPORT)
 
     def _spool_and_record(
         self, envelope: Envelope, payload: Payload, source: Source, header: InstanceHeader

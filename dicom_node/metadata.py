@@ -3,6 +3,8 @@
 The receive path calls :func:`parse_header` on the C-STORE data set exactly as it
 arrived (any transfer syntax, Deflated included); parsing stops before the first
 element after Requested Procedure Priority (0040,1003), so pixel data is never read.
+:func:`read_document` reads a small data set whole (a Structured Report, whose content follows
+that element), or nothing when it is larger than its limit.
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from dicom_node.errors import InstanceRejected, MissingUIDError
 from dicom_node.instance_file import read_instance_header
 
-__all__ = ["InstanceHeader", "header_from_dataset", "parse_header", "read_header_file"]
+__all__ = [
+    "InstanceHeader",
+    "header_from_dataset",
+    "parse_header",
+    "read_document",
+    "read_header_file",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -134,16 +142,16 @@ def _stop(tag: BaseTag, vr: str | None, length: int) -> bool:
     return int(tag) > _LAST_TAG
 
 
-def _inflate_head(fp: BinaryIO) -> bytes:
-    """The first :data:`_MAX_INFLATED_HEADER` bytes of a deflated stream, read from ``fp`` a
-    chunk at a time: neither the compressed nor the inflated data set is ever held whole."""
+def _inflate_head(fp: BinaryIO, limit: int = _MAX_INFLATED_HEADER) -> bytes:
+    """The first ``limit`` bytes of a deflated stream, read from ``fp`` a chunk at a time:
+    neither the compressed nor the inflated data set is ever held whole."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     out = bytearray()
-    while len(out) < _MAX_INFLATED_HEADER and not inflater.eof:
+    while len(out) < limit and not inflater.eof:
         chunk = inflater.unconsumed_tail or fp.read(64 * 1024)
         if not chunk:
             break
-        out += inflater.decompress(chunk, _MAX_INFLATED_HEADER - len(out))
+        out += inflater.decompress(chunk, limit - len(out))
     return bytes(out)
 
 
@@ -196,6 +204,38 @@ def parse_header(data: bytes | memoryview | BinaryIO, transfer_syntax_uid: str) 
         if source is not None:
             source.seek(0)
     return header
+
+
+def read_document(fp: BinaryIO, transfer_syntax_uid: str, max_bytes: int) -> Dataset | None:
+    """The whole data set of ``fp`` (encoded in ``transfer_syntax_uid``, read from its start),
+    every value loaded, or None when it is longer than ``max_bytes`` (a Deflated one: once
+    inflated). At most ``max_bytes + 1`` bytes are read or inflated.
+
+    Raises
+    ------
+    InstanceRejected
+        When the data set cannot be parsed.
+    """
+    ts = UID(transfer_syntax_uid)
+    fp.seek(0)
+    if ts == DeflatedExplicitVRLittleEndian:
+        data = _inflate_head(fp, max_bytes + 1)
+    else:
+        data = fp.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        return None
+    try:
+        if not ts.is_transfer_syntax:
+            raise ValueError(f"unknown transfer syntax {ts}")
+        ds = pydicom.filereader.read_dataset(
+            io.BytesIO(data), is_implicit_VR=ts.is_implicit_VR, is_little_endian=ts.is_little_endian
+        )
+        for _element in ds.iterall():  # converted here: a malformed value fails now
+            pass
+    except Exception as exc:  # any parse failure: the data set cannot be read
+        logger.debug("data set parse failed: %s", type(exc).__name__)
+        raise InstanceRejected(f"unreadable data set ({type(exc).__name__})") from exc
+    return ds
 
 
 def read_header_file(path: str | PathLike[str]) -> InstanceHeader:

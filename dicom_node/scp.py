@@ -31,7 +31,10 @@ would otherwise see failures and retry forever for objects the node simply ignor
 Other storage SOP classes (a CT, a lateral, the SRs of a study the PACS forwards whole,
 our own reports included) are accepted, stored and recorded too; the study is then skipped
 or the object ignored by :mod:`dicom_node.selection`, with the reason on the study's
-timeline. Refusing them would fail the PACS's whole transfer job.
+timeline. Refusing them would fail the PACS's whole transfer job. A Structured Report that the
+node's report intake takes (the radiologist's signed report, :mod:`dicom_node.ingest`) is
+stored under the spool's ``reports/`` and recorded as the study's signed report instead: it
+is no instance of the study and leaves the study's state alone.
 
 A re-sent instance with identical content is answered Success (outcome
 ``duplicate``); one with different content is quarantined by the spool and also
@@ -66,6 +69,7 @@ a client without a certificate signed by the configured CA.
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import logging
 import socket
@@ -77,6 +81,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import pynetdicom.dimse_messages
+from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.presentation import PresentationContext
 
@@ -89,11 +94,13 @@ from dicom_node.ingest import (
     Accepted,
     Envelope,
     IngestService,
+    ReportIntake,
     Source,
     StudyRecorder,
     read_header,
+    read_whole_dataset,
 )
-from dicom_node.metadata import InstanceHeader, parse_header
+from dicom_node.metadata import InstanceHeader, parse_header, read_document
 from dicom_node.priority import PriorityPolicy
 from dicom_node.settings import NodeSettings
 from dicom_node.shared_port import start_shared_server
@@ -588,18 +595,28 @@ class _RequestPayload:
             return parse_header(_dataset_bytes(self.request), transfer_syntax)
         return read_header(self.incoming, transfer_syntax)
 
-    def store(self, spool: Spool, study_uid: str, sop_instance_uid: str) -> SpooledInstance:
+    def dataset(self, transfer_syntax: str, max_bytes: int) -> Dataset | None:
+        if self.incoming is None:
+            data = io.BytesIO(_dataset_bytes(self.request))
+            return read_document(data, transfer_syntax, max_bytes)
+        return read_whole_dataset(self.incoming, transfer_syntax, max_bytes)
+
+    def store(
+        self, spool: Spool, study_uid: str, sop_instance_uid: str, *, report: bool = False
+    ) -> SpooledInstance:
         if self.incoming is not None:
             return spool.store_incoming(
                 study_instance_uid=study_uid,
                 sop_instance_uid=sop_instance_uid,
                 incoming=self.incoming,
+                report=report,
             )
         return spool.store(
             study_instance_uid=study_uid,
             sop_instance_uid=sop_instance_uid,
             file_meta=self.event.file_meta,
             dataset=_dataset_bytes(self.request),
+            report=report,
         )
 
 
@@ -609,20 +626,21 @@ def handle_store(
     store: StudyRecorder,
     associations: AssociationStudies | None = None,
     priority: PriorityPolicy | None = None,
+    reports: ReportIntake | None = None,
 ) -> int:
     """Persist one C-STORE request and return its DIMSE status (:mod:`dicom_node.ingest`).
 
     Bind with ``(evt.EVT_C_STORE, handle_store, [spool, store])`` (or
     ``[spool, store, associations]`` to count the association of each newly stored instance's
     study for the early-completion rule; ``[spool, store, associations, priority]`` to decide
-    priorities with the node's rules).
+    priorities with the node's rules; ``[..., priority, reports]`` to take signed-report SRs).
     """
     request: Any = event.request
     incoming = getattr(request, "_dataset_file", None)  # the streamed data set, if any
     try:
         if not isinstance(incoming, IncomingFile):
             incoming = _copy_to_spool(request, spool)
-        service = IngestService(spool, store, priority=priority)
+        service = IngestService(spool, store, priority=priority, reports=reports)
         return _store(event, request, incoming, service, associations)
     finally:
         if isinstance(incoming, IncomingFile):  # published, or removed here
@@ -684,11 +702,13 @@ def event_handlers(
     associations: AssociationStudies | None = None,
     max_pdu: int = 0,
     priority: PriorityPolicy | None = None,
+    reports: ReportIntake | None = None,
 ) -> list[Any]:
     """Return the handler bindings for ``start_server`` (3-tuple form, no globals).
 
     ``max_pdu``: the listener's Maximum Length Received (see :func:`bound_association`);
-    ``priority``: the rules and default each stored instance's priority is decided with.
+    ``priority``: the rules and default each stored instance's priority is decided with;
+    ``reports``: where signed-report SRs go (:class:`~dicom_node.ingest.ReportIntake`).
     """
     handlers: list[Any] = [
         (evt.EVT_CONN_OPEN, no_delay),
@@ -696,7 +716,7 @@ def event_handlers(
         (evt.EVT_CONN_OPEN, stream_to_spool, [spool]),
         (evt.EVT_CONN_CLOSE, _end_stream),
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [spool, store, associations, priority]),
+        (evt.EVT_C_STORE, handle_store, [spool, store, associations, priority, reports]),
     ]
     if associations is not None:
         handlers.extend(associations.handlers())
@@ -716,6 +736,7 @@ def start_server(
     associations: AssociationStudies | None = None,
     shared: bool = False,
     inherited: socket.socket | None = None,
+    reports: ReportIntake | None = None,
 ) -> ThreadedAssociationServer | None:
     """Start the listener on ``settings.host:settings.port``.
 
@@ -727,7 +748,8 @@ def start_server(
 
     ``shared``: other listener processes will accept on this port too
     (:mod:`dicom_node.shared_port`); ``inherited``: this process is one of them, serving the
-    listening socket it inherited (implies ``shared``; ``block`` must be False).
+    listening socket it inherited (implies ``shared``; ``block`` must be False). ``reports``
+    takes the signed-report SRs (:class:`~dicom_node.ingest.ReportIntake`).
     """
     ae = build_ae(settings)
     enable_streaming()
@@ -750,6 +772,7 @@ def start_server(
         associations=associations,
         max_pdu=settings.max_pdu,
         priority=settings.priority,
+        reports=reports,
     )
     if shared or inherited is not None:
         if block:

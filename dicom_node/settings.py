@@ -367,6 +367,27 @@ STOW_MAX_CONCURRENT = Setting(
     "read",
     Group.HTTP,
 )
+
+
+def _signed_sr_max_bytes(text: str) -> int:
+    value = int_at_least(0)(text)
+    if 0 < value < 1024:
+        raise ValueError(f"must be 0 (off) or >= 1024, got {text}")
+    return value
+
+
+SIGNED_SR_MAX_BYTES = Setting(
+    "D2R_SIGNED_SR_MAX_BYTES",
+    1 << 20,
+    _signed_sr_max_bytes,
+    "the largest Structured Report (Basic Text, Enhanced, Comprehensive) the node reads whole "
+    "to take it as a signed report from the PACS (COMPLETE and VERIFIED: stored as the study's "
+    "signed report; otherwise recorded only; never an SR d2r made); a larger SR is stored as "
+    "an instance, not read. `0`: every SR is stored as an instance "
+    '(docs/operations.md, "Signed reports and agreement")',
+    Group.FEEDBACK,
+    shown="`1048576` (1 MiB)",
+)
 ALLOWED_CALLING_AETS: Setting[tuple[str, ...]] = Setting(
     "D2R_ALLOWED_CALLING_AETS",
     (),
@@ -450,6 +471,7 @@ SETTINGS: tuple[Setting[Any], ...] = (
     SEND_RETRY_DELAY,
     STOW_MAX_BYTES,
     STOW_MAX_CONCURRENT,
+    SIGNED_SR_MAX_BYTES,
     ALLOWED_CALLING_AETS,
     ALLOWED_NETWORKS,
     TLS_CERT,
@@ -505,6 +527,8 @@ class NodeSettings:
     stow_max_bytes: int = STOW_MAX_BYTES.default
     #: STOW-RS requests received at once (503 with Retry-After beyond, before the body is read)
     stow_max_concurrent: int = STOW_MAX_CONCURRENT.default
+    #: the largest SR read whole to take it as a signed report (0: none is)
+    signed_sr_max_bytes: int = SIGNED_SR_MAX_BYTES.default
     #: largest pixel data of one stored image that the status page and the worker read
     #: (Rows x Columns x frames x samples x bits); checked before reading or inflating pixels
     max_pixel_bytes: int = MAX_PIXEL_BYTES.default
@@ -582,6 +606,7 @@ class NodeSettings:
             spool_retention_hours=SPOOL_RETENTION_HOURS.read(env),
             stow_max_bytes=STOW_MAX_BYTES.read(env),
             stow_max_concurrent=STOW_MAX_CONCURRENT.read(env),
+            signed_sr_max_bytes=SIGNED_SR_MAX_BYTES.read(env),
             max_pixel_bytes=MAX_PIXEL_BYTES.read(env),
             node_name=NODE_NAME.read(env),
             node_heartbeat_seconds=heartbeat,

@@ -3,6 +3,9 @@
 Layout under the spool root::
 
     instances/<StudyInstanceUID>/<SOPInstanceUID>.dcm    first copy of each instance
+    reports/<StudyInstanceUID>/<SOPInstanceUID>.dcm      first copy of each signed-report SR
+                                                         (a study's report from the PACS, not
+                                                         one of its instances)
     conflicts/<StudyInstanceUID>/<SOPInstanceUID>.<sha256[:16]>.dcm
                                                          different content, same SOP Instance UID
     tmp/                                                 partial writes (same filesystem)
@@ -44,8 +47,9 @@ host that no longer runs opened it, or for :data:`STALE_TMP_SECONDS` when anyone
 UIDs are sanitised before they become path parts (see :func:`safe_name`) and before they are
 logged (see :func:`printable_uid`; other peer text through :func:`printable`).
 
-Retention: :meth:`Spool.remove_study_files` deletes a finished study's files (the node's
-assembler decides which studies and when); it never touches anything outside the spool root.
+Retention: :meth:`Spool.remove_study_files` deletes a finished study's files, its signed-report
+SRs included (the node's assembler decides which studies and when); it never touches anything
+outside the spool root.
 """
 
 from __future__ import annotations
@@ -504,9 +508,10 @@ class Spool:
         self.root = Path(root)
         self.min_free_bytes = min_free_bytes
         self.instances_dir = self.root / "instances"
+        self.reports_dir = self.root / "reports"
         self.conflicts_dir = self.root / "conflicts"
         self.tmp_dir = self.root / "tmp"
-        for d in (self.instances_dir, self.conflicts_dir, self.tmp_dir):
+        for d in (self.instances_dir, self.reports_dir, self.conflicts_dir, self.tmp_dir):
             d.mkdir(parents=True, exist_ok=True)
         self._locks = tuple(threading.Lock() for _ in range(64))
         self._count_guard = threading.Lock()
@@ -515,13 +520,13 @@ class Spool:
         self._known_names: dict[str, int] = {}  # file stems (safe SOP UIDs) in ``_known``
         self._known_guard = threading.Lock()
 
-    def path_for(self, study_instance_uid: str, sop_instance_uid: str) -> Path:
-        """Return where the first copy of an instance lives."""
-        return (
-            self.instances_dir
-            / safe_name(study_instance_uid)
-            / f"{safe_name(sop_instance_uid)}.dcm"
-        )
+    def path_for(
+        self, study_instance_uid: str, sop_instance_uid: str, *, report: bool = False
+    ) -> Path:
+        """Return where the first copy of an instance (``report``: of a signed-report SR)
+        lives."""
+        folder = self.reports_dir if report else self.instances_dir
+        return folder / safe_name(study_instance_uid) / f"{safe_name(sop_instance_uid)}.dcm"
 
     def study_dirs(self, study_instance_uid: str) -> tuple[Path, Path]:
         """The instance and conflict folders of one study."""
@@ -531,18 +536,21 @@ class Spool:
     def remove_study_files(
         self, study_instance_uid: str, paths: Iterable[str | os.PathLike[str]]
     ) -> tuple[int, int]:
-        """Delete ``paths`` and the study's quarantined copies; return (files, bytes) removed.
+        """Delete ``paths``, the study's quarantined copies and its signed-report SRs; return
+        (files, bytes) removed.
 
         Only files under the spool root are deleted (anything else is logged and kept);
         folders left empty are removed. Missing files are skipped.
         """
         root = self.root.resolve()
         _, conflicts = self.study_dirs(study_instance_uid)
+        reports = self.reports_dir / safe_name(study_instance_uid)
         candidates = [Path(p) for p in paths]
-        if conflicts.is_dir():
-            candidates.extend(sorted(conflicts.iterdir()))
+        for folder in (conflicts, reports):
+            if folder.is_dir():
+                candidates.extend(sorted(folder.iterdir()))
         removed = freed = 0
-        parents: set[Path] = {conflicts}
+        parents: set[Path] = {conflicts, reports}
         for path in candidates:
             resolved = path.resolve()
             if not resolved.is_relative_to(root):
@@ -671,6 +679,7 @@ class Spool:
         sop_instance_uid: str,
         file_meta: FileMetaDataset,
         dataset: bytes | memoryview,
+        report: bool = False,
     ) -> SpooledInstance:
         """Persist one instance durably; see the module docstring for the policy.
 
@@ -678,6 +687,8 @@ class Spool:
         ----------
         study_instance_uid, sop_instance_uid : str
             Where to file it.
+        report : bool
+            File it under ``reports/``: a signed-report SR, not an instance of the study.
         file_meta : FileMetaDataset
             File Meta Information (e.g. pynetdicom's ``event.file_meta``).
         dataset : bytes or memoryview
@@ -692,7 +703,7 @@ class Spool:
         """
         data = memoryview(dataset).cast("B")
         self.check_free_space(len(data))
-        final = self.path_for(study_instance_uid, sop_instance_uid)
+        final = self.path_for(study_instance_uid, sop_instance_uid, report=report)
         lock = self._uid_lock(sop_instance_uid)
         if final.exists():
             # a re-send: hash first, so that an identical copy writes nothing at all
@@ -713,9 +724,15 @@ class Spool:
             return bool(sop_instance_uid) and safe_name(sop_instance_uid) in self._known_names
 
     def store_incoming(
-        self, *, study_instance_uid: str, sop_instance_uid: str, incoming: IncomingFile
+        self,
+        *,
+        study_instance_uid: str,
+        sop_instance_uid: str,
+        incoming: IncomingFile,
+        report: bool = False,
     ) -> SpooledInstance:
-        """Persist a streamed instance durably: the policy and errors of :meth:`store`.
+        """Persist a streamed instance durably: the policy, ``report`` and errors of
+        :meth:`store`.
 
         ``incoming`` holds the whole Part 10 file already; what is left is the free-space
         guard, the fsync, the atomic rename and the directory fsync. An identical re-send is
@@ -728,7 +745,7 @@ class Spool:
             if failure is not None:
                 raise failure
             self.check_free_space(0)  # the file is written already: its bytes count as used
-            final = self.path_for(study_instance_uid, sop_instance_uid)
+            final = self.path_for(study_instance_uid, sop_instance_uid, report=report)
             sha = incoming.sha256()
             if final.exists():
                 with self._uid_lock(sop_instance_uid):

@@ -36,10 +36,11 @@ other write error, database error, anything else ``0x0110`` processing failure
 ===============================================  =========================================
 
 A re-sent instance is stored once (outcome ``duplicate``) and answered as stored, as C-STORE
-answers Success. Request status: 200 every part stored, 202 some stored and some failed (or
-warnings), 409 none stored, 503 none stored because the spool is full (or ``max_concurrent``
-requests are being received); 400 an unparseable or truncated body, 413 over ``max_bytes``,
-415 not ``multipart/related`` of ``application/dicom``.
+answers Success. A signed-report SR the node's report intake takes is answered as stored too
+(outcome ``signed-report``, :mod:`dicom_node.ingest`). Request status: 200 every part stored,
+202 some stored and some failed (or warnings), 409 none stored, 503 none stored because the
+spool is full (or ``max_concurrent`` requests are being received); 400 an unparseable or
+truncated body, 413 over ``max_bytes``, 415 not ``multipart/related`` of ``application/dicom``.
 """
 
 from __future__ import annotations
@@ -72,9 +73,11 @@ from dicom_node.ingest import (
     Accepted,
     Envelope,
     IngestService,
+    ReportIntake,
     Source,
     StudyRecorder,
     read_header,
+    read_whole_dataset,
 )
 from dicom_node.metadata import InstanceHeader
 from dicom_node.priority import PriorityPolicy
@@ -464,6 +467,8 @@ class StowReceiver:
     priority : PriorityPolicy, optional
         The rules (by the client's network) and default each part's priority is decided with;
         STOW-RS has no DIMSE Priority, so the header and the network rules speak.
+    reports : ReportIntake, optional
+        Takes the signed-report SRs, as for C-STORE (:mod:`dicom_node.ingest`).
     """
 
     def __init__(
@@ -477,12 +482,13 @@ class StowReceiver:
         on_released: Callable[[], None] | None = None,
         on_instance: InstanceObserver | None = None,
         priority: PriorityPolicy | None = None,
+        reports: ReportIntake | None = None,
     ) -> None:
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
         self.spool = spool
         self.store = store
-        self.ingest = IngestService(spool, store, priority=priority)
+        self.ingest = IngestService(spool, store, priority=priority, reports=reports)
         self.ledger = ledger
         self.max_bytes = max_bytes
         self.max_concurrent = max_concurrent
@@ -672,9 +678,17 @@ class _PartPayload:
     def header(self, transfer_syntax: str) -> InstanceHeader:
         return read_header(self.incoming, transfer_syntax)
 
-    def store(self, spool: Spool, study_uid: str, sop_instance_uid: str) -> SpooledInstance:
+    def dataset(self, transfer_syntax: str, max_bytes: int) -> Dataset | None:
+        return read_whole_dataset(self.incoming, transfer_syntax, max_bytes)
+
+    def store(
+        self, spool: Spool, study_uid: str, sop_instance_uid: str, *, report: bool = False
+    ) -> SpooledInstance:
         return spool.store_incoming(
-            study_instance_uid=study_uid, sop_instance_uid=sop_instance_uid, incoming=self.incoming
+            study_instance_uid=study_uid,
+            sop_instance_uid=sop_instance_uid,
+            incoming=self.incoming,
+            report=report,
         )
 
 

@@ -34,6 +34,8 @@ from hl7apy.core import Message
 from hl7apy.exceptions import HL7apyException
 from hl7apy.parser import parse_message
 
+from feedback.match import ACCEPT, ERROR, REJECT, printable
+
 __all__ = [
     "ACCEPT",
     "ERROR",
@@ -45,10 +47,6 @@ __all__ = [
     "read_oru",
 ]
 
-#: MSA-1 codes (HL7 table 0008, original mode)
-ACCEPT: Final = "AA"
-ERROR: Final = "AE"
-REJECT: Final = "AR"
 ACK_VERSION: Final = "2.5.1"
 #: MSA-3 is ST(80) in v2.5.1
 _ACK_TEXT_LENGTH: Final = 80
@@ -58,7 +56,6 @@ _ID_LENGTH: Final = 64
 STUDY_UID_CODE: Final = "110180"
 _TEXT_TYPES: Final = ("TX", "FT", "ST")
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class OruRejected(Exception):
@@ -99,15 +96,6 @@ class OruReport:
     text: str
     #: MSH-3 and MSH-4 as received, for the acknowledgement's MSH-5 and MSH-6
     sender: tuple[str, str] = ("", "")
-
-
-def printable(value: str, limit: int = _ID_LENGTH) -> str:
-    """``value`` as one line of printable text, cut to ``limit`` characters.
-
-    >>> printable("RIS\\x1b[2J\\nA", 8)
-    'RIS [2J '
-    """
-    return _CONTROL.sub(" ", value)[:limit]
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""Settings of the signed-report listener: :class:`FeedbackSettings`, built once by ``d2r
-node`` (each declared once in :data:`SETTINGS`).
+"""Settings of the signed-report listener and the FHIR endpoint: :class:`FeedbackSettings`,
+built once by ``d2r node`` (each declared once in :data:`SETTINGS`).
 
 The listener listens on the node's address (``D2R_HOST``); with ``D2R_HL7_LISTEN_TLS`` it
 speaks TLS with the node's certificate and key (``D2R_TLS_CERT``, ``D2R_TLS_KEY``; clients
@@ -83,6 +83,51 @@ FEEDBACK_WINDOW_DAYS = Setting(
     "the sliding window of the agreement figures in `/metrics` (beside all time), in days",
     Group.FEEDBACK,
 )
+FHIR_MAX_BYTES = Setting(
+    "D2R_FHIR_MAX_BYTES",
+    1 << 20,
+    int_at_least(1024),
+    "the largest FHIR DiagnosticReport `POST /fhir/DiagnosticReport` takes (role `feedback`, "
+    "on `D2R_HTTP_PORT`); a larger body gets 413",
+    Group.FEEDBACK,
+    shown="`1048576` (1 MiB)",
+)
+#: the most studies a drift window or baseline holds (bounds what a scrape reads)
+MAX_DRIFT_STUDIES = 100_000
+
+
+def _studies(text: str) -> int:
+    value = int_at_least(1)(text)
+    if value > MAX_DRIFT_STUDIES:
+        raise ValueError(f"must be at most {MAX_DRIFT_STUDIES}, got {text}")
+    return value
+
+
+DRIFT_WINDOW_STUDIES = Setting(
+    "D2R_DRIFT_WINDOW_STUDIES",
+    500,
+    _studies,
+    "the drift figures in `/metrics` (`d2r_drift_*`) cover the latest this many reported "
+    "studies of the current model and input-gate calibration (1 to 100000; "
+    'docs/operations.md, "Drift and alerts")',
+    Group.FEEDBACK,
+)
+DRIFT_BASELINE_STUDIES = Setting(
+    "D2R_DRIFT_BASELINE_STUDIES",
+    500,
+    _studies,
+    "the first this many studies a model reports are the baseline of its findings' positive "
+    "rates (`d2r_drift_positive_reference_ratio`, exported once complete; 1 to 100000)",
+    Group.FEEDBACK,
+)
+DRIFT_MIN_STUDIES = Setting(
+    "D2R_DRIFT_MIN_STUDIES",
+    100,
+    _studies,
+    "the drift figures are exported once the window holds this many studies (the gate's "
+    "score shift: this many scored studies); at most `D2R_DRIFT_WINDOW_STUDIES`",
+    Group.FEEDBACK,
+)
 #: every setting :class:`FeedbackSettings` reads
 SETTINGS: tuple[Setting[Any], ...] = (
     HL7_LISTEN_PORT,
@@ -92,6 +137,10 @@ SETTINGS: tuple[Setting[Any], ...] = (
     HL7_MAX_CONNECTIONS,
     FEEDBACK_SCORE_SECONDS,
     FEEDBACK_WINDOW_DAYS,
+    FHIR_MAX_BYTES,
+    DRIFT_WINDOW_STUDIES,
+    DRIFT_BASELINE_STUDIES,
+    DRIFT_MIN_STUDIES,
 )
 
 
@@ -106,6 +155,12 @@ class FeedbackSettings:
     max_connections: int = HL7_MAX_CONNECTIONS.default
     score_seconds: float = FEEDBACK_SCORE_SECONDS.default
     window_days: float = FEEDBACK_WINDOW_DAYS.default
+    #: the largest FHIR DiagnosticReport body read (413 beyond)
+    fhir_max_bytes: int = FHIR_MAX_BYTES.default
+    #: the drift figures: the window, the positive rates' baseline, the least to export
+    drift_window_studies: int = DRIFT_WINDOW_STUDIES.default
+    drift_baseline_studies: int = DRIFT_BASELINE_STUDIES.default
+    drift_min_studies: int = DRIFT_MIN_STUDIES.default
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> FeedbackSettings:
@@ -115,7 +170,7 @@ class FeedbackSettings:
         ------
         ConfigError
             Naming the first invalid setting (``D2R_HL7_LISTEN_TLS`` without the node's
-            certificate and key).
+            certificate and key; ``D2R_DRIFT_MIN_STUDIES`` above the window).
         """
         settings = cls(
             port=HL7_LISTEN_PORT.read(env),
@@ -125,7 +180,17 @@ class FeedbackSettings:
             max_connections=HL7_MAX_CONNECTIONS.read(env),
             score_seconds=FEEDBACK_SCORE_SECONDS.read(env),
             window_days=FEEDBACK_WINDOW_DAYS.read(env),
+            fhir_max_bytes=FHIR_MAX_BYTES.read(env),
+            drift_window_studies=DRIFT_WINDOW_STUDIES.read(env),
+            drift_baseline_studies=DRIFT_BASELINE_STUDIES.read(env),
+            drift_min_studies=DRIFT_MIN_STUDIES.read(env),
         )
+        if settings.drift_min_studies > settings.drift_window_studies:
+            raise ConfigError(
+                "D2R_DRIFT_MIN_STUDIES",
+                f"{settings.drift_min_studies} is more than the window holds "
+                f"(D2R_DRIFT_WINDOW_STUDIES={settings.drift_window_studies})",
+            )
         if settings.tls and not (env.get("D2R_TLS_CERT") and env.get("D2R_TLS_KEY")):
             raise ConfigError(
                 "D2R_HL7_LISTEN_TLS", "needs the node's certificate: D2R_TLS_CERT and D2R_TLS_KEY"

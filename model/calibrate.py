@@ -6,7 +6,8 @@ out-of-sample score, and the threshold is the chosen percentile of those scores.
 thus measures how far *unseen* in-distribution images fall, not how well a fit remembers its
 own images; the stored mean and covariance are then fitted on all images (slightly tighter
 around new in-distribution images than each fold's fit, so the threshold errs towards
-accepting them).
+accepting them). The quantiles of the same out-of-fold scores are kept as the reference
+distribution that the node's score drift is measured against (``model.gate``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from model.gate import (
     gate_features,
     header_reason,
     pixel_reason,
+    reference_quantiles,
 )
 from model.modeling import D2RNet
 from model.preprocess import Letterbox, Preprocessor
@@ -64,7 +66,8 @@ def pooled_features(
 def fit_from_features(
     features: Tensor, *, folds: int = 5, percentile: float = DEFAULT_PERCENTILE
 ) -> GateStatistics:
-    """Fit the gate on ``features`` ``(N,D)``; the threshold from out-of-fold scores."""
+    """Fit the gate on ``features`` ``(N,D)``; the threshold and the reference distribution
+    from out-of-fold scores."""
     n = features.shape[0]
     if n < MIN_IMAGES:
         raise PreprocessError(f"the input gate needs at least {MIN_IMAGES} usable images, got {n}")
@@ -76,8 +79,14 @@ def fit_from_features(
         ]
     )
     full = fit_gate(features, features[:1], percentile=percentile)
-    threshold = float(np.percentile(scores.numpy(), percentile))
-    return replace(full, threshold=threshold, calibration_images=n)
+    held_out = scores.numpy()
+    threshold = float(np.percentile(held_out, percentile))
+    return replace(
+        full,
+        threshold=threshold,
+        calibration_images=n,
+        reference=reference_quantiles(held_out),
+    )
 
 
 def dicom_image(path: Path, preprocess: Preprocessor) -> Tensor | str:

@@ -16,6 +16,12 @@ Two layers, cheapest first:
 The statistics live beside the weights in ``gate.safetensors`` (mean, precision matrix, and
 the threshold and provenance in its metadata). They are not part of the checkpoint hash: they
 change no graph, and re-calibrating must not invalidate exported engines.
+
+The metadata also keeps the reference distribution of the score: the quantiles of the held-out
+in-distribution scores the threshold was taken from (:data:`REFERENCE_BINS` equal-probability
+bins). The node compares the scores of the studies it serves with it (score drift,
+``feedback.drift``); gate files written before it have none, and their score drift is not
+measured.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from pathlib import Path
 from typing import Final
 
 import numpy as np
+import numpy.typing as npt
 import pydicom
 import torch
 from torch import Tensor
@@ -39,9 +46,24 @@ from model.preprocess import COLOUR_PHOTOMETRICS, ImageSample
 FEATURE: Final = "global-trunk-avgpool"
 DEFAULT_PERCENTILE: Final = 99.5
 DEFAULT_SHRINKAGE: Final = 0.1
+#: equal-probability bins of the reference distribution: its quantiles at 0, 1/20, ..., 1
+REFERENCE_BINS: Final = 20
 #: scaled pixels whose standard deviation is below this are "nearly constant"
 MIN_PIXEL_STD: Final = 0.02
 _PHOTOMETRICS: Final = ("MONOCHROME1", "MONOCHROME2", *COLOUR_PHOTOMETRICS)
+
+
+@dataclass(frozen=True)
+class GateCalibration:
+    """What the calibration of a gate says about its scores, without the statistics themselves:
+    the threshold, the percentile it is, how many held-out images it was taken from, and their
+    scores' quantiles at probabilities ``0, 1/k, ..., 1`` (``reference``, k =
+    :data:`REFERENCE_BINS`; empty in gate files written before it was kept)."""
+
+    threshold: float
+    percentile: float
+    calibration_images: int
+    reference: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -55,6 +77,14 @@ class GateStatistics:
     fit_images: int
     calibration_images: int
     feature: str = FEATURE
+    #: quantiles of the held-out scores (:attr:`GateCalibration.reference`)
+    reference: tuple[float, ...] = ()
+
+    @property
+    def calibration(self) -> GateCalibration:
+        return GateCalibration(
+            self.threshold, self.percentile, self.calibration_images, self.reference
+        )
 
     def score(self, features: Tensor) -> Tensor:
         """Mahalanobis distance ``(B,)`` of pooled features ``(B,D)`` from the mean."""
@@ -71,6 +101,8 @@ class GateStatistics:
             "calibration_images": str(self.calibration_images),
             "feature": self.feature,
         }
+        if self.reference:
+            meta["reference_quantiles"] = json.dumps([float(q) for q in self.reference])
         path = Path(directory) / GATE_FILE
         tensors = {"mean": self.mean.float().contiguous(), "precision": self.precision.float()}
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
@@ -96,6 +128,7 @@ def load_gate(directory: Path, feature_dim: int) -> GateStatistics | None:
             fit_images=int(meta["fit_images"]),
             calibration_images=int(meta["calibration_images"]),
             feature=meta["feature"],
+            reference=_reference(meta),
         )
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         raise CheckpointError(f"{GATE_FILE}: cannot read the input-gate statistics: {e}") from e
@@ -110,6 +143,70 @@ def load_gate(directory: Path, feature_dim: int) -> GateStatistics | None:
             f"the model has {feature_dim}"
         )
     return stats
+
+
+def load_calibration(directory: Path) -> GateCalibration | None:
+    """The calibration of the gate stored in a checkpoint directory (its metadata alone, no
+    statistics read), or ``None`` when it has none.
+
+    Raises
+    ------
+    CheckpointError
+        The file or its metadata cannot be read.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(directory) / GATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return GateCalibration(
+            threshold=float(meta["threshold"]),
+            percentile=float(meta["percentile"]),
+            calibration_images=int(meta["calibration_images"]),
+            reference=_reference(meta),
+        )
+    except (SafetensorError, OSError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{GATE_FILE}: cannot read the input-gate statistics: {e}") from e
+
+
+def _reference(meta: dict[str, str]) -> tuple[float, ...]:
+    """The reference quantiles of the metadata (``()`` when it has none).
+
+    Raises
+    ------
+    ValueError
+        Not a list of at least two finite, non-decreasing numbers.
+    """
+    text = meta.get("reference_quantiles")
+    if text is None:
+        return ()
+    values = json.loads(text)
+    if not isinstance(values, list) or len(values) < 2:
+        raise ValueError("reference_quantiles: must list at least two quantiles")
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        raise ValueError("reference_quantiles: must be numbers")
+    quantiles = tuple(float(v) for v in values)
+    if not all(np.isfinite(quantiles)) or any(
+        b < a for a, b in zip(quantiles, quantiles[1:], strict=False)
+    ):
+        raise ValueError("reference_quantiles: must be finite and non-decreasing")
+    return quantiles
+
+
+def reference_quantiles(scores: npt.ArrayLike, bins: int = REFERENCE_BINS) -> tuple[float, ...]:
+    """The quantiles of ``scores`` at probabilities ``0, 1/bins, ..., 1`` (linear
+    interpolation), the reference distribution of the score.
+
+    >>> reference_quantiles([1.0, 2.0, 3.0, 5.0], bins=2)
+    (1.0, 2.5, 5.0)
+    """
+    values = np.asarray(scores, dtype=np.float64)
+    if values.size == 0:
+        raise ValueError("scores: at least one score is needed")
+    return tuple(float(q) for q in np.quantile(values, np.linspace(0.0, 1.0, bins + 1)))
 
 
 def feature_dim(model: D2RNet) -> int:
@@ -148,7 +245,13 @@ def fit_gate(
     scores = stats.score(calibration).numpy()
     threshold = float(np.percentile(scores, percentile))
     return GateStatistics(
-        mean.float(), precision.float(), threshold, percentile, x.shape[0], calibration.shape[0]
+        mean.float(),
+        precision.float(),
+        threshold,
+        percentile,
+        x.shape[0],
+        calibration.shape[0],
+        reference=reference_quantiles(scores),
     )
 
 
@@ -203,6 +306,7 @@ def describe(stats: GateStatistics) -> str:
             "percentile": stats.percentile,
             "fit_images": stats.fit_images,
             "calibration_images": stats.calibration_images,
+            "reference_quantiles": len(stats.reference),
         }
     )
 
@@ -211,6 +315,8 @@ __all__ = [
     "DEFAULT_PERCENTILE",
     "FEATURE",
     "GATE_FILE",
+    "REFERENCE_BINS",
+    "GateCalibration",
     "GateResult",
     "GateStatistics",
     "describe",
@@ -218,7 +324,9 @@ __all__ = [
     "fit_gate",
     "gate_features",
     "header_reason",
+    "load_calibration",
     "load_gate",
     "pixel_reason",
+    "reference_quantiles",
     "score_reason",
 ]

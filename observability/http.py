@@ -1,5 +1,5 @@
 """What a d2r process serves on its HTTP endpoint (:mod:`d2r_http`): metrics, health,
-readiness, the status page, and the node's STOW-RS receiver.
+readiness, the status page, and the node's STOW-RS receiver and FHIR endpoint.
 
 :class:`ObservabilityServer` is the endpoint with these handlers mounted on the route table;
 the server, its authentication, TLS and bounds are :mod:`d2r_http`'s. Refusals are counted in
@@ -16,6 +16,8 @@ path                       answer
 ``/studies/<uid>``         one study: timings, report text, deliveries, event timeline
 ``/studies/<uid>/preview.png``  the frontal image with the predicted boxes
 ``/dicom-web/studies``     the STOW-RS receiver (role ``ingest``; 404 unless the node installs it)
+``/fhir/DiagnosticReport``  ``POST``: a signed report from the RIS (role ``feedback``;
+                           :mod:`feedback.fhir`; 404 unless the node installs it)
 =========================  =====================================================================
 
 ``/healthz`` and ``/readyz`` answer ``{"status": "ok"|"fail", "checks": {name: "ok"|"fail"}}``;
@@ -73,8 +75,9 @@ def _detail(fn: Callable[[], str]) -> str:
 
 
 class ObservabilityServer(HttpServer):
-    """``/metrics``, ``/healthz``, ``/readyz``, (with ``pages``) the status page and (with
-    ``ingest``) the STOW-RS receiver, on one :class:`~d2r_http.server.HttpServer`.
+    """``/metrics``, ``/healthz``, ``/readyz``, (with ``pages``) the status page, (with
+    ``ingest``) the STOW-RS receiver and (with ``receivers``) the other POST routes, such as
+    the FHIR endpoint, on one :class:`~d2r_http.server.HttpServer`.
 
     Parameters
     ----------
@@ -88,7 +91,7 @@ class ObservabilityServer(HttpServer):
         Facts ``/readyz`` adds for a caller that authenticated, e.g. the inference backend.
     pages : StatusPages, optional
         The status page; without it ``/`` answers 404.
-    auth, tls, ingest, max_connections, max_connections_per_client
+    auth, tls, ingest, receivers, max_connections, max_connections_per_client
         As for :class:`~d2r_http.server.HttpServer`.
     """
 
@@ -105,6 +108,7 @@ class ObservabilityServer(HttpServer):
         auth: Authenticator | None = None,
         tls: ssl.SSLContext | None = None,
         ingest: IngestHandler | None = None,
+        receivers: Mapping[str, IngestHandler] | None = None,
         max_connections: int = 64,
         max_connections_per_client: int = 16,
     ) -> None:
@@ -129,6 +133,7 @@ class ObservabilityServer(HttpServer):
             auth=auth,
             tls=tls,
             ingest=ingest,
+            receivers=receivers,
             max_connections=max_connections,
             max_connections_per_client=max_connections_per_client,
             on_refusal=_count_refusal,

@@ -34,15 +34,22 @@ metric                                 type       labels
                                                   bad_password, bad_scheme, untrusted_proxy,
                                                   missing_role, rate_limited)
 =====================================  =========  ============================================
+
+The drafts against the signed reports (:class:`AgreementCollector`, ``d2r_feedback_*``) and
+the drift of the served studies against the checkpoint's calibration (:class:`DriftCollector`,
+``d2r_drift_*``) are read from the database at scrape time too; the alert rules on them ship in
+``deploy/prometheus/d2r-rules.yml``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import threading
+import time
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -50,16 +57,24 @@ from prometheus_client.registry import REGISTRY, Collector
 
 from d2r_core import statuses
 from d2r_core.priority import PRIORITY_VALUES
+from feedback.drift import DriftFigures, drift_figures
+from feedback.settings import FeedbackSettings
+from studydb import drift
+from studydb.drift import DriftWindow
+from studydb.engine import Database
 from studydb.records import DONE, STUDY_STATES, StudyView
 
 __all__ = [
     "AgreementCollector",
+    "DriftCollector",
+    "KeyedMemo",
     "NodeLabelled",
     "OldestUnfinishedCollector",
     "QueueDepthCollector",
     "QueuedByPriorityCollector",
     "StudiesByStateCollector",
     "build_registry",
+    "feedback_collectors",
     "mark_process_dead",
     "loaded_backends",
     "model_loaded",
@@ -320,6 +335,32 @@ class StudiesByStateCollector(Collector):
         yield family
 
 
+_T = TypeVar("_T")
+_UNSET: Final = object()
+
+
+class KeyedMemo(Generic[_T]):
+    """``compute()``'s last value, computed again only when ``key()`` (a cheap read, e.g. a
+    few aggregates) differs from the key it was computed under."""
+
+    def __init__(self, compute: Callable[[], _T], key: Callable[[], Hashable]) -> None:
+        self._compute = compute
+        self._key = key
+        self._lock = threading.Lock()
+        self._last: tuple[Hashable, Any] = (_UNSET, _UNSET)
+
+    def __call__(self) -> _T:
+        key = self._key()
+        with self._lock:
+            last_key, value = self._last
+        if value is not _UNSET and last_key == key:
+            return value  # type: ignore[no-any-return]
+        fresh = self._compute()
+        with self._lock:
+            self._last = (key, fresh)
+        return fresh
+
+
 class AgreementCollector(Collector):
     """The drafts against the radiologists' signed reports, read from the database, per
     ``window`` (``all``, and the last ``D2R_FEEDBACK_WINDOW_DAYS``): ``d2r_feedback_studies``,
@@ -328,18 +369,45 @@ class AgreementCollector(Collector):
     ``d2r_feedback_observations{agreement}`` (both_positive, both_negative, ai_only,
     radiologist_only). A ratio without a denominator has no sample.
 
-    ``summaries`` returns window -> the summary ``d2r feedback report --json`` prints.
+    ``summaries`` returns window -> the summary ``d2r feedback report --json`` prints (a
+    :class:`KeyedMemo` spares a scrape from reading every score).
+    ``d2r_feedback_last_signed_report_timestamp_seconds`` says when the newest signed report
+    arrived (``last_signed_report``); before the first, ``listening_since`` (when the HL7
+    listener started; None: no sample).
     """
 
-    def __init__(self, summaries: Callable[[], Mapping[str, Mapping[str, Any]]]) -> None:
+    def __init__(
+        self,
+        summaries: Callable[[], Mapping[str, Mapping[str, Any]]],
+        *,
+        last_signed_report: Callable[[], float | None] | None = None,
+        listening_since: float | None = None,
+    ) -> None:
         self._summaries = summaries
+        self._last_signed_report = last_signed_report
+        self._listening_since = listening_since
 
     def collect(self) -> Iterator[Metric]:
         try:
             summaries = self._summaries()
+            last = self._last_arrival()
         except Exception as exc:  # a scrape must still answer while the database is down
             logger.warning("cannot read the signed-report agreement: %s", exc)
             return
+        if last is not None:
+            yield GaugeMetricFamily(
+                "d2r_feedback_last_signed_report_timestamp_seconds",
+                "When the newest signed report arrived (before the first: when the node "
+                "started taking them), seconds since the epoch",
+                value=last,
+            )
+        yield from self._agreement(summaries)
+
+    def _last_arrival(self) -> float | None:
+        last = None if self._last_signed_report is None else self._last_signed_report()
+        return self._listening_since if last is None else last
+
+    def _agreement(self, summaries: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
         w, wo = ["window"], ["window", "observation"]
         studies = GaugeMetricFamily(
             "d2r_feedback_studies",
@@ -379,6 +447,180 @@ class AgreementCollector(Collector):
                 for kind in ("both_positive", "both_negative", "ai_only", "radiologist_only"):
                     counts.add_metric([window, observation, kind], figures[kind])
         yield from (studies, abstention, agreement, sensitivity, ppv, counts)
+
+
+class DriftCollector(Collector):
+    """The drift of the studies served against the checkpoint's calibration
+    (:mod:`feedback.drift`), over the window of the latest ``D2R_DRIFT_WINDOW_STUDIES``
+    studies of the current model (label ``window``, e.g. ``500_studies``):
+
+    * ``d2r_drift_studies`` and ``d2r_drift_gate_scored_studies`` in the window,
+      ``d2r_drift_baseline_studies`` in the positive rates' baseline (so far);
+    * ``d2r_drift_gate_score_psi``, ``d2r_drift_gate_score_ks`` and
+      ``d2r_drift_gate_score_ks_pvalue``: the gate's scores against its calibration;
+    * ``d2r_drift_abstention_ratio`` and ``d2r_drift_abstention_reference_ratio``;
+    * per ``finding``, ``d2r_drift_positive_ratio`` and ``d2r_drift_positive_reference_ratio``.
+
+    A figure not computed yet (fewer than ``D2R_DRIFT_MIN_STUDIES`` studies in the window, no
+    reference distribution in the gate file, a baseline not complete) has no sample.
+
+    Parameters
+    ----------
+    read_window : callable
+        The window from the database (:func:`studydb.drift.drift_window`), None before the
+        first reported study.
+    window_studies, baseline_studies, min_studies : int
+        ``D2R_DRIFT_WINDOW_STUDIES``, ``D2R_DRIFT_BASELINE_STUDIES``, ``D2R_DRIFT_MIN_STUDIES``.
+    """
+
+    def __init__(
+        self,
+        read_window: Callable[[], DriftWindow | None],
+        *,
+        window_studies: int,
+        baseline_studies: int,
+        min_studies: int,
+    ) -> None:
+        self._read = read_window
+        self._window_studies = window_studies
+        self._baseline_studies = baseline_studies
+        self._min_studies = min_studies
+
+    def figures(self) -> DriftFigures | None:
+        """The figures of the current window (None before the first reported study)."""
+        window = self._read()
+        if window is None:
+            return None
+        return drift_figures(
+            window,
+            window_studies=self._window_studies,
+            baseline_studies=self._baseline_studies,
+            min_studies=self._min_studies,
+        )
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            figures = self.figures()
+        except Exception as exc:  # a scrape must still answer while the database is down
+            logger.warning("cannot read the drift figures: %s", exc)
+            return
+        if figures is None:
+            return
+        for name, documentation, attribute, windowed in _DRIFT_GAUGES:
+            value = getattr(figures, attribute)
+            if value is None:
+                continue
+            if windowed:
+                family = GaugeMetricFamily(name, documentation, labels=["window"])
+                family.add_metric([figures.window], value)
+                yield family
+            else:
+                yield GaugeMetricFamily(name, documentation, value=value)
+        if figures.positive_ratios:
+            family = GaugeMetricFamily(
+                "d2r_drift_positive_ratio",
+                "Studies in the drift window (not declined) whose draft states the finding",
+                labels=["finding", "window"],
+            )
+            for finding, value in figures.positive_ratios.items():
+                family.add_metric([finding, figures.window], value)
+            yield family
+        if figures.positive_reference_ratios:
+            family = GaugeMetricFamily(
+                "d2r_drift_positive_reference_ratio",
+                "The same share in the model's baseline studies",
+                labels=["finding"],
+            )
+            for finding, value in figures.positive_reference_ratios.items():
+                family.add_metric([finding], value)
+            yield family
+
+
+#: the drift gauges of one value: name, help, the :class:`~feedback.drift.DriftFigures`
+#: attribute, and whether it carries the ``window`` label
+_DRIFT_GAUGES: Final = (
+    ("d2r_drift_studies", "Reported studies in the drift window", "studies", True),
+    (
+        "d2r_drift_gate_scored_studies",
+        "Studies in the drift window with an input-gate score",
+        "gate_scores",
+        True,
+    ),
+    (
+        "d2r_drift_baseline_studies",
+        "Studies in the baseline of the positive rates (complete at D2R_DRIFT_BASELINE_STUDIES)",
+        "baseline_studies",
+        False,
+    ),
+    (
+        "d2r_drift_gate_score_psi",
+        "Population stability index of the input gate's scores against its calibration",
+        "gate_score_psi",
+        True,
+    ),
+    (
+        "d2r_drift_gate_score_ks",
+        "Kolmogorov-Smirnov statistic of the input gate's scores against its calibration",
+        "gate_score_ks",
+        True,
+    ),
+    (
+        "d2r_drift_gate_score_ks_pvalue",
+        "p-value of the Kolmogorov-Smirnov statistic (two samples: the window and the "
+        "calibration's held-out images)",
+        "gate_score_ks_pvalue",
+        True,
+    ),
+    (
+        "d2r_drift_abstention_ratio",
+        "Studies in the drift window the input gate declined",
+        "abstention_ratio",
+        True,
+    ),
+    (
+        "d2r_drift_abstention_reference_ratio",
+        "Held-out in-distribution images above the input gate's threshold (1 - percentile / 100)",
+        "abstention_reference_ratio",
+        False,
+    ),
+)
+
+
+def feedback_collectors(
+    store: Database,
+    settings: FeedbackSettings,
+    agreement: Callable[[], Mapping[str, Mapping[str, Any]]],
+) -> list[Collector]:
+    """The node's :class:`AgreementCollector` (``agreement`` computed again only when the
+    scores change: :func:`studydb.drift.agreement_fingerprint`) and :class:`DriftCollector`
+    over ``store``, made when the node starts: with ``D2R_HL7_LISTEN_PORT`` set, the
+    listener is taken to listen since then."""
+    listening_since = time.time() if settings.port else None
+
+    def agreement_key() -> Hashable:
+        since = time.time() - settings.window_days * 86400.0
+        return drift.agreement_fingerprint(store, since=since)
+
+    def read_window() -> DriftWindow | None:
+        return drift.drift_window(
+            store,
+            window_studies=settings.drift_window_studies,
+            baseline_studies=settings.drift_baseline_studies,
+        )
+
+    return [
+        AgreementCollector(
+            KeyedMemo(agreement, agreement_key),
+            last_signed_report=lambda: drift.last_signed_report_at(store),
+            listening_since=listening_since,
+        ),
+        DriftCollector(
+            read_window,
+            window_studies=settings.drift_window_studies,
+            baseline_studies=settings.drift_baseline_studies,
+            min_studies=settings.drift_min_studies,
+        ),
+    ]
 
 
 class QueuedByPriorityCollector(Collector):

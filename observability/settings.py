@@ -126,8 +126,8 @@ HTTP_TOKENS_FILE: Setting[Path | None] = Setting(
     "D2R_HTTP_TOKENS_FILE",
     None,
     _credentials_file(read_tokens, "D2R_HTTP_TOKENS_FILE"),
-    "bearer tokens, lines `NAME ROLES TOKEN` (roles `metrics`, `viewer`, `ingest`; TOKEN or "
-    "`sha256:<hex>`)",
+    "bearer tokens, lines `NAME ROLES TOKEN` (roles `metrics`, `viewer`, `ingest`, `feedback`; "
+    "TOKEN or `sha256:<hex>`)",
     Group.HTTP,
 )
 HTTP_USERS_FILE: Setting[Path | None] = Setting(

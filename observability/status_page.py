@@ -4,6 +4,11 @@ Pure functions from values to HTML or PNG bytes; :mod:`observability.http` does 
 shown is escaped with :func:`html.escape`. Patient name and ID appear only when the caller passes
 them (``D2R_STATUS_PAGE_PHI=true``); by default the page shows UIDs only.
 
+The index ends with the section "Signed reports and agreement" when the node passes it
+(:func:`render_agreement`): the daily plot of the sliding window (SVG, made by
+:mod:`feedback.plots`) and the per-observation tables of the window and of all time
+(:mod:`feedback.report_page`).
+
 The preview decodes the frontal image with pydicom (no torch), windows it to 8 bits, downscales
 it and draws the lesion boxes read from the TID 1500 SR: each measurement group's ``Image Region``
 SCOORD POLYLINE, in source-image pixel coordinates; in a group without one (the TID 1501 encoding,
@@ -33,6 +38,7 @@ __all__ = [
     "PatientLabel",
     "boxes_from_sr",
     "read_sr_boxes",
+    "render_agreement",
     "render_index",
     "render_preview",
     "render_study",
@@ -231,7 +237,7 @@ _STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.25em .5em;text-align:left}
 th{background:#eee}.done{color:#070}.failed{color:#b00}.skipped{color:#777}
-.uid{font-family:monospace;font-size:.9em}
+.uid{font-family:monospace;font-size:.9em}svg{max-width:100%;height:auto}
 """
 
 
@@ -270,9 +276,11 @@ def render_index(
     queued: Mapping[str, int] | None = None,
     patients: Mapping[str, PatientLabel] | None = None,
     title: str = "d2r",
+    agreement: str = "",
 ) -> str:
     """The recent-studies page; ``queued``: queued studies by priority; ``patients`` (study
-    UID -> label) only with PHI enabled."""
+    UID -> label) only with PHI enabled; ``agreement``: the section :func:`render_agreement`
+    made, appended as it is."""
     parts = [f"<h1>{_e(title)}: recent studies</h1>"]
     if counts:
         parts.append(
@@ -318,7 +326,48 @@ def render_index(
             + "</tr>"
         )
     parts.append("</table>")
+    parts.append(agreement)
     return _page(title, "".join(parts))
+
+
+def render_agreement(report: Mapping[str, Any] | None, plot_svg: str, *, note: str = "") -> str:
+    """The section "Signed reports and agreement" of the index.
+
+    ``report`` is :func:`feedback.scoring.windowed_report`'s (None: the figures could not be
+    read, ``note`` says why); ``plot_svg`` the daily plot of its window (empty: none, ``note``
+    may say why).
+    """
+    from feedback.report_page import LABELS_NOTE, figures_table, observation_table
+
+    parts = ["<section id=agreement><h2>Signed reports and agreement</h2>"]
+    if report is None:
+        parts.append(f"<p>{_e(note)}</p></section>")
+        return "".join(parts)
+    window = str(report["window"])
+    summaries = report["summaries"]
+    if not summaries["all"]["studies"]:
+        parts.append(
+            "<p>No signed report scored yet (docs/operations.md, "
+            '"Signed reports and agreement").</p></section>'
+        )
+        return "".join(parts)
+    parts.append(f"<h3>Last {_e(window)}, per day</h3>")
+    if plot_svg:
+        parts.append(f"<figure id=agreement-plot>{plot_svg}</figure>")
+    elif note:
+        parts.append(f"<p>{_e(note)}</p>")
+    for label, heading in ((window, f"Last {window}"), ("all", "All time")):
+        key = "all" if label == "all" else "window"
+        parts.append(
+            f"<h3>{_e(heading)}</h3>"
+            + figures_table(summaries[label], table_id=f"agreement-{key}")
+            + observation_table(summaries[label], table_id=f"observations-{key}")
+        )
+    parts.append(
+        "<p>AI only: the draft states it, the signed report does not; radiologist only: the "
+        f"reverse. {_e(LABELS_NOTE)}</p></section>"
+    )
+    return "".join(parts)
 
 
 # Longer than a screen: an HTML page template: one section per part of the study

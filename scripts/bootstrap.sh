@@ -11,7 +11,8 @@ want_test=0
 
 apt_pkgs=(python3-venv dcmtk)
 if (( want_test )); then
-  apt_pkgs+=(orthanc orthanc-dicomweb dicom3tools redis-server postgresql haproxy chromium default-jre-headless systemd)
+  # prometheus: its promtool checks and unit-tests the alert rules in deploy/prometheus
+  apt_pkgs+=(orthanc orthanc-dicomweb dicom3tools redis-server postgresql haproxy chromium default-jre-headless systemd prometheus)
   # npm fetches the prebuilt OHIF viewer; a Node.js from another source may already bundle it
   # (and conflict with Debian's npm package), so ask apt only when the command is missing.
   command -v npm >/dev/null || apt_pkgs+=(nodejs npm)
@@ -25,9 +26,14 @@ if (( ${#missing[@]} )); then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-# Debian's orthanc package starts a system-wide Orthanc on 4242/8042; the tests run their own.
-if (( want_test )) && command -v systemctl >/dev/null && systemctl is-active -q orthanc 2>/dev/null; then
-  systemctl stop orthanc || true
+# Debian's orthanc and prometheus packages start a system-wide Orthanc (4242/8042) and
+# Prometheus (9090); the tests run their own Orthanc and need only promtool.
+if (( want_test )) && command -v systemctl >/dev/null; then
+  for service in orthanc prometheus; do
+    if systemctl is-active -q "$service" 2>/dev/null; then
+      systemctl stop "$service" || true
+    fi
+  done
 fi
 
 PY=${PYTHON:-python3.11}

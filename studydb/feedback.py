@@ -10,14 +10,17 @@ is a repeat and stores nothing. Every message, stored or not, is also recorded i
 
 Scores: the current signed report of a study whose draft exists (findings recorded, or an
 abstention) is scored once per version (``report_scores``): the labels of the draft and of the
-signed report, computed by the caller (:mod:`feedback.scoring`).
+signed report, computed by the caller (:mod:`feedback.scoring`). The labels are JSON text, so
+the per-observation and per-day figures are summed by :mod:`feedback.scoring`, not in SQL:
+:meth:`SignedReports.iter_report_scores` reads the scores a page of rows at a time, so that
+memory stays bounded however many studies were scored.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -37,6 +40,7 @@ __all__ = [
     "ABSTAINED_PREFIX",
     "CORRECTED",
     "REPEAT",
+    "SCORE_PAGE",
     "STORED",
     "ReportMessage",
     "ReportScore",
@@ -54,6 +58,8 @@ CORRECTED = "corrected"
 REPEAT = "repeat"
 #: conflicting inserts of the same version (several nodes) are tried again this often
 _ATTEMPTS = 3
+#: scores read per transaction by :meth:`SignedReports.iter_report_scores`
+SCORE_PAGE = 1000
 #: a study's ``reason`` when the model abstained (the worker writes it)
 ABSTAINED_PREFIX = "abstained:"
 Labels = Mapping[str, int | None]
@@ -279,11 +285,41 @@ class SignedReports(Database):
 
     @retrying
     def report_scores(self, *, since: float | None = None) -> list[ReportScore]:
-        """The scores of the current signed reports (received since ``since``)."""
+        """The scores of the current signed reports (received since ``since``), oldest first."""
+        return self.report_score_page(since=since, after=None, limit=None)
+
+    def iter_report_scores(
+        self, *, since: float | None = None, page: int = SCORE_PAGE
+    ) -> Iterator[ReportScore]:
+        """:meth:`report_scores`, read ``page`` rows at a time (one short transaction each), so
+        that memory stays bounded however many studies were scored."""
+        after: tuple[float, str] | None = None
+        while True:
+            rows = self.report_score_page(since=since, after=after, limit=page)
+            yield from rows
+            if len(rows) < page:
+                return
+            after = (rows[-1].received_at, rows[-1].study_instance_uid)
+
+    @retrying
+    def report_score_page(
+        self, *, since: float | None, after: tuple[float, str] | None, limit: int | None
+    ) -> list[ReportScore]:
+        """Up to ``limit`` scores of current signed reports received since ``since``, in
+        ``(received_at, study)`` order, starting after the key ``after``."""
         r, sc = signed_reports_table.c, report_scores_table.c
         cond: sa.ColumnElement[bool] = r.superseded_at.is_(None)
         if since is not None:
             cond = sa.and_(cond, r.received_at >= since)
+        if after is not None:
+            at, uid = after
+            cond = sa.and_(
+                cond,
+                sa.or_(
+                    r.received_at > at,
+                    sa.and_(r.received_at == at, sc.study_instance_uid > uid),
+                ),
+            )
         query = (
             sa.select(
                 sc.study_instance_uid,
@@ -299,6 +335,7 @@ class SignedReports(Database):
             )
             .where(cond)
             .order_by(r.received_at, sc.study_instance_uid)
+            .limit(limit)
         )
         with self.transaction() as conn:
             rows = conn.execute(query).all()

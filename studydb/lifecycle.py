@@ -9,8 +9,10 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
 from d2r_core.priority import Priority
+from studydb.drift import Observation, write_observation
 from studydb.engine import Database, retrying
 from studydb.ordering import BY_RANK, effective_rank, rank_of, waiting_since
 from studydb.records import (
@@ -34,6 +36,27 @@ from studydb.transitions import now_seconds, retry_delivery, write_event
 logger = logging.getLogger(__name__)
 
 __all__ = ["Lifecycle"]
+
+
+def _pending_deliveries(
+    conn: Connection, study_uid: str, destinations: Sequence[str], now: float
+) -> None:
+    """Replace the study's deliveries with one pending delivery per destination, due now."""
+    conn.execute(
+        deliveries_table.delete().where(deliveries_table.c.study_instance_uid == study_uid)
+    )
+    for dest in destinations:
+        conn.execute(
+            deliveries_table.insert().values(
+                study_instance_uid=study_uid,
+                destination=dest,
+                state=DELIVERY_PENDING,
+                attempts=0,
+                next_attempt_at=now,
+                enqueued_at=now,
+                updated_at=now,
+            )
+        )
 
 
 class Lifecycle(Database):
@@ -548,11 +571,14 @@ class Lifecycle(Database):
         lesion_count: int,
         destinations: Sequence[str],
         outcome: str | None = None,
+        observation: Observation | None = None,
     ) -> bool:
         """processing -> sending (or done without destinations); creates pending deliveries.
 
         ``outcome`` (e.g. ``"abstained: <why>"`` when the model's input gate declined the study)
         is kept in ``reason`` through ``done``, so status, the status page and the audit show it.
+        ``observation`` (the gate's score, the abstention, the findings stated) is recorded in
+        the same transaction, for drift monitoring (:mod:`studydb.drift`).
         """
         now = now_seconds()
         s = studies_table.c
@@ -578,21 +604,9 @@ class Lifecycle(Database):
             )
             if not res.rowcount:
                 return False
-            conn.execute(
-                deliveries_table.delete().where(deliveries_table.c.study_instance_uid == study_uid)
-            )
-            for dest in destinations:
-                conn.execute(
-                    deliveries_table.insert().values(
-                        study_instance_uid=study_uid,
-                        destination=dest,
-                        state=DELIVERY_PENDING,
-                        attempts=0,
-                        next_attempt_at=now,
-                        enqueued_at=now,
-                        updated_at=now,
-                    )
-                )
+            _pending_deliveries(conn, study_uid, destinations, now)
+            if observation is not None:
+                write_observation(conn, study_uid, observation, now=now)
             write_event(
                 conn,
                 study_uid,

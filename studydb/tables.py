@@ -191,3 +191,45 @@ report_scores_table = sa.Table(
     # the labeler's name and version
     sa.Column("labeler", sa.String(64), nullable=False),
 )
+
+# what the input gate and the model made of each reported study, for drift monitoring
+# (studydb.drift): one row per study, replaced when the study is reported again
+study_observations_table = sa.Table(
+    "study_observations",
+    metadata,
+    sa.Column("study_instance_uid", sa.String(64), primary_key=True),
+    # when the worker recorded the study as reported
+    sa.Column("observed_at", sa.Float, nullable=False, index=True),
+    sa.Column("model_name", sa.String(128), nullable=False),
+    sa.Column("model_version", sa.String(64), nullable=False),
+    # the gate calibration that scored it (gate_references.id; NULL: the input gate was off)
+    sa.Column("gate_reference", sa.String(16), nullable=True),
+    # the input gate's out-of-distribution score (NULL: not scored, e.g. declined by a header
+    # or pixel check, or the gate off)
+    sa.Column("gate_score", sa.Float, nullable=True),
+    # the input gate declined the study (an abstention SR was written)
+    sa.Column("abstained", sa.Boolean, nullable=False),
+    sa.Index("ix_study_observations_model", "model_name", "model_version", "observed_at"),
+)
+
+# each finding (d2r_core.classes.VINDR_CLASSES) a reported study's draft states with a box
+observed_findings_table = sa.Table(
+    "observed_findings",
+    metadata,
+    sa.Column("study_instance_uid", sa.String(64), primary_key=True),
+    sa.Column("finding", sa.String(64), primary_key=True),
+)
+
+# the calibrations of the input gate that scored studies: the reference distribution of the score
+gate_references_table = sa.Table(
+    "gate_references",
+    metadata,
+    # a digest of the other columns (studydb.drift.GateReference.key)
+    sa.Column("id", sa.String(16), primary_key=True),
+    sa.Column("threshold", sa.Float, nullable=False),
+    sa.Column("percentile", sa.Float, nullable=False),
+    sa.Column("calibration_images", sa.Integer, nullable=False),
+    # JSON list: quantiles of the held-out scores at 0, 1/k, ..., 1 (NULL: the gate file has none)
+    sa.Column("quantiles", sa.Text, nullable=True),
+    sa.Column("recorded_at", sa.Float, nullable=False),
+)

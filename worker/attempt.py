@@ -21,6 +21,7 @@ from dicom_node.instance_file import read_instance
 from model.predict import StudyPrediction
 from observability import metrics
 from observability.audit import STUDY_FAILED
+from studydb.drift import Observation
 from studydb.errors import DatabaseUnavailable
 from studydb.records import FAILED, QUEUED
 from worker import pipeline
@@ -172,6 +173,7 @@ def finish(task: ReportTask, study: ClaimedStudy, model: Any) -> Outcome:
         lesion_count=len(result.content.lesions),
         destinations=destinations,
         outcome=f"abstained: {pred.abstain_reason}" if pred.abstained else None,
+        observation=_observation(task, result),
     ):
         return Outcome.STALE
     if dropped:  # keywords only: the values themselves may identify the patient
@@ -185,6 +187,20 @@ def finish(task: ReportTask, study: ClaimedStudy, model: Any) -> Outcome:
     metrics.observe_report(outcome)
     _hand_over(task, study.uid, destinations)
     return outcome
+
+
+def _observation(task: ReportTask, result: pipeline.ReportResult) -> Observation:
+    """What drift monitoring records of a reported study: the gate's score and calibration,
+    whether it abstained, and the findings the SRs state with a box."""
+    pred = result.prediction
+    return Observation(
+        model_name=pred.model_name,
+        model_version=pred.model_version,
+        abstained=pred.abstained,
+        gate_score=pred.ood_score,
+        gate=task.ctx.gate_reference if pred.input_gate else None,
+        findings=tuple(lesion.class_name for lesion in result.content.lesions),
+    )
 
 
 def _sr_builder(

@@ -17,8 +17,11 @@ from worker.errors import PredictionError
 from worker.settings import WorkerSettings
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from delivery.dimse import AssociationPool
     from observability.audit import AuditLog
+    from studydb.drift import GateReference
 
 __all__ = ["WorkerContext"]
 
@@ -35,6 +38,7 @@ class WorkerContext:
         self._lock = threading.Lock()
         self._pid = -1
         self._predictor: Any = None
+        self._gate: GateReference | None = None
         self._store: StudyStore | None = None
         self._associations: AssociationPool | None = None
 
@@ -42,6 +46,7 @@ class WorkerContext:
         if self._pid != os.getpid():  # forked pool child: never reuse the parent's handles
             self._pid = os.getpid()
             self._predictor = None
+            self._gate = None
             self._store = None
             self._associations = None
 
@@ -94,6 +99,19 @@ class WorkerContext:
                 self._predictor = self._load()
             return self._predictor
 
+    @property
+    def gate_reference(self) -> GateReference | None:
+        """The calibration of the loaded model's input gate, recorded with each study's gate
+        score for drift monitoring (None: the gate is off). Loads the model first.
+
+        Raises
+        ------
+        PredictionError
+            As :attr:`predictor`.
+        """
+        _ = self.predictor
+        return self._gate
+
     def _load(self) -> Any:
         from worker.predictor import ModelOptions, open_predictor
 
@@ -103,6 +121,7 @@ class WorkerContext:
             predictor = open_predictor(ModelOptions.from_settings(settings))
             # a pinned hash must match what was actually loaded
             settings.verify_model_sha256(predictor.checkpoint_sha256)
+            self._gate = _gate_reference(path, predictor) if predictor.input_gate else None
         except Exception as exc:
             raise PredictionError(f"cannot load the model from {path}: {exc}") from exc
         choice = predictor.backend_choice
@@ -116,3 +135,28 @@ class WorkerContext:
         metrics.set_model_info(predictor.name, predictor.version)
         metrics.set_backend_info(choice.backend, choice.device, choice.policy, choice.fallback)
         return predictor
+
+
+def _gate_reference(model_dir: Path, predictor: Any) -> GateReference | None:
+    """The calibration of the input gate in ``model_dir`` (None: it has none). A calibration
+    without the reference distribution of the score is said once: its score drift is not
+    measured."""
+    from model.gate import load_calibration
+    from studydb.drift import GateReference
+
+    calibration = load_calibration(model_dir)
+    if calibration is None:
+        return None
+    if not calibration.reference:
+        logger.warning(
+            "the input gate of model %s %s keeps no reference distribution of its scores, so "
+            "their drift is not measured; d2r calibrate-gate --model DIR --data DIR writes one",
+            predictor.name,
+            predictor.version,
+        )
+    return GateReference(
+        threshold=calibration.threshold,
+        percentile=calibration.percentile,
+        calibration_images=calibration.calibration_images,
+        quantiles=calibration.reference,
+    )

@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--role",
         action="append",
-        choices=("metrics", "viewer", "ingest"),
+        choices=("metrics", "viewer", "ingest", "feedback"),
         help="a role of the user (repeat for several; required unless --remove)",
     )
     parser.add_argument("--remove", action="store_true", help="remove the user")

@@ -36,6 +36,13 @@ from dicom_node.assembler import Assembler, AssemblerConfig
 from dicom_node.scp import start_server
 from dicom_node.spool import Spool
 from feedback.hl7_listener import Hl7Listener
+# signed reports over FHIR and as DICOM SRs, their drift figures and the status page's plot
+from feedback.dicom_sr import SrIntake
+from feedback.drift import drift_figures
+from feedback.fhir import FhirReceiver
+from feedback.plots import agreement_svg
+from observability.metrics import feedback_collectors
+agreement_svg([])
 from studydb.records import InstanceRecord
 from studydb.store import StudyStore
 from worker.celery_app import create_app

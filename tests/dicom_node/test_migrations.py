@@ -575,7 +575,7 @@ def test_revision_0006_adds_accession_numbers_and_the_signed_report_tables(
             )
         )
     _, after = schema.upgrade(engine)
-    assert after.current == after.head == "0006"
+    assert after.current == after.head
     store = StudyStore(db_url)
     try:
         assert [i.accession_number for i in store.instances("1.6.1")] == [""]
@@ -610,3 +610,59 @@ def test_revision_0006_adds_accession_numbers_and_the_signed_report_tables(
         tables = set(inspector.get_table_names())
     assert "accession_number" not in columns
     assert not tables & {"signed_reports", "report_messages", "report_scores"}
+
+
+def test_revision_0007_records_what_the_gate_and_the_model_made_of_each_study(
+    engine: sa.Engine, db_url: str
+) -> None:
+    """A study in processing at revision 0006 is reported after the upgrade with its
+    observation (gate score, calibration, findings), which the drift window reads back; the
+    downgrade drops the drift tables and keeps the study."""
+    from studydb.drift import GateReference, Observation, drift_window
+
+    schema.upgrade(engine, target="0006")
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO studies (study_instance_uid, state, generation, first_received_at, "
+                "last_received_at, updated_at, attempts, open_associations, priority, owner) "
+                "VALUES ('1.7.1', 'processing', 1, 1000, 1000, 1001, 1, 0, 'routine', 'w1')"
+            )
+        )
+    _, after = schema.upgrade(engine)
+    assert after.current == after.head
+    gate = GateReference(20.0, 99.5, 24, (1.0, 5.0, 9.0))
+    store = StudyStore(db_url)
+    try:
+        assert drift_window(store, window_studies=10, baseline_studies=10) is None
+        assert store.mark_reported(
+            "1.7.1",
+            owner="w1",
+            result_paths=[],
+            model_name="m",
+            model_version="1",
+            findings="Cardiomegaly.",
+            impression="",
+            lesion_count=1,
+            destinations=[],
+            observation=Observation("m", "1", False, 4.0, gate, ("Cardiomegaly",)),
+        )
+        window = drift_window(store, window_studies=10, baseline_studies=10)
+    finally:
+        store.close()
+    assert window is not None
+    assert (window.window.studies, window.window.positives) == (1, {"Cardiomegaly": 1})
+    assert (window.gate_scores, window.gate) == ((4.0,), gate)
+    from alembic import command
+    from alembic.config import Config
+
+    with engine.begin() as conn:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(schema.SCRIPT_LOCATION))
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0006")
+    with engine.connect() as conn:
+        tables = set(sa.inspect(conn).get_table_names())
+        state = conn.execute(sa.text("SELECT state FROM studies")).scalar()
+    assert not tables & {"study_observations", "observed_findings", "gate_references"}
+    assert state == "done"

@@ -10,8 +10,15 @@ import pytest
 
 from feedback.match import receive
 from feedback.oru import read_oru
-from feedback.scoring import score_pending, summarise, windowed_summaries
+from feedback.scoring import (
+    score_pending,
+    summarise,
+    summarise_by_day,
+    windowed_report,
+    windowed_summaries,
+)
 from studydb.store import StudyStore
+from studydb.tables import signed_reports_table
 from tests.support.signed_reports import add_study, oru, set_draft
 
 #: a stand-in labeler: each text names its positive observations, comma-separated
@@ -85,3 +92,49 @@ def test_each_current_version_is_scored_once_and_abstentions_are_apart(
     assert summary["agreement_rate"] == (2 * 14 - 4) / (2 * 14)
     windows = windowed_summaries(store.report_scores, window_days=1, now=10.0**12)
     assert windows["all"] == summary and windows["1d"]["studies"] == 0
+
+
+def _scored_on(store: StudyStore, uid: str, draft: str, signed: str, at: float) -> None:
+    """Study ``uid`` signed (``signed``) at ``at`` with the draft ``draft``, then scored."""
+    _signed(store, uid, signed, "M" + uid)
+    set_draft(store, uid, draft, abstained="input gate" if draft == "abstain" else "")
+    with store.transaction() as conn:
+        conn.execute(
+            signed_reports_table.update()
+            .where(signed_reports_table.c.study_instance_uid == uid)
+            .values(received_at=at)
+        )
+    assert score_pending(store, fake_labeler, labeler="fake 1") == 1
+
+
+DAY = 86400.0
+
+
+def test_the_daily_series_counts_each_utc_day_apart(store: StudyStore) -> None:
+    day1, day3 = 20 * DAY, 22 * DAY  # 1970-01-21 and 1970-01-23
+    _scored_on(store, "1.7.1", "effusion", "effusion", day1 + 10)  # agree
+    _scored_on(store, "1.7.2", "cardiomegaly", "clear", day1 + DAY - 1)  # 23:59:59 UTC
+    _scored_on(store, "1.7.3", "abstain", "clear", day3 + 5)
+    _scored_on(store, "1.7.4", "clear", "effusion", day3 + 6)
+    summary, days = summarise_by_day(store.iter_report_scores(page=2))
+    assert summary == summarise(store.report_scores())
+    assert [d["date"] for d in days] == ["1970-01-21", "1970-01-23"]
+    first, third = days
+    # day 1: 28 pairs; 1.7.2 disagrees on Cardiomegaly (AI only) and No Finding (rad. only)
+    assert (first["studies"], first["abstentions"], first["agreement_rate"]) == (2, 0, 26 / 28)
+    assert first["observations"]["Pleural Effusion"]["both_positive"] == 1
+    assert first["observations"]["Cardiomegaly"]["ppv"] == 0.0
+    # day 3: one abstention, 1.7.4 AI No Finding, radiologist effusion: 12 of 14 agree
+    assert (third["studies"], third["abstentions"], third["abstention_rate"]) == (2, 1, 0.5)
+    assert third["agreement_rate"] == 12 / 14
+    assert third["observations"]["Pleural Effusion"]["sensitivity"] == 0.0
+    # the paged reads give the same scores in the same order, since included
+    assert list(store.iter_report_scores(page=1)) == store.report_scores()
+    assert [s.study_instance_uid for s in store.iter_report_scores(since=day3, page=1)] == [
+        "1.7.3",
+        "1.7.4",
+    ]
+    report = windowed_report(store.iter_report_scores, window_days=1.5, now=day3 + DAY)
+    assert report["window"] == "1.5d" and report["summaries"]["all"] == summary
+    assert report["summaries"]["1.5d"]["studies"] == 2
+    assert [d["date"] for d in report["days"]] == ["1970-01-23"]

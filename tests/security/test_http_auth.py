@@ -36,7 +36,7 @@ from tests.security.tls_ca import make_test_ca
 from tests.support.dicom_files import make_dx
 from tests.support.processes import REPO, base_env, d2r_cmd
 
-ROLES = ("metrics", "viewer", "ingest")
+ROLES = ("metrics", "viewer", "ingest", "feedback")
 PROXY = "127.0.0.2"
 
 
@@ -146,6 +146,7 @@ ROUTES = [
     ("/studies/{uid}", "viewer", 200),
     ("/studies/{uid}/preview.png", "viewer", 200),
     ("/dicom-web/studies", "ingest", 404),  # no STOW-RS receiver installed on this site
+    ("/fhir/DiagnosticReport", "feedback", 404),  # nor a FHIR endpoint
 ]
 
 

@@ -39,6 +39,7 @@ SAMPLES = {
     "study": ["/studies/{uid}"],
     "preview": ["/studies/{uid}/preview.png"],
     "stow": ["/dicom-web/studies", "/dicom-web/studies/{uid}"],
+    "fhir": ["/fhir/DiagnosticReport"],
 }
 
 
@@ -126,6 +127,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
             limiter=FailureLimiter(100000, 60.0, max_total=100000),
         ),
         ingest=ingest,
+        receivers={"fhir": ingest},
     ).start()
     yield Site(server.port, str(image.StudyInstanceUID), tokens, passwords, stored)
     server.stop()
@@ -197,6 +199,11 @@ def test_other_methods_and_no_body_leaks(site: Site) -> None:
     before = len(site.stored)
     assert _request(site.port, "POST", "/dicom-web/studies", ingest)[0] == 200
     assert site.stored[before:] == ["/dicom-web/studies"]
+    feedback = _bearer(site.tokens["feedback"])
+    assert _request(site.port, "GET", "/fhir/DiagnosticReport", feedback)[0] == 405
+    assert _request(site.port, "POST", "/fhir/DiagnosticReport", ingest)[0] == 403
+    assert _request(site.port, "POST", "/fhir/DiagnosticReport", feedback)[0] == 200
+    assert site.stored[-1] == "/fhir/DiagnosticReport"
     # the ingest role never reads pages, whatever the spelling
     for target in (f"studies/{site.study}", f"/studies/{site.study}/preview.png/"):
         status, body = _request(site.port, "GET", target, ingest)

@@ -1,12 +1,30 @@
-"""Signed-report messages as a RIS sends them, and studies for them to match."""
+"""Signed-report messages as a RIS sends them (HL7 v2, FHIR), signed-report SRs as a PACS sends
+them, and studies for them to match."""
 
 from __future__ import annotations
 
+import base64
+import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as PydicomSequence
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
+
+from report.sop import BasicTextSR
 from studydb.records import InstanceRecord
 from studydb.store import StudyStore
 from studydb.tables import studies_table
+from tests.support.dicom_files import make_dx
+
+#: DiagnosticReport identifier type of an accession number (HL7 table v2-0203)
+ACSN = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]}
+DIAGNOSTIC_IMAGING_REPORT = Code("18748-4", "LN", "Diagnostic imaging report")
 
 
 def oru(
@@ -78,4 +96,145 @@ def set_draft(
                 impression=impression,
                 reason=f"abstained: {abstained}" if abstained else None,
             )
+        )
+
+
+def diagnostic_report(
+    text: str | None,
+    *,
+    status: str = "final",
+    resource_id: str | None = "r1",
+    version: str | None = None,
+    accession: str = "",
+    study_uid: str = "",
+    contained_study_uid: str = "",
+    content_type: str = "text/plain",
+    conclusion: str | None = None,
+) -> dict[str, Any]:
+    """A FHIR R4 DiagnosticReport as a RIS posts it: ``text`` as a presentedForm attachment of
+    ``content_type`` (base64), the accession number as an ACSN identifier, the study as an
+    ``imagingStudy`` identifier reference (``study_uid``) or a contained ImagingStudy
+    (``contained_study_uid``)."""
+    report: dict[str, Any] = {
+        "resourceType": "DiagnosticReport",
+        "status": status,
+        "code": {"coding": [{"system": "http://loinc.org", "code": "36643-5"}]},
+    }
+    if resource_id:
+        report["id"] = resource_id
+    if version:
+        report["meta"] = {"versionId": version}
+    if accession:
+        report["identifier"] = [{"type": ACSN, "value": accession}]
+    studies: list[dict[str, Any]] = []
+    if study_uid:
+        studies.append({"identifier": {"system": "urn:dicom:uid", "value": f"urn:oid:{study_uid}"}})
+    if contained_study_uid:
+        report["contained"] = [
+            {
+                "resourceType": "ImagingStudy",
+                "id": "study",
+                "status": "available",
+                "subject": {"display": "phantom"},
+                "identifier": [
+                    {"system": "urn:dicom:uid", "value": f"urn:oid:{contained_study_uid}"}
+                ],
+            }
+        ]
+        studies.append({"reference": "#study"})
+    if studies:
+        report["imagingStudy"] = studies
+    if text is not None:
+        data = base64.b64encode(text.encode("utf-8")).decode("ascii")
+        report["presentedForm"] = [{"contentType": content_type, "data": data}]
+    if conclusion is not None:
+        report["conclusion"] = conclusion
+    return report
+
+
+def fhir_body(report: dict[str, Any]) -> bytes:
+    return json.dumps(report).encode("utf-8")
+
+
+def signed_sr(
+    text: Sequence[str],
+    *,
+    study_uid: str | None = None,
+    accession: str = "",
+    verified: bool = True,
+    complete: bool = True,
+    predecessor: Dataset | None = None,
+    kind: str = "basic",
+    manufacturer: str = "RIS Vendor",
+    coded: Sequence[Code] = (),
+) -> Dataset:
+    """A radiologist's report as the PACS sends it: a Basic Text (``kind`` ``basic``), Enhanced
+    (``enhanced``) or Comprehensive (``comprehensive``) SR of a TID 2000 diagnostic imaging
+    report, each of ``text`` a TEXT finding, each of ``coded`` a CODE finding, with the
+    language as context; VERIFIED and COMPLETE unless told otherwise; a correction of
+    ``predecessor``."""
+    evidence = make_dx(None, study_uid=study_uid, rows=16, cols=16)
+    if accession:
+        evidence.AccessionNumber = accession
+    findings = hd.sr.ContainerContentItem(
+        name=codes.DCM.Findings, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    findings.ContentSequence = PydicomSequence(
+        [
+            hd.sr.TextContentItem(
+                name=codes.DCM.Finding,
+                value=line,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+            for line in text
+        ]
+        + [
+            hd.sr.CodeContentItem(
+                name=codes.DCM.Finding,
+                value=code,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+            for code in coded
+        ]
+    )
+    root = hd.sr.ContainerContentItem(name=DIAGNOSTIC_IMAGING_REPORT)
+    root.ContentSequence = PydicomSequence(
+        [
+            hd.sr.CodeContentItem(
+                name=codes.DCM.LanguageOfContentItemAndDescendants,
+                value=Code("en-US", "RFC5646", "English (United States)"),
+                relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
+            ),
+            findings,
+        ]
+    )
+    common: dict[str, Any] = {
+        "evidence": [evidence],
+        "content": root,
+        "series_instance_uid": generate_uid(),
+        "series_number": 900,
+        "sop_instance_uid": generate_uid(),
+        "instance_number": 1,
+        "manufacturer": manufacturer,
+        "is_complete": complete,
+        "is_final": verified,
+        "is_verified": verified,
+        "previous_versions": [predecessor] if predecessor is not None else None,
+    }
+    if verified:
+        common.update(verifying_observer_name="Reader^Radiology", verifying_organization="Hospital")
+    if kind == "basic":
+        return BasicTextSR(**common)
+    if kind == "enhanced":
+        return hd.sr.EnhancedSR(**common)
+    return hd.sr.ComprehensiveSR(**common)
+
+
+def set_state(store: StudyStore, uid: str, state: str) -> None:
+    """Put study ``uid`` in ``state`` (``queued``: waiting for a worker; ``done``: reported)."""
+    with store.transaction() as conn:
+        conn.execute(
+            studies_table.update()
+            .where(studies_table.c.study_instance_uid == uid)
+            .values(state=state)
         )
