@@ -80,7 +80,8 @@ FEEDBACK_WINDOW_DAYS = Setting(
     "D2R_FEEDBACK_WINDOW_DAYS",
     30.0,
     positive_float,
-    "the sliding window of the agreement figures in `/metrics` (beside all time), in days",
+    "the sliding window of the agreement figures in `/metrics` and on the status page "
+    "(beside all time), in days",
     Group.FEEDBACK,
 )
 FHIR_MAX_BYTES = Setting(
