@@ -85,6 +85,7 @@ class Node:
         self._open_database()
         self._open_spool_and_queue()
         self._build_assembler()
+        self.assembler.record_start()  # before the listeners count this run's associations
         self._start_listeners()
         self._start_hl7()
         self._start_scorer()

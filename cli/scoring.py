@@ -61,13 +61,22 @@ class Scorer:
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
-        try:
-            load_labeler()
-        except ImportError as exc:
-            logger.info("signed reports are not scored here: the labeler is missing (%s)", exc)
-            return
+        # The labeler (spaCy) is loaded at the first signed report, not when the node starts:
+        # most nodes start many times before a RIS sends one, and some never get any.
+        labeler_checked = False
         while not self._stop.wait(self._seconds):
             try:
+                if not self._store.unscored_reports(1):
+                    continue
+                if not labeler_checked:
+                    try:
+                        load_labeler()
+                    except ImportError as exc:
+                        logger.info(
+                            "signed reports are not scored here: the labeler is missing (%s)", exc
+                        )
+                        return
+                    labeler_checked = True
                 score_now(self._store)
             except Exception:
                 logger.exception("scoring signed reports failed; trying again later")

@@ -148,6 +148,7 @@ class Assembler:
         self._thread: threading.Thread | None = None
         self._last_reconcile = float("-inf")
         self._last_heartbeat = float("-inf")
+        self._started_recorded = False
         self._last_spool_check = float("-inf")
         self._last_broker_check = float("-inf")
         self._broker: str | None = None
@@ -528,11 +529,24 @@ class Assembler:
                 return
             self._wake.wait(remaining)
 
-    def run(self) -> None:
+    def record_start(self) -> None:
+        """Record this node's start (:meth:`register`) unless done already; a database that does
+        not answer yet leaves it to the first heartbeat.
+
+        The node calls it before its listeners accept associations, so the associations its
+        previous run left are expired before any of this run's are counted.
+        """
+        if self._started_recorded:
+            return
         try:
             self.register()
         except Exception:  # the first heartbeat registers it once the database answers
             logger.exception("could not record this node's start; retrying with its heartbeat")
+            return
+        self._started_recorded = True
+
+    def run(self) -> None:
+        self.record_start()
         while not self._stop.is_set():
             try:
                 self.tick()

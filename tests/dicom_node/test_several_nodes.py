@@ -435,3 +435,26 @@ def test_a_node_name_still_alive_elsewhere_is_warned_about(
     caplog.clear()
     asm.register()  # this process again: a restart, not another node
     assert "D2R_NODE_NAME" not in caplog.text
+
+
+def test_associations_opened_after_the_start_is_recorded_are_not_expired_by_it(
+    store: StudyStore,
+) -> None:
+    """The node records its start before its listeners accept associations; the assembler
+    thread that starts later does not record it again, so this run's open associations stay
+    counted."""
+    store.register_node("node-a", host="h", pid=1)  # a previous run
+    store.record_instance(instance_row("1.2", "1.2.1"), outcome="stored")
+    store.open_association("1.2", node="node-a")  # left open by that run
+    asm = Assembler(
+        store,
+        AssemblerConfig(node="node-a"),
+        enqueue_report=lambda *a: None,
+        enqueue_send=lambda *a: None,
+    )
+    asm.record_start()
+    assert store.nodes()[0].open_associations == 0  # the previous run's, expired
+    store.record_instance(instance_row("1.3", "1.3.1"), outcome="stored")
+    store.open_association("1.3", node="node-a")  # this run's, after the listeners started
+    asm.record_start()  # what the assembler thread does first
+    assert store.nodes()[0].open_associations == 1
