@@ -325,10 +325,8 @@ class StudiesByStateCollector(Collector):
         family = GaugeMetricFamily(
             "d2r_studies", "Studies in each state (from the study database)", labels=["state"]
         )
-        try:
-            counts = self._count()
-        except Exception as exc:  # a scrape must still answer while the database is down
-            logger.warning("cannot count studies by state: %s", exc)
+        counts = _scraped(self._count, "count studies by state")
+        if counts is None:
             return
         for state in STUDY_STATES:
             family.add_metric([state], counts.get(state, 0))
@@ -336,6 +334,18 @@ class StudiesByStateCollector(Collector):
 
 
 _T = TypeVar("_T")
+
+
+def _scraped(read: Callable[[], _T | None], what: str) -> _T | None:
+    """``read()``, or None with a warning naming ``what``: a scrape must still answer while the
+    database is down."""
+    try:
+        return read()
+    except Exception as exc:
+        logger.warning("cannot %s: %s", what, exc)
+        return None
+
+
 _UNSET: Final = object()
 
 
@@ -499,11 +509,7 @@ class DriftCollector(Collector):
         )
 
     def collect(self) -> Iterator[Metric]:
-        try:
-            figures = self.figures()
-        except Exception as exc:  # a scrape must still answer while the database is down
-            logger.warning("cannot read the drift figures: %s", exc)
-            return
+        figures = _scraped(self.figures, "read the drift figures")
         if figures is None:
             return
         for name, documentation, attribute, windowed in _DRIFT_GAUGES:
@@ -636,10 +642,8 @@ class QueuedByPriorityCollector(Collector):
             "Queued studies of each priority (from the study database)",
             labels=["priority"],
         )
-        try:
-            counts = self._count()
-        except Exception as exc:  # a scrape must still answer while the database is down
-            logger.warning("cannot count queued studies by priority: %s", exc)
+        counts = _scraped(self._count, "count queued studies by priority")
+        if counts is None:
             return
         for priority in PRIORITY_VALUES:
             family.add_metric([priority], counts.get(priority, 0))
@@ -654,10 +658,8 @@ class OldestUnfinishedCollector(Collector):
         self._age = oldest_age
 
     def collect(self) -> Iterator[Metric]:
-        try:
-            age = self._age()
-        except Exception as exc:  # a scrape must still answer while the database is down
-            logger.warning("cannot read the oldest unfinished study: %s", exc)
+        age = _scraped(self._age, "read the oldest unfinished study")
+        if age is None:
             return
         yield GaugeMetricFamily(
             "d2r_oldest_unfinished_study_age_seconds",
